@@ -1,0 +1,316 @@
+//! Frame types and their MessagePack codec.
+
+use crate::{ClientMsgId, DeviceId, ErrorCode, GroupId, MAX_FRAME_BYTES, PROTOCOL_VERSION};
+use serde::{Deserialize, Serialize};
+
+/// A frame sent by a client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientFrame {
+    /// Protocol version, [`PROTOCOL_VERSION`].
+    pub v: u16,
+    /// Request id, echoed in the server's response.
+    pub id: u64,
+    /// The request.
+    pub body: ClientBody,
+}
+
+/// A frame sent by the server: a response (`id` of the request) or a push (`id` 0).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerFrame {
+    /// Protocol version, [`PROTOCOL_VERSION`].
+    pub v: u16,
+    /// Request id this frame answers, or 0 for pushes and the login challenge.
+    pub id: u64,
+    /// The response or push.
+    pub body: ServerBody,
+}
+
+/// Requests a client can send.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", content = "c", rename_all = "snake_case")]
+pub enum ClientBody {
+    /// Answers the server's challenge: signs [`crate::login_transcript`] with the device key.
+    /// The first login of an unknown key registers it under `account`.
+    Login {
+        account: String,
+        #[serde(with = "serde_bytes")]
+        device_key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        signature: Vec<u8>,
+    },
+    /// Stores one-time KeyPackages and optionally replaces the last-resort one.
+    UploadKeyPackages {
+        key_packages: Vec<serde_bytes::ByteBuf>,
+        last_resort: Option<serde_bytes::ByteBuf>,
+    },
+    /// Lists the devices registered under an account.
+    ListDevices { account: String },
+    /// Claims one KeyPackage of a device, to add it to a group.
+    ClaimKeyPackage { device: DeviceId },
+    /// Registers a new group from its creator's GroupInfo (MLSMessage with the ratchet tree).
+    CreateGroup {
+        group: GroupId,
+        #[serde(with = "serde_bytes")]
+        group_info: Vec<u8>,
+    },
+    /// Submits a commit (MLS PublicMessage) and the Welcome for the devices it adds.
+    Commit {
+        group: GroupId,
+        msg_id: ClientMsgId,
+        #[serde(with = "serde_bytes")]
+        commit: Vec<u8>,
+        welcome: Option<serde_bytes::ByteBuf>,
+    },
+    /// Submits an application message (MLS PrivateMessage).
+    Send {
+        group: GroupId,
+        msg_id: ClientMsgId,
+        #[serde(with = "serde_bytes")]
+        message: Vec<u8>,
+    },
+    /// Fetches log entries with sequence numbers above `after`.
+    Sync { group: GroupId, after: u64, limit: u32 },
+    /// Records that this device has processed the group's entries up to `seq`.
+    Ack { group: GroupId, seq: u64 },
+    /// Lists Welcome messages waiting for this device.
+    Welcomes,
+    /// Application-level ping; the server answers [`ServerBody::Pong`].
+    Ping,
+}
+
+impl ClientBody {
+    /// Frame type names, as they appear in the `t` field.
+    pub const TYPES: [&'static str; 11] = [
+        "login",
+        "upload_key_packages",
+        "list_devices",
+        "claim_key_package",
+        "create_group",
+        "commit",
+        "send",
+        "sync",
+        "ack",
+        "welcomes",
+        "ping",
+    ];
+
+    /// The `t` name of this body, used as a metrics label.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::Login { .. } => "login",
+            Self::UploadKeyPackages { .. } => "upload_key_packages",
+            Self::ListDevices { .. } => "list_devices",
+            Self::ClaimKeyPackage { .. } => "claim_key_package",
+            Self::CreateGroup { .. } => "create_group",
+            Self::Commit { .. } => "commit",
+            Self::Send { .. } => "send",
+            Self::Sync { .. } => "sync",
+            Self::Ack { .. } => "ack",
+            Self::Welcomes => "welcomes",
+            Self::Ping => "ping",
+        }
+    }
+}
+
+/// Responses and pushes the server sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", content = "c", rename_all = "snake_case")]
+pub enum ServerBody {
+    /// First frame of every connection: the nonce to sign and the server name to include.
+    Challenge {
+        #[serde(with = "serde_bytes")]
+        nonce: Vec<u8>,
+        server_name: String,
+        max_frame_bytes: u32,
+    },
+    /// Login succeeded; the connection now acts for `device`.
+    LoggedIn {
+        device: DeviceId,
+        account: String,
+        /// True when this login registered the device.
+        registered: bool,
+    },
+    /// KeyPackages stored; `available` counts this device's unclaimed one-time KeyPackages.
+    KeyPackagesStored { stored: u32, available: u32 },
+    /// Devices of an account.
+    Devices { account: String, devices: Vec<DeviceInfo> },
+    /// A claimed KeyPackage (MLSMessage bytes).
+    KeyPackage {
+        device: DeviceId,
+        #[serde(with = "serde_bytes")]
+        key_package: Vec<u8>,
+        last_resort: bool,
+    },
+    /// The group was registered at `epoch`.
+    GroupCreated { group: GroupId, epoch: u64 },
+    /// The commit or message is durably stored under `seq`.
+    Accepted(Accepted),
+    /// Log entries of a sync, in sequence order.
+    Entries {
+        group: GroupId,
+        entries: Vec<LogEntry>,
+        /// Highest sequence number assigned in the group.
+        head: u64,
+        /// Lowest sequence number still stored; entries below it were removed by retention.
+        first_available: u64,
+    },
+    /// The cursor was stored.
+    Acked { group: GroupId, seq: u64 },
+    /// Welcome messages waiting for this device.
+    Welcomes { welcomes: Vec<WelcomeEntry> },
+    /// Reply to [`ClientBody::Ping`].
+    Pong,
+    /// The request failed; nothing was written.
+    Error {
+        code: ErrorCode,
+        message: String,
+        /// The group's current epoch, set with [`ErrorCode::StaleEpoch`].
+        epoch: Option<u64>,
+    },
+    /// A new entry in a group this device belongs to (`id` 0).
+    Push { group: GroupId, entry: LogEntry },
+    /// A new Welcome for this device (`id` 0).
+    WelcomePush(WelcomeEntry),
+}
+
+/// Acknowledgement of an accepted commit or application message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepted {
+    pub group: GroupId,
+    pub seq: u64,
+    /// Epoch of the group after the entry was applied.
+    pub epoch: u64,
+    /// Server time of acceptance, in milliseconds since the Unix epoch.
+    pub accepted_at_ms: u64,
+    /// True when this answers a retry of an already stored message.
+    pub duplicate: bool,
+}
+
+/// Kind of a log entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    /// An MLS commit (PublicMessage) that moved the group to a new epoch.
+    Commit,
+    /// An MLS application message (PrivateMessage).
+    Application,
+}
+
+/// One entry of a group's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub seq: u64,
+    pub kind: EntryKind,
+    /// Epoch the message was sent in.
+    pub epoch: u64,
+    pub sender: DeviceId,
+    pub msg_id: ClientMsgId,
+    pub accepted_at_ms: u64,
+    /// The MLS message bytes, exactly as the sender submitted them.
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+/// A registered device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub device: DeviceId,
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+}
+
+/// A Welcome waiting for a device: join `group` and read its log after `seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WelcomeEntry {
+    pub group: GroupId,
+    /// Sequence number of the commit that added the device.
+    pub seq: u64,
+    #[serde(with = "serde_bytes")]
+    pub welcome: Vec<u8>,
+}
+
+/// Why a received frame could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The frame is longer than [`MAX_FRAME_BYTES`].
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_BYTES} bytes")]
+    TooLarge(usize),
+    /// Not MessagePack, or not a frame map.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The frame names a version this side does not speak.
+    #[error("unsupported protocol version {0}, this side speaks {PROTOCOL_VERSION}")]
+    Version(u16),
+    /// The frame type is not known.
+    #[error("unknown frame type {0:?}")]
+    UnknownType(String, u64),
+}
+
+impl DecodeError {
+    /// The error code to answer this decode failure with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::TooLarge(_) => ErrorCode::TooLarge,
+            Self::Malformed(_) => ErrorCode::MalformedFrame,
+            Self::Version(_) => ErrorCode::UnsupportedVersion,
+            Self::UnknownType(..) => ErrorCode::UnknownFrameType,
+        }
+    }
+}
+
+/// Envelope read first, to tell an unknown frame type from a malformed frame.
+#[derive(Deserialize)]
+struct RawFrame {
+    v: u16,
+    id: u64,
+    body: RawBody,
+}
+
+#[derive(Deserialize)]
+struct RawBody {
+    t: String,
+}
+
+/// Decodes a client frame, telling apart malformed input, a wrong version and unknown types.
+pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, (u64, DecodeError)> {
+    if bytes.len() > MAX_FRAME_BYTES {
+        return Err((0, DecodeError::TooLarge(bytes.len())));
+    }
+    let raw: RawFrame = rmp_serde::from_slice(bytes)
+        .map_err(|e| (0, DecodeError::Malformed(e.to_string())))?;
+    if raw.v != PROTOCOL_VERSION {
+        return Err((raw.id, DecodeError::Version(raw.v)));
+    }
+    if !ClientBody::TYPES.contains(&raw.body.t.as_str()) {
+        let mut name = raw.body.t;
+        name.truncate(64);
+        return Err((raw.id, DecodeError::UnknownType(name, raw.id)));
+    }
+    rmp_serde::from_slice(bytes).map_err(|e| (raw.id, DecodeError::Malformed(e.to_string())))
+}
+
+/// Decodes a server frame.
+pub fn decode_server(bytes: &[u8]) -> Result<ServerFrame, DecodeError> {
+    let frame: ServerFrame =
+        rmp_serde::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if frame.v != PROTOCOL_VERSION {
+        return Err(DecodeError::Version(frame.v));
+    }
+    Ok(frame)
+}
+
+/// Encodes a client frame as MessagePack with named fields.
+pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
+    // Serializing these plain data types into a Vec cannot fail: every map key is a string and
+    // no type has a custom serializer that errors.
+    rmp_serde::to_vec_named(frame).expect("client frame serializes")
+}
+
+/// Encodes a server frame as MessagePack with named fields.
+pub fn encode_server(frame: &ServerFrame) -> Vec<u8> {
+    // See `encode_client`: serialization of these types cannot fail.
+    rmp_serde::to_vec_named(frame).expect("server frame serializes")
+}
+
+#[cfg(test)]
+mod tests;

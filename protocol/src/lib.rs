@@ -1,0 +1,47 @@
+//! Atlas wire protocol: the frames that travel as WebSocket binary messages, their MessagePack
+//! encoding, the error and close codes, and the size limits. This crate does no I/O.
+//!
+//! Every frame is a MessagePack map `{v, id, body}` where `v` is [`PROTOCOL_VERSION`], `id` is
+//! the request id chosen by the client (echoed in the response, 0 for server pushes) and `body`
+//! is one of [`ClientBody`] or [`ServerBody`]. `docs/protocol.md` describes every frame.
+
+mod codes;
+mod frames;
+mod ids;
+
+pub use codes::{CloseCode, ErrorCode};
+pub use frames::{
+    Accepted, ClientBody, ClientFrame, DecodeError, DeviceInfo, EntryKind, LogEntry, ServerBody,
+    ServerFrame, WelcomeEntry, decode_client, decode_server, encode_client, encode_server,
+};
+pub use ids::{ClientMsgId, DeviceId, GroupId, IdError};
+
+/// Version carried in every frame; a frame with another version is answered with
+/// [`ErrorCode::UnsupportedVersion`].
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Maximum size of one WebSocket message (one frame), in bytes.
+pub const MAX_FRAME_BYTES: usize = 256 * 1024;
+
+/// Maximum size of one MLS message (commit, application message or Welcome), in bytes.
+pub const MAX_MLS_MESSAGE_BYTES: usize = 200 * 1024;
+
+/// Maximum number of KeyPackages in one upload.
+pub const MAX_KEY_PACKAGES_PER_UPLOAD: usize = 100;
+
+/// Maximum number of log entries returned by one sync.
+pub const MAX_SYNC_ENTRIES: u32 = 500;
+
+/// Domain-separation prefix of the login signature; see [`login_transcript`].
+pub const LOGIN_CONTEXT: &[u8] = b"atlas-device-login-v1";
+
+/// Builds the bytes a device signs to log in: the context string, the server name the client
+/// connected to and the server's fresh nonce, each length-prefixed so no two inputs collide.
+pub fn login_transcript(server_name: &str, nonce: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(LOGIN_CONTEXT.len() + server_name.len() + nonce.len() + 12);
+    for part in [LOGIN_CONTEXT, server_name.as_bytes(), nonce] {
+        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    out
+}
