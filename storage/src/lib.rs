@@ -1,1 +1,445 @@
-//! placeholder
+//! Durable state of an Atlas node in sled.
+//!
+//! Trees:
+//! - `meta`: the storage format version.
+//! - `groups`: everything that must change atomically with a group's log, under key prefixes:
+//!   `m` group meta (epoch, sequence range), `s` MLS public group state, `l` log entries,
+//!   `d` de-duplication ids, `w` Welcomes waiting for a device. One sled batch covers an
+//!   accepted message, so a crash leaves all of it or none of it.
+//! - `devices`, `accounts`, `key_packages`, `cursors`.
+//!
+//! Writes become durable only through [`Store::durable`], which batches the fsyncs of many
+//! writers (group commit): callers acknowledge nothing before it returns `Ok`.
+
+mod error;
+mod flusher;
+mod keys;
+mod records;
+
+pub use error::StorageError;
+pub use records::{DeviceRecord, GroupMeta, KeyPackageRecord, Registration};
+
+use atlas_protocol::{ClientMsgId, DeviceId, GroupId, LogEntry, WelcomeEntry};
+use flusher::Flusher;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Storage format version written on first open; a mismatch is refused by [`Store::open`].
+pub const FORMAT_VERSION: u32 = 1;
+
+const FORMAT_KEY: &[u8] = b"format_version";
+
+/// A handle to the node's sled database. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    groups: sled::Tree,
+    devices: sled::Tree,
+    accounts: sled::Tree,
+    key_packages: sled::Tree,
+    cursors: sled::Tree,
+    flusher: Arc<Flusher>,
+}
+
+impl Store {
+    /// Opens or creates the database in `dir` and checks its format version. Must be called
+    /// inside a Tokio runtime, which runs the group-commit flusher.
+    pub fn open(dir: &Path) -> Result<Self, StorageError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            // Durability comes from explicit flushes; sled's own timer flush is turned off.
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| StorageError::open(dir, e))?;
+        let meta = db.open_tree("meta")?;
+        match meta.get(FORMAT_KEY)? {
+            Some(raw) => {
+                let found = <[u8; 4]>::try_from(raw.as_ref())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| StorageError::Corrupt {
+                        what: "format version".into(),
+                        detail: format!("{} bytes instead of 4", raw.len()),
+                    })?;
+                if found != FORMAT_VERSION {
+                    return Err(StorageError::FormatVersion { found, expected: FORMAT_VERSION });
+                }
+            }
+            None => {
+                meta.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())?;
+                db.flush()?;
+            }
+        }
+        let store = Self {
+            groups: db.open_tree("groups")?,
+            devices: db.open_tree("devices")?,
+            accounts: db.open_tree("accounts")?,
+            key_packages: db.open_tree("key_packages")?,
+            cursors: db.open_tree("cursors")?,
+            flusher: Flusher::start(db.clone()),
+            db,
+        };
+        Ok(store)
+    }
+
+    /// Sets a function called with the duration of every flush, for metrics.
+    pub fn set_flush_observer(&self, observer: impl Fn(Duration) + Send + Sync + 'static) {
+        self.flusher.set_observer(Box::new(observer));
+    }
+
+    /// Waits until every write made before this call is on disk (fsync'd). Concurrent callers
+    /// share one flush.
+    pub async fn durable(&self) -> Result<(), StorageError> {
+        self.flusher.wait().await
+    }
+
+    /// Flushes everything and stops the flusher task. Other clones of this store must be
+    /// dropped too before the directory can be opened again.
+    pub async fn close(&self) -> Result<(), StorageError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StorageError::FlushFailed(e.to_string()))??;
+        self.flusher.close().await;
+        Ok(())
+    }
+
+    /// Total bytes the database occupies on disk.
+    pub fn size_on_disk(&self) -> Result<u64, StorageError> {
+        Ok(self.db.size_on_disk()?)
+    }
+
+    // ----- groups -------------------------------------------------------------------------
+
+    /// Stores a new group's meta and public state; fails with [`StorageError::GroupExists`]
+    /// when the id is taken.
+    pub fn create_group(
+        &self,
+        group: &GroupId,
+        meta: &GroupMeta,
+        public_state: &[u8],
+    ) -> Result<(), StorageError> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+        let meta_key = keys::group_meta(group);
+        let state_key = keys::group_state(group);
+        let meta_bytes = encode(meta);
+        let result = self.groups.transaction(|tx| {
+            if tx.get(&meta_key)?.is_some() {
+                return Err(ConflictableTransactionError::Abort(()));
+            }
+            tx.insert(meta_key.as_slice(), meta_bytes.as_slice())?;
+            tx.insert(state_key.as_slice(), public_state)?;
+            Ok(())
+        });
+        match result {
+            Ok(()) => Ok(()),
+            Err(TransactionError::Abort(())) => Err(StorageError::GroupExists(group.clone())),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    /// Loads a group's meta and public state.
+    pub fn load_group(&self, group: &GroupId) -> Result<Option<(GroupMeta, Vec<u8>)>, StorageError> {
+        let Some(meta) = self.groups.get(keys::group_meta(group))? else {
+            return Ok(None);
+        };
+        let meta: GroupMeta = decode(&meta, "group meta", group)?;
+        let state = self.groups.get(keys::group_state(group))?.ok_or_else(|| {
+            StorageError::Corrupt {
+                what: format!("group {group}"),
+                detail: "meta present but public state missing".into(),
+            }
+        })?;
+        Ok(Some((meta, state.to_vec())))
+    }
+
+    /// Appends one accepted entry atomically with the new group meta, its de-duplication id,
+    /// the new public state (for commits) and Welcomes for added devices. The change is not yet
+    /// durable: call [`Store::durable`] before acknowledging it.
+    pub fn append(
+        &self,
+        group: &GroupId,
+        entry: &LogEntry,
+        meta: &GroupMeta,
+        public_state: Option<&[u8]>,
+        welcomes: &[(DeviceId, WelcomeEntry)],
+    ) -> Result<(), StorageError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(keys::log(group, entry.seq), encode(entry));
+        batch.insert(
+            keys::dedupe(group, &entry.sender, &entry.msg_id),
+            &entry.seq.to_be_bytes(),
+        );
+        batch.insert(keys::group_meta(group), encode(meta));
+        if let Some(state) = public_state {
+            batch.insert(keys::group_state(group), state);
+        }
+        for (device, welcome) in welcomes {
+            batch.insert(keys::welcome(device, group), encode(welcome));
+        }
+        self.groups.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Finds the sequence number stored earlier for a sender's client message id.
+    pub fn dedupe(
+        &self,
+        group: &GroupId,
+        sender: &DeviceId,
+        msg_id: &ClientMsgId,
+    ) -> Result<Option<u64>, StorageError> {
+        let Some(raw) = self.groups.get(keys::dedupe(group, sender, msg_id))? else {
+            return Ok(None);
+        };
+        let seq = <[u8; 8]>::try_from(raw.as_ref()).map_err(|_| StorageError::Corrupt {
+            what: format!("dedupe id in group {group}"),
+            detail: format!("{} bytes instead of 8", raw.len()),
+        })?;
+        Ok(Some(u64::from_be_bytes(seq)))
+    }
+
+    /// Reads one log entry.
+    pub fn entry(&self, group: &GroupId, seq: u64) -> Result<Option<LogEntry>, StorageError> {
+        self.groups
+            .get(keys::log(group, seq))?
+            .map(|raw| decode(&raw, "log entry", group))
+            .transpose()
+    }
+
+    /// Reads up to `limit` entries with sequence numbers above `after`, in order.
+    pub fn read_log(
+        &self,
+        group: &GroupId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<LogEntry>, StorageError> {
+        let start = keys::log(group, after.saturating_add(1));
+        let end = keys::log_end(group);
+        let mut out = Vec::new();
+        for item in self.groups.range(start..end).take(limit) {
+            let (_, raw) = item?;
+            out.push(decode(&raw, "log entry", group)?);
+        }
+        Ok(out)
+    }
+
+    /// Removes log entries up to and including `through_seq` and their de-duplication ids,
+    /// then stores `meta` (whose `first_seq` the caller has advanced). Returns how many entries
+    /// were removed.
+    pub fn prune(
+        &self,
+        group: &GroupId,
+        through_seq: u64,
+        meta: &GroupMeta,
+    ) -> Result<usize, StorageError> {
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        for item in self.groups.range(keys::log(group, 0)..=keys::log(group, through_seq)) {
+            let (key, raw) = item?;
+            let entry: LogEntry = decode(&raw, "log entry", group)?;
+            batch.remove(key);
+            batch.remove(keys::dedupe(group, &entry.sender, &entry.msg_id));
+            removed += 1;
+        }
+        batch.insert(keys::group_meta(group), encode(meta));
+        self.groups.apply_batch(batch)?;
+        Ok(removed)
+    }
+
+    /// Sequence number of the first entry older than `cutoff_ms`, scanning from the start of
+    /// the log; returns the last sequence number accepted before the cutoff, if any.
+    pub fn last_seq_before(
+        &self,
+        group: &GroupId,
+        cutoff_ms: u64,
+    ) -> Result<Option<u64>, StorageError> {
+        let mut last = None;
+        for item in self.groups.range(keys::log(group, 0)..keys::log_end(group)) {
+            let (_, raw) = item?;
+            let entry: LogEntry = decode(&raw, "log entry", group)?;
+            if entry.accepted_at_ms >= cutoff_ms {
+                break;
+            }
+            last = Some(entry.seq);
+        }
+        Ok(last)
+    }
+
+    /// Lists the Welcomes waiting for a device.
+    pub fn welcomes(&self, device: &DeviceId) -> Result<Vec<WelcomeEntry>, StorageError> {
+        let mut out = Vec::new();
+        for item in self.groups.scan_prefix(keys::welcome_prefix(device)) {
+            let (_, raw) = item?;
+            out.push(decode(&raw, "welcome", device)?);
+        }
+        Ok(out)
+    }
+
+    /// Deletes a device's Welcome for a group once the device has acknowledged the group.
+    pub fn remove_welcome(&self, device: &DeviceId, group: &GroupId) -> Result<(), StorageError> {
+        self.groups.remove(keys::welcome(device, group))?;
+        Ok(())
+    }
+
+    // ----- devices ------------------------------------------------------------------------
+
+    /// Registers a device key under an account, or returns the existing registration of that
+    /// key. A key already registered under another account is refused.
+    pub fn register_device(&self, record: &DeviceRecord) -> Result<Registration, StorageError> {
+        let key = record.device.as_bytes();
+        let result = self
+            .devices
+            .compare_and_swap(key, None as Option<&[u8]>, Some(encode(record)))?;
+        match result {
+            Ok(()) => {
+                let mut account_key = record.account.as_bytes().to_vec();
+                account_key.push(0);
+                account_key.extend_from_slice(key);
+                self.accounts.insert(account_key, &[])?;
+                Ok(Registration::New)
+            }
+            Err(current) => {
+                let raw = current.current.unwrap_or_default();
+                let existing: DeviceRecord = decode(&raw, "device", &record.device)?;
+                if existing.account != record.account {
+                    return Err(StorageError::DeviceOwnedElsewhere {
+                        device: record.device,
+                        account: existing.account,
+                    });
+                }
+                Ok(Registration::Existing(existing))
+            }
+        }
+    }
+
+    /// Looks up a device.
+    pub fn device(&self, device: &DeviceId) -> Result<Option<DeviceRecord>, StorageError> {
+        self.devices
+            .get(device.as_bytes())?
+            .map(|raw| decode(&raw, "device", device))
+            .transpose()
+    }
+
+    /// Lists the devices of an account.
+    pub fn account_devices(&self, account: &str) -> Result<Vec<DeviceRecord>, StorageError> {
+        let mut prefix = account.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for item in self.accounts.scan_prefix(&prefix) {
+            let (key, _) = item?;
+            let id = <[u8; 16]>::try_from(&key[prefix.len()..]).map_err(|_| {
+                StorageError::Corrupt {
+                    what: format!("account index of {account:?}"),
+                    detail: "device id is not 16 bytes".into(),
+                }
+            })?;
+            if let Some(record) = self.device(&DeviceId::from_bytes(id))? {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
+    // ----- key packages -------------------------------------------------------------------
+
+    /// Stores validated one-time KeyPackages and, if given, replaces the last-resort one.
+    /// Returns the number of one-time KeyPackages now available for the device.
+    pub fn put_key_packages(
+        &self,
+        device: &DeviceId,
+        one_time: &[KeyPackageRecord],
+        last_resort: Option<&KeyPackageRecord>,
+    ) -> Result<u32, StorageError> {
+        let mut batch = sled::Batch::default();
+        for record in one_time {
+            batch.insert(keys::key_package(device, &record.hash_ref), encode(record));
+        }
+        if let Some(record) = last_resort {
+            batch.insert(keys::last_resort(device), encode(record));
+        }
+        self.key_packages.apply_batch(batch)?;
+        Ok(self.key_packages.scan_prefix(keys::key_package_prefix(device)).count() as u32)
+    }
+
+    /// Claims a KeyPackage of `device` valid at `now_secs`: a one-time one if any is left
+    /// (removing it, so no two callers get the same), else the last-resort one. Expired
+    /// one-time KeyPackages met on the way are deleted.
+    pub fn claim_key_package(
+        &self,
+        device: &DeviceId,
+        now_secs: u64,
+    ) -> Result<Option<KeyPackageRecord>, StorageError> {
+        for item in self.key_packages.scan_prefix(keys::key_package_prefix(device)) {
+            let (key, _) = item?;
+            // `remove` returns the value only to the one caller that removed it.
+            let Some(raw) = self.key_packages.remove(&key)? else {
+                continue;
+            };
+            let record: KeyPackageRecord = decode(&raw, "key package", device)?;
+            if record.valid_at(now_secs) {
+                return Ok(Some(record));
+            }
+        }
+        let Some(raw) = self.key_packages.get(keys::last_resort(device))? else {
+            return Ok(None);
+        };
+        let record: KeyPackageRecord = decode(&raw, "last-resort key package", device)?;
+        Ok(record.valid_at(now_secs).then_some(record))
+    }
+
+    // ----- cursors ------------------------------------------------------------------------
+
+    /// Raises a device's cursor in a group to `seq`; a lower value leaves it unchanged.
+    /// Returns the stored cursor.
+    pub fn advance_cursor(
+        &self,
+        device: &DeviceId,
+        group: &GroupId,
+        seq: u64,
+    ) -> Result<u64, StorageError> {
+        let key = keys::cursor(device, group);
+        let stored = self.cursors.update_and_fetch(key, |old| {
+            let old = old.and_then(|raw| <[u8; 8]>::try_from(raw).ok()).map(u64::from_be_bytes);
+            Some(old.unwrap_or(0).max(seq).to_be_bytes().to_vec())
+        })?;
+        Ok(stored
+            .and_then(|raw| <[u8; 8]>::try_from(raw.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(seq))
+    }
+
+    /// A device's cursor in a group (0 when it has acknowledged nothing).
+    pub fn cursor(&self, device: &DeviceId, group: &GroupId) -> Result<u64, StorageError> {
+        let Some(raw) = self.cursors.get(keys::cursor(device, group))? else {
+            return Ok(0);
+        };
+        let bytes = <[u8; 8]>::try_from(raw.as_ref()).map_err(|_| StorageError::Corrupt {
+            what: format!("cursor of device {device} in group {group}"),
+            detail: format!("{} bytes instead of 8", raw.len()),
+        })?;
+        Ok(u64::from_be_bytes(bytes))
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // The record types are plain structs with string keys; encoding into a Vec cannot fail.
+    rmp_serde::to_vec_named(value).expect("storage record serializes")
+}
+
+fn decode<T: DeserializeOwned>(
+    raw: &[u8],
+    what: &str,
+    owner: &impl std::fmt::Display,
+) -> Result<T, StorageError> {
+    rmp_serde::from_slice(raw).map_err(|e| StorageError::Corrupt {
+        what: format!("{what} of {owner}"),
+        detail: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

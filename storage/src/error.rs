@@ -1,0 +1,49 @@
+use atlas_protocol::{DeviceId, GroupId};
+use std::path::Path;
+
+/// Failures of the storage layer. None of them leaves a partial write behind: every change is
+/// one sled batch or transaction.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// The database could not be opened; check the path, its permissions and free space.
+    #[error("cannot open storage at {path}: {source}")]
+    Open { path: String, source: sled::Error },
+    /// The data directory was written by another storage format version; migrate it or start
+    /// with an empty directory.
+    #[error("storage format version {found} is not supported, this build reads version {expected}")]
+    FormatVersion { found: u32, expected: u32 },
+    /// A stored record does not decode: the data directory is damaged.
+    #[error("corrupt {what}: {detail}")]
+    Corrupt { what: String, detail: String },
+    /// An I/O error from sled, such as a full disk.
+    #[error("storage i/o failed: {0}")]
+    Io(#[from] sled::Error),
+    /// A flush failed earlier; the store refuses further work until the node restarts.
+    #[error("storage flush failed, node must restart: {0}")]
+    FlushFailed(String),
+    /// A group with this id already exists.
+    #[error("group {0} already exists")]
+    GroupExists(GroupId),
+    /// The device key is registered under another account.
+    #[error("device {device} is registered under account {account:?}")]
+    DeviceOwnedElsewhere { device: DeviceId, account: String },
+}
+
+impl StorageError {
+    pub(crate) fn open(path: &Path, source: sled::Error) -> Self {
+        Self::Open { path: path.display().to_string(), source }
+    }
+}
+
+impl From<sled::transaction::TransactionError<()>> for StorageError {
+    fn from(e: sled::transaction::TransactionError<()>) -> Self {
+        match e {
+            sled::transaction::TransactionError::Storage(e) => Self::Io(e),
+            sled::transaction::TransactionError::Abort(()) => Self::Corrupt {
+                what: "transaction".into(),
+                detail: "aborted without a reason".into(),
+            },
+        }
+    }
+}

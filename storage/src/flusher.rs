@@ -1,0 +1,130 @@
+//! Group commit: one background task fsyncs the database for every writer that asked since the
+//! previous flush, so many groups share each fsync.
+
+use crate::StorageError;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, watch};
+
+type Observer = Box<dyn Fn(Duration) + Send + Sync>;
+
+#[derive(Clone, Default)]
+struct Flushed {
+    /// Highest ticket covered by a completed flush.
+    through: u64,
+    /// Set once a flush has failed; every later wait fails with it.
+    failure: Option<String>,
+}
+
+/// Handle owned by the stores; dropping the last one stops the flusher task after a final
+/// flush, which releases the database.
+pub(crate) struct Flusher {
+    shared: Arc<Shared>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+struct Shared {
+    /// Tickets handed out; a ticket is taken after the caller's write has been applied.
+    issued: AtomicU64,
+    wake: Notify,
+    closed: AtomicBool,
+    flushed: watch::Sender<Flushed>,
+    observer: Mutex<Option<Observer>>,
+}
+
+impl Flusher {
+    pub(crate) fn start(db: sled::Db) -> Arc<Self> {
+        let shared = Arc::new(Shared {
+            issued: AtomicU64::new(0),
+            wake: Notify::new(),
+            closed: AtomicBool::new(false),
+            flushed: watch::Sender::new(Flushed::default()),
+            observer: Mutex::new(None),
+        });
+        let task = tokio::spawn(Arc::clone(&shared).run(db));
+        Arc::new(Self { shared, task: Mutex::new(Some(task)) })
+    }
+
+    /// Stops the task after a last flush and waits for it, so the database can be reopened.
+    pub(crate) async fn close(&self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.wake.notify_one();
+        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+
+    pub(crate) fn set_observer(&self, observer: Observer) {
+        *self.shared.observer.lock().unwrap_or_else(|p| p.into_inner()) = Some(observer);
+    }
+
+    pub(crate) async fn wait(&self) -> Result<(), StorageError> {
+        self.shared.wait().await
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.wake.notify_one();
+    }
+}
+
+impl Shared {
+    async fn wait(&self) -> Result<(), StorageError> {
+        let ticket = self.issued.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut rx = self.flushed.subscribe();
+        self.wake.notify_one();
+        let state = rx
+            .wait_for(|f| f.through >= ticket || f.failure.is_some())
+            .await
+            .map_err(|_| StorageError::FlushFailed("flusher task stopped".into()))?;
+        match &state.failure {
+            Some(reason) => Err(StorageError::FlushFailed(reason.clone())),
+            None => Ok(()),
+        }
+    }
+
+    async fn run(self: Arc<Self>, db: sled::Db) {
+        loop {
+            self.wake.notified().await;
+            let closing = self.closed.load(Ordering::Acquire);
+            // Every ticket up to `target` belongs to a write applied before this load, so the
+            // flush below covers it.
+            let target = self.issued.load(Ordering::Acquire);
+            if target <= self.flushed.borrow().through {
+                if closing {
+                    return;
+                }
+                continue;
+            }
+            let started = Instant::now();
+            let db = db.clone();
+            let result = tokio::task::spawn_blocking(move || db.flush()).await;
+            if let Some(observe) = self.observer.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
+            {
+                observe(started.elapsed());
+            }
+            match result {
+                Ok(Ok(_)) => {
+                    self.flushed.send_modify(|f| f.through = target);
+                    if closing {
+                        return;
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "storage flush failed; refusing further writes");
+                    self.flushed.send_modify(|f| f.failure = Some(e.to_string()));
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "storage flush task failed");
+                    self.flushed.send_modify(|f| f.failure = Some(e.to_string()));
+                    return;
+                }
+            }
+        }
+    }
+}
