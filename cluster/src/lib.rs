@@ -1,1 +1,11 @@
-//! placeholder
+//! The node-local routing seam: where a group's actor runs and where a device is connected.
+//!
+//! Gateway sessions call [`Router`] for every group request and register their outbound queue
+//! in [`Presence`]. On a single node both resolve locally; a cluster replaces their insides
+//! (remote actor references, presence by node) while sessions keep calling the same methods.
+
+mod presence;
+mod router;
+
+pub use presence::{Outbound, Presence, SessionHandle};
+pub use router::Router;

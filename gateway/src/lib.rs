@@ -1,1 +1,103 @@
-//! placeholder
+//! The Atlas gateway: an actix-web server on rustls (TLS 1.3 only) that carries device
+//! sessions over WebSocket (actix-ws) at `/v1/ws`.
+//!
+//! Each connection gets a fresh login nonce, must log in with its device key before anything
+//! else, then exchanges MessagePack frames (see `atlas-protocol`). Group requests go through the
+//! [`atlas_cluster::Router`]; pushes arrive through the connection's bounded queue registered in
+//! [`atlas_cluster::Presence`].
+
+mod metrics;
+mod session;
+
+pub use metrics::GatewayMetrics;
+
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use atlas_actors::Directory;
+use atlas_cluster::{Presence, Router};
+use atlas_storage::Store;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Settings of the WebSocket sessions.
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    /// Host name clients connect to; part of the signed login transcript.
+    pub server_name: String,
+    /// Capacity of each connection's outbound queue, in frames.
+    pub queue_capacity: usize,
+    /// Time a client has to log in after connecting.
+    pub login_timeout: Duration,
+    /// Interval between WebSocket pings.
+    pub ping_interval: Duration,
+    /// A connection that has sent nothing (not even a pong) for this long is closed.
+    pub idle_timeout: Duration,
+    /// Consecutive invalid frames after which the connection is closed.
+    pub max_invalid_frames: u32,
+    /// Requests a connection may have in flight before the server stops reading from it.
+    pub max_in_flight: usize,
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        Self {
+            server_name: "localhost".into(),
+            queue_capacity: 1024,
+            login_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(45),
+            max_invalid_frames: 16,
+            max_in_flight: 256,
+        }
+    }
+}
+
+/// Everything a session needs, shared by all connections.
+pub struct GatewayState {
+    pub store: Store,
+    pub directory: Directory,
+    pub router: Router,
+    pub presence: Arc<Presence>,
+    pub metrics: GatewayMetrics,
+    pub settings: SessionSettings,
+    /// Flips to true when the node shuts down; sessions then close with "going away".
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Binds the TLS listener and returns the server (not yet awaited) and its bound address.
+pub fn bind(
+    state: Arc<GatewayState>,
+    listen: SocketAddr,
+    tls: rustls::ServerConfig,
+    workers: usize,
+) -> std::io::Result<(actix_web::dev::Server, SocketAddr)> {
+    let data = web::Data::from(state);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .route("/v1/ws", web::get().to(websocket))
+            .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok") }))
+    })
+    .workers(workers)
+    // Sessions are closed by the node's own shutdown signal; actix only waits this long after.
+    .shutdown_timeout(5)
+    .disable_signals()
+    .bind_rustls_0_23(listen, tls)?;
+    let addr = server.addrs().first().copied().ok_or_else(|| {
+        std::io::Error::other(format!("listener on {listen} reported no address"))
+    })?;
+    Ok((server.run(), addr))
+}
+
+async fn websocket(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<GatewayState>,
+) -> actix_web::Result<HttpResponse> {
+    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    let peer = req.peer_addr();
+    let state = state.into_inner();
+    actix_web::rt::spawn(session::run(state, session, stream, peer));
+    Ok(response)
+}

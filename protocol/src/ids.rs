@@ -113,3 +113,14 @@ impl fmt::Debug for DeviceId {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct ClientMsgId(#[serde(with = "serde_bytes")] pub [u8; 16]);
+
+impl DeviceId {
+    /// Derives the id of the device whose Ed25519 public key is `public_key`.
+    pub fn for_key(public_key: &[u8]) -> Self {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(public_key);
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&digest[..16]);
+        Self(id)
+    }
+}

@@ -1,0 +1,411 @@
+//! The group session actor: one per active group. It orders, validates and stores the group's
+//! messages and pushes them to online members. Invariants:
+//! - sequence numbers are assigned in the actor, one at a time, so the log has one total order;
+//! - an acknowledgement leaves only after the entry is durable (see [`Committer`]);
+//! - on a storage failure the actor stops, and the next request reloads it from storage, so
+//!   memory never runs ahead of disk for longer than one failed request.
+
+use crate::metrics::ActorMetrics;
+use crate::mls::{MlsError, PublicState, check_welcome};
+use crate::{Deliver, GroupError};
+use atlas_protocol::{
+    Accepted, ClientMsgId, DeviceId, EntryKind, GroupId, LogEntry, PROTOCOL_VERSION, ServerBody,
+    ServerFrame, WelcomeEntry, encode_server,
+};
+use atlas_storage::{GroupMeta, Store};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+
+/// What a device submits to a group.
+#[derive(Debug)]
+pub enum Submission {
+    /// A commit (PublicMessage) and, when it adds devices, their Welcome.
+    Commit { commit: Vec<u8>, welcome: Option<Vec<u8>> },
+    /// An application message (PrivateMessage).
+    Application { message: Vec<u8> },
+}
+
+/// One page of a group's log.
+#[derive(Debug, Clone)]
+pub struct SyncPage {
+    pub entries: Vec<LogEntry>,
+    pub head: u64,
+    pub first_available: u64,
+}
+
+/// Messages of a group session actor.
+pub enum GroupMsg {
+    /// Validate, order and store a submission; the reply comes once it is durable.
+    Submit {
+        sender: DeviceId,
+        msg_id: ClientMsgId,
+        submission: Submission,
+        reply: RpcReplyPort<Result<Accepted, GroupError>>,
+    },
+    /// Read entries after `after` for a member device.
+    Sync {
+        device: DeviceId,
+        after: u64,
+        limit: usize,
+        reply: RpcReplyPort<Result<SyncPage, GroupError>>,
+    },
+    /// Store a member device's cursor.
+    Ack { device: DeviceId, seq: u64, reply: RpcReplyPort<Result<u64, GroupError>> },
+    /// Periodic housekeeping: retention and idle stop.
+    Tick,
+}
+
+/// Settings shared by all group actors.
+#[derive(Debug, Clone)]
+pub struct GroupSettings {
+    /// Stop an actor after this long without requests.
+    pub idle_timeout: Duration,
+    /// Interval of housekeeping ticks.
+    pub tick_interval: Duration,
+    /// Entries older than this are removed even if some member has not acknowledged them.
+    pub retention_ttl: Duration,
+}
+
+impl Default for GroupSettings {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(300),
+            tick_interval: Duration::from_secs(30),
+            retention_ttl: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// Arguments to start a group actor with state loaded by the supervisor.
+pub struct GroupArgs {
+    pub group: GroupId,
+    pub meta: GroupMeta,
+    pub public_state: Vec<u8>,
+    pub store: Store,
+    pub deliver: Arc<dyn Deliver>,
+    pub settings: GroupSettings,
+    pub metrics: ActorMetrics,
+}
+
+/// The group session actor.
+pub struct GroupSession;
+
+/// State of a running group actor.
+pub struct GroupState {
+    group: GroupId,
+    meta: GroupMeta,
+    mls: PublicState,
+    store: Store,
+    settings: GroupSettings,
+    metrics: ActorMetrics,
+    committer: mpsc::Sender<Pending>,
+    last_request: Instant,
+}
+
+/// An accepted entry waiting for durability before its acknowledgement and pushes go out.
+struct Pending {
+    reply: RpcReplyPort<Result<Accepted, GroupError>>,
+    accepted: Accepted,
+    push: Option<(Vec<DeviceId>, bytes::Bytes)>,
+    welcomes: Vec<(DeviceId, bytes::Bytes)>,
+}
+
+impl Actor for GroupSession {
+    type Msg = GroupMsg;
+    type State = GroupState;
+    type Arguments = GroupArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: GroupArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let mls = PublicState::from_bytes(args.group.as_bytes(), &args.public_state)?;
+        let (tx, rx) = mpsc::channel(4096);
+        tokio::spawn(Committer { store: args.store.clone(), deliver: args.deliver }.run(rx));
+        myself.send_interval(args.settings.tick_interval, || GroupMsg::Tick);
+        args.metrics.group_actors_alive.inc();
+        tracing::debug!(group_id = %args.group, epoch = args.meta.epoch, "group actor started");
+        Ok(GroupState {
+            group: args.group,
+            meta: args.meta,
+            mls,
+            store: args.store,
+            settings: args.settings,
+            metrics: args.metrics,
+            committer: tx,
+            last_request: Instant::now(),
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.metrics.group_actors_alive.dec();
+        tracing::debug!(group_id = %state.group, "group actor stopped");
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            GroupMsg::Submit { sender, msg_id, submission, reply } => {
+                state.last_request = Instant::now();
+                match state.submit(sender, msg_id, submission) {
+                    Ok(Outcome::Duplicate(accepted)) => {
+                        let _ = reply.send(Ok(accepted));
+                    }
+                    Ok(Outcome::Stored(parts)) => {
+                        let pending = Pending {
+                            reply,
+                            accepted: parts.accepted,
+                            push: parts.push,
+                            welcomes: parts.welcomes,
+                        };
+                        if let Err(e) = state.committer.send(pending).await {
+                            let _ = e.0.reply.send(Err(GroupError::Unavailable));
+                        }
+                    }
+                    Err(e) => {
+                        let fatal = matches!(e, GroupError::Storage(_));
+                        let _ = reply.send(Err(e));
+                        if fatal {
+                            // Memory may now be ahead of disk: stop, and reload on next use.
+                            myself.stop(Some("storage failure".into()));
+                        }
+                    }
+                }
+            }
+            GroupMsg::Sync { device, after, limit, reply } => {
+                state.last_request = Instant::now();
+                let _ = reply.send(state.sync(&device, after, limit));
+            }
+            GroupMsg::Ack { device, seq, reply } => {
+                state.last_request = Instant::now();
+                let _ = reply.send(state.ack(&device, seq));
+            }
+            GroupMsg::Tick => {
+                if let Err(e) = state.apply_retention() {
+                    tracing::error!(group_id = %state.group, error = %e, "retention failed");
+                }
+                if state.last_request.elapsed() >= state.settings.idle_timeout {
+                    tracing::debug!(group_id = %state.group, "stopping idle group actor");
+                    myself.stop(Some("idle".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+enum Outcome {
+    Duplicate(Accepted),
+    Stored(PendingParts),
+}
+
+/// A [`Pending`] without its reply port, built before the port is attached.
+struct PendingParts {
+    accepted: Accepted,
+    push: Option<(Vec<DeviceId>, bytes::Bytes)>,
+    welcomes: Vec<(DeviceId, bytes::Bytes)>,
+}
+
+impl GroupState {
+    fn submit(
+        &mut self,
+        sender: DeviceId,
+        msg_id: ClientMsgId,
+        submission: Submission,
+    ) -> Result<Outcome, GroupError> {
+        // A retry of a stored message returns the original acknowledgement.
+        if let Some(seq) = self.store.dedupe(&self.group, &sender, &msg_id)? {
+            let entry = self.store.entry(&self.group, seq)?.ok_or_else(|| GroupError::Internal(
+                format!("dedupe id points at missing entry {seq} of group {}", self.group),
+            ))?;
+            return Ok(Outcome::Duplicate(Accepted {
+                group: self.group.clone(),
+                seq,
+                epoch: entry.epoch,
+                accepted_at_ms: entry.accepted_at_ms,
+                duplicate: true,
+            }));
+        }
+
+        let now_ms = now_ms();
+        let seq = self.meta.last_seq + 1;
+        let (kind, sent_epoch, payload, state_bytes, welcomes) = match submission {
+            Submission::Application { message } => {
+                let epoch = self.mls.check_application(&message, &sender).map_err(self.mls_error())?;
+                (EntryKind::Application, epoch, message, None, Vec::new())
+            }
+            Submission::Commit { commit, welcome } => {
+                let sent_epoch = self.mls.epoch();
+                if let Some(welcome) = &welcome {
+                    check_welcome(welcome).map_err(self.mls_error())?;
+                }
+                // Validate on a copy so a rejected commit leaves the live state untouched.
+                let mut next = PublicState::from_bytes(self.group.as_bytes(), &self.mls.to_bytes())
+                    .map_err(|e| GroupError::Internal(e.to_string()))?;
+                let outcome = next.apply_commit(&commit, &sender).map_err(self.mls_error())?;
+                let welcomes = match (&welcome, outcome.added.is_empty()) {
+                    (Some(w), false) => outcome
+                        .added
+                        .iter()
+                        .map(|d| (*d, WelcomeEntry { group: self.group.clone(), seq, welcome: w.clone() }))
+                        .collect(),
+                    (None, false) => {
+                        return Err(GroupError::Mls(MlsError::Unexpected(
+                            "commit adds members but carries no Welcome".into(),
+                        )));
+                    }
+                    (Some(_), true) => {
+                        return Err(GroupError::Mls(MlsError::Unexpected(
+                            "Welcome given for a commit that adds no members".into(),
+                        )));
+                    }
+                    (None, true) => Vec::new(),
+                };
+                let bytes = next.to_bytes();
+                self.mls = next;
+                (EntryKind::Commit, sent_epoch, commit, Some(bytes), welcomes)
+            }
+        };
+
+        let entry = LogEntry {
+            seq,
+            kind,
+            epoch: sent_epoch,
+            sender,
+            msg_id,
+            accepted_at_ms: now_ms,
+            payload,
+        };
+        let meta = GroupMeta { epoch: self.mls.epoch(), last_seq: seq, ..self.meta };
+        self.store.append(&self.group, &entry, &meta, state_bytes.as_deref(), &welcomes)?;
+        self.meta = meta;
+        self.metrics.messages_accepted.with_label_values(&[kind_label(kind)]).inc();
+
+        let recipients: Vec<DeviceId> =
+            self.mls.member_devices().filter(|d| **d != sender).copied().collect();
+        let push = encode_push(ServerBody::Push { group: self.group.clone(), entry });
+        let welcomes = welcomes
+            .into_iter()
+            .map(|(device, w)| (device, encode_push(ServerBody::WelcomePush(w))))
+            .collect();
+        Ok(Outcome::Stored(PendingParts {
+            accepted: Accepted {
+                group: self.group.clone(),
+                seq,
+                epoch: self.meta.epoch,
+                accepted_at_ms: now_ms,
+                duplicate: false,
+            },
+            push: Some((recipients, push)),
+            welcomes,
+        }))
+    }
+
+    fn mls_error(&self) -> impl Fn(MlsError) -> GroupError + '_ {
+        |e| match e {
+            MlsError::WrongEpoch { current, .. } => GroupError::StaleEpoch { current },
+            MlsError::NotMember(d) => GroupError::NotMember(d),
+            other => GroupError::Mls(other),
+        }
+    }
+
+    fn sync(&self, device: &DeviceId, after: u64, limit: usize) -> Result<SyncPage, GroupError> {
+        if !self.mls.is_member(device) {
+            return Err(GroupError::NotMember(*device));
+        }
+        let entries = self.store.read_log(&self.group, after, limit)?;
+        Ok(SyncPage { entries, head: self.meta.last_seq, first_available: self.meta.first_seq })
+    }
+
+    fn ack(&self, device: &DeviceId, seq: u64) -> Result<u64, GroupError> {
+        if !self.mls.is_member(device) {
+            return Err(GroupError::NotMember(*device));
+        }
+        let seq = seq.min(self.meta.last_seq);
+        let stored = self.store.advance_cursor(device, &self.group, seq)?;
+        self.store.remove_welcome(device, &self.group)?;
+        Ok(stored)
+    }
+
+    /// Removes entries every member device has acknowledged, and entries older than the TTL.
+    fn apply_retention(&mut self) -> Result<(), GroupError> {
+        let mut through = u64::MAX;
+        for device in self.mls.member_devices() {
+            through = through.min(self.store.cursor(device, &self.group)?);
+        }
+        let ttl_ms = self.settings.retention_ttl.as_millis() as u64;
+        if let Some(old) = self.store.last_seq_before(&self.group, now_ms().saturating_sub(ttl_ms))? {
+            through = if through == u64::MAX { old } else { through.max(old) };
+        }
+        let through = through.min(self.meta.last_seq);
+        if through < self.meta.first_seq || through == u64::MAX {
+            return Ok(());
+        }
+        let meta = GroupMeta { first_seq: through + 1, ..self.meta };
+        let removed = self.store.prune(&self.group, through, &meta)?;
+        self.meta = meta;
+        tracing::debug!(group_id = %self.group, removed, first_seq = meta.first_seq, "retention removed entries");
+        Ok(())
+    }
+}
+
+fn kind_label(kind: EntryKind) -> &'static str {
+    match kind {
+        EntryKind::Commit => "commit",
+        EntryKind::Application => "application",
+    }
+}
+
+fn encode_push(body: ServerBody) -> bytes::Bytes {
+    bytes::Bytes::from(encode_server(&ServerFrame { v: PROTOCOL_VERSION, id: 0, body }))
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Sends acknowledgements and pushes once entries are durable. One per group actor, fed in
+/// sequence order, so pushes leave in sequence order; each batch shares one flush.
+struct Committer {
+    store: Store,
+    deliver: Arc<dyn Deliver>,
+}
+
+impl Committer {
+    async fn run(self, mut rx: mpsc::Receiver<Pending>) {
+        let mut batch = Vec::new();
+        while rx.recv_many(&mut batch, 256).await > 0 {
+            // Every entry in the batch was written before it was queued, so one flush covers all.
+            let durable = self.store.durable().await;
+            for pending in batch.drain(..) {
+                match &durable {
+                    Ok(()) => {
+                        let _ = pending.reply.send(Ok(pending.accepted));
+                        if let Some((devices, frame)) = pending.push {
+                            self.deliver.push(&devices, frame);
+                        }
+                        for (device, frame) in pending.welcomes {
+                            self.deliver.push(&[device], frame);
+                        }
+                    }
+                    Err(e) => {
+                        let _ = pending.reply.send(Err(GroupError::Unavailable));
+                        tracing::error!(error = %e, "entry not acknowledged: flush failed");
+                    }
+                }
+            }
+        }
+    }
+}

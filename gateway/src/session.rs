@@ -1,0 +1,557 @@
+//! One WebSocket connection: login, then requests and pushes until either side closes.
+//!
+//! Three parties move frames: the read loop (this function), a writer task that drains the
+//! connection's bounded queue into the socket, and request tasks that await group actors and
+//! queue their responses. A full queue closes the connection as a slow consumer.
+
+use crate::GatewayState;
+use actix_ws::{CloseReason, Item, Message, MessageStream, ProtocolError, Session};
+use atlas_actors::{GroupError, GroupMsg, LoginError, Submission};
+use atlas_cluster::{Outbound, SessionHandle};
+use atlas_protocol::{
+    ClientBody, CloseCode, DecodeError, DeviceInfo, ErrorCode, MAX_FRAME_BYTES,
+    MAX_KEY_PACKAGES_PER_UPLOAD, MAX_MLS_MESSAGE_BYTES, MAX_SYNC_ENTRIES, PROTOCOL_VERSION,
+    ServerBody, ServerFrame, decode_client, encode_server,
+};
+use atlas_storage::DeviceRecord;
+use rand::RngCore;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tracing::Instrument;
+
+/// Maximum number of fragments of one message; bounds memory against floods of empty
+/// continuation frames.
+const MAX_FRAGMENTS: usize = 64;
+
+pub(crate) async fn run(
+    state: Arc<GatewayState>,
+    session: Session,
+    stream: MessageStream,
+    peer: Option<SocketAddr>,
+) {
+    let conn_id = state.presence.next_conn_id();
+    let span = tracing::info_span!("conn", conn_id, peer = ?peer, device_id = tracing::field::Empty);
+    state.metrics.connections_open.inc();
+    let reason = Connection::new(Arc::clone(&state), session, stream, conn_id)
+        .serve()
+        .instrument(span.clone())
+        .await;
+    state.metrics.connections_open.dec();
+    state.metrics.closes.with_label_values(&[reason.label]).inc();
+    span.in_scope(|| tracing::debug!(reason = reason.label, "connection closed"));
+}
+
+/// Why a connection ended, for metrics and logs.
+struct Ended {
+    label: &'static str,
+}
+
+struct Connection {
+    state: Arc<GatewayState>,
+    session: Session,
+    reader: Reader,
+    conn_id: u64,
+    last_seen: Instant,
+}
+
+enum Incoming {
+    Binary(Vec<u8>),
+    Text,
+    Pong,
+    Close,
+    Broken(CloseCode, String),
+}
+
+/// Reads whole messages, reassembling fragments within [`MAX_FRAME_BYTES`] and [`MAX_FRAGMENTS`].
+struct Reader {
+    stream: MessageStream,
+    partial: Option<Vec<u8>>,
+    fragments: usize,
+}
+
+impl Reader {
+    async fn next(&mut self, session: &mut Session) -> Option<Incoming> {
+        loop {
+            let message = match self.stream.recv().await? {
+                Ok(m) => m,
+                Err(ProtocolError::Overflow) => {
+                    return Some(Incoming::Broken(
+                        CloseCode::TooBig,
+                        format!("frame exceeds {MAX_FRAME_BYTES} bytes"),
+                    ));
+                }
+                Err(e) => return Some(Incoming::Broken(CloseCode::ProtocolViolation, e.to_string())),
+            };
+            match message {
+                Message::Binary(bytes) => return Some(Incoming::Binary(bytes.to_vec())),
+                Message::Text(_) => return Some(Incoming::Text),
+                Message::Ping(payload) => {
+                    let _ = session.pong(&payload).await;
+                    return Some(Incoming::Pong);
+                }
+                Message::Pong(_) => return Some(Incoming::Pong),
+                Message::Close(_) => return Some(Incoming::Close),
+                Message::Nop => continue,
+                Message::Continuation(item) => {
+                    self.fragments += 1;
+                    if self.fragments > MAX_FRAGMENTS {
+                        return Some(Incoming::Broken(
+                            CloseCode::ProtocolViolation,
+                            format!("message split into more than {MAX_FRAGMENTS} fragments"),
+                        ));
+                    }
+                    let (chunk, first, last) = match item {
+                        Item::FirstText(b) | Item::FirstBinary(b) => (b, true, false),
+                        Item::Continue(b) => (b, false, false),
+                        Item::Last(b) => (b, false, true),
+                    };
+                    if first {
+                        self.partial = Some(Vec::new());
+                    }
+                    let Some(partial) = self.partial.as_mut() else {
+                        return Some(Incoming::Broken(
+                            CloseCode::ProtocolViolation,
+                            "continuation frame without a first fragment".into(),
+                        ));
+                    };
+                    if partial.len() + chunk.len() > MAX_FRAME_BYTES {
+                        return Some(Incoming::Broken(
+                            CloseCode::TooBig,
+                            format!("message exceeds {MAX_FRAME_BYTES} bytes"),
+                        ));
+                    }
+                    partial.extend_from_slice(&chunk);
+                    if last {
+                        self.fragments = 0;
+                        let whole = self.partial.take().unwrap_or_default();
+                        return Some(Incoming::Binary(whole));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Connection {
+    fn new(state: Arc<GatewayState>, session: Session, stream: MessageStream, conn_id: u64) -> Self {
+        let reader = Reader {
+            stream: stream.max_frame_size(MAX_FRAME_BYTES),
+            partial: None,
+            fragments: 0,
+        };
+        Self { state, session, reader, conn_id, last_seen: Instant::now() }
+    }
+
+    async fn serve(mut self) -> Ended {
+        let Some(device) = self.login().await else {
+            return self.close(CloseCode::AuthFailed, "login failed", "auth_failed").await;
+        };
+        tracing::Span::current().record("device_id", tracing::field::display(device.device));
+        tracing::debug!(account = %device.account, "device logged in");
+
+        let (queue, mut outbound) = mpsc::channel(self.state.settings.queue_capacity);
+        let (close_tx, mut close_rx) = watch::channel(None);
+        let handle = SessionHandle { conn_id: self.conn_id, queue: queue.clone(), close: close_tx };
+        self.state.presence.attach(device.device, handle);
+
+        // The writer owns the socket's send side; it may block on a slow client without
+        // stopping the read loop from noticing a close request.
+        let mut writer_session = self.session.clone();
+        let writer = actix_web::rt::spawn(async move {
+            while let Some(Outbound::Frame(frame)) = outbound.recv().await {
+                if writer_session.binary(frame).await.is_err() {
+                    break;
+                }
+            }
+        });
+
+        let in_flight = Arc::new(Semaphore::new(self.state.settings.max_in_flight));
+        let mut shutdown = self.state.shutdown.clone();
+        let mut ping = tokio::time::interval(self.state.settings.ping_interval);
+        ping.tick().await;
+        let mut invalid = 0u32;
+
+        let ended = loop {
+            tokio::select! {
+                _ = close_rx.changed() => {
+                    let code = (*close_rx.borrow()).unwrap_or(CloseCode::Normal);
+                    break self.close_code(code).await;
+                }
+                _ = shutdown.changed() => {
+                    break self.close(CloseCode::GoingAway, "server shutting down", "shutdown").await;
+                }
+                _ = ping.tick() => {
+                    if self.last_seen.elapsed() > self.state.settings.idle_timeout {
+                        break self.close(CloseCode::KeepaliveTimeout, "keepalive timeout", "keepalive").await;
+                    }
+                    let _ = tokio::time::timeout(Duration::from_secs(1), self.session.ping(b"")).await;
+                }
+                incoming = self.reader.next(&mut self.session), if in_flight.available_permits() > 0 => {
+                    self.last_seen = Instant::now();
+                    let bytes = match incoming {
+                        None | Some(Incoming::Close) => break Ended { label: "client" },
+                        Some(Incoming::Pong) => continue,
+                        Some(Incoming::Broken(code, why)) => {
+                            tracing::debug!(reason = %why, "closing broken connection");
+                            break self.close(code, &why, "protocol").await;
+                        }
+                        Some(Incoming::Text) => {
+                            self.state.metrics.frames_in.with_label_values(&["invalid"]).inc();
+                            let body = error_body(ErrorCode::MalformedFrame, "text frames are not accepted, send MessagePack in binary frames".into());
+                            self.respond(&queue, 0, body);
+                            invalid += 1;
+                            if invalid >= self.state.settings.max_invalid_frames {
+                                break self.close(CloseCode::ProtocolViolation, "too many invalid frames", "protocol").await;
+                            }
+                            continue;
+                        }
+                        Some(Incoming::Binary(bytes)) => bytes,
+                    };
+                    match decode_client(&bytes) {
+                        Ok(frame) => {
+                            invalid = 0;
+                            self.state.metrics.frames_in.with_label_values(&[frame.body.type_name()]).inc();
+                            self.dispatch(&device, &queue, &in_flight, frame.id, frame.body);
+                        }
+                        Err((id, error)) => {
+                            self.state.metrics.frames_in.with_label_values(&["invalid"]).inc();
+                            tracing::debug!(error = %error, "invalid frame");
+                            self.respond(&queue, id, decode_error_body(&error));
+                            invalid += 1;
+                            if invalid >= self.state.settings.max_invalid_frames {
+                                break self.close(CloseCode::ProtocolViolation, "too many invalid frames", "protocol").await;
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        self.state.presence.detach(&device.device, self.conn_id);
+        writer.abort();
+        ended
+    }
+
+    /// Sends the challenge and waits for a valid login. Returns `None` after answering a failed
+    /// login with an error frame.
+    async fn login(&mut self) -> Option<DeviceRecord> {
+        let mut nonce = vec![0u8; 32];
+        rand::thread_rng().fill_bytes(&mut nonce);
+        let challenge = ServerBody::Challenge {
+            nonce: nonce.clone(),
+            server_name: self.state.settings.server_name.clone(),
+            max_frame_bytes: MAX_FRAME_BYTES as u32,
+        };
+        self.send_now(0, challenge).await.ok()?;
+
+        let deadline = self.state.settings.login_timeout;
+        let incoming = tokio::time::timeout(deadline, async {
+            loop {
+                match self.reader.next(&mut self.session).await {
+                    Some(Incoming::Pong) => continue,
+                    other => return other,
+                }
+            }
+        })
+        .await;
+        let bytes = match incoming {
+            Ok(Some(Incoming::Binary(bytes))) => bytes,
+            Ok(_) => return None,
+            Err(_) => {
+                tracing::debug!("login timed out");
+                return None;
+            }
+        };
+        let frame = match decode_client(&bytes) {
+            Ok(frame) => frame,
+            Err((id, error)) => {
+                let _ = self.send_now(id, decode_error_body(&error)).await;
+                return None;
+            }
+        };
+        self.state.metrics.frames_in.with_label_values(&[frame.body.type_name()]).inc();
+        let ClientBody::Login { account, device_key, signature } = frame.body else {
+            let body = error_body(ErrorCode::NotAuthenticated, "log in before any other request".into());
+            let _ = self.send_now(frame.id, body).await;
+            return None;
+        };
+        let server_name = self.state.settings.server_name.clone();
+        match self.state.directory.login(&account, &device_key, &signature, &server_name, &nonce) {
+            Ok((record, registered)) => {
+                let body = ServerBody::LoggedIn {
+                    device: record.device,
+                    account: record.account.clone(),
+                    registered,
+                };
+                self.send_now(frame.id, body).await.ok()?;
+                Some(record)
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "login rejected");
+                let _ = self.send_now(frame.id, login_error_body(&self.state, &e)).await;
+                None
+            }
+        }
+    }
+
+    /// Handles one request: group requests run in their own task, the rest inline.
+    fn dispatch(
+        &self,
+        device: &DeviceRecord,
+        queue: &mpsc::Sender<Outbound>,
+        in_flight: &Arc<Semaphore>,
+        id: u64,
+        body: ClientBody,
+    ) {
+        let state = &self.state;
+        let inline = match body {
+            ClientBody::Login { .. } => {
+                error_body(ErrorCode::Unsupported, "this connection is already logged in".into())
+            }
+            ClientBody::Ping => ServerBody::Pong,
+            ClientBody::UploadKeyPackages { key_packages, last_resort } => {
+                if key_packages.len() > MAX_KEY_PACKAGES_PER_UPLOAD {
+                    error_body(
+                        ErrorCode::TooLarge,
+                        format!(
+                            "{} key packages in one upload, the limit is {MAX_KEY_PACKAGES_PER_UPLOAD}",
+                            key_packages.len()
+                        ),
+                    )
+                } else {
+                    let one_time: Vec<Vec<u8>> = key_packages.into_iter().map(|b| b.into_vec()).collect();
+                    match state.directory.upload_key_packages(device, &one_time, last_resort.as_ref().map(|b| b.as_slice())) {
+                        Ok((stored, available)) => ServerBody::KeyPackagesStored { stored, available },
+                        Err(e) => login_error_body(state, &e),
+                    }
+                }
+            }
+            ClientBody::ListDevices { account } => match state.directory.devices(&account) {
+                Ok(devices) => ServerBody::Devices {
+                    account,
+                    devices: devices
+                        .into_iter()
+                        .map(|d| DeviceInfo { device: d.device, key: d.public_key })
+                        .collect(),
+                },
+                Err(e) => login_error_body(state, &e),
+            },
+            ClientBody::ClaimKeyPackage { device: target } => {
+                match state.directory.claim_key_package(&target) {
+                    Ok(record) => ServerBody::KeyPackage {
+                        device: target,
+                        key_package: record.bytes,
+                        last_resort: record.last_resort,
+                    },
+                    Err(e) => login_error_body(state, &e),
+                }
+            }
+            ClientBody::CreateGroup { group, group_info } => {
+                if let Err(e) = group.validate() {
+                    error_body(ErrorCode::MalformedFrame, e.to_string())
+                } else {
+                    match atlas_actors::create_group(&state.store, &group, &group_info, &device.device) {
+                        Ok(epoch) => {
+                            tracing::info!(group_id = %group, epoch, "group created");
+                            ServerBody::GroupCreated { group, epoch }
+                        }
+                        Err(e) => group_error_body(state, &e),
+                    }
+                }
+            }
+            ClientBody::Welcomes => match state.store.welcomes(&device.device) {
+                Ok(welcomes) => ServerBody::Welcomes { welcomes },
+                Err(e) => {
+                    tracing::error!(error = %e, "reading welcomes failed");
+                    error_body(ErrorCode::StorageFailure, "cannot read welcomes, retry later".into())
+                }
+            },
+            group_request => {
+                self.spawn_group_request(device, queue, in_flight, id, group_request);
+                return;
+            }
+        };
+        self.respond(queue, id, inline);
+    }
+
+    fn spawn_group_request(
+        &self,
+        device: &DeviceRecord,
+        queue: &mpsc::Sender<Outbound>,
+        in_flight: &Arc<Semaphore>,
+        id: u64,
+        body: ClientBody,
+    ) {
+        let Ok(permit) = Arc::clone(in_flight).try_acquire_owned() else {
+            // The read loop only reads while a permit is free, and only it takes permits.
+            unreachable!("request read without a free in-flight permit");
+        };
+        let state = Arc::clone(&self.state);
+        let queue = queue.clone();
+        let sender = device.device;
+        let task = async move {
+            let body = match group_request(&state, sender, body).await {
+                Ok(body) => body,
+                Err(e) => group_error_body(&state, &e),
+            };
+            state.metrics.frames_out.with_label_values(&[body_type(&body)]).inc();
+            let frame = encode_server(&ServerFrame { v: PROTOCOL_VERSION, id, body });
+            let _ = queue.send(Outbound::Frame(frame.into())).await;
+            drop(permit);
+        };
+        actix_web::rt::spawn(task.in_current_span());
+    }
+
+    /// Queues a response from the read loop without waiting; a full queue marks the client as
+    /// a slow consumer.
+    fn respond(&self, queue: &mpsc::Sender<Outbound>, id: u64, body: ServerBody) {
+        if let ServerBody::Error { code, .. } = &body {
+            self.state.metrics.errors.with_label_values(&[code.name()]).inc();
+        }
+        self.state.metrics.frames_out.with_label_values(&[body_type(&body)]).inc();
+        let frame = encode_server(&ServerFrame { v: PROTOCOL_VERSION, id, body });
+        if let Err(mpsc::error::TrySendError::Full(_)) = queue.try_send(Outbound::Frame(frame.into())) {
+            self.state.presence.close_conn(self.conn_id, CloseCode::SlowConsumer);
+        }
+    }
+
+    async fn send_now(&mut self, id: u64, body: ServerBody) -> Result<(), actix_ws::Closed> {
+        if let ServerBody::Error { code, .. } = &body {
+            self.state.metrics.errors.with_label_values(&[code.name()]).inc();
+        }
+        self.state.metrics.frames_out.with_label_values(&[body_type(&body)]).inc();
+        let frame = encode_server(&ServerFrame { v: PROTOCOL_VERSION, id, body });
+        self.session.binary(frame).await
+    }
+
+    async fn close_code(&mut self, code: CloseCode) -> Ended {
+        let (why, label) = match code {
+            CloseCode::SlowConsumer => ("outbound queue full, resync from your cursor", "slow_consumer"),
+            CloseCode::Replaced => ("device logged in on another connection", "replaced"),
+            CloseCode::GoingAway => ("server shutting down", "shutdown"),
+            _ => ("closed by server", "server"),
+        };
+        self.close(code, why, label).await
+    }
+
+    async fn close(&mut self, code: CloseCode, why: &str, label: &'static str) -> Ended {
+        let reason = CloseReason {
+            code: actix_ws::CloseCode::Other(code.as_u16()),
+            description: Some(why.to_owned()),
+        };
+        // A client that does not read cannot take the close frame either: give up after a
+        // moment and drop the connection.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.session.clone().close(Some(reason))).await;
+        Ended { label }
+    }
+}
+
+async fn group_request(
+    state: &GatewayState,
+    sender: atlas_protocol::DeviceId,
+    body: ClientBody,
+) -> Result<ServerBody, GroupError> {
+    match body {
+        ClientBody::Commit { group, msg_id, commit, welcome } => {
+            check_group_and_size(&group, commit.len() + welcome.as_ref().map_or(0, |w| w.len()))?;
+            let submission = Submission::Commit { commit, welcome: welcome.map(|w| w.into_vec()) };
+            let accepted = state
+                .router
+                .request(&group, |reply| GroupMsg::Submit { sender, msg_id, submission, reply })
+                .await?;
+            Ok(ServerBody::Accepted(accepted))
+        }
+        ClientBody::Send { group, msg_id, message } => {
+            check_group_and_size(&group, message.len())?;
+            let submission = Submission::Application { message };
+            let accepted = state
+                .router
+                .request(&group, |reply| GroupMsg::Submit { sender, msg_id, submission, reply })
+                .await?;
+            Ok(ServerBody::Accepted(accepted))
+        }
+        ClientBody::Sync { group, after, limit } => {
+            check_group_and_size(&group, 0)?;
+            let limit = limit.clamp(1, MAX_SYNC_ENTRIES) as usize;
+            let page = state
+                .router
+                .request(&group, |reply| GroupMsg::Sync { device: sender, after, limit, reply })
+                .await?;
+            Ok(ServerBody::Entries {
+                group,
+                entries: page.entries,
+                head: page.head,
+                first_available: page.first_available,
+            })
+        }
+        ClientBody::Ack { group, seq } => {
+            check_group_and_size(&group, 0)?;
+            let stored = state
+                .router
+                .request(&group, |reply| GroupMsg::Ack { device: sender, seq, reply })
+                .await?;
+            Ok(ServerBody::Acked { group, seq: stored })
+        }
+        other => Err(GroupError::Internal(format!("{} is not a group request", other.type_name()))),
+    }
+}
+
+fn check_group_and_size(group: &atlas_protocol::GroupId, size: usize) -> Result<(), GroupError> {
+    group
+        .validate()
+        .map_err(|e| GroupError::Mls(atlas_actors::mls::MlsError::Malformed(e.to_string())))?;
+    if size > MAX_MLS_MESSAGE_BYTES {
+        return Err(GroupError::Mls(atlas_actors::mls::MlsError::Malformed(format!(
+            "MLS message of {size} bytes exceeds the limit of {MAX_MLS_MESSAGE_BYTES} bytes"
+        ))));
+    }
+    Ok(())
+}
+
+fn error_body(code: ErrorCode, message: String) -> ServerBody {
+    ServerBody::Error { code, message, epoch: None }
+}
+
+fn decode_error_body(error: &DecodeError) -> ServerBody {
+    error_body(error.code(), error.to_string())
+}
+
+fn login_error_body(_state: &GatewayState, error: &LoginError) -> ServerBody {
+    if let LoginError::Storage(e) = error {
+        tracing::error!(error = %e, "directory storage failed");
+    }
+    error_body(error.code(), error.to_string())
+}
+
+fn group_error_body(_state: &GatewayState, error: &GroupError) -> ServerBody {
+    match error {
+        GroupError::Storage(e) => tracing::error!(error = %e, "group storage failed"),
+        GroupError::Internal(e) => tracing::error!(error = %e, "group request failed"),
+        other => tracing::debug!(error = %other, "group request rejected"),
+    }
+    let epoch = match error {
+        GroupError::StaleEpoch { current } => Some(*current),
+        _ => None,
+    };
+    ServerBody::Error { code: error.code(), message: error.to_string(), epoch }
+}
+
+fn body_type(body: &ServerBody) -> &'static str {
+    match body {
+        ServerBody::Challenge { .. } => "challenge",
+        ServerBody::LoggedIn { .. } => "logged_in",
+        ServerBody::KeyPackagesStored { .. } => "key_packages_stored",
+        ServerBody::Devices { .. } => "devices",
+        ServerBody::KeyPackage { .. } => "key_package",
+        ServerBody::GroupCreated { .. } => "group_created",
+        ServerBody::Accepted(_) => "accepted",
+        ServerBody::Entries { .. } => "entries",
+        ServerBody::Acked { .. } => "acked",
+        ServerBody::Welcomes { .. } => "welcomes",
+        ServerBody::Pong => "pong",
+        ServerBody::Error { .. } => "error",
+        ServerBody::Push { .. } => "push",
+        ServerBody::WelcomePush(_) => "welcome_push",
+    }
+}
