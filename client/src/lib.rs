@@ -1,1 +1,697 @@
-//! placeholder
+//! The Atlas client SDK: device identity, MLS groups (openmls) and the Atlas wire protocol.
+//!
+//! A [`Client`] keeps all of its state (device key, MLS group state, cursors, own sent
+//! messages) in one state directory, written atomically after every change, so a restarted
+//! client continues its groups. Plaintext never leaves the client: the server receives MLS
+//! ciphertext only.
+
+mod conn;
+mod state;
+mod tls;
+
+pub use conn::CloseInfo;
+pub use tls::{ServerTrust, fingerprint_hex};
+
+use atlas_protocol::{
+    ClientBody, ClientMsgId, DeviceId, ErrorCode, GroupId, LogEntry, ServerBody,
+    WelcomeEntry, login_transcript,
+};
+use conn::Connection;
+use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
+use openmls::prelude::*;
+use openmls_basic_credential::SignatureKeyPair;
+use openmls_rust_crypto::OpenMlsRustCrypto;
+use openmls_traits::OpenMlsProvider;
+use openmls_traits::signatures::Signer;
+use rand::RngCore;
+use state::{GroupLocal, SavedState};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The ciphersuite every Atlas client uses.
+pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+
+/// Attempts for a commit or message that loses a race for the epoch.
+const MAX_EPOCH_RETRIES: usize = 8;
+
+/// Past epochs whose keys a client keeps, to decrypt messages sent just before a commit.
+const MAX_PAST_EPOCHS: usize = 8;
+
+/// Errors of the SDK.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Invalid configuration or input on the client side.
+    #[error("{0}")]
+    Config(String),
+    /// The connection could not be established.
+    #[error("{0}")]
+    Connect(String),
+    /// The server answered with an error frame.
+    #[error("server error {code:?}: {message}")]
+    Server { code: ErrorCode, message: String, epoch: Option<u64> },
+    /// The server sent an unexpected response.
+    #[error("unexpected response to {request}: {response}")]
+    Unexpected { request: &'static str, response: String },
+    /// No response within the request timeout.
+    #[error("request {0} timed out")]
+    Timeout(u64),
+    /// The connection closed; carries the close code and reason if the server sent them.
+    #[error("disconnected (close frame: {0:?})")]
+    Disconnected(CloseInfo),
+    /// Not connected.
+    #[error("not connected; call connect first")]
+    NotConnected,
+    /// An MLS operation failed.
+    #[error("MLS error: {0}")]
+    Mls(String),
+    /// Reading or writing the state directory failed.
+    #[error("state directory {path}: {detail}")]
+    State { path: String, detail: String },
+    /// The group is not known to this client.
+    #[error("unknown group {0}")]
+    UnknownGroup(String),
+    /// The account has no device, or a device has no KeyPackage.
+    #[error("{0}")]
+    NotFound(String),
+}
+
+impl ClientError {
+    /// The server's error code, if this is a server error.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+fn mls<E: std::fmt::Display>(e: E) -> ClientError {
+    ClientError::Mls(e.to_string())
+}
+
+/// A decrypted message as the application sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub group: GroupId,
+    pub seq: u64,
+    pub sender_account: String,
+    pub sender: DeviceId,
+    pub event: Event,
+}
+
+/// What happened at one position of a group's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// An application message and its plaintext.
+    Message(String),
+    /// A commit that changed the membership; lists accounts added and removed.
+    Membership { added: Vec<String>, removed: Vec<String> },
+    /// This device joined the group through a Welcome.
+    Joined,
+    /// This device was removed from the group.
+    Removed,
+}
+
+/// A client device with its MLS state.
+pub struct Client {
+    dir: PathBuf,
+    account: String,
+    signer: SignatureKeyPair,
+    provider: OpenMlsRustCrypto,
+    groups: BTreeMap<Vec<u8>, GroupLocal>,
+    conn: Option<Connection>,
+    request_timeout: Duration,
+}
+
+impl Client {
+    /// Opens the client stored in `dir`, or creates a new device for `account` there.
+    pub fn open(dir: &Path, account: &str) -> Result<Self, ClientError> {
+        std::fs::create_dir_all(dir).map_err(|e| ClientError::State {
+            path: dir.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        let provider = OpenMlsRustCrypto::default();
+        let (signer, groups, account) = match SavedState::load(dir)? {
+            Some(saved) => {
+                if saved.account != account {
+                    return Err(ClientError::Config(format!(
+                        "state directory {} belongs to account {:?}, not {account:?}",
+                        dir.display(),
+                        saved.account
+                    )));
+                }
+                saved.restore_storage(provider.storage());
+                (saved.signer()?, saved.groups, saved.account)
+            }
+            None => {
+                let signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).map_err(mls)?;
+                (signer, BTreeMap::new(), account.to_owned())
+            }
+        };
+        let client = Self {
+            dir: dir.to_owned(),
+            account,
+            signer,
+            provider,
+            groups,
+            conn: None,
+            request_timeout: Duration::from_secs(30),
+        };
+        client.save()?;
+        Ok(client)
+    }
+
+    /// The account this device belongs to.
+    pub fn account(&self) -> &str {
+        &self.account
+    }
+
+    /// This device's id.
+    pub fn device_id(&self) -> DeviceId {
+        DeviceId::for_key(self.signer.public())
+    }
+
+    /// Groups this client belongs to.
+    pub fn groups(&self) -> Vec<GroupId> {
+        self.groups
+            .iter()
+            .filter(|(_, g)| !g.removed)
+            .filter_map(|(id, _)| GroupId::new(id.clone()).ok())
+            .collect()
+    }
+
+    /// The last log position this client has processed in a group.
+    pub fn cursor(&self, group: &GroupId) -> Option<u64> {
+        self.groups.get(group.as_bytes()).map(|g| g.cursor)
+    }
+
+    /// Connects to `url` (`wss://host:port/v1/ws`), verifies the server and logs in. The first
+    /// login registers the device under the account.
+    pub async fn connect(&mut self, url: &str, trust: &ServerTrust) -> Result<bool, ClientError> {
+        self.conn = None;
+        let tls = tls::client_config(trust)?;
+        let (conn, challenge) = Connection::open(url, tls, self.request_timeout).await?;
+        let ServerBody::Challenge { nonce, server_name, .. } = challenge else {
+            return Err(ClientError::Connect("first frame was not a challenge".into()));
+        };
+        let signature = self
+            .signer
+            .sign(&login_transcript(&server_name, &nonce))
+            .map_err(|e| ClientError::Mls(format!("signing the login challenge failed: {e:?}")))?;
+        let body = ClientBody::Login {
+            account: self.account.clone(),
+            device_key: self.signer.public().to_vec(),
+            signature,
+        };
+        let registered = match conn.request(body).await? {
+            ServerBody::LoggedIn { registered, .. } => registered,
+            other => return Err(unexpected("login", other)),
+        };
+        self.conn = Some(conn);
+        Ok(registered)
+    }
+
+    /// Drops the connection.
+    pub fn disconnect(&mut self) {
+        self.conn = None;
+    }
+
+    /// The close code and reason if the server closed the connection.
+    pub fn close_info(&self) -> Option<CloseInfo> {
+        self.conn.as_ref().and_then(|c| c.closed.borrow().clone())
+    }
+
+    fn conn(&self) -> Result<&Connection, ClientError> {
+        self.conn.as_ref().ok_or(ClientError::NotConnected)
+    }
+
+    /// Sends a request body and returns the server's response; error frames become errors.
+    pub async fn request(&self, body: ClientBody) -> Result<ServerBody, ClientError> {
+        self.conn()?.request(body).await
+    }
+
+    /// Sends arbitrary bytes as one WebSocket binary message registered under a fresh request
+    /// id, and waits for the response with that id. For tests of malformed input.
+    pub async fn request_raw(&self, build: impl FnOnce(u64) -> Vec<u8>) -> Result<ServerBody, ClientError> {
+        let conn = self.conn()?;
+        let id = conn.next_request_id();
+        conn.request_raw(id, build(id)).await
+    }
+
+    /// Sends arbitrary bytes without waiting for a response.
+    pub async fn send_raw(&self, bytes: Vec<u8>) -> Result<(), ClientError> {
+        self.conn()?.send_raw(bytes).await
+    }
+
+    /// Waits up to `wait` for the connection to close and returns the close code and reason.
+    pub async fn wait_closed(&mut self, wait: Duration) -> Option<CloseInfo> {
+        let conn = self.conn.as_mut()?;
+        let mut closed = conn.closed.clone();
+        tokio::time::timeout(wait, closed.wait_for(|c| c.is_some())).await.ok()?.ok()?.clone()
+    }
+
+    fn credential(&self) -> CredentialWithKey {
+        CredentialWithKey {
+            credential: BasicCredential::new(self.account.as_bytes().to_vec()).into(),
+            signature_key: self.signer.public().into(),
+        }
+    }
+
+    /// Uploads `count` one-time KeyPackages and a last-resort one.
+    pub async fn publish_key_packages(&mut self, count: usize) -> Result<u32, ClientError> {
+        let lifetime = Lifetime::new(30 * 24 * 3600);
+        let mut one_time = Vec::with_capacity(count);
+        for _ in 0..count {
+            let bundle = KeyPackage::builder()
+                .key_package_lifetime(lifetime.clone())
+                .build(CIPHERSUITE, &self.provider, &self.signer, self.credential())
+                .map_err(mls)?;
+            let message = MlsMessageOut::from(bundle.key_package().clone());
+            one_time.push(serde_bytes::ByteBuf::from(message.tls_serialize_detached().map_err(mls)?));
+        }
+        let last_resort = KeyPackage::builder()
+            .key_package_lifetime(lifetime)
+            .mark_as_last_resort()
+            .build(CIPHERSUITE, &self.provider, &self.signer, self.credential())
+            .map_err(mls)?;
+        let last_resort = MlsMessageOut::from(last_resort.key_package().clone())
+            .tls_serialize_detached()
+            .map_err(mls)?;
+        self.save()?;
+        let body = ClientBody::UploadKeyPackages {
+            key_packages: one_time,
+            last_resort: Some(serde_bytes::ByteBuf::from(last_resort)),
+        };
+        match self.request(body).await? {
+            ServerBody::KeyPackagesStored { available, .. } => Ok(available),
+            other => Err(unexpected("upload_key_packages", other)),
+        }
+    }
+
+    /// Creates a group with this device as its only member and registers it on the server.
+    pub async fn create_group(&mut self, name: &str) -> Result<GroupId, ClientError> {
+        let mut id = name.as_bytes().to_vec();
+        let mut suffix = [0u8; 8];
+        rand::thread_rng().fill_bytes(&mut suffix);
+        id.push(b'-');
+        id.extend_from_slice(hex::encode(suffix).as_bytes());
+        let group_id = GroupId::new(id).map_err(|e| ClientError::Config(e.to_string()))?;
+
+        let config = MlsGroupCreateConfig::builder()
+            .ciphersuite(CIPHERSUITE)
+            .use_ratchet_tree_extension(true)
+            .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
+            .max_past_epochs(MAX_PAST_EPOCHS)
+            .build();
+        let group = MlsGroup::new_with_group_id(
+            &self.provider,
+            &self.signer,
+            &config,
+            openmls::group::GroupId::from_slice(group_id.as_bytes()),
+            self.credential(),
+        )
+        .map_err(mls)?;
+        let info = group.export_group_info(self.provider.crypto(), &self.signer, true).map_err(mls)?;
+        let info = info.tls_serialize_detached().map_err(mls)?;
+        self.groups.insert(group_id.as_bytes().to_vec(), GroupLocal::default());
+        self.save()?;
+        match self.request(ClientBody::CreateGroup { group: group_id.clone(), group_info: info }).await? {
+            ServerBody::GroupCreated { .. } => Ok(group_id),
+            other => Err(unexpected("create_group", other)),
+        }
+    }
+
+    fn load_group(&self, group: &GroupId) -> Result<MlsGroup, ClientError> {
+        MlsGroup::load(self.provider.storage(), &openmls::group::GroupId::from_slice(group.as_bytes()))
+            .map_err(mls)?
+            .ok_or_else(|| ClientError::UnknownGroup(group.to_string()))
+    }
+
+    /// Adds every device of each account to the group, retrying after catching up when another
+    /// commit wins the epoch. Returns the commit's sequence number.
+    pub async fn add_members(&mut self, group: &GroupId, accounts: &[&str]) -> Result<u64, ClientError> {
+        let mut key_packages = Vec::new();
+        for account in accounts {
+            let devices = match self.request(ClientBody::ListDevices { account: (*account).to_owned() }).await? {
+                ServerBody::Devices { devices, .. } => devices,
+                other => return Err(unexpected("list_devices", other)),
+            };
+            if devices.is_empty() {
+                return Err(ClientError::NotFound(format!("account {account:?} has no devices")));
+            }
+            for device in devices {
+                let bytes = match self.request(ClientBody::ClaimKeyPackage { device: device.device }).await? {
+                    ServerBody::KeyPackage { key_package, .. } => key_package,
+                    other => return Err(unexpected("claim_key_package", other)),
+                };
+                key_packages.push(self.verify_key_package(&bytes, &device.key, account)?);
+            }
+        }
+        self.commit_with_retry(group, |client, mls_group| {
+            let (commit, welcome, _) = mls_group
+                .add_members(&client.provider, &client.signer, &key_packages)
+                .map_err(mls)?;
+            Ok((commit, Some(welcome)))
+        })
+        .await
+    }
+
+    fn verify_key_package(&self, bytes: &[u8], device_key: &[u8], account: &str) -> Result<KeyPackage, ClientError> {
+        let message = MlsMessageIn::tls_deserialize_exact(bytes).map_err(mls)?;
+        let MlsMessageBodyIn::KeyPackage(kp) = message.extract() else {
+            return Err(ClientError::Mls("server returned something other than a KeyPackage".into()));
+        };
+        let kp = kp.validate(self.provider.crypto(), ProtocolVersion::Mls10).map_err(mls)?;
+        if kp.leaf_node().signature_key().as_slice() != device_key {
+            return Err(ClientError::Mls("KeyPackage key does not match the listed device key".into()));
+        }
+        let identity = BasicCredential::try_from(kp.leaf_node().credential().clone()).map_err(mls)?;
+        if identity.identity() != account.as_bytes() {
+            return Err(ClientError::Mls(format!("KeyPackage credential is not for account {account:?}")));
+        }
+        Ok(kp)
+    }
+
+    /// Removes every device of each account from the group. Returns the commit's sequence number.
+    pub async fn remove_members(&mut self, group: &GroupId, accounts: &[&str]) -> Result<u64, ClientError> {
+        let accounts: Vec<Vec<u8>> = accounts.iter().map(|a| a.as_bytes().to_vec()).collect();
+        self.commit_with_retry(group, |_client, mls_group| {
+            let leaves: Vec<LeafNodeIndex> = mls_group
+                .members()
+                .filter(|m| accounts.iter().any(|a| a.as_slice() == m.credential.serialized_content()))
+                .map(|m| m.index)
+                .collect();
+            if leaves.is_empty() {
+                return Err(ClientError::NotFound("no member devices of those accounts".into()));
+            }
+            let (commit, _, _) = mls_group
+                .remove_members(&_client.provider, &_client.signer, &leaves)
+                .map_err(mls)?;
+            Ok((commit, None))
+        })
+        .await
+    }
+
+    async fn commit_with_retry(
+        &mut self,
+        group: &GroupId,
+        mut build: impl FnMut(&Self, &mut MlsGroup) -> Result<(MlsMessageOut, Option<MlsMessageOut>), ClientError>,
+    ) -> Result<u64, ClientError> {
+        for _ in 0..MAX_EPOCH_RETRIES {
+            self.sync_group(group).await?;
+            let mut mls_group = self.load_group(group)?;
+            let (commit, welcome) = build(self, &mut mls_group)?;
+            let commit = commit.tls_serialize_detached().map_err(mls)?;
+            let welcome = welcome
+                .map(|w| w.tls_serialize_detached().map(serde_bytes::ByteBuf::from))
+                .transpose()
+                .map_err(mls)?;
+            let msg_id = new_msg_id();
+            self.save()?;
+            let body = ClientBody::Commit { group: group.clone(), msg_id, commit, welcome };
+            match self.request(body).await {
+                Ok(ServerBody::Accepted(accepted)) => {
+                    mls_group.merge_pending_commit(&self.provider).map_err(mls)?;
+                    self.record_own(group, accepted.seq, None);
+                    self.save()?;
+                    return Ok(accepted.seq);
+                }
+                Ok(other) => return Err(unexpected("commit", other)),
+                Err(e) if e.code() == Some(ErrorCode::StaleEpoch) => {
+                    // Another commit won this epoch: drop ours, catch up, build again.
+                    mls_group.clear_pending_commit(self.provider.storage()).map_err(mls)?;
+                    self.save()?;
+                }
+                Err(e) => {
+                    mls_group.clear_pending_commit(self.provider.storage()).map_err(mls)?;
+                    self.save()?;
+                    return Err(e);
+                }
+            }
+        }
+        Err(ClientError::Mls(format!("commit to group {group} lost the epoch race {MAX_EPOCH_RETRIES} times")))
+    }
+
+    /// Encrypts and sends a text message. Returns its sequence number.
+    pub async fn send(&mut self, group: &GroupId, text: &str) -> Result<u64, ClientError> {
+        self.send_with_id(group, text, new_msg_id()).await
+    }
+
+    /// Like [`Client::send`] with a caller-chosen message id, so a retry after a lost
+    /// acknowledgement is recognised by the server.
+    pub async fn send_with_id(&mut self, group: &GroupId, text: &str, msg_id: ClientMsgId) -> Result<u64, ClientError> {
+        for _ in 0..MAX_EPOCH_RETRIES {
+            let mut mls_group = self.load_group(group)?;
+            let message = mls_group
+                .create_message(&self.provider, &self.signer, text.as_bytes())
+                .map_err(mls)?
+                .tls_serialize_detached()
+                .map_err(mls)?;
+            self.save()?;
+            let body = ClientBody::Send { group: group.clone(), msg_id, message };
+            match self.request(body).await {
+                Ok(ServerBody::Accepted(accepted)) => {
+                    self.record_own(group, accepted.seq, Some(text.to_owned()));
+                    self.save()?;
+                    return Ok(accepted.seq);
+                }
+                Ok(other) => return Err(unexpected("send", other)),
+                Err(e) if e.code() == Some(ErrorCode::StaleEpoch) => {
+                    self.sync_group(group).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ClientError::Mls(format!("message to group {group} lost the epoch race {MAX_EPOCH_RETRIES} times")))
+    }
+
+    fn record_own(&mut self, group: &GroupId, seq: u64, text: Option<String>) {
+        let local = self.groups.entry(group.as_bytes().to_vec()).or_default();
+        if seq == local.cursor + 1 {
+            local.cursor = seq;
+            local.record(seq, &self.account, text);
+        } else if seq > local.cursor {
+            local.own.insert(seq, text);
+        }
+    }
+
+    /// Joins groups from pending Welcomes, then reads every group's log from its cursor.
+    /// Returns the events in log order per group.
+    pub async fn sync(&mut self) -> Result<Vec<Received>, ClientError> {
+        let mut out = Vec::new();
+        let welcomes = match self.request(ClientBody::Welcomes).await? {
+            ServerBody::Welcomes { welcomes } => welcomes,
+            other => return Err(unexpected("welcomes", other)),
+        };
+        for welcome in welcomes {
+            out.extend(self.join(welcome)?);
+        }
+        for group in self.groups() {
+            out.extend(self.sync_group(&group).await?);
+        }
+        Ok(out)
+    }
+
+    fn join(&mut self, welcome: WelcomeEntry) -> Result<Option<Received>, ClientError> {
+        if self.groups.get(welcome.group.as_bytes()).is_some_and(|g| !g.removed) {
+            return Ok(None);
+        }
+        let message = MlsMessageIn::tls_deserialize_exact(&welcome.welcome).map_err(mls)?;
+        let MlsMessageBodyIn::Welcome(w) = message.extract() else {
+            return Err(ClientError::Mls("Welcome entry does not hold a Welcome".into()));
+        };
+        let config = MlsGroupJoinConfig::builder()
+            .use_ratchet_tree_extension(true)
+            .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
+            .max_past_epochs(MAX_PAST_EPOCHS)
+            .build();
+        let staged = StagedWelcome::new_from_welcome(&self.provider, &config, w, None).map_err(mls)?;
+        let group = staged.into_group(&self.provider).map_err(mls)?;
+        if group.group_id().as_slice() != welcome.group.as_bytes() {
+            return Err(ClientError::Mls("Welcome is for another group than announced".into()));
+        }
+        let local = GroupLocal { cursor: welcome.seq, ..GroupLocal::default() };
+        self.groups.insert(welcome.group.as_bytes().to_vec(), local);
+        self.save()?;
+        Ok(Some(Received {
+            group: welcome.group,
+            seq: welcome.seq,
+            sender_account: String::new(),
+            sender: self.device_id(),
+            event: Event::Joined,
+        }))
+    }
+
+    /// Reads one group's log from the cursor to the head, processes it and acknowledges it.
+    pub async fn sync_group(&mut self, group: &GroupId) -> Result<Vec<Received>, ClientError> {
+        let mut out = Vec::new();
+        loop {
+            let Some(local) = self.groups.get(group.as_bytes()) else {
+                return Err(ClientError::UnknownGroup(group.to_string()));
+            };
+            if local.removed {
+                return Ok(out);
+            }
+            let after = local.cursor;
+            let body = ClientBody::Sync { group: group.clone(), after, limit: 200 };
+            let (entries, head) = match self.request(body).await {
+                Ok(ServerBody::Entries { entries, head, .. }) => (entries, head),
+                Ok(other) => return Err(unexpected("sync", other)),
+                Err(e) if e.code() == Some(ErrorCode::NotMember) => {
+                    self.mark_removed(group)?;
+                    return Ok(out);
+                }
+                Err(e) => return Err(e),
+            };
+            let count = entries.len();
+            for entry in entries {
+                out.extend(self.process_entry(group, entry)?);
+            }
+            let cursor = self.cursor(group).unwrap_or(0);
+            if cursor > after && !self.groups.get(group.as_bytes()).is_some_and(|g| g.removed) {
+                self.request(ClientBody::Ack { group: group.clone(), seq: cursor }).await?;
+            }
+            if count == 0 || cursor >= head {
+                return Ok(out);
+            }
+        }
+    }
+
+    fn mark_removed(&mut self, group: &GroupId) -> Result<(), ClientError> {
+        if let Some(local) = self.groups.get_mut(group.as_bytes()) {
+            local.removed = true;
+        }
+        self.save()
+    }
+
+    /// Applies one log entry in order; entries at or below the cursor are skipped.
+    fn process_entry(&mut self, group: &GroupId, entry: LogEntry) -> Result<Option<Received>, ClientError> {
+        let me = self.device_id();
+        let local = self.groups.get_mut(group.as_bytes()).ok_or_else(|| ClientError::UnknownGroup(group.to_string()))?;
+        if entry.seq <= local.cursor {
+            return Ok(None);
+        }
+        if let Some(text) = local.own.remove(&entry.seq) {
+            local.cursor = entry.seq;
+            local.record(entry.seq, &self.account, text.clone());
+            self.save()?;
+            return Ok(text.map(|t| Received {
+                group: group.clone(),
+                seq: entry.seq,
+                sender_account: self.account.clone(),
+                sender: me,
+                event: Event::Message(t),
+            }));
+        }
+        if entry.sender == me {
+            // Our own entry whose acknowledgement never reached us (crash or lost connection):
+            // MLS cannot decrypt our own messages, and an unmerged own commit is lost.
+            local.cursor = entry.seq;
+            self.save()?;
+            return Ok(None);
+        }
+        let mut mls_group = self.load_group(group)?;
+        let message = MlsMessageIn::tls_deserialize_exact(&entry.payload).map_err(mls)?;
+        let protocol: ProtocolMessage = message.try_into_protocol_message().map_err(mls)?;
+        let processed = mls_group.process_message(&self.provider, protocol).map_err(mls)?;
+        let sender_account = String::from_utf8_lossy(processed.credential().serialized_content()).into_owned();
+        let event = match processed.into_content() {
+            ProcessedMessageContent::ApplicationMessage(app) => {
+                Event::Message(String::from_utf8_lossy(&app.into_bytes()).into_owned())
+            }
+            ProcessedMessageContent::StagedCommitMessage(staged) => {
+                let added = staged
+                    .add_proposals()
+                    .map(|p| String::from_utf8_lossy(p.add_proposal().key_package().leaf_node().credential().serialized_content()).into_owned())
+                    .collect();
+                let removed_leaves: Vec<LeafNodeIndex> = staged.remove_proposals().map(|p| p.remove_proposal().removed()).collect();
+                let removed = removed_leaves
+                    .iter()
+                    .filter_map(|leaf| mls_group.member(*leaf))
+                    .map(|c| String::from_utf8_lossy(c.serialized_content()).into_owned())
+                    .collect();
+                let self_removed = staged.self_removed();
+                mls_group.merge_staged_commit(&self.provider, *staged).map_err(mls)?;
+                if self_removed {
+                    Event::Removed
+                } else {
+                    Event::Membership { added, removed }
+                }
+            }
+            _ => return Err(ClientError::Mls(format!("entry {} holds an unsupported MLS message", entry.seq))),
+        };
+        let local = self.groups.get_mut(group.as_bytes()).ok_or_else(|| ClientError::UnknownGroup(group.to_string()))?;
+        local.cursor = entry.seq;
+        if event == Event::Removed {
+            local.removed = true;
+        }
+        if let Event::Message(text) = &event {
+            local.record(entry.seq, &sender_account, Some(text.clone()));
+        }
+        // Own entries acknowledged while older entries were unprocessed follow directly.
+        while let Some(text) = local.own.remove(&(local.cursor + 1)) {
+            local.cursor += 1;
+            let seq = local.cursor;
+            local.record(seq, &self.account, text);
+        }
+        self.save()?;
+        Ok(Some(Received { group: group.clone(), seq: entry.seq, sender_account, sender: entry.sender, event }))
+    }
+
+    /// Processes pushes that arrive within `wait`: new entries in order (syncing over gaps)
+    /// and Welcomes. Returns what was received.
+    pub async fn receive(&mut self, wait: Duration) -> Result<Vec<Received>, ClientError> {
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let conn = self.conn.as_mut().ok_or(ClientError::NotConnected)?;
+            let push = match tokio::time::timeout_at(deadline, conn.pushes.recv()).await {
+                Ok(Some(push)) => push,
+                Ok(None) => return Err(ClientError::Disconnected(conn.close_info())),
+                Err(_) => return Ok(out),
+            };
+            match push {
+                ServerBody::Push { group, entry } => {
+                    let Some(cursor) = self.cursor(&group) else { continue };
+                    if entry.seq == cursor + 1 {
+                        out.extend(self.process_entry(&group, entry)?);
+                        let seq = self.cursor(&group).unwrap_or(0);
+                        if !self.groups.get(group.as_bytes()).is_some_and(|g| g.removed) {
+                            self.request(ClientBody::Ack { group, seq }).await?;
+                        }
+                    } else if entry.seq > cursor + 1 {
+                        out.extend(self.sync_group(&group).await?);
+                    }
+                }
+                ServerBody::WelcomePush(welcome) => {
+                    let group = welcome.group.clone();
+                    out.extend(self.join(welcome)?);
+                    out.extend(self.sync_group(&group).await?);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Every message this client has seen in a group, in log order: `(seq, account, text)`.
+    pub fn transcript(&self, group: &GroupId) -> Vec<(u64, String, String)> {
+        self.groups.get(group.as_bytes()).map(|g| g.transcript.clone()).unwrap_or_default()
+    }
+
+    fn save(&self) -> Result<(), ClientError> {
+        SavedState::capture(&self.account, &self.signer, self.provider.storage(), &self.groups)?.store(&self.dir)
+    }
+}
+
+fn new_msg_id() -> ClientMsgId {
+    let mut id = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut id);
+    ClientMsgId(id)
+}
+
+fn unexpected(request: &'static str, response: ServerBody) -> ClientError {
+    let mut text = format!("{response:?}");
+    text.truncate(200);
+    ClientError::Unexpected { request, response: text }
+}

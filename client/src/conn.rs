@@ -1,0 +1,172 @@
+//! The client's WebSocket connection: a writer task, a reader task that matches responses to
+//! requests by id, and a channel of pushes.
+
+use crate::ClientError;
+use atlas_protocol::{
+    ClientBody, ClientFrame, MAX_FRAME_BYTES, PROTOCOL_VERSION, ServerBody, ServerFrame,
+    decode_server, encode_client,
+};
+use futures_util::{SinkExt, StreamExt};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<ServerBody>>>>;
+
+/// Close code and reason the server sent, if any.
+pub type CloseInfo = Option<(u16, String)>;
+
+pub(crate) struct Connection {
+    outgoing: mpsc::Sender<Message>,
+    waiters: Waiters,
+    next_id: AtomicU64,
+    pub(crate) pushes: mpsc::UnboundedReceiver<ServerBody>,
+    pub(crate) closed: watch::Receiver<Option<CloseInfo>>,
+    request_timeout: Duration,
+}
+
+impl Connection {
+    /// Connects and returns the connection and the server's challenge.
+    pub(crate) async fn open(
+        url: &str,
+        tls: rustls::ClientConfig,
+        request_timeout: Duration,
+    ) -> Result<(Self, ServerBody), ClientError> {
+        let mut config = WebSocketConfig::default();
+        config.max_message_size = Some(MAX_FRAME_BYTES * 2);
+        config.max_frame_size = Some(MAX_FRAME_BYTES * 2);
+        let connector = tokio_tungstenite::Connector::Rustls(Arc::new(tls));
+        let (ws, _) = tokio::time::timeout(
+            request_timeout,
+            tokio_tungstenite::connect_async_tls_with_config(url, Some(config), true, Some(connector)),
+        )
+        .await
+        .map_err(|_| ClientError::Connect(format!("connecting to {url} timed out")))?
+        .map_err(|e| ClientError::Connect(format!("cannot connect to {url}: {e}")))?;
+        let (mut sink, mut stream) = ws.split();
+
+        let (outgoing, mut rx) = mpsc::channel::<Message>(256);
+        tokio::spawn(async move {
+            while let Some(message) = rx.recv().await {
+                if sink.send(message).await.is_err() {
+                    break;
+                }
+            }
+            let _ = sink.close().await;
+        });
+
+        let waiters: Waiters = Arc::default();
+        let (push_tx, pushes) = mpsc::unbounded_channel();
+        let (closed_tx, closed) = watch::channel(None);
+        let (challenge_tx, challenge_rx) = oneshot::channel();
+        let reader_waiters = Arc::clone(&waiters);
+        tokio::spawn(async move {
+            let mut challenge_tx = Some(challenge_tx);
+            let mut close = None;
+            while let Some(message) = stream.next().await {
+                let bytes = match message {
+                    Ok(Message::Binary(bytes)) => bytes,
+                    Ok(Message::Close(frame)) => {
+                        close = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+                        break;
+                    }
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "connection read failed");
+                        break;
+                    }
+                };
+                let frame: ServerFrame = match decode_server(&bytes) {
+                    Ok(frame) => frame,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "server sent an undecodable frame");
+                        continue;
+                    }
+                };
+                if frame.id == 0 {
+                    if let ServerBody::Challenge { .. } = frame.body
+                        && let Some(tx) = challenge_tx.take()
+                    {
+                        let _ = tx.send(frame.body);
+                        continue;
+                    }
+                    let _ = push_tx.send(frame.body);
+                    continue;
+                }
+                let waiter = reader_waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&frame.id);
+                match waiter {
+                    Some(tx) => {
+                        let _ = tx.send(frame.body);
+                    }
+                    None => tracing::debug!(id = frame.id, "response to an unknown request id"),
+                }
+            }
+            reader_waiters.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            let _ = closed_tx.send(Some(close));
+        });
+
+        let challenge = tokio::time::timeout(request_timeout, challenge_rx)
+            .await
+            .map_err(|_| ClientError::Connect("server sent no login challenge".into()))?
+            .map_err(|_| ClientError::Connect("connection closed before the login challenge".into()))?;
+        let conn = Self {
+            outgoing,
+            waiters,
+            next_id: AtomicU64::new(1),
+            pushes,
+            closed,
+            request_timeout,
+        };
+        Ok((conn, challenge))
+    }
+
+    /// Sends a request and waits for its response. Error frames become [`ClientError::Server`].
+    pub(crate) async fn request(&self, body: ClientBody) -> Result<ServerBody, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let bytes = encode_client(&ClientFrame { v: PROTOCOL_VERSION, id, body });
+        self.request_raw(id, bytes).await
+    }
+
+    /// Sends pre-encoded frame bytes registered under request `id`.
+    pub(crate) async fn request_raw(&self, id: u64, bytes: Vec<u8>) -> Result<ServerBody, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
+        self.outgoing
+            .send(Message::Binary(bytes.into()))
+            .await
+            .map_err(|_| ClientError::Disconnected(self.close_info()))?;
+        let body = tokio::time::timeout(self.request_timeout, rx)
+            .await
+            .map_err(|_| {
+                self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                ClientError::Timeout(id)
+            })?
+            .map_err(|_| ClientError::Disconnected(self.close_info()))?;
+        match body {
+            ServerBody::Error { code, message, epoch } => Err(ClientError::Server { code, message, epoch }),
+            other => Ok(other),
+        }
+    }
+
+    /// Sends raw bytes as one binary WebSocket message without waiting for a response.
+    pub(crate) async fn send_raw(&self, bytes: Vec<u8>) -> Result<(), ClientError> {
+        self.outgoing
+            .send(Message::Binary(bytes.into()))
+            .await
+            .map_err(|_| ClientError::Disconnected(self.close_info()))
+    }
+
+    /// Allocates a request id for [`Connection::request_raw`].
+    pub(crate) fn next_request_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The close code and reason, once the connection has closed.
+    pub(crate) fn close_info(&self) -> CloseInfo {
+        self.closed.borrow().clone().flatten()
+    }
+}
