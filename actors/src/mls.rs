@@ -235,6 +235,7 @@ impl PublicState {
         if !self.is_member(sender) {
             return Err(MlsError::NotMember(*sender));
         }
+        self.check_epoch(&message)?;
         Ok(self.epoch())
     }
 
@@ -252,6 +253,7 @@ impl PublicState {
         let Some(&sender_leaf) = self.members.get(sender) else {
             return Err(MlsError::NotMember(*sender));
         };
+        self.check_epoch(&message)?;
         let processed = self
             .group
             .process_message(&self.crypto, message)
@@ -283,11 +285,15 @@ impl PublicState {
         if message.group_id().as_slice() != self.group_id() {
             return Err(MlsError::Unexpected("message belongs to another group".into()));
         }
+        Ok(message)
+    }
+
+    fn check_epoch(&self, message: &ProtocolMessage) -> Result<(), MlsError> {
         let sent = message.epoch().as_u64();
         if sent != self.epoch() {
             return Err(MlsError::WrongEpoch { sent, current: self.epoch() });
         }
-        Ok(message)
+        Ok(())
     }
 }
 

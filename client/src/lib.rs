@@ -270,8 +270,10 @@ impl Client {
             let message = MlsMessageOut::from(bundle.key_package().clone());
             one_time.push(serde_bytes::ByteBuf::from(message.tls_serialize_detached().map_err(mls)?));
         }
+        let capabilities = Capabilities::builder().extensions(vec![ExtensionType::LastResort]).build();
         let last_resort = KeyPackage::builder()
             .key_package_lifetime(lifetime)
+            .leaf_node_capabilities(capabilities)
             .mark_as_last_resort()
             .build(CIPHERSUITE, &self.provider, &self.signer, self.credential())
             .map_err(mls)?;

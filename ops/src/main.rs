@@ -1,1 +1,103 @@
-fn main() {}
+//! `atlas`: the Atlas node binary.
+//!
+//! - `atlas node` runs a node from defaults, a TOML file, `ATLAS_*` variables and flags.
+//! - `atlas demo` runs a node and three clients through a scripted group chat and checks it.
+
+// A binary crate: `pub` marks what a module offers to its siblings, nothing is exported.
+#![allow(unreachable_pub)]
+
+mod config;
+mod demo;
+mod node;
+mod tls;
+
+use clap::{Parser, Subcommand};
+use config::{LogFormat, NodeFlags};
+
+#[derive(Parser)]
+#[command(name = "atlas", version, about = "Atlas end-to-end-encrypted group chat node")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    Node(NodeFlags),
+    /// Run a node on a free port with three demo clients and check the outcome.
+    Demo {
+        /// Print the node's logs too.
+        #[arg(long)]
+        verbose: bool,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Node(flags) => run_node(flags),
+        Command::Demo { verbose } => {
+            init_tracing(if verbose { "info" } else { "warn" }, LogFormat::Text);
+            block_on(demo::run())
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("atlas: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_node(flags: NodeFlags) -> anyhow::Result<()> {
+    let config = flags.resolve()?;
+    init_tracing("info", config.log_format);
+    block_on(async move {
+        let node = node::start(&config).await?;
+        println!("atlas node listening on wss://{}/v1/ws", node.addr);
+        println!("metrics on http://{}/metrics", node.metrics_addr);
+        println!(
+            "certificate sha256 fingerprint: {}{}",
+            node.fingerprint,
+            if node.generated_cert { " (development certificate generated now)" } else { "" }
+        );
+        wait_for_signal().await?;
+        node.shutdown().await
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutdown requested"),
+        _ = int.recv() => tracing::info!(signal = "SIGINT", "shutdown requested"),
+    }
+    Ok(())
+}
+
+/// Runs `future` in an actix system on a multi-threaded Tokio runtime: actors and storage use
+/// that runtime, HTTP workers run their own threads.
+fn block_on<F: Future<Output = anyhow::Result<()>>>(future: F) -> anyhow::Result<()> {
+    actix_web::rt::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            // Without a runtime nothing can run; the message says why.
+            .expect("cannot build the Tokio runtime")
+    })
+    .block_on(future)
+}
+
+fn init_tracing(default_level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ATLAS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

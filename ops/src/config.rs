@@ -1,0 +1,149 @@
+//! Node configuration: built-in defaults, then a TOML file, then `ATLAS_*` environment
+//! variables and command-line flags (flags win over the environment; both win over the file).
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Settings of one node. Every field has a default, so an empty file is a valid config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Directory for storage, the development certificate and other node files.
+    pub data_dir: PathBuf,
+    /// Address of the TLS WebSocket listener.
+    pub listen: SocketAddr,
+    /// Address of the plain-HTTP Prometheus metrics listener.
+    pub metrics_listen: SocketAddr,
+    /// Host name clients use; signed into every device login and put in the development
+    /// certificate.
+    pub server_name: String,
+    /// PEM certificate chain; with `tls_key`, replaces the generated development certificate.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// HTTP worker threads; 0 means one per CPU.
+    pub workers: usize,
+    /// Frames each connection's outbound queue holds before the client counts as slow.
+    pub queue_capacity: usize,
+    /// Seconds between keepalive pings.
+    pub ping_interval_secs: u64,
+    /// Seconds of silence after which a connection is closed.
+    pub idle_timeout_secs: u64,
+    /// Seconds after which an idle group actor stops.
+    pub group_idle_secs: u64,
+    /// Days after which log entries are removed even if not every member acknowledged them.
+    pub retention_days: u64,
+    /// Log format: `text` or `json`.
+    pub log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("atlas-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            server_name: "localhost".into(),
+            tls_cert: None,
+            tls_key: None,
+            workers: 0,
+            queue_capacity: 1024,
+            ping_interval_secs: 15,
+            idle_timeout_secs: 45,
+            group_idle_secs: 300,
+            retention_days: 30,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Command-line flags of `atlas node`; each can also come from its `ATLAS_*` variable.
+#[derive(Debug, Default, clap::Args)]
+pub struct NodeFlags {
+    /// TOML config file.
+    #[arg(long, env = "ATLAS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory [default: ./atlas-data].
+    #[arg(long, env = "ATLAS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// TLS WebSocket listen address [default: 127.0.0.1:8443].
+    #[arg(long, env = "ATLAS_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Metrics listen address [default: 127.0.0.1:9464].
+    #[arg(long, env = "ATLAS_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Server name clients connect to [default: localhost].
+    #[arg(long, env = "ATLAS_SERVER_NAME")]
+    pub server_name: Option<String>,
+    /// PEM certificate chain file (needs --tls-key).
+    #[arg(long, env = "ATLAS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key file.
+    #[arg(long, env = "ATLAS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// HTTP worker threads (0: one per CPU).
+    #[arg(long, env = "ATLAS_WORKERS")]
+    pub workers: Option<usize>,
+    /// Outbound queue capacity per connection, in frames.
+    #[arg(long, env = "ATLAS_QUEUE_CAPACITY")]
+    pub queue_capacity: Option<usize>,
+    /// Keepalive ping interval in seconds.
+    #[arg(long, env = "ATLAS_PING_INTERVAL_SECS")]
+    pub ping_interval_secs: Option<u64>,
+    /// Seconds of silence before a connection is closed.
+    #[arg(long, env = "ATLAS_IDLE_TIMEOUT_SECS")]
+    pub idle_timeout_secs: Option<u64>,
+    /// Log format.
+    #[arg(long, env = "ATLAS_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+impl NodeFlags {
+    /// Builds the effective config: defaults, then the file, then flags and environment.
+    pub fn resolve(&self) -> anyhow::Result<NodeConfig> {
+        let mut config = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    anyhow::anyhow!("cannot read config file {}: {e}", path.display())
+                })?;
+                toml::from_str(&text).map_err(|e| {
+                    anyhow::anyhow!("invalid config file {}: {e}", path.display())
+                })?
+            }
+            None => NodeConfig::default(),
+        };
+        macro_rules! take {
+            ($($field:ident),*) => {$(
+                if let Some(value) = &self.$field {
+                    config.$field = value.clone().into();
+                }
+            )*};
+        }
+        take!(data_dir, listen, metrics_listen, server_name, workers, queue_capacity);
+        take!(ping_interval_secs, idle_timeout_secs, log_format);
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            config.tls_cert = Some(cert.clone());
+            config.tls_key = Some(key.clone());
+        }
+        if config.queue_capacity == 0 {
+            anyhow::bail!("queue_capacity must be at least 1");
+        }
+        Ok(config)
+    }
+}
+
+impl NodeConfig {
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_secs(self.ping_interval_secs.max(1))
+    }
+}
