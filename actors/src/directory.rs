@@ -87,12 +87,15 @@ impl Directory {
         nonce: &[u8],
     ) -> Result<(DeviceRecord, bool), LoginError> {
         if !valid_account(account) {
-            return Err(LoginError::InvalidAccount(account.chars().take(80).collect()));
+            return Err(LoginError::InvalidAccount(
+                account.chars().take(80).collect(),
+            ));
         }
         let key_bytes: [u8; 32] = device_key.try_into().map_err(|_| LoginError::BadKey)?;
         let key = VerifyingKey::from_bytes(&key_bytes).map_err(|_| LoginError::BadKey)?;
         let device = DeviceId::for_key(device_key);
-        let signature = Signature::from_slice(signature).map_err(|_| LoginError::BadSignature(device))?;
+        let signature =
+            Signature::from_slice(signature).map_err(|_| LoginError::BadSignature(device))?;
         key.verify_strict(&login_transcript(server_name, nonce), &signature)
             .map_err(|_| LoginError::BadSignature(device))?;
         let record = DeviceRecord {
@@ -117,17 +120,29 @@ impl Directory {
     ) -> Result<(u32, u32), LoginError> {
         let now = now_ms() / 1000;
         let check = |bytes: &[u8]| {
-            validate_key_package(bytes, device.device, &device.public_key, &device.account, now)
+            validate_key_package(
+                bytes,
+                device.device,
+                &device.public_key,
+                &device.account,
+                now,
+            )
         };
-        let one_time: Vec<KeyPackageRecord> =
-            one_time.iter().map(|b| check(b)).collect::<Result<_, _>>()?;
+        let one_time: Vec<KeyPackageRecord> = one_time
+            .iter()
+            .map(|b| check(b))
+            .collect::<Result<_, _>>()?;
         let last_resort = last_resort.map(check).transpose()?.map(|mut r| {
             r.last_resort = true;
             r
         });
         let available =
-            self.store.put_key_packages(&device.device, &one_time, last_resort.as_ref())?;
-        Ok((one_time.len() as u32 + u32::from(last_resort.is_some()), available))
+            self.store
+                .put_key_packages(&device.device, &one_time, last_resort.as_ref())?;
+        Ok((
+            one_time.len() as u32 + u32::from(last_resort.is_some()),
+            available,
+        ))
     }
 
     /// Claims a KeyPackage of a device.
@@ -149,5 +164,7 @@ impl Directory {
 fn valid_account(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_ACCOUNT_LEN
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
 }

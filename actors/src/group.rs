@@ -9,8 +9,8 @@ use crate::metrics::ActorMetrics;
 use crate::mls::{MlsError, PublicState, check_welcome};
 use crate::{Deliver, GroupError};
 use atlas_protocol::{
-    Accepted, ClientMsgId, DeviceId, EntryKind, GroupId, LogEntry, PROTOCOL_VERSION, ServerBody,
-    ServerFrame, WelcomeEntry, encode_server,
+    Accepted, ClientMsgId, DeviceId, EntryKind, GroupId, LogEntry, MAX_FRAME_BYTES,
+    PROTOCOL_VERSION, ServerBody, ServerFrame, WelcomeEntry, encode_server,
 };
 use atlas_storage::{GroupMeta, Store};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -18,11 +18,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
+/// Bytes reserved in a sync response for everything but the entries.
+const SYNC_FRAME_OVERHEAD: usize = 1024;
+
+/// Upper bound of the encoded size of a log entry beyond its payload.
+const ENTRY_OVERHEAD: usize = 128;
+
 /// What a device submits to a group.
 #[derive(Debug)]
 pub enum Submission {
     /// A commit (PublicMessage) and, when it adds devices, their Welcome.
-    Commit { commit: Vec<u8>, welcome: Option<Vec<u8>> },
+    Commit {
+        commit: Vec<u8>,
+        welcome: Option<Vec<u8>>,
+    },
     /// An application message (PrivateMessage).
     Application { message: Vec<u8> },
 }
@@ -52,7 +61,11 @@ pub enum GroupMsg {
         reply: RpcReplyPort<Result<SyncPage, GroupError>>,
     },
     /// Store a member device's cursor.
-    Ack { device: DeviceId, seq: u64, reply: RpcReplyPort<Result<u64, GroupError>> },
+    Ack {
+        device: DeviceId,
+        seq: u64,
+        reply: RpcReplyPort<Result<u64, GroupError>>,
+    },
     /// Periodic housekeeping: retention and idle stop.
     Tick,
 }
@@ -124,7 +137,13 @@ impl Actor for GroupSession {
     ) -> Result<Self::State, ActorProcessingErr> {
         let mls = PublicState::from_bytes(args.group.as_bytes(), &args.public_state)?;
         let (tx, rx) = mpsc::channel(4096);
-        tokio::spawn(Committer { store: args.store.clone(), deliver: args.deliver }.run(rx));
+        tokio::spawn(
+            Committer {
+                store: args.store.clone(),
+                deliver: args.deliver,
+            }
+            .run(rx),
+        );
         myself.send_interval(args.settings.tick_interval, || GroupMsg::Tick);
         args.metrics.group_actors_alive.inc();
         tracing::debug!(group_id = %args.group, epoch = args.meta.epoch, "group actor started");
@@ -157,7 +176,12 @@ impl Actor for GroupSession {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            GroupMsg::Submit { sender, msg_id, submission, reply } => {
+            GroupMsg::Submit {
+                sender,
+                msg_id,
+                submission,
+                reply,
+            } => {
                 state.last_request = Instant::now();
                 match state.submit(sender, msg_id, submission) {
                     Ok(Outcome::Duplicate(accepted)) => {
@@ -184,7 +208,12 @@ impl Actor for GroupSession {
                     }
                 }
             }
-            GroupMsg::Sync { device, after, limit, reply } => {
+            GroupMsg::Sync {
+                device,
+                after,
+                limit,
+                reply,
+            } => {
                 state.last_request = Instant::now();
                 let _ = reply.send(state.sync(&device, after, limit));
             }
@@ -227,9 +256,12 @@ impl GroupState {
     ) -> Result<Outcome, GroupError> {
         // A retry of a stored message returns the original acknowledgement.
         if let Some(seq) = self.store.dedupe(&self.group, &sender, &msg_id)? {
-            let entry = self.store.entry(&self.group, seq)?.ok_or_else(|| GroupError::Internal(
-                format!("dedupe id points at missing entry {seq} of group {}", self.group),
-            ))?;
+            let entry = self.store.entry(&self.group, seq)?.ok_or_else(|| {
+                GroupError::Internal(format!(
+                    "dedupe id points at missing entry {seq} of group {}",
+                    self.group
+                ))
+            })?;
             return Ok(Outcome::Duplicate(Accepted {
                 group: self.group.clone(),
                 seq,
@@ -243,7 +275,10 @@ impl GroupState {
         let seq = self.meta.last_seq + 1;
         let (kind, sent_epoch, payload, state_bytes, welcomes) = match submission {
             Submission::Application { message } => {
-                let epoch = self.mls.check_application(&message, &sender).map_err(self.mls_error())?;
+                let epoch = self
+                    .mls
+                    .check_application(&message, &sender)
+                    .map_err(self.mls_error())?;
                 (EntryKind::Application, epoch, message, None, Vec::new())
             }
             Submission::Commit { commit, welcome } => {
@@ -254,12 +289,23 @@ impl GroupState {
                 // Validate on a copy so a rejected commit leaves the live state untouched.
                 let mut next = PublicState::from_bytes(self.group.as_bytes(), &self.mls.to_bytes())
                     .map_err(|e| GroupError::Internal(e.to_string()))?;
-                let outcome = next.apply_commit(&commit, &sender).map_err(self.mls_error())?;
+                let outcome = next
+                    .apply_commit(&commit, &sender)
+                    .map_err(self.mls_error())?;
                 let welcomes = match (&welcome, outcome.added.is_empty()) {
                     (Some(w), false) => outcome
                         .added
                         .iter()
-                        .map(|d| (*d, WelcomeEntry { group: self.group.clone(), seq, welcome: w.clone() }))
+                        .map(|d| {
+                            (
+                                *d,
+                                WelcomeEntry {
+                                    group: self.group.clone(),
+                                    seq,
+                                    welcome: w.clone(),
+                                },
+                            )
+                        })
                         .collect(),
                     (None, false) => {
                         return Err(GroupError::Mls(MlsError::Unexpected(
@@ -288,14 +334,34 @@ impl GroupState {
             accepted_at_ms: now_ms,
             payload,
         };
-        let meta = GroupMeta { epoch: self.mls.epoch(), last_seq: seq, ..self.meta };
-        self.store.append(&self.group, &entry, &meta, state_bytes.as_deref(), &welcomes)?;
+        let meta = GroupMeta {
+            epoch: self.mls.epoch(),
+            last_seq: seq,
+            ..self.meta
+        };
+        self.store.append(
+            &self.group,
+            &entry,
+            &meta,
+            state_bytes.as_deref(),
+            &welcomes,
+        )?;
         self.meta = meta;
-        self.metrics.messages_accepted.with_label_values(&[kind_label(kind)]).inc();
+        self.metrics
+            .messages_accepted
+            .with_label_values(&[kind_label(kind)])
+            .inc();
 
-        let recipients: Vec<DeviceId> =
-            self.mls.member_devices().filter(|d| **d != sender).copied().collect();
-        let push = encode_push(ServerBody::Push { group: self.group.clone(), entry });
+        let recipients: Vec<DeviceId> = self
+            .mls
+            .member_devices()
+            .filter(|d| **d != sender)
+            .copied()
+            .collect();
+        let push = encode_push(ServerBody::Push {
+            group: self.group.clone(),
+            entry,
+        });
         let welcomes = welcomes
             .into_iter()
             .map(|(device, w)| (device, encode_push(ServerBody::WelcomePush(w))))
@@ -325,8 +391,25 @@ impl GroupState {
         if !self.mls.is_member(device) {
             return Err(GroupError::NotMember(*device));
         }
-        let entries = self.store.read_log(&self.group, after, limit)?;
-        Ok(SyncPage { entries, head: self.meta.last_seq, first_available: self.meta.first_seq })
+        let mut entries = self.store.read_log(&self.group, after, limit)?;
+        // Keep the response frame under the frame limit; one entry always fits, because MLS
+        // messages are capped well below it.
+        let mut budget = MAX_FRAME_BYTES - SYNC_FRAME_OVERHEAD;
+        let fits = entries
+            .iter()
+            .position(|e| {
+                let size = e.payload.len() + ENTRY_OVERHEAD;
+                let over = size > budget;
+                budget = budget.saturating_sub(size);
+                over
+            })
+            .unwrap_or(entries.len());
+        entries.truncate(fits.max(1));
+        Ok(SyncPage {
+            entries,
+            head: self.meta.last_seq,
+            first_available: self.meta.first_seq,
+        })
     }
 
     fn ack(&self, device: &DeviceId, seq: u64) -> Result<u64, GroupError> {
@@ -346,14 +429,24 @@ impl GroupState {
             through = through.min(self.store.cursor(device, &self.group)?);
         }
         let ttl_ms = self.settings.retention_ttl.as_millis() as u64;
-        if let Some(old) = self.store.last_seq_before(&self.group, now_ms().saturating_sub(ttl_ms))? {
-            through = if through == u64::MAX { old } else { through.max(old) };
+        if let Some(old) = self
+            .store
+            .last_seq_before(&self.group, now_ms().saturating_sub(ttl_ms))?
+        {
+            through = if through == u64::MAX {
+                old
+            } else {
+                through.max(old)
+            };
         }
         let through = through.min(self.meta.last_seq);
         if through < self.meta.first_seq || through == u64::MAX {
             return Ok(());
         }
-        let meta = GroupMeta { first_seq: through + 1, ..self.meta };
+        let meta = GroupMeta {
+            first_seq: through + 1,
+            ..self.meta
+        };
         let removed = self.store.prune(&self.group, through, &meta)?;
         self.meta = meta;
         tracing::debug!(group_id = %self.group, removed, first_seq = meta.first_seq, "retention removed entries");
@@ -369,11 +462,18 @@ fn kind_label(kind: EntryKind) -> &'static str {
 }
 
 fn encode_push(body: ServerBody) -> bytes::Bytes {
-    bytes::Bytes::from(encode_server(&ServerFrame { v: PROTOCOL_VERSION, id: 0, body }))
+    bytes::Bytes::from(encode_server(&ServerFrame {
+        v: PROTOCOL_VERSION,
+        id: 0,
+        body,
+    }))
 }
 
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Sends acknowledgements and pushes once entries are durable. One per group actor, fed in

@@ -23,7 +23,10 @@ impl ActorMetrics {
         Self {
             // The names and labels below are constants, so construction cannot fail.
             messages_accepted: IntCounterVec::new(
-                Opts::new("atlas_messages_accepted_total", "Entries accepted into group logs"),
+                Opts::new(
+                    "atlas_messages_accepted_total",
+                    "Entries accepted into group logs",
+                ),
                 &["kind"],
             )
             .expect("valid metric"),

@@ -84,7 +84,9 @@ pub fn validate_key_package(
     }
     let leaf = key_package.leaf_node();
     if leaf.signature_key().as_slice() != device_key {
-        return Err(MlsError::KeyPackage("leaf signature key is not the device key".into()));
+        return Err(MlsError::KeyPackage(
+            "leaf signature key is not the device key".into(),
+        ));
     }
     let identity = credential_account(leaf.credential())?;
     if identity != account {
@@ -152,7 +154,9 @@ impl PublicState {
         let tree = group_info
             .extensions()
             .ratchet_tree()
-            .ok_or_else(|| MlsError::Unexpected("GroupInfo lacks the ratchet tree extension".into()))?
+            .ok_or_else(|| {
+                MlsError::Unexpected("GroupInfo lacks the ratchet tree extension".into())
+            })?
             .ratchet_tree()
             .clone();
         let (group, _) =
@@ -179,7 +183,12 @@ impl PublicState {
     }
 
     fn with_group(group: PublicGroup, storage: MemoryStorage, crypto: RustCrypto) -> Self {
-        let mut state = Self { group, storage, crypto, members: HashMap::new() };
+        let mut state = Self {
+            group,
+            storage,
+            crypto,
+            members: HashMap::new(),
+        };
         state.refresh_members();
         state
     }
@@ -194,7 +203,11 @@ impl PublicState {
 
     /// Serializes the openmls storage entries of this group.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let values = self.storage.values.read().unwrap_or_else(|p| p.into_inner());
+        let values = self
+            .storage
+            .values
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         let sorted: BTreeMap<&Vec<u8>, &Vec<u8>> = values.iter().collect();
         // A map of byte strings always encodes.
         rmp_serde::to_vec(&sorted).expect("public state encodes")
@@ -225,7 +238,9 @@ impl PublicState {
     pub fn check_application(&self, bytes: &[u8], sender: &DeviceId) -> Result<u64, MlsError> {
         let message = self.parse_protocol(bytes)?;
         if message.wire_format() != WireFormat::PrivateMessage {
-            return Err(MlsError::Unexpected("application messages must be PrivateMessage".into()));
+            return Err(MlsError::Unexpected(
+                "application messages must be PrivateMessage".into(),
+            ));
         }
         if message.content_type() != ContentType::Application {
             return Err(MlsError::Unexpected(
@@ -240,10 +255,16 @@ impl PublicState {
     }
 
     /// Validates a commit (PublicMessage) sent by `sender` and, if valid, applies it.
-    pub fn apply_commit(&mut self, bytes: &[u8], sender: &DeviceId) -> Result<CommitOutcome, MlsError> {
+    pub fn apply_commit(
+        &mut self,
+        bytes: &[u8],
+        sender: &DeviceId,
+    ) -> Result<CommitOutcome, MlsError> {
         let message = self.parse_protocol(bytes)?;
         if message.wire_format() != WireFormat::PublicMessage {
-            return Err(MlsError::Unexpected("commits must be sent as PublicMessage".into()));
+            return Err(MlsError::Unexpected(
+                "commits must be sent as PublicMessage".into(),
+            ));
         }
         if message.content_type() != ContentType::Commit {
             return Err(MlsError::Unexpected(
@@ -271,9 +292,21 @@ impl PublicState {
             .merge_commit(&self.storage, *staged)
             .map_err(|e| MlsError::Rejected(e.to_string()))?;
         self.refresh_members();
-        let added = self.members.keys().filter(|d| !before.contains(d)).copied().collect();
-        let removed = before.into_iter().filter(|d| !self.members.contains_key(d)).collect();
-        Ok(CommitOutcome { epoch: self.epoch(), added, removed })
+        let added = self
+            .members
+            .keys()
+            .filter(|d| !before.contains(d))
+            .copied()
+            .collect();
+        let removed = before
+            .into_iter()
+            .filter(|d| !self.members.contains_key(d))
+            .collect();
+        Ok(CommitOutcome {
+            epoch: self.epoch(),
+            added,
+            removed,
+        })
     }
 
     fn parse_protocol(&self, bytes: &[u8]) -> Result<ProtocolMessage, MlsError> {
@@ -283,7 +316,9 @@ impl PublicState {
             .try_into_protocol_message()
             .map_err(|e| MlsError::Unexpected(e.to_string()))?;
         if message.group_id().as_slice() != self.group_id() {
-            return Err(MlsError::Unexpected("message belongs to another group".into()));
+            return Err(MlsError::Unexpected(
+                "message belongs to another group".into(),
+            ));
         }
         Ok(message)
     }
@@ -291,7 +326,10 @@ impl PublicState {
     fn check_epoch(&self, message: &ProtocolMessage) -> Result<(), MlsError> {
         let sent = message.epoch().as_u64();
         if sent != self.epoch() {
-            return Err(MlsError::WrongEpoch { sent, current: self.epoch() });
+            return Err(MlsError::WrongEpoch {
+                sent,
+                current: self.epoch(),
+            });
         }
         Ok(())
     }

@@ -13,7 +13,10 @@ use std::sync::Arc;
 /// Messages of the supervisor.
 pub enum SupervisorMsg {
     /// Returns the running actor of a group, starting it if needed.
-    Lookup { group: GroupId, reply: RpcReplyPort<Result<ActorRef<GroupMsg>, GroupError>> },
+    Lookup {
+        group: GroupId,
+        reply: RpcReplyPort<Result<ActorRef<GroupMsg>, GroupError>>,
+    },
     /// Returns the number of running group actors.
     Count(RpcReplyPort<usize>),
 }
@@ -46,7 +49,11 @@ impl Actor for GroupSupervisor {
         _myself: ActorRef<Self::Msg>,
         args: SupervisorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(SupervisorState { args, by_group: HashMap::new(), by_actor: HashMap::new() })
+        Ok(SupervisorState {
+            args,
+            by_group: HashMap::new(),
+            by_actor: HashMap::new(),
+        })
     }
 
     async fn handle(
@@ -115,7 +122,9 @@ impl SupervisorState {
         };
         let (actor, _) = Actor::spawn_linked(None, GroupSession, args, myself.get_cell())
             .await
-            .map_err(|e| GroupError::Internal(format!("cannot start actor of group {group}: {e}")))?;
+            .map_err(|e| {
+                GroupError::Internal(format!("cannot start actor of group {group}: {e}"))
+            })?;
         self.by_actor.insert(actor.get_id(), group.clone());
         self.by_group.insert(group, actor.clone());
         Ok(actor)

@@ -1,1 +1,170 @@
-//! placeholder
+//! Process launcher for tests and fault scenarios: starts real `atlas node` processes on
+//! 127.0.0.1, reads the address and certificate fingerprint they print, and stops them
+//! gracefully or with SIGKILL.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running node process.
+pub struct NodeProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub fingerprint: String,
+    pub data_dir: PathBuf,
+}
+
+impl NodeProcess {
+    /// Starts `binary node` with its data in `data_dir`, listeners on free ports and the given
+    /// extra flags; waits until it prints its address (up to 60 s).
+    pub fn start(binary: &Path, data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let mut child = Command::new(binary)
+            .arg("node")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(extra)
+            .env(
+                "ATLAS_LOG",
+                std::env::var("ATLAS_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout pipe"))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut addr, mut metrics, mut fingerprint) = (None, None, None);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while addr.is_none() || metrics.is_none() || fingerprint.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(line) => line,
+                Err(_) => {
+                    let _ = child.kill();
+                    anyhow::bail!(
+                        "node in {} did not report its address within 60 s",
+                        data_dir.display()
+                    );
+                }
+            };
+            if let Some(rest) = line.strip_prefix("atlas node listening on wss://") {
+                addr = rest.trim_end_matches("/v1/ws").parse().ok();
+            } else if let Some(rest) = line.strip_prefix("metrics on http://") {
+                metrics = rest.trim_end_matches("/metrics").parse().ok();
+            } else if let Some(rest) = line.strip_prefix("certificate sha256 fingerprint: ") {
+                fingerprint = rest.split_whitespace().next().map(str::to_owned);
+            }
+        }
+        Ok(Self {
+            child,
+            addr: addr.unwrap_or_else(|| unreachable!("loop ends only once addr is set")),
+            metrics_addr: metrics.unwrap_or_else(|| unreachable!("loop ends only once set")),
+            fingerprint: fingerprint.unwrap_or_else(|| unreachable!("loop ends only once set")),
+            data_dir: data_dir.to_owned(),
+        })
+    }
+
+    /// The WebSocket URL of the node, with `localhost` as the server name.
+    pub fn url(&self) -> String {
+        format!("wss://localhost:{}/v1/ws", self.addr.port())
+    }
+
+    /// The operating-system process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGKILL and waits for the process to end.
+    pub fn kill9(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Sends SIGTERM and waits up to `wait` for the exit status.
+    pub fn terminate(mut self, wait: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM {} failed", self.child.id());
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                self.child.kill()?;
+                anyhow::bail!("node did not exit within {wait:?} after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Resident memory of the process in KiB, from /proc.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no VmRSS line for process {}", self.child.id()))
+    }
+
+    /// Fetches the node's Prometheus metrics text over plain HTTP.
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(self.metrics_addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    }
+
+    /// The value of a metric sample line starting with `name_and_labels`, or 0 if absent.
+    pub fn metric(&self, name_and_labels: &str) -> anyhow::Result<f64> {
+        let text = self.metrics()?;
+        Ok(text
+            .lines()
+            .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0))
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `condition` every 50 ms until it holds or `timeout` passes; returns whether it held.
+pub async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

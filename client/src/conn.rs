@@ -26,6 +26,8 @@ pub(crate) struct Connection {
     next_id: AtomicU64,
     pub(crate) pushes: mpsc::UnboundedReceiver<ServerBody>,
     pub(crate) closed: watch::Receiver<Option<CloseInfo>>,
+    /// While true the reader task stops reading the socket (flow-control tests).
+    pub(crate) paused: watch::Sender<bool>,
     request_timeout: Duration,
 }
 
@@ -42,7 +44,12 @@ impl Connection {
         let connector = tokio_tungstenite::Connector::Rustls(Arc::new(tls));
         let (ws, _) = tokio::time::timeout(
             request_timeout,
-            tokio_tungstenite::connect_async_tls_with_config(url, Some(config), true, Some(connector)),
+            tokio_tungstenite::connect_async_tls_with_config(
+                url,
+                Some(config),
+                true,
+                Some(connector),
+            ),
         )
         .await
         .map_err(|_| ClientError::Connect(format!("connecting to {url} timed out")))?
@@ -64,10 +71,17 @@ impl Connection {
         let (closed_tx, closed) = watch::channel(None);
         let (challenge_tx, challenge_rx) = oneshot::channel();
         let reader_waiters = Arc::clone(&waiters);
+        let (paused, mut paused_rx) = watch::channel(false);
         tokio::spawn(async move {
             let mut challenge_tx = Some(challenge_tx);
             let mut close = None;
-            while let Some(message) = stream.next().await {
+            loop {
+                if paused_rx.wait_for(|p| !*p).await.is_err() {
+                    break;
+                }
+                let Some(message) = stream.next().await else {
+                    break;
+                };
                 let bytes = match message {
                     Ok(Message::Binary(bytes)) => bytes,
                     Ok(Message::Close(frame)) => {
@@ -97,7 +111,10 @@ impl Connection {
                     let _ = push_tx.send(frame.body);
                     continue;
                 }
-                let waiter = reader_waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&frame.id);
+                let waiter = reader_waiters
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&frame.id);
                 match waiter {
                     Some(tx) => {
                         let _ = tx.send(frame.body);
@@ -105,20 +122,26 @@ impl Connection {
                     None => tracing::debug!(id = frame.id, "response to an unknown request id"),
                 }
             }
-            reader_waiters.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            reader_waiters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
             let _ = closed_tx.send(Some(close));
         });
 
         let challenge = tokio::time::timeout(request_timeout, challenge_rx)
             .await
             .map_err(|_| ClientError::Connect("server sent no login challenge".into()))?
-            .map_err(|_| ClientError::Connect("connection closed before the login challenge".into()))?;
+            .map_err(|_| {
+                ClientError::Connect("connection closed before the login challenge".into())
+            })?;
         let conn = Self {
             outgoing,
             waiters,
             next_id: AtomicU64::new(1),
             pushes,
             closed,
+            paused,
             request_timeout,
         };
         Ok((conn, challenge))
@@ -127,14 +150,25 @@ impl Connection {
     /// Sends a request and waits for its response. Error frames become [`ClientError::Server`].
     pub(crate) async fn request(&self, body: ClientBody) -> Result<ServerBody, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let bytes = encode_client(&ClientFrame { v: PROTOCOL_VERSION, id, body });
+        let bytes = encode_client(&ClientFrame {
+            v: PROTOCOL_VERSION,
+            id,
+            body,
+        });
         self.request_raw(id, bytes).await
     }
 
     /// Sends pre-encoded frame bytes registered under request `id`.
-    pub(crate) async fn request_raw(&self, id: u64, bytes: Vec<u8>) -> Result<ServerBody, ClientError> {
+    pub(crate) async fn request_raw(
+        &self,
+        id: u64,
+        bytes: Vec<u8>,
+    ) -> Result<ServerBody, ClientError> {
         let (tx, rx) = oneshot::channel();
-        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
+        self.waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
         self.outgoing
             .send(Message::Binary(bytes.into()))
             .await
@@ -142,12 +176,23 @@ impl Connection {
         let body = tokio::time::timeout(self.request_timeout, rx)
             .await
             .map_err(|_| {
-                self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                self.waiters
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
                 ClientError::Timeout(id)
             })?
             .map_err(|_| ClientError::Disconnected(self.close_info()))?;
         match body {
-            ServerBody::Error { code, message, epoch } => Err(ClientError::Server { code, message, epoch }),
+            ServerBody::Error {
+                code,
+                message,
+                epoch,
+            } => Err(ClientError::Server {
+                code,
+                message,
+                epoch,
+            }),
             other => Ok(other),
         }
     }

@@ -13,8 +13,8 @@ pub use conn::CloseInfo;
 pub use tls::{ServerTrust, fingerprint_hex};
 
 use atlas_protocol::{
-    ClientBody, ClientMsgId, DeviceId, ErrorCode, GroupId, LogEntry, ServerBody,
-    WelcomeEntry, login_transcript,
+    ClientBody, ClientMsgId, DeviceId, ErrorCode, GroupId, LogEntry, ServerBody, WelcomeEntry,
+    login_transcript,
 };
 use conn::Connection;
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
@@ -49,10 +49,17 @@ pub enum ClientError {
     Connect(String),
     /// The server answered with an error frame.
     #[error("server error {code:?}: {message}")]
-    Server { code: ErrorCode, message: String, epoch: Option<u64> },
+    Server {
+        code: ErrorCode,
+        message: String,
+        epoch: Option<u64>,
+    },
     /// The server sent an unexpected response.
     #[error("unexpected response to {request}: {response}")]
-    Unexpected { request: &'static str, response: String },
+    Unexpected {
+        request: &'static str,
+        response: String,
+    },
     /// No response within the request timeout.
     #[error("request {0} timed out")]
     Timeout(u64),
@@ -106,7 +113,10 @@ pub enum Event {
     /// An application message and its plaintext.
     Message(String),
     /// A commit that changed the membership; lists accounts added and removed.
-    Membership { added: Vec<String>, removed: Vec<String> },
+    Membership {
+        added: Vec<String>,
+        removed: Vec<String>,
+    },
     /// This device joined the group through a Welcome.
     Joined,
     /// This device was removed from the group.
@@ -145,7 +155,8 @@ impl Client {
                 (saved.signer()?, saved.groups, saved.account)
             }
             None => {
-                let signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).map_err(mls)?;
+                let signer =
+                    SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).map_err(mls)?;
                 (signer, BTreeMap::new(), account.to_owned())
             }
         };
@@ -192,8 +203,13 @@ impl Client {
         self.conn = None;
         let tls = tls::client_config(trust)?;
         let (conn, challenge) = Connection::open(url, tls, self.request_timeout).await?;
-        let ServerBody::Challenge { nonce, server_name, .. } = challenge else {
-            return Err(ClientError::Connect("first frame was not a challenge".into()));
+        let ServerBody::Challenge {
+            nonce, server_name, ..
+        } = challenge
+        else {
+            return Err(ClientError::Connect(
+                "first frame was not a challenge".into(),
+            ));
         };
         let signature = self
             .signer
@@ -210,6 +226,14 @@ impl Client {
         };
         self.conn = Some(conn);
         Ok(registered)
+    }
+
+    /// Stops or resumes reading from the socket. While paused the server's pushes back up in
+    /// its queue, as with a client that reads too slowly.
+    pub fn set_reading_paused(&self, paused: bool) {
+        if let Some(conn) = &self.conn {
+            conn.paused.send_replace(paused);
+        }
     }
 
     /// Drops the connection.
@@ -233,7 +257,10 @@ impl Client {
 
     /// Sends arbitrary bytes as one WebSocket binary message registered under a fresh request
     /// id, and waits for the response with that id. For tests of malformed input.
-    pub async fn request_raw(&self, build: impl FnOnce(u64) -> Vec<u8>) -> Result<ServerBody, ClientError> {
+    pub async fn request_raw(
+        &self,
+        build: impl FnOnce(u64) -> Vec<u8>,
+    ) -> Result<ServerBody, ClientError> {
         let conn = self.conn()?;
         let id = conn.next_request_id();
         conn.request_raw(id, build(id)).await
@@ -248,7 +275,11 @@ impl Client {
     pub async fn wait_closed(&mut self, wait: Duration) -> Option<CloseInfo> {
         let conn = self.conn.as_mut()?;
         let mut closed = conn.closed.clone();
-        tokio::time::timeout(wait, closed.wait_for(|c| c.is_some())).await.ok()?.ok()?.clone()
+        tokio::time::timeout(wait, closed.wait_for(|c| c.is_some()))
+            .await
+            .ok()?
+            .ok()?
+            .clone()
     }
 
     fn credential(&self) -> CredentialWithKey {
@@ -268,9 +299,13 @@ impl Client {
                 .build(CIPHERSUITE, &self.provider, &self.signer, self.credential())
                 .map_err(mls)?;
             let message = MlsMessageOut::from(bundle.key_package().clone());
-            one_time.push(serde_bytes::ByteBuf::from(message.tls_serialize_detached().map_err(mls)?));
+            one_time.push(serde_bytes::ByteBuf::from(
+                message.tls_serialize_detached().map_err(mls)?,
+            ));
         }
-        let capabilities = Capabilities::builder().extensions(vec![ExtensionType::LastResort]).build();
+        let capabilities = Capabilities::builder()
+            .extensions(vec![ExtensionType::LastResort])
+            .build();
         let last_resort = KeyPackage::builder()
             .key_package_lifetime(lifetime)
             .leaf_node_capabilities(capabilities)
@@ -314,36 +349,64 @@ impl Client {
             self.credential(),
         )
         .map_err(mls)?;
-        let info = group.export_group_info(self.provider.crypto(), &self.signer, true).map_err(mls)?;
+        let info = group
+            .export_group_info(self.provider.crypto(), &self.signer, true)
+            .map_err(mls)?;
         let info = info.tls_serialize_detached().map_err(mls)?;
-        self.groups.insert(group_id.as_bytes().to_vec(), GroupLocal::default());
+        self.groups
+            .insert(group_id.as_bytes().to_vec(), GroupLocal::default());
         self.save()?;
-        match self.request(ClientBody::CreateGroup { group: group_id.clone(), group_info: info }).await? {
+        match self
+            .request(ClientBody::CreateGroup {
+                group: group_id.clone(),
+                group_info: info,
+            })
+            .await?
+        {
             ServerBody::GroupCreated { .. } => Ok(group_id),
             other => Err(unexpected("create_group", other)),
         }
     }
 
     fn load_group(&self, group: &GroupId) -> Result<MlsGroup, ClientError> {
-        MlsGroup::load(self.provider.storage(), &openmls::group::GroupId::from_slice(group.as_bytes()))
-            .map_err(mls)?
-            .ok_or_else(|| ClientError::UnknownGroup(group.to_string()))
+        MlsGroup::load(
+            self.provider.storage(),
+            &openmls::group::GroupId::from_slice(group.as_bytes()),
+        )
+        .map_err(mls)?
+        .ok_or_else(|| ClientError::UnknownGroup(group.to_string()))
     }
 
     /// Adds every device of each account to the group, retrying after catching up when another
     /// commit wins the epoch. Returns the commit's sequence number.
-    pub async fn add_members(&mut self, group: &GroupId, accounts: &[&str]) -> Result<u64, ClientError> {
+    pub async fn add_members(
+        &mut self,
+        group: &GroupId,
+        accounts: &[&str],
+    ) -> Result<u64, ClientError> {
         let mut key_packages = Vec::new();
         for account in accounts {
-            let devices = match self.request(ClientBody::ListDevices { account: (*account).to_owned() }).await? {
+            let devices = match self
+                .request(ClientBody::ListDevices {
+                    account: (*account).to_owned(),
+                })
+                .await?
+            {
                 ServerBody::Devices { devices, .. } => devices,
                 other => return Err(unexpected("list_devices", other)),
             };
             if devices.is_empty() {
-                return Err(ClientError::NotFound(format!("account {account:?} has no devices")));
+                return Err(ClientError::NotFound(format!(
+                    "account {account:?} has no devices"
+                )));
             }
             for device in devices {
-                let bytes = match self.request(ClientBody::ClaimKeyPackage { device: device.device }).await? {
+                let bytes = match self
+                    .request(ClientBody::ClaimKeyPackage {
+                        device: device.device,
+                    })
+                    .await?
+                {
                     ServerBody::KeyPackage { key_package, .. } => key_package,
                     other => return Err(unexpected("claim_key_package", other)),
                 };
@@ -359,33 +422,57 @@ impl Client {
         .await
     }
 
-    fn verify_key_package(&self, bytes: &[u8], device_key: &[u8], account: &str) -> Result<KeyPackage, ClientError> {
+    fn verify_key_package(
+        &self,
+        bytes: &[u8],
+        device_key: &[u8],
+        account: &str,
+    ) -> Result<KeyPackage, ClientError> {
         let message = MlsMessageIn::tls_deserialize_exact(bytes).map_err(mls)?;
         let MlsMessageBodyIn::KeyPackage(kp) = message.extract() else {
-            return Err(ClientError::Mls("server returned something other than a KeyPackage".into()));
+            return Err(ClientError::Mls(
+                "server returned something other than a KeyPackage".into(),
+            ));
         };
-        let kp = kp.validate(self.provider.crypto(), ProtocolVersion::Mls10).map_err(mls)?;
+        let kp = kp
+            .validate(self.provider.crypto(), ProtocolVersion::Mls10)
+            .map_err(mls)?;
         if kp.leaf_node().signature_key().as_slice() != device_key {
-            return Err(ClientError::Mls("KeyPackage key does not match the listed device key".into()));
+            return Err(ClientError::Mls(
+                "KeyPackage key does not match the listed device key".into(),
+            ));
         }
-        let identity = BasicCredential::try_from(kp.leaf_node().credential().clone()).map_err(mls)?;
+        let identity =
+            BasicCredential::try_from(kp.leaf_node().credential().clone()).map_err(mls)?;
         if identity.identity() != account.as_bytes() {
-            return Err(ClientError::Mls(format!("KeyPackage credential is not for account {account:?}")));
+            return Err(ClientError::Mls(format!(
+                "KeyPackage credential is not for account {account:?}"
+            )));
         }
         Ok(kp)
     }
 
     /// Removes every device of each account from the group. Returns the commit's sequence number.
-    pub async fn remove_members(&mut self, group: &GroupId, accounts: &[&str]) -> Result<u64, ClientError> {
+    pub async fn remove_members(
+        &mut self,
+        group: &GroupId,
+        accounts: &[&str],
+    ) -> Result<u64, ClientError> {
         let accounts: Vec<Vec<u8>> = accounts.iter().map(|a| a.as_bytes().to_vec()).collect();
         self.commit_with_retry(group, |_client, mls_group| {
             let leaves: Vec<LeafNodeIndex> = mls_group
                 .members()
-                .filter(|m| accounts.iter().any(|a| a.as_slice() == m.credential.serialized_content()))
+                .filter(|m| {
+                    accounts
+                        .iter()
+                        .any(|a| a.as_slice() == m.credential.serialized_content())
+                })
                 .map(|m| m.index)
                 .collect();
             if leaves.is_empty() {
-                return Err(ClientError::NotFound("no member devices of those accounts".into()));
+                return Err(ClientError::NotFound(
+                    "no member devices of those accounts".into(),
+                ));
             }
             let (commit, _, _) = mls_group
                 .remove_members(&_client.provider, &_client.signer, &leaves)
@@ -398,7 +485,10 @@ impl Client {
     async fn commit_with_retry(
         &mut self,
         group: &GroupId,
-        mut build: impl FnMut(&Self, &mut MlsGroup) -> Result<(MlsMessageOut, Option<MlsMessageOut>), ClientError>,
+        mut build: impl FnMut(
+            &Self,
+            &mut MlsGroup,
+        ) -> Result<(MlsMessageOut, Option<MlsMessageOut>), ClientError>,
     ) -> Result<u64, ClientError> {
         for _ in 0..MAX_EPOCH_RETRIES {
             self.sync_group(group).await?;
@@ -411,10 +501,17 @@ impl Client {
                 .map_err(mls)?;
             let msg_id = new_msg_id();
             self.save()?;
-            let body = ClientBody::Commit { group: group.clone(), msg_id, commit, welcome };
+            let body = ClientBody::Commit {
+                group: group.clone(),
+                msg_id,
+                commit,
+                welcome,
+            };
             match self.request(body).await {
                 Ok(ServerBody::Accepted(accepted)) => {
-                    mls_group.merge_pending_commit(&self.provider).map_err(mls)?;
+                    mls_group
+                        .merge_pending_commit(&self.provider)
+                        .map_err(mls)?;
                     self.record_own(group, accepted.seq, None);
                     self.save()?;
                     return Ok(accepted.seq);
@@ -422,17 +519,23 @@ impl Client {
                 Ok(other) => return Err(unexpected("commit", other)),
                 Err(e) if e.code() == Some(ErrorCode::StaleEpoch) => {
                     // Another commit won this epoch: drop ours, catch up, build again.
-                    mls_group.clear_pending_commit(self.provider.storage()).map_err(mls)?;
+                    mls_group
+                        .clear_pending_commit(self.provider.storage())
+                        .map_err(mls)?;
                     self.save()?;
                 }
                 Err(e) => {
-                    mls_group.clear_pending_commit(self.provider.storage()).map_err(mls)?;
+                    mls_group
+                        .clear_pending_commit(self.provider.storage())
+                        .map_err(mls)?;
                     self.save()?;
                     return Err(e);
                 }
             }
         }
-        Err(ClientError::Mls(format!("commit to group {group} lost the epoch race {MAX_EPOCH_RETRIES} times")))
+        Err(ClientError::Mls(format!(
+            "commit to group {group} lost the epoch race {MAX_EPOCH_RETRIES} times"
+        )))
     }
 
     /// Encrypts and sends a text message. Returns its sequence number.
@@ -442,7 +545,12 @@ impl Client {
 
     /// Like [`Client::send`] with a caller-chosen message id, so a retry after a lost
     /// acknowledgement is recognised by the server.
-    pub async fn send_with_id(&mut self, group: &GroupId, text: &str, msg_id: ClientMsgId) -> Result<u64, ClientError> {
+    pub async fn send_with_id(
+        &mut self,
+        group: &GroupId,
+        text: &str,
+        msg_id: ClientMsgId,
+    ) -> Result<u64, ClientError> {
         for _ in 0..MAX_EPOCH_RETRIES {
             let mut mls_group = self.load_group(group)?;
             let message = mls_group
@@ -451,7 +559,11 @@ impl Client {
                 .tls_serialize_detached()
                 .map_err(mls)?;
             self.save()?;
-            let body = ClientBody::Send { group: group.clone(), msg_id, message };
+            let body = ClientBody::Send {
+                group: group.clone(),
+                msg_id,
+                message,
+            };
             match self.request(body).await {
                 Ok(ServerBody::Accepted(accepted)) => {
                     self.record_own(group, accepted.seq, Some(text.to_owned()));
@@ -465,7 +577,9 @@ impl Client {
                 Err(e) => return Err(e),
             }
         }
-        Err(ClientError::Mls(format!("message to group {group} lost the epoch race {MAX_EPOCH_RETRIES} times")))
+        Err(ClientError::Mls(format!(
+            "message to group {group} lost the epoch race {MAX_EPOCH_RETRIES} times"
+        )))
     }
 
     fn record_own(&mut self, group: &GroupId, seq: u64, text: Option<String>) {
@@ -496,24 +610,36 @@ impl Client {
     }
 
     fn join(&mut self, welcome: WelcomeEntry) -> Result<Option<Received>, ClientError> {
-        if self.groups.get(welcome.group.as_bytes()).is_some_and(|g| !g.removed) {
+        if self
+            .groups
+            .get(welcome.group.as_bytes())
+            .is_some_and(|g| !g.removed)
+        {
             return Ok(None);
         }
         let message = MlsMessageIn::tls_deserialize_exact(&welcome.welcome).map_err(mls)?;
         let MlsMessageBodyIn::Welcome(w) = message.extract() else {
-            return Err(ClientError::Mls("Welcome entry does not hold a Welcome".into()));
+            return Err(ClientError::Mls(
+                "Welcome entry does not hold a Welcome".into(),
+            ));
         };
         let config = MlsGroupJoinConfig::builder()
             .use_ratchet_tree_extension(true)
             .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
             .max_past_epochs(MAX_PAST_EPOCHS)
             .build();
-        let staged = StagedWelcome::new_from_welcome(&self.provider, &config, w, None).map_err(mls)?;
+        let staged =
+            StagedWelcome::new_from_welcome(&self.provider, &config, w, None).map_err(mls)?;
         let group = staged.into_group(&self.provider).map_err(mls)?;
         if group.group_id().as_slice() != welcome.group.as_bytes() {
-            return Err(ClientError::Mls("Welcome is for another group than announced".into()));
+            return Err(ClientError::Mls(
+                "Welcome is for another group than announced".into(),
+            ));
         }
-        let local = GroupLocal { cursor: welcome.seq, ..GroupLocal::default() };
+        let local = GroupLocal {
+            cursor: welcome.seq,
+            ..GroupLocal::default()
+        };
         self.groups.insert(welcome.group.as_bytes().to_vec(), local);
         self.save()?;
         Ok(Some(Received {
@@ -536,7 +662,11 @@ impl Client {
                 return Ok(out);
             }
             let after = local.cursor;
-            let body = ClientBody::Sync { group: group.clone(), after, limit: 200 };
+            let body = ClientBody::Sync {
+                group: group.clone(),
+                after,
+                limit: 200,
+            };
             let (entries, head) = match self.request(body).await {
                 Ok(ServerBody::Entries { entries, head, .. }) => (entries, head),
                 Ok(other) => return Err(unexpected("sync", other)),
@@ -552,7 +682,11 @@ impl Client {
             }
             let cursor = self.cursor(group).unwrap_or(0);
             if cursor > after && !self.groups.get(group.as_bytes()).is_some_and(|g| g.removed) {
-                self.request(ClientBody::Ack { group: group.clone(), seq: cursor }).await?;
+                self.request(ClientBody::Ack {
+                    group: group.clone(),
+                    seq: cursor,
+                })
+                .await?;
             }
             if count == 0 || cursor >= head {
                 return Ok(out);
@@ -568,9 +702,16 @@ impl Client {
     }
 
     /// Applies one log entry in order; entries at or below the cursor are skipped.
-    fn process_entry(&mut self, group: &GroupId, entry: LogEntry) -> Result<Option<Received>, ClientError> {
+    fn process_entry(
+        &mut self,
+        group: &GroupId,
+        entry: LogEntry,
+    ) -> Result<Option<Received>, ClientError> {
         let me = self.device_id();
-        let local = self.groups.get_mut(group.as_bytes()).ok_or_else(|| ClientError::UnknownGroup(group.to_string()))?;
+        let local = self
+            .groups
+            .get_mut(group.as_bytes())
+            .ok_or_else(|| ClientError::UnknownGroup(group.to_string()))?;
         if entry.seq <= local.cursor {
             return Ok(None);
         }
@@ -596,8 +737,11 @@ impl Client {
         let mut mls_group = self.load_group(group)?;
         let message = MlsMessageIn::tls_deserialize_exact(&entry.payload).map_err(mls)?;
         let protocol: ProtocolMessage = message.try_into_protocol_message().map_err(mls)?;
-        let processed = mls_group.process_message(&self.provider, protocol).map_err(mls)?;
-        let sender_account = String::from_utf8_lossy(processed.credential().serialized_content()).into_owned();
+        let processed = mls_group
+            .process_message(&self.provider, protocol)
+            .map_err(mls)?;
+        let sender_account =
+            String::from_utf8_lossy(processed.credential().serialized_content()).into_owned();
         let event = match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(app) => {
                 Event::Message(String::from_utf8_lossy(&app.into_bytes()).into_owned())
@@ -605,25 +749,47 @@ impl Client {
             ProcessedMessageContent::StagedCommitMessage(staged) => {
                 let added = staged
                     .add_proposals()
-                    .map(|p| String::from_utf8_lossy(p.add_proposal().key_package().leaf_node().credential().serialized_content()).into_owned())
+                    .map(|p| {
+                        String::from_utf8_lossy(
+                            p.add_proposal()
+                                .key_package()
+                                .leaf_node()
+                                .credential()
+                                .serialized_content(),
+                        )
+                        .into_owned()
+                    })
                     .collect();
-                let removed_leaves: Vec<LeafNodeIndex> = staged.remove_proposals().map(|p| p.remove_proposal().removed()).collect();
+                let removed_leaves: Vec<LeafNodeIndex> = staged
+                    .remove_proposals()
+                    .map(|p| p.remove_proposal().removed())
+                    .collect();
                 let removed = removed_leaves
                     .iter()
                     .filter_map(|leaf| mls_group.member(*leaf))
                     .map(|c| String::from_utf8_lossy(c.serialized_content()).into_owned())
                     .collect();
                 let self_removed = staged.self_removed();
-                mls_group.merge_staged_commit(&self.provider, *staged).map_err(mls)?;
+                mls_group
+                    .merge_staged_commit(&self.provider, *staged)
+                    .map_err(mls)?;
                 if self_removed {
                     Event::Removed
                 } else {
                     Event::Membership { added, removed }
                 }
             }
-            _ => return Err(ClientError::Mls(format!("entry {} holds an unsupported MLS message", entry.seq))),
+            _ => {
+                return Err(ClientError::Mls(format!(
+                    "entry {} holds an unsupported MLS message",
+                    entry.seq
+                )));
+            }
         };
-        let local = self.groups.get_mut(group.as_bytes()).ok_or_else(|| ClientError::UnknownGroup(group.to_string()))?;
+        let local = self
+            .groups
+            .get_mut(group.as_bytes())
+            .ok_or_else(|| ClientError::UnknownGroup(group.to_string()))?;
         local.cursor = entry.seq;
         if event == Event::Removed {
             local.removed = true;
@@ -638,7 +804,13 @@ impl Client {
             local.record(seq, &self.account, text);
         }
         self.save()?;
-        Ok(Some(Received { group: group.clone(), seq: entry.seq, sender_account, sender: entry.sender, event }))
+        Ok(Some(Received {
+            group: group.clone(),
+            seq: entry.seq,
+            sender_account,
+            sender: entry.sender,
+            event,
+        }))
     }
 
     /// Processes pushes that arrive within `wait`: new entries in order (syncing over gaps)
@@ -655,7 +827,9 @@ impl Client {
             };
             match push {
                 ServerBody::Push { group, entry } => {
-                    let Some(cursor) = self.cursor(&group) else { continue };
+                    let Some(cursor) = self.cursor(&group) else {
+                        continue;
+                    };
                     if entry.seq == cursor + 1 {
                         out.extend(self.process_entry(&group, entry)?);
                         let seq = self.cursor(&group).unwrap_or(0);
@@ -678,11 +852,20 @@ impl Client {
 
     /// Every message this client has seen in a group, in log order: `(seq, account, text)`.
     pub fn transcript(&self, group: &GroupId) -> Vec<(u64, String, String)> {
-        self.groups.get(group.as_bytes()).map(|g| g.transcript.clone()).unwrap_or_default()
+        self.groups
+            .get(group.as_bytes())
+            .map(|g| g.transcript.clone())
+            .unwrap_or_default()
     }
 
     fn save(&self) -> Result<(), ClientError> {
-        SavedState::capture(&self.account, &self.signer, self.provider.storage(), &self.groups)?.store(&self.dir)
+        SavedState::capture(
+            &self.account,
+            &self.signer,
+            self.provider.storage(),
+            &self.groups,
+        )?
+        .store(&self.dir)
     }
 }
 
@@ -695,5 +878,52 @@ fn new_msg_id() -> ClientMsgId {
 fn unexpected(request: &'static str, response: ServerBody) -> ClientError {
     let mut text = format!("{response:?}");
     text.truncate(200);
-    ClientError::Unexpected { request, response: text }
+    ClientError::Unexpected {
+        request,
+        response: text,
+    }
+}
+
+/// A connection without a device identity: it sends frames exactly as given. Tests and tools
+/// use it to exercise the login and the server's handling of bad input.
+pub struct RawConnection {
+    conn: Connection,
+}
+
+impl RawConnection {
+    /// Connects and returns the connection with the server's login challenge.
+    pub async fn open(url: &str, trust: &ServerTrust) -> Result<(Self, ServerBody), ClientError> {
+        let tls = tls::client_config(trust)?;
+        let (conn, challenge) = Connection::open(url, tls, Duration::from_secs(30)).await?;
+        Ok((Self { conn }, challenge))
+    }
+
+    /// Sends a request and waits for its response.
+    pub async fn request(&self, body: ClientBody) -> Result<ServerBody, ClientError> {
+        self.conn.request(body).await
+    }
+
+    /// Sends the bytes built for a fresh request id and waits for the response with that id.
+    pub async fn request_raw(
+        &self,
+        build: impl FnOnce(u64) -> Vec<u8>,
+    ) -> Result<ServerBody, ClientError> {
+        let id = self.conn.next_request_id();
+        self.conn.request_raw(id, build(id)).await
+    }
+
+    /// Sends bytes without waiting for a response.
+    pub async fn send_raw(&self, bytes: Vec<u8>) -> Result<(), ClientError> {
+        self.conn.send_raw(bytes).await
+    }
+
+    /// Waits up to `wait` for the server to close the connection; returns its close frame.
+    pub async fn wait_closed(&self, wait: Duration) -> Option<CloseInfo> {
+        let mut closed = self.conn.closed.clone();
+        tokio::time::timeout(wait, closed.wait_for(|c| c.is_some()))
+            .await
+            .ok()?
+            .ok()?
+            .clone()
+    }
 }

@@ -44,7 +44,10 @@ pub(crate) struct SavedState {
 }
 
 fn state_error(path: &Path, detail: impl std::fmt::Display) -> ClientError {
-    ClientError::State { path: path.display().to_string(), detail: detail.to_string() }
+    ClientError::State {
+        path: path.display().to_string(),
+        detail: detail.to_string(),
+    }
 }
 
 impl SavedState {
@@ -58,9 +61,20 @@ impl SavedState {
         let values = storage.values.read().unwrap_or_else(|p| p.into_inner());
         let mls = values
             .iter()
-            .map(|(k, v)| (serde_bytes::ByteBuf::from(k.clone()), serde_bytes::ByteBuf::from(v.clone())))
+            .map(|(k, v)| {
+                (
+                    serde_bytes::ByteBuf::from(k.clone()),
+                    serde_bytes::ByteBuf::from(v.clone()),
+                )
+            })
             .collect();
-        Ok(Self { version: STATE_VERSION, account: account.to_owned(), signer, groups: groups.clone(), mls })
+        Ok(Self {
+            version: STATE_VERSION,
+            account: account.to_owned(),
+            signer,
+            groups: groups.clone(),
+            mls,
+        })
     }
 
     pub(crate) fn load(dir: &Path) -> Result<Option<Self>, ClientError> {
@@ -70,15 +84,23 @@ impl SavedState {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(state_error(&path, e)),
         };
-        let state: Self = rmp_serde::from_slice(&bytes).map_err(|e| state_error(&path, format!("corrupt state file: {e}")))?;
+        let state: Self = rmp_serde::from_slice(&bytes)
+            .map_err(|e| state_error(&path, format!("corrupt state file: {e}")))?;
         if state.version != STATE_VERSION {
-            return Err(state_error(&path, format!("state version {} is not supported, expected {STATE_VERSION}", state.version)));
+            return Err(state_error(
+                &path,
+                format!(
+                    "state version {} is not supported, expected {STATE_VERSION}",
+                    state.version
+                ),
+            ));
         }
         Ok(Some(state))
     }
 
     pub(crate) fn signer(&self) -> Result<SignatureKeyPair, ClientError> {
-        serde_json::from_slice(&self.signer).map_err(|e| ClientError::Mls(format!("stored device key: {e}")))
+        serde_json::from_slice(&self.signer)
+            .map_err(|e| ClientError::Mls(format!("stored device key: {e}")))
     }
 
     pub(crate) fn restore_storage(&self, storage: &MemoryStorage) {

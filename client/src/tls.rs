@@ -53,14 +53,20 @@ pub(crate) fn client_config(trust: &ServerTrust) -> Result<rustls::ClientConfig,
                     ClientError::Config(format!("invalid PEM in {}: {e}", path.display()))
                 })?;
                 roots.add(cert).map_err(|e| {
-                    ClientError::Config(format!("invalid CA certificate in {}: {e}", path.display()))
+                    ClientError::Config(format!(
+                        "invalid CA certificate in {}: {e}",
+                        path.display()
+                    ))
                 })?;
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
         ServerTrust::Fingerprint(pin) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCert { pin: *pin, provider }))
+            .with_custom_certificate_verifier(Arc::new(PinnedCert {
+                pin: *pin,
+                provider,
+            }))
             .with_no_client_auth(),
     };
     Ok(config)
@@ -108,10 +114,17 @@ impl ServerCertVerifier for PinnedCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

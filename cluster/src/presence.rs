@@ -85,12 +85,20 @@ impl Presence {
 
     /// Number of devices with a connection.
     pub fn online(&self) -> usize {
-        self.sessions.read().unwrap_or_else(|p| p.into_inner()).len()
+        self.sessions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     /// Asks every connection to close with `code`.
     pub fn close_all(&self, code: CloseCode) {
-        for handle in self.sessions.read().unwrap_or_else(|p| p.into_inner()).values() {
+        for handle in self
+            .sessions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
             handle.close.send_replace(Some(code));
         }
     }

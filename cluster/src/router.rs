@@ -45,8 +45,11 @@ impl Router {
 
     async fn lookup(&self, group: &GroupId) -> Result<ActorRef<GroupMsg>, GroupError> {
         let group = group.clone();
-        ractor::call!(self.supervisor, |reply| SupervisorMsg::Lookup { group, reply })
-            .map_err(|_| GroupError::Unavailable)?
+        ractor::call!(self.supervisor, |reply| SupervisorMsg::Lookup {
+            group,
+            reply
+        })
+        .map_err(|_| GroupError::Unavailable)?
     }
 
     /// Number of running group actors.

@@ -77,7 +77,10 @@ pub fn bind(
         App::new()
             .app_data(data.clone())
             .route("/v1/ws", web::get().to(websocket))
-            .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok") }))
+            .route(
+                "/healthz",
+                web::get().to(|| async { HttpResponse::Ok().body("ok") }),
+            )
     })
     .workers(workers)
     // Sessions are closed by the node's own shutdown signal; actix only waits this long after.

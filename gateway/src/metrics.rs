@@ -36,7 +36,10 @@ impl GatewayMetrics {
                 &["code"],
             )?,
             closes: IntCounterVec::new(
-                Opts::new("atlas_connections_closed_total", "Connections closed by the server by reason"),
+                Opts::new(
+                    "atlas_connections_closed_total",
+                    "Connections closed by the server by reason",
+                ),
                 &["reason"],
             )?,
         };

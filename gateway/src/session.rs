@@ -32,14 +32,19 @@ pub(crate) async fn run(
     peer: Option<SocketAddr>,
 ) {
     let conn_id = state.presence.next_conn_id();
-    let span = tracing::info_span!("conn", conn_id, peer = ?peer, device_id = tracing::field::Empty);
+    let span =
+        tracing::info_span!("conn", conn_id, peer = ?peer, device_id = tracing::field::Empty);
     state.metrics.connections_open.inc();
     let reason = Connection::new(Arc::clone(&state), session, stream, conn_id)
         .serve()
         .instrument(span.clone())
         .await;
     state.metrics.connections_open.dec();
-    state.metrics.closes.with_label_values(&[reason.label]).inc();
+    state
+        .metrics
+        .closes
+        .with_label_values(&[reason.label])
+        .inc();
     span.in_scope(|| tracing::debug!(reason = reason.label, "connection closed"));
 }
 
@@ -82,7 +87,12 @@ impl Reader {
                         format!("frame exceeds {MAX_FRAME_BYTES} bytes"),
                     ));
                 }
-                Err(e) => return Some(Incoming::Broken(CloseCode::ProtocolViolation, e.to_string())),
+                Err(e) => {
+                    return Some(Incoming::Broken(
+                        CloseCode::ProtocolViolation,
+                        e.to_string(),
+                    ));
+                }
             };
             match message {
                 Message::Binary(bytes) => return Some(Incoming::Binary(bytes.to_vec())),
@@ -135,25 +145,46 @@ impl Reader {
 }
 
 impl Connection {
-    fn new(state: Arc<GatewayState>, session: Session, stream: MessageStream, conn_id: u64) -> Self {
+    fn new(
+        state: Arc<GatewayState>,
+        session: Session,
+        stream: MessageStream,
+        conn_id: u64,
+    ) -> Self {
         let reader = Reader {
             stream: stream.max_frame_size(MAX_FRAME_BYTES),
             partial: None,
             fragments: 0,
         };
-        Self { state, session, reader, conn_id, last_seen: Instant::now() }
+        Self {
+            state,
+            session,
+            reader,
+            conn_id,
+            last_seen: Instant::now(),
+        }
     }
 
     async fn serve(mut self) -> Ended {
-        let Some(device) = self.login().await else {
-            return self.close(CloseCode::AuthFailed, "login failed", "auth_failed").await;
+        let device = match self.login().await {
+            Ok(device) => device,
+            Err(Some((code, why))) => return self.close(code, &why, "protocol").await,
+            Err(None) => {
+                return self
+                    .close(CloseCode::AuthFailed, "login failed", "auth_failed")
+                    .await;
+            }
         };
         tracing::Span::current().record("device_id", tracing::field::display(device.device));
         tracing::debug!(account = %device.account, "device logged in");
 
         let (queue, mut outbound) = mpsc::channel(self.state.settings.queue_capacity);
         let (close_tx, mut close_rx) = watch::channel(None);
-        let handle = SessionHandle { conn_id: self.conn_id, queue: queue.clone(), close: close_tx };
+        let handle = SessionHandle {
+            conn_id: self.conn_id,
+            queue: queue.clone(),
+            close: close_tx,
+        };
         self.state.presence.attach(device.device, handle);
 
         // The writer owns the socket's send side; it may block on a slow client without
@@ -233,9 +264,9 @@ impl Connection {
         ended
     }
 
-    /// Sends the challenge and waits for a valid login. Returns `None` after answering a failed
-    /// login with an error frame.
-    async fn login(&mut self) -> Option<DeviceRecord> {
+    /// Sends the challenge and waits for a valid login. A failed login is answered with an error
+    /// frame and returns `Err(None)`; a broken connection returns its close code.
+    async fn login(&mut self) -> Result<DeviceRecord, Option<(CloseCode, String)>> {
         let mut nonce = vec![0u8; 32];
         rand::thread_rng().fill_bytes(&mut nonce);
         let challenge = ServerBody::Challenge {
@@ -243,7 +274,7 @@ impl Connection {
             server_name: self.state.settings.server_name.clone(),
             max_frame_bytes: MAX_FRAME_BYTES as u32,
         };
-        self.send_now(0, challenge).await.ok()?;
+        self.send_now(0, challenge).await.map_err(|_| None)?;
 
         let deadline = self.state.settings.login_timeout;
         let incoming = tokio::time::timeout(deadline, async {
@@ -257,40 +288,59 @@ impl Connection {
         .await;
         let bytes = match incoming {
             Ok(Some(Incoming::Binary(bytes))) => bytes,
-            Ok(_) => return None,
+            Ok(Some(Incoming::Broken(code, why))) => return Err(Some((code, why))),
+            Ok(_) => return Err(None),
             Err(_) => {
                 tracing::debug!("login timed out");
-                return None;
+                return Err(None);
             }
         };
         let frame = match decode_client(&bytes) {
             Ok(frame) => frame,
             Err((id, error)) => {
                 let _ = self.send_now(id, decode_error_body(&error)).await;
-                return None;
+                return Err(None);
             }
         };
-        self.state.metrics.frames_in.with_label_values(&[frame.body.type_name()]).inc();
-        let ClientBody::Login { account, device_key, signature } = frame.body else {
-            let body = error_body(ErrorCode::NotAuthenticated, "log in before any other request".into());
+        self.state
+            .metrics
+            .frames_in
+            .with_label_values(&[frame.body.type_name()])
+            .inc();
+        let ClientBody::Login {
+            account,
+            device_key,
+            signature,
+        } = frame.body
+        else {
+            let body = error_body(
+                ErrorCode::NotAuthenticated,
+                "log in before any other request".into(),
+            );
             let _ = self.send_now(frame.id, body).await;
-            return None;
+            return Err(None);
         };
         let server_name = self.state.settings.server_name.clone();
-        match self.state.directory.login(&account, &device_key, &signature, &server_name, &nonce) {
+        match self
+            .state
+            .directory
+            .login(&account, &device_key, &signature, &server_name, &nonce)
+        {
             Ok((record, registered)) => {
                 let body = ServerBody::LoggedIn {
                     device: record.device,
                     account: record.account.clone(),
                     registered,
                 };
-                self.send_now(frame.id, body).await.ok()?;
-                Some(record)
+                self.send_now(frame.id, body).await.map_err(|_| None)?;
+                Ok(record)
             }
             Err(e) => {
                 tracing::info!(error = %e, "login rejected");
-                let _ = self.send_now(frame.id, login_error_body(&self.state, &e)).await;
-                None
+                let _ = self
+                    .send_now(frame.id, login_error_body(&self.state, &e))
+                    .await;
+                Err(None)
             }
         }
     }
@@ -306,11 +356,15 @@ impl Connection {
     ) {
         let state = &self.state;
         let inline = match body {
-            ClientBody::Login { .. } => {
-                error_body(ErrorCode::Unsupported, "this connection is already logged in".into())
-            }
+            ClientBody::Login { .. } => error_body(
+                ErrorCode::Unsupported,
+                "this connection is already logged in".into(),
+            ),
             ClientBody::Ping => ServerBody::Pong,
-            ClientBody::UploadKeyPackages { key_packages, last_resort } => {
+            ClientBody::UploadKeyPackages {
+                key_packages,
+                last_resort,
+            } => {
                 if key_packages.len() > MAX_KEY_PACKAGES_PER_UPLOAD {
                     error_body(
                         ErrorCode::TooLarge,
@@ -320,9 +374,16 @@ impl Connection {
                         ),
                     )
                 } else {
-                    let one_time: Vec<Vec<u8>> = key_packages.into_iter().map(|b| b.into_vec()).collect();
-                    match state.directory.upload_key_packages(device, &one_time, last_resort.as_ref().map(|b| b.as_slice())) {
-                        Ok((stored, available)) => ServerBody::KeyPackagesStored { stored, available },
+                    let one_time: Vec<Vec<u8>> =
+                        key_packages.into_iter().map(|b| b.into_vec()).collect();
+                    match state.directory.upload_key_packages(
+                        device,
+                        &one_time,
+                        last_resort.as_ref().map(|b| b.as_slice()),
+                    ) {
+                        Ok((stored, available)) => {
+                            ServerBody::KeyPackagesStored { stored, available }
+                        }
                         Err(e) => login_error_body(state, &e),
                     }
                 }
@@ -332,7 +393,10 @@ impl Connection {
                     account,
                     devices: devices
                         .into_iter()
-                        .map(|d| DeviceInfo { device: d.device, key: d.public_key })
+                        .map(|d| DeviceInfo {
+                            device: d.device,
+                            key: d.public_key,
+                        })
                         .collect(),
                 },
                 Err(e) => login_error_body(state, &e),
@@ -351,7 +415,12 @@ impl Connection {
                 if let Err(e) = group.validate() {
                     error_body(ErrorCode::MalformedFrame, e.to_string())
                 } else {
-                    match atlas_actors::create_group(&state.store, &group, &group_info, &device.device) {
+                    match atlas_actors::create_group(
+                        &state.store,
+                        &group,
+                        &group_info,
+                        &device.device,
+                    ) {
                         Ok(epoch) => {
                             tracing::info!(group_id = %group, epoch, "group created");
                             ServerBody::GroupCreated { group, epoch }
@@ -364,7 +433,10 @@ impl Connection {
                 Ok(welcomes) => ServerBody::Welcomes { welcomes },
                 Err(e) => {
                     tracing::error!(error = %e, "reading welcomes failed");
-                    error_body(ErrorCode::StorageFailure, "cannot read welcomes, retry later".into())
+                    error_body(
+                        ErrorCode::StorageFailure,
+                        "cannot read welcomes, retry later".into(),
+                    )
                 }
             },
             group_request => {
@@ -395,8 +467,16 @@ impl Connection {
                 Ok(body) => body,
                 Err(e) => group_error_body(&state, &e),
             };
-            state.metrics.frames_out.with_label_values(&[body_type(&body)]).inc();
-            let frame = encode_server(&ServerFrame { v: PROTOCOL_VERSION, id, body });
+            state
+                .metrics
+                .frames_out
+                .with_label_values(&[body_type(&body)])
+                .inc();
+            let frame = encode_server(&ServerFrame {
+                v: PROTOCOL_VERSION,
+                id,
+                body,
+            });
             let _ = queue.send(Outbound::Frame(frame.into())).await;
             drop(permit);
         };
@@ -407,27 +487,58 @@ impl Connection {
     /// a slow consumer.
     fn respond(&self, queue: &mpsc::Sender<Outbound>, id: u64, body: ServerBody) {
         if let ServerBody::Error { code, .. } = &body {
-            self.state.metrics.errors.with_label_values(&[code.name()]).inc();
+            self.state
+                .metrics
+                .errors
+                .with_label_values(&[code.name()])
+                .inc();
         }
-        self.state.metrics.frames_out.with_label_values(&[body_type(&body)]).inc();
-        let frame = encode_server(&ServerFrame { v: PROTOCOL_VERSION, id, body });
-        if let Err(mpsc::error::TrySendError::Full(_)) = queue.try_send(Outbound::Frame(frame.into())) {
-            self.state.presence.close_conn(self.conn_id, CloseCode::SlowConsumer);
+        self.state
+            .metrics
+            .frames_out
+            .with_label_values(&[body_type(&body)])
+            .inc();
+        let frame = encode_server(&ServerFrame {
+            v: PROTOCOL_VERSION,
+            id,
+            body,
+        });
+        if let Err(mpsc::error::TrySendError::Full(_)) =
+            queue.try_send(Outbound::Frame(frame.into()))
+        {
+            self.state
+                .presence
+                .close_conn(self.conn_id, CloseCode::SlowConsumer);
         }
     }
 
     async fn send_now(&mut self, id: u64, body: ServerBody) -> Result<(), actix_ws::Closed> {
         if let ServerBody::Error { code, .. } = &body {
-            self.state.metrics.errors.with_label_values(&[code.name()]).inc();
+            self.state
+                .metrics
+                .errors
+                .with_label_values(&[code.name()])
+                .inc();
         }
-        self.state.metrics.frames_out.with_label_values(&[body_type(&body)]).inc();
-        let frame = encode_server(&ServerFrame { v: PROTOCOL_VERSION, id, body });
+        self.state
+            .metrics
+            .frames_out
+            .with_label_values(&[body_type(&body)])
+            .inc();
+        let frame = encode_server(&ServerFrame {
+            v: PROTOCOL_VERSION,
+            id,
+            body,
+        });
         self.session.binary(frame).await
     }
 
     async fn close_code(&mut self, code: CloseCode) -> Ended {
         let (why, label) = match code {
-            CloseCode::SlowConsumer => ("outbound queue full, resync from your cursor", "slow_consumer"),
+            CloseCode::SlowConsumer => (
+                "outbound queue full, resync from your cursor",
+                "slow_consumer",
+            ),
             CloseCode::Replaced => ("device logged in on another connection", "replaced"),
             CloseCode::GoingAway => ("server shutting down", "shutdown"),
             _ => ("closed by server", "server"),
@@ -442,7 +553,11 @@ impl Connection {
         };
         // A client that does not read cannot take the close frame either: give up after a
         // moment and drop the connection.
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.session.clone().close(Some(reason))).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.session.clone().close(Some(reason)),
+        )
+        .await;
         Ended { label }
     }
 }
@@ -453,30 +568,64 @@ async fn group_request(
     body: ClientBody,
 ) -> Result<ServerBody, GroupError> {
     match body {
-        ClientBody::Commit { group, msg_id, commit, welcome } => {
-            check_group_and_size(&group, commit.len() + welcome.as_ref().map_or(0, |w| w.len()))?;
-            let submission = Submission::Commit { commit, welcome: welcome.map(|w| w.into_vec()) };
+        ClientBody::Commit {
+            group,
+            msg_id,
+            commit,
+            welcome,
+        } => {
+            check_group_and_size(
+                &group,
+                commit.len() + welcome.as_ref().map_or(0, |w| w.len()),
+            )?;
+            let submission = Submission::Commit {
+                commit,
+                welcome: welcome.map(|w| w.into_vec()),
+            };
             let accepted = state
                 .router
-                .request(&group, |reply| GroupMsg::Submit { sender, msg_id, submission, reply })
+                .request(&group, |reply| GroupMsg::Submit {
+                    sender,
+                    msg_id,
+                    submission,
+                    reply,
+                })
                 .await?;
             Ok(ServerBody::Accepted(accepted))
         }
-        ClientBody::Send { group, msg_id, message } => {
+        ClientBody::Send {
+            group,
+            msg_id,
+            message,
+        } => {
             check_group_and_size(&group, message.len())?;
             let submission = Submission::Application { message };
             let accepted = state
                 .router
-                .request(&group, |reply| GroupMsg::Submit { sender, msg_id, submission, reply })
+                .request(&group, |reply| GroupMsg::Submit {
+                    sender,
+                    msg_id,
+                    submission,
+                    reply,
+                })
                 .await?;
             Ok(ServerBody::Accepted(accepted))
         }
-        ClientBody::Sync { group, after, limit } => {
+        ClientBody::Sync {
+            group,
+            after,
+            limit,
+        } => {
             check_group_and_size(&group, 0)?;
             let limit = limit.clamp(1, MAX_SYNC_ENTRIES) as usize;
             let page = state
                 .router
-                .request(&group, |reply| GroupMsg::Sync { device: sender, after, limit, reply })
+                .request(&group, |reply| GroupMsg::Sync {
+                    device: sender,
+                    after,
+                    limit,
+                    reply,
+                })
                 .await?;
             Ok(ServerBody::Entries {
                 group,
@@ -489,11 +638,18 @@ async fn group_request(
             check_group_and_size(&group, 0)?;
             let stored = state
                 .router
-                .request(&group, |reply| GroupMsg::Ack { device: sender, seq, reply })
+                .request(&group, |reply| GroupMsg::Ack {
+                    device: sender,
+                    seq,
+                    reply,
+                })
                 .await?;
             Ok(ServerBody::Acked { group, seq: stored })
         }
-        other => Err(GroupError::Internal(format!("{} is not a group request", other.type_name()))),
+        other => Err(GroupError::Internal(format!(
+            "{} is not a group request",
+            other.type_name()
+        ))),
     }
 }
 
@@ -502,15 +658,21 @@ fn check_group_and_size(group: &atlas_protocol::GroupId, size: usize) -> Result<
         .validate()
         .map_err(|e| GroupError::Mls(atlas_actors::mls::MlsError::Malformed(e.to_string())))?;
     if size > MAX_MLS_MESSAGE_BYTES {
-        return Err(GroupError::Mls(atlas_actors::mls::MlsError::Malformed(format!(
-            "MLS message of {size} bytes exceeds the limit of {MAX_MLS_MESSAGE_BYTES} bytes"
-        ))));
+        return Err(GroupError::Mls(atlas_actors::mls::MlsError::Malformed(
+            format!(
+                "MLS message of {size} bytes exceeds the limit of {MAX_MLS_MESSAGE_BYTES} bytes"
+            ),
+        )));
     }
     Ok(())
 }
 
 fn error_body(code: ErrorCode, message: String) -> ServerBody {
-    ServerBody::Error { code, message, epoch: None }
+    ServerBody::Error {
+        code,
+        message,
+        epoch: None,
+    }
 }
 
 fn decode_error_body(error: &DecodeError) -> ServerBody {
@@ -534,7 +696,11 @@ fn group_error_body(_state: &GatewayState, error: &GroupError) -> ServerBody {
         GroupError::StaleEpoch { current } => Some(*current),
         _ => None,
     };
-    ServerBody::Error { code: error.code(), message: error.to_string(), epoch }
+    ServerBody::Error {
+        code: error.code(),
+        message: error.to_string(),
+        epoch,
+    }
 }
 
 fn body_type(body: &ServerBody) -> &'static str {

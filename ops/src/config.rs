@@ -116,9 +116,8 @@ impl NodeFlags {
                 let text = std::fs::read_to_string(path).map_err(|e| {
                     anyhow::anyhow!("cannot read config file {}: {e}", path.display())
                 })?;
-                toml::from_str(&text).map_err(|e| {
-                    anyhow::anyhow!("invalid config file {}: {e}", path.display())
-                })?
+                toml::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display()))?
             }
             None => NodeConfig::default(),
         };
@@ -129,7 +128,14 @@ impl NodeFlags {
                 }
             )*};
         }
-        take!(data_dir, listen, metrics_listen, server_name, workers, queue_capacity);
+        take!(
+            data_dir,
+            listen,
+            metrics_listen,
+            server_name,
+            workers,
+            queue_capacity
+        );
         take!(ping_interval_secs, idle_timeout_secs, log_format);
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             config.tls_cert = Some(cert.clone());

@@ -19,7 +19,11 @@ pub async fn run() -> anyhow::Result<()> {
         ..NodeConfig::default()
     };
     let node = node::start(&config).await?;
-    println!("[node] listening on wss://{}/v1/ws, data in {}", node.addr, config.data_dir.display());
+    println!(
+        "[node] listening on wss://{}/v1/ws, data in {}",
+        node.addr,
+        config.data_dir.display()
+    );
     let url = format!("wss://localhost:{}/v1/ws", node.addr.port());
     let trust = ServerTrust::fingerprint(&node.fingerprint)?;
 
@@ -27,7 +31,9 @@ pub async fn run() -> anyhow::Result<()> {
     node.shutdown().await?;
     match outcome {
         Ok(()) => {
-            println!("PASS: every client decrypted exactly the expected messages in the same order");
+            println!(
+                "PASS: every client decrypted exactly the expected messages in the same order"
+            );
             Ok(())
         }
         Err(e) => {
@@ -37,7 +43,12 @@ pub async fn run() -> anyhow::Result<()> {
     }
 }
 
-async fn connect(dir: &Path, account: &str, url: &str, trust: &ServerTrust) -> anyhow::Result<Client> {
+async fn connect(
+    dir: &Path,
+    account: &str,
+    url: &str,
+    trust: &ServerTrust,
+) -> anyhow::Result<Client> {
     let mut client = Client::open(&dir.join(account), account)?;
     client.connect(url, trust).await?;
     Ok(client)
@@ -49,7 +60,11 @@ async fn scenario(dir: &Path, url: &str, trust: &ServerTrust) -> anyhow::Result<
     let mut carol = connect(dir, "carol", url, trust).await?;
     for client in [&mut alice, &mut bob, &mut carol] {
         client.publish_key_packages(5).await?;
-        println!("[{}] registered device {} and uploaded key packages", client.account(), client.device_id());
+        println!(
+            "[{}] registered device {} and uploaded key packages",
+            client.account(),
+            client.device_id()
+        );
     }
 
     let group = alice.create_group("demo").await?;
@@ -81,7 +96,10 @@ async fn scenario(dir: &Path, url: &str, trust: &ServerTrust) -> anyhow::Result<
 
     let mut carol = connect(dir, "carol", url, trust).await?;
     let caught_up = carol.sync().await?;
-    println!("[carol] restarted from her state directory and caught up on {} entries", caught_up.len());
+    println!(
+        "[carol] restarted from her state directory and caught up on {} entries",
+        caught_up.len()
+    );
 
     bob.sync().await?;
     alice.remove_members(&group, &["bob"]).await?;
@@ -125,8 +143,11 @@ async fn send(
 }
 
 fn check(client: &Client, group: &GroupId, expected: &[(String, String)]) -> anyhow::Result<()> {
-    let seen: Vec<(String, String)> =
-        client.transcript(group).into_iter().map(|(_, account, text)| (account, text)).collect();
+    let seen: Vec<(String, String)> = client
+        .transcript(group)
+        .into_iter()
+        .map(|(_, account, text)| (account, text))
+        .collect();
     println!("[{}] decrypted {} messages", client.account(), seen.len());
     if seen != expected {
         anyhow::bail!("{} saw {seen:?}, expected {expected:?}", client.account());

@@ -15,7 +15,11 @@ use clap::{Parser, Subcommand};
 use config::{LogFormat, NodeFlags};
 
 #[derive(Parser)]
-#[command(name = "atlas", version, about = "Atlas end-to-end-encrypted group chat node")]
+#[command(
+    name = "atlas",
+    version,
+    about = "Atlas end-to-end-encrypted group chat node"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -61,7 +65,11 @@ fn run_node(flags: NodeFlags) -> anyhow::Result<()> {
         println!(
             "certificate sha256 fingerprint: {}{}",
             node.fingerprint,
-            if node.generated_cert { " (development certificate generated now)" } else { "" }
+            if node.generated_cert {
+                " (development certificate generated now)"
+            } else {
+                ""
+            }
         );
         wait_for_signal().await?;
         node.shutdown().await
@@ -95,7 +103,9 @@ fn block_on<F: Future<Output = anyhow::Result<()>>>(future: F) -> anyhow::Result
 fn init_tracing(default_level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ATLAS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

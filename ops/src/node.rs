@@ -42,8 +42,13 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
 
     let registry = Registry::new();
     let flush_latency = Histogram::with_opts(
-        HistogramOpts::new("atlas_storage_flush_seconds", "Duration of storage flushes (fsync)")
-            .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
+        HistogramOpts::new(
+            "atlas_storage_flush_seconds",
+            "Duration of storage flushes (fsync)",
+        )
+        .buckets(vec![
+            0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+        ]),
     )?;
     registry.register(Box::new(flush_latency.clone()))?;
     store.set_flush_observer(move |elapsed| flush_latency.observe(elapsed.as_secs_f64()));
@@ -96,7 +101,9 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         shutdown: shutdown_rx,
     });
     let workers = if config.workers == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
     } else {
         config.workers
     };
@@ -162,7 +169,10 @@ impl RunningNode {
             let _ = task.await;
         }
         self.supervisor.stop(Some("node shutdown".into()));
-        self.store.close().await.context("final storage flush failed")?;
+        self.store
+            .close()
+            .await
+            .context("final storage flush failed")?;
         tracing::info!("storage flushed, node stopped");
         Ok(())
     }

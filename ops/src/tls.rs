@@ -50,7 +50,12 @@ pub fn load_identity(
     let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
         .with_context(|| format!("invalid PEM key in {}", key_path.display()))?
         .with_context(|| format!("no private key in {}", key_path.display()))?;
-    Ok(TlsIdentity { chain, key, fingerprint, generated })
+    Ok(TlsIdentity {
+        chain,
+        key,
+        fingerprint,
+        generated,
+    })
 }
 
 fn generate_dev_cert(dir: &Path, server_name: &str) -> anyhow::Result<()> {
@@ -78,7 +83,8 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
-    file.write_all(bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    file.write_all(bytes)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 

@@ -69,7 +69,11 @@ pub enum ClientBody {
         message: Vec<u8>,
     },
     /// Fetches log entries with sequence numbers above `after`.
-    Sync { group: GroupId, after: u64, limit: u32 },
+    Sync {
+        group: GroupId,
+        after: u64,
+        limit: u32,
+    },
     /// Records that this device has processed the group's entries up to `seq`.
     Ack { group: GroupId, seq: u64 },
     /// Lists Welcome messages waiting for this device.
@@ -133,7 +137,10 @@ pub enum ServerBody {
     /// KeyPackages stored; `available` counts this device's unclaimed one-time KeyPackages.
     KeyPackagesStored { stored: u32, available: u32 },
     /// Devices of an account.
-    Devices { account: String, devices: Vec<DeviceInfo> },
+    Devices {
+        account: String,
+        devices: Vec<DeviceInfo>,
+    },
     /// A claimed KeyPackage (MLSMessage bytes).
     KeyPackage {
         device: DeviceId,
@@ -276,8 +283,8 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, (u64, DecodeError)> {
     if bytes.len() > MAX_FRAME_BYTES {
         return Err((0, DecodeError::TooLarge(bytes.len())));
     }
-    let raw: RawFrame = rmp_serde::from_slice(bytes)
-        .map_err(|e| (0, DecodeError::Malformed(e.to_string())))?;
+    let raw: RawFrame =
+        rmp_serde::from_slice(bytes).map_err(|e| (0, DecodeError::Malformed(e.to_string())))?;
     if raw.v != PROTOCOL_VERSION {
         return Err((raw.id, DecodeError::Version(raw.v)));
     }

@@ -32,7 +32,10 @@ pub enum StorageError {
 
 impl StorageError {
     pub(crate) fn open(path: &Path, source: sled::Error) -> Self {
-        Self::Open { path: path.display().to_string(), source }
+        Self::Open {
+            path: path.display().to_string(),
+            source,
+        }
     }
 }
 

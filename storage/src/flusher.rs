@@ -43,7 +43,10 @@ impl Flusher {
             observer: Mutex::new(None),
         });
         let task = tokio::spawn(Arc::clone(&shared).run(db));
-        Arc::new(Self { shared, task: Mutex::new(Some(task)) })
+        Arc::new(Self {
+            shared,
+            task: Mutex::new(Some(task)),
+        })
     }
 
     /// Stops the task after a last flush and waits for it, so the database can be reopened.
@@ -57,7 +60,11 @@ impl Flusher {
     }
 
     pub(crate) fn set_observer(&self, observer: Observer) {
-        *self.shared.observer.lock().unwrap_or_else(|p| p.into_inner()) = Some(observer);
+        *self
+            .shared
+            .observer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(observer);
     }
 
     pub(crate) async fn wait(&self) -> Result<(), StorageError> {
@@ -103,7 +110,11 @@ impl Shared {
             let started = Instant::now();
             let db = db.clone();
             let result = tokio::task::spawn_blocking(move || db.flush()).await;
-            if let Some(observe) = self.observer.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
+            if let Some(observe) = self
+                .observer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
             {
                 observe(started.elapsed());
             }
@@ -116,12 +127,14 @@ impl Shared {
                 }
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "storage flush failed; refusing further writes");
-                    self.flushed.send_modify(|f| f.failure = Some(e.to_string()));
+                    self.flushed
+                        .send_modify(|f| f.failure = Some(e.to_string()));
                     return;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "storage flush task failed");
-                    self.flushed.send_modify(|f| f.failure = Some(e.to_string()));
+                    self.flushed
+                        .send_modify(|f| f.failure = Some(e.to_string()));
                     return;
                 }
             }

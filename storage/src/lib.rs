@@ -32,6 +32,9 @@ pub const FORMAT_VERSION: u32 = 1;
 
 const FORMAT_KEY: &[u8] = b"format_version";
 
+/// sled page cache size in bytes.
+const CACHE_BYTES: u64 = 32 * 1024 * 1024;
+
 /// A handle to the node's sled database. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -51,6 +54,8 @@ impl Store {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
+            // Bounds the page cache, the main part of a node's memory besides connections.
+            .cache_capacity(CACHE_BYTES)
             // Durability comes from explicit flushes; sled's own timer flush is turned off.
             .flush_every_ms(None)
             .open()
@@ -65,7 +70,10 @@ impl Store {
                         detail: format!("{} bytes instead of 4", raw.len()),
                     })?;
                 if found != FORMAT_VERSION {
-                    return Err(StorageError::FormatVersion { found, expected: FORMAT_VERSION });
+                    return Err(StorageError::FormatVersion {
+                        found,
+                        expected: FORMAT_VERSION,
+                    });
                 }
             }
             None => {
@@ -143,17 +151,21 @@ impl Store {
     }
 
     /// Loads a group's meta and public state.
-    pub fn load_group(&self, group: &GroupId) -> Result<Option<(GroupMeta, Vec<u8>)>, StorageError> {
+    pub fn load_group(
+        &self,
+        group: &GroupId,
+    ) -> Result<Option<(GroupMeta, Vec<u8>)>, StorageError> {
         let Some(meta) = self.groups.get(keys::group_meta(group))? else {
             return Ok(None);
         };
         let meta: GroupMeta = decode(&meta, "group meta", group)?;
-        let state = self.groups.get(keys::group_state(group))?.ok_or_else(|| {
-            StorageError::Corrupt {
-                what: format!("group {group}"),
-                detail: "meta present but public state missing".into(),
-            }
-        })?;
+        let state =
+            self.groups
+                .get(keys::group_state(group))?
+                .ok_or_else(|| StorageError::Corrupt {
+                    what: format!("group {group}"),
+                    detail: "meta present but public state missing".into(),
+                })?;
         Ok(Some((meta, state.to_vec())))
     }
 
@@ -238,7 +250,10 @@ impl Store {
     ) -> Result<usize, StorageError> {
         let mut batch = sled::Batch::default();
         let mut removed = 0;
-        for item in self.groups.range(keys::log(group, 0)..=keys::log(group, through_seq)) {
+        for item in self
+            .groups
+            .range(keys::log(group, 0)..=keys::log(group, through_seq))
+        {
             let (key, raw) = item?;
             let entry: LogEntry = decode(&raw, "log entry", group)?;
             batch.remove(key);
@@ -291,9 +306,9 @@ impl Store {
     /// key. A key already registered under another account is refused.
     pub fn register_device(&self, record: &DeviceRecord) -> Result<Registration, StorageError> {
         let key = record.device.as_bytes();
-        let result = self
-            .devices
-            .compare_and_swap(key, None as Option<&[u8]>, Some(encode(record)))?;
+        let result =
+            self.devices
+                .compare_and_swap(key, None as Option<&[u8]>, Some(encode(record)))?;
         match result {
             Ok(()) => {
                 let mut account_key = record.account.as_bytes().to_vec();
@@ -331,12 +346,11 @@ impl Store {
         let mut out = Vec::new();
         for item in self.accounts.scan_prefix(&prefix) {
             let (key, _) = item?;
-            let id = <[u8; 16]>::try_from(&key[prefix.len()..]).map_err(|_| {
-                StorageError::Corrupt {
+            let id =
+                <[u8; 16]>::try_from(&key[prefix.len()..]).map_err(|_| StorageError::Corrupt {
                     what: format!("account index of {account:?}"),
                     detail: "device id is not 16 bytes".into(),
-                }
-            })?;
+                })?;
             if let Some(record) = self.device(&DeviceId::from_bytes(id))? {
                 out.push(record);
             }
@@ -362,7 +376,10 @@ impl Store {
             batch.insert(keys::last_resort(device), encode(record));
         }
         self.key_packages.apply_batch(batch)?;
-        Ok(self.key_packages.scan_prefix(keys::key_package_prefix(device)).count() as u32)
+        Ok(self
+            .key_packages
+            .scan_prefix(keys::key_package_prefix(device))
+            .count() as u32)
     }
 
     /// Claims a KeyPackage of `device` valid at `now_secs`: a one-time one if any is left
@@ -373,7 +390,10 @@ impl Store {
         device: &DeviceId,
         now_secs: u64,
     ) -> Result<Option<KeyPackageRecord>, StorageError> {
-        for item in self.key_packages.scan_prefix(keys::key_package_prefix(device)) {
+        for item in self
+            .key_packages
+            .scan_prefix(keys::key_package_prefix(device))
+        {
             let (key, _) = item?;
             // `remove` returns the value only to the one caller that removed it.
             let Some(raw) = self.key_packages.remove(&key)? else {
@@ -403,7 +423,9 @@ impl Store {
     ) -> Result<u64, StorageError> {
         let key = keys::cursor(device, group);
         let stored = self.cursors.update_and_fetch(key, |old| {
-            let old = old.and_then(|raw| <[u8; 8]>::try_from(raw).ok()).map(u64::from_be_bytes);
+            let old = old
+                .and_then(|raw| <[u8; 8]>::try_from(raw).ok())
+                .map(u64::from_be_bytes);
             Some(old.unwrap_or(0).max(seq).to_be_bytes().to_vec())
         })?;
         Ok(stored

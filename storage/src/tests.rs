@@ -18,7 +18,12 @@ fn entry(seq: u64, msg: u8) -> LogEntry {
 }
 
 fn meta(last_seq: u64) -> GroupMeta {
-    GroupMeta { epoch: 1, last_seq, first_seq: 1, created_at_ms: 0 }
+    GroupMeta {
+        epoch: 1,
+        last_seq,
+        first_seq: 1,
+        created_at_ms: 0,
+    }
 }
 
 #[tokio::test]
@@ -28,7 +33,9 @@ async fn appended_entries_read_back_in_order_after_reopen() {
         let store = Store::open(dir.path()).unwrap();
         store.create_group(&group(), &meta(0), b"state").unwrap();
         for seq in 1..=5 {
-            store.append(&group(), &entry(seq, seq as u8), &meta(seq), None, &[]).unwrap();
+            store
+                .append(&group(), &entry(seq, seq as u8), &meta(seq), None, &[])
+                .unwrap();
         }
         store.durable().await.unwrap();
         store.close().await.unwrap();
@@ -37,9 +44,23 @@ async fn appended_entries_read_back_in_order_after_reopen() {
     let (m, state) = store.load_group(&group()).unwrap().unwrap();
     assert_eq!(m.last_seq, 5);
     assert_eq!(state, b"state");
-    let seqs: Vec<u64> = store.read_log(&group(), 2, 10).unwrap().iter().map(|e| e.seq).collect();
+    let seqs: Vec<u64> = store
+        .read_log(&group(), 2, 10)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
     assert_eq!(seqs, vec![3, 4, 5]);
-    assert_eq!(store.dedupe(&group(), &DeviceId::from_bytes([1; 16]), &ClientMsgId([4; 16])).unwrap(), Some(4));
+    assert_eq!(
+        store
+            .dedupe(
+                &group(),
+                &DeviceId::from_bytes([1; 16]),
+                &ClientMsgId([4; 16])
+            )
+            .unwrap(),
+        Some(4)
+    );
 }
 
 #[tokio::test]
@@ -57,19 +78,34 @@ async fn format_version_mismatch_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     {
         let db = sled::open(dir.path()).unwrap();
-        db.open_tree("meta").unwrap().insert(FORMAT_KEY, &99u32.to_be_bytes()).unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert(FORMAT_KEY, &99u32.to_be_bytes())
+            .unwrap();
         db.flush().unwrap();
         drop(db);
     }
     let err = Store::open(dir.path()).err().expect("open must fail");
-    assert!(matches!(err, StorageError::FormatVersion { found: 99, expected: FORMAT_VERSION }), "{err}");
+    assert!(
+        matches!(
+            err,
+            StorageError::FormatVersion {
+                found: 99,
+                expected: FORMAT_VERSION
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn corrupt_log_entry_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    store.groups.insert(keys::log(&group(), 1), &b"\xc1garbage"[..]).unwrap();
+    store
+        .groups
+        .insert(keys::log(&group(), 1), &b"\xc1garbage"[..])
+        .unwrap();
     let err = store.read_log(&group(), 0, 10).unwrap_err();
     assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
 }
@@ -88,7 +124,11 @@ async fn one_time_key_package_is_claimed_once_then_last_resort() {
         device,
     };
     let available = store
-        .put_key_packages(&device, &[record(1, 100, false), record(2, 10, false)], Some(&record(9, 100, true)))
+        .put_key_packages(
+            &device,
+            &[record(1, 100, false), record(2, 10, false)],
+            Some(&record(9, 100, true)),
+        )
         .unwrap();
     assert_eq!(available, 2);
 
@@ -109,13 +149,33 @@ async fn prune_removes_entries_and_dedupe_ids() {
     let store = Store::open(dir.path()).unwrap();
     store.create_group(&group(), &meta(0), b"s").unwrap();
     for seq in 1..=4 {
-        store.append(&group(), &entry(seq, seq as u8), &meta(seq), None, &[]).unwrap();
+        store
+            .append(&group(), &entry(seq, seq as u8), &meta(seq), None, &[])
+            .unwrap();
     }
     assert_eq!(store.last_seq_before(&group(), 2500).unwrap(), Some(2));
-    let removed = store.prune(&group(), 2, &GroupMeta { first_seq: 3, ..meta(4) }).unwrap();
+    let removed = store
+        .prune(
+            &group(),
+            2,
+            &GroupMeta {
+                first_seq: 3,
+                ..meta(4)
+            },
+        )
+        .unwrap();
     assert_eq!(removed, 2);
     assert_eq!(store.read_log(&group(), 0, 10).unwrap().len(), 2);
-    assert_eq!(store.dedupe(&group(), &DeviceId::from_bytes([1; 16]), &ClientMsgId([1; 16])).unwrap(), None);
+    assert_eq!(
+        store
+            .dedupe(
+                &group(),
+                &DeviceId::from_bytes([1; 16]),
+                &ClientMsgId([1; 16])
+            )
+            .unwrap(),
+        None
+    );
     assert_eq!(store.load_group(&group()).unwrap().unwrap().0.first_seq, 3);
 }
 
@@ -140,9 +200,18 @@ async fn device_key_cannot_move_to_another_account() {
         registered_at_ms: 1,
     };
     assert_eq!(store.register_device(&record).unwrap(), Registration::New);
-    assert!(matches!(store.register_device(&record).unwrap(), Registration::Existing(_)));
-    let stolen = DeviceRecord { account: "mallory".into(), ..record };
-    assert!(matches!(store.register_device(&stolen), Err(StorageError::DeviceOwnedElsewhere { .. })));
+    assert!(matches!(
+        store.register_device(&record).unwrap(),
+        Registration::Existing(_)
+    ));
+    let stolen = DeviceRecord {
+        account: "mallory".into(),
+        ..record
+    };
+    assert!(matches!(
+        store.register_device(&stolen),
+        Err(StorageError::DeviceOwnedElsewhere { .. })
+    ));
     assert_eq!(store.account_devices("alice").unwrap().len(), 1);
     assert!(store.account_devices("mallory").unwrap().is_empty());
 }

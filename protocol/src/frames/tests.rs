@@ -2,7 +2,11 @@ use super::*;
 use crate::{ClientMsgId, GroupId};
 
 fn frame(body: ClientBody) -> ClientFrame {
-    ClientFrame { v: PROTOCOL_VERSION, id: 7, body }
+    ClientFrame {
+        v: PROTOCOL_VERSION,
+        id: 7,
+        body,
+    }
 }
 
 #[test]
@@ -11,8 +15,16 @@ fn client_frames_round_trip() {
     let bodies = [
         ClientBody::Ping,
         ClientBody::Welcomes,
-        ClientBody::Send { group: group.clone(), msg_id: ClientMsgId([3; 16]), message: vec![1, 2] },
-        ClientBody::Sync { group, after: 4, limit: 10 },
+        ClientBody::Send {
+            group: group.clone(),
+            msg_id: ClientMsgId([3; 16]),
+            message: vec![1, 2],
+        },
+        ClientBody::Sync {
+            group,
+            after: 4,
+            limit: 10,
+        },
     ];
     for body in bodies {
         let f = frame(body);
@@ -32,7 +44,12 @@ fn unknown_type_is_not_malformed() {
         id: u64,
         body: Body,
     }
-    let bytes = rmp_serde::to_vec_named(&Raw { v: 1, id: 9, body: Body { t: "teleport" } }).unwrap();
+    let bytes = rmp_serde::to_vec_named(&Raw {
+        v: 1,
+        id: 9,
+        body: Body { t: "teleport" },
+    })
+    .unwrap();
     let (id, err) = decode_client(&bytes).unwrap_err();
     assert_eq!(id, 9);
     assert_eq!(err.code(), ErrorCode::UnknownFrameType);
