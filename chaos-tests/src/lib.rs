@@ -50,15 +50,12 @@ impl NodeProcess {
         let deadline = Instant::now() + Duration::from_secs(60);
         while addr.is_none() || metrics.is_none() || fingerprint.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = match rx.recv_timeout(left) {
-                Ok(line) => line,
-                Err(_) => {
-                    let _ = child.kill();
-                    anyhow::bail!(
-                        "node in {} did not report its address within 60 s",
-                        data_dir.display()
-                    );
-                }
+            let Ok(line) = rx.recv_timeout(left) else {
+                let _ = child.kill();
+                anyhow::bail!(
+                    "node in {} did not report its address within 60 s",
+                    data_dir.display()
+                );
             };
             if let Some(rest) = line.strip_prefix("atlas node listening on wss://") {
                 addr = rest.trim_end_matches("/v1/ws").parse().ok();

@@ -295,7 +295,7 @@ impl Client {
         let mut one_time = Vec::with_capacity(count);
         for _ in 0..count {
             let bundle = KeyPackage::builder()
-                .key_package_lifetime(lifetime.clone())
+                .key_package_lifetime(lifetime)
                 .build(CIPHERSUITE, &self.provider, &self.signer, self.credential())
                 .map_err(mls)?;
             let message = MlsMessageOut::from(bundle.key_package().clone());

@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node.
-    Node(NodeFlags),
+    Node(Box<NodeFlags>),
     /// Run a node on a free port with three demo clients and check the outcome.
     Demo {
         /// Print the node's logs too.
@@ -40,7 +40,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Node(flags) => run_node(flags),
+        Command::Node(flags) => run_node(*flags),
         Command::Demo { verbose } => {
             init_tracing(if verbose { "info" } else { "warn" }, LogFormat::Text);
             block_on(demo::run())
