@@ -173,6 +173,12 @@ impl Client {
         Ok(client)
     }
 
+    /// Returns whether `dir` contains a saved client state, so that a caller can tell opening an
+    /// existing device from creating a new one before it calls [`Client::open`].
+    pub fn state_exists(dir: &Path) -> bool {
+        SavedState::exists(dir)
+    }
+
     /// The account this device belongs to.
     pub fn account(&self) -> &str {
         &self.account
@@ -195,6 +201,18 @@ impl Client {
     /// The last log position this client has processed in a group.
     pub fn cursor(&self, group: &GroupId) -> Option<u64> {
         self.groups.get(group.as_bytes()).map(|g| g.cursor)
+    }
+
+    /// Lists the accounts that have at least one device in the group, sorted and without
+    /// duplicates, as this client's MLS state records them. The list is current only up to the
+    /// client's cursor in the group.
+    pub fn members(&self, group: &GroupId) -> Result<Vec<String>, ClientError> {
+        let accounts: std::collections::BTreeSet<String> = self
+            .load_group(group)?
+            .members()
+            .map(|m| String::from_utf8_lossy(m.credential.serialized_content()).into_owned())
+            .collect();
+        Ok(accounts.into_iter().collect())
     }
 
     /// Connects to `url` (`wss://host:port/v1/ws`), verifies the server and logs in. The first
@@ -536,6 +554,26 @@ impl Client {
         Err(ClientError::Mls(format!(
             "commit to group {group} lost the epoch race {MAX_EPOCH_RETRIES} times"
         )))
+    }
+
+    /// Encrypts a text message for the group's current epoch without sending it, and returns
+    /// the MLS PrivateMessage bytes. Load generators use it to pre-encrypt a payload; sending
+    /// the same ciphertext twice is something real clients never do.
+    pub fn encrypt(&mut self, group: &GroupId, text: &str) -> Result<Vec<u8>, ClientError> {
+        let mut mls_group = self.load_group(group)?;
+        let message = mls_group
+            .create_message(&self.provider, &self.signer, text.as_bytes())
+            .map_err(mls)?
+            .tls_serialize_detached()
+            .map_err(mls)?;
+        self.save()?;
+        Ok(message)
+    }
+
+    /// Takes the logged-in connection out of the client, for callers that drive the protocol
+    /// directly (load generators). The client is disconnected afterwards.
+    pub fn take_connection(&mut self) -> Option<RawConnection> {
+        self.conn.take().map(|conn| RawConnection { conn })
     }
 
     /// Encrypts and sends a text message. Returns its sequence number.
@@ -915,6 +953,21 @@ impl RawConnection {
     /// Sends bytes without waiting for a response.
     pub async fn send_raw(&self, bytes: Vec<u8>) -> Result<(), ClientError> {
         self.conn.send_raw(bytes).await
+    }
+
+    /// Waits for the next push (a frame with id 0 other than the challenge); `None` once the
+    /// connection is closed.
+    pub async fn next_push(&mut self) -> Option<ServerBody> {
+        self.conn.pushes.recv().await
+    }
+
+    /// Takes the channel of pushes, so one task can read pushes while others send requests.
+    /// Later calls to [`RawConnection::next_push`] return `None`.
+    pub fn take_pushes(&mut self) -> tokio::sync::mpsc::UnboundedReceiver<ServerBody> {
+        std::mem::replace(
+            &mut self.conn.pushes,
+            tokio::sync::mpsc::unbounded_channel().1,
+        )
     }
 
     /// Waits up to `wait` for the server to close the connection; returns its close frame.

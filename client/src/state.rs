@@ -77,6 +77,10 @@ impl SavedState {
         })
     }
 
+    pub(crate) fn exists(dir: &Path) -> bool {
+        dir.join(STATE_FILE).is_file()
+    }
+
     pub(crate) fn load(dir: &Path) -> Result<Option<Self>, ClientError> {
         let path = dir.join(STATE_FILE);
         let bytes = match std::fs::read(&path) {

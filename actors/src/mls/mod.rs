@@ -344,3 +344,6 @@ pub fn check_welcome(bytes: &[u8]) -> Result<(), MlsError> {
         _ => Err(MlsError::Unexpected("expected a Welcome".into())),
     }
 }
+
+#[cfg(test)]
+mod tests;

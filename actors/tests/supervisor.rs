@@ -1,0 +1,197 @@
+//! Group actors under their supervisor: restart after a crash, idle stop, pushes after
+//! durability. Real sled storage and real openmls messages; no network.
+
+use atlas_actors::{
+    ActorMetrics, Deliver, GroupError, GroupMsg, GroupSettings, GroupSupervisor, Submission,
+    SupervisorArgs, SupervisorMsg, create_group,
+};
+use atlas_protocol::{Accepted, ClientMsgId, DeviceId, GroupId};
+use atlas_storage::Store;
+use openmls::prelude::tls_codec::Serialize as _;
+use openmls::prelude::*;
+use openmls_basic_credential::SignatureKeyPair;
+use openmls_rust_crypto::OpenMlsRustCrypto;
+use openmls_traits::OpenMlsProvider;
+use ractor::{Actor, ActorRef};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const SUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+
+#[derive(Default)]
+struct Recorder(Mutex<Vec<(Vec<DeviceId>, usize)>>);
+
+impl Deliver for Recorder {
+    fn push(&self, devices: &[DeviceId], frame: bytes::Bytes) {
+        self.0.lock().unwrap().push((devices.to_vec(), frame.len()));
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    supervisor: ActorRef<SupervisorMsg>,
+    group: GroupId,
+    device: DeviceId,
+    message: Vec<u8>,
+    recorder: Arc<Recorder>,
+}
+
+async fn fixture(settings: GroupSettings) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let provider = OpenMlsRustCrypto::default();
+    let signer = SignatureKeyPair::new(SUITE.signature_algorithm()).unwrap();
+    let credential = CredentialWithKey {
+        credential: BasicCredential::new(b"alice".to_vec()).into(),
+        signature_key: signer.public().into(),
+    };
+    let config = MlsGroupCreateConfig::builder()
+        .ciphersuite(SUITE)
+        .use_ratchet_tree_extension(true)
+        .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
+        .build();
+    let mut mls_group = MlsGroup::new_with_group_id(
+        &provider,
+        &signer,
+        &config,
+        openmls::group::GroupId::from_slice(b"room"),
+        credential,
+    )
+    .unwrap();
+    let info = mls_group
+        .export_group_info(provider.crypto(), &signer, true)
+        .unwrap()
+        .tls_serialize_detached()
+        .unwrap();
+    let group = GroupId::new(b"room".to_vec()).unwrap();
+    let device = DeviceId::for_key(signer.public());
+    create_group(&store, &group, &info, &device).unwrap();
+    let message = mls_group
+        .create_message(&provider, &signer, b"hello")
+        .unwrap()
+        .tls_serialize_detached()
+        .unwrap();
+
+    let recorder = Arc::new(Recorder::default());
+    let args = SupervisorArgs {
+        store,
+        deliver: recorder.clone(),
+        settings,
+        metrics: ActorMetrics::unregistered(),
+    };
+    let (supervisor, _) = Actor::spawn(None, GroupSupervisor, args).await.unwrap();
+    Fixture {
+        _dir: dir,
+        supervisor,
+        group,
+        device,
+        message,
+        recorder,
+    }
+}
+
+async fn lookup(f: &Fixture) -> ActorRef<GroupMsg> {
+    let group = f.group.clone();
+    ractor::call!(f.supervisor, |reply| SupervisorMsg::Lookup { group, reply })
+        .unwrap()
+        .unwrap()
+}
+
+async fn submit(f: &Fixture, id: u8) -> Result<Accepted, GroupError> {
+    let actor = lookup(f).await;
+    let submission = Submission::Application {
+        message: f.message.clone(),
+    };
+    let sender = f.device;
+    ractor::call!(actor, |reply| GroupMsg::Submit {
+        sender,
+        msg_id: ClientMsgId([id; 16]),
+        submission,
+        reply,
+    })
+    .unwrap()
+}
+
+async fn actors_alive(f: &Fixture) -> usize {
+    ractor::call!(f.supervisor, SupervisorMsg::Count).unwrap()
+}
+
+#[tokio::test]
+async fn killed_actor_restarts_from_storage() {
+    let f = fixture(GroupSettings::default()).await;
+    assert_eq!(submit(&f, 1).await.unwrap().seq, 1);
+    let first = lookup(&f).await;
+    first.kill();
+    for _ in 0..100 {
+        if actors_alive(&f).await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        actors_alive(&f).await,
+        0,
+        "supervisor did not notice the crash"
+    );
+
+    // A fresh actor continues the sequence and still knows the first message id.
+    assert_eq!(submit(&f, 2).await.unwrap().seq, 2);
+    assert_ne!(lookup(&f).await.get_id(), first.get_id());
+    let retry = submit(&f, 1).await.unwrap();
+    assert_eq!((retry.seq, retry.duplicate), (1, true));
+}
+
+#[tokio::test]
+async fn idle_actor_stops() {
+    let settings = GroupSettings {
+        idle_timeout: Duration::from_millis(100),
+        tick_interval: Duration::from_millis(50),
+        ..GroupSettings::default()
+    };
+    let f = fixture(settings).await;
+    submit(&f, 1).await.unwrap();
+    assert_eq!(actors_alive(&f).await, 1);
+    let mut stopped = false;
+    for _ in 0..100 {
+        if actors_alive(&f).await == 0 {
+            stopped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(stopped, "idle actor still running");
+    assert_eq!(submit(&f, 2).await.unwrap().seq, 2);
+}
+
+#[tokio::test]
+async fn sender_gets_no_push_of_its_own_message() {
+    let f = fixture(GroupSettings::default()).await;
+    submit(&f, 1).await.unwrap();
+    let pushes = f.recorder.0.lock().unwrap().clone();
+    assert_eq!(pushes.len(), 1);
+    assert!(
+        pushes[0].0.is_empty(),
+        "the only member is the sender: {pushes:?}"
+    );
+}
+
+#[tokio::test]
+async fn non_member_submission_is_refused_and_not_stored() {
+    let f = fixture(GroupSettings::default()).await;
+    let actor = lookup(&f).await;
+    let submission = Submission::Application {
+        message: f.message.clone(),
+    };
+    let result = ractor::call!(actor, |reply| GroupMsg::Submit {
+        sender: DeviceId::from_bytes([9; 16]),
+        msg_id: ClientMsgId([3; 16]),
+        submission,
+        reply,
+    })
+    .unwrap();
+    assert!(
+        matches!(result, Err(GroupError::NotMember(_))),
+        "{result:?}"
+    );
+    assert_eq!(submit(&f, 4).await.unwrap().seq, 1);
+}

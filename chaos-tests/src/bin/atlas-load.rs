@@ -1,0 +1,720 @@
+//! `atlas-load`: the load generator of the benchmarks in `docs/benchmarks.md`.
+//!
+//! Run from the workspace root after `cargo build --release -p atlas-ops -p atlas-chaos`:
+//!
+//! ```sh
+//! target/release/atlas-load all --atlas-bin target/release/atlas
+//! ```
+//!
+//! It starts a real Atlas node process and a baseline server (a minimal rustls + WebSocket
+//! broadcast server that speaks the same frames with no storage, no MLS and no checks), drives
+//! both over TLS WebSocket with the same workload and prints the results as Markdown:
+//! - saturation: every device keeps `--window` sends in flight for `--seconds`; acknowledged
+//!   sends/s and pushes delivered/s;
+//! - latency: every device sends at a fixed rate so the total is half the saturation rate;
+//!   p50 and p99 from send to acknowledgement;
+//! - idle: `--idle` logged-in connections that do nothing; resident memory per connection.
+//!
+//! Atlas devices are real MLS clients: groups are built with openmls through the SDK, and each
+//! device pre-encrypts one application message that it then sends repeatedly under fresh
+//! message ids (the server neither decrypts nor detects the repeat).
+
+use atlas_chaos::NodeProcess;
+use atlas_client::{Client, RawConnection, ServerTrust};
+use atlas_protocol::{
+    ClientBody, ClientMsgId, GroupId, PROTOCOL_VERSION, ServerBody, ServerFrame, login_transcript,
+};
+use clap::{Parser, Subcommand};
+use ed25519_dalek::{Signer as _, SigningKey};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use rand::RngCore;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(name = "atlas-load", about = "Load generator for Atlas benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every workload against Atlas and the baseline and print a Markdown report.
+    All(LoadArgs),
+    /// Run the baseline server (used by `all` as a child process).
+    BaselineServer,
+}
+
+#[derive(clap::Args, Clone)]
+struct LoadArgs {
+    /// Path of the `atlas` binary.
+    #[arg(long, default_value = "target/release/atlas")]
+    atlas_bin: PathBuf,
+    /// Number of devices, each with its own connection.
+    #[arg(long, default_value_t = 1000)]
+    devices: usize,
+    /// Devices per group.
+    #[arg(long, default_value_t = 10)]
+    group_size: usize,
+    /// Duration of each measured phase, in seconds.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Sends each device keeps in flight during the saturation phase.
+    #[arg(long, default_value_t = 4)]
+    window: usize,
+    /// Idle connections for the memory phase (0 skips it).
+    #[arg(long, default_value_t = 10_000)]
+    idle: usize,
+    /// Size of the plaintext of each message, in bytes.
+    #[arg(long, default_value_t = 100)]
+    message_bytes: usize,
+    /// Skip the baseline server.
+    #[arg(long)]
+    no_baseline: bool,
+}
+
+/// One loaded device: its connection, its group and the ciphertext it sends.
+struct Device {
+    conn: RawConnection,
+    group: GroupId,
+    payload: Vec<u8>,
+}
+
+/// Results of one target.
+#[derive(Default, Debug)]
+struct Report {
+    sends_per_sec: f64,
+    deliveries_per_sec: f64,
+    errors: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    half_rate: f64,
+    idle_kib_per_conn: f64,
+    idle_connections: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::All(args) => runtime.block_on(run_all(args)),
+        Command::BaselineServer => runtime.block_on(baseline::serve()),
+    }
+}
+
+async fn run_all(args: LoadArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.group_size >= 2, "--group-size must be at least 2");
+    anyhow::ensure!(
+        args.devices % args.group_size == 0,
+        "--devices {} is not a multiple of --group-size {}",
+        args.devices,
+        args.group_size
+    );
+    let dir = scratch_dir()?;
+    eprintln!("scratch directory {}", dir.path().display());
+
+    eprintln!("== atlas: starting node {}", args.atlas_bin.display());
+    let node = NodeProcess::start(&args.atlas_bin, &dir.path().join("node"), &[])?;
+    let trust = ServerTrust::fingerprint(&node.fingerprint)?;
+    let devices = setup_atlas(&args, dir.path(), &node.url(), &trust).await?;
+    let atlas = measure(&args, devices, &node.url(), &trust, node.pid(), true).await?;
+    drop(node);
+
+    let baseline = if args.no_baseline {
+        None
+    } else {
+        eprintln!("== baseline: starting server");
+        let server = baseline::Process::start()?;
+        let trust = ServerTrust::fingerprint(&server.fingerprint)?;
+        let devices = setup_baseline(&args, &server.url(), &trust).await?;
+        Some(measure(&args, devices, &server.url(), &trust, server.pid(), false).await?)
+    };
+    print_report(&args, &atlas, baseline.as_ref());
+    Ok(())
+}
+
+/// A directory on tmpfs when available: client state files are fsync'd on every change, and
+/// the benchmark measures the node, not the generator's disk.
+fn scratch_dir() -> anyhow::Result<tempfile::TempDir> {
+    let shm = Path::new("/dev/shm");
+    Ok(if shm.is_dir() {
+        tempfile::tempdir_in(shm)?
+    } else {
+        tempfile::tempdir()?
+    })
+}
+
+async fn setup_atlas(
+    args: &LoadArgs,
+    dir: &Path,
+    url: &str,
+    trust: &ServerTrust,
+) -> anyhow::Result<Vec<Device>> {
+    let started = Instant::now();
+    let groups = args.devices / args.group_size;
+    let text = "x".repeat(args.message_bytes);
+    let mut devices = Vec::with_capacity(args.devices);
+    let mut done = 0;
+    let mut tasks = futures_util::stream::iter((0..groups).map(|g| {
+        let (dir, url, trust, text) = (dir.to_owned(), url.to_owned(), trust.clone(), text.clone());
+        let size = args.group_size;
+        async move { setup_group(g, size, &dir, &url, &trust, &text).await }
+    }))
+    .buffer_unordered(8);
+    while let Some(group) = tasks.next().await {
+        devices.extend(group?);
+        done += 1;
+        if done % 10 == 0 || done == groups {
+            eprintln!(
+                "   set up {done}/{groups} MLS groups ({:.0?})",
+                started.elapsed()
+            );
+        }
+    }
+    Ok(devices)
+}
+
+async fn setup_group(
+    index: usize,
+    size: usize,
+    dir: &Path,
+    url: &str,
+    trust: &ServerTrust,
+    text: &str,
+) -> anyhow::Result<Vec<Device>> {
+    let mut clients = Vec::with_capacity(size);
+    for member in 0..size {
+        let account = format!("g{index}-m{member}");
+        let mut client = Client::open(&dir.join(&account), &account)?;
+        client.connect(url, trust).await?;
+        client.publish_key_packages(1).await?;
+        clients.push(client);
+    }
+    let group = clients[0].create_group(&format!("load{index}")).await?;
+    let others: Vec<String> = clients[1..]
+        .iter()
+        .map(|c| c.account().to_owned())
+        .collect();
+    let others: Vec<&str> = others.iter().map(String::as_str).collect();
+    clients[0].add_members(&group, &others).await?;
+    let mut devices = Vec::with_capacity(size);
+    for mut client in clients {
+        client.sync().await?;
+        let payload = client.encrypt(&group, text)?;
+        let conn = client
+            .take_connection()
+            .ok_or_else(|| anyhow::anyhow!("client {} has no connection", client.account()))?;
+        devices.push(Device {
+            conn,
+            group: group.clone(),
+            payload,
+        });
+    }
+    Ok(devices)
+}
+
+async fn setup_baseline(
+    args: &LoadArgs,
+    url: &str,
+    trust: &ServerTrust,
+) -> anyhow::Result<Vec<Device>> {
+    let mut devices = Vec::with_capacity(args.devices);
+    for i in 0..args.devices {
+        let group = GroupId::new(format!("base{}", i / args.group_size).into_bytes())?;
+        let conn = raw_login(url, trust, &format!("b{i}")).await?;
+        // The baseline learns group membership from a sync request.
+        conn.request(ClientBody::Sync {
+            group: group.clone(),
+            after: 0,
+            limit: 1,
+        })
+        .await?;
+        let mut payload = vec![0u8; args.message_bytes + 60];
+        rand::thread_rng().fill_bytes(&mut payload);
+        devices.push(Device {
+            conn,
+            group,
+            payload,
+        });
+    }
+    Ok(devices)
+}
+
+async fn raw_login(url: &str, trust: &ServerTrust, account: &str) -> anyhow::Result<RawConnection> {
+    let (conn, challenge) = RawConnection::open(url, trust).await?;
+    let ServerBody::Challenge {
+        nonce, server_name, ..
+    } = challenge
+    else {
+        anyhow::bail!("first frame from {url} was not a challenge");
+    };
+    let key = SigningKey::generate(&mut rand::rngs::OsRng);
+    let login = ClientBody::Login {
+        account: account.to_owned(),
+        device_key: key.verifying_key().to_bytes().to_vec(),
+        signature: key
+            .sign(&login_transcript(&server_name, &nonce))
+            .to_bytes()
+            .to_vec(),
+    };
+    match conn.request(login).await? {
+        ServerBody::LoggedIn { .. } => Ok(conn),
+        other => anyhow::bail!("login as {account} failed: {other:?}"),
+    }
+}
+
+fn msg_id() -> ClientMsgId {
+    let mut id = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut id);
+    ClientMsgId(id)
+}
+
+async fn measure(
+    args: &LoadArgs,
+    mut devices: Vec<Device>,
+    url: &str,
+    trust: &ServerTrust,
+    pid: u32,
+    atlas: bool,
+) -> anyhow::Result<Report> {
+    let deliveries = Arc::new(AtomicU64::new(0));
+    for device in &mut devices {
+        let mut pushes = device.conn.take_pushes();
+        let deliveries = Arc::clone(&deliveries);
+        tokio::spawn(async move {
+            while let Some(push) = pushes.recv().await {
+                if matches!(push, ServerBody::Push { .. }) {
+                    deliveries.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    let devices: Vec<Arc<Device>> = devices.into_iter().map(Arc::new).collect();
+    let mut report = Report::default();
+
+    eprintln!(
+        "   saturation: {} devices, window {}, {} s",
+        devices.len(),
+        args.window,
+        args.seconds
+    );
+    let acked = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let before = deliveries.load(Ordering::Relaxed);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for device in &devices {
+        let (device, acked, errors) = (Arc::clone(device), Arc::clone(&acked), Arc::clone(&errors));
+        let window = args.window;
+        tasks.push(tokio::spawn(async move {
+            let mut in_flight = FuturesUnordered::new();
+            loop {
+                while in_flight.len() < window && Instant::now() < deadline {
+                    in_flight.push(send_once(&device));
+                }
+                match in_flight.next().await {
+                    Some(Ok(_)) => acked.fetch_add(1, Ordering::Relaxed),
+                    Some(Err(_)) => errors.fetch_add(1, Ordering::Relaxed),
+                    None => break,
+                };
+            }
+        }));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // Pushes of the last acknowledged sends may still be in flight; wait for them briefly.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    report.sends_per_sec = acked.load(Ordering::Relaxed) as f64 / elapsed;
+    report.deliveries_per_sec = (deliveries.load(Ordering::Relaxed) - before) as f64 / elapsed;
+    report.errors = errors.load(Ordering::Relaxed);
+    eprintln!(
+        "   {:.0} sends/s, {:.0} deliveries/s, {} errors",
+        report.sends_per_sec, report.deliveries_per_sec, report.errors
+    );
+
+    report.half_rate = report.sends_per_sec / 2.0;
+    let per_device = report.half_rate / devices.len() as f64;
+    eprintln!(
+        "   latency at {:.0} sends/s ({per_device:.2}/s per device)",
+        report.half_rate
+    );
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let mut tasks = Vec::new();
+    for (i, device) in devices.iter().enumerate() {
+        let (device, latencies, errors) = (
+            Arc::clone(device),
+            Arc::clone(&latencies),
+            Arc::clone(&errors),
+        );
+        let period = Duration::from_secs_f64(1.0 / per_device.max(0.01));
+        // Spread the first sends over one period so devices do not fire in lockstep.
+        let offset = period.mul_f64(i as f64 / devices.len() as f64);
+        tasks.push(tokio::spawn(async move {
+            let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
+            let mut pending = FuturesUnordered::new();
+            loop {
+                tokio::select! {
+                    _ = ticker.tick(), if Instant::now() < deadline => {
+                        let device = Arc::clone(&device);
+                        pending.push(async move {
+                            let sent = Instant::now();
+                            send_once(&device).await.map(|_| sent.elapsed())
+                        });
+                    }
+                    Some(result) = pending.next() => match result {
+                        Ok(latency) => latencies.lock().unwrap_or_else(|p| p.into_inner()).push(latency),
+                        Err(_) => { errors.fetch_add(1, Ordering::Relaxed); }
+                    },
+                    else => break,
+                }
+                if Instant::now() >= deadline && pending.is_empty() {
+                    break;
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    let mut latencies = std::mem::take(&mut *latencies.lock().unwrap_or_else(|p| p.into_inner()));
+    latencies.sort();
+    let pick = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
+    };
+    report.p50_ms = pick(0.50);
+    report.p99_ms = pick(0.99);
+    eprintln!(
+        "   p50 {:.2} ms, p99 {:.2} ms over {} sends",
+        report.p50_ms,
+        report.p99_ms,
+        latencies.len()
+    );
+    drop(devices);
+
+    if args.idle > 0 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let rss_before = rss_kib(pid)?;
+        eprintln!("   idle: opening {} connections", args.idle);
+        let mut idle = Vec::with_capacity(args.idle);
+        let mut opening = futures_util::stream::iter((0..args.idle).map(|i| {
+            let (url, trust) = (url.to_owned(), trust.clone());
+            let account = if atlas {
+                format!("idle{i}")
+            } else {
+                format!("bi{i}")
+            };
+            async move { raw_login(&url, &trust, &account).await }
+        }))
+        .buffer_unordered(64);
+        while let Some(conn) = opening.next().await {
+            idle.push(conn?);
+            if idle.len() % 2000 == 0 {
+                eprintln!("   {} idle connections open", idle.len());
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rss_after = rss_kib(pid)?;
+        report.idle_connections = idle.len();
+        report.idle_kib_per_conn =
+            (rss_after.saturating_sub(rss_before)) as f64 / idle.len() as f64;
+        eprintln!(
+            "   RSS {rss_before} KiB -> {rss_after} KiB: {:.1} KiB per idle connection",
+            report.idle_kib_per_conn
+        );
+    }
+    Ok(report)
+}
+
+async fn send_once(device: &Device) -> anyhow::Result<()> {
+    let body = ClientBody::Send {
+        group: device.group.clone(),
+        msg_id: msg_id(),
+        message: device.payload.clone(),
+    };
+    match device.conn.request(body).await? {
+        ServerBody::Accepted(_) => Ok(()),
+        other => anyhow::bail!("unexpected response {other:?}"),
+    }
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS for process {pid}"))
+}
+
+fn print_report(args: &LoadArgs, atlas: &Report, baseline: Option<&Report>) {
+    println!(
+        "Workload: {} devices in groups of {}, {} B plaintext, window {}, {} s per phase, {} idle connections.\n",
+        args.devices, args.group_size, args.message_bytes, args.window, args.seconds, args.idle
+    );
+    println!("| metric | Atlas | baseline | Atlas / baseline |");
+    println!("| --- | --- | --- | --- |");
+    let row = |name: &str, a: f64, b: Option<f64>, unit: &str| {
+        let (b_text, ratio) = match b {
+            Some(b) => (format!("{b:.1} {unit}"), format!("{:.2}", a / b)),
+            None => ("-".into(), "-".into()),
+        };
+        println!("| {name} | {a:.1} {unit} | {b_text} | {ratio} |");
+    };
+    row(
+        "acknowledged sends/s at saturation",
+        atlas.sends_per_sec,
+        baseline.map(|b| b.sends_per_sec),
+        "",
+    );
+    row(
+        "deliveries/s at saturation",
+        atlas.deliveries_per_sec,
+        baseline.map(|b| b.deliveries_per_sec),
+        "",
+    );
+    row(
+        "p50 send-to-ack at half load",
+        atlas.p50_ms,
+        baseline.map(|b| b.p50_ms),
+        "ms",
+    );
+    row(
+        "p99 send-to-ack at half load",
+        atlas.p99_ms,
+        baseline.map(|b| b.p99_ms),
+        "ms",
+    );
+    row(
+        "resident memory per idle connection",
+        atlas.idle_kib_per_conn,
+        baseline.map(|b| b.idle_kib_per_conn),
+        "KiB",
+    );
+    println!(
+        "\nHalf load: Atlas {:.0} sends/s{}. Errors: Atlas {}{}.",
+        atlas.half_rate,
+        baseline
+            .map(|b| format!(", baseline {:.0} sends/s", b.half_rate))
+            .unwrap_or_default(),
+        atlas.errors,
+        baseline
+            .map(|b| format!(", baseline {}", b.errors))
+            .unwrap_or_default(),
+    );
+}
+
+/// The do-nothing baseline: TLS 1.3 (rustls), WebSocket (tungstenite), MessagePack frames, an
+/// acknowledgement per send and a broadcast to the group's other connections. No login check,
+/// no MLS, no storage, no ordering guarantees beyond one lock per group.
+mod baseline {
+    use super::*;
+    use atlas_protocol::{Accepted, DeviceId, EntryKind, LogEntry, decode_client, encode_server};
+    use futures_util::SinkExt;
+    use std::collections::HashMap;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Child, Command, Stdio};
+    use std::sync::Mutex;
+    use tokio::sync::mpsc;
+    use tokio_tungstenite::tungstenite::Message;
+
+    type Groups = Arc<Mutex<HashMap<GroupId, (u64, Vec<(u64, mpsc::Sender<Message>)>)>>>;
+
+    pub(super) struct Process {
+        child: Child,
+        port: u16,
+        pub(super) fingerprint: String,
+    }
+
+    impl Process {
+        pub(super) fn start() -> anyhow::Result<Self> {
+            let mut child = Command::new(std::env::current_exe()?)
+                .arg("baseline-server")
+                .stdout(Stdio::piped())
+                .spawn()?;
+            let stdout = child
+                .stdout
+                .take()
+                .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+            let mut lines = BufReader::new(stdout).lines();
+            let port = lines
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("baseline exited"))??;
+            let fingerprint = lines
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("baseline exited"))??;
+            Ok(Self {
+                child,
+                port: port.trim().parse()?,
+                fingerprint: fingerprint.trim().to_owned(),
+            })
+        }
+
+        pub(super) fn url(&self) -> String {
+            format!("wss://localhost:{}/v1/ws", self.port)
+        }
+
+        pub(super) fn pid(&self) -> u32 {
+            self.child.id()
+        }
+    }
+
+    impl Drop for Process {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    pub(super) async fn serve() -> anyhow::Result<()> {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+        let der = cert.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(vec![der.clone()], key)?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        println!("{}", listener.local_addr()?.port());
+        println!("{}", atlas_client::fingerprint_hex(der.as_ref()));
+        let groups: Groups = Arc::default();
+        let next_conn = Arc::new(AtomicU64::new(0));
+        loop {
+            let (tcp, _) = listener.accept().await?;
+            let (acceptor, groups) = (acceptor.clone(), Arc::clone(&groups));
+            let conn_id = next_conn.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(ws) = tokio_tungstenite::accept_async(tls).await else {
+                    return;
+                };
+                connection(ws, groups, conn_id).await;
+            });
+        }
+    }
+
+    fn frame(id: u64, body: ServerBody) -> Message {
+        Message::Binary(
+            encode_server(&ServerFrame {
+                v: PROTOCOL_VERSION,
+                id,
+                body,
+            })
+            .into(),
+        )
+    }
+
+    async fn connection<S>(ws: tokio_tungstenite::WebSocketStream<S>, groups: Groups, conn_id: u64)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut sink, mut stream) = ws.split();
+        let (tx, mut rx) = mpsc::channel::<Message>(1024);
+        tokio::spawn(async move {
+            while let Some(message) = rx.recv().await {
+                if sink.send(message).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let challenge = ServerBody::Challenge {
+            nonce: vec![0; 32],
+            server_name: "localhost".into(),
+            max_frame_bytes: atlas_protocol::MAX_FRAME_BYTES as u32,
+        };
+        let _ = tx.send(frame(0, challenge)).await;
+        let device = DeviceId::from_bytes(
+            conn_id
+                .to_be_bytes()
+                .repeat(2)
+                .try_into()
+                .unwrap_or([0; 16]),
+        );
+        while let Some(Ok(message)) = stream.next().await {
+            let Message::Binary(bytes) = message else {
+                continue;
+            };
+            let Ok(request) = decode_client(&bytes) else {
+                continue;
+            };
+            let body = match request.body {
+                ClientBody::Login { account, .. } => ServerBody::LoggedIn {
+                    device,
+                    account,
+                    registered: true,
+                },
+                ClientBody::Sync { group, .. } => {
+                    let mut groups = groups.lock().unwrap_or_else(|p| p.into_inner());
+                    groups
+                        .entry(group.clone())
+                        .or_default()
+                        .1
+                        .push((conn_id, tx.clone()));
+                    ServerBody::Entries {
+                        group,
+                        entries: Vec::new(),
+                        head: 0,
+                        first_available: 1,
+                    }
+                }
+                ClientBody::Send {
+                    group,
+                    msg_id,
+                    message,
+                } => {
+                    let mut groups = groups.lock().unwrap_or_else(|p| p.into_inner());
+                    let (seq, members) = groups.entry(group.clone()).or_default();
+                    *seq += 1;
+                    let entry = LogEntry {
+                        seq: *seq,
+                        kind: EntryKind::Application,
+                        epoch: 1,
+                        sender: device,
+                        msg_id,
+                        accepted_at_ms: 0,
+                        payload: message,
+                    };
+                    let push = frame(
+                        0,
+                        ServerBody::Push {
+                            group: group.clone(),
+                            entry,
+                        },
+                    );
+                    for (member, queue) in members.iter() {
+                        if *member != conn_id {
+                            let _ = queue.try_send(push.clone());
+                        }
+                    }
+                    ServerBody::Accepted(Accepted {
+                        group,
+                        seq: *seq,
+                        epoch: 1,
+                        accepted_at_ms: 0,
+                        duplicate: false,
+                    })
+                }
+                _ => ServerBody::Pong,
+            };
+            if tx.send(frame(request.id, body)).await.is_err() {
+                break;
+            }
+        }
+    }
+}
