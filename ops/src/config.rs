@@ -153,3 +153,47 @@ impl NodeConfig {
         Duration::from_secs(self.ping_interval_secs.max(1))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_and_file_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("atlas.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:7000\"\nqueue_capacity = 8\n").unwrap();
+        let flags = NodeFlags {
+            config: Some(file),
+            queue_capacity: Some(16),
+            ..NodeFlags::default()
+        };
+        let config = flags.resolve().unwrap();
+        assert_eq!(config.listen, SocketAddr::from(([127, 0, 0, 1], 7000)));
+        assert_eq!(config.queue_capacity, 16);
+        assert_eq!(config.server_name, "localhost");
+    }
+
+    #[test]
+    fn unknown_config_key_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("atlas.toml");
+        std::fs::write(&file, "lisen = \"127.0.0.1:7000\"\n").unwrap();
+        let flags = NodeFlags {
+            config: Some(file.clone()),
+            ..NodeFlags::default()
+        };
+        let err = flags.resolve().unwrap_err().to_string();
+        assert!(err.contains("lisen"), "{err}");
+        assert!(err.contains(&file.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn zero_queue_capacity_is_refused() {
+        let flags = NodeFlags {
+            queue_capacity: Some(0),
+            ..NodeFlags::default()
+        };
+        assert!(flags.resolve().is_err());
+    }
+}

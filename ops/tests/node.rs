@@ -668,3 +668,69 @@ async fn sigterm_exits_cleanly_and_metrics_are_served() {
         .flatten();
     assert_eq!(close.map(|c| c.0), Some(1001));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connection_is_closed_by_keepalive() {
+    let setup = Setup::new(&["--ping-interval-secs", "1", "--idle-timeout-secs", "3"]);
+    let alice = setup.client("alice").await;
+    // A client that stops reading also stops answering pings.
+    alice.set_reading_paused(true);
+    let closed = wait_until(Duration::from_secs(20), || {
+        setup
+            .node
+            .metric("atlas_connections_closed_total{reason=\"keepalive\"}")
+            .unwrap_or(0.0)
+            >= 1.0
+    })
+    .await;
+    assert!(closed, "silent connection still open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_is_verified_by_ca_file_or_fingerprint() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let node_key = rcgen::KeyPair::generate().unwrap();
+    let node_params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    let node_cert = node_params.signed_by(&node_key, &issuer).unwrap();
+    let paths = ["ca.pem", "node.pem", "node-key.pem"].map(|n| dir.path().join(n));
+    std::fs::write(&paths[0], ca.pem()).unwrap();
+    std::fs::write(&paths[1], node_cert.pem()).unwrap();
+    std::fs::write(&paths[2], node_key.serialize_pem()).unwrap();
+
+    let args = [
+        "--tls-cert",
+        paths[1].to_str().unwrap(),
+        "--tls-key",
+        paths[2].to_str().unwrap(),
+    ];
+    let node = NodeProcess::start(Path::new(BIN), &dir.path().join("node"), &args).unwrap();
+    let mut client = Client::open(&dir.path().join("alice"), "alice").unwrap();
+    client
+        .connect(&node.url(), &ServerTrust::CaFile(paths[0].clone()))
+        .await
+        .unwrap();
+
+    // Another CA, or a wrong pin, is refused before any frame is exchanged.
+    let other_key = rcgen::KeyPair::generate().unwrap();
+    let mut other_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    other_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let other = other_params.self_signed(&other_key).unwrap();
+    let other_path = dir.path().join("other-ca.pem");
+    std::fs::write(&other_path, other.pem()).unwrap();
+    let err = client
+        .connect(&node.url(), &ServerTrust::CaFile(other_path))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, atlas_client::ClientError::Connect(_)),
+        "{err}"
+    );
+    let wrong_pin = ServerTrust::Fingerprint([7; 32]);
+    let err = client.connect(&node.url(), &wrong_pin).await.unwrap_err();
+    assert!(err.to_string().contains("fingerprint"), "{err}");
+}

@@ -66,7 +66,7 @@ impl Member {
             &self.provider,
             &self.signer,
             &config,
-            openmls::group::GroupId::from_slice(b"g1"),
+            GroupId::from_slice(b"g1"),
             self.credential(),
         )
         .unwrap()

@@ -111,7 +111,7 @@ fn main() -> anyhow::Result<()> {
 async fn run_all(args: LoadArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.group_size >= 2, "--group-size must be at least 2");
     anyhow::ensure!(
-        args.devices % args.group_size == 0,
+        args.devices.is_multiple_of(args.group_size),
         "--devices {} is not a multiple of --group-size {}",
         args.devices,
         args.group_size
@@ -160,7 +160,7 @@ async fn setup_atlas(
     let groups = args.devices / args.group_size;
     let text = "x".repeat(args.message_bytes);
     let mut devices = Vec::with_capacity(args.devices);
-    let mut done = 0;
+    let mut done = 0usize;
     let mut tasks = futures_util::stream::iter((0..groups).map(|g| {
         let (dir, url, trust, text) = (dir.to_owned(), url.to_owned(), trust.clone(), text.clone());
         let size = args.group_size;
@@ -170,7 +170,7 @@ async fn setup_atlas(
     while let Some(group) = tasks.next().await {
         devices.extend(group?);
         done += 1;
-        if done % 10 == 0 || done == groups {
+        if done.is_multiple_of(10) || done == groups {
             eprintln!(
                 "   set up {done}/{groups} MLS groups ({:.0?})",
                 started.elapsed()
@@ -420,7 +420,7 @@ async fn measure(
         .buffer_unordered(64);
         while let Some(conn) = opening.next().await {
             idle.push(conn?);
-            if idle.len() % 2000 == 0 {
+            if idle.len().is_multiple_of(2000) {
                 eprintln!("   {} idle connections open", idle.len());
             }
         }

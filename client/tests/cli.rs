@@ -1,0 +1,491 @@
+//! End-to-end tests of the `atlas-chat` binary: a real `atlas node` process, and the CLI run as
+//! separate processes the way a user runs it.
+
+use atlas_chaos::NodeProcess;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const CHAT: &str = env!("CARGO_BIN_EXE_atlas-chat");
+
+/// Environment variables that configure `atlas-chat`; every test starts without them.
+const CHAT_VARIABLES: [&str; 5] = [
+    "ATLAS_CHAT_STATE",
+    "ATLAS_CHAT_ACCOUNT",
+    "ATLAS_CHAT_SERVER",
+    "ATLAS_CHAT_FINGERPRINT",
+    "ATLAS_CHAT_CA",
+];
+
+/// Maximum run time of one `atlas-chat` process, and maximum wait for an expected output line.
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A fingerprint in valid form that matches no certificate.
+const WRONG_FINGERPRINT: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+fn node_binary() -> PathBuf {
+    let path = Path::new(CHAT).with_file_name("atlas");
+    assert!(
+        path.is_file(),
+        "node binary {} not found; build it first with `cargo build -p atlas-ops`",
+        path.display()
+    );
+    path
+}
+
+/// A node on free ports and a temporary directory for its data and the clients' state.
+struct Setup {
+    dir: tempfile::TempDir,
+    node: NodeProcess,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let node = NodeProcess::start(&node_binary(), &dir.path().join("node"), &[]).unwrap();
+        Self { dir, node }
+    }
+
+    fn state_dir(&self, account: &str) -> PathBuf {
+        self.dir.path().join(account)
+    }
+
+    /// Builds an `atlas-chat` command for `account`, with state, server and fingerprint as flags.
+    fn chat(&self, account: &str) -> Command {
+        let mut command = bare_chat();
+        command
+            .arg("--state")
+            .arg(self.state_dir(account))
+            .args(["--account", account])
+            .args(["--server", &self.node.url()])
+            .args(["--fingerprint", &self.node.fingerprint]);
+        command
+    }
+
+    fn run(&self, account: &str, args: &[&str]) -> Output {
+        run(self.chat(account).args(args), "")
+    }
+
+    /// Runs `atlas-chat` for `account`, checks that it succeeded and returns its stdout.
+    fn run_ok(&self, account: &str, args: &[&str]) -> String {
+        let output = self.run(account, args);
+        assert_success(&output, account, args);
+        stdout(&output)
+    }
+
+    /// Registers each account, then creates a group as the first and adds the others. Returns
+    /// the group id in hex.
+    fn group(&self, accounts: &[&str]) -> String {
+        for account in accounts {
+            self.run_ok(account, &["register", "--key-packages", "3"]);
+        }
+        let group = self.run_ok(accounts[0], &["create-group", "team"]);
+        let group = group.trim().to_owned();
+        let mut add = vec!["add", group.as_str()];
+        add.extend_from_slice(&accounts[1..]);
+        self.run_ok(accounts[0], &add);
+        group
+    }
+}
+
+/// Builds an `atlas-chat` command without any `ATLAS_CHAT_*` variable of the test's
+/// environment.
+fn bare_chat() -> Command {
+    let mut command = Command::new(CHAT);
+    for variable in CHAT_VARIABLES {
+        command.env_remove(variable);
+    }
+    command
+}
+
+/// Runs the command with `input` on stdin and returns its output. Panics if it runs longer
+/// than [`TIMEOUT`].
+fn run(command: &mut Command, input: &str) -> Output {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting atlas-chat failed");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
+    drop(stdin);
+    let stdout = read_all_in_thread(child.stdout.take().unwrap());
+    let stderr = read_all_in_thread(child.stderr.take().unwrap());
+    let status = wait_with_timeout(&mut child);
+    Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+fn read_all_in_thread(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        bytes
+    })
+}
+
+fn wait_with_timeout(child: &mut Child) -> ExitStatus {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("atlas-chat did not exit within {TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn assert_success(output: &Output, account: &str, args: &[&str]) {
+    assert!(
+        output.status.success(),
+        "atlas-chat {args:?} as {account} exited with {}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        stdout(output),
+        stderr(output)
+    );
+}
+
+/// Returns whether `output` has a line `GROUP SEQ ACCOUNT: TEXT` with a numeric SEQ.
+fn has_message(output: &str, group: &str, account: &str, text: &str) -> bool {
+    output.lines().any(|line| {
+        let mut parts = line.splitn(3, ' ');
+        parts.next() == Some(group)
+            && parts.next().is_some_and(|seq| seq.parse::<u64>().is_ok())
+            && parts.next() == Some(&format!("{account}: {text}"))
+    })
+}
+
+#[test]
+fn message_reaches_added_member() {
+    let setup = Setup::new();
+    let registered = setup.run_ok("alice", &["register"]);
+    assert!(
+        registered.contains("registered device"),
+        "register output: {registered}"
+    );
+
+    // Bob is configured through the environment only; a flag must win over its variable.
+    let bob_env = |command: &mut Command| {
+        command
+            .env("ATLAS_CHAT_STATE", setup.state_dir("bob"))
+            .env("ATLAS_CHAT_ACCOUNT", "bob")
+            .env("ATLAS_CHAT_SERVER", setup.node.url())
+            .env("ATLAS_CHAT_FINGERPRINT", &setup.node.fingerprint);
+    };
+    let mut register_bob = bare_chat();
+    bob_env(&mut register_bob);
+    let output = run(register_bob.arg("register"), "");
+    assert_success(&output, "bob", &["register"]);
+
+    let created = setup.run_ok("alice", &["create-group", "team"]);
+    let group = created.trim();
+    let id = hex::decode(group).expect("create-group prints the group id in hex");
+    assert!(
+        id.starts_with(b"team-"),
+        "group id {group} is not from name team"
+    );
+
+    let added = setup.run_ok("alice", &["add", group, "bob"]);
+    assert!(
+        added.contains(&format!("{group} 1 * alice added bob")),
+        "add output: {added}"
+    );
+    let sent = setup.run_ok("alice", &["send", group, "hello bob"]);
+    assert!(
+        has_message(&sent, group, "alice", "hello bob"),
+        "send output: {sent}"
+    );
+
+    let mut sync_bob = bare_chat();
+    bob_env(&mut sync_bob);
+    sync_bob
+        .env("ATLAS_CHAT_ACCOUNT", "mallory")
+        .args(["--account", "bob"]);
+    let output = run(sync_bob.arg("sync"), "");
+    assert_success(&output, "bob", &["sync"]);
+    let synced = stdout(&output);
+    assert!(
+        synced.contains(&format!("{group} 1 * bob joined the group")),
+        "bob's sync output has no joined line: {synced}"
+    );
+    assert!(
+        has_message(&synced, group, "alice", "hello bob"),
+        "bob's sync output has no message from alice: {synced}"
+    );
+
+    let history = setup.run_ok("bob", &["history", group]);
+    assert!(
+        history.lines().any(|l| l.ends_with(" alice: hello bob")),
+        "bob's history: {history}"
+    );
+    let groups = setup.run_ok("bob", &["groups"]);
+    assert!(
+        groups.contains(&format!("{group} cursor 2 members alice,bob")),
+        "bob's groups: {groups}"
+    );
+}
+
+#[test]
+fn send_to_unknown_group_fails() {
+    let setup = Setup::new();
+    setup.run_ok("alice", &["register"]);
+
+    let output = setup.run("alice", &["send", "00ff00ff", "hello"]);
+    let message = stderr(&output);
+    assert!(
+        !output.status.success(),
+        "send to an unknown group succeeded"
+    );
+    assert!(
+        message.contains("group 00ff00ff is not known"),
+        "stderr: {message}"
+    );
+    assert!(message.contains("atlas-chat sync"), "stderr: {message}");
+    assert!(stdout(&output).is_empty(), "stdout: {}", stdout(&output));
+
+    let output = setup.run("alice", &["send", "not-hex", "hello"]);
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "stderr: {message}");
+    assert!(message.contains("not a hex group id"), "stderr: {message}");
+}
+
+#[test]
+fn wrong_fingerprint_is_rejected() {
+    let setup = Setup::new();
+    let mut command = bare_chat();
+    command
+        .arg("--state")
+        .arg(setup.state_dir("alice"))
+        .args(["--account", "alice", "--server", &setup.node.url()])
+        .args(["--fingerprint", WRONG_FINGERPRINT, "register"]);
+    let output = run(&mut command, "");
+    let message = stderr(&output);
+    assert!(
+        !output.status.success(),
+        "register with a wrong fingerprint succeeded"
+    );
+    assert!(
+        message.contains("does not match the pinned one"),
+        "stderr: {message}"
+    );
+    assert!(
+        message.contains("compare --fingerprint"),
+        "stderr: {message}"
+    );
+}
+
+#[test]
+fn interactive_sends_until_quit() {
+    let setup = Setup::new();
+    let group = setup.group(&["alice", "bob"]);
+
+    let input = format!("/join\n/group {group}\nhi from bob\n/quit\nafter quit\n");
+    let output = run(setup.chat("bob").arg("interactive"), &input);
+    assert_success(&output, "bob", &["interactive"]);
+    let printed = stdout(&output);
+    assert!(
+        has_message(&printed, &group, "bob", "hi from bob"),
+        "bob's interactive output: {printed}"
+    );
+
+    // End of input ends a session like /quit.
+    let input = "from alice at end of input\n";
+    let output = run(
+        setup.chat("alice").args(["interactive", "--group", &group]),
+        input,
+    );
+    assert_success(&output, "alice", &["interactive"]);
+    let printed = stdout(&output);
+    assert!(
+        has_message(&printed, &group, "bob", "hi from bob"),
+        "alice's interactive output: {printed}"
+    );
+    assert!(
+        has_message(&printed, &group, "alice", "from alice at end of input"),
+        "alice's interactive output: {printed}"
+    );
+
+    let history = setup.run_ok("alice", &["history", &group]);
+    assert!(
+        history.contains("alice: from alice at end of input"),
+        "alice's history: {history}"
+    );
+    assert!(
+        !history.contains("after quit"),
+        "a line after /quit was sent: {history}"
+    );
+}
+
+/// Reads a running process's pipe on a thread and returns a channel of its lines.
+fn line_channel(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits up to [`TIMEOUT`] for a line that satisfies `matches` and returns the lines read up
+/// to it.
+fn wait_for_line(lines: &mpsc::Receiver<String>, matches: impl Fn(&str) -> bool) -> Vec<String> {
+    let deadline = Instant::now() + TIMEOUT;
+    let mut seen = Vec::new();
+    while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        let found = matches(&line);
+        seen.push(line);
+        if found {
+            return seen;
+        }
+    }
+    panic!("no expected line within {TIMEOUT:?}; lines read: {seen:?}");
+}
+
+/// A child process that is killed on drop, so that a failed assertion does not leave it
+/// running.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn interactive_prints_pushes() {
+    let setup = Setup::new();
+    let group = setup.group(&["alice", "bob"]);
+
+    let mut child = setup
+        .chat("bob")
+        .args(["interactive", "--group", &group])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting atlas-chat interactive failed");
+    let mut stdin = child.stdin.take().unwrap();
+    let out = line_channel(child.stdout.take().unwrap());
+    let err = line_channel(child.stderr.take().unwrap());
+    let mut session = KillOnDrop(child);
+
+    // The session prints this after its first sync, so the next message arrives as a push.
+    wait_for_line(&err, |line| line.starts_with("connected to"));
+    setup.run_ok("alice", &["send", &group, "pushed while online"]);
+    wait_for_line(&out, |line| {
+        has_message(line, &group, "alice", "pushed while online")
+    });
+
+    stdin.write_all(b"/quit\n").unwrap();
+    let status = wait_with_timeout(&mut session.0);
+    assert!(status.success(), "interactive exited with {status}");
+}
+
+#[test]
+fn connecting_needs_one_trust_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = |command: &mut Command| {
+        command
+            .arg("--state")
+            .arg(dir.path().join("alice"))
+            .args(["--account", "alice", "sync"]);
+    };
+
+    let mut command = bare_chat();
+    base(&mut command);
+    let output = run(&mut command, "");
+    let message = stderr(&output);
+    assert!(!output.status.success(), "sync without trust succeeded");
+    assert!(
+        message.contains("no server trust option is set"),
+        "stderr: {message}"
+    );
+    assert!(message.contains("--fingerprint HEX"), "stderr: {message}");
+    assert!(message.contains("--ca FILE"), "stderr: {message}");
+
+    let mut command = bare_chat();
+    base(&mut command);
+    command.args(["--fingerprint", WRONG_FINGERPRINT, "--ca", "ca.pem"]);
+    let output = run(&mut command, "");
+    let message = stderr(&output);
+    assert!(
+        !output.status.success(),
+        "sync with two trust options succeeded"
+    );
+    assert!(message.contains("both"), "stderr: {message}");
+
+    // A flag wins over the other trust option's variable, so the error is about the flag.
+    let mut command = bare_chat();
+    base(&mut command);
+    command
+        .env("ATLAS_CHAT_CA", dir.path().join("missing.pem"))
+        .args(["--fingerprint", "not-hex"]);
+    let output = run(&mut command, "");
+    let message = stderr(&output);
+    assert!(
+        !output.status.success(),
+        "sync with a bad fingerprint succeeded"
+    );
+    assert!(
+        message.contains("invalid --fingerprint"),
+        "stderr: {message}"
+    );
+
+    let mut command = bare_chat();
+    base(&mut command);
+    command
+        .env("ATLAS_CHAT_FINGERPRINT", "not-hex")
+        .arg("--ca")
+        .arg(dir.path().join("missing.pem"));
+    let output = run(&mut command, "");
+    let message = stderr(&output);
+    assert!(
+        !output.status.success(),
+        "sync with a missing CA file succeeded"
+    );
+    assert!(
+        message.contains("missing.pem does not exist"),
+        "stderr: {message}"
+    );
+}
+
+#[test]
+fn commands_need_registered_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("alice");
+    let output = run(
+        bare_chat()
+            .arg("--state")
+            .arg(&state)
+            .args(["--account", "alice", "--fingerprint", WRONG_FINGERPRINT])
+            .arg("sync"),
+        "",
+    );
+    let message = stderr(&output);
+    assert!(!output.status.success(), "sync without state succeeded");
+    assert!(message.contains("no client state in"), "stderr: {message}");
+    assert!(message.contains("atlas-chat register"), "stderr: {message}");
+    assert!(!state.exists(), "sync created the state directory");
+}
