@@ -83,6 +83,9 @@ pub fn bind(
             )
     })
     .workers(workers)
+    // Responses are small frames: without this, Nagle's algorithm holds them back until the
+    // client's delayed ACK, about 40 ms on Linux.
+    .tcp_nodelay(true)
     // Sessions are closed by the node's own shutdown signal; actix only waits this long after.
     .shutdown_timeout(5)
     .disable_signals()
