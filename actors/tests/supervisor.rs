@@ -195,3 +195,47 @@ async fn non_member_submission_is_refused_and_not_stored() {
     );
     assert_eq!(submit(&f, 4).await.unwrap().seq, 1);
 }
+
+#[tokio::test]
+async fn acknowledged_entries_are_removed_by_retention() {
+    let settings = GroupSettings {
+        tick_interval: Duration::from_millis(50),
+        ..GroupSettings::default()
+    };
+    let f = fixture(settings).await;
+    for id in 1..=3 {
+        submit(&f, id).await.unwrap();
+    }
+    let actor = lookup(&f).await;
+    let device = f.device;
+    let stored = ractor::call!(actor, |reply| GroupMsg::Ack {
+        device,
+        seq: 2,
+        reply
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!(stored, 2);
+
+    let mut page = None;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let actor = lookup(&f).await;
+        let result = ractor::call!(actor, |reply| GroupMsg::Sync {
+            device,
+            after: 0,
+            limit: 10,
+            reply
+        })
+        .unwrap()
+        .unwrap();
+        if result.first_available == 3 {
+            page = Some(result);
+            break;
+        }
+    }
+    let page = page.expect("retention did not remove the acknowledged entries");
+    let seqs: Vec<u64> = page.entries.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![3], "only the unacknowledged entry stays");
+    assert_eq!(page.head, 3);
+}
