@@ -9,7 +9,7 @@ use ed25519_dalek::{Signature, VerifyingKey};
 /// Maximum length of an account name in bytes.
 pub const MAX_ACCOUNT_LEN: usize = 64;
 
-/// Why a login or a directory request failed.
+/// Failure of a login or a directory request.
 #[derive(Debug, thiserror::Error)]
 pub enum LoginError {
     /// The account name is empty, too long or has characters outside `[a-z0-9._-]`.
@@ -48,7 +48,7 @@ impl From<StorageError> for LoginError {
 }
 
 impl LoginError {
-    /// The error code sent to the client.
+    /// Returns the error code sent to the client.
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::InvalidAccount(_) | Self::WrongAccount { .. } => ErrorCode::InvalidAccount,

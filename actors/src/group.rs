@@ -24,7 +24,7 @@ const SYNC_FRAME_OVERHEAD: usize = 1024;
 /// Upper bound of the encoded size of a log entry beyond its payload.
 const ENTRY_OVERHEAD: usize = 128;
 
-/// What a device submits to a group.
+/// Submission of a device to a group.
 #[derive(Debug)]
 pub enum Submission {
     /// A commit (PublicMessage) and, when it adds devices, their Welcome.

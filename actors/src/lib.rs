@@ -1,6 +1,6 @@
 //! Domain actors of an Atlas node: group session actors under a supervisor, and the device
 //! directory. The MLS rules live in plain types ([`mls`]) that the actors call, so they are
-//! tested without actors. Nothing here knows about HTTP or WebSocket: sessions reach the actors
+//! tested without actors. Nothing here depends on HTTP or WebSocket. Sessions reach the actors
 //! through [`GroupMsg`] and receive pushes through [`Deliver`].
 
 pub mod directory;
@@ -87,7 +87,7 @@ pub enum GroupError {
 }
 
 impl GroupError {
-    /// The error code sent to the client.
+    /// Returns the error code sent to the client.
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::NotFound(_) => ErrorCode::GroupNotFound,

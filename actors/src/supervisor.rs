@@ -1,5 +1,5 @@
-//! The supervisor of group session actors: starts one on demand from storage, forgets it when
-//! it stops (idle) or fails, and starts a fresh one from storage on the next request. State
+//! The supervisor of group session actors: starts one on demand from storage, drops its entry
+//! when it stops (idle) or fails, and starts a fresh one from storage on the next request. State
 //! acknowledged to clients is on disk, so a restart loses none of it.
 
 use crate::group::{GroupArgs, GroupMsg, GroupSession, GroupSettings};

@@ -1,4 +1,4 @@
-//! Which connection holds which device, and the bounded outbound queue of each connection.
+//! The connection of each logged-in device, and the bounded outbound queue of each connection.
 
 use atlas_actors::Deliver;
 use atlas_protocol::{CloseCode, DeviceId};
@@ -14,7 +14,7 @@ pub enum Outbound {
     Frame(bytes::Bytes),
 }
 
-/// What presence keeps for one connection.
+/// Presence entry of one connection.
 #[derive(Clone)]
 pub struct SessionHandle {
     /// Process-unique connection id.

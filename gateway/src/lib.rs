@@ -83,7 +83,7 @@ pub fn bind(
             )
     })
     .workers(workers)
-    // Responses are small frames: without this, Nagle's algorithm holds them back until the
+    // Responses are small frames: without this, Nagle's algorithm delays them until the
     // client's delayed ACK, about 40 ms on Linux.
     .tcp_nodelay(true)
     // Sessions are closed by the node's own shutdown signal; actix only waits this long after.

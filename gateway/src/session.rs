@@ -48,7 +48,7 @@ pub(crate) async fn run(
     span.in_scope(|| tracing::debug!(reason = reason.label, "connection closed"));
 }
 
-/// Why a connection ended, for metrics and logs.
+/// Reason a connection ended, for metrics and logs.
 struct Ended {
     label: &'static str,
 }
@@ -264,8 +264,8 @@ impl Connection {
         ended
     }
 
-    /// Sends the challenge and waits for a valid login. A failed login is answered with an error
-    /// frame and returns `Err(None)`; a broken connection returns its close code.
+    /// Sends the challenge and waits for a valid login. A failed login gets an error frame and
+    /// returns `Err(None)`; a broken connection returns its close code.
     async fn login(&mut self) -> Result<DeviceRecord, Option<(CloseCode, String)>> {
         let mut nonce = vec![0u8; 32];
         rand::thread_rng().fill_bytes(&mut nonce);

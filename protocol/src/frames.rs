@@ -19,7 +19,7 @@ pub struct ClientFrame {
 pub struct ServerFrame {
     /// Protocol version, [`PROTOCOL_VERSION`].
     pub v: u16,
-    /// Request id this frame answers, or 0 for pushes and the login challenge.
+    /// Request id of the request this frame responds to, or 0 for pushes and the login challenge.
     pub id: u64,
     /// The response or push.
     pub body: ServerBody,
@@ -29,7 +29,7 @@ pub struct ServerFrame {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t", content = "c", rename_all = "snake_case")]
 pub enum ClientBody {
-    /// Answers the server's challenge: signs [`crate::login_transcript`] with the device key.
+    /// Responds to the server's challenge and signs [`crate::login_transcript`] with the device key.
     /// The first login of an unknown key registers it under `account`.
     Login {
         account: String,
@@ -78,7 +78,7 @@ pub enum ClientBody {
     Ack { group: GroupId, seq: u64 },
     /// Lists Welcome messages waiting for this device.
     Welcomes,
-    /// Application-level ping; the server answers [`ServerBody::Pong`].
+    /// Application-level ping. The server replies with [`ServerBody::Pong`].
     Ping,
 }
 
@@ -98,7 +98,7 @@ impl ClientBody {
         "ping",
     ];
 
-    /// The `t` name of this body, used as a metrics label.
+    /// Returns the `t` name of this body, used as a metrics label.
     pub fn type_name(&self) -> &'static str {
         match self {
             Self::Login { .. } => "login",
@@ -236,7 +236,7 @@ pub struct WelcomeEntry {
     pub welcome: Vec<u8>,
 }
 
-/// Why a received frame could not be decoded.
+/// Reason a received frame could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     /// The frame is longer than [`MAX_FRAME_BYTES`].
@@ -254,7 +254,7 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    /// The error code to answer this decode failure with.
+    /// Returns the error code sent back for this decode failure.
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::TooLarge(_) => ErrorCode::TooLarge,

@@ -434,7 +434,7 @@ impl Store {
             .unwrap_or(seq))
     }
 
-    /// A device's cursor in a group (0 when it has acknowledged nothing).
+    /// Returns a device's cursor in a group (0 when it has acknowledged nothing).
     pub fn cursor(&self, device: &DeviceId, group: &GroupId) -> Result<u64, StorageError> {
         let Some(raw) = self.cursors.get(keys::cursor(device, group))? else {
             return Ok(0);

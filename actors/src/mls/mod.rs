@@ -1,4 +1,4 @@
-//! MLS rules the server applies, on openmls public group state only: it never holds a group
+//! MLS rules the server applies, on openmls public group state only, so it never has a group
 //! secret. Plain types, unit-tested without actors.
 
 use atlas_protocol::DeviceId;
@@ -213,12 +213,12 @@ impl PublicState {
         rmp_serde::to_vec(&sorted).expect("public state encodes")
     }
 
-    /// The MLS group id.
+    /// Returns the MLS group id.
     pub fn group_id(&self) -> &[u8] {
         self.group.group_id().as_slice()
     }
 
-    /// The current epoch.
+    /// Returns the current epoch.
     pub fn epoch(&self) -> u64 {
         self.group.group_context().epoch().as_u64()
     }
