@@ -4,8 +4,10 @@
 //! in [`Presence`]. On a single node both resolve locally; a cluster replaces their insides
 //! (remote actor references, presence by node) while sessions keep calling the same methods.
 
+mod placement;
 mod presence;
 mod router;
 
+pub use placement::{NodeName, ShardId, replicas, shard_of};
 pub use presence::{Outbound, Presence, SessionHandle};
 pub use router::Router;
