@@ -6,6 +6,7 @@
 // A binary crate: `pub` marks what a module offers to its siblings, nothing is exported.
 #![allow(unreachable_pub)]
 
+mod certs;
 mod config;
 mod demo;
 mod node;
@@ -34,6 +35,9 @@ struct Cli {
 enum Command {
     /// Run a node.
     Node(Box<NodeFlags>),
+    /// Create a cluster CA or a node certificate.
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// Run a node on a free port with three demo clients and check the outcome.
     Demo {
         /// Print the node's logs too.
@@ -42,10 +46,56 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Create a CA certificate and key (ca.pem, ca-key.pem).
+    Ca {
+        /// Directory for the CA files.
+        #[arg(long, default_value = "atlas-ca")]
+        dir: std::path::PathBuf,
+        /// Common name of the CA.
+        #[arg(long, default_value = "Atlas cluster CA")]
+        name: String,
+    },
+    /// Create a node certificate and key (NAME.pem, NAME-key.pem) signed by the CA.
+    Node {
+        /// Node name: the certificate's common name and first DNS name.
+        name: String,
+        /// Directory with ca.pem and ca-key.pem.
+        #[arg(long, default_value = "atlas-ca")]
+        ca_dir: std::path::PathBuf,
+        /// Directory for the node files.
+        #[arg(long, default_value = ".")]
+        out: std::path::PathBuf,
+        /// Extra DNS names or IP addresses of the node (repeatable).
+        #[arg(long = "host", default_values_t = ["localhost".to_owned(), "127.0.0.1".to_owned()])]
+        hosts: Vec<String>,
+    },
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Node(flags) => run_node(*flags),
+        Command::Cert(CertCommand::Ca { dir, name }) => certs::create_ca(&dir, &name).map(|()| {
+            println!(
+                "wrote {} and {}",
+                dir.join("ca.pem").display(),
+                dir.join("ca-key.pem").display()
+            );
+        }),
+        Command::Cert(CertCommand::Node {
+            name,
+            ca_dir,
+            out,
+            hosts,
+        }) => certs::create_node(&ca_dir, &out, &name, &hosts).map(|()| {
+            println!(
+                "wrote {} and {}",
+                out.join(format!("{name}.pem")).display(),
+                out.join(format!("{name}-key.pem")).display()
+            );
+        }),
         Command::Demo { verbose } => {
             init_tracing(if verbose { "info" } else { "warn" }, LogFormat::Text);
             block_on(demo::run())

@@ -734,3 +734,64 @@ async fn server_is_verified_by_ca_file_or_fingerprint() {
     let err = client.connect(&node.url(), &wrong_pin).await.unwrap_err();
     assert!(err.to_string().contains("fingerprint"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cert_commands_make_a_working_node_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = dir.path().join("ca");
+    let run = |args: &[&str]| std::process::Command::new(BIN).args(args).output().unwrap();
+
+    let made = run(&["cert", "ca", "--dir", ca_dir.to_str().unwrap()]);
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let again = run(&["cert", "ca", "--dir", ca_dir.to_str().unwrap()]);
+    assert!(!again.status.success(), "an existing CA was overwritten");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+
+    let out = dir.path().join("certs");
+    let args = [
+        "cert",
+        "node",
+        "node-1",
+        "--ca-dir",
+        ca_dir.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let made = run(&args);
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let bad = run(&[
+        "cert",
+        "node",
+        "Node_1",
+        "--ca-dir",
+        ca_dir.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid node name"));
+
+    // The node serves the certificate and a client trusting only the CA accepts it.
+    let cert = out.join("node-1.pem");
+    let key = out.join("node-1-key.pem");
+    let node_args = [
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    let node = NodeProcess::start(Path::new(BIN), &dir.path().join("node"), &node_args).unwrap();
+    let mut client = Client::open(&dir.path().join("alice"), "alice").unwrap();
+    client
+        .connect(&node.url(), &ServerTrust::CaFile(ca_dir.join("ca.pem")))
+        .await
+        .unwrap();
+}
