@@ -795,3 +795,76 @@ async fn cert_commands_make_a_working_node_identity() {
         .await
         .unwrap();
 }
+
+/// A tmpfs of a fixed size, unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(path: &Path, size: &str) -> Result<Self, String> {
+        std::fs::create_dir_all(path).map_err(|e| e.to_string())?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .map_err(|e| e.to_string())?;
+        if status.success() {
+            Ok(Self(path.to_owned()))
+        } else {
+            Err(format!("mount exited with {status}"))
+        }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_is_answered_with_storage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = match SmallDisk::mount(&dir.path().join("disk"), "24m") {
+        Ok(disk) => disk,
+        Err(e) => {
+            eprintln!(
+                "SKIPPED full_disk_is_answered_with_storage_errors: cannot mount a tmpfs ({e}); needs root"
+            );
+            return;
+        }
+    };
+    let node = NodeProcess::start(Path::new(BIN), &disk.0.join("node"), &[]).unwrap();
+    let setup = Setup { dir, node };
+    let (mut clients, group) = setup.group(&["alice", "bob"]).await;
+    let big = "x".repeat(100_000);
+    let mut acked = 0;
+    let mut failure = None;
+    for _ in 0..1000 {
+        match clients[0].send(&group, &big).await {
+            Ok(_) => acked += 1,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    let failure = failure.expect("24 MiB filled without a storage error");
+    assert!(
+        matches!(
+            failure.code(),
+            Some(ErrorCode::StorageFailure | ErrorCode::Unavailable)
+        ),
+        "after {acked} messages: {failure}"
+    );
+    // The node is still up and answers.
+    assert!(matches!(
+        clients[1].request(ClientBody::Ping).await.unwrap(),
+        ServerBody::Pong
+    ));
+    eprintln!("disk full after {acked} acknowledged messages: {failure}");
+    drop(clients);
+    let Setup { dir, node } = setup;
+    drop(node);
+    drop(disk);
+    drop(dir);
+}
