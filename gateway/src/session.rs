@@ -327,6 +327,15 @@ impl Connection {
             .login(&account, &device_key, &signature, &server_name, &nonce)
         {
             Ok((record, registered)) => {
+                if registered && let Err(e) = self.state.store.durable().await {
+                    tracing::error!(error = %e, "flush failed; registration not confirmed");
+                    let body = error_body(
+                        ErrorCode::StorageFailure,
+                        format!("storage flush failed: {e}"),
+                    );
+                    let _ = self.send_now(frame.id, body).await;
+                    return Err(None);
+                }
                 let body = ServerBody::LoggedIn {
                     device: record.device,
                     account: record.account.clone(),
@@ -444,7 +453,50 @@ impl Connection {
                 return;
             }
         };
-        self.respond(queue, id, inline);
+        // Uploads, claims and new groups change storage: answer only once that change is on
+        // disk, so that a crash cannot hand out a claimed KeyPackage again or forget a group
+        // whose creation was confirmed.
+        let changed = matches!(
+            inline,
+            ServerBody::KeyPackagesStored { .. }
+                | ServerBody::KeyPackage { .. }
+                | ServerBody::GroupCreated { .. }
+        );
+        if changed {
+            self.spawn_durable_response(queue, in_flight, id, inline);
+        } else {
+            self.respond(queue, id, inline);
+        }
+    }
+
+    fn spawn_durable_response(
+        &self,
+        queue: &mpsc::Sender<Outbound>,
+        in_flight: &Arc<Semaphore>,
+        id: u64,
+        body: ServerBody,
+    ) {
+        let Ok(permit) = Arc::clone(in_flight).try_acquire_owned() else {
+            // The read loop only reads while a permit is free, and only it takes permits.
+            unreachable!("request read without a free in-flight permit");
+        };
+        let state = Arc::clone(&self.state);
+        let queue = queue.clone();
+        let task = async move {
+            let body = match state.store.durable().await {
+                Ok(()) => body,
+                Err(e) => {
+                    tracing::error!(error = %e, "flush failed; change not confirmed");
+                    error_body(
+                        ErrorCode::StorageFailure,
+                        format!("storage flush failed: {e}"),
+                    )
+                }
+            };
+            send_response(&state, &queue, id, body).await;
+            drop(permit);
+        };
+        actix_web::rt::spawn(task.in_current_span());
     }
 
     fn spawn_group_request(
@@ -560,6 +612,29 @@ impl Connection {
         .await;
         Ended { label }
     }
+}
+
+/// Queues a response from a request task, waiting for room in the queue.
+async fn send_response(
+    state: &GatewayState,
+    queue: &mpsc::Sender<Outbound>,
+    id: u64,
+    body: ServerBody,
+) {
+    if let ServerBody::Error { code, .. } = &body {
+        state.metrics.errors.with_label_values(&[code.name()]).inc();
+    }
+    state
+        .metrics
+        .frames_out
+        .with_label_values(&[body_type(&body)])
+        .inc();
+    let frame = encode_server(&ServerFrame {
+        v: PROTOCOL_VERSION,
+        id,
+        body,
+    });
+    let _ = queue.send(Outbound::Frame(frame.into())).await;
 }
 
 async fn group_request(
