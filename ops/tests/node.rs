@@ -868,3 +868,86 @@ async fn full_disk_is_answered_with_storage_errors() {
     drop(disk);
     drop(dir);
 }
+
+/// Sends `total` copies of the sender's pre-encrypted message with 32 in flight, and returns
+/// the node's resident memory growth in KiB.
+async fn flood(setup: &Setup, sender: &mut Client, group: &GroupId, total: usize) -> u64 {
+    use futures_util::StreamExt;
+    use futures_util::stream::FuturesUnordered;
+
+    let payload = sender.encrypt(group, &"m".repeat(1000)).unwrap();
+    let conn = sender.take_connection().unwrap();
+    let before = setup.node.rss_kib().unwrap();
+    let mut sent = 0;
+    let mut in_flight = FuturesUnordered::new();
+    while sent < total || !in_flight.is_empty() {
+        while sent < total && in_flight.len() < 32 {
+            let body = ClientBody::Send {
+                group: group.clone(),
+                msg_id: ClientMsgId(rand::random()),
+                message: payload.clone(),
+            };
+            in_flight.push(conn.request(body));
+            sent += 1;
+        }
+        let response = in_flight.next().await.unwrap().unwrap();
+        assert!(matches!(response, ServerBody::Accepted(_)), "{response:?}");
+    }
+    setup.node.rss_kib().unwrap().saturating_sub(before)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_slow_readers_keep_node_memory_bounded() {
+    // The default queue of 1,024 frames, so that readers that keep up are not cut off.
+    let setup = Setup::new(&[]);
+    let total = 20_000;
+
+    // Reference: 8 readers that keep up. Storage alone makes the node grow here.
+    let fast = ["sender-a", "f1", "f2", "f3", "f4", "f5", "f6", "f7", "f8"];
+    let (mut clients, group) = setup.group(&fast).await;
+    let mut drains = Vec::new();
+    for reader in &mut clients[1..] {
+        let mut conn = reader.take_connection().unwrap();
+        let mut pushes = conn.take_pushes();
+        drains.push(tokio::spawn(async move {
+            let mut count = 0;
+            while let Some(push) = pushes.recv().await {
+                count += usize::from(matches!(push, ServerBody::Push { .. }));
+                if count == total {
+                    break;
+                }
+            }
+            drop(conn);
+            count
+        }));
+    }
+    let fast_growth = flood(&setup, &mut clients[0], &group, total).await;
+    for drain in drains {
+        assert_eq!(drain.await.unwrap(), total);
+    }
+
+    // 8 readers that stopped reading: 1 kB messages are 22 MB stored once, but 176 MB more if
+    // the node kept a copy for each of them.
+    let slow = ["sender-b", "s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8"];
+    let (mut clients, group) = setup.group(&slow).await;
+    for reader in &clients[1..] {
+        reader.set_reading_paused(true);
+    }
+    let slow_growth = flood(&setup, &mut clients[0], &group, total).await;
+    let closed = wait_until(Duration::from_secs(20), || {
+        setup
+            .node
+            .metric("atlas_connections_closed_total{reason=\"slow_consumer\"}")
+            .unwrap_or(0.0)
+            >= 8.0
+    })
+    .await;
+    assert!(closed, "not every slow reader was disconnected");
+    eprintln!(
+        "node RSS growth: {fast_growth} KiB with fast readers, {slow_growth} KiB with slow ones"
+    );
+    assert!(
+        slow_growth < fast_growth + 48 * 1024,
+        "node grew by {slow_growth} KiB with slow readers, {fast_growth} KiB with fast ones"
+    );
+}
