@@ -239,3 +239,39 @@ async fn acknowledged_entries_are_removed_by_retention() {
     assert_eq!(seqs, vec![3], "only the unacknowledged entry stays");
     assert_eq!(page.head, 3);
 }
+
+#[tokio::test]
+async fn entries_past_the_ttl_are_removed_unacknowledged() {
+    let settings = GroupSettings {
+        tick_interval: Duration::from_millis(50),
+        retention_ttl: Duration::from_millis(1),
+        ..GroupSettings::default()
+    };
+    let f = fixture(settings).await;
+    for id in 1..=3 {
+        submit(&f, id).await.unwrap();
+    }
+    let device = f.device;
+    let mut removed = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let actor = lookup(&f).await;
+        let page = ractor::call!(actor, |reply| GroupMsg::Sync {
+            device,
+            after: 0,
+            limit: 10,
+            reply
+        })
+        .unwrap()
+        .unwrap();
+        if page.entries.is_empty() {
+            assert_eq!(page.first_available, 4);
+            assert_eq!(page.head, 3);
+            removed = true;
+            break;
+        }
+    }
+    assert!(removed, "entries older than the TTL were kept");
+    // Sequence numbers continue after retention.
+    assert_eq!(submit(&f, 9).await.unwrap().seq, 4);
+}
