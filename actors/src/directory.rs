@@ -157,6 +157,11 @@ impl Directory {
 
     /// Lists the devices of an account.
     pub fn devices(&self, account: &str) -> Result<Vec<DeviceRecord>, LoginError> {
+        if !valid_account(account) {
+            return Err(LoginError::InvalidAccount(
+                account.chars().take(80).collect(),
+            ));
+        }
         Ok(self.store.account_devices(account)?)
     }
 }

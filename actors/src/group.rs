@@ -185,7 +185,17 @@ impl Actor for GroupSession {
                 state.last_request = Instant::now();
                 match state.submit(sender, msg_id, submission) {
                     Ok(Outcome::Duplicate(accepted)) => {
-                        let _ = reply.send(Ok(accepted));
+                        // The original may still wait for its flush: answer the retry through
+                        // the committer, after that flush, never before the original.
+                        let pending = Pending {
+                            reply,
+                            accepted,
+                            push: None,
+                            welcomes: Vec::new(),
+                        };
+                        if let Err(e) = state.committer.send(pending).await {
+                            let _ = e.0.reply.send(Err(GroupError::Unavailable));
+                        }
                     }
                     Ok(Outcome::Stored(parts)) => {
                         let pending = Pending {

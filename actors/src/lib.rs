@@ -84,6 +84,10 @@ pub enum GroupError {
     /// A broken internal invariant.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The request is invalid before any group rule applies (a malformed group id, a message
+    /// over the size limit); carries the code to answer with.
+    #[error("{1}")]
+    Invalid(ErrorCode, String),
 }
 
 impl GroupError {
@@ -98,6 +102,7 @@ impl GroupError {
             Self::Storage(_) => ErrorCode::StorageFailure,
             Self::Unavailable => ErrorCode::Unavailable,
             Self::Internal(_) => ErrorCode::Internal,
+            Self::Invalid(code, _) => *code,
         }
     }
 }

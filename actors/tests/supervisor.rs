@@ -275,3 +275,32 @@ async fn entries_past_the_ttl_are_removed_unacknowledged() {
     // Sequence numbers continue after retention.
     assert_eq!(submit(&f, 9).await.unwrap().seq, 4);
 }
+
+#[tokio::test]
+async fn retry_is_answered_after_the_original() {
+    let f = fixture(GroupSettings::default()).await;
+    let actor = lookup(&f).await;
+    let submit_with = |id: u8| {
+        let (tx, rx) = ractor::concurrency::oneshot();
+        let message = GroupMsg::Submit {
+            sender: f.device,
+            msg_id: ClientMsgId([id; 16]),
+            submission: Submission::Application {
+                message: f.message.clone(),
+            },
+            reply: tx.into(),
+        };
+        actor.send_message(message).unwrap();
+        rx
+    };
+    let mut original = submit_with(7);
+    let retry = submit_with(7);
+    let retry = retry.await.unwrap().unwrap();
+    assert!(retry.duplicate);
+    // The retry's acknowledgement may not overtake the original's, which waits for the flush.
+    let original = original
+        .try_recv()
+        .expect("retry answered before the original")
+        .unwrap();
+    assert_eq!((original.seq, original.duplicate), (retry.seq, false));
+}

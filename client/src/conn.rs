@@ -122,11 +122,13 @@ impl Connection {
                     None => tracing::debug!(id = frame.id, "response to an unknown request id"),
                 }
             }
+            // Mark the connection closed before failing the waiters, so that a request
+            // registered after this point sees the mark instead of waiting for a timeout.
+            let _ = closed_tx.send(Some(close));
             reader_waiters
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clear();
-            let _ = closed_tx.send(Some(close));
         });
 
         let challenge = tokio::time::timeout(request_timeout, challenge_rx)
@@ -169,6 +171,13 @@ impl Connection {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, tx);
+        if self.closed.borrow().is_some() {
+            self.waiters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            return Err(ClientError::Disconnected(self.close_info()));
+        }
         self.outgoing
             .send(Message::Binary(bytes.into()))
             .await

@@ -596,6 +596,9 @@ impl Client {
                 .map_err(mls)?
                 .tls_serialize_detached()
                 .map_err(mls)?;
+            if let Some(local) = self.groups.get_mut(group.as_bytes()) {
+                local.unacknowledged.insert(msg_id.0, text.to_owned());
+            }
             self.save()?;
             let body = ClientBody::Send {
                 group: group.clone(),
@@ -604,7 +607,14 @@ impl Client {
             };
             match self.request(body).await {
                 Ok(ServerBody::Accepted(accepted)) => {
-                    self.record_own(group, accepted.seq, Some(text.to_owned()));
+                    // A sync may have met this entry already and recorded it.
+                    let recorded = self
+                        .groups
+                        .get_mut(group.as_bytes())
+                        .is_some_and(|g| g.unacknowledged.remove(&msg_id.0).is_none());
+                    if !recorded {
+                        self.record_own(group, accepted.seq, Some(text.to_owned()));
+                    }
                     self.save()?;
                     return Ok(accepted.seq);
                 }
@@ -612,7 +622,17 @@ impl Client {
                 Err(e) if e.code() == Some(ErrorCode::StaleEpoch) => {
                     self.sync_group(group).await?;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // A server error frame means nothing was stored; a lost connection may
+                    // hide an acknowledgement, so the text stays for a later sync to find.
+                    if matches!(e, ClientError::Server { .. })
+                        && let Some(local) = self.groups.get_mut(group.as_bytes())
+                    {
+                        local.unacknowledged.remove(&msg_id.0);
+                        self.save()?;
+                    }
+                    return Err(e);
+                }
             }
         }
         Err(ClientError::Mls(format!(
@@ -766,11 +786,20 @@ impl Client {
             }));
         }
         if entry.sender == me {
-            // Our own entry whose acknowledgement never reached us (crash or lost connection):
-            // MLS cannot decrypt our own messages, and an unmerged own commit is lost.
+            // Our own entry whose acknowledgement never reached us (crash or lost connection).
+            // MLS cannot decrypt our own messages: the text comes from the unacknowledged
+            // list, and an own commit that was never merged is lost.
             local.cursor = entry.seq;
+            let text = local.unacknowledged.remove(&entry.msg_id.0);
+            local.record(entry.seq, &self.account, text.clone());
             self.save()?;
-            return Ok(None);
+            return Ok(text.map(|t| Received {
+                group: group.clone(),
+                seq: entry.seq,
+                sender_account: self.account.clone(),
+                sender: me,
+                event: Event::Message(t),
+            }));
         }
         let mut mls_group = self.load_group(group)?;
         let message = MlsMessageIn::tls_deserialize_exact(&entry.payload).map_err(mls)?;

@@ -21,6 +21,10 @@ pub(crate) struct GroupLocal {
     pub(crate) own: BTreeMap<u64, Option<String>>,
     /// True once this device was removed.
     pub(crate) removed: bool,
+    /// Texts of own messages sent but not yet acknowledged, by client message id, so that a
+    /// message whose acknowledgement was lost is still recorded when sync meets it.
+    #[serde(default)]
+    pub(crate) unacknowledged: BTreeMap<[u8; 16], String>,
     /// Messages in log order: `(seq, sender account, text)`.
     pub(crate) transcript: Vec<(u64, String, String)>,
 }

@@ -9,5 +9,5 @@ mod presence;
 mod router;
 
 pub use placement::{NodeName, ShardId, replicas, shard_of};
-pub use presence::{Outbound, Presence, SessionHandle};
+pub use presence::{Outbound, OutboundReceiver, Presence, SessionHandle};
 pub use router::Router;

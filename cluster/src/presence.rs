@@ -3,8 +3,8 @@
 use atlas_actors::Deliver;
 use atlas_protocol::{CloseCode, DeviceId};
 use std::collections::HashMap;
-use std::sync::RwLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use tokio::sync::{mpsc, watch};
 
 /// An item for a connection's writer.
@@ -14,29 +14,88 @@ pub enum Outbound {
     Frame(bytes::Bytes),
 }
 
-/// Presence entry of one connection.
+/// The sending side of one connection's outbound queue, shared by pushes and responses.
+/// The queue is bounded in frames and in bytes; a frame that does not fit closes the
+/// connection as a slow consumer instead of waiting, so no producer ever blocks on a client.
 #[derive(Clone)]
 pub struct SessionHandle {
     /// Process-unique connection id.
     pub conn_id: u64,
-    /// The connection's bounded outbound queue.
-    pub queue: mpsc::Sender<Outbound>,
+    queue: mpsc::Sender<Outbound>,
+    queued_bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
     /// Set to ask the connection's task to close with the given code.
     pub close: watch::Sender<Option<CloseCode>>,
 }
 
+/// The receiving side of a connection's outbound queue, owned by its writer.
+pub struct OutboundReceiver {
+    queue: mpsc::Receiver<Outbound>,
+    queued_bytes: Arc<AtomicUsize>,
+}
+
+impl OutboundReceiver {
+    /// Waits for the next frame; `None` once every handle is gone.
+    pub async fn recv(&mut self) -> Option<bytes::Bytes> {
+        let Outbound::Frame(frame) = self.queue.recv().await?;
+        self.queued_bytes.fetch_sub(frame.len(), Ordering::AcqRel);
+        Some(frame)
+    }
+}
+
 impl SessionHandle {
-    /// Queues a frame without waiting; a full queue closes the connection as a slow consumer.
-    /// Returns false when the frame was not queued.
+    /// Creates a queue of at most `capacity` frames and `max_bytes` bytes, and the watch that
+    /// asks the connection to close.
+    pub fn new(
+        conn_id: u64,
+        capacity: usize,
+        max_bytes: usize,
+    ) -> (Self, OutboundReceiver, watch::Receiver<Option<CloseCode>>) {
+        let (queue, rx) = mpsc::channel(capacity.max(1));
+        let (close, close_rx) = watch::channel(None);
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let handle = Self {
+            conn_id,
+            queue,
+            queued_bytes: Arc::clone(&queued_bytes),
+            max_bytes,
+            close,
+        };
+        (
+            handle,
+            OutboundReceiver {
+                queue: rx,
+                queued_bytes,
+            },
+            close_rx,
+        )
+    }
+
+    /// Queues a frame without waiting. A full queue (frames or bytes) closes the connection
+    /// as a slow consumer. Returns false when the frame was not queued.
     pub fn offer(&self, frame: bytes::Bytes) -> bool {
+        let len = frame.len();
+        let queued = self.queued_bytes.fetch_add(len, Ordering::AcqRel);
+        if queued + len > self.max_bytes && queued > 0 {
+            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            self.close.send_replace(Some(CloseCode::SlowConsumer));
+            return false;
+        }
         match self.queue.try_send(Outbound::Frame(frame)) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.close.send_replace(Some(CloseCode::SlowConsumer));
+            Err(e) => {
+                self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+                if let mpsc::error::TrySendError::Full(_) = e {
+                    self.close.send_replace(Some(CloseCode::SlowConsumer));
+                }
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
+    }
+
+    /// True once the writer has stopped.
+    pub fn is_closed(&self) -> bool {
+        self.queue.is_closed()
     }
 }
 
@@ -119,7 +178,7 @@ impl Deliver for Presence {
         for device in devices {
             if let Some(handle) = sessions.get(device)
                 && !handle.offer(frame.clone())
-                && !handle.queue.is_closed()
+                && !handle.is_closed()
             {
                 self.slow_closed.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(conn_id = handle.conn_id, device_id = %device, "closing slow consumer");

@@ -27,6 +27,8 @@ pub struct SessionSettings {
     pub server_name: String,
     /// Capacity of each connection's outbound queue, in frames.
     pub queue_capacity: usize,
+    /// Capacity of each connection's outbound queue, in bytes of encoded frames.
+    pub queue_max_bytes: usize,
     /// Time a client has to log in after connecting.
     pub login_timeout: Duration,
     /// Interval between WebSocket pings.
@@ -44,6 +46,7 @@ impl Default for SessionSettings {
         Self {
             server_name: "localhost".into(),
             queue_capacity: 1024,
+            queue_max_bytes: 8 * 1024 * 1024,
             login_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(45),

@@ -7,19 +7,42 @@
 use crate::GatewayState;
 use actix_ws::{CloseReason, Item, Message, MessageStream, ProtocolError, Session};
 use atlas_actors::{GroupError, GroupMsg, LoginError, Submission};
-use atlas_cluster::{Outbound, SessionHandle};
+use atlas_cluster::{Presence, SessionHandle};
 use atlas_protocol::{
     ClientBody, CloseCode, DecodeError, DeviceInfo, ErrorCode, MAX_FRAME_BYTES,
     MAX_KEY_PACKAGES_PER_UPLOAD, MAX_MLS_MESSAGE_BYTES, MAX_SYNC_ENTRIES, PROTOCOL_VERSION,
     ServerBody, ServerFrame, decode_client, encode_server,
 };
 use atlas_storage::DeviceRecord;
+use futures_util::FutureExt as _;
 use rand::RngCore;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Notify, Semaphore};
 use tracing::Instrument;
+
+const TEXT_FRAME_ERROR: &str = "text frames are not accepted, send MessagePack in binary frames";
+
+/// Keeps the first Welcomes whose encoded size fits in one frame; the rest follow in a later
+/// request, after the device has acknowledged the groups it joined. One always fits, because
+/// a Welcome is at most an MLS message.
+fn fit_in_frame(
+    mut welcomes: Vec<atlas_protocol::WelcomeEntry>,
+) -> Vec<atlas_protocol::WelcomeEntry> {
+    let mut budget = MAX_FRAME_BYTES - 1024;
+    let fits = welcomes
+        .iter()
+        .position(|w| {
+            let size = w.welcome.len() + w.group.as_bytes().len() + 64;
+            let over = size > budget;
+            budget = budget.saturating_sub(size);
+            over
+        })
+        .unwrap_or(welcomes.len());
+    welcomes.truncate(fits.max(1));
+    welcomes
+}
 
 /// Maximum number of fragments of one message; bounds memory against floods of empty
 /// continuation frames.
@@ -35,10 +58,18 @@ pub(crate) async fn run(
     let span =
         tracing::info_span!("conn", conn_id, peer = ?peer, device_id = tracing::field::Empty);
     state.metrics.connections_open.inc();
-    let reason = Connection::new(Arc::clone(&state), session, stream, conn_id)
+    let serve = Connection::new(Arc::clone(&state), session, stream, conn_id)
         .serve()
-        .instrument(span.clone())
-        .await;
+        .instrument(span.clone());
+    // A panic in one session must not take the gauge, the presence entry or the socket with
+    // it: the guard inside `serve` cleans up, and the panic is logged here.
+    let reason = match std::panic::AssertUnwindSafe(serve).catch_unwind().await {
+        Ok(reason) => reason,
+        Err(_) => {
+            span.in_scope(|| tracing::error!("session task panicked; connection dropped"));
+            Ended { label: "panic" }
+        }
+    };
     state.metrics.connections_open.dec();
     state
         .metrics
@@ -74,6 +105,8 @@ struct Reader {
     stream: MessageStream,
     partial: Option<Vec<u8>>,
     fragments: usize,
+    /// True while the fragmented message being reassembled is a text message.
+    text: bool,
 }
 
 impl Reader {
@@ -113,7 +146,14 @@ impl Reader {
                         ));
                     }
                     let (chunk, first, last) = match item {
-                        Item::FirstText(b) | Item::FirstBinary(b) => (b, true, false),
+                        Item::FirstText(b) => {
+                            self.text = true;
+                            (b, true, false)
+                        }
+                        Item::FirstBinary(b) => {
+                            self.text = false;
+                            (b, true, false)
+                        }
                         Item::Continue(b) => (b, false, false),
                         Item::Last(b) => (b, false, true),
                     };
@@ -136,6 +176,9 @@ impl Reader {
                     if last {
                         self.fragments = 0;
                         let whole = self.partial.take().unwrap_or_default();
+                        if self.text {
+                            return Some(Incoming::Text);
+                        }
                         return Some(Incoming::Binary(whole));
                     }
                 }
@@ -155,6 +198,7 @@ impl Connection {
             stream: stream.max_frame_size(MAX_FRAME_BYTES),
             partial: None,
             fragments: 0,
+            text: false,
         };
         Self {
             state,
@@ -178,33 +222,41 @@ impl Connection {
         tracing::Span::current().record("device_id", tracing::field::display(device.device));
         tracing::debug!(account = %device.account, "device logged in");
 
-        let (queue, mut outbound) = mpsc::channel(self.state.settings.queue_capacity);
-        let (close_tx, mut close_rx) = watch::channel(None);
-        let handle = SessionHandle {
-            conn_id: self.conn_id,
-            queue: queue.clone(),
-            close: close_tx,
-        };
-        self.state.presence.attach(device.device, handle);
+        let settings = &self.state.settings;
+        let (queue, mut outbound, mut close_rx) = SessionHandle::new(
+            self.conn_id,
+            settings.queue_capacity,
+            settings.queue_max_bytes,
+        );
+        self.state.presence.attach(device.device, queue.clone());
 
         // The writer owns the socket's send side; it may block on a slow client without
         // stopping the read loop from noticing a close request.
         let mut writer_session = self.session.clone();
         let writer = actix_web::rt::spawn(async move {
-            while let Some(Outbound::Frame(frame)) = outbound.recv().await {
+            while let Some(frame) = outbound.recv().await {
                 if writer_session.binary(frame).await.is_err() {
                     break;
                 }
             }
         });
+        let _guard = SessionGuard {
+            presence: Arc::clone(&self.state.presence),
+            device: device.device,
+            conn_id: self.conn_id,
+            writer,
+        };
 
         let in_flight = Arc::new(Semaphore::new(self.state.settings.max_in_flight));
+        // Request tasks signal here when they release their permit, so that a read loop that
+        // stopped reading at the in-flight limit resumes at once.
+        let released = Arc::new(Notify::new());
         let mut shutdown = self.state.shutdown.clone();
         let mut ping = tokio::time::interval(self.state.settings.ping_interval);
         ping.tick().await;
         let mut invalid = 0u32;
 
-        let ended = loop {
+        loop {
             tokio::select! {
                 _ = close_rx.changed() => {
                     let code = (*close_rx.borrow()).unwrap_or(CloseCode::Normal);
@@ -213,6 +265,7 @@ impl Connection {
                 _ = shutdown.changed() => {
                     break self.close(CloseCode::GoingAway, "server shutting down", "shutdown").await;
                 }
+                _ = released.notified(), if in_flight.available_permits() == 0 => {}
                 _ = ping.tick() => {
                     if self.last_seen.elapsed() > self.state.settings.idle_timeout {
                         break self.close(CloseCode::KeepaliveTimeout, "keepalive timeout", "keepalive").await;
@@ -230,7 +283,7 @@ impl Connection {
                         }
                         Some(Incoming::Text) => {
                             self.state.metrics.frames_in.with_label_values(&["invalid"]).inc();
-                            let body = error_body(ErrorCode::MalformedFrame, "text frames are not accepted, send MessagePack in binary frames".into());
+                            let body = error_body(ErrorCode::MalformedFrame, TEXT_FRAME_ERROR.into());
                             self.respond(&queue, 0, body);
                             invalid += 1;
                             if invalid >= self.state.settings.max_invalid_frames {
@@ -244,7 +297,8 @@ impl Connection {
                         Ok(frame) => {
                             invalid = 0;
                             self.state.metrics.frames_in.with_label_values(&[frame.body.type_name()]).inc();
-                            self.dispatch(&device, &queue, &in_flight, frame.id, frame.body);
+                            let tasks = Tasks { queue: &queue, in_flight: &in_flight, released: &released };
+                            self.dispatch(&device, &tasks, frame.id, frame.body);
                         }
                         Err((id, error)) => {
                             self.state.metrics.frames_in.with_label_values(&["invalid"]).inc();
@@ -258,10 +312,7 @@ impl Connection {
                     }
                 }
             }
-        };
-        self.state.presence.detach(&device.device, self.conn_id);
-        writer.abort();
-        ended
+        }
     }
 
     /// Sends the challenge and waits for a valid login. A failed login gets an error frame and
@@ -289,6 +340,11 @@ impl Connection {
         let bytes = match incoming {
             Ok(Some(Incoming::Binary(bytes))) => bytes,
             Ok(Some(Incoming::Broken(code, why))) => return Err(Some((code, why))),
+            Ok(Some(Incoming::Text)) => {
+                let body = error_body(ErrorCode::MalformedFrame, TEXT_FRAME_ERROR.into());
+                let _ = self.send_now(0, body).await;
+                return Err(None);
+            }
             Ok(_) => return Err(None),
             Err(_) => {
                 tracing::debug!("login timed out");
@@ -355,14 +411,7 @@ impl Connection {
     }
 
     /// Handles one request: group requests run in their own task, the rest inline.
-    fn dispatch(
-        &self,
-        device: &DeviceRecord,
-        queue: &mpsc::Sender<Outbound>,
-        in_flight: &Arc<Semaphore>,
-        id: u64,
-        body: ClientBody,
-    ) {
+    fn dispatch(&self, device: &DeviceRecord, tasks: &Tasks<'_>, id: u64, body: ClientBody) {
         let state = &self.state;
         let inline = match body {
             ClientBody::Login { .. } => error_body(
@@ -439,7 +488,9 @@ impl Connection {
                 }
             }
             ClientBody::Welcomes => match state.store.welcomes(&device.device) {
-                Ok(welcomes) => ServerBody::Welcomes { welcomes },
+                Ok(welcomes) => ServerBody::Welcomes {
+                    welcomes: fit_in_frame(welcomes),
+                },
                 Err(e) => {
                     tracing::error!(error = %e, "reading welcomes failed");
                     error_body(
@@ -449,7 +500,7 @@ impl Connection {
                 }
             },
             group_request => {
-                self.spawn_group_request(device, queue, in_flight, id, group_request);
+                self.spawn_group_request(device, tasks, id, group_request);
                 return;
             }
         };
@@ -463,25 +514,20 @@ impl Connection {
                 | ServerBody::GroupCreated { .. }
         );
         if changed {
-            self.spawn_durable_response(queue, in_flight, id, inline);
+            self.spawn_durable_response(tasks, id, inline);
         } else {
-            self.respond(queue, id, inline);
+            self.respond(tasks.queue, id, inline);
         }
     }
 
-    fn spawn_durable_response(
-        &self,
-        queue: &mpsc::Sender<Outbound>,
-        in_flight: &Arc<Semaphore>,
-        id: u64,
-        body: ServerBody,
-    ) {
-        let Ok(permit) = Arc::clone(in_flight).try_acquire_owned() else {
+    fn spawn_durable_response(&self, tasks: &Tasks<'_>, id: u64, body: ServerBody) {
+        let Ok(permit) = Arc::clone(tasks.in_flight).try_acquire_owned() else {
             // The read loop only reads while a permit is free, and only it takes permits.
             unreachable!("request read without a free in-flight permit");
         };
         let state = Arc::clone(&self.state);
-        let queue = queue.clone();
+        let queue = tasks.queue.clone();
+        let released = Arc::clone(tasks.released);
         let task = async move {
             let body = match state.store.durable().await {
                 Ok(()) => body,
@@ -493,8 +539,9 @@ impl Connection {
                     )
                 }
             };
-            send_response(&state, &queue, id, body).await;
+            send_response(&state, &queue, id, body);
             drop(permit);
+            released.notify_one();
         };
         actix_web::rt::spawn(task.in_current_span());
     }
@@ -502,66 +549,33 @@ impl Connection {
     fn spawn_group_request(
         &self,
         device: &DeviceRecord,
-        queue: &mpsc::Sender<Outbound>,
-        in_flight: &Arc<Semaphore>,
+        tasks: &Tasks<'_>,
         id: u64,
         body: ClientBody,
     ) {
-        let Ok(permit) = Arc::clone(in_flight).try_acquire_owned() else {
+        let Ok(permit) = Arc::clone(tasks.in_flight).try_acquire_owned() else {
             // The read loop only reads while a permit is free, and only it takes permits.
             unreachable!("request read without a free in-flight permit");
         };
         let state = Arc::clone(&self.state);
-        let queue = queue.clone();
+        let queue = tasks.queue.clone();
+        let released = Arc::clone(tasks.released);
         let sender = device.device;
         let task = async move {
             let body = match group_request(&state, sender, body).await {
                 Ok(body) => body,
                 Err(e) => group_error_body(&state, &e),
             };
-            state
-                .metrics
-                .frames_out
-                .with_label_values(&[body_type(&body)])
-                .inc();
-            let frame = encode_server(&ServerFrame {
-                v: PROTOCOL_VERSION,
-                id,
-                body,
-            });
-            let _ = queue.send(Outbound::Frame(frame.into())).await;
+            send_response(&state, &queue, id, body);
             drop(permit);
+            released.notify_one();
         };
         actix_web::rt::spawn(task.in_current_span());
     }
 
-    /// Queues a response from the read loop without waiting; a full queue marks the client as
-    /// a slow consumer.
-    fn respond(&self, queue: &mpsc::Sender<Outbound>, id: u64, body: ServerBody) {
-        if let ServerBody::Error { code, .. } = &body {
-            self.state
-                .metrics
-                .errors
-                .with_label_values(&[code.name()])
-                .inc();
-        }
-        self.state
-            .metrics
-            .frames_out
-            .with_label_values(&[body_type(&body)])
-            .inc();
-        let frame = encode_server(&ServerFrame {
-            v: PROTOCOL_VERSION,
-            id,
-            body,
-        });
-        if let Err(mpsc::error::TrySendError::Full(_)) =
-            queue.try_send(Outbound::Frame(frame.into()))
-        {
-            self.state
-                .presence
-                .close_conn(self.conn_id, CloseCode::SlowConsumer);
-        }
+    /// Queues a response from the read loop without waiting.
+    fn respond(&self, queue: &SessionHandle, id: u64, body: ServerBody) {
+        send_response(&self.state, queue, id, body);
     }
 
     async fn send_now(&mut self, id: u64, body: ServerBody) -> Result<(), actix_ws::Closed> {
@@ -614,13 +628,9 @@ impl Connection {
     }
 }
 
-/// Queues a response from a request task, waiting for room in the queue.
-async fn send_response(
-    state: &GatewayState,
-    queue: &mpsc::Sender<Outbound>,
-    id: u64,
-    body: ServerBody,
-) {
+/// Queues a response without waiting. A client that does not read its responses fills its
+/// queue like one that does not read pushes, and is closed as a slow consumer.
+fn send_response(state: &GatewayState, queue: &SessionHandle, id: u64, body: ServerBody) {
     if let ServerBody::Error { code, .. } = &body {
         state.metrics.errors.with_label_values(&[code.name()]).inc();
     }
@@ -634,7 +644,29 @@ async fn send_response(
         id,
         body,
     });
-    let _ = queue.send(Outbound::Frame(frame.into())).await;
+    queue.offer(frame.into());
+}
+
+/// What a request needs to run as its own task.
+struct Tasks<'a> {
+    queue: &'a SessionHandle,
+    in_flight: &'a Arc<Semaphore>,
+    released: &'a Arc<Notify>,
+}
+
+/// Removes a connection's presence entry and stops its writer, also when the session panics.
+struct SessionGuard {
+    presence: Arc<Presence>,
+    device: atlas_protocol::DeviceId,
+    conn_id: u64,
+    writer: actix_web::rt::task::JoinHandle<()>,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.presence.detach(&self.device, self.conn_id);
+        self.writer.abort();
+    }
 }
 
 async fn group_request(
@@ -731,13 +763,14 @@ async fn group_request(
 fn check_group_and_size(group: &atlas_protocol::GroupId, size: usize) -> Result<(), GroupError> {
     group
         .validate()
-        .map_err(|e| GroupError::Mls(atlas_actors::mls::MlsError::Malformed(e.to_string())))?;
+        .map_err(|e| GroupError::Invalid(ErrorCode::MalformedFrame, e.to_string()))?;
     if size > MAX_MLS_MESSAGE_BYTES {
-        return Err(GroupError::Mls(atlas_actors::mls::MlsError::Malformed(
+        return Err(GroupError::Invalid(
+            ErrorCode::TooLarge,
             format!(
                 "MLS message of {size} bytes exceeds the limit of {MAX_MLS_MESSAGE_BYTES} bytes"
             ),
-        )));
+        ));
     }
     Ok(())
 }

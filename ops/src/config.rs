@@ -27,6 +27,8 @@ pub struct NodeConfig {
     pub workers: usize,
     /// Frames each connection's outbound queue holds before the client counts as slow.
     pub queue_capacity: usize,
+    /// Bytes each connection's outbound queue holds before the client counts as slow.
+    pub queue_max_bytes: usize,
     /// Seconds between keepalive pings.
     pub ping_interval_secs: u64,
     /// Seconds of silence after which a connection is closed.
@@ -58,6 +60,7 @@ impl Default for NodeConfig {
             tls_key: None,
             workers: 0,
             queue_capacity: 1024,
+            queue_max_bytes: 8 * 1024 * 1024,
             ping_interval_secs: 15,
             idle_timeout_secs: 45,
             group_idle_secs: 300,
@@ -97,6 +100,9 @@ pub struct NodeFlags {
     /// Outbound queue capacity per connection, in frames.
     #[arg(long, env = "ATLAS_QUEUE_CAPACITY")]
     pub queue_capacity: Option<usize>,
+    /// Outbound queue capacity per connection, in bytes.
+    #[arg(long, env = "ATLAS_QUEUE_MAX_BYTES")]
+    pub queue_max_bytes: Option<usize>,
     /// Keepalive ping interval in seconds.
     #[arg(long, env = "ATLAS_PING_INTERVAL_SECS")]
     pub ping_interval_secs: Option<u64>,
@@ -136,19 +142,47 @@ impl NodeFlags {
             workers,
             queue_capacity
         );
-        take!(ping_interval_secs, idle_timeout_secs, log_format);
+        take!(
+            ping_interval_secs,
+            idle_timeout_secs,
+            log_format,
+            queue_max_bytes
+        );
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             config.tls_cert = Some(cert.clone());
             config.tls_key = Some(key.clone());
         }
-        if config.queue_capacity == 0 {
-            anyhow::bail!("queue_capacity must be at least 1");
-        }
+        config.validate()?;
         Ok(config)
     }
 }
 
 impl NodeConfig {
+    /// Checks every numeric setting against its allowed range.
+    fn validate(&self) -> anyhow::Result<()> {
+        let ranges: [(&str, u64, u64, u64); 7] = [
+            ("workers", self.workers as u64, 0, 256),
+            ("queue_capacity", self.queue_capacity as u64, 1, 1_000_000),
+            (
+                "queue_max_bytes",
+                self.queue_max_bytes as u64,
+                64 * 1024,
+                1 << 30,
+            ),
+            ("ping_interval_secs", self.ping_interval_secs, 1, 3600),
+            ("idle_timeout_secs", self.idle_timeout_secs, 2, 86_400),
+            ("group_idle_secs", self.group_idle_secs, 1, 86_400),
+            ("retention_days", self.retention_days, 1, 36_500),
+        ];
+        for (name, value, min, max) in ranges {
+            anyhow::ensure!(
+                (min..=max).contains(&value),
+                "{name} = {value} is out of range, use a value from {min} to {max}"
+            );
+        }
+        Ok(())
+    }
+
     pub fn ping_interval(&self) -> Duration {
         Duration::from_secs(self.ping_interval_secs.max(1))
     }

@@ -94,6 +94,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         settings: SessionSettings {
             server_name: config.server_name.clone(),
             queue_capacity: config.queue_capacity,
+            queue_max_bytes: config.queue_max_bytes,
             ping_interval: config.ping_interval(),
             idle_timeout: Duration::from_secs(config.idle_timeout_secs.max(2)),
             ..SessionSettings::default()

@@ -951,3 +951,126 @@ async fn many_slow_readers_keep_node_memory_bounded() {
         "node grew by {slow_growth} KiB with slow readers, {fast_growth} KiB with fast ones"
     );
 }
+
+fn sync_frame(id: u64, group: &GroupId) -> Vec<u8> {
+    encode_client(&ClientFrame {
+        v: PROTOCOL_VERSION,
+        id,
+        body: ClientBody::Sync {
+            group: group.clone(),
+            after: 0,
+            limit: 500,
+        },
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_not_reading_responses_is_closed() {
+    let setup = Setup::new(&[]);
+    let (mut clients, group) = setup.group(&["alice", "bob"]).await;
+    clients[0].send(&group, &"y".repeat(120_000)).await.unwrap();
+    let bob = &clients[1];
+    bob.set_reading_paused(true);
+    let before = setup.node.rss_kib().unwrap();
+    // Each response carries the 120 kB message; 3,000 of them would be 360 MB.
+    for id in 1..=3000 {
+        if bob
+            .send_raw(sync_frame(1_000_000 + id, &group))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let closed = wait_until(Duration::from_secs(30), || {
+        setup
+            .node
+            .metric("atlas_connections_closed_total{reason=\"slow_consumer\"}")
+            .unwrap_or(0.0)
+            >= 1.0
+    })
+    .await;
+    assert!(closed, "a client that reads no responses was not closed");
+    let growth = setup.node.rss_kib().unwrap().saturating_sub(before);
+    assert!(growth < 64 * 1024, "node grew by {growth} KiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_pipelined_requests_all_complete() {
+    use futures_util::StreamExt;
+    use futures_util::stream::FuturesUnordered;
+
+    // With pings an hour apart, nothing but the requests themselves can wake the session.
+    let setup = Setup::new(&[
+        "--ping-interval-secs",
+        "3600",
+        "--idle-timeout-secs",
+        "7200",
+    ]);
+    let (clients, group) = setup.group(&["alice"]).await;
+    let mut pending: FuturesUnordered<_> = (0..600)
+        .map(|_| {
+            clients[0].request(ClientBody::Sync {
+                group: group.clone(),
+                after: 0,
+                limit: 1,
+            })
+        })
+        .collect();
+    let mut done = 0;
+    while let Some(result) = pending.next().await {
+        assert!(matches!(result.unwrap(), ServerBody::Entries { .. }));
+        done += 1;
+    }
+    assert_eq!(done, 600);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_type_with_multibyte_name_gets_an_error() {
+    let setup = Setup::new(&[]);
+    let alice = setup.client("alice").await;
+    #[derive(serde::Serialize)]
+    struct Frame {
+        v: u16,
+        id: u64,
+        body: Body,
+    }
+    #[derive(serde::Serialize)]
+    struct Body {
+        t: String,
+    }
+    let t = format!("a{}", "é".repeat(100));
+    let err = alice
+        .request_raw(|id| {
+            rmp_serde::to_vec_named(&Frame {
+                v: PROTOCOL_VERSION,
+                id,
+                body: Body { t },
+            })
+            .unwrap()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::UnknownFrameType));
+    assert!(matches!(
+        alice.request(ClientBody::Ping).await.unwrap(),
+        ServerBody::Pong
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_after_node_death_fails_fast() {
+    let setup = Setup::new(&[]);
+    let mut alice = setup.client("alice").await;
+    let Setup { dir: _dir, node } = setup;
+    node.kill9().unwrap();
+    assert!(
+        alice.wait_closed(Duration::from_secs(10)).await.is_some(),
+        "no end of connection seen"
+    );
+    let err = alice.request(ClientBody::Ping).await.unwrap_err();
+    assert!(
+        matches!(err, atlas_client::ClientError::Disconnected(_)),
+        "{err}"
+    );
+}

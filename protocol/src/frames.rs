@@ -289,8 +289,8 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, (u64, DecodeError)> {
         return Err((raw.id, DecodeError::Version(raw.v)));
     }
     if !ClientBody::TYPES.contains(&raw.body.t.as_str()) {
-        let mut name = raw.body.t;
-        name.truncate(64);
+        // Cut at a character boundary: the name comes from the peer and may be any UTF-8.
+        let name: String = raw.body.t.chars().take(64).collect();
         return Err((raw.id, DecodeError::UnknownType(name, raw.id)));
     }
     rmp_serde::from_slice(bytes).map_err(|e| (raw.id, DecodeError::Malformed(e.to_string())))

@@ -11,7 +11,10 @@ pub enum StorageError {
     Open { path: String, source: sled::Error },
     /// The data directory was written by another storage format version; migrate it or start
     /// with an empty directory.
-    #[error("storage format version {found} is not supported, this build reads version {expected}")]
+    #[error(
+        "storage format version {found} is not supported, this build reads version {expected}: \
+         run the build that wrote it, or start with an empty data directory"
+    )]
     FormatVersion { found: u32, expected: u32 },
     /// A stored record does not decode: the data directory is damaged.
     #[error("corrupt {what}: {detail}")]

@@ -56,6 +56,32 @@ fn unknown_type_is_not_malformed() {
 }
 
 #[test]
+fn long_unknown_type_with_multibyte_characters_is_cut_safely() {
+    #[derive(serde::Serialize)]
+    struct Body {
+        t: String,
+    }
+    #[derive(serde::Serialize)]
+    struct Raw {
+        v: u16,
+        id: u64,
+        body: Body,
+    }
+    let t = format!("a{}", "é".repeat(100));
+    let bytes = rmp_serde::to_vec_named(&Raw {
+        v: 1,
+        id: 3,
+        body: Body { t },
+    })
+    .unwrap();
+    let (_, err) = decode_client(&bytes).unwrap_err();
+    let DecodeError::UnknownType(name, _) = err else {
+        panic!("expected unknown type")
+    };
+    assert_eq!(name.chars().count(), 64);
+}
+
+#[test]
 fn garbage_is_malformed() {
     let (_, err) = decode_client(&[0xc1, 0xff, 0x00]).unwrap_err();
     assert_eq!(err.code(), ErrorCode::MalformedFrame);
