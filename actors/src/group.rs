@@ -349,10 +349,12 @@ impl GroupState {
             last_seq: seq,
             ..self.meta
         };
+        // Only commits change more of the meta than `last_seq`, which the log itself records.
+        let meta_change = (kind == EntryKind::Commit).then_some(&meta);
         self.store.append(
             &self.group,
             &entry,
-            &meta,
+            meta_change,
             state_bytes.as_deref(),
             &welcomes,
         )?;

@@ -158,7 +158,22 @@ impl Store {
         let Some(meta) = self.groups.get(keys::group_meta(group))? else {
             return Ok(None);
         };
-        let meta: GroupMeta = decode(&meta, "group meta", group)?;
+        let mut meta: GroupMeta = decode(&meta, "group meta", group)?;
+        // Application messages do not rewrite the meta record (see `append`): the newest log
+        // entry tells the last sequence number.
+        let newest = self
+            .groups
+            .range(keys::log(group, 0)..keys::log_end(group))
+            .next_back();
+        if let Some(item) = newest {
+            let (key, _) = item?;
+            let seq =
+                <[u8; 8]>::try_from(&key[key.len() - 8..]).map_err(|_| StorageError::Corrupt {
+                    what: format!("log key of group {group}"),
+                    detail: "shorter than a sequence number".into(),
+                })?;
+            meta.last_seq = meta.last_seq.max(u64::from_be_bytes(seq));
+        }
         let state =
             self.groups
                 .get(keys::group_state(group))?
@@ -169,14 +184,17 @@ impl Store {
         Ok(Some((meta, state.to_vec())))
     }
 
-    /// Appends one accepted entry atomically with the new group meta, its de-duplication id,
-    /// the new public state (for commits) and Welcomes for added devices. The change is not yet
+    /// Appends one accepted entry atomically with its de-duplication id and, for commits, the
+    /// new group meta, public state and Welcomes for added devices. The change is not yet
     /// durable: call [`Store::durable`] before acknowledging it.
+    ///
+    /// `meta` may be `None` when only `last_seq` changed: [`Store::load_group`] derives it from
+    /// the log, which saves a write per application message.
     pub fn append(
         &self,
         group: &GroupId,
         entry: &LogEntry,
-        meta: &GroupMeta,
+        meta: Option<&GroupMeta>,
         public_state: Option<&[u8]>,
         welcomes: &[(DeviceId, WelcomeEntry)],
     ) -> Result<(), StorageError> {
@@ -186,7 +204,9 @@ impl Store {
             keys::dedupe(group, &entry.sender, &entry.msg_id),
             &entry.seq.to_be_bytes(),
         );
-        batch.insert(keys::group_meta(group), encode(meta));
+        if let Some(meta) = meta {
+            batch.insert(keys::group_meta(group), encode(meta));
+        }
         if let Some(state) = public_state {
             batch.insert(keys::group_state(group), state);
         }

@@ -34,7 +34,13 @@ async fn appended_entries_read_back_in_order_after_reopen() {
         store.create_group(&group(), &meta(0), b"state").unwrap();
         for seq in 1..=5 {
             store
-                .append(&group(), &entry(seq, seq as u8), &meta(seq), None, &[])
+                .append(
+                    &group(),
+                    &entry(seq, seq as u8),
+                    Some(&meta(seq)),
+                    None,
+                    &[],
+                )
                 .unwrap();
         }
         store.durable().await.unwrap();
@@ -150,7 +156,13 @@ async fn prune_removes_entries_and_dedupe_ids() {
     store.create_group(&group(), &meta(0), b"s").unwrap();
     for seq in 1..=4 {
         store
-            .append(&group(), &entry(seq, seq as u8), &meta(seq), None, &[])
+            .append(
+                &group(),
+                &entry(seq, seq as u8),
+                Some(&meta(seq)),
+                None,
+                &[],
+            )
             .unwrap();
     }
     assert_eq!(store.last_seq_before(&group(), 2500).unwrap(), Some(2));
@@ -214,4 +226,17 @@ async fn device_key_cannot_move_to_another_account() {
     ));
     assert_eq!(store.account_devices("alice").unwrap().len(), 1);
     assert!(store.account_devices("mallory").unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn last_seq_comes_from_the_log_when_meta_was_not_rewritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.create_group(&group(), &meta(0), b"s").unwrap();
+    for seq in 1..=3 {
+        store
+            .append(&group(), &entry(seq, seq as u8), None, None, &[])
+            .unwrap();
+    }
+    assert_eq!(store.load_group(&group()).unwrap().unwrap().0.last_seq, 3);
 }

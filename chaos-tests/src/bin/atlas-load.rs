@@ -80,6 +80,10 @@ struct LoadArgs {
     /// Skip the baseline server.
     #[arg(long)]
     no_baseline: bool,
+    /// Directory under which the node's data directory is created; it should be on the disk
+    /// whose fsync the benchmark is meant to measure.
+    #[arg(long, default_value = ".")]
+    data_parent: PathBuf,
 }
 
 /// One loaded device: its connection, its group and the ciphertext it sends.
@@ -122,13 +126,26 @@ async fn run_all(args: LoadArgs) -> anyhow::Result<()> {
         args.group_size
     );
     let dir = scratch_dir()?;
-    eprintln!("scratch directory {}", dir.path().display());
+    eprintln!("client state in {}", dir.path().display());
+    // The node's data must be on a real disk: on tmpfs an fsync costs nothing.
+    let node_dir = tempfile::Builder::new()
+        .prefix("atlas-load-node")
+        .tempdir_in(&args.data_parent)?;
+    eprintln!("node data in {}", node_dir.path().display());
 
     eprintln!("== atlas: starting node {}", args.atlas_bin.display());
-    let node = NodeProcess::start(&args.atlas_bin, &dir.path().join("node"), &[])?;
+    let node = NodeProcess::start(&args.atlas_bin, &node_dir.path().join("node"), &[])?;
     let trust = ServerTrust::fingerprint(&node.fingerprint)?;
     let devices = setup_atlas(&args, dir.path(), &node.url(), &trust).await?;
     let atlas = measure(&args, devices, &node.url(), &trust, node.pid(), true).await?;
+    // The flush histogram tells how much of the latency is fsync.
+    match node.metrics() {
+        Ok(text) => text
+            .lines()
+            .filter(|l| l.starts_with("atlas_storage_flush_seconds"))
+            .for_each(|l| eprintln!("   {l}")),
+        Err(e) => eprintln!("   cannot read the node's metrics: {e}"),
+    }
     drop(node);
 
     let baseline = if args.no_baseline {
@@ -144,8 +161,8 @@ async fn run_all(args: LoadArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A directory on tmpfs when available: client state files are fsync'd on every change, and
-/// the benchmark measures the node, not the generator's disk.
+/// A directory for client state, on tmpfs when available: client state files are fsync'd on
+/// every change, and the benchmark measures the node, not the generator's disk.
 fn scratch_dir() -> anyhow::Result<tempfile::TempDir> {
     let shm = Path::new("/dev/shm");
     Ok(if shm.is_dir() {
