@@ -689,16 +689,7 @@ async fn group_request(
                 commit,
                 welcome: welcome.map(|w| w.into_vec()),
             };
-            let accepted = state
-                .router
-                .request(&group, |reply| GroupMsg::Submit {
-                    sender,
-                    msg_id,
-                    submission,
-                    reply,
-                })
-                .await?;
-            Ok(ServerBody::Accepted(accepted))
+            submit(state, &group, sender, msg_id, submission).await
         }
         ClientBody::Send {
             group,
@@ -707,16 +698,7 @@ async fn group_request(
         } => {
             check_group_and_size(&group, message.len())?;
             let submission = Submission::Application { message };
-            let accepted = state
-                .router
-                .request(&group, |reply| GroupMsg::Submit {
-                    sender,
-                    msg_id,
-                    submission,
-                    reply,
-                })
-                .await?;
-            Ok(ServerBody::Accepted(accepted))
+            submit(state, &group, sender, msg_id, submission).await
         }
         ClientBody::Sync {
             group,
@@ -758,6 +740,25 @@ async fn group_request(
             other.type_name()
         ))),
     }
+}
+
+async fn submit(
+    state: &GatewayState,
+    group: &atlas_protocol::GroupId,
+    sender: atlas_protocol::DeviceId,
+    msg_id: atlas_protocol::ClientMsgId,
+    submission: Submission,
+) -> Result<ServerBody, GroupError> {
+    let accepted = state
+        .router
+        .request(group, |reply| GroupMsg::Submit {
+            sender,
+            msg_id,
+            submission,
+            reply,
+        })
+        .await?;
+    Ok(ServerBody::Accepted(accepted))
 }
 
 fn check_group_and_size(group: &atlas_protocol::GroupId, size: usize) -> Result<(), GroupError> {

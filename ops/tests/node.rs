@@ -65,6 +65,12 @@ impl Setup {
     }
 }
 
+/// Connections the node closed as slow consumers.
+fn slow_closes(node: &NodeProcess) -> f64 {
+    node.metric("atlas_connections_closed_total{reason=\"slow_consumer\"}")
+        .unwrap_or(0.0)
+}
+
 fn texts(client: &Client, group: &GroupId) -> Vec<(String, String)> {
     client
         .transcript(group)
@@ -597,23 +603,11 @@ async fn slow_reader_is_disconnected_with_bounded_memory() {
     for _ in 0..400 {
         clients[0].send(&group, &big).await.unwrap();
         sent += 1;
-        if setup
-            .node
-            .metric("atlas_connections_closed_total{reason=\"slow_consumer\"}")
-            .unwrap()
-            >= 1.0
-        {
+        if slow_closes(&setup.node) >= 1.0 {
             break;
         }
     }
-    let closed = wait_until(Duration::from_secs(20), || {
-        setup
-            .node
-            .metric("atlas_connections_closed_total{reason=\"slow_consumer\"}")
-            .unwrap_or(0.0)
-            >= 1.0
-    })
-    .await;
+    let closed = wait_until(Duration::from_secs(20), || slow_closes(&setup.node) >= 1.0).await;
     assert!(closed, "the slow reader was not disconnected");
     // The queue holds 32 frames; the rest sits in socket buffers. The reader is cut off long
     // before the whole flood is sent.
@@ -934,14 +928,7 @@ async fn many_slow_readers_keep_node_memory_bounded() {
         reader.set_reading_paused(true);
     }
     let slow_growth = flood(&setup, &mut clients[0], &group, total).await;
-    let closed = wait_until(Duration::from_secs(20), || {
-        setup
-            .node
-            .metric("atlas_connections_closed_total{reason=\"slow_consumer\"}")
-            .unwrap_or(0.0)
-            >= 8.0
-    })
-    .await;
+    let closed = wait_until(Duration::from_secs(20), || slow_closes(&setup.node) >= 8.0).await;
     assert!(closed, "not every slow reader was disconnected");
     eprintln!(
         "node RSS growth: {fast_growth} KiB with fast readers, {slow_growth} KiB with slow ones"
@@ -982,14 +969,7 @@ async fn client_not_reading_responses_is_closed() {
             break;
         }
     }
-    let closed = wait_until(Duration::from_secs(30), || {
-        setup
-            .node
-            .metric("atlas_connections_closed_total{reason=\"slow_consumer\"}")
-            .unwrap_or(0.0)
-            >= 1.0
-    })
-    .await;
+    let closed = wait_until(Duration::from_secs(30), || slow_closes(&setup.node) >= 1.0).await;
     assert!(closed, "a client that reads no responses was not closed");
     // Bounded, the connection costs at most 256 responses in flight (32 MB), its queue (8 MiB)
     // and socket buffers; unbounded, the 3,000 responses would cost 360 MB.
