@@ -6,9 +6,9 @@
 //! target/release/atlas-load all --atlas-bin target/release/atlas
 //! ```
 //!
-//! It starts a real Atlas node process and a baseline server (a minimal rustls + WebSocket
-//! broadcast server that speaks the same frames with no storage, no MLS and no checks), drives
-//! both over TLS WebSocket with the same workload and prints the results as Markdown:
+//! It starts a real Atlas node process and a baseline server: a minimal rustls + WebSocket
+//! broadcast server that speaks the same frames with no storage, no MLS and no checks. It
+//! drives both over TLS WebSocket with the same workload and prints the results as Markdown:
 //! - saturation: every device keeps `--window` sends in flight for `--seconds`; acknowledged
 //!   sends/s and pushes delivered/s;
 //! - latency: every device sends at a fixed rate so the total is half the saturation rate;
@@ -138,7 +138,7 @@ async fn run_all(args: LoadArgs) -> anyhow::Result<()> {
     let trust = ServerTrust::fingerprint(&node.fingerprint)?;
     let devices = setup_atlas(&args, dir.path(), &node.url(), &trust).await?;
     let atlas = measure(&args, devices, &node.url(), &trust, node.pid(), true).await?;
-    // The flush histogram tells how much of the latency is fsync.
+    // The flush histogram shows how much of the latency is fsync.
     match node.metrics() {
         Ok(text) => text
             .lines()
@@ -161,7 +161,7 @@ async fn run_all(args: LoadArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A directory for client state, on tmpfs when available: client state files are fsync'd on
+/// Creates a directory for client state, on tmpfs when available: client state files are fsync'd on
 /// every change, and the benchmark measures the node, not the generator's disk.
 fn scratch_dir() -> anyhow::Result<tempfile::TempDir> {
     let shm = Path::new("/dev/shm");
