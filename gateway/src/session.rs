@@ -328,11 +328,20 @@ impl Connection {
         self.send_now(0, challenge).await.map_err(|_| None)?;
 
         let deadline = self.state.settings.login_timeout;
+        let mut shutdown = self.state.shutdown.clone();
+        let reader = &mut self.reader;
+        let session = &mut self.session;
         let incoming = tokio::time::timeout(deadline, async {
             loop {
-                match self.reader.next(&mut self.session).await {
-                    Some(Incoming::Pong) => continue,
-                    other => return other,
+                tokio::select! {
+                    // A shutdown also ends connections that have not logged in yet.
+                    _ = shutdown.wait_for(|stop| *stop) => {
+                        return Some(Incoming::Broken(CloseCode::GoingAway, "server shutting down".into()));
+                    }
+                    next = reader.next(session) => match next {
+                        Some(Incoming::Pong) => continue,
+                        other => return other,
+                    },
                 }
             }
         })

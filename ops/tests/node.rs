@@ -653,6 +653,10 @@ async fn sigterm_exits_cleanly_and_metrics_are_served() {
             .unwrap()
             >= 1.0
     );
+    // A connection still waiting to log in is closed with 1001 too.
+    let (waiting, _) = RawConnection::open(&setup.node.url(), &setup.trust())
+        .await
+        .unwrap();
     let Setup { dir: _dir, node } = setup;
     let status = node.terminate(Duration::from_secs(20)).unwrap();
     assert!(status.success(), "exit status {status}");
@@ -660,6 +664,8 @@ async fn sigterm_exits_cleanly_and_metrics_are_served() {
         .wait_closed(Duration::from_secs(10))
         .await
         .flatten();
+    assert_eq!(close.map(|c| c.0), Some(1001));
+    let close = waiting.wait_closed(Duration::from_secs(10)).await.flatten();
     assert_eq!(close.map(|c| c.0), Some(1001));
 }
 
