@@ -37,8 +37,8 @@ pub struct RunningNode {
 pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
-    let store = Store::open(&config.data_dir.join("storage"))
-        .with_context(|| format!("cannot open storage in {}", config.data_dir.display()))?;
+    // The storage error already names the path and the cause.
+    let store = Store::open(&config.data_dir.join("storage"))?;
 
     let registry = Registry::new();
     let flush_latency = Histogram::with_opts(
