@@ -51,6 +51,9 @@ impl Store {
     /// Opens or creates the database in `dir` and checks its format version. Must be called
     /// inside a Tokio runtime, which runs the group-commit flusher.
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
+        // sled starts an empty database (and rewrites the file) when it cannot read an existing
+        // one, so remember whether there was data before opening and refuse to run empty.
+        let had_data = std::fs::metadata(dir.join("db")).is_ok_and(|m| m.len() > 0);
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
@@ -75,6 +78,14 @@ impl Store {
                         expected: FORMAT_VERSION,
                     });
                 }
+            }
+            None if had_data => {
+                return Err(StorageError::Corrupt {
+                    what: format!("storage in {}", dir.display()),
+                    detail: "the database file has data but no readable format version; \
+                             restore it from a backup or move it away to start empty"
+                        .into(),
+                });
             }
             None => {
                 meta.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())?;

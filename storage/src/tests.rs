@@ -240,3 +240,17 @@ async fn last_seq_comes_from_the_log_when_meta_was_not_rewritten() {
     }
     assert_eq!(store.load_group(&group()).unwrap().unwrap().0.last_seq, 3);
 }
+
+#[tokio::test]
+async fn unreadable_database_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("db"), vec![0x5a; 4096]).unwrap();
+    let err = Store::open(dir.path()).err().expect("open must fail");
+    assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
+    // NOTE: sled rewrites a file it cannot read while opening it, so the bytes are not kept;
+    // what the check guarantees is that the node does not start as if it had no data.
+    let again = Store::open(dir.path())
+        .err()
+        .expect("second open must fail too");
+    assert!(matches!(again, StorageError::Corrupt { .. }), "{again}");
+}
