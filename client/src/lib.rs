@@ -773,24 +773,16 @@ impl Client {
         if entry.seq <= local.cursor {
             return Ok(None);
         }
-        if let Some(text) = local.own.remove(&entry.seq) {
+        // MLS cannot decrypt our own messages: the text comes from the entry recorded at its
+        // acknowledgement, or, when the acknowledgement never arrived (crash or lost
+        // connection), from the unacknowledged list. An own commit never merged is lost.
+        let own_text = match local.own.remove(&entry.seq) {
+            Some(text) => Some(text),
+            None if entry.sender == me => Some(local.unacknowledged.remove(&entry.msg_id.0)),
+            None => None,
+        };
+        if let Some(text) = own_text {
             local.cursor = entry.seq;
-            local.record(entry.seq, &self.account, text.clone());
-            self.save()?;
-            return Ok(text.map(|t| Received {
-                group: group.clone(),
-                seq: entry.seq,
-                sender_account: self.account.clone(),
-                sender: me,
-                event: Event::Message(t),
-            }));
-        }
-        if entry.sender == me {
-            // Our own entry whose acknowledgement never reached us (crash or lost connection).
-            // MLS cannot decrypt our own messages: the text comes from the unacknowledged
-            // list, and an own commit that was never merged is lost.
-            local.cursor = entry.seq;
-            let text = local.unacknowledged.remove(&entry.msg_id.0);
             local.record(entry.seq, &self.account, text.clone());
             self.save()?;
             return Ok(text.map(|t| Received {

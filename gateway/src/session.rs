@@ -588,23 +588,7 @@ impl Connection {
     }
 
     async fn send_now(&mut self, id: u64, body: ServerBody) -> Result<(), actix_ws::Closed> {
-        if let ServerBody::Error { code, .. } = &body {
-            self.state
-                .metrics
-                .errors
-                .with_label_values(&[code.name()])
-                .inc();
-        }
-        self.state
-            .metrics
-            .frames_out
-            .with_label_values(&[body_type(&body)])
-            .inc();
-        let frame = encode_server(&ServerFrame {
-            v: PROTOCOL_VERSION,
-            id,
-            body,
-        });
+        let frame = encode_response(&self.state, id, body);
         self.session.binary(frame).await
     }
 
@@ -640,6 +624,11 @@ impl Connection {
 /// Queues a response without waiting. A client that does not read its responses fills its
 /// queue like one that does not read pushes, and is closed as a slow consumer.
 fn send_response(state: &GatewayState, queue: &SessionHandle, id: u64, body: ServerBody) {
+    queue.offer(encode_response(state, id, body).into());
+}
+
+/// Counts a response in the metrics and encodes it.
+fn encode_response(state: &GatewayState, id: u64, body: ServerBody) -> Vec<u8> {
     if let ServerBody::Error { code, .. } = &body {
         state.metrics.errors.with_label_values(&[code.name()]).inc();
     }
@@ -648,12 +637,11 @@ fn send_response(state: &GatewayState, queue: &SessionHandle, id: u64, body: Ser
         .frames_out
         .with_label_values(&[body_type(&body)])
         .inc();
-    let frame = encode_server(&ServerFrame {
+    encode_server(&ServerFrame {
         v: PROTOCOL_VERSION,
         id,
         body,
-    });
-    queue.offer(frame.into());
+    })
 }
 
 /// What a request needs to run as its own task.
