@@ -185,8 +185,8 @@ impl Actor for GroupSession {
                 state.last_request = Instant::now();
                 match state.submit(sender, msg_id, submission) {
                     Ok(Outcome::Duplicate(accepted)) => {
-                        // The original may still wait for its flush: answer the retry through
-                        // the committer, after that flush, never before the original.
+                        // The original may still wait for its flush, so the retry's reply goes
+                        // through the committer, after that flush and never before the original.
                         let pending = Pending {
                             reply,
                             accepted,

@@ -85,7 +85,7 @@ pub enum GroupError {
     #[error("internal error: {0}")]
     Internal(String),
     /// The request is invalid before any group rule applies (a malformed group id, a message
-    /// over the size limit); carries the code to answer with.
+    /// over the size limit); carries the error code to send.
     #[error("{1}")]
     Invalid(ErrorCode, String),
 }

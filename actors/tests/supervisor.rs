@@ -134,7 +134,7 @@ async fn killed_actor_restarts_from_storage() {
         "supervisor did not notice the crash"
     );
 
-    // A fresh actor continues the sequence and still knows the first message id.
+    // A fresh actor continues the sequence and still finds the first message id.
     assert_eq!(submit(&f, 2).await.unwrap().seq, 2);
     assert_ne!(lookup(&f).await.get_id(), first.get_id());
     let retry = submit(&f, 1).await.unwrap();

@@ -19,7 +19,7 @@ pub struct NodeProcess {
 
 impl NodeProcess {
     /// Starts `binary node` with its data in `data_dir`, listeners on free ports and the given
-    /// extra flags; waits until it prints its address (up to 60 s).
+    /// extra flags. Waits up to 60 s until the node prints its address.
     pub fn start(binary: &Path, data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
         let mut child = Command::new(binary)
             .arg("node")
@@ -74,12 +74,12 @@ impl NodeProcess {
         })
     }
 
-    /// The WebSocket URL of the node, with `localhost` as the server name.
+    /// Returns the WebSocket URL of the node, with `localhost` as the server name.
     pub fn url(&self) -> String {
         format!("wss://localhost:{}/v1/ws", self.addr.port())
     }
 
-    /// The operating-system process id.
+    /// Returns the operating-system process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -134,7 +134,7 @@ impl NodeProcess {
         Ok(response)
     }
 
-    /// The value of a metric sample line starting with `name_and_labels`, or 0 if absent.
+    /// Returns the value of a metric sample line starting with `name_and_labels`, or 0 if absent.
     pub fn metric(&self, name_and_labels: &str) -> anyhow::Result<f64> {
         let text = self.metrics()?;
         Ok(text
@@ -152,7 +152,8 @@ impl Drop for NodeProcess {
     }
 }
 
-/// Polls `condition` every 50 ms until it holds or `timeout` passes; returns whether it held.
+/// Polls `condition` every 50 ms until it is true or `timeout` passes, and returns whether it
+/// became true.
 pub async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {

@@ -123,7 +123,7 @@ impl Connection {
                 }
             }
             // Mark the connection closed before failing the waiters, so that a request
-            // registered after this point sees the mark instead of waiting for a timeout.
+            // registered after this point finds the mark instead of waiting for a timeout.
             let _ = closed_tx.send(Some(close));
             reader_waiters
                 .lock()
@@ -219,7 +219,7 @@ impl Connection {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The close code and reason, once the connection has closed.
+    /// Returns the close code and reason, once the connection has closed.
     pub(crate) fn close_info(&self) -> CloseInfo {
         self.closed.borrow().clone().flatten()
     }

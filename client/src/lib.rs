@@ -47,7 +47,7 @@ pub enum ClientError {
     /// The connection could not be established.
     #[error("{0}")]
     Connect(String),
-    /// The server answered with an error frame.
+    /// The server replied with an error frame.
     #[error("server error {code:?}: {message}")]
     Server {
         code: ErrorCode,
@@ -84,7 +84,7 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// The server's error code, if this is a server error.
+    /// Returns the server's error code, if this is a server error.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             Self::Server { code, .. } => Some(*code),
@@ -97,7 +97,7 @@ fn mls<E: std::fmt::Display>(e: E) -> ClientError {
     ClientError::Mls(e.to_string())
 }
 
-/// A decrypted message as the application sees it.
+/// A decrypted log entry as the application receives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Received {
     pub group: GroupId,
@@ -107,7 +107,7 @@ pub struct Received {
     pub event: Event,
 }
 
-/// What happened at one position of a group's log.
+/// Event at one position of a group's log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// An application message and its plaintext.
@@ -179,7 +179,7 @@ impl Client {
         SavedState::exists(dir)
     }
 
-    /// The account this device belongs to.
+    /// Returns the account this device belongs to.
     pub fn account(&self) -> &str {
         &self.account
     }
@@ -198,7 +198,7 @@ impl Client {
             .collect()
     }
 
-    /// The last log position this client has processed in a group.
+    /// Returns the last log position this client has processed in a group.
     pub fn cursor(&self, group: &GroupId) -> Option<u64> {
         self.groups.get(group.as_bytes()).map(|g| g.cursor)
     }
@@ -259,7 +259,7 @@ impl Client {
         self.conn = None;
     }
 
-    /// The close code and reason if the server closed the connection.
+    /// Returns the close code and reason if the server closed the connection.
     pub fn close_info(&self) -> Option<CloseInfo> {
         self.conn.as_ref().and_then(|c| c.closed.borrow().clone())
     }
@@ -560,14 +560,19 @@ impl Client {
     /// the MLS PrivateMessage bytes. Load generators use it to pre-encrypt a payload; sending
     /// the same ciphertext twice is something real clients never do.
     pub fn encrypt(&mut self, group: &GroupId, text: &str) -> Result<Vec<u8>, ClientError> {
+        let message = self.encrypt_unsaved(group, text)?;
+        self.save()?;
+        Ok(message)
+    }
+
+    /// Encrypts a text message; the caller saves the advanced MLS state.
+    fn encrypt_unsaved(&mut self, group: &GroupId, text: &str) -> Result<Vec<u8>, ClientError> {
         let mut mls_group = self.load_group(group)?;
-        let message = mls_group
+        mls_group
             .create_message(&self.provider, &self.signer, text.as_bytes())
             .map_err(mls)?
             .tls_serialize_detached()
-            .map_err(mls)?;
-        self.save()?;
-        Ok(message)
+            .map_err(mls)
     }
 
     /// Takes the logged-in connection out of the client, for callers that drive the protocol
@@ -590,12 +595,7 @@ impl Client {
         msg_id: ClientMsgId,
     ) -> Result<u64, ClientError> {
         for _ in 0..MAX_EPOCH_RETRIES {
-            let mut mls_group = self.load_group(group)?;
-            let message = mls_group
-                .create_message(&self.provider, &self.signer, text.as_bytes())
-                .map_err(mls)?
-                .tls_serialize_detached()
-                .map_err(mls)?;
+            let message = self.encrypt_unsaved(group, text)?;
             if let Some(local) = self.groups.get_mut(group.as_bytes()) {
                 local.unacknowledged.insert(msg_id.0, text.to_owned());
             }
@@ -840,7 +840,7 @@ impl Client {
             }
             _ => {
                 return Err(ClientError::Mls(format!(
-                    "entry {} holds an unsupported MLS message",
+                    "entry {} contains an unsupported MLS message",
                     entry.seq
                 )));
             }
@@ -909,7 +909,8 @@ impl Client {
         }
     }
 
-    /// Every message this client has seen in a group, in log order: `(seq, account, text)`.
+    /// Returns every message this client has received or sent in a group, in log order, as
+    /// `(seq, account, text)`.
     pub fn transcript(&self, group: &GroupId) -> Vec<(u64, String, String)> {
         self.groups
             .get(group.as_bytes())

@@ -12,7 +12,7 @@ use std::path::Path;
 const STATE_FILE: &str = "client-state.msgpack";
 const STATE_VERSION: u32 = 1;
 
-/// What the client knows about one group beyond the MLS state.
+/// Client state of one group beyond the MLS state.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct GroupLocal {
     /// Highest log position processed.

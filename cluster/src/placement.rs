@@ -53,7 +53,7 @@ fn score(node: &NodeName, shard: ShardId) -> u64 {
     u64::from_be_bytes(head)
 }
 
-/// The replica set of a shard among `nodes`: the `replication` nodes with the highest scores,
+/// Returns the replica set of a shard among `nodes`: the `replication` nodes with the highest scores,
 /// best first (fewer when fewer nodes exist). The first node is the preferred leader.
 pub fn replicas(shard: ShardId, nodes: &[NodeName], replication: usize) -> Vec<NodeName> {
     let mut scored: Vec<(u64, &NodeName)> = nodes.iter().map(|n| (score(n, shard), n)).collect();

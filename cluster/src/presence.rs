@@ -15,7 +15,7 @@ pub enum Outbound {
 }
 
 /// The sending side of one connection's outbound queue, shared by pushes and responses.
-/// The queue is bounded in frames and in bytes; a frame that does not fit closes the
+/// The queue is bounded in frames and in bytes. A frame that does not fit closes the
 /// connection as a slow consumer instead of waiting, so no producer ever blocks on a client.
 #[derive(Clone)]
 pub struct SessionHandle {
@@ -45,7 +45,7 @@ impl OutboundReceiver {
 
 impl SessionHandle {
     /// Creates a queue of at most `capacity` frames and `max_bytes` bytes, and the watch that
-    /// asks the connection to close.
+    /// requests the connection to close.
     pub fn new(
         conn_id: u64,
         capacity: usize,

@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 const TEXT_FRAME_ERROR: &str = "text frames are not accepted, send MessagePack in binary frames";
 
-/// Keeps the first Welcomes whose encoded size fits in one frame; the rest follow in a later
+/// Keeps the first Welcomes whose encoded size fits in one frame. The rest follow in a later
 /// request, after the device has acknowledged the groups it joined. One always fits, because
 /// a Welcome is at most an MLS message.
 fn fit_in_frame(
@@ -513,7 +513,7 @@ impl Connection {
                 return;
             }
         };
-        // Uploads, claims and new groups change storage: answer only once that change is on
+        // Uploads, claims and new groups change storage. The reply waits until the change is on
         // disk, so that a crash cannot hand out a claimed KeyPackage again or forget a group
         // whose creation was confirmed.
         let changed = matches!(
@@ -644,7 +644,7 @@ fn encode_response(state: &GatewayState, id: u64, body: ServerBody) -> Vec<u8> {
     })
 }
 
-/// What a request needs to run as its own task.
+/// Handles a request task needs: the connection's queue and in-flight limit.
 struct Tasks<'a> {
     queue: &'a SessionHandle,
     in_flight: &'a Arc<Semaphore>,

@@ -25,9 +25,9 @@ pub struct NodeConfig {
     pub tls_key: Option<PathBuf>,
     /// HTTP worker threads; 0 means one per CPU.
     pub workers: usize,
-    /// Frames each connection's outbound queue holds before the client counts as slow.
+    /// Maximum frames in each connection's outbound queue before the client counts as slow.
     pub queue_capacity: usize,
-    /// Bytes each connection's outbound queue holds before the client counts as slow.
+    /// Maximum bytes in each connection's outbound queue before the client counts as slow.
     pub queue_max_bytes: usize,
     /// Seconds between keepalive pings.
     pub ping_interval_secs: u64,

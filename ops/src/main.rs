@@ -149,7 +149,7 @@ fn block_on<F: Future<Output = anyhow::Result<()>>>(future: F) -> anyhow::Result
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
-            // Without a runtime nothing can run; the message says why.
+            // Without a runtime nothing can run, and the panic message gives the cause.
             .expect("cannot build the Tokio runtime")
     })
     .block_on(future)

@@ -88,8 +88,8 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A TLS 1.3-only server config; the aws-lc-rs provider offers the hybrid post-quantum key
-/// exchange X25519MLKEM768 first.
+/// Builds a TLS 1.3-only server config. The aws-lc-rs provider offers the hybrid
+/// post-quantum key exchange X25519MLKEM768 first.
 pub fn server_config(identity: TlsIdentity) -> anyhow::Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)

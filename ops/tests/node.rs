@@ -173,8 +173,8 @@ async fn concurrent_commits_one_wins_and_group_converges() {
     let mut carol = clients.pop().unwrap();
     let mut bob = clients.pop().unwrap();
     let mut alice = clients.pop().unwrap();
-    // Both commit from the same epoch; the server takes the first and rejects the other with
-    // the current epoch, and the SDK catches up and retries.
+    // Both commit from the same epoch. The server accepts the first and rejects the other with
+    // the current epoch, so that SDK catches up and retries.
     let (a, b) = tokio::join!(
         alice.add_members(&group, &["dave"]),
         bob.add_members(&group, &["erin"])
@@ -331,7 +331,7 @@ async fn bad_frames_get_typed_errors_and_write_nothing() {
     let head = head_of(alice, &group).await;
 
     // Malformed MessagePack: no request id can be read, so the error comes with id 0 and
-    // the SDK sees it as a push; use a valid frame right after to prove the connection lives.
+    // the SDK delivers it as a push. A valid frame right after proves the connection lives.
     alice.send_raw(vec![0xc1, 0x00, 0xff]).await.unwrap();
 
     #[derive(serde::Serialize)]
@@ -609,8 +609,8 @@ async fn slow_reader_is_disconnected_with_bounded_memory() {
     }
     let closed = wait_until(Duration::from_secs(20), || slow_closes(&setup.node) >= 1.0).await;
     assert!(closed, "the slow reader was not disconnected");
-    // The queue holds 32 frames; the rest sits in socket buffers. The reader is cut off long
-    // before the whole flood is sent.
+    // The queue takes 32 frames and the rest waits in socket buffers, so the reader is cut off
+    // long before the whole flood is sent.
     assert!(
         sent < 400,
         "slow reader still connected after {sent} messages"
@@ -673,7 +673,7 @@ async fn sigterm_exits_cleanly_and_metrics_are_served() {
 async fn silent_connection_is_closed_by_keepalive() {
     let setup = Setup::new(&["--ping-interval-secs", "1", "--idle-timeout-secs", "3"]);
     let alice = setup.client("alice").await;
-    // A client that stops reading also stops answering pings.
+    // A client that stops reading also stops replying to pings.
     alice.set_reading_paused(true);
     let closed = wait_until(Duration::from_secs(20), || {
         setup
@@ -856,7 +856,7 @@ async fn full_disk_is_answered_with_storage_errors() {
         ),
         "after {acked} messages: {failure}"
     );
-    // The node is still up and answers.
+    // The node is still up and replies.
     assert!(matches!(
         clients[1].request(ClientBody::Ping).await.unwrap(),
         ServerBody::Pong
@@ -978,7 +978,7 @@ async fn client_not_reading_responses_is_closed() {
     let closed = wait_until(Duration::from_secs(30), || slow_closes(&setup.node) >= 1.0).await;
     assert!(closed, "a client that reads no responses was not closed");
     // Bounded, the connection costs at most 256 responses in flight (32 MB), its queue (8 MiB)
-    // and socket buffers; unbounded, the 3,000 responses would cost 360 MB.
+    // and socket buffers. Unbounded, the 3,000 responses would cost 360 MB.
     let growth = setup.node.rss_kib().unwrap().saturating_sub(before);
     assert!(growth < 160 * 1024, "node grew by {growth} KiB");
 }

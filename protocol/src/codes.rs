@@ -31,8 +31,8 @@ pub enum ErrorCode {
     GroupExists,
     /// The sender's device is not a member of the group.
     NotMember,
-    /// The message is for an epoch other than the group's current one; the error carries the
-    /// current epoch so the client can catch up and retry.
+    /// The message is for an epoch other than the group's current one. The error carries the
+    /// current epoch, so the client can catch up and retry.
     StaleEpoch,
     /// No KeyPackage is available for the requested device.
     NoKeyPackage,
@@ -72,7 +72,7 @@ impl ErrorCode {
         Self::Internal,
     ];
 
-    /// The numeric value sent on the wire.
+    /// Returns the numeric value sent on the wire.
     pub fn as_u16(self) -> u16 {
         match self {
             Self::MalformedFrame => 1000,
@@ -97,7 +97,7 @@ impl ErrorCode {
         }
     }
 
-    /// A short snake_case name, used as a metrics label.
+    /// Returns a short snake_case name, used as a metrics label.
     pub fn name(self) -> &'static str {
         match self {
             Self::MalformedFrame => "malformed_frame",
@@ -163,7 +163,7 @@ pub enum CloseCode {
 }
 
 impl CloseCode {
-    /// The numeric WebSocket close code.
+    /// Returns the numeric WebSocket close code.
     pub fn as_u16(self) -> u16 {
         match self {
             Self::Normal => 1000,

@@ -189,7 +189,7 @@ pub struct Accepted {
     pub epoch: u64,
     /// Server time of acceptance, in milliseconds since the Unix epoch.
     pub accepted_at_ms: u64,
-    /// True when this answers a retry of an already stored message.
+    /// True when this acknowledges a retry of an already stored message.
     pub duplicate: bool,
 }
 

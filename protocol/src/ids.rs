@@ -43,7 +43,7 @@ impl GroupId {
         Ok(())
     }
 
-    /// The raw id bytes.
+    /// Returns the raw id bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
@@ -88,7 +88,7 @@ impl DeviceId {
         Ok(Self(out))
     }
 
-    /// The raw id bytes.
+    /// Returns the raw id bytes.
     pub fn as_bytes(&self) -> &[u8; 16] {
         &self.0
     }

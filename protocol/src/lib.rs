@@ -16,7 +16,7 @@ pub use frames::{
 };
 pub use ids::{ClientMsgId, DeviceId, GroupId, IdError};
 
-/// Version carried in every frame; a frame with another version is answered with
+/// Version carried in every frame. A frame with another version gets
 /// [`ErrorCode::UnsupportedVersion`].
 pub const PROTOCOL_VERSION: u16 = 1;
 

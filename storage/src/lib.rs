@@ -170,8 +170,8 @@ impl Store {
             return Ok(None);
         };
         let mut meta: GroupMeta = decode(&meta, "group meta", group)?;
-        // Application messages do not rewrite the meta record (see `append`): the newest log
-        // entry tells the last sequence number.
+        // Application messages do not rewrite the meta record (see `append`), so the newest
+        // log entry gives the last sequence number.
         let newest = self
             .groups
             .range(keys::log(group, 0)..keys::log_end(group))
@@ -296,8 +296,8 @@ impl Store {
         Ok(removed)
     }
 
-    /// Sequence number of the first entry older than `cutoff_ms`, scanning from the start of
-    /// the log; returns the last sequence number accepted before the cutoff, if any.
+    /// Returns the last sequence number accepted before `cutoff_ms`, if any. The scan starts at
+    /// the oldest entry and stops at the first one that is not older than the cutoff.
     pub fn last_seq_before(
         &self,
         group: &GroupId,

@@ -247,8 +247,8 @@ async fn unreadable_database_file_is_refused() {
     std::fs::write(dir.path().join("db"), vec![0x5a; 4096]).unwrap();
     let err = Store::open(dir.path()).err().expect("open must fail");
     assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
-    // NOTE: sled rewrites a file it cannot read while opening it, so the bytes are not kept;
-    // what the check guarantees is that the node does not start as if it had no data.
+    // NOTE: sled rewrites a file it cannot read while opening it, so the bytes are not kept.
+    // The check guarantees only that the node does not start as if it had no data.
     let again = Store::open(dir.path())
         .err()
         .expect("second open must fail too");
