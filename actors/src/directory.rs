@@ -2,9 +2,15 @@
 
 use crate::group::now_ms;
 use crate::mls::{MlsError, validate_key_package};
+use atlas_protocol::transparency::{Authorization, KeyEvent, KeyEventKind, key_event_statement};
 use atlas_protocol::{DeviceId, ErrorCode, login_transcript};
-use atlas_storage::{DeviceRecord, KeyPackageRecord, Registration, StorageError, Store};
+use atlas_storage::{
+    DeviceRecord, DirectoryChange, KeyEventOutcome, KeyPackageRecord, StorageError, Store,
+};
 use ed25519_dalek::{Signature, VerifyingKey};
+
+/// How far a revocation or rotation statement's time may be from the server's clock, in ms.
+pub const MAX_STATEMENT_SKEW_MS: u64 = 10 * 60 * 1000;
 
 /// Maximum length of an account name in bytes.
 pub const MAX_ACCOUNT_LEN: usize = 64;
@@ -33,6 +39,20 @@ pub enum LoginError {
     /// No KeyPackage is left for the device.
     #[error("no key package available for device {0}")]
     NoKeyPackage(DeviceId),
+    /// The device was revoked or replaced by a key rotation.
+    #[error("device {0} is revoked; log in with a current device key")]
+    Revoked(DeviceId),
+    /// A revocation or rotation names a device of another account.
+    #[error("device {0} does not belong to this account")]
+    OtherAccount(DeviceId),
+    /// A signed statement's time is too far from the server's clock.
+    #[error(
+        "statement time {time_ms} ms is more than 10 minutes from the server time {now_ms} ms; check the device clock"
+    )]
+    StaleStatement { time_ms: u64, now_ms: u64 },
+    /// The new key of a rotation is already registered.
+    #[error("key of device {0} is already registered")]
+    KeyInUse(DeviceId),
     /// Storage failed.
     #[error(transparent)]
     Storage(StorageError),
@@ -42,6 +62,8 @@ impl From<StorageError> for LoginError {
     fn from(e: StorageError) -> Self {
         match e {
             StorageError::DeviceOwnedElsewhere { device, .. } => Self::WrongAccount { device },
+            StorageError::DeviceRevoked(device) => Self::Revoked(device),
+            StorageError::UnknownDevice(device) => Self::DeviceNotFound(device),
             other => Self::Storage(other),
         }
     }
@@ -51,8 +73,12 @@ impl LoginError {
     /// Returns the error code sent to the client.
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::InvalidAccount(_) | Self::WrongAccount { .. } => ErrorCode::InvalidAccount,
+            Self::InvalidAccount(_) | Self::WrongAccount { .. } | Self::OtherAccount(_) => {
+                ErrorCode::InvalidAccount
+            }
             Self::BadKey | Self::BadSignature(_) => ErrorCode::BadSignature,
+            Self::Revoked(_) => ErrorCode::DeviceRevoked,
+            Self::StaleStatement { .. } | Self::KeyInUse(_) => ErrorCode::InvalidRequest,
             Self::KeyPackage(_) => ErrorCode::InvalidKeyPackage,
             Self::DeviceNotFound(_) => ErrorCode::DeviceNotFound,
             Self::NoKeyPackage(_) => ErrorCode::NoKeyPackage,
@@ -72,9 +98,10 @@ impl Directory {
         Self { store }
     }
 
-    /// Verifies a login signature over the transcript of `server_name` and `nonce`, then
-    /// registers the key under `account` if it is new. Returns the device record and whether
-    /// this login registered it.
+    /// Verifies a login signature over the transcript of `server_name`, `nonce` and `account`,
+    /// then registers the key under `account` if it is new, appending it to the key
+    /// transparency log with the login signature as its authorisation. Returns the device
+    /// record and whether this login registered it. Revoked devices are refused.
     ///
     /// NOTE: registration is open: any new key may claim any unused account name. Passkey
     /// enrolment is meant to replace this.
@@ -91,22 +118,170 @@ impl Directory {
                 account.chars().take(80).collect(),
             ));
         }
-        let key_bytes: [u8; 32] = device_key.try_into().map_err(|_| LoginError::BadKey)?;
-        let key = VerifyingKey::from_bytes(&key_bytes).map_err(|_| LoginError::BadKey)?;
+        let key = parse_key(device_key)?;
         let device = DeviceId::for_key(device_key);
-        let signature =
-            Signature::from_slice(signature).map_err(|_| LoginError::BadSignature(device))?;
-        key.verify_strict(&login_transcript(server_name, nonce), &signature)
-            .map_err(|_| LoginError::BadSignature(device))?;
+        verify(
+            &key,
+            &login_transcript(server_name, nonce, account),
+            signature,
+        )
+        .map_err(|()| LoginError::BadSignature(device))?;
+        if let Some(existing) = self.store.device(&device)? {
+            return match existing.revoked_at_ms {
+                Some(_) => Err(LoginError::Revoked(device)),
+                None if existing.account != account => Err(LoginError::WrongAccount { device }),
+                None => Ok((existing, false)),
+            };
+        }
+        let now = now_ms();
         let record = DeviceRecord {
             device,
             account: account.to_owned(),
             public_key: device_key.to_vec(),
-            registered_at_ms: now_ms(),
+            registered_at_ms: now,
+            kt_index: None,
+            revoked_at_ms: None,
         };
-        match self.store.register_device(&record)? {
-            Registration::New => Ok((record, true)),
-            Registration::Existing(existing) => Ok((existing, false)),
+        let event = KeyEvent {
+            kind: KeyEventKind::Added,
+            account: account.to_owned(),
+            device,
+            key: device_key.to_vec(),
+            time_ms: now,
+            authorization: Authorization::LoginSignature {
+                server_name: server_name.to_owned(),
+                nonce: nonce.to_vec(),
+                signature: signature.to_vec(),
+            },
+        };
+        match self
+            .store
+            .append_key_event(&event, &DirectoryChange::Register(record))?
+        {
+            KeyEventOutcome::Appended { device, .. } => Ok((device, true)),
+            KeyEventOutcome::AlreadyRegistered(existing) => Ok((existing, false)),
+        }
+    }
+
+    /// Revokes `target`, a device of the same account as `signer`, which signed
+    /// [`key_event_statement`] for the revocation at `time_ms`. A device may revoke itself.
+    /// Its KeyPackages are deleted. Returns the log index of the revocation.
+    pub fn revoke(
+        &self,
+        signer: &DeviceRecord,
+        target: &DeviceId,
+        time_ms: u64,
+        signature: &[u8],
+    ) -> Result<u64, LoginError> {
+        let now = check_time(time_ms)?;
+        let record = self
+            .store
+            .device(target)?
+            .ok_or(LoginError::DeviceNotFound(*target))?;
+        if record.account != signer.account {
+            return Err(LoginError::OtherAccount(*target));
+        }
+        if record.revoked_at_ms.is_some() {
+            return Err(LoginError::Revoked(*target));
+        }
+        let statement = key_event_statement(
+            KeyEventKind::Revoked,
+            &record.account,
+            target,
+            &record.public_key,
+            time_ms,
+        );
+        verify(&parse_key(&signer.public_key)?, &statement, signature)
+            .map_err(|()| LoginError::BadSignature(signer.device))?;
+        let event = KeyEvent {
+            kind: KeyEventKind::Revoked,
+            account: record.account.clone(),
+            device: *target,
+            key: record.public_key.clone(),
+            // The signed statement covers the client's time, so the entry keeps that time.
+            time_ms,
+            authorization: Authorization::DeviceSignature {
+                signer: signer.device,
+                signature: signature.to_vec(),
+            },
+        };
+        let change = DirectoryChange::Revoke {
+            device: *target,
+            at_ms: now,
+        };
+        let KeyEventOutcome::Appended { index, .. } =
+            self.store.append_key_event(&event, &change)?
+        else {
+            return Err(LoginError::Storage(StorageError::Corrupt {
+                what: format!("revocation of {target}"),
+                detail: "storage reported a registration".into(),
+            }));
+        };
+        self.store.remove_key_packages(target)?;
+        tracing::info!(device = %target, by = %signer.device, index, "device revoked");
+        Ok(index)
+    }
+
+    /// Replaces `previous` with a device holding `new_key`. Both keys sign
+    /// [`key_event_statement`] for the rotation at `time_ms`; the old device is revoked and its
+    /// KeyPackages are deleted. Returns the new record and its log index.
+    pub fn rotate(
+        &self,
+        previous: &DeviceRecord,
+        new_key: &[u8],
+        time_ms: u64,
+        previous_signature: &[u8],
+        new_key_signature: &[u8],
+    ) -> Result<(DeviceRecord, u64), LoginError> {
+        let now = check_time(time_ms)?;
+        let parsed_new = parse_key(new_key)?;
+        let device = DeviceId::for_key(new_key);
+        let statement = key_event_statement(
+            KeyEventKind::Rotated,
+            &previous.account,
+            &device,
+            new_key,
+            time_ms,
+        );
+        verify(
+            &parse_key(&previous.public_key)?,
+            &statement,
+            previous_signature,
+        )
+        .map_err(|()| LoginError::BadSignature(previous.device))?;
+        verify(&parsed_new, &statement, new_key_signature)
+            .map_err(|()| LoginError::BadSignature(device))?;
+        let record = DeviceRecord {
+            device,
+            account: previous.account.clone(),
+            public_key: new_key.to_vec(),
+            registered_at_ms: now,
+            kt_index: None,
+            revoked_at_ms: None,
+        };
+        let event = KeyEvent {
+            kind: KeyEventKind::Rotated,
+            account: previous.account.clone(),
+            device,
+            key: new_key.to_vec(),
+            time_ms,
+            authorization: Authorization::Rotation {
+                previous: previous.device,
+                previous_signature: previous_signature.to_vec(),
+                new_key_signature: new_key_signature.to_vec(),
+            },
+        };
+        let change = DirectoryChange::Rotate {
+            previous: previous.device,
+            new: record,
+        };
+        match self.store.append_key_event(&event, &change)? {
+            KeyEventOutcome::Appended { index, device } => {
+                self.store.remove_key_packages(&previous.device)?;
+                tracing::info!(previous = %previous.device, device = %device.device, index, "device key rotated");
+                Ok((device, index))
+            }
+            KeyEventOutcome::AlreadyRegistered(_) => Err(LoginError::KeyInUse(device)),
         }
     }
 
@@ -145,14 +320,32 @@ impl Directory {
         ))
     }
 
-    /// Claims a KeyPackage of a device.
-    pub fn claim_key_package(&self, device: &DeviceId) -> Result<KeyPackageRecord, LoginError> {
-        if self.store.device(device)?.is_none() {
-            return Err(LoginError::DeviceNotFound(*device));
+    /// Claims a KeyPackage of an active device. Returns it with the device record, whose
+    /// `kt_index` names the log entry that published the key.
+    pub fn claim_key_package(
+        &self,
+        device: &DeviceId,
+    ) -> Result<(KeyPackageRecord, DeviceRecord), LoginError> {
+        let record = self
+            .store
+            .device(device)?
+            .ok_or(LoginError::DeviceNotFound(*device))?;
+        if record.revoked_at_ms.is_some() {
+            return Err(LoginError::Revoked(*device));
         }
-        self.store
+        let key_package = self
+            .store
             .claim_key_package(device, now_ms() / 1000)?
-            .ok_or(LoginError::NoKeyPackage(*device))
+            .ok_or(LoginError::NoKeyPackage(*device))?;
+        Ok((key_package, record))
+    }
+
+    /// Returns the device if it is registered and not revoked.
+    pub fn active_device(&self, device: &DeviceId) -> Result<Option<DeviceRecord>, LoginError> {
+        Ok(self
+            .store
+            .device(device)?
+            .filter(|d| d.revoked_at_ms.is_none()))
     }
 
     /// Lists the devices of an account.
@@ -164,6 +357,28 @@ impl Directory {
         }
         Ok(self.store.account_devices(account)?)
     }
+}
+
+fn parse_key(bytes: &[u8]) -> Result<VerifyingKey, LoginError> {
+    let bytes: [u8; 32] = bytes.try_into().map_err(|_| LoginError::BadKey)?;
+    VerifyingKey::from_bytes(&bytes).map_err(|_| LoginError::BadKey)
+}
+
+fn verify(key: &VerifyingKey, message: &[u8], signature: &[u8]) -> Result<(), ()> {
+    let signature = Signature::from_slice(signature).map_err(|_| ())?;
+    key.verify_strict(message, &signature).map_err(|_| ())
+}
+
+/// Checks a statement's time against the server clock and returns the server time.
+fn check_time(time_ms: u64) -> Result<u64, LoginError> {
+    let now = now_ms();
+    if time_ms.abs_diff(now) > MAX_STATEMENT_SKEW_MS {
+        return Err(LoginError::StaleStatement {
+            time_ms,
+            now_ms: now,
+        });
+    }
+    Ok(now)
 }
 
 fn valid_account(name: &str) -> bool {

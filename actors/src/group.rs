@@ -9,7 +9,7 @@ use crate::metrics::ActorMetrics;
 use crate::mls::{MlsError, PublicState, check_welcome};
 use crate::{Deliver, GroupError};
 use atlas_protocol::{
-    Accepted, ClientMsgId, DeviceId, EntryKind, GroupId, LogEntry, MAX_FRAME_BYTES,
+    Accepted, ClientMsgId, DeviceId, EntryKind, ErrorCode, GroupId, LogEntry, MAX_FRAME_BYTES,
     PROTOCOL_VERSION, ServerBody, ServerFrame, WelcomeEntry, encode_server,
 };
 use atlas_storage::{GroupMeta, Store};
@@ -302,6 +302,7 @@ impl GroupState {
                 let outcome = next
                     .apply_commit(&commit, &sender)
                     .map_err(self.mls_error())?;
+                self.check_added_devices(&outcome.added)?;
                 let welcomes = match (&welcome, outcome.added.is_empty()) {
                     (Some(w), false) => outcome
                         .added
@@ -389,6 +390,29 @@ impl GroupState {
             push: Some((recipients, push)),
             welcomes,
         }))
+    }
+
+    /// Rejects a commit that adds a device the directory does not list as active, such as a
+    /// revoked one.
+    fn check_added_devices(&self, added: &[DeviceId]) -> Result<(), GroupError> {
+        for device in added {
+            match self.store.device(device)? {
+                Some(record) if record.revoked_at_ms.is_none() => {}
+                Some(_) => {
+                    return Err(GroupError::Invalid(
+                        ErrorCode::DeviceRevoked,
+                        format!("device {device} is revoked and cannot be added to a group"),
+                    ));
+                }
+                None => {
+                    return Err(GroupError::Invalid(
+                        ErrorCode::DeviceNotFound,
+                        format!("device {device} is not registered and cannot be added"),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn mls_error(&self) -> impl Fn(MlsError) -> GroupError + '_ {
@@ -481,7 +505,8 @@ fn encode_push(body: ServerBody) -> bytes::Bytes {
     }))
 }
 
-pub(crate) fn now_ms() -> u64 {
+/// Current time in milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -5,14 +5,20 @@
 
 pub mod directory;
 mod group;
+pub mod keyring;
 mod metrics;
 pub mod mls;
 mod supervisor;
+pub mod transparency;
 
 pub use directory::{Directory, LoginError};
 pub use group::{GroupArgs, GroupMsg, GroupSession, GroupSettings, Submission, SyncPage};
+pub use keyring::{Keyring, KeyringError};
 pub use metrics::ActorMetrics;
 pub use supervisor::{GroupSupervisor, SupervisorArgs, SupervisorMsg};
+pub use transparency::{KeyTransparency, KtError};
+
+pub use group::now_ms;
 
 use atlas_protocol::{DeviceId, ErrorCode};
 use atlas_storage::StorageError;
@@ -41,7 +47,7 @@ pub fn create_group(
         epoch: state.epoch(),
         last_seq: 0,
         first_seq: 1,
-        created_at_ms: group::now_ms(),
+        created_at_ms: now_ms(),
     };
     match store.create_group(group, &meta, &state.to_bytes()) {
         Ok(()) => Ok(meta.epoch),

@@ -231,7 +231,7 @@ impl Client {
         };
         let signature = self
             .signer
-            .sign(&login_transcript(&server_name, &nonce))
+            .sign(&login_transcript(&server_name, &nonce, &self.account))
             .map_err(|e| ClientError::Mls(format!("signing the login challenge failed: {e:?}")))?;
         let body = ClientBody::Login {
             account: self.account.clone(),

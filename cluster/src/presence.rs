@@ -12,6 +12,8 @@ use tokio::sync::{mpsc, watch};
 pub enum Outbound {
     /// An encoded server frame.
     Frame(bytes::Bytes),
+    /// Close the connection with this code once the frames queued before it are written.
+    Close(CloseCode),
 }
 
 /// The sending side of one connection's outbound queue, shared by pushes and responses.
@@ -35,11 +37,13 @@ pub struct OutboundReceiver {
 }
 
 impl OutboundReceiver {
-    /// Waits for the next frame; `None` once every handle is gone.
-    pub async fn recv(&mut self) -> Option<bytes::Bytes> {
-        let Outbound::Frame(frame) = self.queue.recv().await?;
-        self.queued_bytes.fetch_sub(frame.len(), Ordering::AcqRel);
-        Some(frame)
+    /// Waits for the next item; `None` once every handle is gone.
+    pub async fn recv(&mut self) -> Option<Outbound> {
+        let item = self.queue.recv().await?;
+        if let Outbound::Frame(frame) = &item {
+            self.queued_bytes.fetch_sub(frame.len(), Ordering::AcqRel);
+        }
+        Some(item)
     }
 }
 
@@ -93,6 +97,14 @@ impl SessionHandle {
         }
     }
 
+    /// Asks the writer to close the connection with `code` after the frames already queued,
+    /// so a response queued before is delivered first. A full queue closes at once instead.
+    pub fn close_after_queued(&self, code: CloseCode) {
+        if self.queue.try_send(Outbound::Close(code)).is_err() {
+            self.close.send_replace(Some(code));
+        }
+    }
+
     /// True once the writer has stopped.
     pub fn is_closed(&self) -> bool {
         self.queue.is_closed()
@@ -138,6 +150,14 @@ impl Presence {
     pub fn close_conn(&self, conn_id: u64, code: CloseCode) {
         let sessions = self.sessions.read().unwrap_or_else(|p| p.into_inner());
         if let Some(handle) = sessions.values().find(|h| h.conn_id == conn_id) {
+            handle.close.send_replace(Some(code));
+        }
+    }
+
+    /// Asks the connection of `device`, if any, to close with `code`.
+    pub fn close_device(&self, device: &DeviceId, code: CloseCode) {
+        let sessions = self.sessions.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(handle) = sessions.get(device) {
             handle.close.send_replace(Some(code));
         }
     }

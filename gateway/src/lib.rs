@@ -6,13 +6,14 @@
 //! [`atlas_cluster::Router`]; pushes arrive through the connection's bounded queue registered in
 //! [`atlas_cluster::Presence`].
 
+mod keys;
 mod metrics;
 mod session;
 
 pub use metrics::GatewayMetrics;
 
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
-use atlas_actors::Directory;
+use atlas_actors::{Directory, KeyTransparency};
 use atlas_cluster::{Presence, Router};
 use atlas_storage::Store;
 use std::net::SocketAddr;
@@ -60,6 +61,7 @@ impl Default for SessionSettings {
 pub struct GatewayState {
     pub store: Store,
     pub directory: Directory,
+    pub kt: Arc<KeyTransparency>,
     pub router: Router,
     pub presence: Arc<Presence>,
     pub metrics: GatewayMetrics,
@@ -80,6 +82,7 @@ pub fn bind(
         App::new()
             .app_data(data.clone())
             .route("/v1/ws", web::get().to(websocket))
+            .route("/.well-known/jwks.json", web::get().to(jwks))
             .route(
                 "/healthz",
                 web::get().to(|| async { HttpResponse::Ok().body("ok") }),
@@ -97,6 +100,15 @@ pub fn bind(
         std::io::Error::other(format!("listener on {listen} reported no address"))
     })?;
     Ok((server.run(), addr))
+}
+
+/// Serves the signing keys. Caches may keep the set for five minutes: a rotated key stays
+/// published for the grace period, so verifiers find it in a cached copy too.
+async fn jwks(state: web::Data<GatewayState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/jwk-set+json")
+        .insert_header(("Cache-Control", "public, max-age=300"))
+        .json(state.kt.jwks())
 }
 
 async fn websocket(

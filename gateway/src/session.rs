@@ -7,7 +7,7 @@
 use crate::GatewayState;
 use actix_ws::{CloseReason, Item, Message, MessageStream, ProtocolError, Session};
 use atlas_actors::{GroupError, GroupMsg, LoginError, Submission};
-use atlas_cluster::{Presence, SessionHandle};
+use atlas_cluster::{Outbound, Presence, SessionHandle};
 use atlas_protocol::{
     ClientBody, CloseCode, DecodeError, DeviceInfo, ErrorCode, MAX_FRAME_BYTES,
     MAX_KEY_PACKAGES_PER_UPLOAD, MAX_MLS_MESSAGE_BYTES, MAX_SYNC_ENTRIES, PROTOCOL_VERSION,
@@ -234,9 +234,21 @@ impl Connection {
         // stopping the read loop from noticing a close request.
         let mut writer_session = self.session.clone();
         let writer = actix_web::rt::spawn(async move {
-            while let Some(frame) = outbound.recv().await {
-                if writer_session.binary(frame).await.is_err() {
-                    break;
+            while let Some(item) = outbound.recv().await {
+                match item {
+                    Outbound::Frame(frame) => {
+                        if writer_session.binary(frame).await.is_err() {
+                            break;
+                        }
+                    }
+                    Outbound::Close(code) => {
+                        let reason = CloseReason {
+                            code: actix_ws::CloseCode::Other(code.as_u16()),
+                            description: Some("closed by server".into()),
+                        };
+                        let _ = writer_session.close(Some(reason)).await;
+                        break;
+                    }
                 }
             }
         });
@@ -327,51 +339,32 @@ impl Connection {
         };
         self.send_now(0, challenge).await.map_err(|_| None)?;
 
-        let deadline = self.state.settings.login_timeout;
-        let mut shutdown = self.state.shutdown.clone();
-        let reader = &mut self.reader;
-        let session = &mut self.session;
-        let incoming = tokio::time::timeout(deadline, async {
-            loop {
-                tokio::select! {
-                    // A shutdown also ends connections that have not logged in yet.
-                    _ = shutdown.wait_for(|stop| *stop) => {
-                        return Some(Incoming::Broken(CloseCode::GoingAway, "server shutting down".into()));
-                    }
-                    next = reader.next(session) => match next {
-                        Some(Incoming::Pong) => continue,
-                        other => return other,
-                    },
+        let frame = loop {
+            let bytes = match self.next_login_frame().await {
+                Ok(bytes) => bytes,
+                Err(reason) => return Err(reason),
+            };
+            let frame = match decode_client(&bytes) {
+                Ok(frame) => frame,
+                Err((id, error)) => {
+                    let _ = self.send_now(id, decode_error_body(&error)).await;
+                    return Err(None);
                 }
+            };
+            self.state
+                .metrics
+                .frames_in
+                .with_label_values(&[frame.body.type_name()])
+                .inc();
+            // Key transparency readers such as auditors need no account: answer public
+            // requests and keep waiting for a login.
+            if frame.body.is_public() {
+                let body = crate::keys::public_request(&self.state, frame.body).await;
+                self.send_now(frame.id, body).await.map_err(|_| None)?;
+                continue;
             }
-        })
-        .await;
-        let bytes = match incoming {
-            Ok(Some(Incoming::Binary(bytes))) => bytes,
-            Ok(Some(Incoming::Broken(code, why))) => return Err(Some((code, why))),
-            Ok(Some(Incoming::Text)) => {
-                let body = error_body(ErrorCode::MalformedFrame, TEXT_FRAME_ERROR.into());
-                let _ = self.send_now(0, body).await;
-                return Err(None);
-            }
-            Ok(_) => return Err(None),
-            Err(_) => {
-                tracing::debug!("login timed out");
-                return Err(None);
-            }
+            break frame;
         };
-        let frame = match decode_client(&bytes) {
-            Ok(frame) => frame,
-            Err((id, error)) => {
-                let _ = self.send_now(id, decode_error_body(&error)).await;
-                return Err(None);
-            }
-        };
-        self.state
-            .metrics
-            .frames_in
-            .with_label_values(&[frame.body.type_name()])
-            .inc();
         let ClientBody::Login {
             account,
             device_key,
@@ -419,6 +412,44 @@ impl Connection {
         }
     }
 
+    /// Waits up to the login timeout for the next binary frame of a connection that has not
+    /// logged in.
+    async fn next_login_frame(&mut self) -> Result<Vec<u8>, Option<(CloseCode, String)>> {
+        let deadline = self.state.settings.login_timeout;
+        let mut shutdown = self.state.shutdown.clone();
+        let reader = &mut self.reader;
+        let session = &mut self.session;
+        let incoming = tokio::time::timeout(deadline, async {
+            loop {
+                tokio::select! {
+                    // A shutdown also ends connections that have not logged in yet.
+                    _ = shutdown.wait_for(|stop| *stop) => {
+                        return Some(Incoming::Broken(CloseCode::GoingAway, "server shutting down".into()));
+                    }
+                    next = reader.next(session) => match next {
+                        Some(Incoming::Pong) => continue,
+                        other => return other,
+                    },
+                }
+            }
+        })
+        .await;
+        match incoming {
+            Ok(Some(Incoming::Binary(bytes))) => Ok(bytes),
+            Ok(Some(Incoming::Broken(code, why))) => Err(Some((code, why))),
+            Ok(Some(Incoming::Text)) => {
+                let body = error_body(ErrorCode::MalformedFrame, TEXT_FRAME_ERROR.into());
+                let _ = self.send_now(0, body).await;
+                Err(None)
+            }
+            Ok(_) => Err(None),
+            Err(_) => {
+                tracing::debug!("login timed out");
+                Err(None)
+            }
+        }
+    }
+
     /// Handles one request: group requests run in their own task, the rest inline.
     fn dispatch(&self, device: &DeviceRecord, tasks: &Tasks<'_>, id: u64, body: ClientBody) {
         let state = &self.state;
@@ -427,7 +458,6 @@ impl Connection {
                 ErrorCode::Unsupported,
                 "this connection is already logged in".into(),
             ),
-            ClientBody::Ping => ServerBody::Pong,
             ClientBody::UploadKeyPackages {
                 key_packages,
                 last_resort,
@@ -469,14 +499,37 @@ impl Connection {
                 Err(e) => login_error_body(state, &e),
             },
             ClientBody::ClaimKeyPackage { device: target } => {
-                match state.directory.claim_key_package(&target) {
-                    Ok(record) => ServerBody::KeyPackage {
-                        device: target,
-                        key_package: record.bytes,
-                        last_resort: record.last_resort,
-                    },
-                    Err(e) => login_error_body(state, &e),
-                }
+                let state = Arc::clone(state);
+                self.spawn_response(tasks, id, None, async move {
+                    crate::keys::claim(&state, target).await
+                });
+                return;
+            }
+            ClientBody::RevokeDevice {
+                device: target,
+                time_ms,
+                signature,
+            } => {
+                let (state, signer) = (Arc::clone(state), device.clone());
+                self.spawn_response(tasks, id, None, async move {
+                    crate::keys::revoke(&state, &signer, target, time_ms, &signature).await
+                });
+                return;
+            }
+            rotation @ ClientBody::RotateDeviceKey { .. } => {
+                let (state, signer) = (Arc::clone(state), device.clone());
+                // The old key is revoked, so the connection ends after the answer.
+                self.spawn_response(tasks, id, Some(CloseCode::Normal), async move {
+                    crate::keys::rotate(&state, &signer, rotation).await
+                });
+                return;
+            }
+            public if public.is_public() => {
+                let state = Arc::clone(state);
+                self.spawn_response(tasks, id, None, async move {
+                    crate::keys::public_request(&state, public).await
+                });
+                return;
             }
             ClientBody::CreateGroup { group, group_info } => {
                 if let Err(e) = group.validate() {
@@ -518,15 +571,44 @@ impl Connection {
         // whose creation was confirmed.
         let changed = matches!(
             inline,
-            ServerBody::KeyPackagesStored { .. }
-                | ServerBody::KeyPackage { .. }
-                | ServerBody::GroupCreated { .. }
+            ServerBody::KeyPackagesStored { .. } | ServerBody::GroupCreated { .. }
         );
         if changed {
             self.spawn_durable_response(tasks, id, inline);
         } else {
             self.respond(tasks.queue, id, inline);
         }
+    }
+
+    /// Runs a request in its own task and queues its answer, then closes the connection with
+    /// `close_after` if given.
+    fn spawn_response(
+        &self,
+        tasks: &Tasks<'_>,
+        id: u64,
+        close_after: Option<CloseCode>,
+        request: impl Future<Output = ServerBody> + 'static,
+    ) {
+        let Ok(permit) = Arc::clone(tasks.in_flight).try_acquire_owned() else {
+            // The read loop only reads while a permit is free, and only it takes permits.
+            unreachable!("request read without a free in-flight permit");
+        };
+        let state = Arc::clone(&self.state);
+        let queue = tasks.queue.clone();
+        let released = Arc::clone(tasks.released);
+        let task = async move {
+            let body = request.await;
+            let succeeded = !matches!(body, ServerBody::Error { .. });
+            send_response(&state, &queue, id, body);
+            if let Some(code) = close_after
+                && succeeded
+            {
+                queue.close_after_queued(code);
+            }
+            drop(permit);
+            released.notify_one();
+        };
+        actix_web::rt::spawn(task.in_current_span());
     }
 
     fn spawn_durable_response(&self, tasks: &Tasks<'_>, id: u64, body: ServerBody) {
@@ -773,7 +855,7 @@ fn check_group_and_size(group: &atlas_protocol::GroupId, size: usize) -> Result<
     Ok(())
 }
 
-fn error_body(code: ErrorCode, message: String) -> ServerBody {
+pub(crate) fn error_body(code: ErrorCode, message: String) -> ServerBody {
     ServerBody::Error {
         code,
         message,
@@ -785,7 +867,7 @@ fn decode_error_body(error: &DecodeError) -> ServerBody {
     error_body(error.code(), error.to_string())
 }
 
-fn login_error_body(_state: &GatewayState, error: &LoginError) -> ServerBody {
+pub(crate) fn login_error_body(_state: &GatewayState, error: &LoginError) -> ServerBody {
     if let LoginError::Storage(e) = error {
         tracing::error!(error = %e, "directory storage failed");
     }
@@ -825,5 +907,11 @@ fn body_type(body: &ServerBody) -> &'static str {
         ServerBody::Error { .. } => "error",
         ServerBody::Push { .. } => "push",
         ServerBody::WelcomePush(_) => "welcome_push",
+        ServerBody::DeviceRevoked { .. } => "device_revoked",
+        ServerBody::KeyRotated { .. } => "key_rotated",
+        ServerBody::Jwks(_) => "jwks",
+        ServerBody::KtHead(_) => "kt_head",
+        ServerBody::KtEntries { .. } => "kt_entries",
+        ServerBody::KtConsistency(_) => "kt_consistency",
     }
 }

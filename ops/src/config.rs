@@ -39,9 +39,30 @@ pub struct NodeConfig {
     pub retention_days: u64,
     /// Log format: `text` or `json`.
     pub log_format: LogFormat,
+    /// Secret (64 hex digits) that seals the signing keys at rest. Without it the node keeps a
+    /// generated one in `<data_dir>/signing-key-secret`, which protects nothing against a
+    /// reader of the data directory; give it through `ATLAS_SIGNING_KEY_SECRET` in production.
+    pub signing_key_secret: Option<Secret>,
+    /// Seconds between scheduled rotations of the signing key.
+    pub signing_key_rotation_secs: u64,
+    /// Seconds a retired signing key stays in the JWKS.
+    pub signing_key_grace_secs: u64,
+    /// Seconds between signed tree heads while the key transparency log grows.
+    pub tree_head_interval_secs: u64,
 }
 
 /// Log output format.
+/// A configuration value that must not appear in logs; `Debug` prints a placeholder.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -66,6 +87,10 @@ impl Default for NodeConfig {
             group_idle_secs: 300,
             retention_days: 30,
             log_format: LogFormat::Text,
+            signing_key_secret: None,
+            signing_key_rotation_secs: 30 * 24 * 3600,
+            signing_key_grace_secs: 90 * 24 * 3600,
+            tree_head_interval_secs: 2,
         }
     }
 }
@@ -112,6 +137,18 @@ pub struct NodeFlags {
     /// Log format.
     #[arg(long, env = "ATLAS_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Secret that seals the signing keys at rest: 64 hex digits.
+    #[arg(long, env = "ATLAS_SIGNING_KEY_SECRET", hide_env_values = true)]
+    pub signing_key_secret: Option<String>,
+    /// Seconds between scheduled rotations of the signing key.
+    #[arg(long, env = "ATLAS_SIGNING_KEY_ROTATION_SECS")]
+    pub signing_key_rotation_secs: Option<u64>,
+    /// Seconds a retired signing key stays published in the JWKS.
+    #[arg(long, env = "ATLAS_SIGNING_KEY_GRACE_SECS")]
+    pub signing_key_grace_secs: Option<u64>,
+    /// Seconds between signed tree heads while the key transparency log grows.
+    #[arg(long, env = "ATLAS_TREE_HEAD_INTERVAL_SECS")]
+    pub tree_head_interval_secs: Option<u64>,
 }
 
 impl NodeFlags {
@@ -148,6 +185,14 @@ impl NodeFlags {
             log_format,
             queue_max_bytes
         );
+        take!(
+            signing_key_rotation_secs,
+            signing_key_grace_secs,
+            tree_head_interval_secs
+        );
+        if let Some(secret) = &self.signing_key_secret {
+            config.signing_key_secret = Some(Secret(secret.clone()));
+        }
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             config.tls_cert = Some(cert.clone());
             config.tls_key = Some(key.clone());
@@ -160,7 +205,7 @@ impl NodeFlags {
 impl NodeConfig {
     /// Checks every numeric setting against its allowed range.
     fn validate(&self) -> anyhow::Result<()> {
-        let ranges: [(&str, u64, u64, u64); 7] = [
+        let ranges: [(&str, u64, u64, u64); 10] = [
             ("workers", self.workers as u64, 0, 256),
             ("queue_capacity", self.queue_capacity as u64, 1, 1_000_000),
             (
@@ -173,6 +218,24 @@ impl NodeConfig {
             ("idle_timeout_secs", self.idle_timeout_secs, 2, 86_400),
             ("group_idle_secs", self.group_idle_secs, 1, 86_400),
             ("retention_days", self.retention_days, 1, 36_500),
+            (
+                "signing_key_rotation_secs",
+                self.signing_key_rotation_secs,
+                60,
+                10 * 365 * 86_400,
+            ),
+            (
+                "signing_key_grace_secs",
+                self.signing_key_grace_secs,
+                0,
+                10 * 365 * 86_400,
+            ),
+            (
+                "tree_head_interval_secs",
+                self.tree_head_interval_secs,
+                1,
+                3600,
+            ),
         ];
         for (name, value, min, max) in ranges {
             anyhow::ensure!(
@@ -181,6 +244,25 @@ impl NodeConfig {
             );
         }
         Ok(())
+    }
+
+    /// Parses the configured signing key secret, if any.
+    pub fn parsed_signing_key_secret(&self) -> anyhow::Result<Option<[u8; 32]>> {
+        let Some(Secret(text)) = &self.signing_key_secret else {
+            return Ok(None);
+        };
+        // The value is a secret: the error names its length, never its content.
+        let bytes = hex::decode(text.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "signing_key_secret must be 64 hex digits (32 bytes), got {} characters; \
+                     generate one with `openssl rand -hex 32`",
+                    text.trim().len()
+                )
+            })?;
+        Ok(Some(bytes))
     }
 
     pub fn ping_interval(&self) -> Duration {
@@ -220,6 +302,31 @@ mod tests {
         let err = flags.resolve().unwrap_err().to_string();
         assert!(err.contains("lisen"), "{err}");
         assert!(err.contains(&file.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn signing_key_secret_must_be_32_hex_bytes() {
+        let short = NodeFlags {
+            signing_key_secret: Some("abcd".into()),
+            ..NodeFlags::default()
+        };
+        let err = short
+            .resolve()
+            .unwrap()
+            .parsed_signing_key_secret()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("64 hex digits"), "{err}");
+        assert!(
+            !err.contains("abcd"),
+            "the error must not echo the secret: {err}"
+        );
+        let good = NodeFlags {
+            signing_key_secret: Some("11".repeat(32)),
+            ..NodeFlags::default()
+        };
+        let parsed = good.resolve().unwrap().parsed_signing_key_secret().unwrap();
+        assert_eq!(parsed, Some([0x11; 32]));
     }
 
     #[test]

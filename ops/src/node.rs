@@ -5,7 +5,8 @@ use crate::tls;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::Context;
 use atlas_actors::{
-    ActorMetrics, Directory, GroupSettings, GroupSupervisor, SupervisorArgs, SupervisorMsg,
+    ActorMetrics, Directory, GroupSettings, GroupSupervisor, KeyTransparency, Keyring,
+    SupervisorArgs, SupervisorMsg,
 };
 use atlas_cluster::{Presence, Router};
 use atlas_gateway::{GatewayMetrics, GatewayState, SessionSettings};
@@ -31,6 +32,7 @@ pub struct RunningNode {
     metrics_server: actix_web::dev::ServerHandle,
     supervisor: ActorRef<SupervisorMsg>,
     tasks: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
+    key_tasks: tokio::task::JoinHandle<()>,
 }
 
 /// Starts a node; must run inside an actix system.
@@ -54,6 +56,14 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     store.set_flush_observer(move |elapsed| flush_latency.observe(elapsed.as_secs_f64()));
     let actor_metrics = ActorMetrics::register(&registry)?;
     let gateway_metrics = GatewayMetrics::register(&registry)?;
+
+    let secret = signing_key_secret(config)?;
+    let keyring = Arc::new(Keyring::open(
+        store.clone(),
+        &secret,
+        Duration::from_secs(config.signing_key_grace_secs),
+    )?);
+    let kt = Arc::new(KeyTransparency::open(store.clone(), Arc::clone(&keyring))?);
 
     let presence = Arc::new(Presence::new());
     let settings = GroupSettings {
@@ -88,6 +98,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     let state = Arc::new(GatewayState {
         store: store.clone(),
         directory: Directory::new(store.clone()),
+        kt: Arc::clone(&kt),
         router: Router::new(supervisor.clone()),
         presence: Arc::clone(&presence),
         metrics: gateway_metrics,
@@ -110,10 +121,17 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     };
     let (gateway, addr) = atlas_gateway::bind(state, config.listen, tls_config, workers)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let (metrics_server, metrics_addr) = metrics_server(registry, config.metrics_listen)
-        .with_context(|| format!("cannot listen for metrics on {}", config.metrics_listen))?;
+    let (metrics_server, metrics_addr) =
+        metrics_server(registry, Arc::clone(&keyring), config.metrics_listen)
+            .with_context(|| format!("cannot listen for metrics on {}", config.metrics_listen))?;
     let handles = (gateway.handle(), metrics_server.handle());
     let tasks = vec![tokio::spawn(gateway), tokio::spawn(metrics_server)];
+    let key_tasks = tokio::spawn(key_maintenance(
+        kt,
+        Duration::from_secs(config.tree_head_interval_secs),
+        Duration::from_secs(config.signing_key_rotation_secs),
+        shutdown.subscribe(),
+    ));
     tracing::info!(%addr, %metrics_addr, data_dir = %config.data_dir.display(), "node started");
     Ok(RunningNode {
         addr,
@@ -127,27 +145,127 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         metrics_server: handles.1,
         supervisor,
         tasks,
+        key_tasks,
     })
 }
 
+/// Returns the secret that seals the signing keys: from the configuration, or else from
+/// `<data_dir>/signing-key-secret`, generated on first start.
+fn signing_key_secret(config: &NodeConfig) -> anyhow::Result<[u8; 32]> {
+    if let Some(secret) = config.parsed_signing_key_secret()? {
+        return Ok(secret);
+    }
+    let path = config.data_dir.join("signing-key-secret");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let bytes = hex::decode(text.trim())
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .with_context(|| {
+                    format!(
+                        "{} does not hold 64 hex digits; restore it or set ATLAS_SIGNING_KEY_SECRET",
+                        path.display()
+                    )
+                })?;
+            Ok(bytes)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let secret: [u8; 32] = rand::random();
+            write_private_file(&path, hex::encode(secret).as_bytes())
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            tracing::warn!(
+                path = %path.display(),
+                "generated a signing key secret inside the data directory; set \
+                 ATLAS_SIGNING_KEY_SECRET to keep it elsewhere"
+            );
+            Ok(secret)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+fn write_private_file(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
+/// Signs a tree head every `head_interval` while the log grows, and rotates the signing key
+/// once it is older than `rotation`.
+async fn key_maintenance(
+    kt: Arc<KeyTransparency>,
+    head_interval: Duration,
+    rotation: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(head_interval);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if let Err(e) = kt.head().await {
+            tracing::error!(error = %e, "signing a tree head failed");
+        }
+        let keyring = kt.keyring();
+        let age_ms = atlas_actors::now_ms().saturating_sub(keyring.current_created_ms());
+        if u128::from(age_ms) >= rotation.as_millis()
+            && let Err(e) = keyring.rotate()
+        {
+            tracing::error!(error = %e, "scheduled signing key rotation failed");
+        }
+    }
+}
+
+/// Serves `/metrics` and, for operators on the same host, the admin endpoints
+/// `GET /admin/jwks` and `POST /admin/keys/rotate`.
 fn metrics_server(
     registry: Registry,
+    keyring: Arc<Keyring>,
     listen: SocketAddr,
 ) -> std::io::Result<(actix_web::dev::Server, SocketAddr)> {
     let registry = web::Data::new(registry);
+    let keyring = web::Data::from(keyring);
     let server = HttpServer::new(move || {
-        App::new().app_data(registry.clone()).route(
-            "/metrics",
-            web::get().to(|registry: web::Data<Registry>| async move {
-                let mut body = Vec::new();
-                match TextEncoder::new().encode(&registry.gather(), &mut body) {
-                    Ok(()) => HttpResponse::Ok()
-                        .content_type("text/plain; version=0.0.4")
-                        .body(body),
-                    Err(e) => HttpResponse::InternalServerError().body(e.to_string()),
-                }
-            }),
-        )
+        App::new()
+            .app_data(registry.clone())
+            .app_data(keyring.clone())
+            .route(
+                "/admin/jwks",
+                web::get().to(|keyring: web::Data<Keyring>| async move {
+                    HttpResponse::Ok().json(keyring.jwks())
+                }),
+            )
+            .route(
+                "/admin/keys/rotate",
+                web::post().to(|keyring: web::Data<Keyring>| async move {
+                    match keyring.rotate() {
+                        Ok(kid) => HttpResponse::Ok().json(serde_json::json!({ "kid": kid })),
+                        Err(e) => {
+                            tracing::error!(error = %e, "signing key rotation failed");
+                            HttpResponse::InternalServerError().body(e.to_string())
+                        }
+                    }
+                }),
+            )
+            .route(
+                "/metrics",
+                web::get().to(|registry: web::Data<Registry>| async move {
+                    let mut body = Vec::new();
+                    match TextEncoder::new().encode(&registry.gather(), &mut body) {
+                        Ok(()) => HttpResponse::Ok()
+                            .content_type("text/plain; version=0.0.4")
+                            .body(body),
+                        Err(e) => HttpResponse::InternalServerError().body(e.to_string()),
+                    }
+                }),
+            )
     })
     .workers(1)
     .disable_signals()
@@ -169,6 +287,7 @@ impl RunningNode {
         for task in self.tasks {
             let _ = task.await;
         }
+        let _ = self.key_tasks.await;
         self.supervisor.stop(Some("node shutdown".into()));
         self.store
             .close()

@@ -424,7 +424,7 @@ fn login_body(key: &SigningKey, account: &str, server_name: &str, nonce: &[u8]) 
         account: account.to_owned(),
         device_key: key.verifying_key().to_bytes().to_vec(),
         signature: key
-            .sign(&login_transcript(server_name, nonce))
+            .sign(&login_transcript(server_name, nonce, account))
             .to_bytes()
             .to_vec(),
     }

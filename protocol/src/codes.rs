@@ -15,6 +15,8 @@ pub enum ErrorCode {
     UnknownFrameType,
     /// The frame exceeds [`crate::MAX_FRAME_BYTES`] or a field exceeds its limit.
     TooLarge,
+    /// A field is out of its valid range, such as a tree size larger than the log.
+    InvalidRequest,
     /// A request other than login arrived before the device logged in.
     NotAuthenticated,
     /// The login signature did not verify, or it signed another nonce.
@@ -38,6 +40,8 @@ pub enum ErrorCode {
     NoKeyPackage,
     /// The device or account does not exist.
     DeviceNotFound,
+    /// The device was revoked or replaced by a key rotation; it cannot log in or be added.
+    DeviceRevoked,
     /// The server cannot store the change (disk full, corruption); nothing was written.
     StorageFailure,
     /// The request is valid but names a feature this server does not implement.
@@ -50,11 +54,12 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [Self; 19] = [
+    pub const ALL: [Self; 21] = [
         Self::MalformedFrame,
         Self::UnsupportedVersion,
         Self::UnknownFrameType,
         Self::TooLarge,
+        Self::InvalidRequest,
         Self::NotAuthenticated,
         Self::BadSignature,
         Self::InvalidAccount,
@@ -66,6 +71,7 @@ impl ErrorCode {
         Self::StaleEpoch,
         Self::NoKeyPackage,
         Self::DeviceNotFound,
+        Self::DeviceRevoked,
         Self::StorageFailure,
         Self::Unsupported,
         Self::Unavailable,
@@ -79,6 +85,7 @@ impl ErrorCode {
             Self::UnsupportedVersion => 1001,
             Self::UnknownFrameType => 1002,
             Self::TooLarge => 1003,
+            Self::InvalidRequest => 1004,
             Self::NotAuthenticated => 1100,
             Self::BadSignature => 1101,
             Self::InvalidAccount => 1102,
@@ -90,6 +97,7 @@ impl ErrorCode {
             Self::StaleEpoch => 1303,
             Self::NoKeyPackage => 1400,
             Self::DeviceNotFound => 1401,
+            Self::DeviceRevoked => 1402,
             Self::StorageFailure => 1500,
             Self::Unsupported => 1501,
             Self::Unavailable => 1502,
@@ -104,6 +112,7 @@ impl ErrorCode {
             Self::UnsupportedVersion => "unsupported_version",
             Self::UnknownFrameType => "unknown_frame_type",
             Self::TooLarge => "too_large",
+            Self::InvalidRequest => "invalid_request",
             Self::NotAuthenticated => "not_authenticated",
             Self::BadSignature => "bad_signature",
             Self::InvalidAccount => "invalid_account",
@@ -115,6 +124,7 @@ impl ErrorCode {
             Self::StaleEpoch => "stale_epoch",
             Self::NoKeyPackage => "no_key_package",
             Self::DeviceNotFound => "device_not_found",
+            Self::DeviceRevoked => "device_revoked",
             Self::StorageFailure => "storage_failure",
             Self::Unsupported => "unsupported",
             Self::Unavailable => "unavailable",

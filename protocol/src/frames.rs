@@ -1,5 +1,6 @@
 //! Frame types and their MessagePack codec.
 
+use crate::transparency::{ConsistencyProof, Jwks, ProvenEntry, SignedTreeHead};
 use crate::{ClientMsgId, DeviceId, ErrorCode, GroupId, MAX_FRAME_BYTES, PROTOCOL_VERSION};
 use serde::{Deserialize, Serialize};
 
@@ -80,11 +81,45 @@ pub enum ClientBody {
     Welcomes,
     /// Application-level ping. The server replies with [`ServerBody::Pong`].
     Ping,
+    /// Revokes a device of this device's account (or this device itself). `signature` is this
+    /// device's signature over [`crate::transparency::key_event_statement`] for the revocation.
+    RevokeDevice {
+        device: DeviceId,
+        time_ms: u64,
+        #[serde(with = "serde_bytes")]
+        signature: Vec<u8>,
+    },
+    /// Replaces this device's key with `new_key`. Both keys sign
+    /// [`crate::transparency::key_event_statement`] for the rotation, naming the new device id.
+    /// The server closes the connection after the response; log in again with the new key.
+    RotateDeviceKey {
+        #[serde(with = "serde_bytes")]
+        new_key: Vec<u8>,
+        time_ms: u64,
+        #[serde(with = "serde_bytes")]
+        signature: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        new_key_signature: Vec<u8>,
+    },
+    /// Fetches the node's signing keys. Allowed before login.
+    Jwks,
+    /// Fetches the latest signed tree head of the key transparency log. Allowed before login.
+    KtHead,
+    /// Fetches the entries that published an account's current device keys, with inclusion
+    /// proofs. Allowed before login.
+    KtLookup { account: String },
+    /// Fetches every key event of an account, with inclusion proofs. Allowed before login.
+    KtHistory { account: String },
+    /// Fetches up to `limit` log entries from index `start`, with inclusion proofs. Allowed
+    /// before login.
+    KtEntries { start: u64, limit: u32 },
+    /// Fetches a consistency proof between two tree sizes. Allowed before login.
+    KtConsistency { from: u64, to: u64 },
 }
 
 impl ClientBody {
     /// Frame type names, as they appear in the `t` field.
-    pub const TYPES: [&'static str; 11] = [
+    pub const TYPES: [&'static str; 19] = [
         "login",
         "upload_key_packages",
         "list_devices",
@@ -96,7 +131,29 @@ impl ClientBody {
         "ack",
         "welcomes",
         "ping",
+        "revoke_device",
+        "rotate_device_key",
+        "jwks",
+        "kt_head",
+        "kt_lookup",
+        "kt_history",
+        "kt_entries",
+        "kt_consistency",
     ];
+
+    /// True for requests that read only public data and so are allowed before login.
+    pub fn is_public(&self) -> bool {
+        matches!(
+            self,
+            Self::Ping
+                | Self::Jwks
+                | Self::KtHead
+                | Self::KtLookup { .. }
+                | Self::KtHistory { .. }
+                | Self::KtEntries { .. }
+                | Self::KtConsistency { .. }
+        )
+    }
 
     /// Returns the `t` name of this body, used as a metrics label.
     pub fn type_name(&self) -> &'static str {
@@ -112,6 +169,14 @@ impl ClientBody {
             Self::Ack { .. } => "ack",
             Self::Welcomes => "welcomes",
             Self::Ping => "ping",
+            Self::RevokeDevice { .. } => "revoke_device",
+            Self::RotateDeviceKey { .. } => "rotate_device_key",
+            Self::Jwks => "jwks",
+            Self::KtHead => "kt_head",
+            Self::KtLookup { .. } => "kt_lookup",
+            Self::KtHistory { .. } => "kt_history",
+            Self::KtEntries { .. } => "kt_entries",
+            Self::KtConsistency { .. } => "kt_consistency",
         }
     }
 }
@@ -141,12 +206,15 @@ pub enum ServerBody {
         account: String,
         devices: Vec<DeviceInfo>,
     },
-    /// A claimed KeyPackage (MLSMessage bytes).
+    /// A claimed KeyPackage (MLSMessage bytes), with the key transparency entry that
+    /// published the device's key and its inclusion proof to `head`.
     KeyPackage {
         device: DeviceId,
         #[serde(with = "serde_bytes")]
         key_package: Vec<u8>,
         last_resort: bool,
+        proof: ProvenEntry,
+        head: SignedTreeHead,
     },
     /// The group was registered at `epoch`.
     GroupCreated { group: GroupId, epoch: u64 },
@@ -178,6 +246,22 @@ pub enum ServerBody {
     Push { group: GroupId, entry: LogEntry },
     /// A new Welcome for this device (`id` 0).
     WelcomePush(WelcomeEntry),
+    /// The device was revoked by log entry `index`.
+    DeviceRevoked { device: DeviceId, index: u64 },
+    /// The key was rotated: `device` is the new device id, published by log entry `index`.
+    KeyRotated { device: DeviceId, index: u64 },
+    /// The node's signing keys.
+    Jwks(Jwks),
+    /// The latest signed tree head.
+    KtHead(SignedTreeHead),
+    /// Log entries with inclusion proofs to `head`: the answer to a lookup, a history or an
+    /// entries request.
+    KtEntries {
+        head: SignedTreeHead,
+        entries: Vec<ProvenEntry>,
+    },
+    /// A consistency proof.
+    KtConsistency(ConsistencyProof),
 }
 
 /// Acknowledgement of an accepted commit or application message.

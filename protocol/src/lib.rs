@@ -8,6 +8,7 @@
 mod codes;
 mod frames;
 mod ids;
+pub mod transparency;
 
 pub use codes::{CloseCode, ErrorCode};
 pub use frames::{
@@ -33,13 +34,22 @@ pub const MAX_KEY_PACKAGES_PER_UPLOAD: usize = 100;
 pub const MAX_SYNC_ENTRIES: u32 = 500;
 
 /// Domain-separation prefix of the login signature; see [`login_transcript`].
-pub const LOGIN_CONTEXT: &[u8] = b"atlas-device-login-v1";
+pub const LOGIN_CONTEXT: &[u8] = b"atlas-device-login-v2";
 
 /// Builds the bytes a device signs to log in: the context string, the server name the client
-/// connected to and the server's fresh nonce, each length-prefixed so no two inputs collide.
-pub fn login_transcript(server_name: &str, nonce: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(LOGIN_CONTEXT.len() + server_name.len() + nonce.len() + 12);
-    for part in [LOGIN_CONTEXT, server_name.as_bytes(), nonce] {
+/// connected to, the server's fresh nonce and the account name, each length-prefixed so no two
+/// inputs collide. The first login of a key is kept in the key transparency log as the proof
+/// that the key holder chose that account.
+pub fn login_transcript(server_name: &str, nonce: &[u8], account: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        LOGIN_CONTEXT.len() + server_name.len() + nonce.len() + account.len() + 16,
+    );
+    for part in [
+        LOGIN_CONTEXT,
+        server_name.as_bytes(),
+        nonce,
+        account.as_bytes(),
+    ] {
         out.extend_from_slice(&(part.len() as u32).to_be_bytes());
         out.extend_from_slice(part);
     }

@@ -31,6 +31,12 @@ pub enum StorageError {
     /// The device key is registered under another account.
     #[error("device {device} is registered under account {account:?}")]
     DeviceOwnedElsewhere { device: DeviceId, account: String },
+    /// No device with this id is registered.
+    #[error("device {0} is not registered")]
+    UnknownDevice(DeviceId),
+    /// The device was revoked or replaced by a key rotation.
+    #[error("device {0} is revoked")]
+    DeviceRevoked(DeviceId),
 }
 
 impl StorageError {

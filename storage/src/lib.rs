@@ -7,6 +7,8 @@
 //!   `d` de-duplication ids, `w` Welcomes waiting for a device. One sled batch covers an
 //!   accepted message, so a crash leaves all of it or none of it.
 //! - `devices`, `accounts`, `key_packages`, `cursors`.
+//! - `kt`: the key transparency log and its signed tree heads (see [`transparency`]).
+//! - `signing_keys`: the node's signing keys, sealed by the caller before they get here.
 //!
 //! Writes become durable only through [`Store::durable`], which batches the fsyncs of many
 //! writers (group commit): callers acknowledge nothing before it returns `Ok`.
@@ -15,20 +17,22 @@ mod error;
 mod flusher;
 mod keys;
 mod records;
+pub mod transparency;
 
 pub use error::StorageError;
-pub use records::{DeviceRecord, GroupMeta, KeyPackageRecord, Registration};
+pub use records::{DeviceRecord, GroupMeta, KeyPackageRecord};
+pub use transparency::{DirectoryChange, KeyEventOutcome};
 
 use atlas_protocol::{ClientMsgId, DeviceId, GroupId, LogEntry, WelcomeEntry};
 use flusher::Flusher;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Storage format version written on first open; a mismatch is refused by [`Store::open`].
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 const FORMAT_KEY: &[u8] = b"format_version";
 
@@ -44,6 +48,10 @@ pub struct Store {
     accounts: sled::Tree,
     key_packages: sled::Tree,
     cursors: sled::Tree,
+    kt: sled::Tree,
+    signing_keys: sled::Tree,
+    /// Size of the key transparency log; held while appending, so appends are serialised.
+    kt_size: Arc<Mutex<u64>>,
     flusher: Arc<Flusher>,
 }
 
@@ -92,7 +100,11 @@ impl Store {
                 db.flush()?;
             }
         }
+        let kt = db.open_tree("kt")?;
         let store = Self {
+            kt_size: Arc::new(Mutex::new(transparency::stored_size(&kt)?)),
+            kt,
+            signing_keys: db.open_tree("signing_keys")?,
             groups: db.open_tree("groups")?,
             devices: db.open_tree("devices")?,
             accounts: db.open_tree("accounts")?,
@@ -333,35 +345,6 @@ impl Store {
 
     // ----- devices ------------------------------------------------------------------------
 
-    /// Registers a device key under an account, or returns the existing registration of that
-    /// key. A key already registered under another account is refused.
-    pub fn register_device(&self, record: &DeviceRecord) -> Result<Registration, StorageError> {
-        let key = record.device.as_bytes();
-        let result =
-            self.devices
-                .compare_and_swap(key, None as Option<&[u8]>, Some(encode(record)))?;
-        match result {
-            Ok(()) => {
-                let mut account_key = record.account.as_bytes().to_vec();
-                account_key.push(0);
-                account_key.extend_from_slice(key);
-                self.accounts.insert(account_key, &[])?;
-                Ok(Registration::New)
-            }
-            Err(current) => {
-                let raw = current.current.unwrap_or_default();
-                let existing: DeviceRecord = decode(&raw, "device", &record.device)?;
-                if existing.account != record.account {
-                    return Err(StorageError::DeviceOwnedElsewhere {
-                        device: record.device,
-                        account: existing.account,
-                    });
-                }
-                Ok(Registration::Existing(existing))
-            }
-        }
-    }
-
     /// Looks up a device.
     pub fn device(&self, device: &DeviceId) -> Result<Option<DeviceRecord>, StorageError> {
         self.devices
@@ -442,6 +425,49 @@ impl Store {
         Ok(record.valid_at(now_secs).then_some(record))
     }
 
+    // ----- signing keys -------------------------------------------------------------------
+
+    /// Stores a signing key record under its key id, replacing any record with that id.
+    pub fn put_signing_key(&self, kid: &str, sealed: &[u8]) -> Result<(), StorageError> {
+        self.signing_keys.insert(kid.as_bytes(), sealed)?;
+        Ok(())
+    }
+
+    /// Deletes a signing key record.
+    pub fn remove_signing_key(&self, kid: &str) -> Result<(), StorageError> {
+        self.signing_keys.remove(kid.as_bytes())?;
+        Ok(())
+    }
+
+    /// Lists every stored signing key record as (key id, bytes).
+    pub fn signing_keys(&self) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+        let mut out = Vec::new();
+        for item in self.signing_keys.iter() {
+            let (kid, raw) = item?;
+            let kid = String::from_utf8(kid.to_vec()).map_err(|_| StorageError::Corrupt {
+                what: "signing key id".into(),
+                detail: "not UTF-8".into(),
+            })?;
+            out.push((kid, raw.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Deletes every stored KeyPackage of a device, one-time and last-resort.
+    pub fn remove_key_packages(&self, device: &DeviceId) -> Result<(), StorageError> {
+        let mut batch = sled::Batch::default();
+        for item in self
+            .key_packages
+            .scan_prefix(keys::key_package_prefix(device))
+        {
+            let (key, _) = item?;
+            batch.remove(key);
+        }
+        batch.remove(keys::last_resort(device).as_slice());
+        self.key_packages.apply_batch(batch)?;
+        Ok(())
+    }
+
     // ----- cursors ------------------------------------------------------------------------
 
     /// Raises a device's cursor in a group to `seq`; a lower value leaves it unchanged.
@@ -478,12 +504,12 @@ impl Store {
     }
 }
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // The record types are plain structs with string keys; encoding into a Vec cannot fail.
     rmp_serde::to_vec_named(value).expect("storage record serializes")
 }
 
-fn decode<T: DeserializeOwned>(
+pub(crate) fn decode<T: DeserializeOwned>(
     raw: &[u8],
     what: &str,
     owner: &impl std::fmt::Display,

@@ -23,15 +23,12 @@ pub struct DeviceRecord {
     #[serde(with = "serde_bytes")]
     pub public_key: Vec<u8>,
     pub registered_at_ms: u64,
-}
-
-/// Outcome of [`crate::Store::register_device`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Registration {
-    /// The key was not known and is now registered.
-    New,
-    /// The key was already registered under the same account.
-    Existing(DeviceRecord),
+    /// Index of the key transparency entry that published this key.
+    #[serde(default)]
+    pub kt_index: Option<u64>,
+    /// Time the device was revoked or replaced by a rotation; it can no longer log in.
+    #[serde(default)]
+    pub revoked_at_ms: Option<u64>,
 }
 
 /// A validated KeyPackage.

@@ -1,5 +1,9 @@
 use super::*;
 use atlas_protocol::EntryKind;
+use atlas_protocol::transparency::{
+    Authorization, ConsistencyProof, Jwk, Jwks, KeyEvent, KeyEventKind, ProvenEntry,
+    SignedTreeHead, wire_path,
+};
 
 fn group() -> GroupId {
     GroupId::new(b"group-a".to_vec()).unwrap()
@@ -201,31 +205,203 @@ async fn cursor_only_moves_forward() {
     assert_eq!(store.cursor(&device, &group()).unwrap(), 5);
 }
 
+fn device(seed: u8, account: &str) -> DeviceRecord {
+    DeviceRecord {
+        device: DeviceId::from_bytes([seed; 16]),
+        account: account.into(),
+        public_key: vec![seed; 32],
+        registered_at_ms: 1,
+        kt_index: None,
+        revoked_at_ms: None,
+    }
+}
+
+fn key_event(kind: KeyEventKind, record: &DeviceRecord) -> KeyEvent {
+    KeyEvent {
+        kind,
+        account: record.account.clone(),
+        device: record.device,
+        key: record.public_key.clone(),
+        time_ms: 1,
+        authorization: Authorization::DeviceSignature {
+            signer: record.device,
+            signature: vec![0; 64],
+        },
+    }
+}
+
+fn register(store: &Store, record: &DeviceRecord) -> Result<KeyEventOutcome, StorageError> {
+    store.append_key_event(
+        &key_event(KeyEventKind::Added, record),
+        &DirectoryChange::Register(record.clone()),
+    )
+}
+
 #[tokio::test]
 async fn device_key_cannot_move_to_another_account() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    let record = DeviceRecord {
-        device: DeviceId::from_bytes([3; 16]),
-        account: "alice".into(),
-        public_key: vec![0; 32],
-        registered_at_ms: 1,
-    };
-    assert_eq!(store.register_device(&record).unwrap(), Registration::New);
+    let record = device(3, "alice");
     assert!(matches!(
-        store.register_device(&record).unwrap(),
-        Registration::Existing(_)
+        register(&store, &record).unwrap(),
+        KeyEventOutcome::Appended { index: 0, .. }
+    ));
+    assert!(matches!(
+        register(&store, &record).unwrap(),
+        KeyEventOutcome::AlreadyRegistered(_)
     ));
     let stolen = DeviceRecord {
         account: "mallory".into(),
         ..record
     };
     assert!(matches!(
-        store.register_device(&stolen),
+        register(&store, &stolen),
         Err(StorageError::DeviceOwnedElsewhere { .. })
     ));
     assert_eq!(store.account_devices("alice").unwrap().len(), 1);
     assert!(store.account_devices("mallory").unwrap().is_empty());
+    assert_eq!(store.kt_size(), 1, "refused registrations append nothing");
+}
+
+#[tokio::test]
+async fn key_log_survives_reopen_with_same_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = {
+        let store = Store::open(dir.path()).unwrap();
+        for seed in 0..10 {
+            register(&store, &device(seed, "bob")).unwrap();
+        }
+        store.close().await.unwrap();
+        store.kt_root(10).unwrap()
+    };
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.kt_size(), 10);
+    assert_eq!(store.kt_root(10).unwrap(), root);
+    assert_eq!(
+        store.kt_account_entries("bob").unwrap(),
+        (0..10).collect::<Vec<_>>()
+    );
+    let leaf = store.kt_leaf(4).unwrap();
+    assert_eq!(
+        KeyEvent::from_leaf(&leaf).unwrap().device,
+        DeviceId::from_bytes([4; 16])
+    );
+}
+
+#[tokio::test]
+async fn key_log_proofs_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    for seed in 0..13 {
+        register(&store, &device(seed, "carol")).unwrap();
+    }
+    let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+    let jwks = Jwks {
+        keys: vec![Jwk::ed25519("k", &key.verifying_key())],
+    };
+    let old = SignedTreeHead::sign(5, store.kt_root(5).unwrap(), 1, "k", &key);
+    let new = SignedTreeHead::sign(13, store.kt_root(13).unwrap(), 2, "k", &key);
+    assert!(new.verify(&jwks, 3).is_ok());
+    let proof = ProvenEntry {
+        index: 7,
+        leaf: store.kt_leaf(7).unwrap(),
+        tree_size: 13,
+        path: wire_path(store.kt_inclusion(7, 13).unwrap()),
+    };
+    assert_eq!(
+        proof.verify(&new).unwrap().device,
+        DeviceId::from_bytes([7; 16])
+    );
+    let consistency = ConsistencyProof {
+        from: 5,
+        to: 13,
+        path: wire_path(store.kt_consistency(5, 13).unwrap()),
+    };
+    assert_eq!(consistency.verify(&old, &new), Ok(()));
+    store.put_tree_head(&old).unwrap();
+    store.put_tree_head(&new).unwrap();
+    assert_eq!(store.latest_tree_head().unwrap(), Some(new));
+    assert_eq!(store.tree_head(5).unwrap(), Some(old));
+}
+
+#[tokio::test]
+async fn revoke_and_rotate_update_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let first = device(1, "dave");
+    let second = device(2, "dave");
+    register(&store, &first).unwrap();
+    register(&store, &second).unwrap();
+
+    let rotated = device(3, "dave");
+    let outcome = store
+        .append_key_event(
+            &key_event(KeyEventKind::Rotated, &rotated),
+            &DirectoryChange::Rotate {
+                previous: first.device,
+                new: rotated.clone(),
+            },
+        )
+        .unwrap();
+    assert!(matches!(
+        outcome,
+        KeyEventOutcome::Appended { index: 2, .. }
+    ));
+    let old = store.device(&first.device).unwrap().unwrap();
+    assert!(old.revoked_at_ms.is_some());
+    assert_eq!(
+        store.device(&rotated.device).unwrap().unwrap().kt_index,
+        Some(2)
+    );
+
+    store
+        .append_key_event(
+            &key_event(KeyEventKind::Revoked, &second),
+            &DirectoryChange::Revoke {
+                device: second.device,
+                at_ms: 5,
+            },
+        )
+        .unwrap();
+    let current: Vec<DeviceId> = store
+        .account_devices("dave")
+        .unwrap()
+        .into_iter()
+        .map(|d| d.device)
+        .collect();
+    assert_eq!(current, vec![rotated.device]);
+
+    let again = store.append_key_event(
+        &key_event(KeyEventKind::Revoked, &second),
+        &DirectoryChange::Revoke {
+            device: second.device,
+            at_ms: 6,
+        },
+    );
+    assert!(matches!(again, Err(StorageError::DeviceRevoked(_))));
+    assert!(matches!(
+        register(&store, &first),
+        Err(StorageError::DeviceRevoked(_))
+    ));
+    assert_eq!(store.kt_size(), 4);
+    assert_eq!(store.kt_account_entries("dave").unwrap(), vec![0, 1, 2, 3]);
+}
+
+#[tokio::test]
+async fn corrupt_key_log_entry_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    for seed in 0..3 {
+        register(&store, &device(seed, "erin")).unwrap();
+    }
+    let mut entry_key = vec![b'e'];
+    entry_key.extend_from_slice(&1u64.to_be_bytes());
+    store.kt.insert(entry_key, b"tampered".to_vec()).unwrap();
+    assert!(matches!(
+        store.kt_leaf(1),
+        Err(StorageError::Corrupt { .. })
+    ));
+    assert!(store.kt_leaf(2).is_ok());
 }
 
 #[tokio::test]

@@ -281,7 +281,7 @@ async fn raw_login(url: &str, trust: &ServerTrust, account: &str) -> anyhow::Res
         account: account.to_owned(),
         device_key: key.verifying_key().to_bytes().to_vec(),
         signature: key
-            .sign(&login_transcript(&server_name, &nonce))
+            .sign(&login_transcript(&server_name, &nonce, account))
             .to_bytes()
             .to_vec(),
     };

@@ -1,0 +1,191 @@
+//! Answers key transparency requests: signed tree heads over the durable log, lookups and
+//! histories with inclusion proofs, consistency proofs and pages of entries for auditors.
+
+use crate::group::now_ms;
+use crate::keyring::Keyring;
+use atlas_protocol::ErrorCode;
+use atlas_protocol::transparency::{
+    ConsistencyProof, Jwks, MAX_KT_ENTRIES, ProvenEntry, SignedTreeHead, wire_path,
+};
+use atlas_storage::{StorageError, Store};
+use std::sync::Arc;
+
+/// Failure of a key transparency request.
+#[derive(Debug, thiserror::Error)]
+pub enum KtError {
+    #[error("tree size {requested} is larger than the log ({size} entries)")]
+    BeyondLog { requested: u64, size: u64 },
+    #[error("consistency needs 0 < from <= to, got from {from} to {to}")]
+    BadRange { from: u64, to: u64 },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl KtError {
+    /// Returns the error code sent to the client.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::BeyondLog { .. } | Self::BadRange { .. } => ErrorCode::InvalidRequest,
+            Self::Storage(_) => ErrorCode::StorageFailure,
+        }
+    }
+}
+
+/// The key transparency service of a node.
+pub struct KeyTransparency {
+    store: Store,
+    keyring: Arc<Keyring>,
+    /// Latest signed head; the lock also serialises signing.
+    head: tokio::sync::Mutex<Option<SignedTreeHead>>,
+}
+
+impl KeyTransparency {
+    /// Opens the service and checks the stored tree against the latest signed head, so a
+    /// damaged tree hash is found at start rather than by a client.
+    pub fn open(store: Store, keyring: Arc<Keyring>) -> Result<Self, StorageError> {
+        let head = store.latest_tree_head()?;
+        if let Some(head) = &head {
+            let size = store.kt_size();
+            if head.size > size {
+                return Err(StorageError::Corrupt {
+                    what: "key transparency log".into(),
+                    detail: format!(
+                        "the latest signed tree head has {} entries but the log has {size}; \
+                         restore the data directory from a backup",
+                        head.size
+                    ),
+                });
+            }
+            if store.kt_root(head.size)? != head.root {
+                return Err(StorageError::Corrupt {
+                    what: "key transparency log".into(),
+                    detail: format!(
+                        "the root of the first {} entries differs from the signed tree head; \
+                         restore the data directory from a backup",
+                        head.size
+                    ),
+                });
+            }
+        }
+        Ok(Self {
+            store,
+            keyring,
+            head: tokio::sync::Mutex::new(head),
+        })
+    }
+
+    /// The published signing keys.
+    pub fn jwks(&self) -> Jwks {
+        self.keyring.jwks()
+    }
+
+    /// The keyring that signs tree heads.
+    pub fn keyring(&self) -> &Arc<Keyring> {
+        &self.keyring
+    }
+
+    /// Returns a signed head over every entry appended before the call. A new head is signed
+    /// only when the log grew, and only after the entries it covers are on disk, so a signed
+    /// head never covers entries a crash could lose.
+    pub async fn head(&self) -> Result<SignedTreeHead, KtError> {
+        let mut latest = self.head.lock().await;
+        let size = self.store.kt_size();
+        if let Some(head) = latest.as_ref()
+            && head.size == size
+        {
+            return Ok(head.clone());
+        }
+        self.store.durable().await?;
+        let root = self.store.kt_root(size)?;
+        let time = now_ms().max(latest.as_ref().map_or(0, |h| h.time_ms));
+        let head = self.keyring.sign_tree_head(size, root, time);
+        self.store.put_tree_head(&head)?;
+        tracing::debug!(size, kid = %head.kid, "signed a tree head");
+        *latest = Some(head.clone());
+        Ok(head)
+    }
+
+    /// Proves entry `index` against `head`.
+    pub fn prove(&self, index: u64, head: &SignedTreeHead) -> Result<ProvenEntry, KtError> {
+        Ok(ProvenEntry {
+            index,
+            leaf: self.store.kt_leaf(index)?,
+            tree_size: head.size,
+            path: wire_path(self.store.kt_inclusion(index, head.size)?),
+        })
+    }
+
+    /// The entries that published the current keys of `account`, proved against a fresh head.
+    pub async fn lookup(
+        &self,
+        account: &str,
+    ) -> Result<(SignedTreeHead, Vec<ProvenEntry>), KtError> {
+        let head = self.head().await?;
+        let mut out = Vec::new();
+        for device in self.store.account_devices(account)? {
+            // Devices registered before this log existed have no entry and are not proved.
+            if let Some(index) = device.kt_index
+                && index < head.size
+            {
+                out.push(self.prove(index, &head)?);
+            }
+        }
+        Ok((head, out))
+    }
+
+    /// Every entry about `account`, oldest first, proved against a fresh head.
+    pub async fn history(
+        &self,
+        account: &str,
+    ) -> Result<(SignedTreeHead, Vec<ProvenEntry>), KtError> {
+        let head = self.head().await?;
+        let mut out = Vec::new();
+        for index in self.store.kt_account_entries(account)? {
+            if index < head.size {
+                out.push(self.prove(index, &head)?);
+            }
+        }
+        Ok((head, out))
+    }
+
+    /// Up to `limit` entries from `start`, proved against a fresh head.
+    pub async fn entries(
+        &self,
+        start: u64,
+        limit: u32,
+    ) -> Result<(SignedTreeHead, Vec<ProvenEntry>), KtError> {
+        let head = self.head().await?;
+        let end = head
+            .size
+            .min(start.saturating_add(u64::from(limit.min(MAX_KT_ENTRIES))));
+        let mut out = Vec::new();
+        for index in start..end {
+            out.push(self.prove(index, &head)?);
+        }
+        Ok((head, out))
+    }
+
+    /// Proves that the tree of `from` entries is a prefix of the tree of `to` entries.
+    pub fn consistency(&self, from: u64, to: u64) -> Result<ConsistencyProof, KtError> {
+        let size = self.store.kt_size();
+        if to > size {
+            return Err(KtError::BeyondLog {
+                requested: to,
+                size,
+            });
+        }
+        if from == 0 || from > to {
+            return Err(KtError::BadRange { from, to });
+        }
+        Ok(ConsistencyProof {
+            from,
+            to,
+            path: wire_path(self.store.kt_consistency(from, to)?),
+        })
+    }
+
+    /// A stored signed head of exactly `size` entries, if the node signed one.
+    pub fn head_at(&self, size: u64) -> Result<Option<SignedTreeHead>, KtError> {
+        Ok(self.store.tree_head(size)?)
+    }
+}

@@ -1,0 +1,142 @@
+//! Requests about device keys: key transparency queries (also allowed before login), the JWKS,
+//! KeyPackage claims with their inclusion proof, revocations and rotations.
+
+use crate::GatewayState;
+use atlas_actors::KtError;
+use atlas_protocol::{ClientBody, DeviceId, ErrorCode, ServerBody};
+use atlas_storage::DeviceRecord;
+
+/// Answers a request that reads only public key transparency data.
+pub(crate) async fn public_request(state: &GatewayState, body: ClientBody) -> ServerBody {
+    let kt = &state.kt;
+    let result = match body {
+        ClientBody::Ping => Ok(ServerBody::Pong),
+        ClientBody::Jwks => Ok(ServerBody::Jwks(kt.jwks())),
+        ClientBody::KtHead => kt.head().await.map(ServerBody::KtHead),
+        ClientBody::KtLookup { account } => kt
+            .lookup(&account)
+            .await
+            .map(|(head, entries)| ServerBody::KtEntries { head, entries }),
+        ClientBody::KtHistory { account } => kt
+            .history(&account)
+            .await
+            .map(|(head, entries)| ServerBody::KtEntries { head, entries }),
+        ClientBody::KtEntries { start, limit } => kt
+            .entries(start, limit)
+            .await
+            .map(|(head, entries)| ServerBody::KtEntries { head, entries }),
+        ClientBody::KtConsistency { from, to } => {
+            kt.consistency(from, to).map(ServerBody::KtConsistency)
+        }
+        other => {
+            return crate::session::error_body(
+                ErrorCode::NotAuthenticated,
+                format!("log in before sending {}", other.type_name()),
+            );
+        }
+    };
+    result.unwrap_or_else(|e| kt_error_body(&e))
+}
+
+/// Claims a KeyPackage and proves the key it was published under against a fresh head.
+pub(crate) async fn claim(state: &GatewayState, target: DeviceId) -> ServerBody {
+    let (key_package, record) = match state.directory.claim_key_package(&target) {
+        Ok(claimed) => claimed,
+        Err(e) => return crate::session::login_error_body(state, &e),
+    };
+    // The head waits for a flush that also covers the claim's removal of a one-time package.
+    let head = match state.kt.head().await {
+        Ok(head) => head,
+        Err(e) => return kt_error_body(&e),
+    };
+    let Some(index) = record.kt_index.filter(|&i| i < head.size) else {
+        tracing::error!(device_id = %target, "device has no key transparency entry");
+        return crate::session::error_body(
+            ErrorCode::Internal,
+            format!("device {target} has no key transparency entry"),
+        );
+    };
+    match state.kt.prove(index, &head) {
+        Ok(proof) => ServerBody::KeyPackage {
+            device: target,
+            key_package: key_package.bytes,
+            last_resort: key_package.last_resort,
+            proof,
+            head,
+        },
+        Err(e) => kt_error_body(&e),
+    }
+}
+
+/// Revokes a device and closes its connection; the answer waits until the change is on disk.
+pub(crate) async fn revoke(
+    state: &GatewayState,
+    signer: &DeviceRecord,
+    target: DeviceId,
+    time_ms: u64,
+    signature: &[u8],
+) -> ServerBody {
+    let index = match state.directory.revoke(signer, &target, time_ms, signature) {
+        Ok(index) => index,
+        Err(e) => return crate::session::login_error_body(state, &e),
+    };
+    if let Err(e) = state.store.durable().await {
+        return storage_failed(&e);
+    }
+    if target != signer.device {
+        state
+            .presence
+            .close_device(&target, atlas_protocol::CloseCode::AuthFailed);
+    }
+    ServerBody::DeviceRevoked {
+        device: target,
+        index,
+    }
+}
+
+/// Rotates the signer's key; the answer waits until the change is on disk.
+pub(crate) async fn rotate(
+    state: &GatewayState,
+    signer: &DeviceRecord,
+    body: ClientBody,
+) -> ServerBody {
+    let ClientBody::RotateDeviceKey {
+        new_key,
+        time_ms,
+        signature,
+        new_key_signature,
+    } = body
+    else {
+        return crate::session::error_body(ErrorCode::Internal, "expected a rotation".into());
+    };
+    let (record, index) =
+        match state
+            .directory
+            .rotate(signer, &new_key, time_ms, &signature, &new_key_signature)
+        {
+            Ok(rotated) => rotated,
+            Err(e) => return crate::session::login_error_body(state, &e),
+        };
+    if let Err(e) = state.store.durable().await {
+        return storage_failed(&e);
+    }
+    ServerBody::KeyRotated {
+        device: record.device,
+        index,
+    }
+}
+
+fn storage_failed(e: &atlas_storage::StorageError) -> ServerBody {
+    tracing::error!(error = %e, "flush failed; key change not confirmed");
+    crate::session::error_body(
+        ErrorCode::StorageFailure,
+        format!("storage flush failed: {e}"),
+    )
+}
+
+fn kt_error_body(error: &KtError) -> ServerBody {
+    if let KtError::Storage(e) = error {
+        tracing::error!(error = %e, "key transparency storage failed");
+    }
+    crate::session::error_body(error.code(), error.to_string())
+}
