@@ -5,13 +5,19 @@
 //! client continues its groups. Plaintext never leaves the client: the server receives MLS
 //! ciphertext only.
 
+pub mod audit;
 mod conn;
+mod kt;
 mod state;
 mod tls;
 
 pub use conn::CloseInfo;
+pub use kt::{KtViolation, ViolationKind};
 pub use tls::{ServerTrust, fingerprint_hex};
 
+use atlas_protocol::transparency::{
+    KeyEvent, KeyEventKind, ProvenEntry, SignedTreeHead, key_event_statement,
+};
 use atlas_protocol::{
     ClientBody, ClientMsgId, DeviceId, ErrorCode, GroupId, LogEntry, ServerBody, WelcomeEntry,
     login_transcript,
@@ -81,6 +87,14 @@ pub enum ClientError {
     /// The account has no device, or a device has no KeyPackage.
     #[error("{0}")]
     NotFound(String),
+    /// A key transparency proof or tree head did not verify; the key it was meant to prove is
+    /// not used.
+    #[error("key transparency check failed: {0}")]
+    KeyTransparency(String),
+    /// The server showed two contradicting views of its key log. The client refuses to work
+    /// with this server from now on.
+    #[error("security error: {0}")]
+    Security(Box<KtViolation>),
 }
 
 impl ClientError {
@@ -130,6 +144,7 @@ pub struct Client {
     signer: SignatureKeyPair,
     provider: OpenMlsRustCrypto,
     groups: BTreeMap<Vec<u8>, GroupLocal>,
+    kt: kt::KtState,
     conn: Option<Connection>,
     request_timeout: Duration,
 }
@@ -142,7 +157,7 @@ impl Client {
             detail: e.to_string(),
         })?;
         let provider = OpenMlsRustCrypto::default();
-        let (signer, groups, account) = match SavedState::load(dir)? {
+        let (signer, groups, account, kt) = match SavedState::load(dir)? {
             Some(saved) => {
                 if saved.account != account {
                     return Err(ClientError::Config(format!(
@@ -152,12 +167,17 @@ impl Client {
                     )));
                 }
                 saved.restore_storage(provider.storage());
-                (saved.signer()?, saved.groups, saved.account)
+                (saved.signer()?, saved.groups, saved.account, saved.kt)
             }
             None => {
                 let signer =
                     SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).map_err(mls)?;
-                (signer, BTreeMap::new(), account.to_owned())
+                (
+                    signer,
+                    BTreeMap::new(),
+                    account.to_owned(),
+                    kt::KtState::default(),
+                )
             }
         };
         let client = Self {
@@ -166,6 +186,7 @@ impl Client {
             signer,
             provider,
             groups,
+            kt,
             conn: None,
             request_timeout: Duration::from_secs(30),
         };
@@ -215,10 +236,13 @@ impl Client {
         Ok(accounts.into_iter().collect())
     }
 
-    /// Connects to `url` (`wss://host:port/v1/ws`), verifies the server and logs in. The first
-    /// login registers the device under the account.
+    /// Connects to `url` (`wss://host:port/v1/ws`), verifies the server, logs in and checks the
+    /// server's latest key transparency head against the heads seen before. The first login
+    /// registers the device under the account. A client that found a violation refuses to
+    /// connect.
     pub async fn connect(&mut self, url: &str, trust: &ServerTrust) -> Result<bool, ClientError> {
         self.conn = None;
+        self.refuse_after_violation()?;
         let tls = tls::client_config(trust)?;
         let (conn, challenge) = Connection::open(url, tls, self.request_timeout).await?;
         let ServerBody::Challenge {
@@ -243,6 +267,10 @@ impl Client {
             other => return Err(unexpected("login", other)),
         };
         self.conn = Some(conn);
+        match self.request(ClientBody::KtHead).await? {
+            ServerBody::KtHead(head) => self.check_head(&head).await?,
+            other => return Err(unexpected("kt_head", other)),
+        }
         Ok(registered)
     }
 
@@ -404,31 +432,26 @@ impl Client {
     ) -> Result<u64, ClientError> {
         let mut key_packages = Vec::new();
         for account in accounts {
-            let devices = match self
-                .request(ClientBody::ListDevices {
-                    account: (*account).to_owned(),
-                })
-                .await?
-            {
-                ServerBody::Devices { devices, .. } => devices,
-                other => return Err(unexpected("list_devices", other)),
-            };
+            let devices = self.lookup_devices(account).await?;
             if devices.is_empty() {
                 return Err(ClientError::NotFound(format!(
                     "account {account:?} has no devices"
                 )));
             }
-            for device in devices {
-                let bytes = match self
-                    .request(ClientBody::ClaimKeyPackage {
-                        device: device.device,
-                    })
-                    .await?
-                {
-                    ServerBody::KeyPackage { key_package, .. } => key_package,
-                    other => return Err(unexpected("claim_key_package", other)),
+            for (device, key) in devices {
+                let body = self.request(ClientBody::ClaimKeyPackage { device }).await?;
+                let ServerBody::KeyPackage {
+                    key_package,
+                    proof,
+                    head,
+                    ..
+                } = body
+                else {
+                    return Err(unexpected("claim_key_package", body));
                 };
-                key_packages.push(self.verify_key_package(&bytes, &device.key, account)?);
+                self.check_key_proof(account, &device, &key, &proof, &head)
+                    .await?;
+                key_packages.push(self.verify_key_package(&key_package, &key, account)?);
             }
         }
         self.commit_with_retry(group, |client, mls_group| {
@@ -468,6 +491,217 @@ impl Client {
             )));
         }
         Ok(kp)
+    }
+
+    /// Returns the key transparency violation this client found, if any. A client that found
+    /// one refuses to work with the server.
+    pub fn kt_violation(&self) -> Option<&KtViolation> {
+        self.kt.violation.as_ref()
+    }
+
+    /// Largest signed tree head this client has verified.
+    pub fn kt_latest_head(&self) -> Option<&SignedTreeHead> {
+        self.kt.latest.as_ref()
+    }
+
+    fn refuse_after_violation(&self) -> Result<(), ClientError> {
+        match &self.kt.violation {
+            Some(v) => Err(ClientError::Security(Box::new(v.clone()))),
+            None => Ok(()),
+        }
+    }
+
+    /// Verifies a tree head the server presented: its signature against the server's JWKS,
+    /// its time, and its consistency with the largest head seen before. A contradiction is
+    /// recorded as a violation and returned as [`ClientError::Security`].
+    pub async fn check_head(&mut self, head: &SignedTreeHead) -> Result<(), ClientError> {
+        self.refuse_after_violation()?;
+        if self.kt.jwks.find(&head.kid).is_none() {
+            match self.request(ClientBody::Jwks).await? {
+                ServerBody::Jwks(jwks) => self.kt.merge_jwks(jwks),
+                other => return Err(unexpected("jwks", other)),
+            }
+        }
+        head.verify(&self.kt.jwks, now_ms())
+            .map_err(|e| kt::proof_error("tree head rejected", &e))?;
+        let Some(seen) = self.kt.latest.clone() else {
+            self.kt.latest = Some(head.clone());
+            return self.save();
+        };
+        let (old, new) = if head.size >= seen.size {
+            (&seen, head)
+        } else {
+            (head, &seen)
+        };
+        let verdict = if old.size == new.size {
+            if old.root == new.root {
+                Ok(())
+            } else {
+                Err((ViolationKind::Fork, "same size, different roots".to_owned()))
+            }
+        } else if old.size == 0 {
+            Ok(())
+        } else {
+            let proof = self
+                .request(ClientBody::KtConsistency {
+                    from: old.size,
+                    to: new.size,
+                })
+                .await;
+            match proof {
+                Ok(ServerBody::KtConsistency(proof)) => proof
+                    .verify(old, new)
+                    .map_err(|e| (ViolationKind::Fork, e.to_string())),
+                Ok(other) => return Err(unexpected("kt_consistency", other)),
+                // The server cannot prove a size it no longer has.
+                Err(ClientError::Server { code, message, .. })
+                    if code == ErrorCode::InvalidRequest && head.size < seen.size =>
+                {
+                    Err((ViolationKind::Rollback, message))
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        match verdict {
+            Ok(()) => {
+                if head.size > seen.size {
+                    self.kt.latest = Some(head.clone());
+                    self.save()?;
+                }
+                Ok(())
+            }
+            Err((kind, detail)) => {
+                let violation = KtViolation {
+                    kind,
+                    seen,
+                    presented: head.clone(),
+                    detail,
+                };
+                tracing::error!(%violation, "key transparency violation");
+                self.kt.violation = Some(violation.clone());
+                self.save()?;
+                Err(ClientError::Security(Box::new(violation)))
+            }
+        }
+    }
+
+    /// Checks that `proof` is an entry of the log under `head` that publishes `key` as the
+    /// current key of `device` in `account`.
+    async fn check_key_proof(
+        &mut self,
+        account: &str,
+        device: &DeviceId,
+        key: &[u8],
+        proof: &ProvenEntry,
+        head: &SignedTreeHead,
+    ) -> Result<(), ClientError> {
+        self.check_head(head).await?;
+        let event = proof
+            .verify(head)
+            .map_err(|e| kt::proof_error(&format!("key of device {device}"), &e))?;
+        let publishes = matches!(event.kind, KeyEventKind::Added | KeyEventKind::Rotated);
+        if !publishes || event.account != account || event.device != *device || event.key != key {
+            return Err(ClientError::KeyTransparency(format!(
+                "log entry {} does not publish the key of device {device} in account \
+                 {account:?}",
+                proof.index
+            )));
+        }
+        Ok(())
+    }
+
+    /// Looks up the current devices of an account in the key transparency log and verifies
+    /// each one's inclusion proof. Returns each device with its key.
+    pub async fn lookup_devices(
+        &mut self,
+        account: &str,
+    ) -> Result<Vec<(DeviceId, Vec<u8>)>, ClientError> {
+        self.refuse_after_violation()?;
+        let body = self
+            .request(ClientBody::KtLookup {
+                account: account.to_owned(),
+            })
+            .await?;
+        let ServerBody::KtEntries { head, entries } = body else {
+            return Err(unexpected("kt_lookup", body));
+        };
+        self.check_head(&head).await?;
+        let mut devices = Vec::new();
+        for entry in entries {
+            let event = entry
+                .verify(&head)
+                .map_err(|e| kt::proof_error(&format!("lookup of {account:?}"), &e))?;
+            let publishes = matches!(event.kind, KeyEventKind::Added | KeyEventKind::Rotated);
+            if !publishes || event.account != account {
+                return Err(ClientError::KeyTransparency(format!(
+                    "lookup of {account:?} returned log entry {} about {:?}",
+                    entry.index, event.account
+                )));
+            }
+            devices.push((event.device, event.key));
+        }
+        Ok(devices)
+    }
+
+    /// Fetches every key event of an account with proofs, verified against a checked head.
+    pub async fn key_history(
+        &mut self,
+        account: &str,
+    ) -> Result<Vec<(u64, KeyEvent)>, ClientError> {
+        self.refuse_after_violation()?;
+        let body = self
+            .request(ClientBody::KtHistory {
+                account: account.to_owned(),
+            })
+            .await?;
+        let ServerBody::KtEntries { head, entries } = body else {
+            return Err(unexpected("kt_history", body));
+        };
+        self.check_head(&head).await?;
+        let mut out = Vec::new();
+        for entry in entries {
+            let event = entry
+                .verify(&head)
+                .map_err(|e| kt::proof_error(&format!("history of {account:?}"), &e))?;
+            if event.account != account {
+                return Err(ClientError::KeyTransparency(format!(
+                    "history of {account:?} returned log entry {} about {:?}",
+                    entry.index, event.account
+                )));
+            }
+            out.push((entry.index, event));
+        }
+        Ok(out)
+    }
+
+    /// Revokes a device of this account (or this device). Returns the log index of the
+    /// revocation.
+    pub async fn revoke_device(&mut self, device: DeviceId) -> Result<u64, ClientError> {
+        let history = self.lookup_devices(&self.account.clone()).await?;
+        let Some((_, key)) = history.iter().find(|(d, _)| *d == device) else {
+            return Err(ClientError::NotFound(format!(
+                "device {device} is not a current device of account {:?}",
+                self.account
+            )));
+        };
+        let time_ms = now_ms();
+        let statement =
+            key_event_statement(KeyEventKind::Revoked, &self.account, &device, key, time_ms);
+        let signature = self
+            .signer
+            .sign(&statement)
+            .map_err(|e| ClientError::Mls(format!("signing the revocation failed: {e:?}")))?;
+        match self
+            .request(ClientBody::RevokeDevice {
+                device,
+                time_ms,
+                signature,
+            })
+            .await?
+        {
+            ServerBody::DeviceRevoked { index, .. } => Ok(index),
+            other => Err(unexpected("revoke_device", other)),
+        }
     }
 
     /// Removes every device of each account from the group. Returns the commit's sequence number.
@@ -924,9 +1158,16 @@ impl Client {
             &self.signer,
             self.provider.storage(),
             &self.groups,
+            &self.kt,
         )?
         .store(&self.dir)
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn new_msg_id() -> ClientMsgId {

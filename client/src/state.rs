@@ -2,6 +2,7 @@
 //! so a crash leaves either the old or the new state.
 
 use crate::ClientError;
+use crate::kt::KtState;
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_memory_storage::MemoryStorage;
 use serde::{Deserialize, Serialize};
@@ -45,6 +46,9 @@ pub(crate) struct SavedState {
     signer: Vec<u8>,
     pub(crate) groups: BTreeMap<Vec<u8>, GroupLocal>,
     mls: BTreeMap<serde_bytes::ByteBuf, serde_bytes::ByteBuf>,
+    /// Key transparency heads and keys seen; absent in states written before it existed.
+    #[serde(default)]
+    pub(crate) kt: KtState,
 }
 
 fn state_error(path: &Path, detail: impl std::fmt::Display) -> ClientError {
@@ -60,6 +64,7 @@ impl SavedState {
         signer: &SignatureKeyPair,
         storage: &MemoryStorage,
         groups: &BTreeMap<Vec<u8>, GroupLocal>,
+        kt: &KtState,
     ) -> Result<Self, ClientError> {
         let signer = serde_json::to_vec(signer).map_err(|e| ClientError::Mls(e.to_string()))?;
         let values = storage.values.read().unwrap_or_else(|p| p.into_inner());
@@ -78,6 +83,7 @@ impl SavedState {
             signer,
             groups: groups.clone(),
             mls,
+            kt: kt.clone(),
         })
     }
 

@@ -9,8 +9,8 @@
 //! errors. Text from other members is printed with its control characters escaped, so that a
 //! message cannot add lines or send terminal escape sequences.
 
-use atlas_client::{Client, ClientError, Event, Received, ServerTrust};
-use atlas_protocol::{ErrorCode, GroupId};
+use atlas_client::{Client, ClientError, Event, Received, ServerTrust, audit};
+use atlas_protocol::{DeviceId, ErrorCode, GroupId};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::fs::{File, TryLockError};
@@ -158,6 +158,35 @@ enum Command {
         #[arg(value_parser = parse_group_id)]
         group: GroupId,
     },
+    /// Print the current devices of an account, each proved against the key transparency log.
+    Lookup {
+        /// Account name.
+        account: String,
+    },
+    /// Revoke a device of this account (another one, or this one).
+    Revoke {
+        /// Device id in hex (32 digits), as `lookup` prints it.
+        #[arg(value_parser = parse_device_id)]
+        device: DeviceId,
+    },
+    /// Audit the node's key transparency log: check every signed tree head against the one
+    /// before, every entry's inclusion proof and every entry's authorisation. Needs no
+    /// account or state directory; exits non-zero on the first inconsistency.
+    Audit {
+        /// First log entry to check; the history of accounts seen later is still replayed.
+        #[arg(long, value_name = "SIZE", default_value_t = 0)]
+        from: u64,
+        /// Keep following the log, polling for a new head every SECS seconds.
+        #[arg(long, value_name = "SECS")]
+        follow: Option<u64>,
+        /// With --follow, stop after N polls.
+        #[arg(long, value_name = "N")]
+        polls: Option<u32>,
+        /// JSON file that keeps the last verified tree head between runs, so that a log
+        /// rolled back or forked between runs is detected.
+        #[arg(long, value_name = "FILE")]
+        audit_state: Option<PathBuf>,
+    },
     /// Connect once, send the lines read from stdin and print messages as they arrive.
     Interactive {
         /// Group to select at the start, in hex.
@@ -193,6 +222,32 @@ fn init_tracing() {
 }
 
 async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
+    if let Command::Audit {
+        from,
+        follow,
+        polls,
+        audit_state,
+    } = &cli.command
+    {
+        let server = Options::server_of(&cli.server, trust_choice(&cli, matches))?;
+        let options = audit::AuditOptions {
+            from: *from,
+            follow: follow.map(Duration::from_secs),
+            max_polls: *polls,
+            state_file: audit_state.clone(),
+        };
+        return audit::audit(&server.url, &server.trust, &options, |line| {
+            println!("{line}")
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            CliError::new(format!("audit of {} failed: {e}", server.url)).hint(
+                "an inconsistent log is evidence of a misbehaving node: keep the output \
+                     and the --audit-state file",
+            )
+        });
+    }
     let options = Options::resolve(&cli, matches)?;
     match cli.command {
         Command::Register { key_packages } => register(&options, key_packages).await,
@@ -247,6 +302,20 @@ async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
             let chat = Chat::open_existing(&options)?;
             chat.print_history(&group)
         }
+        Command::Lookup { account } => {
+            validate_account(&account)?;
+            let server = options.server()?;
+            let mut chat = Chat::open_existing(&options)?;
+            chat.connect(&server).await?;
+            chat.lookup(&account).await
+        }
+        Command::Revoke { device } => {
+            let server = options.server()?;
+            let mut chat = Chat::open_existing(&options)?;
+            chat.connect(&server).await?;
+            chat.revoke(device).await
+        }
+        Command::Audit { .. } => unreachable!("handled before the options are resolved"),
         Command::Interactive { group } => interactive(&options, group).await,
     }
 }
@@ -264,6 +333,7 @@ struct Options {
 }
 
 /// The server trust option in effect, before it is parsed.
+#[derive(Clone)]
 enum TrustChoice {
     Missing,
     /// Both options are set at the same level: both as flags, or both from the environment.
@@ -288,37 +358,29 @@ impl Options {
             CliError::new("no account is set").hint("pass --account NAME or set ATLAS_CHAT_ACCOUNT")
         })?;
         validate_account(&account)?;
-        let from_flag = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
-        let trust = match (&cli.fingerprint, &cli.ca) {
-            (Some(fingerprint), Some(ca)) => match (from_flag("fingerprint"), from_flag("ca")) {
-                (true, false) => TrustChoice::Fingerprint(fingerprint.clone()),
-                (false, true) => TrustChoice::CaFile(ca.clone()),
-                _ => TrustChoice::Conflict,
-            },
-            (Some(fingerprint), None) => TrustChoice::Fingerprint(fingerprint.clone()),
-            (None, Some(ca)) => TrustChoice::CaFile(ca.clone()),
-            (None, None) => TrustChoice::Missing,
-        };
         Ok(Self {
             state,
             account,
             server: cli.server.clone(),
-            trust,
+            trust: trust_choice(cli, matches),
         })
     }
 
     /// Checks the server URL and the trust option, which every command that connects needs.
     fn server(&self) -> Result<Server, CliError> {
-        if !self.server.starts_with("wss://") {
+        Self::server_of(&self.server, self.trust.clone())
+    }
+
+    fn server_of(url: &str, trust: TrustChoice) -> Result<Server, CliError> {
+        if !url.starts_with("wss://") {
             return Err(CliError::new(format!(
-                "invalid server URL {:?}: the node accepts TLS connections only",
-                self.server
+                "invalid server URL {url:?}: the node accepts TLS connections only"
             ))
             .hint(format!(
                 "pass a wss:// URL such as --server {DEFAULT_SERVER}"
             )));
         }
-        let trust = match &self.trust {
+        let trust = match &trust {
             TrustChoice::Missing => {
                 return Err(CliError::new(
                     "no server trust option is set, so the server cannot be verified",
@@ -358,9 +420,24 @@ impl Options {
             }
         };
         Ok(Server {
-            url: self.server.clone(),
+            url: url.to_owned(),
             trust,
         })
+    }
+}
+
+/// Picks the server trust option: a flag wins over an environment variable.
+fn trust_choice(cli: &Cli, matches: &ArgMatches) -> TrustChoice {
+    let from_flag = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    match (&cli.fingerprint, &cli.ca) {
+        (Some(fingerprint), Some(ca)) => match (from_flag("fingerprint"), from_flag("ca")) {
+            (true, false) => TrustChoice::Fingerprint(fingerprint.clone()),
+            (false, true) => TrustChoice::CaFile(ca.clone()),
+            _ => TrustChoice::Conflict,
+        },
+        (Some(fingerprint), None) => TrustChoice::Fingerprint(fingerprint.clone()),
+        (None, Some(ca)) => TrustChoice::CaFile(ca.clone()),
+        (None, None) => TrustChoice::Missing,
     }
 }
 
@@ -426,6 +503,14 @@ fn sdk_error(action: &str, error: ClientError) -> CliError {
             error.to_string(),
             Some("check that the --state directory exists and is writable".to_owned()),
         ),
+        ClientError::Security(_) => (
+            error.to_string(),
+            Some(
+                "this device no longer talks to the server; report both tree heads above to \
+                 its operator"
+                    .to_owned(),
+            ),
+        ),
         _ => (error.to_string(), None),
     };
     CliError {
@@ -449,6 +534,9 @@ fn server_error_hint(code: ErrorCode) -> Option<&'static str> {
             "the account has no KeyPackage left; its owner must run `atlas-chat register` again"
         }
         ErrorCode::DeviceNotFound => "the account's owner must run `atlas-chat register` first",
+        ErrorCode::DeviceRevoked => {
+            "the device was revoked; create a new device with a new --state directory"
+        }
         ErrorCode::InvalidAccount => {
             "account names are 1 to 64 characters of a-z, 0-9, '.', '_' and '-', and a device \
              key stays with the account it first registered under"
@@ -537,6 +625,13 @@ fn validate_group_name(name: &str) -> Result<(), CliError> {
         )));
     }
     Ok(())
+}
+
+/// Parses a device id of 32 hex digits.
+fn parse_device_id(text: &str) -> Result<DeviceId, String> {
+    DeviceId::from_hex(text).map_err(|e| {
+        format!("not a device id ({e}); use an id that `atlas-chat lookup ACCOUNT` prints")
+    })
 }
 
 /// Parses a group id in the hex form that `GroupId`'s `Display` prints.
@@ -800,6 +895,31 @@ impl Chat {
         self.print_missed(group, before, seq);
         let notice = membership_notice(self.account(), &accounts, &[]);
         println!("{}", notice_line(group, seq, &notice));
+        Ok(())
+    }
+
+    async fn lookup(&mut self, account: &str) -> Result<(), CliError> {
+        let devices = self
+            .client
+            .lookup_devices(account)
+            .await
+            .map_err(|e| sdk_error(&format!("looking up account {account}"), e))?;
+        if devices.is_empty() {
+            eprintln!("account {account} has no current devices");
+        }
+        for (device, key) in devices {
+            println!("{device} key {}", hex::encode(key));
+        }
+        Ok(())
+    }
+
+    async fn revoke(&mut self, device: DeviceId) -> Result<(), CliError> {
+        let index = self
+            .client
+            .revoke_device(device)
+            .await
+            .map_err(|e| sdk_error(&format!("revoking device {device}"), e))?;
+        println!("device {device} revoked by key log entry {index}");
         Ok(())
     }
 
