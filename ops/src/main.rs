@@ -6,6 +6,7 @@
 // A binary crate: `pub` marks what a module offers to its siblings, nothing is exported.
 #![allow(unreachable_pub)]
 
+mod admin;
 mod certs;
 mod config;
 mod demo;
@@ -38,11 +39,30 @@ enum Command {
     /// Create a cluster CA or a node certificate.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Manage the signing keys of a running node through its admin endpoint.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Run a node on a free port with three demo clients and check the outcome.
     Demo {
         /// Print the node's logs too.
         #[arg(long)]
         verbose: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a new signing key; the old one stays in the JWKS for the grace period.
+    Rotate {
+        /// The node's metrics and admin listener.
+        #[arg(long, env = "ATLAS_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+        admin: std::net::SocketAddr,
+    },
+    /// Print the node's published signing keys (JWKS).
+    List {
+        /// The node's metrics and admin listener.
+        #[arg(long, env = "ATLAS_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+        admin: std::net::SocketAddr,
     },
 }
 
@@ -96,6 +116,12 @@ fn main() -> std::process::ExitCode {
                 out.join(format!("{name}-key.pem")).display()
             );
         }),
+        Command::Keys(KeysCommand::Rotate { admin }) => {
+            admin::request(admin, "POST", "/admin/keys/rotate").map(|body| println!("{body}"))
+        }
+        Command::Keys(KeysCommand::List { admin }) => {
+            admin::request(admin, "GET", "/admin/jwks").map(|body| println!("{body}"))
+        }
         Command::Demo { verbose } => {
             init_tracing(if verbose { "info" } else { "warn" }, LogFormat::Text);
             block_on(demo::run())

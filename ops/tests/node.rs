@@ -495,12 +495,16 @@ async fn replayed_or_wrong_login_signature_is_refused() {
         Some(ErrorCode::BadSignature)
     );
 
-    // Requests before login are refused.
+    // Requests other than public key transparency queries are refused before login.
     let (fourth, _) = RawConnection::open(&setup.node.url(), &setup.trust())
         .await
         .unwrap();
     assert_eq!(
-        fourth.request(ClientBody::Ping).await.unwrap_err().code(),
+        fourth
+            .request(ClientBody::Welcomes)
+            .await
+            .unwrap_err()
+            .code(),
         Some(ErrorCode::NotAuthenticated)
     );
 }

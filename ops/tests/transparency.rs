@@ -1,0 +1,414 @@
+//! Key transparency against a real node process: lookups with proofs, revocation, key
+//! rotation, signing key rotation, and forks and rollbacks caught by the SDK and the auditor.
+
+use atlas_chaos::NodeProcess;
+use atlas_client::audit::{AuditError, AuditOptions, audit};
+use atlas_client::{Client, ClientError, RawConnection, ServerTrust, ViolationKind};
+use atlas_protocol::transparency::{KeyEventKind, SignedTreeHead, key_event_statement};
+use atlas_protocol::{ClientBody, DeviceId, ErrorCode, ServerBody, login_transcript};
+use ed25519_dalek::{Signer as _, SigningKey};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_atlas");
+
+struct Node {
+    dir: tempfile::TempDir,
+    process: Option<NodeProcess>,
+}
+
+impl Node {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let process = NodeProcess::start(Path::new(BIN), &dir.path().join("node"), &[]).unwrap();
+        Self {
+            dir,
+            process: Some(process),
+        }
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("node")
+    }
+
+    fn process(&self) -> &NodeProcess {
+        self.process.as_ref().expect("node is running")
+    }
+
+    fn url(&self) -> String {
+        self.process().url()
+    }
+
+    fn trust(&self) -> ServerTrust {
+        ServerTrust::fingerprint(&self.process().fingerprint).unwrap()
+    }
+
+    fn stop(&mut self) {
+        let status = self
+            .process
+            .take()
+            .unwrap()
+            .terminate(Duration::from_secs(20))
+            .unwrap();
+        assert!(status.success(), "node exited with {status}");
+    }
+
+    fn restart(&mut self) {
+        self.process = Some(NodeProcess::start(Path::new(BIN), &self.data(), &[]).unwrap());
+    }
+
+    /// Copies the stopped node's data directory to `name` inside the test directory.
+    fn snapshot(&self, name: &str) -> PathBuf {
+        let target = self.dir.path().join(name);
+        copy_dir(&self.data(), &target);
+        target
+    }
+
+    /// Replaces the stopped node's data directory with a snapshot.
+    fn restore(&self, snapshot: &Path) {
+        std::fs::remove_dir_all(self.data()).unwrap();
+        copy_dir(snapshot, &self.data());
+    }
+
+    async fn client(&self, name: &str, account: &str) -> Client {
+        let mut client = Client::open(&self.dir.path().join(name), account).unwrap();
+        client.connect(&self.url(), &self.trust()).await.unwrap();
+        client
+    }
+
+    async fn audit(&self, state_file: Option<PathBuf>) -> Result<u64, AuditError> {
+        let options = AuditOptions {
+            from: 0,
+            follow: None,
+            max_polls: None,
+            state_file,
+        };
+        audit(&self.url(), &self.trust(), &options, |_| {})
+            .await
+            .map(|report| report.entries_checked)
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "cp -a {} {}",
+        from.display(),
+        to.display()
+    );
+}
+
+async fn latest_head(node: &Node) -> SignedTreeHead {
+    let (conn, _) = RawConnection::open(&node.url(), &node.trust())
+        .await
+        .unwrap();
+    match conn.request(ClientBody::KtHead).await.unwrap() {
+        ServerBody::KtHead(head) => head,
+        other => panic!("expected a head, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_proves_every_device() {
+    let node = Node::start();
+    let first = node.client("alice-1", "alice").await;
+    let second = node.client("alice-2", "alice").await;
+    let mut bob = node.client("bob", "bob").await;
+
+    let mut devices = bob.lookup_devices("alice").await.unwrap();
+    devices.sort();
+    let mut expected = vec![first.device_id(), second.device_id()];
+    expected.sort();
+    assert_eq!(
+        devices.iter().map(|(d, _)| *d).collect::<Vec<_>>(),
+        expected
+    );
+    let history = bob.key_history("alice").await.unwrap();
+    assert_eq!(history.len(), 2);
+    assert!(history.iter().all(|(_, e)| e.kind == KeyEventKind::Added));
+    assert_eq!(bob.kt_latest_head().unwrap().size, 3);
+    assert_eq!(node.audit(None).await.unwrap(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_device_is_refused() {
+    let node = Node::start();
+    let mut keeper = node.client("alice-1", "alice").await;
+    let mut lost = node.client("alice-2", "alice").await;
+    lost.publish_key_packages(2).await.unwrap();
+    let lost_id = lost.device_id();
+    drop(lost);
+
+    keeper.revoke_device(lost_id).await.unwrap();
+    let devices = keeper.lookup_devices("alice").await.unwrap();
+    assert_eq!(devices.len(), 1);
+    assert_eq!(devices[0].0, keeper.device_id());
+
+    let claim = keeper
+        .request(ClientBody::ClaimKeyPackage { device: lost_id })
+        .await
+        .unwrap_err();
+    assert_eq!(claim.code(), Some(ErrorCode::DeviceRevoked));
+
+    let mut again = Client::open(&node.dir.path().join("alice-2"), "alice").unwrap();
+    let login = again.connect(&node.url(), &node.trust()).await.unwrap_err();
+    assert_eq!(login.code(), Some(ErrorCode::DeviceRevoked), "{login}");
+
+    let history = keeper.key_history("alice").await.unwrap();
+    let kinds: Vec<KeyEventKind> = history.iter().map(|(_, e)| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            KeyEventKind::Added,
+            KeyEventKind::Added,
+            KeyEventKind::Revoked
+        ]
+    );
+    // The auditor replays the revocation and checks the revoking device's signature.
+    assert_eq!(node.audit(None).await.unwrap(), 3);
+}
+
+/// Logs a raw connection in with `key`; returns the connection.
+async fn raw_login(node: &Node, key: &SigningKey, account: &str) -> RawConnection {
+    let (conn, challenge) = RawConnection::open(&node.url(), &node.trust())
+        .await
+        .unwrap();
+    let ServerBody::Challenge {
+        nonce, server_name, ..
+    } = challenge
+    else {
+        panic!("expected a challenge");
+    };
+    let body = ClientBody::Login {
+        account: account.to_owned(),
+        device_key: key.verifying_key().to_bytes().to_vec(),
+        signature: key
+            .sign(&login_transcript(&server_name, &nonce, account))
+            .to_bytes()
+            .to_vec(),
+    };
+    match conn.request(body).await.unwrap() {
+        ServerBody::LoggedIn { .. } => conn,
+        other => panic!("login failed: {other:?}"),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_rotation_keeps_old_key_provable() {
+    let node = Node::start();
+    let old = SigningKey::from_bytes(&[11; 32]);
+    let new = SigningKey::from_bytes(&[12; 32]);
+    let conn = raw_login(&node, &old, "carol").await;
+    let new_key = new.verifying_key().to_bytes().to_vec();
+    let new_device = DeviceId::for_key(&new_key);
+    let time_ms = now_ms();
+    let statement = key_event_statement(
+        KeyEventKind::Rotated,
+        "carol",
+        &new_device,
+        &new_key,
+        time_ms,
+    );
+
+    // A rotation signed by the old key alone is refused.
+    let unsigned_new = conn
+        .request(ClientBody::RotateDeviceKey {
+            new_key: new_key.clone(),
+            time_ms,
+            signature: old.sign(&statement).to_bytes().to_vec(),
+            new_key_signature: old.sign(&statement).to_bytes().to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unsigned_new.code(), Some(ErrorCode::BadSignature));
+
+    let rotated = conn
+        .request(ClientBody::RotateDeviceKey {
+            new_key: new_key.clone(),
+            time_ms,
+            signature: old.sign(&statement).to_bytes().to_vec(),
+            new_key_signature: new.sign(&statement).to_bytes().to_vec(),
+        })
+        .await
+        .unwrap();
+    assert!(matches!(rotated, ServerBody::KeyRotated { device, index: 1 } if device == new_device));
+
+    // The new key logs in; the old one is revoked.
+    drop(raw_login(&node, &new, "carol").await);
+    let mut reader = node.client("reader", "reader").await;
+    let history = reader.key_history("carol").await.unwrap();
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[0].1.key, old.verifying_key().to_bytes().to_vec());
+    assert_eq!(history[1].1.kind, KeyEventKind::Rotated);
+    let current = reader.lookup_devices("carol").await.unwrap();
+    assert_eq!(current, vec![(new_device, new_key)]);
+    assert_eq!(node.audit(None).await.unwrap(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_verify_after_signing_key_rotations() {
+    let node = Node::start();
+    let mut alice = node.client("alice", "alice").await;
+    let first = alice.kt_latest_head().unwrap().clone();
+    for round in 0..2 {
+        let body = atlas_ops_admin_post(node.process(), "/admin/keys/rotate");
+        assert!(body.contains("kid"), "{body}");
+        drop(
+            node.client(&format!("device-{round}"), &format!("user{round}"))
+                .await,
+        );
+    }
+    let head = latest_head(&node).await;
+    assert_ne!(
+        head.kid, first.kid,
+        "the new head is signed by the rotated key"
+    );
+    alice.check_head(&head).await.unwrap();
+    let (conn, _) = RawConnection::open(&node.url(), &node.trust())
+        .await
+        .unwrap();
+    let ServerBody::Jwks(jwks) = conn.request(ClientBody::Jwks).await.unwrap() else {
+        panic!("expected the JWKS");
+    };
+    assert_eq!(jwks.keys.len(), 3);
+    assert!(first.verify(&jwks, now_ms()).is_ok());
+    assert!(head.verify(&jwks, now_ms()).is_ok());
+}
+
+/// Sends a POST without a body to the node's admin listener and returns the response.
+fn atlas_ops_admin_post(node: &NodeProcess, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(node.metrics_addr).unwrap();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_is_caught_by_client_and_auditor() {
+    let mut node = Node::start();
+    drop(node.client("alice", "alice").await);
+    node.stop();
+    let snapshot = node.snapshot("before");
+    node.restart();
+
+    let mut bob = node.client("bob", "bob").await;
+    drop(node.client("carol", "carol").await);
+    bob.check_head(&latest_head(&node).await).await.unwrap();
+    assert_eq!(bob.kt_latest_head().unwrap().size, 3);
+    let audit_state = node.dir.path().join("audit-head.json");
+    assert_eq!(node.audit(Some(audit_state.clone())).await.unwrap(), 3);
+    bob.disconnect();
+
+    // The operator (or an attacker) puts the older data directory back.
+    node.stop();
+    node.restore(&snapshot);
+    node.restart();
+
+    let err = bob.connect(&node.url(), &node.trust()).await.unwrap_err();
+    let ClientError::Security(violation) = err else {
+        panic!("expected a security error, got {err}");
+    };
+    assert_eq!(violation.kind, ViolationKind::Rollback);
+    assert_eq!(violation.seen.size, 3);
+    // The restored node registered bob again when he logged in, so its log has 2 entries.
+    assert_eq!(violation.presented.size, 2);
+
+    // The violation is kept: a reopened client refuses the server too.
+    drop(bob);
+    let mut reopened = Client::open(&node.dir.path().join("bob"), "bob").unwrap();
+    assert!(reopened.kt_violation().is_some());
+    let again = reopened
+        .connect(&node.url(), &node.trust())
+        .await
+        .unwrap_err();
+    assert!(matches!(again, ClientError::Security(_)), "{again}");
+
+    let audit_err = node.audit(Some(audit_state)).await.unwrap_err();
+    assert!(
+        matches!(audit_err, AuditError::Inconsistent { .. }),
+        "{audit_err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forked_log_is_caught_by_client_and_auditor() {
+    let mut node = Node::start();
+    drop(node.client("alice", "alice").await);
+    node.stop();
+    let snapshot = node.snapshot("fork-base");
+    node.restart();
+
+    // Bob and the auditor see a log in which carol registered as the third entry.
+    let mut bob = node.client("bob", "bob").await;
+    drop(node.client("carol", "carol").await);
+    bob.check_head(&latest_head(&node).await).await.unwrap();
+    let audit_state = node.dir.path().join("audit-head.json");
+    node.audit(Some(audit_state.clone())).await.unwrap();
+    bob.disconnect();
+
+    // The node is replaced by one whose log has mallory's key where carol's was, and a
+    // different second entry: the same sizes with other roots.
+    node.stop();
+    node.restore(&snapshot);
+    node.restart();
+    drop(node.client("mallory-1", "mallory").await);
+    drop(node.client("mallory-2", "mallory").await);
+
+    let err = bob.connect(&node.url(), &node.trust()).await.unwrap_err();
+    let ClientError::Security(violation) = err else {
+        panic!("expected a security error, got {err}");
+    };
+    assert_eq!(violation.kind, ViolationKind::Fork);
+    assert_ne!(violation.seen.root, violation.presented.root);
+
+    let audit_err = node.audit(Some(audit_state)).await.unwrap_err();
+    assert!(
+        matches!(audit_err, AuditError::Inconsistent { .. }),
+        "{audit_err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_queries_work_before_login() {
+    let node = Node::start();
+    drop(node.client("alice", "alice").await);
+    let (conn, _) = RawConnection::open(&node.url(), &node.trust())
+        .await
+        .unwrap();
+    let ServerBody::KtHead(head) = conn.request(ClientBody::KtHead).await.unwrap() else {
+        panic!("expected a head");
+    };
+    assert_eq!(head.size, 1);
+    let beyond = conn
+        .request(ClientBody::KtConsistency { from: 1, to: 5 })
+        .await
+        .unwrap_err();
+    assert_eq!(beyond.code(), Some(ErrorCode::InvalidRequest));
+    let zero = conn
+        .request(ClientBody::KtConsistency { from: 0, to: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(zero.code(), Some(ErrorCode::InvalidRequest));
+    let private = conn.request(ClientBody::Welcomes).await.unwrap_err();
+    assert_eq!(private.code(), Some(ErrorCode::NotAuthenticated));
+}
