@@ -6,8 +6,10 @@
 //!   `m` group meta (epoch, sequence range), `s` MLS public group state, `l` log entries,
 //!   `d` de-duplication ids, `w` Welcomes waiting for a device. One sled batch covers an
 //!   accepted message, so a crash leaves all of it or none of it.
-//! - `devices`, `accounts`, `key_packages`, `cursors`.
-//! - `kt`: the key transparency log and its signed tree heads (see [`transparency`]).
+//! - `directory`: devices, the account index, the key transparency log and its signed tree
+//!   heads, in one tree so that a key event and its directory change are one batch (see
+//!   [`transparency`]).
+//! - `key_packages`, `cursors`.
 //! - `signing_keys`: the node's signing keys, sealed by the caller before they get here.
 //!
 //! Writes become durable only through [`Store::durable`], which batches the fsyncs of many
@@ -44,8 +46,6 @@ const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 pub struct Store {
     db: sled::Db,
     groups: sled::Tree,
-    devices: sled::Tree,
-    accounts: sled::Tree,
     key_packages: sled::Tree,
     cursors: sled::Tree,
     kt: sled::Tree,
@@ -100,14 +100,12 @@ impl Store {
                 db.flush()?;
             }
         }
-        let kt = db.open_tree("kt")?;
+        let kt = db.open_tree("directory")?;
         let store = Self {
             kt_size: Arc::new(Mutex::new(transparency::stored_size(&kt)?)),
             kt,
             signing_keys: db.open_tree("signing_keys")?,
             groups: db.open_tree("groups")?,
-            devices: db.open_tree("devices")?,
-            accounts: db.open_tree("accounts")?,
             key_packages: db.open_tree("key_packages")?,
             cursors: db.open_tree("cursors")?,
             flusher: Flusher::start(db.clone()),
@@ -347,18 +345,17 @@ impl Store {
 
     /// Looks up a device.
     pub fn device(&self, device: &DeviceId) -> Result<Option<DeviceRecord>, StorageError> {
-        self.devices
-            .get(device.as_bytes())?
+        self.kt
+            .get(transparency::device_key(device))?
             .map(|raw| decode(&raw, "device", device))
             .transpose()
     }
 
     /// Lists the devices of an account.
     pub fn account_devices(&self, account: &str) -> Result<Vec<DeviceRecord>, StorageError> {
-        let mut prefix = account.as_bytes().to_vec();
-        prefix.push(0);
+        let prefix = transparency::account_devices_prefix(account);
         let mut out = Vec::new();
-        for item in self.accounts.scan_prefix(&prefix) {
+        for item in self.kt.scan_prefix(&prefix) {
             let (key, _) = item?;
             let id =
                 <[u8; 16]>::try_from(&key[prefix.len()..]).map_err(|_| StorageError::Corrupt {

@@ -1,20 +1,22 @@
-//! The key transparency log in the `kt` tree, written together with the device directory.
+//! The device directory and the key transparency log, in the `directory` tree.
 //!
-//! Key prefixes in `kt`:
-//! - `e` + index (u64 BE): leaf bytes of entry `index`;
-//! - `h` + stored hash index (u64 BE): the 32-byte tree hashes that tlog_tiles stores, so an
-//!   inclusion or consistency proof reads O(log n) records;
+//! Key prefixes:
+//! - `D` + device id: the device record;
+//! - `I` + account + 0 + device id: the account's current devices;
+//! - `e` + index (u64 BE): entry `index` as a count byte `k`, then the `k` tree hashes that
+//!   tlog_tiles stores when appending it (its leaf hash and the roots of the subtrees it
+//!   completes, level 0 first), then the leaf bytes. Keeping the hashes with the leaf writes one
+//!   record per append; a proof reads O(log n) records;
 //! - `a` + account + 0 + index: the account's entries, for history lookups;
 //! - `t` + size (u64 BE): signed tree heads.
 //!
-//! Appends are serialised by one mutex that holds the log size; each append and its directory
-//! change are one sled transaction over `devices`, `accounts` and `kt`.
+//! Every directory change is a key event: appends are serialised by one mutex that holds the log
+//! size, and each append and its directory change are one sled batch, so a crash keeps both or
+//! neither. Reads of device records happen under the mutex, so no transaction is needed.
 
 use crate::{DeviceRecord, StorageError, Store, decode, encode};
 use atlas_protocol::DeviceId;
 use atlas_protocol::transparency::{KeyEvent, SignedTreeHead};
-use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use tlog_tiles::tlog::{self, Hash, HashReader};
 
 /// A directory change that a key event records. It is applied in the same transaction as the
@@ -42,18 +44,41 @@ pub enum KeyEventOutcome {
     AlreadyRegistered(DeviceRecord),
 }
 
-/// Why a directory change was refused inside the transaction.
+/// Why a directory change was refused.
 enum Refusal {
     Existing(DeviceRecord),
     Storage(StorageError),
 }
 
-fn entry_key(index: u64) -> [u8; 9] {
-    prefixed(b'e', index)
+impl From<StorageError> for Refusal {
+    fn from(e: StorageError) -> Self {
+        Self::Storage(e)
+    }
 }
 
-fn hash_key(stored: u64) -> [u8; 9] {
-    prefixed(b'h', stored)
+impl From<sled::Error> for Refusal {
+    fn from(e: sled::Error) -> Self {
+        Self::Storage(e.into())
+    }
+}
+
+pub(crate) fn device_key(device: &DeviceId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(17);
+    key.push(b'D');
+    key.extend_from_slice(device.as_bytes());
+    key
+}
+
+pub(crate) fn account_devices_prefix(account: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(account.len() + 18);
+    key.push(b'I');
+    key.extend_from_slice(account.as_bytes());
+    key.push(0);
+    key
+}
+
+fn entry_key(index: u64) -> [u8; 9] {
+    prefixed(b'e', index)
 }
 
 fn head_key(size: u64) -> [u8; 9] {
@@ -82,13 +107,45 @@ fn account_key(account: &str, index: u64) -> Vec<u8> {
 }
 
 fn device_account_key(account: &str, device: &DeviceId) -> Vec<u8> {
-    let mut key = account.as_bytes().to_vec();
-    key.push(0);
+    let mut key = account_devices_prefix(account);
     key.extend_from_slice(device.as_bytes());
     key
 }
 
-/// Reads stored tree hashes from the `kt` tree.
+/// An entry record split into its stored tree hashes and its leaf bytes.
+struct EntryRecord<'a> {
+    hashes: &'a [u8],
+    leaf: &'a [u8],
+}
+
+impl<'a> EntryRecord<'a> {
+    fn encode(hashes: &[Hash], leaf: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1 + hashes.len() * 32 + leaf.len());
+        // At most 65 hashes: one per level of a tree of 2^64 entries.
+        out.push(hashes.len() as u8);
+        for hash in hashes {
+            out.extend_from_slice(&hash.0);
+        }
+        out.extend_from_slice(leaf);
+        out
+    }
+
+    fn decode(raw: &'a [u8]) -> Option<Self> {
+        let count = usize::from(*raw.first()?);
+        let end = 1 + count * 32;
+        (raw.len() >= end).then(|| Self {
+            hashes: &raw[1..end],
+            leaf: &raw[end..],
+        })
+    }
+
+    fn hash(&self, level: usize) -> Option<Hash> {
+        let bytes = self.hashes.get(level * 32..level * 32 + 32)?;
+        Some(Hash(bytes.try_into().ok()?))
+    }
+}
+
+/// Reads stored tree hashes from the entry records.
 struct TreeReader<'a>(&'a sled::Tree);
 
 impl HashReader for TreeReader<'_> {
@@ -96,14 +153,18 @@ impl HashReader for TreeReader<'_> {
         indexes
             .iter()
             .map(|&i| {
+                // The hash of the subtree n at `level` was stored by the append of the
+                // subtree's last leaf, at position `level` of that entry's hashes.
+                let (level, n) = tlog::split_stored_hash_index(i);
+                let leaf = ((n + 1) << level) - 1;
                 let raw = self
                     .0
-                    .get(hash_key(i))
+                    .get(entry_key(leaf))
                     .map_err(|e| tlog::Error::InvalidInput(format!("storage read failed: {e}")))?
                     .ok_or(tlog::Error::IndexesNotInTree)?;
-                <[u8; 32]>::try_from(raw.as_ref())
-                    .map(Hash)
-                    .map_err(|_| tlog::Error::MalformedHash)
+                EntryRecord::decode(&raw)
+                    .and_then(|r| r.hash(usize::from(level)))
+                    .ok_or(tlog::Error::MalformedHash)
             })
             .collect()
     }
@@ -144,29 +205,95 @@ impl Store {
         let index = *size;
         let hashes = tlog::stored_hashes(index, &leaf, &TreeReader(&self.kt))
             .map_err(|e| tree_error("hashes of the last entries", e))?;
-        let first_stored = tlog::stored_hash_index(0, index);
-        let account = account_key(&event.account, index);
+        let mut batch = sled::Batch::default();
+        let device = match self.stage_change(&mut batch, change, index) {
+            Ok(device) => device,
+            Err(Refusal::Existing(record)) => return Ok(KeyEventOutcome::AlreadyRegistered(record)),
+            Err(Refusal::Storage(e)) => return Err(e),
+        };
+        batch.insert(&entry_key(index), EntryRecord::encode(&hashes, &leaf));
+        batch.insert(account_key(&event.account, index), &[]);
+        self.kt.apply_batch(batch)?;
+        *size = index + 1;
+        Ok(KeyEventOutcome::Appended { index, device })
+    }
 
-        let result =
-            (&self.devices, &self.accounts, &self.kt).transaction(|(devices, accounts, kt)| {
-                let device = apply_change(devices, accounts, change, index)?;
-                kt.insert(&entry_key(index), leaf.as_slice())?;
-                for (offset, hash) in hashes.iter().enumerate() {
-                    kt.insert(&hash_key(first_stored + offset as u64), &hash.0)?;
+    fn read_device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, Refusal> {
+        Ok(self.device(id)?)
+    }
+
+    fn active_device(&self, id: &DeviceId) -> Result<DeviceRecord, Refusal> {
+        match self.read_device(id)? {
+            None => Err(StorageError::UnknownDevice(*id).into()),
+            Some(record) if record.revoked_at_ms.is_some() => {
+                Err(StorageError::DeviceRevoked(*id).into())
+            }
+            Some(record) => Ok(record),
+        }
+    }
+
+    /// Adds the inserts of a new device to `batch`, or refuses a key already registered.
+    fn stage_new_device(
+        &self,
+        batch: &mut sled::Batch,
+        record: &DeviceRecord,
+        index: u64,
+    ) -> Result<DeviceRecord, Refusal> {
+        if let Some(existing) = self.read_device(&record.device)? {
+            if existing.account != record.account {
+                return Err(StorageError::DeviceOwnedElsewhere {
+                    device: record.device,
+                    account: existing.account,
                 }
-                kt.insert(account.as_slice(), &[])?;
-                Ok(device)
-            });
-        match result {
-            Ok(device) => {
-                *size = index + 1;
-                Ok(KeyEventOutcome::Appended { index, device })
+                .into());
             }
-            Err(TransactionError::Abort(Refusal::Existing(record))) => {
-                Ok(KeyEventOutcome::AlreadyRegistered(record))
+            if existing.revoked_at_ms.is_some() {
+                return Err(StorageError::DeviceRevoked(record.device).into());
             }
-            Err(TransactionError::Abort(Refusal::Storage(e))) => Err(e),
-            Err(TransactionError::Storage(e)) => Err(StorageError::Io(e)),
+            return Err(Refusal::Existing(existing));
+        }
+        let stored = DeviceRecord {
+            kt_index: Some(index),
+            revoked_at_ms: None,
+            ..record.clone()
+        };
+        batch.insert(device_key(&record.device), encode(&stored));
+        batch.insert(device_account_key(&record.account, &record.device), &[]);
+        Ok(stored)
+    }
+
+    /// Checks a directory change against the stored devices and adds its writes to `batch`.
+    /// Runs under the append mutex, so the devices it reads cannot change before the batch.
+    fn stage_change(
+        &self,
+        batch: &mut sled::Batch,
+        change: &DirectoryChange,
+        index: u64,
+    ) -> Result<DeviceRecord, Refusal> {
+        match change {
+            DirectoryChange::Register(record) => self.stage_new_device(batch, record, index),
+            DirectoryChange::Revoke { device, at_ms } => {
+                let mut record = self.active_device(device)?;
+                record.revoked_at_ms = Some(*at_ms);
+                batch.insert(device_key(device), encode(&record));
+                batch.remove(device_account_key(&record.account, device));
+                Ok(record)
+            }
+            DirectoryChange::Rotate { previous, new } => {
+                let mut old = self.active_device(previous)?;
+                if old.account != new.account {
+                    return Err(StorageError::DeviceOwnedElsewhere {
+                        device: *previous,
+                        account: old.account,
+                    }
+                    .into());
+                }
+                let added = self.stage_new_device(batch, new, index)?;
+                old.revoked_at_ms = Some(new.registered_at_ms);
+                batch.insert(device_key(previous), encode(&old));
+                batch.remove(device_account_key(&old.account, previous));
+                Ok(added)
+            }
         }
     }
 
@@ -182,17 +309,19 @@ impl Store {
             what: format!("key transparency entry {index}"),
             detail,
         };
-        let leaf = self
+        let raw = self
             .kt
             .get(entry_key(index))?
             .ok_or_else(|| corrupt("missing".into()))?;
-        let stored = TreeReader(&self.kt)
-            .read_hashes(&[tlog::stored_hash_index(0, index)])
-            .map_err(|e| corrupt(format!("leaf hash unreadable: {e}")))?;
-        if stored[0] != tlog::record_hash(&leaf) {
+        let record =
+            EntryRecord::decode(&raw).ok_or_else(|| corrupt("record is truncated".into()))?;
+        let stored = record
+            .hash(0)
+            .ok_or_else(|| corrupt("record has no leaf hash".into()))?;
+        if stored != tlog::record_hash(record.leaf) {
             return Err(corrupt("bytes do not match the stored leaf hash".into()));
         }
-        Ok(leaf.to_vec())
+        Ok(record.leaf.to_vec())
     }
 
     /// Root hash of the tree of the first `size` entries.
@@ -253,90 +382,5 @@ impl Store {
             .get(head_key(size))?
             .map(|raw| decode(&raw, "tree head", &size))
             .transpose()
-    }
-}
-
-type Abortable<T> = Result<T, ConflictableTransactionError<Refusal>>;
-
-fn abort<T>(e: StorageError) -> Abortable<T> {
-    Err(ConflictableTransactionError::Abort(Refusal::Storage(e)))
-}
-
-fn read_device(devices: &TransactionalTree, id: &DeviceId) -> Abortable<Option<DeviceRecord>> {
-    match devices.get(id.as_bytes())? {
-        None => Ok(None),
-        Some(raw) => match decode::<DeviceRecord>(&raw, "device", id) {
-            Ok(record) => Ok(Some(record)),
-            Err(e) => abort(e),
-        },
-    }
-}
-
-fn active_device(devices: &TransactionalTree, id: &DeviceId) -> Abortable<DeviceRecord> {
-    match read_device(devices, id)? {
-        None => abort(StorageError::UnknownDevice(*id)),
-        Some(record) if record.revoked_at_ms.is_some() => abort(StorageError::DeviceRevoked(*id)),
-        Some(record) => Ok(record),
-    }
-}
-
-fn insert_new_device(
-    devices: &TransactionalTree,
-    accounts: &TransactionalTree,
-    record: &DeviceRecord,
-    index: u64,
-) -> Abortable<DeviceRecord> {
-    if let Some(existing) = read_device(devices, &record.device)? {
-        if existing.account != record.account {
-            return abort(StorageError::DeviceOwnedElsewhere {
-                device: record.device,
-                account: existing.account,
-            });
-        }
-        if existing.revoked_at_ms.is_some() {
-            return abort(StorageError::DeviceRevoked(record.device));
-        }
-        return Err(ConflictableTransactionError::Abort(Refusal::Existing(
-            existing,
-        )));
-    }
-    let stored = DeviceRecord {
-        kt_index: Some(index),
-        revoked_at_ms: None,
-        ..record.clone()
-    };
-    devices.insert(record.device.as_bytes(), encode(&stored))?;
-    accounts.insert(device_account_key(&record.account, &record.device), &[])?;
-    Ok(stored)
-}
-
-fn apply_change(
-    devices: &TransactionalTree,
-    accounts: &TransactionalTree,
-    change: &DirectoryChange,
-    index: u64,
-) -> Abortable<DeviceRecord> {
-    match change {
-        DirectoryChange::Register(record) => insert_new_device(devices, accounts, record, index),
-        DirectoryChange::Revoke { device, at_ms } => {
-            let mut record = active_device(devices, device)?;
-            record.revoked_at_ms = Some(*at_ms);
-            devices.insert(device.as_bytes(), encode(&record))?;
-            accounts.remove(device_account_key(&record.account, device))?;
-            Ok(record)
-        }
-        DirectoryChange::Rotate { previous, new } => {
-            let mut old = active_device(devices, previous)?;
-            if old.account != new.account {
-                return abort(StorageError::DeviceOwnedElsewhere {
-                    device: *previous,
-                    account: old.account,
-                });
-            }
-            old.revoked_at_ms = Some(new.registered_at_ms);
-            devices.insert(previous.as_bytes(), encode(&old))?;
-            accounts.remove(device_account_key(&old.account, previous))?;
-            insert_new_device(devices, accounts, new, index)
-        }
     }
 }
