@@ -239,7 +239,8 @@ impl Keyring {
         SignedTreeHead::sign(size, root, time_ms, &state.current_kid, &state.current)
     }
 
-    /// The published keys: the current one and those retired less than the grace period ago.
+    /// Returns the published keys: the current one and those retired less than the grace
+    /// period ago.
     pub fn jwks(&self) -> Jwks {
         let now = now_ms();
         let grace = self.grace.as_millis() as u64;

@@ -1,4 +1,4 @@
-//! Answers key transparency requests: signed tree heads over the durable log, lookups and
+//! Serves key transparency requests: signed tree heads over the durable log, lookups and
 //! histories with inclusion proofs, consistency proofs and pages of entries for auditors.
 
 use crate::group::now_ms;
@@ -74,12 +74,12 @@ impl KeyTransparency {
         })
     }
 
-    /// The published signing keys.
+    /// Returns the published signing keys.
     pub fn jwks(&self) -> Jwks {
         self.keyring.jwks()
     }
 
-    /// The keyring that signs tree heads.
+    /// Returns the keyring that signs tree heads.
     pub fn keyring(&self) -> &Arc<Keyring> {
         &self.keyring
     }
@@ -115,7 +115,8 @@ impl KeyTransparency {
         })
     }
 
-    /// The entries that published the current keys of `account`, proved against a fresh head.
+    /// Returns the entries that published the current keys of `account`, proved against a
+    /// fresh head.
     pub async fn lookup(
         &self,
         account: &str,
@@ -133,7 +134,7 @@ impl KeyTransparency {
         Ok((head, out))
     }
 
-    /// Every entry about `account`, oldest first, proved against a fresh head.
+    /// Returns every entry about `account`, oldest first, proved against a fresh head.
     pub async fn history(
         &self,
         account: &str,
@@ -184,7 +185,7 @@ impl KeyTransparency {
         })
     }
 
-    /// A stored signed head of exactly `size` entries, if the node signed one.
+    /// Reads the stored signed head of exactly `size` entries, if the node signed one.
     pub fn head_at(&self, size: u64) -> Result<Option<SignedTreeHead>, KtError> {
         Ok(self.store.tree_head(size)?)
     }

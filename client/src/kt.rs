@@ -11,7 +11,7 @@ use atlas_protocol::transparency::{Jwks, ProofError, SignedTreeHead};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// What the client found wrong with the server's log.
+/// Kind of contradiction found in the server's log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ViolationKind {
@@ -30,7 +30,7 @@ pub struct KtViolation {
     pub seen: SignedTreeHead,
     /// The head the server presented that contradicts it.
     pub presented: SignedTreeHead,
-    /// Why the two heads contradict each other.
+    /// Reason the two heads contradict each other.
     pub detail: String,
 }
 

@@ -6,7 +6,7 @@ use atlas_actors::KtError;
 use atlas_protocol::{ClientBody, DeviceId, ErrorCode, ServerBody};
 use atlas_storage::DeviceRecord;
 
-/// Answers a request that reads only public key transparency data.
+/// Serves a request that reads only public key transparency data.
 pub(crate) async fn public_request(state: &GatewayState, body: ClientBody) -> ServerBody {
     let kt = &state.kt;
     let result = match body {
@@ -68,7 +68,8 @@ pub(crate) async fn claim(state: &GatewayState, target: DeviceId) -> ServerBody 
     }
 }
 
-/// Revokes a device and closes its connection; the answer waits until the change is on disk.
+/// Revokes a device and closes its connection. The response waits until the change is on
+/// disk.
 pub(crate) async fn revoke(
     state: &GatewayState,
     signer: &DeviceRecord,
@@ -94,7 +95,7 @@ pub(crate) async fn revoke(
     }
 }
 
-/// Rotates the signer's key; the answer waits until the change is on disk.
+/// Rotates the signer's key. The response waits until the change is on disk.
 pub(crate) async fn rotate(
     state: &GatewayState,
     signer: &DeviceRecord,

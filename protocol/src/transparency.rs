@@ -25,7 +25,7 @@ pub const MAX_HEAD_CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
 /// Maximum number of log entries returned by one entries request.
 pub const MAX_KT_ENTRIES: u32 = 1000;
 
-/// What happened to a device key.
+/// Kind of change to a device key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KeyEventKind {

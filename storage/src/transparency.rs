@@ -19,7 +19,7 @@ use atlas_protocol::DeviceId;
 use atlas_protocol::transparency::{KeyEvent, SignedTreeHead};
 use tlog_tiles::tlog::{self, Hash, HashReader};
 
-/// A directory change that a key event records. It is applied in the same transaction as the
+/// A directory change that a key event records. It is applied in the same batch as the
 /// append, so the directory never shows a key the log does not contain.
 #[derive(Debug, Clone)]
 pub enum DirectoryChange {
@@ -44,7 +44,7 @@ pub enum KeyEventOutcome {
     AlreadyRegistered(DeviceRecord),
 }
 
-/// Why a directory change was refused.
+/// Reason a directory change was not applied.
 enum Refusal {
     Existing(DeviceRecord),
     Storage(StorageError),
@@ -190,7 +190,7 @@ pub(crate) fn stored_size(kt: &sled::Tree) -> Result<u64, StorageError> {
 }
 
 impl Store {
-    /// Appends `event` as the next log entry and applies `change` in the same transaction.
+    /// Appends `event` as the next log entry and applies `change` in the same sled batch.
     /// Nothing is written when the change is refused.
     pub fn append_key_event(
         &self,
@@ -208,7 +208,9 @@ impl Store {
         let mut batch = sled::Batch::default();
         let device = match self.stage_change(&mut batch, change, index) {
             Ok(device) => device,
-            Err(Refusal::Existing(record)) => return Ok(KeyEventOutcome::AlreadyRegistered(record)),
+            Err(Refusal::Existing(record)) => {
+                return Ok(KeyEventOutcome::AlreadyRegistered(record));
+            }
             Err(Refusal::Storage(e)) => return Err(e),
         };
         batch.insert(&entry_key(index), EntryRecord::encode(&hashes, &leaf));
@@ -368,7 +370,7 @@ impl Store {
         Ok(())
     }
 
-    /// The signed tree head with the largest size.
+    /// Reads the signed tree head with the largest size.
     pub fn latest_tree_head(&self) -> Result<Option<SignedTreeHead>, StorageError> {
         let Some((_, raw)) = self.kt.scan_prefix([b't']).next_back().transpose()? else {
             return Ok(None);
@@ -376,7 +378,7 @@ impl Store {
         decode(&raw, "tree head", &"the key transparency log").map(Some)
     }
 
-    /// The signed tree head of `size` entries, if one was stored.
+    /// Reads the signed tree head of `size` entries, if one was stored.
     pub fn tree_head(&self, size: u64) -> Result<Option<SignedTreeHead>, StorageError> {
         self.kt
             .get(head_key(size))?

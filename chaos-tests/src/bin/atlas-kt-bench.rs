@@ -14,7 +14,7 @@
 //!
 //! Registrations carry a placeholder login signature: the log does not verify signatures when
 //! appending (the directory does that before), so the append rate excludes the Ed25519 check
-//! of a login, about 50 µs of one core per registration.
+//! of a login, which this benchmark does not measure.
 
 use atlas_actors::{KeyTransparency, Keyring};
 use atlas_protocol::DeviceId;
@@ -159,7 +159,9 @@ async fn main() -> anyhow::Result<()> {
         ms(percentile(&consistency, 99))
     );
 
-    println!("\n| log size | inclusion proof hashes | bytes | consistency proof hashes (from size/2) |");
+    println!(
+        "\n| log size | inclusion proof hashes | bytes | consistency proof hashes (from size/2) |"
+    );
     println!("|---:|---:|---:|---:|");
     let mut size = 1000;
     while size <= args.entries {
@@ -189,7 +191,7 @@ fn spread(i: u64, n: u64) -> u64 {
     i.wrapping_mul(2_654_435_761) % n
 }
 
-/// The registration of entry `index`: device `index` of account `index / per_account`.
+/// Builds the registration of entry `index`: device `index` of account `index / per_account`.
 fn registration(index: u64, per_account: u64) -> (KeyEvent, DeviceRecord) {
     let mut key = [0u8; 32];
     key[..8].copy_from_slice(&index.to_be_bytes());
