@@ -5,9 +5,11 @@
 //! - on a storage failure the actor stops, and the next request reloads it from storage, so
 //!   memory never runs ahead of disk for longer than one failed request.
 
+use crate::keyring::Keyring;
 use crate::metrics::ActorMetrics;
 use crate::mls::{MlsError, PublicState, check_welcome};
 use crate::{Deliver, GroupError};
+use atlas_protocol::receipts::{Receipt, ReceiptFields};
 use atlas_protocol::{
     Accepted, ClientMsgId, DeviceId, EntryKind, ErrorCode, GroupId, LogEntry, MAX_FRAME_BYTES,
     PROTOCOL_VERSION, ServerBody, ServerFrame, WelcomeEntry, encode_server,
@@ -66,6 +68,12 @@ pub enum GroupMsg {
         seq: u64,
         reply: RpcReplyPort<Result<u64, GroupError>>,
     },
+    /// Sign a fresh receipt for a stored entry, for a member device.
+    Receipt {
+        device: DeviceId,
+        seq: u64,
+        reply: RpcReplyPort<Result<(ReceiptFields, Receipt), GroupError>>,
+    },
     /// Periodic housekeeping: retention and idle stop.
     Tick,
 }
@@ -97,6 +105,8 @@ pub struct GroupArgs {
     pub meta: GroupMeta,
     pub public_state: Vec<u8>,
     pub store: Store,
+    /// Signs the receipt of every accepted entry.
+    pub keyring: Arc<Keyring>,
     pub deliver: Arc<dyn Deliver>,
     pub settings: GroupSettings,
     pub metrics: ActorMetrics,
@@ -111,6 +121,7 @@ pub struct GroupState {
     meta: GroupMeta,
     mls: PublicState,
     store: Store,
+    keyring: Arc<Keyring>,
     settings: GroupSettings,
     metrics: ActorMetrics,
     committer: mpsc::Sender<Pending>,
@@ -120,7 +131,7 @@ pub struct GroupState {
 /// An accepted entry waiting for durability before its acknowledgement and pushes go out.
 struct Pending {
     reply: RpcReplyPort<Result<Accepted, GroupError>>,
-    accepted: Accepted,
+    accepted: Unsigned,
     push: Option<(Vec<DeviceId>, bytes::Bytes)>,
     welcomes: Vec<(DeviceId, bytes::Bytes)>,
 }
@@ -141,6 +152,7 @@ impl Actor for GroupSession {
             Committer {
                 store: args.store.clone(),
                 deliver: args.deliver,
+                keyring: Arc::clone(&args.keyring),
             }
             .run(rx),
         );
@@ -152,6 +164,7 @@ impl Actor for GroupSession {
             meta: args.meta,
             mls,
             store: args.store,
+            keyring: args.keyring,
             settings: args.settings,
             metrics: args.metrics,
             committer: tx,
@@ -231,6 +244,10 @@ impl Actor for GroupSession {
                 state.last_request = Instant::now();
                 let _ = reply.send(state.ack(&device, seq));
             }
+            GroupMsg::Receipt { device, seq, reply } => {
+                state.last_request = Instant::now();
+                let _ = reply.send(state.receipt(&device, seq));
+            }
             GroupMsg::Tick => {
                 if let Err(e) = state.apply_retention() {
                     tracing::error!(group_id = %state.group, error = %e, "retention failed");
@@ -246,13 +263,36 @@ impl Actor for GroupSession {
 }
 
 enum Outcome {
-    Duplicate(Accepted),
+    Duplicate(Unsigned),
     Stored(PendingParts),
+}
+
+/// An acknowledgement before its receipt is signed, which happens once the entry is durable.
+struct Unsigned {
+    epoch: u64,
+    duplicate: bool,
+    fields: ReceiptFields,
+}
+
+impl Unsigned {
+    fn sign(self, keyring: &Keyring) -> Result<Accepted, GroupError> {
+        let receipt = keyring
+            .sign_receipt(&self.fields)
+            .map_err(|e| GroupError::Internal(format!("signing a receipt failed: {e}")))?;
+        Ok(Accepted {
+            group: self.fields.group,
+            seq: self.fields.seq,
+            epoch: self.epoch,
+            accepted_at_ms: self.fields.accepted_at_ms,
+            duplicate: self.duplicate,
+            receipt,
+        })
+    }
 }
 
 /// A [`Pending`] without its reply port, built before the port is attached.
 struct PendingParts {
-    accepted: Accepted,
+    accepted: Unsigned,
     push: Option<(Vec<DeviceId>, bytes::Bytes)>,
     welcomes: Vec<(DeviceId, bytes::Bytes)>,
 }
@@ -272,12 +312,16 @@ impl GroupState {
                     self.group
                 ))
             })?;
-            return Ok(Outcome::Duplicate(Accepted {
-                group: self.group.clone(),
-                seq,
+            return Ok(Outcome::Duplicate(Unsigned {
                 epoch: entry.epoch,
-                accepted_at_ms: entry.accepted_at_ms,
                 duplicate: true,
+                fields: ReceiptFields::new(
+                    self.group.clone(),
+                    seq,
+                    sender,
+                    entry.accepted_at_ms,
+                    &entry.payload,
+                ),
             }));
         }
 
@@ -360,6 +404,7 @@ impl GroupState {
             &welcomes,
         )?;
         self.meta = meta;
+        let fields = ReceiptFields::new(self.group.clone(), seq, sender, now_ms, &entry.payload);
         self.metrics
             .messages_accepted
             .with_label_values(&[kind_label(kind)])
@@ -380,12 +425,10 @@ impl GroupState {
             .map(|(device, w)| (device, encode_push(ServerBody::WelcomePush(w))))
             .collect();
         Ok(Outcome::Stored(PendingParts {
-            accepted: Accepted {
-                group: self.group.clone(),
-                seq,
+            accepted: Unsigned {
                 epoch: self.meta.epoch,
-                accepted_at_ms: now_ms,
                 duplicate: false,
+                fields,
             },
             push: Some((recipients, push)),
             welcomes,
@@ -446,6 +489,32 @@ impl GroupState {
             head: self.meta.last_seq,
             first_available: self.meta.first_seq,
         })
+    }
+
+    /// Signs a receipt for entry `seq` with the current key. Entries removed by retention have
+    /// no receipt any more.
+    fn receipt(&self, device: &DeviceId, seq: u64) -> Result<(ReceiptFields, Receipt), GroupError> {
+        if !self.mls.is_member(device) {
+            return Err(GroupError::NotMember(*device));
+        }
+        let entry = self.store.entry(&self.group, seq)?.ok_or_else(|| {
+            GroupError::Invalid(
+                ErrorCode::InvalidRequest,
+                format!("group {} has no stored entry {seq}", self.group),
+            )
+        })?;
+        let fields = ReceiptFields::new(
+            self.group.clone(),
+            seq,
+            entry.sender,
+            entry.accepted_at_ms,
+            &entry.payload,
+        );
+        let receipt = self
+            .keyring
+            .sign_receipt(&fields)
+            .map_err(|e| GroupError::Internal(format!("signing a receipt failed: {e}")))?;
+        Ok((fields, receipt))
     }
 
     fn ack(&self, device: &DeviceId, seq: u64) -> Result<u64, GroupError> {
@@ -518,6 +587,7 @@ pub fn now_ms() -> u64 {
 struct Committer {
     store: Store,
     deliver: Arc<dyn Deliver>,
+    keyring: Arc<Keyring>,
 }
 
 impl Committer {
@@ -529,7 +599,9 @@ impl Committer {
             for pending in batch.drain(..) {
                 match &durable {
                     Ok(()) => {
-                        let _ = pending.reply.send(Ok(pending.accepted));
+                        // Signing after the flush keeps it off the actor's path; the receipt
+                        // only states facts that are already durable.
+                        let _ = pending.reply.send(pending.accepted.sign(&self.keyring));
                         if let Some((devices, frame)) = pending.push {
                             self.deliver.push(&devices, frame);
                         }

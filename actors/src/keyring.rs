@@ -6,6 +6,7 @@
 //! to another id. Key ids are RFC 7638 JWK thumbprints.
 
 use crate::group::now_ms;
+use atlas_protocol::receipts::{Receipt, ReceiptError, ReceiptFields};
 use atlas_protocol::transparency::{Jwk, Jwks, SignedTreeHead};
 use atlas_storage::{StorageError, Store};
 use base64::Engine;
@@ -237,6 +238,12 @@ impl Keyring {
     pub fn sign_tree_head(&self, size: u64, root: [u8; 32], time_ms: u64) -> SignedTreeHead {
         let state = self.state();
         SignedTreeHead::sign(size, root, time_ms, &state.current_kid, &state.current)
+    }
+
+    /// Signs a receipt with the current key, created now.
+    pub fn sign_receipt(&self, fields: &ReceiptFields) -> Result<Receipt, ReceiptError> {
+        let state = self.state();
+        fields.sign(&state.current_kid, &state.current, now_ms() / 1000)
     }
 
     /// Returns the published keys: the current one and those retired less than the grace

@@ -24,6 +24,8 @@ pub enum SupervisorMsg {
 /// Arguments of the supervisor.
 pub struct SupervisorArgs {
     pub store: Store,
+    /// Signs the receipt of every accepted entry.
+    pub keyring: Arc<crate::Keyring>,
     pub deliver: Arc<dyn Deliver>,
     pub settings: GroupSettings,
     pub metrics: ActorMetrics,
@@ -116,6 +118,7 @@ impl SupervisorState {
             meta,
             public_state,
             store: self.args.store.clone(),
+            keyring: Arc::clone(&self.args.keyring),
             deliver: Arc::clone(&self.args.deliver),
             settings: self.args.settings.clone(),
             metrics: self.args.metrics.clone(),

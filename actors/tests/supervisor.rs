@@ -2,8 +2,8 @@
 //! durability. Real sled storage and real openmls messages; no network.
 
 use atlas_actors::{
-    ActorMetrics, Deliver, GroupError, GroupMsg, GroupSettings, GroupSupervisor, Submission,
-    SupervisorArgs, SupervisorMsg, create_group,
+    ActorMetrics, Deliver, GroupError, GroupMsg, GroupSettings, GroupSupervisor, Keyring,
+    Submission, SupervisorArgs, SupervisorMsg, create_group,
 };
 use atlas_protocol::{Accepted, ClientMsgId, DeviceId, GroupId};
 use atlas_storage::Store;
@@ -73,8 +73,10 @@ async fn fixture(settings: GroupSettings) -> Fixture {
         .unwrap();
 
     let recorder = Arc::new(Recorder::default());
+    let keyring = Keyring::open(store.clone(), &[9; 32], Duration::from_secs(3600)).unwrap();
     let args = SupervisorArgs {
         store,
+        keyring: Arc::new(keyring),
         deliver: recorder.clone(),
         settings,
         metrics: ActorMetrics::unregistered(),

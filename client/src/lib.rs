@@ -15,12 +15,13 @@ pub use conn::CloseInfo;
 pub use kt::{KtViolation, ViolationKind};
 pub use tls::{ServerTrust, fingerprint_hex};
 
+use atlas_protocol::receipts::{ReceiptError, ReceiptFields, SignedReceipt, content_digest};
 use atlas_protocol::transparency::{
     KeyEvent, KeyEventKind, ProvenEntry, SignedTreeHead, key_event_statement,
 };
 use atlas_protocol::{
-    ClientBody, ClientMsgId, DeviceId, ErrorCode, GroupId, LogEntry, ServerBody, WelcomeEntry,
-    login_transcript,
+    Accepted, ClientBody, ClientMsgId, DeviceId, ErrorCode, GroupId, LogEntry, ServerBody,
+    WelcomeEntry, login_transcript,
 };
 use conn::Connection;
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
@@ -91,6 +92,10 @@ pub enum ClientError {
     /// not used.
     #[error("key transparency check failed: {0}")]
     KeyTransparency(String),
+    /// A receipt from the server did not verify against its JWKS. The message itself was
+    /// accepted and is recorded.
+    #[error("receipt check failed: {0}")]
+    Receipt(String),
     /// The server showed two contradicting views of its key log. The client refuses to work
     /// with this server from now on.
     #[error("security error: {0}")]
@@ -517,10 +522,7 @@ impl Client {
     pub async fn check_head(&mut self, head: &SignedTreeHead) -> Result<(), ClientError> {
         self.refuse_after_violation()?;
         if self.kt.jwks.find(&head.kid).is_none() {
-            match self.request(ClientBody::Jwks).await? {
-                ServerBody::Jwks(jwks) => self.kt.merge_jwks(jwks),
-                other => return Err(unexpected("jwks", other)),
-            }
+            self.refresh_jwks().await?;
         }
         head.verify(&self.kt.jwks, now_ms())
             .map_err(|e| kt::proof_error("tree head rejected", &e))?;
@@ -583,6 +585,104 @@ impl Client {
                 Err(ClientError::Security(Box::new(violation)))
             }
         }
+    }
+
+    /// Fetches the node's JWKS and adds its keys to the ones this client knows.
+    async fn refresh_jwks(&mut self) -> Result<(), ClientError> {
+        match self.request(ClientBody::Jwks).await? {
+            ServerBody::Jwks(jwks) => {
+                self.kt.merge_jwks(jwks);
+                Ok(())
+            }
+            other => Err(unexpected("jwks", other)),
+        }
+    }
+
+    /// Verifies the receipt of this device's own entry, whose ciphertext had `digest`, and
+    /// keeps it in the state.
+    async fn keep_receipt(
+        &mut self,
+        accepted: &Accepted,
+        digest: String,
+    ) -> Result<(), ClientError> {
+        // A retry is acknowledged with the original entry's receipt, which covers the
+        // ciphertext sent first, not the one just re-encrypted: fetch it with its fields.
+        if accepted.duplicate {
+            let signed = self.fetch_receipt(&accepted.group, accepted.seq).await?;
+            if signed.fields.sender != self.device_id()
+                || signed.fields.accepted_at_ms != accepted.accepted_at_ms
+            {
+                return Err(ClientError::Receipt(format!(
+                    "entry {} of group {} that acknowledges a retry was not sent by this device",
+                    accepted.seq, accepted.group
+                )));
+            }
+            if let Some(local) = self.groups.get_mut(accepted.group.as_bytes()) {
+                local.receipts.insert(accepted.seq, signed);
+            }
+            return self.save();
+        }
+        let signed = SignedReceipt {
+            fields: ReceiptFields {
+                group: accepted.group.clone(),
+                seq: accepted.seq,
+                sender: self.device_id(),
+                accepted_at_ms: accepted.accepted_at_ms,
+                content_digest: digest,
+            },
+            receipt: accepted.receipt.clone(),
+        };
+        self.verify_receipt(&signed).await?;
+        if let Some(local) = self.groups.get_mut(accepted.group.as_bytes()) {
+            local.receipts.insert(accepted.seq, signed);
+        }
+        self.save()
+    }
+
+    /// Verifies a receipt against the node's JWKS, fetching it when the receipt names a key
+    /// this client has not seen.
+    pub async fn verify_receipt(&mut self, signed: &SignedReceipt) -> Result<(), ClientError> {
+        if let Err(ReceiptError::UnknownKey(_)) = signed.verify(&self.kt.jwks) {
+            self.refresh_jwks().await?;
+        }
+        signed.verify(&self.kt.jwks).map_err(|e| {
+            ClientError::Receipt(format!(
+                "receipt of entry {} in group {}: {e}",
+                signed.fields.seq, signed.fields.group
+            ))
+        })
+    }
+
+    /// Returns the kept receipt of this device's entry `seq` in `group`.
+    pub fn receipt(&self, group: &GroupId, seq: u64) -> Option<&SignedReceipt> {
+        self.groups.get(group.as_bytes())?.receipts.get(&seq)
+    }
+
+    /// Fetches a freshly signed receipt for any stored entry of a group this device belongs
+    /// to, and verifies it.
+    pub async fn fetch_receipt(
+        &mut self,
+        group: &GroupId,
+        seq: u64,
+    ) -> Result<SignedReceipt, ClientError> {
+        let body = self
+            .request(ClientBody::Receipt {
+                group: group.clone(),
+                seq,
+            })
+            .await?;
+        let ServerBody::Receipt { fields, receipt } = body else {
+            return Err(unexpected("receipt", body));
+        };
+        if fields.group != *group || fields.seq != seq {
+            return Err(ClientError::Receipt(format!(
+                "asked for entry {seq} of group {group}, got entry {} of group {}",
+                fields.seq, fields.group
+            )));
+        }
+        let signed = SignedReceipt { fields, receipt };
+        self.verify_receipt(&signed).await?;
+        Ok(signed)
     }
 
     /// Checks that `proof` is an entry of the log under `head` that publishes `key` as the
@@ -753,6 +853,7 @@ impl Client {
                 .map_err(mls)?;
             let msg_id = new_msg_id();
             self.save()?;
+            let digest = content_digest(&commit);
             let body = ClientBody::Commit {
                 group: group.clone(),
                 msg_id,
@@ -766,6 +867,7 @@ impl Client {
                         .map_err(mls)?;
                     self.record_own(group, accepted.seq, None);
                     self.save()?;
+                    self.keep_receipt(&accepted, digest).await?;
                     return Ok(accepted.seq);
                 }
                 Ok(other) => return Err(unexpected("commit", other)),
@@ -834,6 +936,7 @@ impl Client {
                 local.unacknowledged.insert(msg_id.0, text.to_owned());
             }
             self.save()?;
+            let digest = content_digest(&message);
             let body = ClientBody::Send {
                 group: group.clone(),
                 msg_id,
@@ -850,6 +953,7 @@ impl Client {
                         self.record_own(group, accepted.seq, Some(text.to_owned()));
                     }
                     self.save()?;
+                    self.keep_receipt(&accepted, digest).await?;
                     return Ok(accepted.seq);
                 }
                 Ok(other) => return Err(unexpected("send", other)),

@@ -3,6 +3,7 @@
 
 use crate::ClientError;
 use crate::kt::KtState;
+use atlas_protocol::receipts::SignedReceipt;
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_memory_storage::MemoryStorage;
 use serde::{Deserialize, Serialize};
@@ -28,6 +29,9 @@ pub(crate) struct GroupLocal {
     pub(crate) unacknowledged: BTreeMap<[u8; 16], String>,
     /// Messages in log order: `(seq, sender account, text)`.
     pub(crate) transcript: Vec<(u64, String, String)>,
+    /// Verified receipts of this device's own entries, by sequence number.
+    #[serde(default)]
+    pub(crate) receipts: BTreeMap<u64, SignedReceipt>,
 }
 
 impl GroupLocal {

@@ -489,3 +489,98 @@ fn commands_need_registered_state() {
     assert!(message.contains("atlas-chat register"), "stderr: {message}");
     assert!(!state.exists(), "sync created the state directory");
 }
+
+#[test]
+fn receipt_verifies_offline_and_tampering_fails() {
+    let setup = Setup::new();
+    let group = setup.group(&["alice", "bob"]);
+    let sent = setup.run_ok("alice", &["send", &group, "receipt please"]);
+    let seq = sent
+        .lines()
+        .find(|l| l.ends_with("alice: receipt please"))
+        .and_then(|l| l.split(' ').nth(1))
+        .expect("send prints the sequence number")
+        .to_owned();
+
+    let receipt = setup.run_ok("alice", &["receipt", &group, &seq]);
+    let file = setup.dir.path().join("receipt.json");
+    std::fs::write(&file, &receipt).unwrap();
+
+    // Verification against the node's JWKS over the WebSocket, then offline from a file.
+    let mut verify = bare_chat();
+    verify
+        .args(["--fingerprint", &setup.node.fingerprint])
+        .arg("verify-receipt")
+        .arg(&file)
+        .args(["--jwks", &setup.node.url()]);
+    let output = run(&mut verify, "");
+    assert_success(&output, "verifier", &["verify-receipt"]);
+    assert!(
+        stdout(&output).contains("receipt valid"),
+        "{}",
+        stdout(&output)
+    );
+
+    let jwks_file = setup.dir.path().join("jwks.json");
+    std::fs::write(&jwks_file, admin_get(&setup.node, "/admin/jwks")).unwrap();
+    let offline = run(
+        bare_chat()
+            .arg("verify-receipt")
+            .arg(&file)
+            .arg("--jwks")
+            .arg(&jwks_file),
+        "",
+    );
+    assert_success(&offline, "verifier", &["verify-receipt", "offline"]);
+
+    // Bob can fetch a receipt for alice's message as a member of the group.
+    setup.run_ok("bob", &["sync"]);
+    let fetched = setup.run_ok("bob", &["receipt", &group, &seq, "--fetch"]);
+    assert!(fetched.contains("\"signature_input\""), "{fetched}");
+
+    // Any changed signed field makes verification fail with the reason.
+    let value: serde_json::Value = serde_json::from_str(&receipt).unwrap();
+    let changes = [
+        ("seq", serde_json::json!(999)),
+        ("accepted_at_ms", serde_json::json!(1)),
+        (
+            "content_digest",
+            serde_json::json!("sha-256=:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=:"),
+        ),
+    ];
+    for (field, replacement) in changes {
+        let mut tampered = value.clone();
+        tampered["fields"][field] = replacement;
+        let path = setup.dir.path().join(format!("tampered-{field}.json"));
+        std::fs::write(&path, tampered.to_string()).unwrap();
+        let output = run(
+            bare_chat()
+                .arg("verify-receipt")
+                .arg(&path)
+                .arg("--jwks")
+                .arg(&jwks_file),
+            "",
+        );
+        assert!(!output.status.success(), "tampered {field} verified");
+        assert!(
+            stderr(&output).contains("does not verify"),
+            "tampered {field}: {}",
+            stderr(&output)
+        );
+    }
+}
+
+/// Fetches a path from the node's admin listener and returns the body.
+fn admin_get(node: &NodeProcess, path: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(node.metrics_addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}

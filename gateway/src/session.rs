@@ -814,6 +814,18 @@ async fn group_request(
                 .await?;
             Ok(ServerBody::Acked { group, seq: stored })
         }
+        ClientBody::Receipt { group, seq } => {
+            check_group_and_size(&group, 0)?;
+            let (fields, receipt) = state
+                .router
+                .request(&group, |reply| GroupMsg::Receipt {
+                    device: sender,
+                    seq,
+                    reply,
+                })
+                .await?;
+            Ok(ServerBody::Receipt { fields, receipt })
+        }
         other => Err(GroupError::Internal(format!(
             "{} is not a group request",
             other.type_name()
@@ -913,5 +925,6 @@ fn body_type(body: &ServerBody) -> &'static str {
         ServerBody::KtHead(_) => "kt_head",
         ServerBody::KtEntries { .. } => "kt_entries",
         ServerBody::KtConsistency(_) => "kt_consistency",
+        ServerBody::Receipt { .. } => "receipt",
     }
 }

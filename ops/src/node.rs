@@ -76,6 +76,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         GroupSupervisor,
         SupervisorArgs {
             store: store.clone(),
+            keyring: Arc::clone(&keyring),
             deliver: presence.clone(),
             settings,
             metrics: actor_metrics,

@@ -1,5 +1,6 @@
 //! Frame types and their MessagePack codec.
 
+use crate::receipts::{Receipt, ReceiptFields};
 use crate::transparency::{ConsistencyProof, Jwks, ProvenEntry, SignedTreeHead};
 use crate::{ClientMsgId, DeviceId, ErrorCode, GroupId, MAX_FRAME_BYTES, PROTOCOL_VERSION};
 use serde::{Deserialize, Serialize};
@@ -101,6 +102,8 @@ pub enum ClientBody {
         #[serde(with = "serde_bytes")]
         new_key_signature: Vec<u8>,
     },
+    /// Fetches a freshly signed receipt for entry `seq` of a group this device belongs to.
+    Receipt { group: GroupId, seq: u64 },
     /// Fetches the node's signing keys. Allowed before login.
     Jwks,
     /// Fetches the latest signed tree head of the key transparency log. Allowed before login.
@@ -119,7 +122,7 @@ pub enum ClientBody {
 
 impl ClientBody {
     /// Frame type names, as they appear in the `t` field.
-    pub const TYPES: [&'static str; 19] = [
+    pub const TYPES: [&'static str; 20] = [
         "login",
         "upload_key_packages",
         "list_devices",
@@ -133,6 +136,7 @@ impl ClientBody {
         "ping",
         "revoke_device",
         "rotate_device_key",
+        "receipt",
         "jwks",
         "kt_head",
         "kt_lookup",
@@ -171,6 +175,7 @@ impl ClientBody {
             Self::Ping => "ping",
             Self::RevokeDevice { .. } => "revoke_device",
             Self::RotateDeviceKey { .. } => "rotate_device_key",
+            Self::Receipt { .. } => "receipt",
             Self::Jwks => "jwks",
             Self::KtHead => "kt_head",
             Self::KtLookup { .. } => "kt_lookup",
@@ -250,6 +255,11 @@ pub enum ServerBody {
     DeviceRevoked { device: DeviceId, index: u64 },
     /// The key was rotated: `device` is the new device id, published by log entry `index`.
     KeyRotated { device: DeviceId, index: u64 },
+    /// A receipt for a stored entry and the facts it signs.
+    Receipt {
+        fields: ReceiptFields,
+        receipt: Receipt,
+    },
     /// The node's signing keys.
     Jwks(Jwks),
     /// The latest signed tree head.
@@ -275,6 +285,9 @@ pub struct Accepted {
     pub accepted_at_ms: u64,
     /// True when this acknowledges a retry of an already stored message.
     pub duplicate: bool,
+    /// The node's signature over the entry's facts and ciphertext (see
+    /// [`crate::receipts`]); the sender is the device this acknowledgement goes to.
+    pub receipt: Receipt,
 }
 
 /// Kind of a log entry.

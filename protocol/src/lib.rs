@@ -8,6 +8,7 @@
 mod codes;
 mod frames;
 mod ids;
+pub mod receipts;
 pub mod transparency;
 
 pub use codes::{CloseCode, ErrorCode};

@@ -21,6 +21,7 @@
 
 use atlas_chaos::NodeProcess;
 use atlas_client::{Client, RawConnection, ServerTrust};
+use atlas_protocol::receipts::Receipt;
 use atlas_protocol::{
     ClientBody, ClientMsgId, GroupId, PROTOCOL_VERSION, ServerBody, ServerFrame, login_transcript,
 };
@@ -731,6 +732,11 @@ mod baseline {
                         epoch: 1,
                         accepted_at_ms: 0,
                         duplicate: false,
+                        // The baseline signs nothing; the generator does not check receipts.
+                        receipt: Receipt {
+                            signature_input: String::new(),
+                            signature: String::new(),
+                        },
                     })
                 }
                 _ => ServerBody::Pong,

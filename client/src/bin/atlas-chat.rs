@@ -9,8 +9,10 @@
 //! errors. Text from other members is printed with its control characters escaped, so that a
 //! message cannot add lines or send terminal escape sequences.
 
-use atlas_client::{Client, ClientError, Event, Received, ServerTrust, audit};
-use atlas_protocol::{DeviceId, ErrorCode, GroupId};
+use atlas_client::{Client, ClientError, Event, RawConnection, Received, ServerTrust, audit};
+use atlas_protocol::receipts::SignedReceipt;
+use atlas_protocol::transparency::Jwks;
+use atlas_protocol::{ClientBody, DeviceId, ErrorCode, GroupId, ServerBody};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::fs::{File, TryLockError};
@@ -169,6 +171,30 @@ enum Command {
         #[arg(value_parser = parse_device_id)]
         device: DeviceId,
     },
+    /// Print the receipt of an entry as JSON: the one this device kept for its own message,
+    /// or with --fetch a freshly signed one for any entry of a group it belongs to.
+    Receipt {
+        /// Group id in hex.
+        #[arg(value_parser = parse_group_id)]
+        group: GroupId,
+        /// Sequence number of the entry.
+        seq: u64,
+        /// Ask the node to sign a receipt instead of printing the kept one.
+        #[arg(long)]
+        fetch: bool,
+    },
+    /// Verify a receipt file offline against the node's JWKS and say why a bad one fails.
+    /// Needs no account or state directory.
+    VerifyReceipt {
+        /// Receipt JSON, as `atlas-chat receipt` prints it.
+        file: PathBuf,
+        /// JWKS: a JSON file, or the node's wss:// URL (verified with --fingerprint or --ca).
+        #[arg(long, value_name = "FILE_OR_URL")]
+        jwks: String,
+        /// Also check that the receipt's content digest matches this ciphertext file.
+        #[arg(long, value_name = "FILE")]
+        ciphertext: Option<PathBuf>,
+    },
     /// Audit the node's key transparency log: check every signed tree head against the one
     /// before, every entry's inclusion proof and every entry's authorisation. Needs no
     /// account or state directory; exits non-zero on the first inconsistency.
@@ -248,6 +274,14 @@ async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
             )
         });
     }
+    if let Command::VerifyReceipt {
+        file,
+        jwks,
+        ciphertext,
+    } = &cli.command
+    {
+        return verify_receipt(&cli, matches, file, jwks, ciphertext.as_deref()).await;
+    }
     let options = Options::resolve(&cli, matches)?;
     match cli.command {
         Command::Register { key_packages } => register(&options, key_packages).await,
@@ -315,7 +349,34 @@ async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
             chat.connect(&server).await?;
             chat.revoke(device).await
         }
-        Command::Audit { .. } => unreachable!("handled before the options are resolved"),
+        Command::Receipt { group, seq, fetch } => {
+            let mut chat = Chat::open_existing(&options)?;
+            chat.require_group(&group)?;
+            let receipt = if fetch {
+                let server = options.server()?;
+                chat.connect(&server).await?;
+                chat.client
+                    .fetch_receipt(&group, seq)
+                    .await
+                    .map_err(|e| sdk_error(&format!("fetching the receipt of entry {seq}"), e))?
+            } else {
+                chat.client.receipt(&group, seq).cloned().ok_or_else(|| {
+                    CliError::new(format!(
+                        "this device kept no receipt for entry {seq} of group {group}"
+                    ))
+                    .hint(
+                        "receipts are kept for this device's own messages; use --fetch for others",
+                    )
+                })?
+            };
+            let json = serde_json::to_string_pretty(&receipt)
+                .map_err(|e| CliError::new(format!("encoding the receipt failed: {e}")))?;
+            println!("{json}");
+            Ok(())
+        }
+        Command::Audit { .. } | Command::VerifyReceipt { .. } => {
+            unreachable!("handled before the options are resolved")
+        }
         Command::Interactive { group } => interactive(&options, group).await,
     }
 }
@@ -625,6 +686,70 @@ fn validate_group_name(name: &str) -> Result<(), CliError> {
         )));
     }
     Ok(())
+}
+
+/// Verifies a receipt file against a JWKS file or the JWKS of a node, offline for a file.
+async fn verify_receipt(
+    cli: &Cli,
+    matches: &ArgMatches,
+    file: &Path,
+    jwks_source: &str,
+    ciphertext: Option<&Path>,
+) -> Result<(), CliError> {
+    let read = |path: &Path, what: &str| {
+        std::fs::read(path)
+            .map_err(|e| CliError::new(format!("cannot read {what} {}: {e}", path.display())))
+    };
+    let signed: SignedReceipt =
+        serde_json::from_slice(&read(file, "receipt file")?).map_err(|e| {
+            CliError::new(format!("{} is not a receipt: {e}", file.display()))
+                .hint("pass the JSON that `atlas-chat receipt GROUP SEQ` prints")
+        })?;
+    let jwks: Jwks = if jwks_source.starts_with("wss://") {
+        let server = Options::server_of(jwks_source, trust_choice(cli, matches))?;
+        let (conn, _) = RawConnection::open(&server.url, &server.trust)
+            .await
+            .map_err(|e| sdk_error(&format!("connecting to {jwks_source}"), e))?;
+        match conn.request(ClientBody::Jwks).await {
+            Ok(ServerBody::Jwks(jwks)) => jwks,
+            Ok(other) => {
+                return Err(CliError::new(format!(
+                    "{jwks_source} answered the JWKS request with {}",
+                    other_type(&other)
+                )));
+            }
+            Err(e) => return Err(sdk_error(&format!("fetching the JWKS of {jwks_source}"), e)),
+        }
+    } else {
+        serde_json::from_slice(&read(Path::new(jwks_source), "JWKS file")?).map_err(|e| {
+            CliError::new(format!("{jwks_source} is not a JWKS: {e}"))
+                .hint("save the node's /.well-known/jwks.json, or pass its wss:// URL")
+        })?
+    };
+    signed.verify(&jwks).map_err(|e| {
+        CliError::new(format!(
+            "receipt of entry {} in group {} is invalid: {e}",
+            signed.fields.seq, signed.fields.group
+        ))
+    })?;
+    if let Some(path) = ciphertext {
+        signed
+            .fields
+            .check_ciphertext(&read(path, "ciphertext file")?)
+            .map_err(|e| {
+                CliError::new(format!("receipt does not match {}: {e}", path.display()))
+            })?;
+    }
+    println!(
+        "receipt valid: entry {} of group {} from device {} accepted at {} ms",
+        signed.fields.seq, signed.fields.group, signed.fields.sender, signed.fields.accepted_at_ms
+    );
+    Ok(())
+}
+
+/// Names a response type for messages.
+fn other_type(body: &ServerBody) -> String {
+    format!("{body:?}").chars().take(40).collect()
 }
 
 /// Parses a device id of 32 hex digits.
