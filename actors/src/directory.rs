@@ -50,9 +50,21 @@ pub enum LoginError {
         "statement time {time_ms} ms is more than 10 minutes from the server time {now_ms} ms; check the device clock"
     )]
     StaleStatement { time_ms: u64, now_ms: u64 },
-    /// The new key of a rotation is already registered.
+    /// The new key of a rotation or enrollment is already registered.
     #[error("key of device {0} is already registered")]
     KeyInUse(DeviceId),
+    /// A new key tried to register an account that already exists.
+    #[error(
+        "account {0:?} already exists; add this device from one of the account's devices \
+         (enroll_device)"
+    )]
+    AccountTaken(String),
+    /// An enrollment would exceed the account's device limit.
+    #[error("account {account:?} already has {max} active devices; revoke one first")]
+    TooManyDevices { account: String, max: usize },
+    /// A signature over a revocation, rotation or enrollment statement does not verify.
+    #[error("statement signature of {0} does not verify")]
+    BadStatementSignature(DeviceId),
     /// Storage failed.
     #[error(transparent)]
     Storage(StorageError),
@@ -64,6 +76,8 @@ impl From<StorageError> for LoginError {
             StorageError::DeviceOwnedElsewhere { device, .. } => Self::WrongAccount { device },
             StorageError::DeviceRevoked(device) => Self::Revoked(device),
             StorageError::UnknownDevice(device) => Self::DeviceNotFound(device),
+            StorageError::AccountTaken(account) => Self::AccountTaken(account),
+            StorageError::TooManyDevices { account, max } => Self::TooManyDevices { account, max },
             other => Self::Storage(other),
         }
     }
@@ -73,10 +87,14 @@ impl LoginError {
     /// Returns the error code sent to the client.
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::InvalidAccount(_) | Self::WrongAccount { .. } | Self::OtherAccount(_) => {
-                ErrorCode::InvalidAccount
+            Self::InvalidAccount(_)
+            | Self::WrongAccount { .. }
+            | Self::OtherAccount(_)
+            | Self::AccountTaken(_) => ErrorCode::InvalidAccount,
+            Self::BadKey | Self::BadSignature(_) | Self::BadStatementSignature(_) => {
+                ErrorCode::BadSignature
             }
-            Self::BadKey | Self::BadSignature(_) => ErrorCode::BadSignature,
+            Self::TooManyDevices { .. } => ErrorCode::InvalidRequest,
             Self::Revoked(_) => ErrorCode::DeviceRevoked,
             Self::StaleStatement { .. } | Self::KeyInUse(_) => ErrorCode::InvalidRequest,
             Self::KeyPackage(_) => ErrorCode::InvalidKeyPackage,
@@ -192,7 +210,7 @@ impl Directory {
             time_ms,
         );
         verify(&parse_key(&signer.public_key)?, &statement, signature)
-            .map_err(|()| LoginError::BadSignature(signer.device))?;
+            .map_err(|()| LoginError::BadStatementSignature(signer.device))?;
         let event = KeyEvent {
             kind: KeyEventKind::Revoked,
             account: record.account.clone(),
@@ -205,8 +223,11 @@ impl Directory {
                 signature: signature.to_vec(),
             },
         };
+        // Storage checks again, under its append lock, that the signer is still active: its
+        // record in the session was read at login.
         let change = DirectoryChange::Revoke {
             device: *target,
+            signer: signer.device,
             at_ms: now,
         };
         let KeyEventOutcome::Appended { index, .. } =
@@ -220,6 +241,65 @@ impl Directory {
         self.store.remove_key_packages(target)?;
         tracing::info!(device = %target, by = %signer.device, index, "device revoked");
         Ok(index)
+    }
+
+    /// Adds a device holding `new_key` to the account of `signer`, an active device. Both keys
+    /// sign [`key_event_statement`] for the addition at `time_ms`. Returns the new record and
+    /// its log index.
+    pub fn enroll(
+        &self,
+        signer: &DeviceRecord,
+        new_key: &[u8],
+        time_ms: u64,
+        signature: &[u8],
+        new_key_signature: &[u8],
+    ) -> Result<(DeviceRecord, u64), LoginError> {
+        let now = check_time(time_ms)?;
+        let parsed_new = parse_key(new_key)?;
+        let device = DeviceId::for_key(new_key);
+        let statement = key_event_statement(
+            KeyEventKind::Added,
+            &signer.account,
+            &device,
+            new_key,
+            time_ms,
+        );
+        verify(&parse_key(&signer.public_key)?, &statement, signature)
+            .map_err(|()| LoginError::BadStatementSignature(signer.device))?;
+        verify(&parsed_new, &statement, new_key_signature)
+            .map_err(|()| LoginError::BadStatementSignature(device))?;
+        let record = DeviceRecord {
+            device,
+            account: signer.account.clone(),
+            public_key: new_key.to_vec(),
+            registered_at_ms: now,
+            kt_index: None,
+            revoked_at_ms: None,
+        };
+        let event = KeyEvent {
+            kind: KeyEventKind::Added,
+            account: signer.account.clone(),
+            device,
+            key: new_key.to_vec(),
+            // The signed statement covers the client's time, so the entry keeps that time.
+            time_ms,
+            authorization: Authorization::Enrollment {
+                signer: signer.device,
+                signature: signature.to_vec(),
+                new_key_signature: new_key_signature.to_vec(),
+            },
+        };
+        let change = DirectoryChange::Enroll {
+            signer: signer.device,
+            record,
+        };
+        match self.store.append_key_event(&event, &change)? {
+            KeyEventOutcome::Appended { index, device } => {
+                tracing::info!(device = %device.device, by = %signer.device, index, "device enrolled");
+                Ok((device, index))
+            }
+            KeyEventOutcome::AlreadyRegistered(_) => Err(LoginError::KeyInUse(device)),
+        }
     }
 
     /// Replaces `previous` with a device holding `new_key`. Both keys sign
@@ -381,7 +461,8 @@ fn check_time(time_ms: u64) -> Result<u64, LoginError> {
     Ok(now)
 }
 
-fn valid_account(name: &str) -> bool {
+/// Returns whether `name` is a valid account name: 1 to 64 bytes of `[a-z0-9._-]`.
+pub fn valid_account(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_ACCOUNT_LEN
         && name

@@ -5,7 +5,8 @@ use crate::group::now_ms;
 use crate::keyring::Keyring;
 use atlas_protocol::ErrorCode;
 use atlas_protocol::transparency::{
-    ConsistencyProof, Jwks, MAX_KT_ENTRIES, ProvenEntry, SignedTreeHead, wire_path,
+    ConsistencyProof, Jwks, MAX_KT_ENTRIES, MAX_KT_PAGE_BYTES, ProvenEntry, SignedTreeHead,
+    wire_path,
 };
 use atlas_storage::{StorageError, Store};
 use std::sync::Arc;
@@ -116,40 +117,39 @@ impl KeyTransparency {
     }
 
     /// Returns the entries that published the current keys of `account`, proved against a
-    /// fresh head.
+    /// fresh head. An account has at most `MAX_DEVICES_PER_ACCOUNT` active devices, whose
+    /// entries fit in one page.
     pub async fn lookup(
         &self,
         account: &str,
     ) -> Result<(SignedTreeHead, Vec<ProvenEntry>), KtError> {
         let head = self.head().await?;
-        let mut out = Vec::new();
-        for device in self.store.account_devices(account)? {
-            // Devices registered before this log existed have no entry and are not proved.
-            if let Some(index) = device.kt_index
-                && index < head.size
-            {
-                out.push(self.prove(index, &head)?);
-            }
-        }
+        let indexes: Vec<u64> = self
+            .store
+            .account_devices(account)?
+            .into_iter()
+            .filter_map(|device| device.kt_index)
+            .collect();
+        let out = self.page(indexes.into_iter(), &head, usize::MAX)?;
         Ok((head, out))
     }
 
-    /// Returns every entry about `account`, oldest first, proved against a fresh head.
+    /// Returns the entries about `account` from index `start` on, oldest first, proved against
+    /// a fresh head, as many as fit in one page.
     pub async fn history(
         &self,
         account: &str,
+        start: u64,
     ) -> Result<(SignedTreeHead, Vec<ProvenEntry>), KtError> {
         let head = self.head().await?;
-        let mut out = Vec::new();
-        for index in self.store.kt_account_entries(account)? {
-            if index < head.size {
-                out.push(self.prove(index, &head)?);
-            }
-        }
+        let indexes = self.store.kt_account_entries(account)?;
+        let from_start = indexes.into_iter().filter(|&i| i >= start);
+        let out = self.page(from_start, &head, MAX_KT_PAGE_BYTES)?;
         Ok((head, out))
     }
 
-    /// Up to `limit` entries from `start`, proved against a fresh head.
+    /// Returns up to `limit` entries from `start`, proved against a fresh head, as many as fit
+    /// in one page.
     pub async fn entries(
         &self,
         start: u64,
@@ -159,11 +159,29 @@ impl KeyTransparency {
         let end = head
             .size
             .min(start.saturating_add(u64::from(limit.min(MAX_KT_ENTRIES))));
-        let mut out = Vec::new();
-        for index in start..end {
-            out.push(self.prove(index, &head)?);
-        }
+        let out = self.page(start..end, &head, MAX_KT_PAGE_BYTES)?;
         Ok((head, out))
+    }
+
+    /// Proves the entries of `indexes` below the head's size until `budget` bytes of leaves and
+    /// paths are used; the first entry is always included.
+    fn page(
+        &self,
+        indexes: impl Iterator<Item = u64>,
+        head: &SignedTreeHead,
+        budget: usize,
+    ) -> Result<Vec<ProvenEntry>, KtError> {
+        let mut out = Vec::new();
+        let mut used = 0usize;
+        for index in indexes.filter(|&i| i < head.size) {
+            let entry = self.prove(index, head)?;
+            used += entry.leaf.len() + entry.path.len() * 32 + 32;
+            if used > budget && !out.is_empty() {
+                break;
+            }
+            out.push(entry);
+        }
+        Ok(out)
     }
 
     /// Proves that the tree of `from` entries is a prefix of the tree of `to` entries.

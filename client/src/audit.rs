@@ -54,6 +54,16 @@ pub enum AuditError {
     Authorization(#[from] AuthorizationError),
     #[error("audit state file {path}: {detail}")]
     State { path: String, detail: String },
+    #[error("{0}")]
+    Options(String),
+}
+
+/// The audit state file: the last verified head of one node, named by the server name its
+/// login challenge carries.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedHead {
+    server_name: String,
+    head: SignedTreeHead,
 }
 
 struct Auditor {
@@ -79,11 +89,12 @@ pub async fn audit(
     let ServerBody::Challenge { server_name, .. } = challenge else {
         return Err(ClientError::Connect("first frame was not a challenge".into()).into());
     };
+    let saved = load_state(options.state_file.as_deref(), &server_name)?;
     let mut auditor = Auditor {
         conn,
         server_name,
         jwks: Jwks::default(),
-        head: load_state(options.state_file.as_deref())?,
+        head: saved,
         replay: DirectoryReplay::default(),
         loaded: std::collections::HashSet::new(),
         from: options.from,
@@ -101,6 +112,12 @@ pub async fn audit(
     loop {
         let head = auditor.fetch_head().await?;
         auditor.advance(head.clone()).await?;
+        if polls == 0 && options.from > head.size {
+            return Err(AuditError::Options(format!(
+                "--from {} is beyond the end of the log ({} entries)",
+                options.from, head.size
+            )));
+        }
         while next < head.size {
             let page = auditor.check_page(next, &head).await?;
             next += page;
@@ -111,7 +128,11 @@ pub async fn audit(
             ));
         }
         if let Some(verified) = &auditor.head {
-            save_state(options.state_file.as_deref(), verified)?;
+            save_state(
+                options.state_file.as_deref(),
+                &auditor.server_name,
+                verified,
+            )?;
         }
         let Some(interval) = options.follow else {
             break;
@@ -263,22 +284,33 @@ impl Auditor {
         if self.from == 0 || !self.loaded.insert(event.account.clone()) {
             return Ok(());
         }
-        let body = self
-            .request(ClientBody::KtHistory {
-                account: event.account.clone(),
-            })
-            .await?;
-        let ServerBody::KtEntries { head, entries } = body else {
-            return Err(unexpected("kt_history", body));
-        };
-        self.advance(head.clone()).await?;
-        for entry in entries.iter().filter(|e| e.index < self.from) {
-            let earlier = entry.verify(&head).map_err(|e| AuditError::BadEntry {
-                index: entry.index,
-                reason: e.to_string(),
-            })?;
-            self.replay
-                .apply(entry.index, &earlier, &self.server_name)?;
+        let mut start = 0;
+        while start < self.from {
+            let body = self
+                .request(ClientBody::KtHistory {
+                    account: event.account.clone(),
+                    start,
+                })
+                .await?;
+            let ServerBody::KtEntries { head, entries } = body else {
+                return Err(unexpected("kt_history", body));
+            };
+            self.advance(head.clone()).await?;
+            let Some(last) = entries.last().map(|e| e.index) else {
+                break;
+            };
+            for entry in entries
+                .iter()
+                .filter(|e| e.index >= start && e.index < self.from)
+            {
+                let earlier = entry.verify(&head).map_err(|e| AuditError::BadEntry {
+                    index: entry.index,
+                    reason: e.to_string(),
+                })?;
+                self.replay
+                    .apply(entry.index, &earlier, &self.server_name)?;
+            }
+            start = last + 1;
         }
         Ok(())
     }
@@ -288,7 +320,10 @@ fn unexpected(request: &'static str, body: ServerBody) -> AuditError {
     AuditError::Connect(crate::unexpected(request, body))
 }
 
-fn load_state(path: Option<&Path>) -> Result<Option<SignedTreeHead>, AuditError> {
+fn load_state(
+    path: Option<&Path>,
+    server_name: &str,
+) -> Result<Option<SignedTreeHead>, AuditError> {
     let Some(path) = path else {
         return Ok(None);
     };
@@ -296,16 +331,27 @@ fn load_state(path: Option<&Path>) -> Result<Option<SignedTreeHead>, AuditError>
         path: path.display().to_string(),
         detail,
     };
-    match std::fs::read(path) {
+    let saved: SavedHead = match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| state_error(format!("not a saved tree head: {e}"))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(state_error(e.to_string())),
+            .map_err(|e| state_error(format!("not a saved audit state: {e}")))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(state_error(e.to_string())),
+    };
+    if saved.server_name != server_name {
+        return Err(state_error(format!(
+            "it holds the head of server {:?}, not of {server_name:?}; use one state file per \
+             node",
+            saved.server_name
+        )));
     }
+    Ok(Some(saved.head))
 }
 
-fn save_state(path: Option<&Path>, head: &SignedTreeHead) -> Result<(), AuditError> {
+fn save_state(
+    path: Option<&Path>,
+    server_name: &str,
+    head: &SignedTreeHead,
+) -> Result<(), AuditError> {
     let Some(path) = path else {
         return Ok(());
     };
@@ -314,7 +360,11 @@ fn save_state(path: Option<&Path>, head: &SignedTreeHead) -> Result<(), AuditErr
         detail,
     };
     let tmp = path.with_extension("tmp");
-    let json = serde_json::to_vec_pretty(head).map_err(|e| state_error(e.to_string()))?;
+    let saved = SavedHead {
+        server_name: server_name.to_owned(),
+        head: head.clone(),
+    };
+    let json = serde_json::to_vec_pretty(&saved).map_err(|e| state_error(e.to_string()))?;
     std::fs::write(&tmp, json).map_err(|e| state_error(e.to_string()))?;
     std::fs::rename(&tmp, path).map_err(|e| state_error(e.to_string()))
 }

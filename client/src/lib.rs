@@ -116,6 +116,18 @@ fn mls<E: std::fmt::Display>(e: E) -> ClientError {
     ClientError::Mls(e.to_string())
 }
 
+/// A new device's request to join its account, signed by the new device's key; see
+/// [`Client::enrollment_request`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EnrollmentRequest {
+    pub account: String,
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    pub time_ms: u64,
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
 /// A decrypted log entry as the application receives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Received {
@@ -743,35 +755,103 @@ impl Client {
         Ok(devices)
     }
 
-    /// Fetches every key event of an account with proofs, verified against a checked head.
+    /// Fetches every key event of an account with proofs, page by page, each verified
+    /// against a checked head.
     pub async fn key_history(
         &mut self,
         account: &str,
     ) -> Result<Vec<(u64, KeyEvent)>, ClientError> {
         self.refuse_after_violation()?;
-        let body = self
-            .request(ClientBody::KtHistory {
-                account: account.to_owned(),
-            })
-            .await?;
-        let ServerBody::KtEntries { head, entries } = body else {
-            return Err(unexpected("kt_history", body));
-        };
-        self.check_head(&head).await?;
-        let mut out = Vec::new();
-        for entry in entries {
-            let event = entry
-                .verify(&head)
-                .map_err(|e| kt::proof_error(&format!("history of {account:?}"), &e))?;
-            if event.account != account {
-                return Err(ClientError::KeyTransparency(format!(
-                    "history of {account:?} returned log entry {} about {:?}",
-                    entry.index, event.account
-                )));
+        let mut out: Vec<(u64, KeyEvent)> = Vec::new();
+        loop {
+            let start = out.last().map_or(0, |(index, _)| index + 1);
+            let body = self
+                .request(ClientBody::KtHistory {
+                    account: account.to_owned(),
+                    start,
+                })
+                .await?;
+            let ServerBody::KtEntries { head, entries } = body else {
+                return Err(unexpected("kt_history", body));
+            };
+            self.check_head(&head).await?;
+            if entries.is_empty() {
+                return Ok(out);
             }
-            out.push((entry.index, event));
+            for entry in entries {
+                let event = entry
+                    .verify(&head)
+                    .map_err(|e| kt::proof_error(&format!("history of {account:?}"), &e))?;
+                if event.account != account || entry.index < start {
+                    return Err(ClientError::KeyTransparency(format!(
+                        "history of {account:?} from entry {start} returned log entry {} about \
+                         {:?}",
+                        entry.index, event.account
+                    )));
+                }
+                out.push((entry.index, event));
+            }
         }
-        Ok(out)
+    }
+
+    /// Asks the server to add the device of `request` to this device's account, signing the
+    /// same statement as the new device. Returns the log index of the enrollment.
+    pub async fn enroll_device(&mut self, request: &EnrollmentRequest) -> Result<u64, ClientError> {
+        if request.account != self.account {
+            return Err(ClientError::Config(format!(
+                "the enrollment request is for account {:?}, this device belongs to {:?}",
+                request.account, self.account
+            )));
+        }
+        let device = DeviceId::for_key(&request.key);
+        let statement = key_event_statement(
+            KeyEventKind::Added,
+            &self.account,
+            &device,
+            &request.key,
+            request.time_ms,
+        );
+        let signature = self
+            .signer
+            .sign(&statement)
+            .map_err(|e| ClientError::Mls(format!("signing the enrollment failed: {e:?}")))?;
+        match self
+            .request(ClientBody::EnrollDevice {
+                new_key: request.key.clone(),
+                time_ms: request.time_ms,
+                signature,
+                new_key_signature: request.signature.clone(),
+            })
+            .await?
+        {
+            ServerBody::DeviceEnrolled { index, .. } => Ok(index),
+            other => Err(unexpected("enroll_device", other)),
+        }
+    }
+
+    /// Builds the request of this new, not yet registered device to join its account: its key
+    /// and its signature over the enrollment statement. A device of the account passes it to
+    /// [`Client::enroll_device`] within 10 minutes; this device then connects as usual.
+    pub fn enrollment_request(&self) -> Result<EnrollmentRequest, ClientError> {
+        let time_ms = now_ms();
+        let key = self.signer.public().to_vec();
+        let statement = key_event_statement(
+            KeyEventKind::Added,
+            &self.account,
+            &self.device_id(),
+            &key,
+            time_ms,
+        );
+        let signature = self
+            .signer
+            .sign(&statement)
+            .map_err(|e| ClientError::Mls(format!("signing the enrollment failed: {e:?}")))?;
+        Ok(EnrollmentRequest {
+            account: self.account.clone(),
+            key,
+            time_ms,
+            signature,
+        })
     }
 
     /// Revokes a device of this account (or this device). Returns the log index of the

@@ -3,6 +3,7 @@
 
 use crate::GatewayState;
 use atlas_actors::KtError;
+use atlas_actors::directory::valid_account;
 use atlas_protocol::{ClientBody, DeviceId, ErrorCode, ServerBody};
 use atlas_storage::DeviceRecord;
 
@@ -13,12 +14,23 @@ pub(crate) async fn public_request(state: &GatewayState, body: ClientBody) -> Se
         ClientBody::Ping => Ok(ServerBody::Pong),
         ClientBody::Jwks => Ok(ServerBody::Jwks(kt.jwks())),
         ClientBody::KtHead => kt.head().await.map(ServerBody::KtHead),
+        ClientBody::KtLookup { account } | ClientBody::KtHistory { account, .. }
+            if !valid_account(&account) =>
+        {
+            let shown: String = account.chars().take(80).collect();
+            return crate::session::error_body(
+                ErrorCode::InvalidAccount,
+                format!(
+                    "invalid account name {shown:?}: use 1 to 64 characters from a-z, 0-9, '.', '_', '-'"
+                ),
+            );
+        }
         ClientBody::KtLookup { account } => kt
             .lookup(&account)
             .await
             .map(|(head, entries)| ServerBody::KtEntries { head, entries }),
-        ClientBody::KtHistory { account } => kt
-            .history(&account)
+        ClientBody::KtHistory { account, start } => kt
+            .history(&account, start)
             .await
             .map(|(head, entries)| ServerBody::KtEntries { head, entries }),
         ClientBody::KtEntries { start, limit } => kt
@@ -68,8 +80,8 @@ pub(crate) async fn claim(state: &GatewayState, target: DeviceId) -> ServerBody 
     }
 }
 
-/// Revokes a device and closes its connection. The response waits until the change is on
-/// disk.
+/// Revokes a device and closes its connection (the caller closes the signer's own connection
+/// after the response when it revoked itself). The response waits until the change is on disk.
 pub(crate) async fn revoke(
     state: &GatewayState,
     signer: &DeviceRecord,
@@ -79,7 +91,10 @@ pub(crate) async fn revoke(
 ) -> ServerBody {
     let index = match state.directory.revoke(signer, &target, time_ms, signature) {
         Ok(index) => index,
-        Err(e) => return crate::session::login_error_body(state, &e),
+        Err(e) => {
+            tracing::info!(device_id = %target, error = %e, "revocation rejected");
+            return crate::session::login_error_body(state, &e);
+        }
     };
     if let Err(e) = state.store.durable().await {
         return storage_failed(&e);
@@ -91,6 +106,42 @@ pub(crate) async fn revoke(
     }
     ServerBody::DeviceRevoked {
         device: target,
+        index,
+    }
+}
+
+/// Enrolls a new device in the signer's account. The response waits until the change is on
+/// disk.
+pub(crate) async fn enroll(
+    state: &GatewayState,
+    signer: &DeviceRecord,
+    body: ClientBody,
+) -> ServerBody {
+    let ClientBody::EnrollDevice {
+        new_key,
+        time_ms,
+        signature,
+        new_key_signature,
+    } = body
+    else {
+        return crate::session::error_body(ErrorCode::Internal, "expected an enrollment".into());
+    };
+    let enrolled =
+        state
+            .directory
+            .enroll(signer, &new_key, time_ms, &signature, &new_key_signature);
+    let (record, index) = match enrolled {
+        Ok(enrolled) => enrolled,
+        Err(e) => {
+            tracing::info!(error = %e, "enrollment rejected");
+            return crate::session::login_error_body(state, &e);
+        }
+    };
+    if let Err(e) = state.store.durable().await {
+        return storage_failed(&e);
+    }
+    ServerBody::DeviceEnrolled {
+        device: record.device,
         index,
     }
 }

@@ -511,8 +511,17 @@ impl Connection {
                 signature,
             } => {
                 let (state, signer) = (Arc::clone(state), device.clone());
-                self.spawn_response(tasks, id, None, async move {
+                // A device that revoked itself may do nothing more: close after the response.
+                let close = (target == device.device).then_some(CloseCode::Normal);
+                self.spawn_response(tasks, id, close, async move {
                     crate::keys::revoke(&state, &signer, target, time_ms, &signature).await
+                });
+                return;
+            }
+            enrollment @ ClientBody::EnrollDevice { .. } => {
+                let (state, signer) = (Arc::clone(state), device.clone());
+                self.spawn_response(tasks, id, None, async move {
+                    crate::keys::enroll(&state, &signer, enrollment).await
                 });
                 return;
             }
@@ -920,6 +929,7 @@ fn body_type(body: &ServerBody) -> &'static str {
         ServerBody::Push { .. } => "push",
         ServerBody::WelcomePush(_) => "welcome_push",
         ServerBody::DeviceRevoked { .. } => "device_revoked",
+        ServerBody::DeviceEnrolled { .. } => "device_enrolled",
         ServerBody::KeyRotated { .. } => "key_rotated",
         ServerBody::Jwks(_) => "jwks",
         ServerBody::KtHead(_) => "kt_head",

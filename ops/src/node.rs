@@ -57,7 +57,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     let actor_metrics = ActorMetrics::register(&registry)?;
     let gateway_metrics = GatewayMetrics::register(&registry)?;
 
-    let secret = signing_key_secret(config)?;
+    let secret = signing_key_secret(config, &store)?;
     let keyring = Arc::new(Keyring::open(
         store.clone(),
         &secret,
@@ -152,7 +152,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
 
 /// Returns the secret that seals the signing keys: from the configuration, or else from
 /// `<data_dir>/signing-key-secret`, generated on first start.
-fn signing_key_secret(config: &NodeConfig) -> anyhow::Result<[u8; 32]> {
+fn signing_key_secret(config: &NodeConfig, store: &Store) -> anyhow::Result<[u8; 32]> {
     if let Some(secret) = config.parsed_signing_key_secret()? {
         return Ok(secret);
     }
@@ -171,6 +171,15 @@ fn signing_key_secret(config: &NodeConfig) -> anyhow::Result<[u8; 32]> {
             Ok(bytes)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // A new secret cannot open keys sealed under the old one: refuse rather than leave
+            // a second, useless secret file behind.
+            anyhow::ensure!(
+                store.signing_keys()?.is_empty(),
+                "{} is missing but the data directory holds signing keys sealed with it; \
+                 restore the file or set ATLAS_SIGNING_KEY_SECRET to the secret they were \
+                 sealed with",
+                path.display()
+            );
             let secret: [u8; 32] = rand::random();
             write_private_file(&path, hex::encode(secret).as_bytes())
                 .with_context(|| format!("cannot write {}", path.display()))?;

@@ -76,6 +76,16 @@ impl Node {
         client
     }
 
+    /// Opens a new device of `account` in state directory `name`, enrolls it from `existing`
+    /// and connects it.
+    async fn enrolled(&self, existing: &mut Client, name: &str, account: &str) -> Client {
+        let mut client = Client::open(&self.dir.path().join(name), account).unwrap();
+        let request = client.enrollment_request().unwrap();
+        existing.enroll_device(&request).await.unwrap();
+        client.connect(&self.url(), &self.trust()).await.unwrap();
+        client
+    }
+
     async fn audit(&self, state_file: Option<PathBuf>) -> Result<u64, AuditError> {
         let options = AuditOptions {
             from: 0,
@@ -117,8 +127,8 @@ async fn latest_head(node: &Node) -> SignedTreeHead {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lookup_proves_every_device() {
     let node = Node::start();
-    let first = node.client("alice-1", "alice").await;
-    let second = node.client("alice-2", "alice").await;
+    let mut first = node.client("alice-1", "alice").await;
+    let second = node.enrolled(&mut first, "alice-2", "alice").await;
     let mut bob = node.client("bob", "bob").await;
 
     let mut devices = bob.lookup_devices("alice").await.unwrap();
@@ -140,7 +150,7 @@ async fn lookup_proves_every_device() {
 async fn revoked_device_is_refused() {
     let node = Node::start();
     let mut keeper = node.client("alice-1", "alice").await;
-    let mut lost = node.client("alice-2", "alice").await;
+    let mut lost = node.enrolled(&mut keeper, "alice-2", "alice").await;
     lost.publish_key_packages(2).await.unwrap();
     let lost_id = lost.device_id();
     drop(lost);
@@ -371,8 +381,8 @@ async fn forked_log_is_caught_by_client_and_auditor() {
     node.stop();
     node.restore(&snapshot);
     node.restart();
-    drop(node.client("mallory-1", "mallory").await);
-    drop(node.client("mallory-2", "mallory").await);
+    drop(node.client("mallory", "mallory").await);
+    drop(node.client("trent", "trent").await);
 
     let err = bob.connect(&node.url(), &node.trust()).await.unwrap_err();
     let ClientError::Security(violation) = err else {
@@ -386,6 +396,61 @@ async fn forked_log_is_caught_by_client_and_auditor() {
         matches!(audit_err, AuditError::Inconsistent { .. }),
         "{audit_err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_account_is_not_taken_over() {
+    let node = Node::start();
+    let mut owner = node.client("carol", "carol").await;
+    let mut intruder = Client::open(&node.dir.path().join("intruder"), "carol").unwrap();
+    let refused = intruder
+        .connect(&node.url(), &node.trust())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::InvalidAccount), "{refused}");
+    assert_eq!(owner.lookup_devices("carol").await.unwrap().len(), 1);
+
+    // An enrollment request for another account is refused by the SDK before it is sent.
+    let stranger = Client::open(&node.dir.path().join("stranger"), "dave").unwrap();
+    let request = stranger.enrollment_request().unwrap();
+    assert!(owner.enroll_device(&request).await.is_err());
+
+    // A device that revoked itself is disconnected and cannot sign anything more.
+    let mut second = node.enrolled(&mut owner, "carol-2", "carol").await;
+    let second_id = second.device_id();
+    second.revoke_device(second_id).await.unwrap();
+    let after = second.lookup_devices("carol").await;
+    assert!(after.is_err(), "the revoked device's connection stays open");
+    assert_eq!(node.audit(None).await.unwrap(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_history_is_paged() {
+    let node = Node::start();
+    let mut owner = node.client("erin", "erin").await;
+    // Each enrollment and revocation adds an entry to erin's history.
+    for i in 0..150 {
+        let device = node
+            .enrolled(&mut owner, &format!("erin-{i}"), "erin")
+            .await;
+        let id = device.device_id();
+        drop(device);
+        owner.revoke_device(id).await.unwrap();
+    }
+    let history = owner.key_history("erin").await.unwrap();
+    assert_eq!(history.len(), 301);
+    let indexes: Vec<u64> = history.iter().map(|(i, _)| *i).collect();
+    assert_eq!(indexes, (0..301).collect::<Vec<_>>());
+    let options = AuditOptions {
+        from: 200,
+        follow: None,
+        max_polls: None,
+        state_file: None,
+    };
+    let report = audit(&node.url(), &node.trust(), &options, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(report.entries_checked, 101);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -409,6 +474,21 @@ async fn public_queries_work_before_login() {
         .await
         .unwrap_err();
     assert_eq!(zero.code(), Some(ErrorCode::InvalidRequest));
+    for account in ["", "Alice", "alice\0", &"a".repeat(65)] {
+        let invalid = conn
+            .request(ClientBody::KtHistory {
+                account: account.to_owned(),
+                start: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            invalid.code(),
+            Some(ErrorCode::InvalidAccount),
+            "{account:?}"
+        );
+    }
+    // Any other request before login ends the connection.
     let private = conn.request(ClientBody::Welcomes).await.unwrap_err();
     assert_eq!(private.code(), Some(ErrorCode::NotAuthenticated));
 }

@@ -90,6 +90,18 @@ pub enum ClientBody {
         #[serde(with = "serde_bytes")]
         signature: Vec<u8>,
     },
+    /// Adds a device with `new_key` to this device's account. This device signs
+    /// [`crate::transparency::key_event_statement`] for the addition (kind `added`, the new
+    /// device id and key, `time_ms`), and so does the new key (`new_key_signature`).
+    EnrollDevice {
+        #[serde(with = "serde_bytes")]
+        new_key: Vec<u8>,
+        time_ms: u64,
+        #[serde(with = "serde_bytes")]
+        signature: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        new_key_signature: Vec<u8>,
+    },
     /// Replaces this device's key with `new_key`. Both keys sign
     /// [`crate::transparency::key_event_statement`] for the rotation, naming the new device id.
     /// The server closes the connection after the response; log in again with the new key.
@@ -111,8 +123,9 @@ pub enum ClientBody {
     /// Fetches the entries that published an account's current device keys, with inclusion
     /// proofs. Allowed before login.
     KtLookup { account: String },
-    /// Fetches every key event of an account, with inclusion proofs. Allowed before login.
-    KtHistory { account: String },
+    /// Fetches the key events of an account from log index `start` on, with inclusion proofs,
+    /// as many as fit in one page. Allowed before login.
+    KtHistory { account: String, start: u64 },
     /// Fetches up to `limit` log entries from index `start`, with inclusion proofs. Allowed
     /// before login.
     KtEntries { start: u64, limit: u32 },
@@ -122,7 +135,7 @@ pub enum ClientBody {
 
 impl ClientBody {
     /// Frame type names, as they appear in the `t` field.
-    pub const TYPES: [&'static str; 20] = [
+    pub const TYPES: [&'static str; 21] = [
         "login",
         "upload_key_packages",
         "list_devices",
@@ -134,6 +147,7 @@ impl ClientBody {
         "ack",
         "welcomes",
         "ping",
+        "enroll_device",
         "revoke_device",
         "rotate_device_key",
         "receipt",
@@ -173,6 +187,7 @@ impl ClientBody {
             Self::Ack { .. } => "ack",
             Self::Welcomes => "welcomes",
             Self::Ping => "ping",
+            Self::EnrollDevice { .. } => "enroll_device",
             Self::RevokeDevice { .. } => "revoke_device",
             Self::RotateDeviceKey { .. } => "rotate_device_key",
             Self::Receipt { .. } => "receipt",
@@ -251,6 +266,8 @@ pub enum ServerBody {
     Push { group: GroupId, entry: LogEntry },
     /// A new Welcome for this device (`id` 0).
     WelcomePush(WelcomeEntry),
+    /// The device was enrolled by log entry `index`.
+    DeviceEnrolled { device: DeviceId, index: u64 },
     /// The device was revoked by log entry `index`.
     DeviceRevoked { device: DeviceId, index: u64 },
     /// The key was rotated: `device` is the new device id, published by log entry `index`.

@@ -25,6 +25,11 @@ pub const MAX_HEAD_CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
 /// Maximum number of log entries returned by one entries request.
 pub const MAX_KT_ENTRIES: u32 = 1000;
 
+/// Maximum encoded size of the entries in one key transparency answer. A page stops before
+/// the entry that would exceed it (but has at least one entry), so answers stay well under the
+/// frame limit; the client asks for the rest from where the page ended.
+pub const MAX_KT_PAGE_BYTES: usize = 128 * 1024;
+
 /// Kind of change to a device key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -51,6 +56,15 @@ pub enum Authorization {
         nonce: Vec<u8>,
         #[serde(with = "serde_bytes")]
         signature: Vec<u8>,
+    },
+    /// A device of the account that was current at the time signed [`key_event_statement`]
+    /// for a new device, and so did the new key, proving that its holder has it.
+    Enrollment {
+        signer: DeviceId,
+        #[serde(with = "serde_bytes")]
+        signature: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        new_key_signature: Vec<u8>,
     },
     /// A device of the account that was current at the time signed [`key_event_statement`].
     DeviceSignature {
@@ -406,9 +420,31 @@ impl DirectoryReplay {
                         "login was signed for server {signed_for:?}, not {server_name:?}"
                     )));
                 }
+                if self.accounts.contains_key(&event.account) {
+                    return Err(fail(
+                        "a login registered a device in an account that already existed".into(),
+                    ));
+                }
                 self.check_new_device(event).map_err(fail)?;
                 let transcript = crate::login_transcript(signed_for, nonce, &event.account);
                 verify(&key, &transcript, signature, "login")?;
+            }
+            (
+                KeyEventKind::Added,
+                Authorization::Enrollment {
+                    signer,
+                    signature,
+                    new_key_signature,
+                },
+            ) => {
+                self.check_new_device(event).map_err(fail)?;
+                verify(
+                    &current_key(signer)?,
+                    &statement,
+                    signature,
+                    "enrolling device",
+                )?;
+                verify(&key, &statement, new_key_signature, "new key")?;
             }
             (KeyEventKind::Revoked, Authorization::DeviceSignature { signer, signature }) => {
                 let stored = current_key(&event.device)?;

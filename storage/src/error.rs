@@ -37,6 +37,12 @@ pub enum StorageError {
     /// The device was revoked or replaced by a key rotation.
     #[error("device {0} is revoked")]
     DeviceRevoked(DeviceId),
+    /// A first registration named an account that already exists.
+    #[error("account {0:?} already exists")]
+    AccountTaken(String),
+    /// An enrollment would exceed the number of active devices an account may have.
+    #[error("account {account:?} already has {max} active devices")]
+    TooManyDevices { account: String, max: usize },
 }
 
 impl StorageError {

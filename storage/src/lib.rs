@@ -23,7 +23,7 @@ pub mod transparency;
 
 pub use error::StorageError;
 pub use records::{DeviceRecord, GroupMeta, KeyPackageRecord};
-pub use transparency::{DirectoryChange, KeyEventOutcome};
+pub use transparency::{DirectoryChange, KeyEventOutcome, MAX_DEVICES_PER_ACCOUNT};
 
 use atlas_protocol::{ClientMsgId, DeviceId, GroupId, LogEntry, WelcomeEntry};
 use flusher::Flusher;

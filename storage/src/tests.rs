@@ -230,11 +230,16 @@ fn key_event(kind: KeyEventKind, record: &DeviceRecord) -> KeyEvent {
     }
 }
 
+/// Registers the first device of an account, and enrolls later ones on behalf of the first.
 fn register(store: &Store, record: &DeviceRecord) -> Result<KeyEventOutcome, StorageError> {
-    store.append_key_event(
-        &key_event(KeyEventKind::Added, record),
-        &DirectoryChange::Register(record.clone()),
-    )
+    let change = match store.account_devices(&record.account)?.first() {
+        Some(first) if first.device != record.device => DirectoryChange::Enroll {
+            signer: first.device,
+            record: record.clone(),
+        },
+        _ => DirectoryChange::Register(record.clone()),
+    };
+    store.append_key_event(&key_event(KeyEventKind::Added, record), &change)
 }
 
 #[tokio::test]
@@ -359,6 +364,7 @@ async fn revoke_and_rotate_update_directory() {
             &key_event(KeyEventKind::Revoked, &second),
             &DirectoryChange::Revoke {
                 device: second.device,
+                signer: rotated.device,
                 at_ms: 5,
             },
         )
@@ -375,6 +381,7 @@ async fn revoke_and_rotate_update_directory() {
         &key_event(KeyEventKind::Revoked, &second),
         &DirectoryChange::Revoke {
             device: second.device,
+            signer: rotated.device,
             at_ms: 6,
         },
     );
@@ -385,6 +392,65 @@ async fn revoke_and_rotate_update_directory() {
     ));
     assert_eq!(store.kt_size(), 4);
     assert_eq!(store.kt_account_entries("dave").unwrap(), vec![0, 1, 2, 3]);
+}
+
+#[tokio::test]
+async fn existing_account_needs_enrollment() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let first = device(1, "frank");
+    register(&store, &first).unwrap();
+    let intruder = device(2, "frank");
+    let taken = store.append_key_event(
+        &key_event(KeyEventKind::Added, &intruder),
+        &DirectoryChange::Register(intruder.clone()),
+    );
+    assert!(
+        matches!(taken, Err(StorageError::AccountTaken(_))),
+        "{taken:?}"
+    );
+    assert_eq!(store.kt_size(), 1);
+
+    // An enrollment must come from an active device of the same account.
+    let stranger = device(3, "grace");
+    register(&store, &stranger).unwrap();
+    let foreign = store.append_key_event(
+        &key_event(KeyEventKind::Added, &intruder),
+        &DirectoryChange::Enroll {
+            signer: stranger.device,
+            record: intruder.clone(),
+        },
+    );
+    assert!(matches!(
+        foreign,
+        Err(StorageError::DeviceOwnedElsewhere { .. })
+    ));
+    assert_eq!(store.kt_size(), 2);
+}
+
+#[tokio::test]
+async fn revoked_signer_cannot_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let (a, b) = (device(1, "heidi"), device(2, "heidi"));
+    register(&store, &a).unwrap();
+    register(&store, &b).unwrap();
+    let revoke = |target: &DeviceRecord, signer: &DeviceRecord| {
+        store.append_key_event(
+            &key_event(KeyEventKind::Revoked, target),
+            &DirectoryChange::Revoke {
+                device: target.device,
+                signer: signer.device,
+                at_ms: 9,
+            },
+        )
+    };
+    revoke(&a, &a).unwrap();
+    assert!(matches!(
+        revoke(&b, &a),
+        Err(StorageError::DeviceRevoked(_))
+    ));
+    assert_eq!(store.account_devices("heidi").unwrap().len(), 1);
 }
 
 #[tokio::test]

@@ -19,14 +19,27 @@ use atlas_protocol::DeviceId;
 use atlas_protocol::transparency::{KeyEvent, SignedTreeHead};
 use tlog_tiles::tlog::{self, Hash, HashReader};
 
+/// Maximum number of active devices of one account.
+pub const MAX_DEVICES_PER_ACCOUNT: usize = 64;
+
 /// A directory change that a key event records. It is applied in the same batch as the
 /// append, so the directory never shows a key the log does not contain.
 #[derive(Debug, Clone)]
 pub enum DirectoryChange {
-    /// Registers a new device.
+    /// Registers the first device of an account that has no log entries yet.
     Register(DeviceRecord),
-    /// Marks an active device revoked at `at_ms`.
-    Revoke { device: DeviceId, at_ms: u64 },
+    /// Adds a device to an existing account on behalf of `signer`, an active device of it.
+    Enroll {
+        signer: DeviceId,
+        record: DeviceRecord,
+    },
+    /// Marks an active device revoked at `at_ms` on behalf of `signer`, an active device of
+    /// the same account (possibly the revoked one).
+    Revoke {
+        device: DeviceId,
+        signer: DeviceId,
+        at_ms: u64,
+    },
     /// Replaces the active device `previous` with a new one of the same account.
     Rotate {
         previous: DeviceId,
@@ -234,6 +247,19 @@ impl Store {
         }
     }
 
+    /// Checks that `signer` is an active device of `account`.
+    fn active_signer(&self, signer: &DeviceId, account: &str) -> Result<(), Refusal> {
+        let record = self.active_device(signer)?;
+        if record.account != account {
+            return Err(StorageError::DeviceOwnedElsewhere {
+                device: *signer,
+                account: record.account,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
     /// Adds the inserts of a new device to `batch`, or refuses a key already registered.
     fn stage_new_device(
         &self,
@@ -273,9 +299,43 @@ impl Store {
         index: u64,
     ) -> Result<DeviceRecord, Refusal> {
         match change {
-            DirectoryChange::Register(record) => self.stage_new_device(batch, record, index),
-            DirectoryChange::Revoke { device, at_ms } => {
+            DirectoryChange::Register(record) => {
+                if self.read_device(&record.device)?.is_some() {
+                    // A key that is already registered is refused, or reported as registered.
+                    return self.stage_new_device(batch, record, index);
+                }
+                if self
+                    .kt
+                    .scan_prefix(account_prefix(&record.account))
+                    .next()
+                    .is_some()
+                {
+                    return Err(StorageError::AccountTaken(record.account.clone()).into());
+                }
+                self.stage_new_device(batch, record, index)
+            }
+            DirectoryChange::Enroll { signer, record } => {
+                self.active_signer(signer, &record.account)?;
+                let devices = self
+                    .kt
+                    .scan_prefix(account_devices_prefix(&record.account))
+                    .count();
+                if devices >= MAX_DEVICES_PER_ACCOUNT {
+                    return Err(StorageError::TooManyDevices {
+                        account: record.account.clone(),
+                        max: MAX_DEVICES_PER_ACCOUNT,
+                    }
+                    .into());
+                }
+                self.stage_new_device(batch, record, index)
+            }
+            DirectoryChange::Revoke {
+                device,
+                signer,
+                at_ms,
+            } => {
                 let mut record = self.active_device(device)?;
+                self.active_signer(signer, &record.account)?;
                 record.revoked_at_ms = Some(*at_ms);
                 batch.insert(device_key(device), encode(&record));
                 batch.remove(device_account_key(&record.account, device));

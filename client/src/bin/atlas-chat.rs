@@ -9,7 +9,9 @@
 //! errors. Text from other members is printed with its control characters escaped, so that a
 //! message cannot add lines or send terminal escape sequences.
 
-use atlas_client::{Client, ClientError, Event, RawConnection, Received, ServerTrust, audit};
+use atlas_client::{
+    Client, ClientError, EnrollmentRequest, Event, RawConnection, Received, ServerTrust, audit,
+};
 use atlas_protocol::receipts::SignedReceipt;
 use atlas_protocol::transparency::Jwks;
 use atlas_protocol::{ClientBody, DeviceId, ErrorCode, GroupId, ServerBody};
@@ -162,8 +164,17 @@ enum Command {
     },
     /// Print the current devices of an account, each proved against the key transparency log.
     Lookup {
-        /// Account name.
-        account: String,
+        /// Account to look up (any account, not only this device's).
+        #[arg(value_name = "ACCOUNT")]
+        target: String,
+    },
+    /// On a new device: write the request to join its account as JSON, for a device of the
+    /// account to pass to `enroll` within 10 minutes. Does not connect.
+    EnrollRequest,
+    /// Add a new device to this device's account from its `enroll-request` JSON file.
+    Enroll {
+        /// The new device's enrollment request file.
+        file: PathBuf,
     },
     /// Revoke a device of this account (another one, or this one).
     Revoke {
@@ -203,10 +214,10 @@ enum Command {
         #[arg(long, value_name = "SIZE", default_value_t = 0)]
         from: u64,
         /// Keep following the log, polling for a new head every SECS seconds.
-        #[arg(long, value_name = "SECS")]
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
         follow: Option<u64>,
         /// With --follow, stop after N polls.
-        #[arg(long, value_name = "N")]
+        #[arg(long, value_name = "N", requires = "follow", value_parser = clap::value_parser!(u32).range(1..))]
         polls: Option<u32>,
         /// JSON file that keeps the last verified tree head between runs, so that a log
         /// rolled back or forked between runs is detected.
@@ -336,12 +347,52 @@ async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
             let chat = Chat::open_existing(&options)?;
             chat.print_history(&group)
         }
-        Command::Lookup { account } => {
-            validate_account(&account)?;
+        Command::Lookup { target } => {
+            validate_account(&target)?;
             let server = options.server()?;
             let mut chat = Chat::open_existing(&options)?;
             chat.connect(&server).await?;
-            chat.lookup(&account).await
+            chat.lookup(&target).await
+        }
+        Command::EnrollRequest => {
+            let client = Client::open(&options.state, &options.account)
+                .map_err(|e| sdk_error("opening the client state", e))?;
+            let request = client
+                .enrollment_request()
+                .map_err(|e| sdk_error("signing the enrollment request", e))?;
+            let json = serde_json::to_string_pretty(&request)
+                .map_err(|e| CliError::new(format!("encoding the request failed: {e}")))?;
+            println!("{json}");
+            eprintln!(
+                "pass this to `atlas-chat enroll FILE` on a device of {} within 10 minutes, then \
+                 run `atlas-chat register` here",
+                options.account
+            );
+            Ok(())
+        }
+        Command::Enroll { file } => {
+            let bytes = std::fs::read(&file)
+                .map_err(|e| CliError::new(format!("cannot read {}: {e}", file.display())))?;
+            let request: EnrollmentRequest = serde_json::from_slice(&bytes).map_err(|e| {
+                CliError::new(format!(
+                    "{} is not an enrollment request: {e}",
+                    file.display()
+                ))
+                .hint("pass the JSON that `atlas-chat enroll-request` printed on the new device")
+            })?;
+            let server = options.server()?;
+            let mut chat = Chat::open_existing(&options)?;
+            chat.connect(&server).await?;
+            let index = chat
+                .client
+                .enroll_device(&request)
+                .await
+                .map_err(|e| sdk_error("enrolling the device", e))?;
+            println!(
+                "device {} enrolled by key log entry {index}",
+                DeviceId::for_key(&request.key)
+            );
+            Ok(())
         }
         Command::Revoke { device } => {
             let server = options.server()?;
@@ -600,7 +651,9 @@ fn server_error_hint(code: ErrorCode) -> Option<&'static str> {
         }
         ErrorCode::InvalidAccount => {
             "account names are 1 to 64 characters of a-z, 0-9, '.', '_' and '-', and a device \
-             key stays with the account it first registered under"
+             key stays with the account it first registered under; to add a device to an \
+             existing account, run `atlas-chat enroll-request` on it and `atlas-chat enroll \
+             FILE` on a device of the account"
         }
         ErrorCode::TooLarge => {
             "send a shorter message: one MLS message may be at most 204,800 bytes"

@@ -530,3 +530,192 @@ fn statement_separates_fields() {
     assert_ne!(a, b);
     assert_ne!(a, c);
 }
+
+/// A device key with helpers to build its key events.
+struct TestDevice {
+    key: SigningKey,
+}
+
+impl TestDevice {
+    fn new(seed: u8) -> Self {
+        Self {
+            key: SigningKey::from_bytes(&[seed; 32]),
+        }
+    }
+
+    fn public(&self) -> Vec<u8> {
+        self.key.verifying_key().to_bytes().to_vec()
+    }
+
+    fn id(&self) -> DeviceId {
+        DeviceId::for_key(&self.public())
+    }
+
+    fn added(&self, account: &str, server: &str) -> KeyEvent {
+        let nonce = vec![9u8; 32];
+        let transcript = crate::login_transcript(server, &nonce, account);
+        KeyEvent {
+            kind: KeyEventKind::Added,
+            account: account.into(),
+            device: self.id(),
+            key: self.public(),
+            time_ms: 1,
+            authorization: Authorization::LoginSignature {
+                server_name: server.into(),
+                nonce,
+                signature: self.key.sign(&transcript).to_bytes().to_vec(),
+            },
+        }
+    }
+
+    fn enrolls(&self, new: &Self, account: &str) -> KeyEvent {
+        let statement =
+            key_event_statement(KeyEventKind::Added, account, &new.id(), &new.public(), 3);
+        KeyEvent {
+            kind: KeyEventKind::Added,
+            account: account.into(),
+            device: new.id(),
+            key: new.public(),
+            time_ms: 3,
+            authorization: Authorization::Enrollment {
+                signer: self.id(),
+                signature: self.key.sign(&statement).to_bytes().to_vec(),
+                new_key_signature: new.key.sign(&statement).to_bytes().to_vec(),
+            },
+        }
+    }
+
+    fn revokes(&self, target: &Self, account: &str) -> KeyEvent {
+        let statement = key_event_statement(
+            KeyEventKind::Revoked,
+            account,
+            &target.id(),
+            &target.public(),
+            5,
+        );
+        KeyEvent {
+            kind: KeyEventKind::Revoked,
+            account: account.into(),
+            device: target.id(),
+            key: target.public(),
+            time_ms: 5,
+            authorization: Authorization::DeviceSignature {
+                signer: self.id(),
+                signature: self.key.sign(&statement).to_bytes().to_vec(),
+            },
+        }
+    }
+
+    fn rotates_to(&self, new: &Self, account: &str) -> KeyEvent {
+        let statement =
+            key_event_statement(KeyEventKind::Rotated, account, &new.id(), &new.public(), 7);
+        KeyEvent {
+            kind: KeyEventKind::Rotated,
+            account: account.into(),
+            device: new.id(),
+            key: new.public(),
+            time_ms: 7,
+            authorization: Authorization::Rotation {
+                previous: self.id(),
+                previous_signature: self.key.sign(&statement).to_bytes().to_vec(),
+                new_key_signature: new.key.sign(&statement).to_bytes().to_vec(),
+            },
+        }
+    }
+}
+
+#[test]
+fn replay_accepts_valid_history() {
+    let (a, b, c) = (TestDevice::new(1), TestDevice::new(2), TestDevice::new(3));
+    let mut replay = DirectoryReplay::default();
+    replay.apply(0, &a.added("alice", "node"), "node").unwrap();
+    replay.apply(1, &a.enrolls(&b, "alice"), "node").unwrap();
+    replay.apply(2, &a.revokes(&b, "alice"), "node").unwrap();
+    replay.apply(3, &a.rotates_to(&c, "alice"), "node").unwrap();
+    assert_eq!(replay.devices("alice"), vec![(c.id(), c.public())]);
+}
+
+#[test]
+fn replay_rejects_bad_authorisations() {
+    let (a, b, mallory) = (TestDevice::new(1), TestDevice::new(2), TestDevice::new(6));
+    let base = || {
+        let mut replay = DirectoryReplay::default();
+        replay.apply(0, &a.added("alice", "node"), "node").unwrap();
+        replay.apply(1, &a.enrolls(&b, "alice"), "node").unwrap();
+        replay
+    };
+
+    // A login registration into an account that exists is a takeover.
+    let err = base()
+        .apply(2, &mallory.added("alice", "node"), "node")
+        .unwrap_err();
+    assert!(err.reason.contains("already existed"), "{err}");
+
+    // An enrollment signed by a device of another account, or without the new key's signature.
+    let mut replay = base();
+    replay
+        .apply(2, &mallory.added("mallory", "node"), "node")
+        .unwrap();
+    let mut foreign = mallory.enrolls(&TestDevice::new(8), "alice");
+    assert!(replay.apply(3, &foreign, "node").is_err());
+    foreign = a.enrolls(&TestDevice::new(8), "alice");
+    if let Authorization::Enrollment {
+        new_key_signature, ..
+    } = &mut foreign.authorization
+    {
+        new_key_signature[5] ^= 1;
+    }
+    assert!(base().apply(2, &foreign, "node").is_err());
+
+    // A login signed for another server, or by another key than the one added.
+    let fresh = DirectoryReplay::default;
+    assert!(
+        fresh()
+            .apply(0, &mallory.added("zed", "other"), "node")
+            .is_err()
+    );
+    let mut forged = mallory.added("zed", "node");
+    forged.key = TestDevice::new(7).public();
+    forged.device = TestDevice::new(7).id();
+    assert!(fresh().apply(0, &forged, "node").is_err());
+
+    // A device id that is not derived from the key.
+    let mut wrong_id = mallory.added("zed", "node");
+    wrong_id.device = a.id();
+    assert!(fresh().apply(0, &wrong_id, "node").is_err());
+
+    // A revocation signed by a device of another account.
+    let mut replay = base();
+    replay
+        .apply(2, &mallory.added("mallory", "node"), "node")
+        .unwrap();
+    let err = replay
+        .apply(3, &mallory.revokes(&b, "alice"), "node")
+        .unwrap_err();
+    assert!(err.reason.contains("not a current device"), "{err}");
+
+    // A revoked device signs nothing more and never comes back.
+    let mut replay = base();
+    replay.apply(2, &a.revokes(&b, "alice"), "node").unwrap();
+    assert!(replay.apply(3, &b.revokes(&a, "alice"), "node").is_err());
+    assert!(replay.apply(3, &a.enrolls(&b, "alice"), "node").is_err());
+
+    // A rotation without the new key's signature.
+    let mut rotation = a.rotates_to(&mallory, "alice");
+    if let Authorization::Rotation {
+        new_key_signature, ..
+    } = &mut rotation.authorization
+    {
+        new_key_signature[0] ^= 1;
+    }
+    let err = base().apply(2, &rotation, "node").unwrap_err();
+    assert!(err.reason.contains("new key"), "{err}");
+
+    // A registration authorised like a revocation.
+    let mut mislabelled = a.revokes(&b, "alice");
+    mislabelled.kind = KeyEventKind::Added;
+    assert!(base().apply(2, &mislabelled, "node").is_err());
+
+    // The same key twice.
+    assert!(base().apply(2, &a.added("alice", "node"), "node").is_err());
+}
