@@ -1066,3 +1066,22 @@ async fn request_after_node_death_fails_fast() {
         "{err}"
     );
 }
+
+#[test]
+fn demo_passes() {
+    let output = std::process::Command::new(BIN)
+        .arg("demo")
+        .output()
+        .expect("running atlas demo failed");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "atlas demo exited with {}\nstdout:\n{stdout}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.lines().last().is_some_and(|l| l.starts_with("PASS")),
+        "the demo's last line is not PASS:\n{stdout}"
+    );
+}
