@@ -78,6 +78,9 @@ pub enum GroupMsg {
     Tick,
 }
 
+// Group actors are reached on their own node only; their messages never cross the network.
+impl ractor::Message for GroupMsg {}
+
 /// Settings shared by all group actors.
 #[derive(Debug, Clone)]
 pub struct GroupSettings {

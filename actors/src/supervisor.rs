@@ -21,6 +21,9 @@ pub enum SupervisorMsg {
     Count(RpcReplyPort<usize>),
 }
 
+// The supervisor is reached on its own node only.
+impl ractor::Message for SupervisorMsg {}
+
 /// Arguments of the supervisor.
 pub struct SupervisorArgs {
     pub store: Store,

@@ -21,6 +21,26 @@ impl NodeProcess {
     /// Starts `binary node` with its data in `data_dir`, listeners on free ports and the given
     /// extra flags. Waits up to 60 s until the node prints its address.
     pub fn start(binary: &Path, data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_stderr(binary, data_dir, extra, Stdio::inherit())
+    }
+
+    /// Like [`NodeProcess::start`], with the node's log (stderr) written to `log`.
+    pub fn start_logged(
+        binary: &Path,
+        data_dir: &Path,
+        extra: &[&str],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        let file = std::fs::File::create(log)?;
+        Self::start_with_stderr(binary, data_dir, extra, Stdio::from(file))
+    }
+
+    fn start_with_stderr(
+        binary: &Path,
+        data_dir: &Path,
+        extra: &[&str],
+        stderr: Stdio,
+    ) -> anyhow::Result<Self> {
         let mut child = Command::new(binary)
             .arg("node")
             .arg("--data-dir")
@@ -32,7 +52,7 @@ impl NodeProcess {
                 std::env::var("ATLAS_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()?;
         let stdout = child
             .stdout
@@ -82,6 +102,35 @@ impl NodeProcess {
     /// Returns the operating-system process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Sends a signal by name (`STOP`, `CONT`, ...) to the process, for pauses that look like
+    /// a partition to its peers.
+    pub fn signal(&self, name: &str) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{name} {} failed", self.child.id());
+        Ok(())
+    }
+
+    /// Fetches a path from the node's metrics and admin listener and returns the body of a
+    /// 200 answer.
+    pub fn admin_get(&self, path: &str) -> anyhow::Result<String> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(self.metrics_addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| anyhow::anyhow!("answer to GET {path} is not HTTP"))?;
+        anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+        Ok(body.to_owned())
     }
 
     /// Sends SIGKILL and waits for the process to end.

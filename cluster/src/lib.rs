@@ -4,10 +4,15 @@
 //! in [`Presence`]. On a single node both resolve locally; a cluster replaces their insides
 //! (remote actor references, presence by node) while sessions keep calling the same methods.
 
+mod membership;
 mod placement;
 mod presence;
 mod router;
 
+pub use membership::{
+    Cluster, ClusterSettings, MEMBERSHIP_GROUP, MemberState, MemberView, MembershipMsg,
+    MembershipObserver,
+};
 pub use placement::{NodeName, ShardId, replicas, shard_of};
 pub use presence::{Outbound, OutboundReceiver, Presence, SessionHandle};
 pub use router::Router;

@@ -49,6 +49,29 @@ pub struct NodeConfig {
     pub signing_key_grace_secs: u64,
     /// Seconds between signed tree heads while the key transparency log grows.
     pub tree_head_interval_secs: u64,
+    /// This node's name in the cluster; the common name of its cluster certificate.
+    pub node_name: String,
+    /// Address of the node-to-node listener (mutual TLS). Without it the node runs alone.
+    pub cluster_listen: Option<SocketAddr>,
+    /// Address other nodes dial to reach this one; defaults to `cluster_listen`.
+    pub cluster_advertise: Option<SocketAddr>,
+    /// Cluster addresses of nodes to join through.
+    pub seeds: Vec<SocketAddr>,
+    /// Shared secret of the cluster.
+    pub cluster_cookie: Option<Secret>,
+    /// PEM file of the cluster CA, which must have issued every node's certificate.
+    pub cluster_ca: Option<PathBuf>,
+    /// PEM certificate chain and key of this node, from `atlas cert node NAME`.
+    pub cluster_cert: Option<PathBuf>,
+    pub cluster_key: Option<PathBuf>,
+    /// Milliseconds between heartbeats to the other members.
+    pub heartbeat_ms: u64,
+    /// A member not heard from for this many milliseconds is marked dead.
+    pub failure_timeout_ms: u64,
+    /// Number of shards of the placement.
+    pub shards: u32,
+    /// Replicas of each shard (fewer when fewer nodes are alive).
+    pub replication: u32,
 }
 
 /// Log output format.
@@ -91,6 +114,18 @@ impl Default for NodeConfig {
             signing_key_rotation_secs: 30 * 24 * 3600,
             signing_key_grace_secs: 90 * 24 * 3600,
             tree_head_interval_secs: 2,
+            node_name: "node-1".into(),
+            cluster_listen: None,
+            cluster_advertise: None,
+            seeds: Vec::new(),
+            cluster_cookie: None,
+            cluster_ca: None,
+            cluster_cert: None,
+            cluster_key: None,
+            heartbeat_ms: 500,
+            failure_timeout_ms: 3000,
+            shards: 64,
+            replication: 3,
         }
     }
 }
@@ -149,6 +184,36 @@ pub struct NodeFlags {
     /// Seconds between signed tree heads while the key transparency log grows.
     #[arg(long, env = "ATLAS_TREE_HEAD_INTERVAL_SECS")]
     pub tree_head_interval_secs: Option<u64>,
+    /// This node's name in the cluster.
+    #[arg(long, env = "ATLAS_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Address of the node-to-node listener; enables clustering.
+    #[arg(long, env = "ATLAS_CLUSTER_LISTEN")]
+    pub cluster_listen: Option<SocketAddr>,
+    /// Address other nodes dial to reach this one (default: --cluster-listen).
+    #[arg(long, env = "ATLAS_CLUSTER_ADVERTISE")]
+    pub cluster_advertise: Option<SocketAddr>,
+    /// Cluster addresses of nodes to join through, comma-separated.
+    #[arg(long, env = "ATLAS_SEEDS", value_delimiter = ',')]
+    pub seeds: Option<Vec<SocketAddr>>,
+    /// Shared secret of the cluster.
+    #[arg(long, env = "ATLAS_CLUSTER_COOKIE", hide_env_values = true)]
+    pub cluster_cookie: Option<String>,
+    /// PEM file of the cluster CA.
+    #[arg(long, env = "ATLAS_CLUSTER_CA")]
+    pub cluster_ca: Option<PathBuf>,
+    /// PEM certificate chain of this node (from `atlas cert node`).
+    #[arg(long, env = "ATLAS_CLUSTER_CERT")]
+    pub cluster_cert: Option<PathBuf>,
+    /// PEM private key of this node.
+    #[arg(long, env = "ATLAS_CLUSTER_KEY")]
+    pub cluster_key: Option<PathBuf>,
+    /// Milliseconds between heartbeats to the other members.
+    #[arg(long, env = "ATLAS_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// Milliseconds without a heartbeat after which a member is marked dead.
+    #[arg(long, env = "ATLAS_FAILURE_TIMEOUT_MS")]
+    pub failure_timeout_ms: Option<u64>,
 }
 
 impl NodeFlags {
@@ -193,6 +258,27 @@ impl NodeFlags {
         if let Some(secret) = &self.signing_key_secret {
             config.signing_key_secret = Some(Secret(secret.clone()));
         }
+        take!(node_name, heartbeat_ms, failure_timeout_ms);
+        if let Some(seeds) = &self.seeds {
+            config.seeds = seeds.clone();
+        }
+        if let Some(cookie) = &self.cluster_cookie {
+            config.cluster_cookie = Some(Secret(cookie.clone()));
+        }
+        macro_rules! take_option {
+            ($($field:ident),*) => {$(
+                if let Some(value) = &self.$field {
+                    config.$field = Some(value.clone());
+                }
+            )*};
+        }
+        take_option!(
+            cluster_listen,
+            cluster_advertise,
+            cluster_ca,
+            cluster_cert,
+            cluster_key
+        );
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             config.tls_cert = Some(cert.clone());
             config.tls_key = Some(key.clone());
@@ -205,7 +291,7 @@ impl NodeFlags {
 impl NodeConfig {
     /// Checks every numeric setting against its allowed range.
     fn validate(&self) -> anyhow::Result<()> {
-        let ranges: [(&str, u64, u64, u64); 10] = [
+        let ranges: [(&str, u64, u64, u64); 14] = [
             ("workers", self.workers as u64, 0, 256),
             ("queue_capacity", self.queue_capacity as u64, 1, 1_000_000),
             (
@@ -236,11 +322,55 @@ impl NodeConfig {
                 1,
                 3600,
             ),
+            ("heartbeat_ms", self.heartbeat_ms, 50, 60_000),
+            ("failure_timeout_ms", self.failure_timeout_ms, 200, 600_000),
+            ("shards", u64::from(self.shards), 1, 65_536),
+            ("replication", u64::from(self.replication), 1, 9),
         ];
         for (name, value, min, max) in ranges {
             anyhow::ensure!(
                 (min..=max).contains(&value),
                 "{name} = {value} is out of range, use a value from {min} to {max}"
+            );
+        }
+        anyhow::ensure!(
+            self.failure_timeout_ms >= 2 * self.heartbeat_ms,
+            "failure_timeout_ms = {} must be at least twice heartbeat_ms = {}, or every member \
+             would look dead between two heartbeats",
+            self.failure_timeout_ms,
+            self.heartbeat_ms
+        );
+        anyhow::ensure!(
+            !self.node_name.is_empty()
+                && self.node_name.len() <= 64
+                && self
+                    .node_name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)),
+            "node_name {:?} is invalid: use 1 to 64 characters from a-z, A-Z, 0-9, '.', '_', '-'",
+            self.node_name
+        );
+        if self.cluster_listen.is_some() {
+            let missing: Vec<&str> = [
+                ("cluster_cookie", self.cluster_cookie.is_none()),
+                ("cluster_ca", self.cluster_ca.is_none()),
+                ("cluster_cert", self.cluster_cert.is_none()),
+                ("cluster_key", self.cluster_key.is_none()),
+            ]
+            .into_iter()
+            .filter_map(|(name, missing)| missing.then_some(name))
+            .collect();
+            anyhow::ensure!(
+                missing.is_empty(),
+                "cluster_listen is set but {} missing: create the CA and node certificate with \
+                 `atlas cert ca` and `atlas cert node NAME`, and give every node the same cookie",
+                missing.join(", ")
+            );
+        } else {
+            anyhow::ensure!(
+                self.seeds.is_empty(),
+                "seeds are set but cluster_listen is not: a node joins a cluster only with a \
+                 cluster listener"
             );
         }
         Ok(())

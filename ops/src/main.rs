@@ -8,6 +8,7 @@
 
 mod admin;
 mod certs;
+mod cluster_tls;
 mod config;
 mod demo;
 mod node;
@@ -39,6 +40,13 @@ enum Command {
     /// Create a cluster CA or a node certificate.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Print the cluster status of a running node: members, their state and the shard
+    /// placement, as JSON from its admin endpoint.
+    Status {
+        /// The node's metrics and admin listener.
+        #[arg(long, env = "ATLAS_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+        admin: std::net::SocketAddr,
+    },
     /// Manage the signing keys of a running node through its admin endpoint.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -116,6 +124,9 @@ fn main() -> std::process::ExitCode {
                 out.join(format!("{name}-key.pem")).display()
             );
         }),
+        Command::Status { admin } => {
+            admin::request(admin, "GET", "/admin/cluster").map(|body| println!("{body}"))
+        }
         Command::Keys(KeysCommand::Rotate { admin }) => {
             admin::request(admin, "POST", "/admin/keys/rotate").map(|body| println!("{body}"))
         }

@@ -1,14 +1,17 @@
 //! Starting and stopping one node: storage, actors, gateway and metrics listener.
 
 use crate::config::NodeConfig;
-use crate::tls;
+use crate::{cluster_tls, tls};
 use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::Context;
 use atlas_actors::{
     ActorMetrics, Directory, GroupSettings, GroupSupervisor, KeyTransparency, Keyring,
     SupervisorArgs, SupervisorMsg,
 };
-use atlas_cluster::{Presence, Router};
+use atlas_cluster::{
+    Cluster, ClusterSettings, MemberState, MemberView, MembershipObserver, NodeName, Presence,
+    Router, ShardId, replicas,
+};
 use atlas_gateway::{GatewayMetrics, GatewayState, SessionSettings};
 use atlas_protocol::CloseCode;
 use atlas_storage::Store;
@@ -33,6 +36,7 @@ pub struct RunningNode {
     supervisor: ActorRef<SupervisorMsg>,
     tasks: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
     key_tasks: tokio::task::JoinHandle<()>,
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// Starts a node; must run inside an actix system.
@@ -64,6 +68,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         Duration::from_secs(config.signing_key_grace_secs),
     )?);
     let kt = Arc::new(KeyTransparency::open(store.clone(), Arc::clone(&keyring))?);
+    let cluster = start_cluster(config, &registry).await?;
 
     let presence = Arc::new(Presence::new());
     let settings = GroupSettings {
@@ -122,9 +127,15 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     };
     let (gateway, addr) = atlas_gateway::bind(state, config.listen, tls_config, workers)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let (metrics_server, metrics_addr) =
-        metrics_server(registry, Arc::clone(&keyring), config.metrics_listen)
-            .with_context(|| format!("cannot listen for metrics on {}", config.metrics_listen))?;
+    let admin = Admin {
+        keyring: Arc::clone(&keyring),
+        cluster: cluster.clone(),
+        node_name: config.node_name.clone(),
+        shards: config.shards,
+        replication: config.replication,
+    };
+    let (metrics_server, metrics_addr) = metrics_server(registry, admin, config.metrics_listen)
+        .with_context(|| format!("cannot listen for metrics on {}", config.metrics_listen))?;
     let handles = (gateway.handle(), metrics_server.handle());
     let tasks = vec![tokio::spawn(gateway), tokio::spawn(metrics_server)];
     let key_tasks = tokio::spawn(key_maintenance(
@@ -147,7 +158,118 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         supervisor,
         tasks,
         key_tasks,
+        cluster,
     })
+}
+
+/// Starts the cluster side when a cluster listener is configured.
+async fn start_cluster(
+    config: &NodeConfig,
+    registry: &Registry,
+) -> anyhow::Result<Option<Arc<Cluster>>> {
+    let Some(listen) = config.cluster_listen else {
+        return Ok(None);
+    };
+    // `NodeConfig::validate` checked that these are set with `cluster_listen`.
+    let (Some(ca), Some(cert), Some(key), Some(cookie)) = (
+        &config.cluster_ca,
+        &config.cluster_cert,
+        &config.cluster_key,
+        &config.cluster_cookie,
+    ) else {
+        anyhow::bail!(
+            "cluster_listen needs cluster_ca, cluster_cert, cluster_key and cluster_cookie"
+        );
+    };
+    let tls = cluster_tls::load(ca, cert, key)?;
+    let observer = Arc::new(MembershipMetrics::register(registry)?);
+    let settings = ClusterSettings {
+        node_name: config.node_name.clone(),
+        listen,
+        advertise: config.cluster_advertise.unwrap_or(listen),
+        seeds: config.seeds.clone(),
+        cookie: cookie.0.clone(),
+        server_tls: tls.server,
+        client_tls: tls.client,
+        heartbeat_interval: Duration::from_millis(config.heartbeat_ms),
+        failure_timeout: Duration::from_millis(config.failure_timeout_ms),
+    };
+    let cluster = Cluster::start(settings, observer)
+        .await
+        .with_context(|| format!("cannot start the cluster listener on {listen}"))?;
+    tracing::info!(node = %config.node_name, %listen, seeds = config.seeds.len(), "cluster listener started");
+    Ok(Some(Arc::new(cluster)))
+}
+
+/// Membership changes as Prometheus counters.
+struct MembershipMetrics {
+    changes: prometheus::IntCounterVec,
+}
+
+impl MembershipMetrics {
+    fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let changes = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "atlas_cluster_membership_changes_total",
+                "Cluster members that joined, rejoined or were marked dead",
+            ),
+            &["event"],
+        )?;
+        registry.register(Box::new(changes.clone()))?;
+        Ok(Self { changes })
+    }
+}
+
+impl MembershipObserver for MembershipMetrics {
+    fn changed(&self, event: &'static str, _member: &str) {
+        self.changes.with_label_values(&[event]).inc();
+    }
+}
+
+/// What the admin endpoints act on.
+#[derive(Clone)]
+struct Admin {
+    keyring: Arc<Keyring>,
+    cluster: Option<Arc<Cluster>>,
+    node_name: String,
+    shards: u32,
+    replication: u32,
+}
+
+impl Admin {
+    /// The cluster status: members and the shard placement over the live ones.
+    fn status(&self) -> serde_json::Value {
+        let members = match &self.cluster {
+            Some(cluster) => cluster.members(),
+            None => vec![MemberView {
+                name: self.node_name.clone(),
+                addr: String::new(),
+                state: MemberState::Local,
+                last_heard_ms: None,
+            }],
+        };
+        let live: Vec<NodeName> = members
+            .iter()
+            .filter(|m| matches!(m.state, MemberState::Local | MemberState::Alive))
+            .map(|m| NodeName(m.name.clone()))
+            .collect();
+        let shards: Vec<serde_json::Value> = (0..self.shards)
+            .map(|shard| {
+                let replicas = replicas(ShardId(shard), &live, self.replication as usize);
+                serde_json::json!({
+                    "shard": shard,
+                    "replicas": replicas.iter().map(|n| n.0.clone()).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "node": self.node_name,
+            "clustered": self.cluster.is_some(),
+            "members": members,
+            "replication": self.replication,
+            "shards": shards,
+        })
+    }
 }
 
 /// Returns the secret that seals the signing keys: from the configuration, or else from
@@ -234,18 +356,26 @@ async fn key_maintenance(
 }
 
 /// Serves `/metrics` and, for operators on the same host, the admin endpoints
-/// `GET /admin/jwks` and `POST /admin/keys/rotate`.
+/// `GET /admin/cluster`, `GET /admin/jwks` and `POST /admin/keys/rotate`.
 fn metrics_server(
     registry: Registry,
-    keyring: Arc<Keyring>,
+    admin: Admin,
     listen: SocketAddr,
 ) -> std::io::Result<(actix_web::dev::Server, SocketAddr)> {
     let registry = web::Data::new(registry);
-    let keyring = web::Data::from(keyring);
+    let keyring = web::Data::from(Arc::clone(&admin.keyring));
+    let admin = web::Data::new(admin);
     let server = HttpServer::new(move || {
         App::new()
             .app_data(registry.clone())
             .app_data(keyring.clone())
+            .app_data(admin.clone())
+            .route(
+                "/admin/cluster",
+                web::get().to(|admin: web::Data<Admin>| async move {
+                    HttpResponse::Ok().json(admin.status())
+                }),
+            )
             .route(
                 "/admin/jwks",
                 web::get().to(|keyring: web::Data<Keyring>| async move {
@@ -298,6 +428,9 @@ impl RunningNode {
             let _ = task.await;
         }
         let _ = self.key_tasks.await;
+        if let Some(cluster) = &self.cluster {
+            cluster.stop();
+        }
         self.supervisor.stop(Some("node shutdown".into()));
         self.store
             .close()

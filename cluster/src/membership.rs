@@ -1,0 +1,463 @@
+//! Cluster membership over ractor_cluster: node-to-node links with mutual TLS and the cluster
+//! cookie, joining through seeds, and failure detection by heartbeats.
+//!
+//! Each node runs a ractor_cluster `NodeServer` (TLS listener, cookie authentication,
+//! `Isolated` connection mode) and one membership actor in the process group
+//! [`MEMBERSHIP_GROUP`]. ractor_cluster shares process groups between connected nodes, so
+//! each membership actor sees the others. Every heartbeat interval it sends them its name,
+//! its cluster address and the members it knows, marks members it has not heard from within
+//! the failure timeout as dead, and dials seeds and known members it is not hearing from,
+//! with exponential backoff and jitter. A dead member that is heard again is alive again.
+//!
+//! NOTE: ractor_cluster does not tie a peer's certificate to the node name it declares, so a
+//! node holding any certificate of the cluster CA can pose under another name.
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, pg};
+use ractor_cluster::node::NodeConnectionMode;
+use ractor_cluster::{
+    IncomingEncryptionMode, NodeEventSubscription, NodeServer, NodeServerMessage,
+    RactorClusterMessage, client_connect_enc,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// Process group of the membership actors.
+pub const MEMBERSHIP_GROUP: &str = "atlas.membership";
+
+/// Longest wait between two dials of an address that does not answer.
+const MAX_DIAL_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Time a dial may take, TLS handshake included, before it is abandoned.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How to run the cluster side of a node.
+#[derive(Clone)]
+pub struct ClusterSettings {
+    /// This node's name, unique in the cluster.
+    pub node_name: String,
+    /// Address of the cluster listener.
+    pub listen: SocketAddr,
+    /// Address other nodes dial to reach this node.
+    pub advertise: SocketAddr,
+    /// Nodes to join through.
+    pub seeds: Vec<SocketAddr>,
+    /// Shared secret every node of the cluster presents.
+    pub cookie: String,
+    /// TLS for incoming links; must require client certificates of the cluster CA.
+    pub server_tls: Arc<rustls::ServerConfig>,
+    /// TLS for outgoing links, with this node's certificate.
+    pub client_tls: Arc<rustls::ClientConfig>,
+    pub heartbeat_interval: Duration,
+    pub failure_timeout: Duration,
+}
+
+/// What this node knows of a member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberState {
+    /// This node.
+    Local,
+    /// Heard from within the failure timeout.
+    Alive,
+    /// Not heard from within the failure timeout.
+    Dead,
+    /// Learned from another member, never heard from directly.
+    Unknown,
+}
+
+/// A member as the status endpoint shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberView {
+    pub name: String,
+    pub addr: String,
+    pub state: MemberState,
+    /// Milliseconds since the last heartbeat from this member, if any.
+    pub last_heard_ms: Option<u64>,
+}
+
+/// The membership as last computed, shared with the status endpoint.
+pub(crate) type MembershipView = Arc<RwLock<BTreeMap<String, MemberView>>>;
+
+/// Counters of membership changes, for metrics.
+pub trait MembershipObserver: Send + Sync + 'static {
+    /// Called when a member becomes alive (`joined` or `rejoined`) or dead.
+    fn changed(&self, event: &'static str, member: &str);
+}
+
+/// Heartbeat payload, MessagePack-encoded.
+#[derive(Debug, Serialize, Deserialize)]
+struct Heartbeat {
+    name: String,
+    addr: String,
+    /// Members the sender knows, as (name, address).
+    members: Vec<(String, String)>,
+}
+
+/// Messages of the membership actor. They cross the network, so they serialize.
+#[derive(RactorClusterMessage)]
+pub enum MembershipMsg {
+    /// A heartbeat from another node.
+    Heartbeat(Vec<u8>),
+    /// Periodic work: send heartbeats, detect failures, dial.
+    Tick,
+}
+
+struct Member {
+    addr: String,
+    last_heard: Option<Instant>,
+    alive: bool,
+}
+
+struct Dial {
+    next: Instant,
+    delay: Duration,
+    in_flight: bool,
+}
+
+/// State of the membership actor.
+struct MembershipState {
+    settings: ClusterSettings,
+    server: ActorRef<NodeServerMessage>,
+    members: HashMap<String, Member>,
+    dials: Arc<Mutex<HashMap<SocketAddr, Dial>>>,
+    view: MembershipView,
+    observer: Arc<dyn MembershipObserver>,
+}
+
+struct Membership;
+
+impl Actor for Membership {
+    type Msg = MembershipMsg;
+    type State = MembershipState;
+    type Arguments = MembershipState;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: MembershipState,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        pg::join(MEMBERSHIP_GROUP.to_owned(), vec![myself.get_cell()]);
+        myself.send_interval(state.settings.heartbeat_interval, || MembershipMsg::Tick);
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            MembershipMsg::Heartbeat(bytes) => match rmp_serde::from_slice::<Heartbeat>(&bytes) {
+                Ok(heartbeat) => state.heard(heartbeat),
+                Err(e) => tracing::warn!(error = %e, "ignoring a malformed cluster heartbeat"),
+            },
+            MembershipMsg::Tick => {
+                state.send_heartbeats(&myself);
+                state.detect_failures();
+                state.dial();
+            }
+        }
+        state.publish();
+        Ok(())
+    }
+}
+
+impl MembershipState {
+    fn heard(&mut self, heartbeat: Heartbeat) {
+        if heartbeat.name == self.settings.node_name {
+            return;
+        }
+        let now = Instant::now();
+        let member = self
+            .members
+            .entry(heartbeat.name.clone())
+            .or_insert_with(|| Member {
+                addr: heartbeat.addr.clone(),
+                last_heard: None,
+                alive: false,
+            });
+        member.addr = heartbeat.addr.clone();
+        let event = match (member.alive, member.last_heard) {
+            (true, _) => None,
+            (false, None) => Some("joined"),
+            (false, Some(_)) => Some("rejoined"),
+        };
+        member.last_heard = Some(now);
+        member.alive = true;
+        if let Some(event) = event {
+            tracing::info!(member = %heartbeat.name, addr = %heartbeat.addr, event, "cluster member alive");
+            self.observer.changed(event, &heartbeat.name);
+        }
+        if let Ok(addr) = heartbeat.addr.parse()
+            && let Some(dial) = self
+                .dials
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_mut(&addr)
+        {
+            dial.delay = self.settings.heartbeat_interval;
+        }
+        for (name, addr) in heartbeat.members {
+            if name != self.settings.node_name && !self.members.contains_key(&name) {
+                tracing::info!(member = %name, %addr, via = %heartbeat.name, "learned of a cluster member");
+                self.members.insert(
+                    name,
+                    Member {
+                        addr,
+                        last_heard: None,
+                        alive: false,
+                    },
+                );
+            }
+        }
+    }
+
+    fn send_heartbeats(&self, myself: &ActorRef<MembershipMsg>) {
+        let mut members: Vec<(String, String)> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.alive)
+            .map(|(name, m)| (name.clone(), m.addr.clone()))
+            .collect();
+        members.push((
+            self.settings.node_name.clone(),
+            self.settings.advertise.to_string(),
+        ));
+        let heartbeat = Heartbeat {
+            name: self.settings.node_name.clone(),
+            addr: self.settings.advertise.to_string(),
+            members,
+        };
+        // Plain data with string keys: encoding into a Vec cannot fail.
+        let bytes = rmp_serde::to_vec(&heartbeat).expect("heartbeat serializes");
+        for cell in pg::get_members(&MEMBERSHIP_GROUP.to_owned()) {
+            if cell.get_id() != myself.get_id()
+                && let Err(e) = cell.send_message(MembershipMsg::Heartbeat(bytes.clone()))
+            {
+                tracing::debug!(error = %e, "sending a heartbeat failed");
+            }
+        }
+    }
+
+    fn detect_failures(&mut self) {
+        let timeout = self.settings.failure_timeout;
+        for (name, member) in &mut self.members {
+            if member.alive && member.last_heard.is_none_or(|t| t.elapsed() > timeout) {
+                member.alive = false;
+                tracing::warn!(member = %name, addr = %member.addr, timeout_ms = timeout.as_millis() as u64, "cluster member unreachable, marked dead");
+                self.observer.changed("dead", name);
+            }
+        }
+    }
+
+    /// Dials seeds and members this node is not hearing from, each address at most once at a
+    /// time and with backoff.
+    fn dial(&self) {
+        let mut targets: HashSet<SocketAddr> = self.settings.seeds.iter().copied().collect();
+        let alive: HashSet<SocketAddr> = self
+            .members
+            .values()
+            .filter(|m| m.alive)
+            .filter_map(|m| m.addr.parse().ok())
+            .collect();
+        targets.extend(
+            self.members
+                .values()
+                .filter(|m| !m.alive)
+                .filter_map(|m| m.addr.parse::<SocketAddr>().ok()),
+        );
+        targets.retain(|a| !alive.contains(a) && *a != self.settings.advertise);
+        let now = Instant::now();
+        let mut dials = self.dials.lock().unwrap_or_else(|p| p.into_inner());
+        for addr in targets {
+            let dial = dials.entry(addr).or_insert(Dial {
+                next: now,
+                delay: self.settings.heartbeat_interval,
+                in_flight: false,
+            });
+            if dial.in_flight || dial.next > now {
+                continue;
+            }
+            dial.in_flight = true;
+            // Exponential backoff with up to 25% jitter, so restarted nodes do not dial in step.
+            let jitter = dial.delay.mul_f64(rand::random::<f64>() * 0.25);
+            dial.next = now + dial.delay + jitter;
+            dial.delay = (dial.delay * 2).min(MAX_DIAL_BACKOFF);
+            let server = self.server.clone();
+            let connector = tokio_rustls::TlsConnector::from(Arc::clone(&self.settings.client_tls));
+            let dials = Arc::clone(&self.dials);
+            tokio::spawn(async move {
+                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                let result = tokio::time::timeout(
+                    DIAL_TIMEOUT,
+                    client_connect_enc(&server, addr, connector, name),
+                )
+                .await;
+                match result {
+                    Ok(Ok(())) => tracing::debug!(%addr, "cluster link opened"),
+                    Ok(Err(e)) => {
+                        tracing::info!(%addr, error = %e, "cannot reach cluster peer, will retry")
+                    }
+                    Err(_) => {
+                        tracing::info!(%addr, "cluster peer did not complete the handshake in time, will retry")
+                    }
+                }
+                if let Some(dial) = dials
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_mut(&addr)
+                {
+                    dial.in_flight = false;
+                }
+            });
+        }
+    }
+
+    fn publish(&self) {
+        let mut view = BTreeMap::new();
+        view.insert(
+            self.settings.node_name.clone(),
+            MemberView {
+                name: self.settings.node_name.clone(),
+                addr: self.settings.advertise.to_string(),
+                state: MemberState::Local,
+                last_heard_ms: None,
+            },
+        );
+        for (name, member) in &self.members {
+            let state = match (member.alive, member.last_heard) {
+                (true, _) => MemberState::Alive,
+                (false, Some(_)) => MemberState::Dead,
+                (false, None) => MemberState::Unknown,
+            };
+            view.insert(
+                name.clone(),
+                MemberView {
+                    name: name.clone(),
+                    addr: member.addr.clone(),
+                    state,
+                    last_heard_ms: member.last_heard.map(|t| t.elapsed().as_millis() as u64),
+                },
+            );
+        }
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = view;
+    }
+}
+
+/// A running cluster side of a node.
+pub struct Cluster {
+    server: ActorRef<NodeServerMessage>,
+    membership: ActorRef<MembershipMsg>,
+    view: MembershipView,
+    node_name: String,
+}
+
+impl Cluster {
+    /// Starts the node server and the membership actor.
+    pub async fn start(
+        settings: ClusterSettings,
+        observer: Arc<dyn MembershipObserver>,
+    ) -> anyhow::Result<Self> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&settings.server_tls));
+        let node_server = NodeServer::new(
+            settings.listen.port(),
+            settings.cookie.clone(),
+            settings.node_name.clone(),
+            settings.advertise.ip().to_string(),
+            Some(IncomingEncryptionMode::Tls(acceptor)),
+            // Transitive mode would dial learned peers without TLS; membership dials them.
+            Some(NodeConnectionMode::Isolated),
+        )
+        .with_listen_addr(settings.listen.ip());
+        let (server, _) = Actor::spawn(None, node_server, ()).await?;
+        server.cast(NodeServerMessage::SubscribeToEvents {
+            id: "atlas-session-log".into(),
+            subscription: Box::new(SessionEvents::default()),
+        })?;
+        let view: MembershipView = Arc::default();
+        let node_name = settings.node_name.clone();
+        let state = MembershipState {
+            server: server.clone(),
+            members: HashMap::new(),
+            dials: Arc::default(),
+            view: Arc::clone(&view),
+            observer,
+            settings,
+        };
+        let (membership, _) = Actor::spawn(None, Membership, state).await?;
+        tracing::info!(node = %node_name, "cluster membership started");
+        Ok(Self {
+            server,
+            membership,
+            view,
+            node_name,
+        })
+    }
+
+    /// This node's name.
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
+    /// The current membership, this node included.
+    pub fn members(&self) -> Vec<MemberView> {
+        self.view
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Stops the membership actor and the node server.
+    pub fn stop(&self) {
+        self.membership.stop(Some("node shutdown".into()));
+        self.server.stop(Some("node shutdown".into()));
+    }
+}
+
+/// Tracks which node sessions authenticated, to log those that closed before.
+#[derive(Default)]
+struct SessionEvents {
+    authenticated: Mutex<HashSet<ractor::ActorId>>,
+}
+
+impl NodeEventSubscription for SessionEvents {
+    fn node_session_opened(&self, session: ractor_cluster::node::NodeServerSessionInformation) {
+        tracing::debug!(peer = %session.peer_addr, "cluster session opened");
+    }
+
+    fn node_session_disconnected(
+        &self,
+        session: ractor_cluster::node::NodeServerSessionInformation,
+    ) {
+        let id = session.actor.get_id();
+        let was_authenticated = self
+            .authenticated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        if was_authenticated {
+            tracing::info!(peer = %session.peer_addr, "cluster session closed");
+        } else {
+            tracing::warn!(
+                peer = %session.peer_addr,
+                "cluster peer refused: it closed before authenticating (wrong cookie or node name)"
+            );
+        }
+    }
+
+    fn node_session_authenticated(
+        &self,
+        session: ractor_cluster::node::NodeServerSessionInformation,
+    ) {
+        self.authenticated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(session.actor.get_id());
+    }
+}

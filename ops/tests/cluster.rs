@@ -1,0 +1,267 @@
+//! Cluster membership with real node processes on 127.0.0.1: joining through seeds, mutual TLS
+//! and the cookie, failure detection after SIGKILL and SIGSTOP, and re-admission.
+
+use atlas_chaos::{NodeProcess, wait_until};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_atlas");
+const COOKIE: &str = "test-cluster-cookie";
+
+/// Time a membership change may take to show: the failure timeout plus heartbeats.
+const CONVERGE: Duration = Duration::from_secs(20);
+
+fn run(args: &[&str]) {
+    let output = Command::new(BIN).args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "atlas {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+/// One node's settings, kept to restart it in place.
+struct Spec {
+    name: String,
+    port: u16,
+    seeds: Vec<u16>,
+    ca_dir: PathBuf,
+    cookie: String,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        run(&["cert", "ca", "--dir", ca.to_str().unwrap()]);
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A node certificate named `name` from the CA in `ca_dir`.
+    fn certificate(&self, name: &str, ca_dir: &Path) {
+        let out = self.path("certs");
+        std::fs::create_dir_all(&out).unwrap();
+        run(&[
+            "cert",
+            "node",
+            name,
+            "--ca-dir",
+            ca_dir.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+    }
+
+    fn spec(&self, name: &str, seeds: &[u16]) -> Spec {
+        self.certificate(name, &self.path("ca"));
+        Spec {
+            name: name.into(),
+            port: free_port(),
+            seeds: seeds.to_vec(),
+            ca_dir: self.path("ca"),
+            cookie: COOKIE.into(),
+        }
+    }
+
+    fn start(&self, spec: &Spec) -> NodeProcess {
+        let certs = self.path("certs");
+        let seeds = spec
+            .seeds
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut args = vec![
+            "--node-name".to_owned(),
+            spec.name.clone(),
+            "--cluster-listen".into(),
+            format!("127.0.0.1:{}", spec.port),
+            "--cluster-cookie".into(),
+            spec.cookie.clone(),
+            "--cluster-ca".into(),
+            spec.ca_dir.join("ca.pem").display().to_string(),
+            "--cluster-cert".into(),
+            certs
+                .join(format!("{}.pem", spec.name))
+                .display()
+                .to_string(),
+            "--cluster-key".into(),
+            certs
+                .join(format!("{}-key.pem", spec.name))
+                .display()
+                .to_string(),
+            "--heartbeat-ms".into(),
+            "200".into(),
+            "--failure-timeout-ms".into(),
+            "1500".into(),
+        ];
+        if !seeds.is_empty() {
+            args.push("--seeds".into());
+            args.push(seeds);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let log = self.path(&format!("{}.log", spec.name));
+        NodeProcess::start_logged(Path::new(BIN), &self.path(&spec.name), &args, &log).unwrap()
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path(&format!("{name}.log"))).unwrap_or_default()
+    }
+}
+
+/// The member states a node reports, by name.
+fn states(node: &NodeProcess) -> BTreeMap<String, String> {
+    let Ok(body) = node.admin_get("/admin/cluster") else {
+        return BTreeMap::new();
+    };
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap().to_owned(),
+                m["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn alive(node: &NodeProcess, members: &[&str]) -> bool {
+    let states = states(node);
+    members
+        .iter()
+        .all(|m| matches!(states.get(*m).map(String::as_str), Some("alive" | "local")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_detect_failures_and_rejoin() {
+    let fixture = Fixture::new();
+    let a = fixture.spec("node-a", &[]);
+    let b = fixture.spec("node-b", &[a.port]);
+    let c = fixture.spec("node-c", &[b.port]);
+    let node_a = fixture.start(&a);
+    let node_b = fixture.start(&b);
+    let node_c = fixture.start(&c);
+    let all = ["node-a", "node-b", "node-c"];
+
+    // node-c only knows node-b, and learns node-a through it.
+    for (name, node) in [("a", &node_a), ("b", &node_b), ("c", &node_c)] {
+        let joined = wait_until(CONVERGE, || alive(node, &all)).await;
+        assert!(joined, "node-{name} sees {:?}", states(node));
+    }
+    let status: serde_json::Value =
+        serde_json::from_str(&node_a.admin_get("/admin/cluster").unwrap()).unwrap();
+    let shards = status["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), 64);
+    assert!(
+        shards
+            .iter()
+            .all(|s| s["replicas"].as_array().unwrap().len() == 3),
+        "every shard has three replicas"
+    );
+
+    // SIGKILL: the others mark node-c dead, then alive again after a restart in place.
+    node_c.kill9().unwrap();
+    for node in [&node_a, &node_b] {
+        let dead = wait_until(CONVERGE, || {
+            states(node).get("node-c").map(String::as_str) == Some("dead")
+        })
+        .await;
+        assert!(dead, "node-c still listed as {:?}", states(node));
+    }
+    let status: serde_json::Value =
+        serde_json::from_str(&node_a.admin_get("/admin/cluster").unwrap()).unwrap();
+    assert!(
+        status["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["replicas"].as_array().unwrap().len() == 2),
+        "placement uses the two live nodes only"
+    );
+    let node_c = fixture.start(&c);
+    for node in [&node_a, &node_b, &node_c] {
+        let back = wait_until(CONVERGE, || alive(node, &all)).await;
+        assert!(back, "after the restart: {:?}", states(node));
+    }
+    let dead_count = node_a
+        .metric("atlas_cluster_membership_changes_total{event=\"dead\"}")
+        .unwrap();
+    assert!(dead_count >= 1.0, "membership changes are counted");
+
+    // SIGSTOP looks like a partition of node-b: the others mark it dead, and alive once it
+    // resumes.
+    node_b.signal("STOP").unwrap();
+    let paused = wait_until(CONVERGE, || {
+        states(&node_a).get("node-b").map(String::as_str) == Some("dead")
+    })
+    .await;
+    node_b.signal("CONT").unwrap();
+    assert!(paused, "node-b during SIGSTOP: {:?}", states(&node_a));
+    let resumed = wait_until(CONVERGE, || alive(&node_a, &all)).await;
+    assert!(resumed, "after SIGCONT: {:?}", states(&node_a));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_ca_and_wrong_cookie_are_refused() {
+    let fixture = Fixture::new();
+    let a = fixture.spec("node-a", &[]);
+    let b = fixture.spec("node-b", &[a.port]);
+    let node_a = fixture.start(&a);
+    let node_b = fixture.start(&b);
+    let pair = ["node-a", "node-b"];
+    assert!(wait_until(CONVERGE, || alive(&node_a, &pair)).await);
+
+    // A node whose certificate comes from another CA.
+    let rogue_ca = fixture.path("rogue-ca");
+    run(&["cert", "ca", "--dir", rogue_ca.to_str().unwrap()]);
+    fixture.certificate("rogue", &rogue_ca);
+    let rogue = Spec {
+        name: "rogue".into(),
+        port: free_port(),
+        seeds: vec![a.port],
+        ca_dir: rogue_ca,
+        cookie: COOKIE.into(),
+    };
+    let _rogue = fixture.start(&rogue);
+
+    // A node with a valid certificate and the wrong cookie.
+    let mut stranger = fixture.spec("stranger", &[a.port]);
+    stranger.cookie = "not-the-cookie".into();
+    let _stranger = fixture.start(&stranger);
+
+    // The rogue node rejects node-a's certificate during the handshake, which node-a's
+    // listener logs; node-a's own verifier would reject the rogue's certificate next.
+    let refused = wait_until(CONVERGE, || {
+        let log = fixture.log("node-a");
+        (log.contains("Error establishing secure socket")
+            || log.contains("not from the cluster CA"))
+            && log.contains("closed before authenticating")
+    })
+    .await;
+    assert!(refused, "node-a log:\n{}", fixture.log("node-a"));
+    let members = states(&node_a);
+    assert!(!members.contains_key("rogue"), "{members:?}");
+    assert!(!members.contains_key("stranger"), "{members:?}");
+    assert!(alive(&node_a, &pair) && alive(&node_b, &pair));
+}
