@@ -4,7 +4,7 @@
 //! Each node runs a ractor_cluster `NodeServer` (TLS listener, cookie authentication,
 //! `Isolated` connection mode) and one membership actor in the process group
 //! [`MEMBERSHIP_GROUP`]. ractor_cluster shares process groups between connected nodes, so
-//! each membership actor sees the others. Every heartbeat interval it sends them its name,
+//! each membership actor can message the others. Every heartbeat interval it sends them its name,
 //! its cluster address and the members it knows, marks members it has not heard from within
 //! the failure timeout as dead, and dials seeds and known members it is not hearing from,
 //! with exponential backoff and jitter. A dead member that is heard again is alive again.
@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 /// Process group of the membership actors.
 pub const MEMBERSHIP_GROUP: &str = "atlas.membership";
 
-/// Longest wait between two dials of an address that does not answer.
+/// Maximum wait between two dials of an address that does not respond.
 const MAX_DIAL_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Time a dial may take, TLS handshake included, before it is abandoned.
@@ -54,7 +54,7 @@ pub struct ClusterSettings {
     pub failure_timeout: Duration,
 }
 
-/// What this node knows of a member.
+/// State of a member as this node records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MemberState {
@@ -92,7 +92,7 @@ pub trait MembershipObserver: Send + Sync + 'static {
 struct Heartbeat {
     name: String,
     addr: String,
-    /// Members the sender knows, as (name, address).
+    /// Members the sender considers alive, itself included, as (name, address).
     members: Vec<(String, String)>,
 }
 
@@ -403,7 +403,7 @@ impl Cluster {
         &self.node_name
     }
 
-    /// The current membership, this node included.
+    /// Returns the current membership, this node included.
     pub fn members(&self) -> Vec<MemberView> {
         self.view
             .read()

@@ -55,7 +55,7 @@ impl Fixture {
         self.dir.path().join(name)
     }
 
-    /// A node certificate named `name` from the CA in `ca_dir`.
+    /// Creates a node certificate named `name` from the CA in `ca_dir`.
     fn certificate(&self, name: &str, ca_dir: &Path) {
         let out = self.path("certs");
         std::fs::create_dir_all(&out).unwrap();
@@ -127,7 +127,7 @@ impl Fixture {
     }
 }
 
-/// The member states a node reports, by name.
+/// Reads the member states a node reports, by name.
 fn states(node: &NodeProcess) -> BTreeMap<String, String> {
     let Ok(body) = node.admin_get("/admin/cluster") else {
         return BTreeMap::new();
@@ -164,7 +164,7 @@ async fn nodes_join_detect_failures_and_rejoin() {
     let node_c = fixture.start(&c);
     let all = ["node-a", "node-b", "node-c"];
 
-    // node-c only knows node-b, and learns node-a through it.
+    // node-c has only node-b as seed and learns of node-a through it.
     for (name, node) in [("a", &node_a), ("b", &node_b), ("c", &node_c)] {
         let joined = wait_until(CONVERGE, || alive(node, &all)).await;
         assert!(joined, "node-{name} sees {:?}", states(node));
@@ -263,5 +263,6 @@ async fn foreign_ca_and_wrong_cookie_are_refused() {
     let members = states(&node_a);
     assert!(!members.contains_key("rogue"), "{members:?}");
     assert!(!members.contains_key("stranger"), "{members:?}");
-    assert!(alive(&node_a, &pair) && alive(&node_b, &pair));
+    assert!(alive(&node_a, &pair), "{:?}", states(&node_a));
+    assert!(alive(&node_b, &pair), "{:?}", states(&node_b));
 }
