@@ -86,13 +86,16 @@ impl KeyTransparency {
     }
 
     /// Returns a signed head over every entry appended before the call. A new head is signed
-    /// only when the log grew, and only after the entries it covers are on disk, so a signed
-    /// head never covers entries a crash could lose.
+    /// only when the log grew or the signing key rotated, and only after the entries it covers
+    /// are on disk, so a signed head never covers entries a crash could lose.
     pub async fn head(&self) -> Result<SignedTreeHead, KtError> {
         let mut latest = self.head.lock().await;
         let size = self.store.kt_size();
+        // After a rotation the head is signed again with the current key, so a log that stops
+        // growing does not keep a head whose key leaves the JWKS after its grace period.
         if let Some(head) = latest.as_ref()
             && head.size == size
+            && head.kid == self.keyring.current_kid()
         {
             return Ok(head.clone());
         }

@@ -100,7 +100,25 @@ pub async fn audit(
         from: options.from,
         checked: 0,
     };
-    if let Some(head) = &auditor.head {
+    if let Some(head) = auditor.head.clone() {
+        // A saved head signed by a key this node never published belongs to another node with
+        // the same server name, or is older than the node's key grace period.
+        auditor.refresh_jwks().await?;
+        if auditor.jwks.find(&head.kid).is_none() {
+            return Err(AuditError::State {
+                path: options
+                    .state_file
+                    .as_deref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                detail: format!(
+                    "the saved head is signed by key {:?}, which this node does not publish: the \
+                     file belongs to another node, or the key left the JWKS after its grace \
+                     period; start a new state file",
+                    head.kid
+                ),
+            });
+        }
         progress(&format!(
             "resuming from the saved head of size {} (root {})",
             head.size,
@@ -171,20 +189,26 @@ impl Auditor {
         }
     }
 
+    /// Fetches the node's JWKS and adds its keys to the known ones.
+    async fn refresh_jwks(&mut self) -> Result<(), AuditError> {
+        match self.request(ClientBody::Jwks).await? {
+            ServerBody::Jwks(jwks) => {
+                for key in jwks.keys {
+                    if self.jwks.find(&key.kid).is_none() {
+                        self.jwks.keys.push(key);
+                    }
+                }
+                Ok(())
+            }
+            other => Err(unexpected("jwks", other)),
+        }
+    }
+
     /// Verifies a head's signature and its consistency with the last verified head, and makes
     /// it the last verified head when it is larger.
     async fn advance(&mut self, head: SignedTreeHead) -> Result<(), AuditError> {
         if self.jwks.find(&head.kid).is_none() {
-            match self.request(ClientBody::Jwks).await? {
-                ServerBody::Jwks(jwks) => {
-                    for key in jwks.keys {
-                        if self.jwks.find(&key.kid).is_none() {
-                            self.jwks.keys.push(key);
-                        }
-                    }
-                }
-                other => return Err(unexpected("jwks", other)),
-            }
+            self.refresh_jwks().await?;
         }
         head.verify(&self.jwks, crate::now_ms())
             .map_err(|e| AuditError::BadHead {

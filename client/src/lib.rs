@@ -20,8 +20,8 @@ use atlas_protocol::transparency::{
     KeyEvent, KeyEventKind, ProvenEntry, SignedTreeHead, key_event_statement,
 };
 use atlas_protocol::{
-    Accepted, ClientBody, ClientMsgId, DeviceId, ErrorCode, GroupId, LogEntry, ServerBody,
-    WelcomeEntry, login_transcript,
+    Accepted, ClientBody, ClientMsgId, DeviceId, EntryKind, ErrorCode, GroupId, LogEntry,
+    ServerBody, WelcomeEntry, login_transcript,
 };
 use conn::Connection;
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
@@ -152,6 +152,8 @@ pub enum Event {
     Joined,
     /// This device was removed from the group.
     Removed,
+    /// An application message this client could not process, skipped; the text says why.
+    Unreadable(String),
 }
 
 /// A client device with its MLS state.
@@ -1212,11 +1214,25 @@ impl Client {
             }));
         }
         let mut mls_group = self.load_group(group)?;
-        let message = MlsMessageIn::tls_deserialize_exact(&entry.payload).map_err(mls)?;
-        let protocol: ProtocolMessage = message.try_into_protocol_message().map_err(mls)?;
-        let processed = mls_group
-            .process_message(&self.provider, protocol)
-            .map_err(mls)?;
+        let processed = match Self::open_entry(&self.provider, &mut mls_group, &entry) {
+            Ok(processed) => processed,
+            // Any member can submit bytes that others cannot process (a replayed ciphertext,
+            // garbage under a valid header). For application messages the entry is skipped so
+            // the group keeps working; a commit that fails is a real divergence and stops.
+            Err(e) if entry.kind == EntryKind::Application => {
+                return self.skip_entry(group, &entry, e.to_string());
+            }
+            Err(e) => return Err(e),
+        };
+        if entry.kind == EntryKind::Application
+            && let Sender::Member(leaf) = processed.sender()
+            && mls_group
+                .member(*leaf)
+                .is_some_and(|_| Self::leaf_device(&mls_group, *leaf) != Some(entry.sender))
+        {
+            let reason = "the message was encrypted by another member than the device that sent it";
+            return self.skip_entry(group, &entry, reason.to_owned());
+        }
         let sender_account =
             String::from_utf8_lossy(processed.credential().serialized_content()).into_owned();
         let event = match processed.into_content() {
@@ -1287,6 +1303,53 @@ impl Client {
             sender_account,
             sender: entry.sender,
             event,
+        }))
+    }
+
+    /// Parses an entry's MLS message and processes it in the group.
+    fn open_entry(
+        provider: &OpenMlsRustCrypto,
+        mls_group: &mut MlsGroup,
+        entry: &LogEntry,
+    ) -> Result<ProcessedMessage, ClientError> {
+        let message = MlsMessageIn::tls_deserialize_exact(&entry.payload).map_err(mls)?;
+        let protocol: ProtocolMessage = message.try_into_protocol_message().map_err(mls)?;
+        mls_group.process_message(provider, protocol).map_err(mls)
+    }
+
+    /// Returns the device id of the member at `leaf`.
+    fn leaf_device(mls_group: &MlsGroup, leaf: LeafNodeIndex) -> Option<DeviceId> {
+        mls_group
+            .members()
+            .find(|m| m.index == leaf)
+            .map(|m| DeviceId::for_key(&m.signature_key))
+    }
+
+    /// Moves the cursor past an application entry this client cannot process, and reports it.
+    fn skip_entry(
+        &mut self,
+        group: &GroupId,
+        entry: &LogEntry,
+        reason: String,
+    ) -> Result<Option<Received>, ClientError> {
+        tracing::warn!(group_id = %group, seq = entry.seq, sender = %entry.sender, %reason, "skipping an entry that cannot be processed");
+        let local = self
+            .groups
+            .get_mut(group.as_bytes())
+            .ok_or_else(|| ClientError::UnknownGroup(group.to_string()))?;
+        local.cursor = entry.seq;
+        while let Some(text) = local.own.remove(&(local.cursor + 1)) {
+            local.cursor += 1;
+            let seq = local.cursor;
+            local.record(seq, &self.account, text);
+        }
+        self.save()?;
+        Ok(Some(Received {
+            group: group.clone(),
+            seq: entry.seq,
+            sender_account: String::new(),
+            sender: entry.sender,
+            event: Event::Unreadable(reason),
         }))
     }
 

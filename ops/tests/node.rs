@@ -1085,3 +1085,65 @@ fn demo_passes() {
         "the demo's last line is not PASS:\n{stdout}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_ciphertext_does_not_stop_group() {
+    let setup = Setup::new(&[]);
+    let (mut clients, group) = setup.group(&["alice", "bob", "carol"]).await;
+    let seq = clients[0].send(&group, "original").await.unwrap();
+
+    // Bob submits alice's exact ciphertext again under a fresh message id.
+    let entries = match clients[1]
+        .request(ClientBody::Sync {
+            group: group.clone(),
+            after: seq - 1,
+            limit: 1,
+        })
+        .await
+        .unwrap()
+    {
+        ServerBody::Entries { entries, .. } => entries,
+        other => panic!("unexpected {other:?}"),
+    };
+    let replayed = clients[1]
+        .request(ClientBody::Send {
+            group: group.clone(),
+            msg_id: ClientMsgId([77; 16]),
+            message: entries[0].payload.clone(),
+        })
+        .await
+        .unwrap();
+    let ServerBody::Accepted(replay) = replayed else {
+        panic!("unexpected {replayed:?}");
+    };
+
+    clients[0].send(&group, "after the replay").await.unwrap();
+    for client in clients.iter_mut() {
+        let received = client.sync().await.unwrap();
+        assert_eq!(
+            client.cursor(&group),
+            Some(replay.seq + 1),
+            "{}",
+            client.account()
+        );
+        let skipped = received
+            .iter()
+            .any(|r| r.seq == replay.seq && matches!(r.event, atlas_client::Event::Unreadable(_)));
+        // Bob submitted the entry himself, so only the others read it as a message.
+        if client.account() != "bob" {
+            assert!(
+                skipped,
+                "{} did not report the replay: {received:?}",
+                client.account()
+            );
+        }
+    }
+    for client in &clients {
+        assert_eq!(
+            texts(client, &group),
+            vec![pair("alice", "original"), pair("alice", "after the replay")],
+            "{}",
+            client.account()
+        );
+    }
+}

@@ -75,6 +75,11 @@ pub enum ReceiptError {
     Malformed(String),
     #[error("receipt has no signature labelled {SIGNATURE_LABEL:?}")]
     MissingLabel,
+    #[error(
+        "receipt signature fields are not in canonical form (one signature labelled atlas, \
+         parameters created, alg, keyid, tag in that order, nothing else); expected {expected:?}"
+    )]
+    NotCanonical { expected: String },
     #[error("receipt covers {found:?}, expected {expected:?}", expected = COVERED_COMPONENTS)]
     WrongComponents { found: Vec<String> },
     #[error("receipt parameter {name} is {found:?}, expected {expected:?}")]
@@ -191,6 +196,20 @@ impl ReceiptFields {
             .get(SIGNATURE_LABEL)
             .ok_or(ReceiptError::MissingLabel)?;
         let params = headers.signature_params();
+        // httpsig rebuilds the parameters in its own order and drops unknown ones, so the base
+        // it verifies may differ from what was received. Accept only the canonical form, with
+        // one signature, so every RFC 9421 verifier reaches the same verdict.
+        let canonical_input = format!("{SIGNATURE_LABEL}={params}");
+        if parsed.len() != 1 || receipt.signature_input != canonical_input {
+            return Err(ReceiptError::NotCanonical {
+                expected: canonical_input.chars().take(300).collect(),
+            });
+        }
+        if receipt.signature != headers.signature_header_value() {
+            return Err(ReceiptError::NotCanonical {
+                expected: "a single signature labelled atlas".into(),
+            });
+        }
         let found: Vec<String> = params
             .covered_components
             .iter()

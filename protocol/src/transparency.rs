@@ -558,6 +558,9 @@ impl Jwk {
         if self.kty != "OKP" || self.crv != "Ed25519" {
             return Err(invalid("expected kty OKP and crv Ed25519"));
         }
+        if self.alg != "EdDSA" || self.use_ != "sig" {
+            return Err(invalid("expected alg EdDSA and use sig"));
+        }
         let bytes = URL_SAFE_NO_PAD
             .decode(&self.x)
             .map_err(|_| invalid("x is not base64url"))?;

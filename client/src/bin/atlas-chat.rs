@@ -873,6 +873,15 @@ fn event_line(received: &Received, me: &str) -> String {
             *seq,
             &membership_notice(sender_account, added, removed),
         ),
+        Event::Unreadable(reason) => notice_line(
+            group,
+            *seq,
+            &format!(
+                "skipped a message from device {} that cannot be read: {}",
+                received.sender,
+                escape_controls(reason)
+            ),
+        ),
     }
 }
 

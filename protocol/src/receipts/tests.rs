@@ -223,6 +223,41 @@ fn wrong_key_or_parameters_fail() {
         Err(ReceiptError::MissingLabel)
     );
 
+    // Inputs that httpsig would normalise to the signed base are still rejected.
+    let variants = [
+        receipt
+            .signature_input
+            .replace(";tag=", ";foo=\"bar\";tag="),
+        receipt
+            .signature_input
+            .replace(";alg=\"ed25519\"", ";tag=\"evil\";alg=\"ed25519\""),
+        receipt
+            .signature_input
+            .replace("\"atlas-seq\"", "atlas-seq"),
+    ];
+    for input in variants {
+        let altered = Receipt {
+            signature_input: input.clone(),
+            ..receipt.clone()
+        };
+        assert!(
+            matches!(
+                fields().verify(&altered, &jwks("k1", &[3; 32])),
+                Err(ReceiptError::NotCanonical { .. } | ReceiptError::Malformed(_))
+            ),
+            "{input}"
+        );
+    }
+    let two_signatures = Receipt {
+        signature: format!("{}, x=:AAAA:", receipt.signature),
+        signature_input: format!("{}, x=(\"@status\")", receipt.signature_input),
+    };
+    assert!(
+        fields()
+            .verify(&two_signatures, &jwks("k1", &[3; 32]))
+            .is_err()
+    );
+
     let garbage = Receipt {
         signature_input: "not a dictionary (".into(),
         signature: receipt.signature,
