@@ -109,11 +109,16 @@ impl LoginError {
 #[derive(Clone)]
 pub struct Directory {
     store: Store,
+    /// Name clients connect to; part of every signed login and key event statement.
+    server_name: String,
 }
 
 impl Directory {
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    pub fn new(store: Store, server_name: &str) -> Self {
+        Self {
+            store,
+            server_name: server_name.to_owned(),
+        }
     }
 
     /// Verifies a login signature over the transcript of `server_name`, `nonce` and `account`,
@@ -204,6 +209,7 @@ impl Directory {
         }
         let statement = key_event_statement(
             KeyEventKind::Revoked,
+            &self.server_name,
             &record.account,
             target,
             &record.public_key,
@@ -259,6 +265,7 @@ impl Directory {
         let device = DeviceId::for_key(new_key);
         let statement = key_event_statement(
             KeyEventKind::Added,
+            &self.server_name,
             &signer.account,
             &device,
             new_key,
@@ -318,6 +325,7 @@ impl Directory {
         let device = DeviceId::for_key(new_key);
         let statement = key_event_statement(
             KeyEventKind::Rotated,
+            &self.server_name,
             &previous.account,
             &device,
             new_key,

@@ -120,6 +120,7 @@ fn mls<E: std::fmt::Display>(e: E) -> ClientError {
 /// [`Client::enrollment_request`].
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EnrollmentRequest {
+    pub server_name: String,
     pub account: String,
     #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
@@ -165,6 +166,8 @@ pub struct Client {
     groups: BTreeMap<Vec<u8>, GroupLocal>,
     kt: kt::KtState,
     conn: Option<Connection>,
+    /// Server name from the last login challenge; signed statements name it.
+    server_name: Option<String>,
     request_timeout: Duration,
 }
 
@@ -207,6 +210,7 @@ impl Client {
             groups,
             kt,
             conn: None,
+            server_name: None,
             request_timeout: Duration::from_secs(30),
         };
         client.save()?;
@@ -286,6 +290,7 @@ impl Client {
             other => return Err(unexpected("login", other)),
         };
         self.conn = Some(conn);
+        self.server_name = Some(server_name);
         match self.request(ClientBody::KtHead).await? {
             ServerBody::KtHead(head) => self.check_head(&head).await?,
             other => return Err(unexpected("kt_head", other)),
@@ -601,6 +606,10 @@ impl Client {
         }
     }
 
+    fn connected_server_name(&self) -> Result<String, ClientError> {
+        self.server_name.clone().ok_or(ClientError::NotConnected)
+    }
+
     /// Fetches the node's JWKS and adds its keys to the ones this client knows.
     async fn refresh_jwks(&mut self) -> Result<(), ClientError> {
         match self.request(ClientBody::Jwks).await? {
@@ -806,8 +815,16 @@ impl Client {
             )));
         }
         let device = DeviceId::for_key(&request.key);
+        let server_name = self.connected_server_name()?;
+        if request.server_name != server_name {
+            return Err(ClientError::Config(format!(
+                "the enrollment request is for server {:?}, this device is connected to {server_name:?}",
+                request.server_name
+            )));
+        }
         let statement = key_event_statement(
             KeyEventKind::Added,
+            &server_name,
             &self.account,
             &device,
             &request.key,
@@ -831,14 +848,16 @@ impl Client {
         }
     }
 
-    /// Builds the request of this new, not yet registered device to join its account: its key
-    /// and its signature over the enrollment statement. A device of the account passes it to
-    /// [`Client::enroll_device`] within 10 minutes; this device then connects as usual.
-    pub fn enrollment_request(&self) -> Result<EnrollmentRequest, ClientError> {
+    /// Builds the request of this new, not yet registered device to join its account on the
+    /// server named `server_name` (see [`server_name_of`]): its key and its signature over the
+    /// enrollment statement. A device of the account passes it to [`Client::enroll_device`]
+    /// within 10 minutes; this device then connects as usual.
+    pub fn enrollment_request(&self, server_name: &str) -> Result<EnrollmentRequest, ClientError> {
         let time_ms = now_ms();
         let key = self.signer.public().to_vec();
         let statement = key_event_statement(
             KeyEventKind::Added,
+            server_name,
             &self.account,
             &self.device_id(),
             &key,
@@ -849,6 +868,7 @@ impl Client {
             .sign(&statement)
             .map_err(|e| ClientError::Mls(format!("signing the enrollment failed: {e:?}")))?;
         Ok(EnrollmentRequest {
+            server_name: server_name.to_owned(),
             account: self.account.clone(),
             key,
             time_ms,
@@ -867,8 +887,15 @@ impl Client {
             )));
         };
         let time_ms = now_ms();
-        let statement =
-            key_event_statement(KeyEventKind::Revoked, &self.account, &device, key, time_ms);
+        let server_name = self.connected_server_name()?;
+        let statement = key_event_statement(
+            KeyEventKind::Revoked,
+            &server_name,
+            &self.account,
+            &device,
+            key,
+            time_ms,
+        );
         let signature = self
             .signer
             .sign(&statement)
@@ -1408,6 +1435,16 @@ impl Client {
             &self.kt,
         )?
         .store(&self.dir)
+    }
+}
+
+/// Connects to `url` and returns the server name of its login challenge, which signed
+/// statements name; the connection is closed again.
+pub async fn server_name_of(url: &str, trust: &ServerTrust) -> Result<String, ClientError> {
+    let (_conn, challenge) = RawConnection::open(url, trust).await?;
+    match challenge {
+        ServerBody::Challenge { server_name, .. } => Ok(server_name),
+        other => Err(unexpected("connect", other)),
     }
 }
 

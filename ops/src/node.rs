@@ -103,7 +103,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     let (shutdown, shutdown_rx) = watch::channel(false);
     let state = Arc::new(GatewayState {
         store: store.clone(),
-        directory: Directory::new(store.clone()),
+        directory: Directory::new(store.clone(), &config.server_name),
         kt: Arc::clone(&kt),
         router: Router::new(supervisor.clone()),
         presence: Arc::clone(&presence),

@@ -80,7 +80,7 @@ impl Node {
     /// and connects it.
     async fn enrolled(&self, existing: &mut Client, name: &str, account: &str) -> Client {
         let mut client = Client::open(&self.dir.path().join(name), account).unwrap();
-        let request = client.enrollment_request().unwrap();
+        let request = client.enrollment_request("localhost").unwrap();
         existing.enroll_device(&request).await.unwrap();
         client.connect(&self.url(), &self.trust()).await.unwrap();
         client
@@ -227,6 +227,7 @@ async fn key_rotation_keeps_old_key_provable() {
     let time_ms = now_ms();
     let statement = key_event_statement(
         KeyEventKind::Rotated,
+        "localhost",
         "carol",
         &new_device,
         &new_key,
@@ -412,7 +413,7 @@ async fn existing_account_is_not_taken_over() {
 
     // An enrollment request for another account is refused by the SDK before it is sent.
     let stranger = Client::open(&node.dir.path().join("stranger"), "dave").unwrap();
-    let request = stranger.enrollment_request().unwrap();
+    let request = stranger.enrollment_request("localhost").unwrap();
     assert!(owner.enroll_device(&request).await.is_err());
 
     // A device that revoked itself is disconnected and cannot sign anything more.

@@ -17,7 +17,7 @@ use tlog_tiles::tlog::{self, Hash};
 pub const TREE_HEAD_CONTEXT: &[u8] = b"atlas-tree-head-v1";
 
 /// Domain-separation prefix of a device's signature over a key event.
-pub const KEY_EVENT_CONTEXT: &[u8] = b"atlas-key-event-v1";
+pub const KEY_EVENT_CONTEXT: &[u8] = b"atlas-key-event-v2";
 
 /// How far in the future a tree head's time may be before a verifier rejects it, in ms.
 pub const MAX_HEAD_CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
@@ -111,11 +111,13 @@ impl KeyEvent {
     }
 }
 
-/// Builds the bytes a device signs to authorise a revocation or rotation: the context string,
-/// the event kind, the account, the target device, its key and the client's time, each
+/// Builds the bytes a device signs to authorise an enrollment, revocation or rotation: the
+/// context string, the event kind, the server name (so a statement for one deployment does not
+/// verify on another), the account, the target device, its key and the client's time, each
 /// length-prefixed.
 pub fn key_event_statement(
     kind: KeyEventKind,
+    server_name: &str,
     account: &str,
     device: &DeviceId,
     key: &[u8],
@@ -131,6 +133,7 @@ pub fn key_event_statement(
     for part in [
         KEY_EVENT_CONTEXT,
         kind,
+        server_name.as_bytes(),
         account.as_bytes(),
         device.as_bytes(),
         key,
@@ -401,6 +404,7 @@ impl DirectoryReplay {
         };
         let statement = key_event_statement(
             event.kind,
+            server_name,
             &event.account,
             &event.device,
             &event.key,

@@ -169,7 +169,7 @@ enum Command {
         target: String,
     },
     /// On a new device: write the request to join its account as JSON, for a device of the
-    /// account to pass to `enroll` within 10 minutes. Does not connect.
+    /// account to pass to `enroll` within 10 minutes. Connects only to read the server name.
     EnrollRequest,
     /// Add a new device to this device's account from its `enroll-request` JSON file.
     Enroll {
@@ -355,10 +355,14 @@ async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
             chat.lookup(&target).await
         }
         Command::EnrollRequest => {
+            let server = options.server()?;
+            let server_name = atlas_client::server_name_of(&server.url, &server.trust)
+                .await
+                .map_err(|e| sdk_error(&format!("connecting to {}", server.url), e))?;
             let client = Client::open(&options.state, &options.account)
                 .map_err(|e| sdk_error("opening the client state", e))?;
             let request = client
-                .enrollment_request()
+                .enrollment_request(&server_name)
                 .map_err(|e| sdk_error("signing the enrollment request", e))?;
             let json = serde_json::to_string_pretty(&request)
                 .map_err(|e| CliError::new(format!("encoding the request failed: {e}")))?;

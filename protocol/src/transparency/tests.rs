@@ -524,9 +524,9 @@ fn jwk_rejects_other_key_types() {
 #[test]
 fn statement_separates_fields() {
     let device = DeviceId::for_key(&[1; 32]);
-    let a = key_event_statement(KeyEventKind::Revoked, "ab", &device, &[1; 32], 5);
-    let b = key_event_statement(KeyEventKind::Revoked, "a", &device, &[1; 32], 5);
-    let c = key_event_statement(KeyEventKind::Rotated, "ab", &device, &[1; 32], 5);
+    let a = key_event_statement(KeyEventKind::Revoked, "node", "ab", &device, &[1; 32], 5);
+    let b = key_event_statement(KeyEventKind::Revoked, "node", "a", &device, &[1; 32], 5);
+    let c = key_event_statement(KeyEventKind::Rotated, "node", "ab", &device, &[1; 32], 5);
     assert_ne!(a, b);
     assert_ne!(a, c);
 }
@@ -569,8 +569,14 @@ impl TestDevice {
     }
 
     fn enrolls(&self, new: &Self, account: &str) -> KeyEvent {
-        let statement =
-            key_event_statement(KeyEventKind::Added, account, &new.id(), &new.public(), 3);
+        let statement = key_event_statement(
+            KeyEventKind::Added,
+            "node",
+            account,
+            &new.id(),
+            &new.public(),
+            3,
+        );
         KeyEvent {
             kind: KeyEventKind::Added,
             account: account.into(),
@@ -588,6 +594,7 @@ impl TestDevice {
     fn revokes(&self, target: &Self, account: &str) -> KeyEvent {
         let statement = key_event_statement(
             KeyEventKind::Revoked,
+            "node",
             account,
             &target.id(),
             &target.public(),
@@ -607,8 +614,14 @@ impl TestDevice {
     }
 
     fn rotates_to(&self, new: &Self, account: &str) -> KeyEvent {
-        let statement =
-            key_event_statement(KeyEventKind::Rotated, account, &new.id(), &new.public(), 7);
+        let statement = key_event_statement(
+            KeyEventKind::Rotated,
+            "node",
+            account,
+            &new.id(),
+            &new.public(),
+            7,
+        );
         KeyEvent {
             kind: KeyEventKind::Rotated,
             account: account.into(),
@@ -718,4 +731,12 @@ fn replay_rejects_bad_authorisations() {
 
     // The same key twice.
     assert!(base().apply(2, &a.added("alice", "node"), "node").is_err());
+
+    // Statements name the server: an enrollment signed for "node" does not verify elsewhere.
+    let mut elsewhere = DirectoryReplay::default();
+    elsewhere.apply(0, &a.added("alice", "other"), "other").unwrap();
+    let err = elsewhere
+        .apply(1, &a.enrolls(&b, "alice"), "other")
+        .unwrap_err();
+    assert!(err.reason.contains("does not verify"), "{err}");
 }
