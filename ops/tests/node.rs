@@ -1092,7 +1092,7 @@ async fn replayed_ciphertext_does_not_stop_group() {
     let (mut clients, group) = setup.group(&["alice", "bob", "carol"]).await;
     let seq = clients[0].send(&group, "original").await.unwrap();
 
-    // Bob submits alice's exact ciphertext again under a fresh message id.
+    // Bob submits alice's ciphertext again under a fresh message id.
     let entries = match clients[1]
         .request(ClientBody::Sync {
             group: group.clone(),
@@ -1105,11 +1105,16 @@ async fn replayed_ciphertext_does_not_stop_group() {
         ServerBody::Entries { entries, .. } => entries,
         other => panic!("unexpected {other:?}"),
     };
+    // The server cannot decrypt, so it stores ciphertext that members cannot read: here
+    // alice's message with its last byte changed.
+    let mut altered = entries[0].payload.clone();
+    let last = altered.len() - 1;
+    altered[last] ^= 1;
     let replayed = clients[1]
         .request(ClientBody::Send {
             group: group.clone(),
             msg_id: ClientMsgId([77; 16]),
-            message: entries[0].payload.clone(),
+            message: altered,
         })
         .await
         .unwrap();

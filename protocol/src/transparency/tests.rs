@@ -734,7 +734,9 @@ fn replay_rejects_bad_authorisations() {
 
     // Statements name the server: an enrollment signed for "node" does not verify elsewhere.
     let mut elsewhere = DirectoryReplay::default();
-    elsewhere.apply(0, &a.added("alice", "other"), "other").unwrap();
+    elsewhere
+        .apply(0, &a.added("alice", "other"), "other")
+        .unwrap();
     let err = elsewhere
         .apply(1, &a.enrolls(&b, "alice"), "other")
         .unwrap_err();
