@@ -584,3 +584,20 @@ fn admin_get(node: &NodeProcess, path: &str) -> String {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     body.to_owned()
 }
+
+#[test]
+fn lookup_shows_another_account() {
+    let setup = Setup::new();
+    let alice = setup.run_ok("alice", &["register", "--key-packages", "1"]);
+    setup.run_ok("bob", &["register", "--key-packages", "1"]);
+    let device = alice
+        .split_whitespace()
+        .nth(2)
+        .expect("register prints the device id")
+        .to_owned();
+    let lookup = setup.run_ok("bob", &["lookup", "alice"]);
+    assert!(
+        lookup.lines().any(|l| l.starts_with(&device)),
+        "lookup output: {lookup}"
+    );
+}

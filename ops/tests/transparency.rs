@@ -493,3 +493,27 @@ async fn public_queries_work_before_login() {
     let private = conn.request(ClientBody::Welcomes).await.unwrap_err();
     assert_eq!(private.code(), Some(ErrorCode::NotAuthenticated));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_log_head_follows_key_rotation() {
+    let node = Node::start();
+    drop(node.client("alice", "alice").await);
+    let before = latest_head(&node).await;
+    atlas_ops_admin_post(node.process(), "/admin/keys/rotate");
+    let after = latest_head(&node).await;
+    assert_eq!(after.size, before.size);
+    assert_eq!(after.root, before.root);
+    assert_ne!(after.kid, before.kid, "the head is signed again with the new key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_secret_file_is_not_replaced() {
+    let mut node = Node::start();
+    drop(node.client("alice", "alice").await);
+    node.stop();
+    let secret = node.data().join("signing-key-secret");
+    std::fs::remove_file(&secret).unwrap();
+    let started = NodeProcess::start(Path::new(BIN), &node.data(), &[]);
+    assert!(started.is_err(), "the node started without its signing key secret");
+    assert!(!secret.exists(), "the node wrote a new secret over sealed keys");
+}
