@@ -135,7 +135,15 @@ impl Connection {
             .await
             .map_err(|_| ClientError::Connect("server sent no login challenge".into()))?
             .map_err(|_| {
-                ClientError::Connect("connection closed before the login challenge".into())
+                // The reader stored the close frame, if any, before it dropped the sender.
+                let close = closed.borrow().clone().flatten();
+                let detail = match close {
+                    Some((code, reason)) => format!(" (close code {code}: {reason})"),
+                    None => String::new(),
+                };
+                ClientError::Connect(format!(
+                    "connection closed before the login challenge{detail}"
+                ))
             })?;
         let conn = Self {
             outgoing,

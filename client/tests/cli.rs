@@ -601,3 +601,23 @@ fn lookup_shows_another_account() {
         "lookup output: {lookup}"
     );
 }
+
+#[test]
+fn closed_stdout_ends_quietly() {
+    let setup = Setup::new();
+    let mut child = setup
+        .chat("alice")
+        .arg("register")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the read end before the first line is written, as `| head -0` would.
+    drop(child.stdout.take());
+    let stderr = read_all_in_thread(child.stderr.take().unwrap());
+    let status = wait_with_timeout(&mut child);
+    let stderr = String::from_utf8_lossy(&stderr.join().unwrap()).into_owned();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(status.success(), "exit status {status}, stderr: {stderr}");
+}

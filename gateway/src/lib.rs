@@ -40,6 +40,8 @@ pub struct SessionSettings {
     pub max_invalid_frames: u32,
     /// Requests a connection may have in flight before the server stops reading from it.
     pub max_in_flight: usize,
+    /// Connections that may wait to log in at the same time; more are closed with 1013.
+    pub max_unauthenticated: usize,
 }
 
 impl Default for SessionSettings {
@@ -53,6 +55,7 @@ impl Default for SessionSettings {
             idle_timeout: Duration::from_secs(45),
             max_invalid_frames: 16,
             max_in_flight: 256,
+            max_unauthenticated: 1024,
         }
     }
 }
@@ -68,6 +71,8 @@ pub struct GatewayState {
     pub settings: SessionSettings,
     /// Flips to true when the node shuts down; sessions then close with "going away".
     pub shutdown: watch::Receiver<bool>,
+    /// Connections that have not logged in yet.
+    pub unauthenticated: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Binds the TLS listener and returns the server (not yet awaited) and its bound address.

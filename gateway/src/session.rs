@@ -79,6 +79,27 @@ pub(crate) async fn run(
     span.in_scope(|| tracing::debug!(reason = reason.label, "connection closed"));
 }
 
+/// Counts a connection as waiting to log in for as long as it lives, also when the session
+/// panics.
+struct WaitingGuard {
+    count: Arc<std::sync::atomic::AtomicUsize>,
+    /// Connections that were waiting before this one.
+    before: usize,
+}
+
+impl WaitingGuard {
+    fn new(count: Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        let before = count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self { count, before }
+    }
+}
+
+impl Drop for WaitingGuard {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// Reason a connection ended, for metrics and logs.
 struct Ended {
     label: &'static str,
@@ -210,7 +231,21 @@ impl Connection {
     }
 
     async fn serve(mut self) -> Ended {
-        let device = match self.login().await {
+        // Connections that have not logged in are bounded, since public key transparency
+        // requests keep them open without an account.
+        let waiting = WaitingGuard::new(Arc::clone(&self.state.unauthenticated));
+        let before = waiting.before;
+        let login = if before >= self.state.settings.max_unauthenticated {
+            tracing::info!(waiting = before, "too many connections waiting to log in");
+            Err(Some((
+                CloseCode::TryAgainLater,
+                "too many connections waiting to log in, retry later".to_owned(),
+            )))
+        } else {
+            self.login().await
+        };
+        drop(waiting);
+        let device = match login {
             Ok(device) => device,
             Err(Some((code, why))) => return self.close(code, &why, "protocol").await,
             Err(None) => {

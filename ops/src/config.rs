@@ -29,6 +29,8 @@ pub struct NodeConfig {
     pub queue_capacity: usize,
     /// Maximum bytes in each connection's outbound queue before the client counts as slow.
     pub queue_max_bytes: usize,
+    /// Connections that may wait to log in at the same time; more are closed with 1013.
+    pub max_unauthenticated: usize,
     /// Seconds between keepalive pings.
     pub ping_interval_secs: u64,
     /// Seconds of silence after which a connection is closed.
@@ -105,6 +107,7 @@ impl Default for NodeConfig {
             workers: 0,
             queue_capacity: 1024,
             queue_max_bytes: 8 * 1024 * 1024,
+            max_unauthenticated: 1024,
             ping_interval_secs: 15,
             idle_timeout_secs: 45,
             group_idle_secs: 300,
@@ -163,6 +166,9 @@ pub struct NodeFlags {
     /// Outbound queue capacity per connection, in bytes.
     #[arg(long, env = "ATLAS_QUEUE_MAX_BYTES")]
     pub queue_max_bytes: Option<usize>,
+    /// Connections that may wait to log in at the same time; more are closed with 1013.
+    #[arg(long, env = "ATLAS_MAX_UNAUTHENTICATED")]
+    pub max_unauthenticated: Option<usize>,
     /// Keepalive ping interval in seconds.
     #[arg(long, env = "ATLAS_PING_INTERVAL_SECS")]
     pub ping_interval_secs: Option<u64>,
@@ -258,7 +264,12 @@ impl NodeFlags {
         if let Some(secret) = &self.signing_key_secret {
             config.signing_key_secret = Some(Secret(secret.clone()));
         }
-        take!(node_name, heartbeat_ms, failure_timeout_ms);
+        take!(
+            node_name,
+            heartbeat_ms,
+            failure_timeout_ms,
+            max_unauthenticated
+        );
         if let Some(seeds) = &self.seeds {
             config.seeds = seeds.clone();
         }
@@ -291,7 +302,7 @@ impl NodeFlags {
 impl NodeConfig {
     /// Checks every numeric setting against its allowed range.
     fn validate(&self) -> anyhow::Result<()> {
-        let ranges: [(&str, u64, u64, u64); 14] = [
+        let ranges: [(&str, u64, u64, u64); 15] = [
             ("workers", self.workers as u64, 0, 256),
             ("queue_capacity", self.queue_capacity as u64, 1, 1_000_000),
             (
@@ -323,6 +334,12 @@ impl NodeConfig {
                 3600,
             ),
             ("heartbeat_ms", self.heartbeat_ms, 50, 60_000),
+            (
+                "max_unauthenticated",
+                self.max_unauthenticated as u64,
+                1,
+                1_000_000,
+            ),
             ("failure_timeout_ms", self.failure_timeout_ms, 200, 600_000),
             ("shards", u64::from(self.shards), 1, 65_536),
             ("replication", u64::from(self.replication), 1, 9),

@@ -112,11 +112,13 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
             server_name: config.server_name.clone(),
             queue_capacity: config.queue_capacity,
             queue_max_bytes: config.queue_max_bytes,
+            max_unauthenticated: config.max_unauthenticated,
             ping_interval: config.ping_interval(),
             idle_timeout: Duration::from_secs(config.idle_timeout_secs.max(2)),
             ..SessionSettings::default()
         },
         shutdown: shutdown_rx,
+        unauthenticated: Arc::default(),
     });
     let workers = if config.workers == 0 {
         std::thread::available_parallelism()

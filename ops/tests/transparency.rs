@@ -503,7 +503,10 @@ async fn idle_log_head_follows_key_rotation() {
     let after = latest_head(&node).await;
     assert_eq!(after.size, before.size);
     assert_eq!(after.root, before.root);
-    assert_ne!(after.kid, before.kid, "the head is signed again with the new key");
+    assert_ne!(
+        after.kid, before.kid,
+        "the head is signed again with the new key"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -514,6 +517,54 @@ async fn missing_secret_file_is_not_replaced() {
     let secret = node.data().join("signing-key-secret");
     std::fs::remove_file(&secret).unwrap();
     let started = NodeProcess::start(Path::new(BIN), &node.data(), &[]);
-    assert!(started.is_err(), "the node started without its signing key secret");
-    assert!(!secret.exists(), "the node wrote a new secret over sealed keys");
+    assert!(
+        started.is_err(),
+        "the node started without its signing key secret"
+    );
+    assert!(
+        !secret.exists(),
+        "the node wrote a new secret over sealed keys"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_connections_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(
+        Path::new(BIN),
+        &dir.path().join("node"),
+        &["--max-unauthenticated", "2"],
+    )
+    .unwrap();
+    let trust = ServerTrust::fingerprint(&node.fingerprint).unwrap();
+    let (first, _) = RawConnection::open(&node.url(), &trust).await.unwrap();
+    let (second, _) = RawConnection::open(&node.url(), &trust).await.unwrap();
+    assert!(matches!(
+        first.request(ClientBody::KtHead).await.unwrap(),
+        ServerBody::KtHead(_)
+    ));
+    let third = RawConnection::open(&node.url(), &trust).await;
+    let Err(refused) = third else {
+        panic!("a third connection was allowed to wait");
+    };
+    assert!(refused.to_string().contains("close code 1013"), "{refused}");
+    drop(first);
+    drop(second);
+    // Once the others are gone, a new connection may wait again.
+    let mut accepted = false;
+    for _ in 0..50 {
+        let (conn, _) = RawConnection::open(&node.url(), &trust).await.unwrap();
+        if matches!(
+            conn.request(ClientBody::KtHead).await,
+            Ok(ServerBody::KtHead(_))
+        ) {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        accepted,
+        "new connections stay refused after the others closed"
+    );
 }

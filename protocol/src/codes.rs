@@ -159,6 +159,8 @@ pub enum CloseCode {
     GoingAway,
     /// 1009: a message exceeded [`crate::MAX_FRAME_BYTES`].
     TooBig,
+    /// 1013: too many connections are waiting to log in; retry later.
+    TryAgainLater,
     /// 4001: login failed or did not arrive in time.
     AuthFailed,
     /// 4002: the peer missed keepalive pings.
@@ -179,6 +181,7 @@ impl CloseCode {
             Self::Normal => 1000,
             Self::GoingAway => 1001,
             Self::TooBig => 1009,
+            Self::TryAgainLater => 1013,
             Self::AuthFailed => 4001,
             Self::KeepaliveTimeout => 4002,
             Self::ProtocolViolation => 4003,

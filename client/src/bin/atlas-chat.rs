@@ -24,6 +24,26 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// Writes a line to stdout like `println!`, but a closed stdout (as with `atlas-chat ... |
+/// head -1`) ends the program quietly instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        write_stdout_line(format_args!($($arg)*))
+    };
+}
+
+fn write_stdout_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("atlas-chat: writing to stdout failed: {e}");
+        std::process::exit(1);
+    }
+}
+
 const DEFAULT_SERVER: &str = "wss://localhost:8443/v1/ws";
 
 /// Maximum length of an account name in bytes, as the server enforces it.
@@ -274,7 +294,7 @@ async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
             state_file: audit_state.clone(),
         };
         return audit::audit(&server.url, &server.trust, &options, |line| {
-            println!("{line}")
+            outln!("{line}")
         })
         .await
         .map(|_| ())
@@ -302,7 +322,7 @@ async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
             let mut chat = Chat::open_existing(&options)?;
             chat.connect(&server).await?;
             let group = chat.create_group(&name).await?;
-            println!("{group}");
+            outln!("{group}");
             Ok(())
         }
         Command::Add { group, accounts } => {
@@ -366,7 +386,7 @@ async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
                 .map_err(|e| sdk_error("signing the enrollment request", e))?;
             let json = serde_json::to_string_pretty(&request)
                 .map_err(|e| CliError::new(format!("encoding the request failed: {e}")))?;
-            println!("{json}");
+            outln!("{json}");
             eprintln!(
                 "pass this to `atlas-chat enroll FILE` on a device of {} within 10 minutes, then \
                  run `atlas-chat register` here",
@@ -392,7 +412,7 @@ async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
                 .enroll_device(&request)
                 .await
                 .map_err(|e| sdk_error("enrolling the device", e))?;
-            println!(
+            outln!(
                 "device {} enrolled by key log entry {index}",
                 DeviceId::for_key(&request.key)
             );
@@ -426,7 +446,7 @@ async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
             };
             let json = serde_json::to_string_pretty(&receipt)
                 .map_err(|e| CliError::new(format!("encoding the receipt failed: {e}")))?;
-            println!("{json}");
+            outln!("{json}");
             Ok(())
         }
         Command::Audit { .. } | Command::VerifyReceipt { .. } => {
@@ -797,9 +817,12 @@ async fn verify_receipt(
                 CliError::new(format!("receipt does not match {}: {e}", path.display()))
             })?;
     }
-    println!(
+    outln!(
         "receipt valid: entry {} of group {} from device {} accepted at {} ms",
-        signed.fields.seq, signed.fields.group, signed.fields.sender, signed.fields.accepted_at_ms
+        signed.fields.seq,
+        signed.fields.group,
+        signed.fields.sender,
+        signed.fields.accepted_at_ms
     );
     Ok(())
 }
@@ -996,7 +1019,7 @@ impl Chat {
 
     fn print_events(&self, events: &[Received]) {
         for received in events {
-            println!("{}", event_line(received, self.account()));
+            outln!("{}", event_line(received, self.account()));
         }
     }
 
@@ -1040,7 +1063,7 @@ impl Chat {
     fn print_missed(&self, group: &GroupId, after: u64, own_seq: u64) {
         for (seq, account, text) in self.client.transcript(group) {
             if seq > after && seq != own_seq {
-                println!("{}", message_line(group, seq, &account, &text));
+                outln!("{}", message_line(group, seq, &account, &text));
             }
         }
     }
@@ -1085,7 +1108,7 @@ impl Chat {
         })?;
         self.print_missed(group, before, seq);
         let notice = membership_notice(self.account(), &accounts, &[]);
-        println!("{}", notice_line(group, seq, &notice));
+        outln!("{}", notice_line(group, seq, &notice));
         Ok(())
     }
 
@@ -1099,7 +1122,7 @@ impl Chat {
             eprintln!("account {account} has no current devices");
         }
         for (device, key) in devices {
-            println!("{device} key {}", hex::encode(key));
+            outln!("{device} key {}", hex::encode(key));
         }
         Ok(())
     }
@@ -1110,7 +1133,7 @@ impl Chat {
             .revoke_device(device)
             .await
             .map_err(|e| sdk_error(&format!("revoking device {device}"), e))?;
-        println!("device {device} revoked by key log entry {index}");
+        outln!("device {device} revoked by key log entry {index}");
         Ok(())
     }
 
@@ -1147,7 +1170,7 @@ impl Chat {
             })?;
         self.print_missed(group, before, seq);
         let notice = membership_notice(self.account(), &[], &accounts);
-        println!("{}", notice_line(group, seq, &notice));
+        outln!("{}", notice_line(group, seq, &notice));
         Ok(())
     }
 
@@ -1166,7 +1189,7 @@ impl Chat {
             .await
             .map_err(|e| sdk_error(&format!("sending to group {group}"), e))?;
         self.print_missed(group, before, seq);
-        println!("{}", message_line(group, seq, self.account(), text));
+        outln!("{}", message_line(group, seq, self.account(), text));
         Ok(())
     }
 
@@ -1202,7 +1225,7 @@ impl Chat {
                 "{} is no longer a member; the server rejected reading past this entry",
                 self.account()
             );
-            println!("{}", notice_line(group, cursor, &notice));
+            outln!("{}", notice_line(group, cursor, &notice));
         }
     }
 
@@ -1222,7 +1245,7 @@ impl Chat {
             } else {
                 ""
             };
-            println!("{group} cursor {cursor} members {members} ({text}){marker}");
+            outln!("{group} cursor {cursor} members {members} ({text}){marker}");
         }
         groups.len()
     }
@@ -1241,7 +1264,7 @@ impl Chat {
             eprintln!("no messages stored for group {group}");
         }
         for (seq, account, text) in transcript {
-            println!(
+            outln!(
                 "{seq} {}: {}",
                 escape_controls(&account),
                 escape_controls(&text)
@@ -1304,9 +1327,9 @@ async fn register(options: &Options, key_packages: u16) -> Result<(), CliError> 
     let registered = chat.connect(&server).await?;
     let device = chat.client.device_id();
     if registered {
-        println!("registered device {device} for account {}", chat.account());
+        outln!("registered device {device} for account {}", chat.account());
     } else {
-        println!(
+        outln!(
             "device {device} of account {} was already registered",
             chat.account()
         );
@@ -1316,7 +1339,7 @@ async fn register(options: &Options, key_packages: u16) -> Result<(), CliError> 
         .publish_key_packages(usize::from(key_packages))
         .await
         .map_err(|e| sdk_error(&format!("uploading {key_packages} KeyPackages"), e))?;
-    println!(
+    outln!(
         "uploaded {key_packages} one-time KeyPackages and a last-resort KeyPackage; the server \
          holds {available} one-time KeyPackages for this device"
     );
@@ -1432,7 +1455,7 @@ impl Chat {
             "create" => {
                 let group_name = command[name.len()..].trim();
                 let group = self.create_group(group_name).await?;
-                println!("created group {group}, now the current group");
+                outln!("created group {group}, now the current group");
                 *current = Some(group);
             }
             "join" => {
