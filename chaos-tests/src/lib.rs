@@ -117,19 +117,29 @@ impl NodeProcess {
     /// Fetches a path from the node's metrics and admin listener and returns the body of a
     /// 200 answer.
     pub fn admin_get(&self, path: &str) -> anyhow::Result<String> {
+        self.admin_request("GET", path)
+    }
+
+    /// Posts an empty body to a path of the node's admin listener and returns the body of a
+    /// 200 answer.
+    pub fn admin_post(&self, path: &str) -> anyhow::Result<String> {
+        self.admin_request("POST", path)
+    }
+
+    fn admin_request(&self, method: &str, path: &str) -> anyhow::Result<String> {
         use std::io::{Read, Write};
         let mut stream = std::net::TcpStream::connect(self.metrics_addr)?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         write!(
             stream,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         )?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
         let (head, body) = response
             .split_once("\r\n\r\n")
-            .ok_or_else(|| anyhow::anyhow!("answer to GET {path} is not HTTP"))?;
-        anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+            .ok_or_else(|| anyhow::anyhow!("answer to {method} {path} is not HTTP"))?;
+        anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{method} {path}: {head}");
         Ok(body.to_owned())
     }
 

@@ -522,7 +522,7 @@ fn receipt_verifies_offline_and_tampering_fails() {
     );
 
     let jwks_file = setup.dir.path().join("jwks.json");
-    std::fs::write(&jwks_file, admin_get(&setup.node, "/admin/jwks")).unwrap();
+    std::fs::write(&jwks_file, setup.node.admin_get("/admin/jwks").unwrap()).unwrap();
     let offline = run(
         bare_chat()
             .arg("verify-receipt")
@@ -568,21 +568,6 @@ fn receipt_verifies_offline_and_tampering_fails() {
             stderr(&output)
         );
     }
-}
-
-/// Fetches a path from the node's admin listener and returns the body.
-fn admin_get(node: &NodeProcess, path: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(node.metrics_addr).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_owned()
 }
 
 #[test]

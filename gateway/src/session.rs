@@ -656,15 +656,9 @@ impl Connection {
     }
 
     fn spawn_durable_response(&self, tasks: &Tasks<'_>, id: u64, body: ServerBody) {
-        let Ok(permit) = Arc::clone(tasks.in_flight).try_acquire_owned() else {
-            // The read loop only reads while a permit is free, and only it takes permits.
-            unreachable!("request read without a free in-flight permit");
-        };
         let state = Arc::clone(&self.state);
-        let queue = tasks.queue.clone();
-        let released = Arc::clone(tasks.released);
-        let task = async move {
-            let body = match state.store.durable().await {
+        self.spawn_response(tasks, id, None, async move {
+            match state.store.durable().await {
                 Ok(()) => body,
                 Err(e) => {
                     tracing::error!(error = %e, "flush failed; change not confirmed");
@@ -673,12 +667,8 @@ impl Connection {
                         format!("storage flush failed: {e}"),
                     )
                 }
-            };
-            send_response(&state, &queue, id, body);
-            drop(permit);
-            released.notify_one();
-        };
-        actix_web::rt::spawn(task.in_current_span());
+            }
+        });
     }
 
     fn spawn_group_request(

@@ -10,16 +10,8 @@ use std::path::Path;
 const BIN: &str = env!("CARGO_BIN_EXE_atlas");
 
 fn rotate(node: &NodeProcess) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(node.metrics_addr).unwrap();
-    write!(
-        stream,
-        "POST /admin/keys/rotate HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let body = node.admin_post("/admin/keys/rotate").unwrap();
+    assert!(body.contains("kid"), "{body}");
 }
 
 async fn jwks(node: &NodeProcess, trust: &ServerTrust) -> atlas_protocol::transparency::Jwks {

@@ -275,7 +275,7 @@ async fn heads_verify_after_signing_key_rotations() {
     let mut alice = node.client("alice", "alice").await;
     let first = alice.kt_latest_head().unwrap().clone();
     for round in 0..2 {
-        let body = atlas_ops_admin_post(node.process(), "/admin/keys/rotate");
+        let body = node.process().admin_post("/admin/keys/rotate").unwrap();
         assert!(body.contains("kid"), "{body}");
         drop(
             node.client(&format!("device-{round}"), &format!("user{round}"))
@@ -297,21 +297,6 @@ async fn heads_verify_after_signing_key_rotations() {
     assert_eq!(jwks.keys.len(), 3);
     assert!(first.verify(&jwks, now_ms()).is_ok());
     assert!(head.verify(&jwks, now_ms()).is_ok());
-}
-
-/// Sends a POST without a body to the node's admin listener and returns the response.
-fn atlas_ops_admin_post(node: &NodeProcess, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(node.metrics_addr).unwrap();
-    write!(
-        stream,
-        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -499,7 +484,7 @@ async fn idle_log_head_follows_key_rotation() {
     let node = Node::start();
     drop(node.client("alice", "alice").await);
     let before = latest_head(&node).await;
-    atlas_ops_admin_post(node.process(), "/admin/keys/rotate");
+    node.process().admin_post("/admin/keys/rotate").unwrap();
     let after = latest_head(&node).await;
     assert_eq!(after.size, before.size);
     assert_eq!(after.root, before.root);
