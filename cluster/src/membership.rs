@@ -180,7 +180,20 @@ impl MembershipState {
                 last_heard: None,
                 alive: false,
             });
-        member.addr = heartbeat.addr.clone();
+        if member.addr != heartbeat.addr {
+            if member.alive {
+                // Two nodes run under one name. Keep the member that was here first; a node
+                // that moved to another address is accepted once its old address is dead.
+                tracing::warn!(
+                    member = %heartbeat.name,
+                    known_addr = %member.addr,
+                    other_addr = %heartbeat.addr,
+                    "two nodes claim the same name; ignoring the second until the first is dead"
+                );
+                return;
+            }
+            member.addr = heartbeat.addr.clone();
+        }
         let event = match (member.alive, member.last_heard) {
             (true, _) => None,
             (false, None) => Some("joined"),
@@ -388,6 +401,12 @@ impl Cluster {
             observer,
             settings,
         };
+        if state.settings.seeds.contains(&state.settings.advertise) {
+            tracing::warn!(
+                addr = %state.settings.advertise,
+                "a seed is this node's own cluster address; it cannot join anyone through it"
+            );
+        }
         let (membership, _) = Actor::spawn(None, Membership, state).await?;
         tracing::info!(node = %node_name, "cluster membership started");
         Ok(Self {
@@ -446,7 +465,9 @@ impl NodeEventSubscription for SessionEvents {
         } else {
             tracing::warn!(
                 peer = %session.peer_addr,
-                "cluster peer refused: it closed before authenticating (wrong cookie or node name)"
+                "cluster session closed before authenticating: a wrong cookie, a failed TLS \
+                 handshake on the peer's side, or a duplicate link that ractor_cluster dropped \
+                 (its log line above gives the reason)"
             );
         }
     }

@@ -365,7 +365,7 @@ impl NodeConfig {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)),
             "node_name {:?} is invalid: use 1 to 64 characters from a-z, A-Z, 0-9, '.', '_', '-'",
-            self.node_name
+            self.node_name.chars().take(80).collect::<String>()
         );
         if self.cluster_listen.is_some() {
             let missing: Vec<&str> = [
