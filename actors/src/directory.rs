@@ -260,29 +260,15 @@ impl Directory {
         signature: &[u8],
         new_key_signature: &[u8],
     ) -> Result<(DeviceRecord, u64), LoginError> {
-        let now = check_time(time_ms)?;
-        let parsed_new = parse_key(new_key)?;
-        let device = DeviceId::for_key(new_key);
-        let statement = key_event_statement(
+        let record = self.signed_new_device(
             KeyEventKind::Added,
-            &self.server_name,
-            &signer.account,
-            &device,
+            signer,
             new_key,
             time_ms,
-        );
-        verify(&parse_key(&signer.public_key)?, &statement, signature)
-            .map_err(|()| LoginError::BadStatementSignature(signer.device))?;
-        verify(&parsed_new, &statement, new_key_signature)
-            .map_err(|()| LoginError::BadStatementSignature(device))?;
-        let record = DeviceRecord {
-            device,
-            account: signer.account.clone(),
-            public_key: new_key.to_vec(),
-            registered_at_ms: now,
-            kt_index: None,
-            revoked_at_ms: None,
-        };
+            signature,
+            new_key_signature,
+        )?;
+        let device = record.device;
         let event = KeyEvent {
             kind: KeyEventKind::Added,
             account: signer.account.clone(),
@@ -320,33 +306,15 @@ impl Directory {
         previous_signature: &[u8],
         new_key_signature: &[u8],
     ) -> Result<(DeviceRecord, u64), LoginError> {
-        let now = check_time(time_ms)?;
-        let parsed_new = parse_key(new_key)?;
-        let device = DeviceId::for_key(new_key);
-        let statement = key_event_statement(
+        let record = self.signed_new_device(
             KeyEventKind::Rotated,
-            &self.server_name,
-            &previous.account,
-            &device,
+            previous,
             new_key,
             time_ms,
-        );
-        verify(
-            &parse_key(&previous.public_key)?,
-            &statement,
             previous_signature,
-        )
-        .map_err(|()| LoginError::BadSignature(previous.device))?;
-        verify(&parsed_new, &statement, new_key_signature)
-            .map_err(|()| LoginError::BadSignature(device))?;
-        let record = DeviceRecord {
-            device,
-            account: previous.account.clone(),
-            public_key: new_key.to_vec(),
-            registered_at_ms: now,
-            kt_index: None,
-            revoked_at_ms: None,
-        };
+            new_key_signature,
+        )?;
+        let device = record.device;
         let event = KeyEvent {
             kind: KeyEventKind::Rotated,
             account: previous.account.clone(),
@@ -371,6 +339,42 @@ impl Directory {
             }
             KeyEventOutcome::AlreadyRegistered(_) => Err(LoginError::KeyInUse(device)),
         }
+    }
+
+    /// Checks an enrollment or rotation that `signer` and the new key both signed with
+    /// [`key_event_statement`] at `time_ms`, and returns the record of the new device.
+    fn signed_new_device(
+        &self,
+        kind: KeyEventKind,
+        signer: &DeviceRecord,
+        new_key: &[u8],
+        time_ms: u64,
+        signature: &[u8],
+        new_key_signature: &[u8],
+    ) -> Result<DeviceRecord, LoginError> {
+        let now = check_time(time_ms)?;
+        let parsed_new = parse_key(new_key)?;
+        let device = DeviceId::for_key(new_key);
+        let statement = key_event_statement(
+            kind,
+            &self.server_name,
+            &signer.account,
+            &device,
+            new_key,
+            time_ms,
+        );
+        verify(&parse_key(&signer.public_key)?, &statement, signature)
+            .map_err(|()| LoginError::BadStatementSignature(signer.device))?;
+        verify(&parsed_new, &statement, new_key_signature)
+            .map_err(|()| LoginError::BadStatementSignature(device))?;
+        Ok(DeviceRecord {
+            device,
+            account: signer.account.clone(),
+            public_key: new_key.to_vec(),
+            registered_at_ms: now,
+            kt_index: None,
+            revoked_at_ms: None,
+        })
     }
 
     /// Validates and stores KeyPackages uploaded by a logged-in device. Nothing is stored if any

@@ -2,7 +2,7 @@
 //! published in the JWKS for a grace period so that old signatures keep verifying.
 //!
 //! Private keys are stored sealed with ChaCha20-Poly1305 under a 32-byte secret from the
-//! node's configuration; the key id is the associated data, so a sealed key cannot be moved
+//! node's configuration. The key id is the associated data, so a sealed key cannot be moved
 //! to another id. Key ids are RFC 7638 JWK thumbprints.
 
 use crate::group::now_ms;

@@ -115,13 +115,13 @@ impl NodeProcess {
     }
 
     /// Fetches a path from the node's metrics and admin listener and returns the body of a
-    /// 200 answer.
+    /// 200 response.
     pub fn admin_get(&self, path: &str) -> anyhow::Result<String> {
         self.admin_request("GET", path)
     }
 
     /// Posts an empty body to a path of the node's admin listener and returns the body of a
-    /// 200 answer.
+    /// 200 response.
     pub fn admin_post(&self, path: &str) -> anyhow::Result<String> {
         self.admin_request("POST", path)
     }
@@ -138,7 +138,7 @@ impl NodeProcess {
         stream.read_to_string(&mut response)?;
         let (head, body) = response
             .split_once("\r\n\r\n")
-            .ok_or_else(|| anyhow::anyhow!("answer to {method} {path} is not HTTP"))?;
+            .ok_or_else(|| anyhow::anyhow!("response to {method} {path} is not HTTP"))?;
         anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{method} {path}: {head}");
         Ok(body.to_owned())
     }

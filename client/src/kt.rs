@@ -5,7 +5,7 @@
 //! the node's JWKS, must not be dated in the future, and must be consistent with the kept
 //! head: a larger one through a consistency proof from the kept size, a smaller one through a
 //! consistency proof up to the kept head. A head that fails this is evidence of a forked or
-//! rolled-back log; the client records both heads and refuses to work with the server again.
+//! rolled-back log. The client then records both heads and stops working with the server.
 
 use atlas_protocol::transparency::{Jwks, ProofError, SignedTreeHead};
 use serde::{Deserialize, Serialize};

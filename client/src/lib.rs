@@ -153,7 +153,7 @@ pub enum Event {
     Joined,
     /// This device was removed from the group.
     Removed,
-    /// An application message this client could not process, skipped; the text says why.
+    /// An application message this client could not process, skipped, with the reason.
     Unreadable(String),
 }
 
@@ -610,7 +610,7 @@ impl Client {
         self.server_name.clone().ok_or(ClientError::NotConnected)
     }
 
-    /// Fetches the node's JWKS and adds its keys to the ones this client knows.
+    /// Fetches the node's JWKS and adds its keys to the ones this client has.
     async fn refresh_jwks(&mut self) -> Result<(), ClientError> {
         match self.request(ClientBody::Jwks).await? {
             ServerBody::Jwks(jwks) => {
@@ -879,8 +879,8 @@ impl Client {
     /// Revokes a device of this account (or this device). Returns the log index of the
     /// revocation.
     pub async fn revoke_device(&mut self, device: DeviceId) -> Result<u64, ClientError> {
-        let history = self.lookup_devices(&self.account.clone()).await?;
-        let Some((_, key)) = history.iter().find(|(d, _)| *d == device) else {
+        let devices = self.lookup_devices(&self.account.clone()).await?;
+        let Some((_, key)) = devices.iter().find(|(d, _)| *d == device) else {
             return Err(ClientError::NotFound(format!(
                 "device {device} is not a current device of account {:?}",
                 self.account
@@ -1317,12 +1317,7 @@ impl Client {
         if let Event::Message(text) = &event {
             local.record(entry.seq, &sender_account, Some(text.clone()));
         }
-        // Own entries acknowledged while older entries were unprocessed follow directly.
-        while let Some(text) = local.own.remove(&(local.cursor + 1)) {
-            local.cursor += 1;
-            let seq = local.cursor;
-            local.record(seq, &self.account, text);
-        }
+        local.take_own_entries(&self.account);
         self.save()?;
         Ok(Some(Received {
             group: group.clone(),
@@ -1365,11 +1360,7 @@ impl Client {
             .get_mut(group.as_bytes())
             .ok_or_else(|| ClientError::UnknownGroup(group.to_string()))?;
         local.cursor = entry.seq;
-        while let Some(text) = local.own.remove(&(local.cursor + 1)) {
-            local.cursor += 1;
-            let seq = local.cursor;
-            local.record(seq, &self.account, text);
-        }
+        local.take_own_entries(&self.account);
         self.save()?;
         Ok(Some(Received {
             group: group.clone(),

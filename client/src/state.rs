@@ -40,6 +40,15 @@ impl GroupLocal {
             self.transcript.push((seq, account.to_owned(), text));
         }
     }
+
+    /// Moves the cursor over own entries acknowledged while older entries were unprocessed,
+    /// since they follow the cursor directly, and records their texts.
+    pub(crate) fn take_own_entries(&mut self, account: &str) {
+        while let Some(text) = self.own.remove(&(self.cursor + 1)) {
+            self.cursor += 1;
+            self.record(self.cursor, account, text);
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]

@@ -5,7 +5,7 @@
 //! `Isolated` connection mode) and one membership actor in the process group
 //! [`MEMBERSHIP_GROUP`]. ractor_cluster shares process groups between connected nodes, so
 //! each membership actor can message the others. Every heartbeat interval it sends them its name,
-//! its cluster address and the members it knows, marks members it has not heard from within
+//! its cluster address and the members it considers alive, marks members it has not heard from within
 //! the failure timeout as dead, and dials seeds and known members it is not hearing from,
 //! with exponential backoff and jitter. A dead member that is heard again is alive again.
 //!
@@ -267,8 +267,8 @@ impl MembershipState {
         }
     }
 
-    /// Dials seeds and members this node is not hearing from, each address at most once at a
-    /// time and with backoff.
+    /// Dials seeds and members this node is not hearing from. An address has at most one dial
+    /// in flight, and its next dial waits out the backoff.
     fn dial(&self) {
         let mut targets: HashSet<SocketAddr> = self.settings.seeds.iter().copied().collect();
         let alive: HashSet<SocketAddr> = self

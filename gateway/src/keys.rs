@@ -110,71 +110,52 @@ pub(crate) async fn revoke(
     }
 }
 
-/// Enrolls a new device in the signer's account. The response waits until the change is on
-/// disk.
-pub(crate) async fn enroll(
+/// Enrolls a new device in the signer's account (`enroll_device`) or replaces the signer's key
+/// (`rotate_device_key`). The response waits until the change is on disk.
+pub(crate) async fn add_device(
     state: &GatewayState,
     signer: &DeviceRecord,
     body: ClientBody,
 ) -> ServerBody {
-    let ClientBody::EnrollDevice {
-        new_key,
-        time_ms,
-        signature,
-        new_key_signature,
-    } = body
-    else {
-        return crate::session::error_body(ErrorCode::Internal, "expected an enrollment".into());
+    let (rotation, new_key, time_ms, signature, new_key_signature) = match body {
+        ClientBody::EnrollDevice {
+            new_key,
+            time_ms,
+            signature,
+            new_key_signature,
+        } => (false, new_key, time_ms, signature, new_key_signature),
+        ClientBody::RotateDeviceKey {
+            new_key,
+            time_ms,
+            signature,
+            new_key_signature,
+        } => (true, new_key, time_ms, signature, new_key_signature),
+        other => {
+            let message = format!("{} does not add a device", other.type_name());
+            return crate::session::error_body(ErrorCode::Internal, message);
+        }
     };
-    let enrolled =
-        state
-            .directory
-            .enroll(signer, &new_key, time_ms, &signature, &new_key_signature);
-    let (record, index) = match enrolled {
-        Ok(enrolled) => enrolled,
+    let directory = &state.directory;
+    let added = if rotation {
+        directory.rotate(signer, &new_key, time_ms, &signature, &new_key_signature)
+    } else {
+        directory.enroll(signer, &new_key, time_ms, &signature, &new_key_signature)
+    };
+    let (record, index) = match added {
+        Ok(added) => added,
         Err(e) => {
-            tracing::info!(error = %e, "enrollment rejected");
+            tracing::info!(error = %e, rotation, "device key change rejected");
             return crate::session::login_error_body(state, &e);
         }
     };
     if let Err(e) = state.store.durable().await {
         return storage_failed(&e);
     }
-    ServerBody::DeviceEnrolled {
-        device: record.device,
-        index,
-    }
-}
-
-/// Rotates the signer's key. The response waits until the change is on disk.
-pub(crate) async fn rotate(
-    state: &GatewayState,
-    signer: &DeviceRecord,
-    body: ClientBody,
-) -> ServerBody {
-    let ClientBody::RotateDeviceKey {
-        new_key,
-        time_ms,
-        signature,
-        new_key_signature,
-    } = body
-    else {
-        return crate::session::error_body(ErrorCode::Internal, "expected a rotation".into());
-    };
-    let (record, index) =
-        match state
-            .directory
-            .rotate(signer, &new_key, time_ms, &signature, &new_key_signature)
-        {
-            Ok(rotated) => rotated,
-            Err(e) => return crate::session::login_error_body(state, &e),
-        };
-    if let Err(e) = state.store.durable().await {
-        return storage_failed(&e);
-    }
-    ServerBody::KeyRotated {
-        device: record.device,
-        index,
+    let device = record.device;
+    if rotation {
+        ServerBody::KeyRotated { device, index }
+    } else {
+        ServerBody::DeviceEnrolled { device, index }
     }
 }
 

@@ -391,7 +391,7 @@ impl Connection {
                 .frames_in
                 .with_label_values(&[frame.body.type_name()])
                 .inc();
-            // Key transparency readers such as auditors need no account: answer public
+            // Key transparency readers such as auditors need no account: serve public
             // requests and keep waiting for a login.
             if frame.body.is_public() {
                 let body = crate::keys::public_request(&self.state, frame.body).await;
@@ -556,15 +556,15 @@ impl Connection {
             enrollment @ ClientBody::EnrollDevice { .. } => {
                 let (state, signer) = (Arc::clone(state), device.clone());
                 self.spawn_response(tasks, id, None, async move {
-                    crate::keys::enroll(&state, &signer, enrollment).await
+                    crate::keys::add_device(&state, &signer, enrollment).await
                 });
                 return;
             }
             rotation @ ClientBody::RotateDeviceKey { .. } => {
                 let (state, signer) = (Arc::clone(state), device.clone());
-                // The old key is revoked, so the connection ends after the answer.
+                // The old key is revoked, so the connection ends after the response.
                 self.spawn_response(tasks, id, Some(CloseCode::Normal), async move {
-                    crate::keys::rotate(&state, &signer, rotation).await
+                    crate::keys::add_device(&state, &signer, rotation).await
                 });
                 return;
             }
@@ -624,7 +624,7 @@ impl Connection {
         }
     }
 
-    /// Runs a request in its own task and queues its answer, then closes the connection with
+    /// Runs a request in its own task and queues its response, then closes the connection with
     /// `close_after` if given.
     fn spawn_response(
         &self,

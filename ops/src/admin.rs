@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-/// Sends one HTTP/1.1 request without a body and returns the response body of a 2xx answer.
+/// Sends one HTTP/1.1 request without a body and returns the response body of a 2xx response.
 pub fn request(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<String> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| {
         format!("cannot reach the node's admin listener at {addr}; is the node running, and is --admin its --metrics-listen address?")

@@ -228,7 +228,7 @@ impl MembershipObserver for MembershipMetrics {
     }
 }
 
-/// What the admin endpoints act on.
+/// State the admin endpoints act on.
 #[derive(Clone)]
 struct Admin {
     keyring: Arc<Keyring>,
@@ -239,7 +239,7 @@ struct Admin {
 }
 
 impl Admin {
-    /// The cluster status: members and the shard placement over the live ones.
+    /// Returns the cluster status: members and the shard placement over the live ones.
     fn status(&self) -> serde_json::Value {
         let members = match &self.cluster {
             Some(cluster) => cluster.members(),

@@ -281,8 +281,8 @@ pub enum ServerBody {
     Jwks(Jwks),
     /// The latest signed tree head.
     KtHead(SignedTreeHead),
-    /// Log entries with inclusion proofs to `head`: the answer to a lookup, a history or an
-    /// entries request.
+    /// Log entries with inclusion proofs to `head`: the response to a lookup, a history or
+    /// an entries request.
     KtEntries {
         head: SignedTreeHead,
         entries: Vec<ProvenEntry>,

@@ -25,9 +25,9 @@ pub const MAX_HEAD_CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
 /// Maximum number of log entries returned by one entries request.
 pub const MAX_KT_ENTRIES: u32 = 1000;
 
-/// Maximum encoded size of the entries in one key transparency answer. A page stops before
-/// the entry that would exceed it (but has at least one entry), so answers stay well under the
-/// frame limit; the client asks for the rest from where the page ended.
+/// Maximum encoded size of the entries in one key transparency response. A page stops before
+/// the entry that would exceed it, but has at least one entry, so responses stay well under
+/// the frame limit. The client requests the rest from where the page ended.
 pub const MAX_KT_PAGE_BYTES: usize = 128 * 1024;
 
 /// Kind of change to a device key.

@@ -214,7 +214,7 @@ enum Command {
         #[arg(long)]
         fetch: bool,
     },
-    /// Verify a receipt file offline against the node's JWKS and say why a bad one fails.
+    /// Verify a receipt file offline against the node's JWKS and report why a bad one fails.
     /// Needs no account or state directory.
     VerifyReceipt {
         /// Receipt JSON, as `atlas-chat receipt` prints it.
@@ -791,7 +791,7 @@ async fn verify_receipt(
             Ok(ServerBody::Jwks(jwks)) => jwks,
             Ok(other) => {
                 return Err(CliError::new(format!(
-                    "{jwks_source} answered the JWKS request with {}",
+                    "{jwks_source} responded to the JWKS request with {}",
                     other_type(&other)
                 )));
             }
