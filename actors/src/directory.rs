@@ -1,8 +1,11 @@
 //! Devices, accounts and KeyPackages: login verification and KeyPackage handling.
 
 use crate::group::now_ms;
+use crate::keyring::Keyring;
 use crate::mls::{MlsError, validate_key_package};
-use atlas_protocol::transparency::{Authorization, KeyEvent, KeyEventKind, key_event_statement};
+use atlas_protocol::transparency::{
+    Authorization, KeyEvent, KeyEventKind, key_event_statement, passkey_grant_statement,
+};
 use atlas_protocol::{DeviceId, ErrorCode, login_transcript};
 use atlas_storage::{
     DeviceRecord, DirectoryChange, KeyEventOutcome, KeyPackageRecord, StorageError, Store,
@@ -65,6 +68,15 @@ pub enum LoginError {
     /// A signature over a revocation, rotation or enrollment statement does not verify.
     #[error("statement signature of {0} does not verify")]
     BadStatementSignature(DeviceId),
+    /// Open registration is off and the device key is not enrolled in any account.
+    #[error(
+        "device {0} is not enrolled; enroll it with an access token from a passkey login \
+         (POST /v1/devices) or from a current device of the account"
+    )]
+    NotEnrolled(DeviceId),
+    /// A token-based enrollment names an account without passkeys.
+    #[error("account {0:?} does not exist")]
+    UnknownAccount(String),
     /// Storage failed.
     #[error(transparent)]
     Storage(StorageError),
@@ -78,6 +90,7 @@ impl From<StorageError> for LoginError {
             StorageError::UnknownDevice(device) => Self::DeviceNotFound(device),
             StorageError::AccountTaken(account) => Self::AccountTaken(account),
             StorageError::TooManyDevices { account, max } => Self::TooManyDevices { account, max },
+            StorageError::UnknownAccount(account) => Self::UnknownAccount(account),
             other => Self::Storage(other),
         }
     }
@@ -90,7 +103,9 @@ impl LoginError {
             Self::InvalidAccount(_)
             | Self::WrongAccount { .. }
             | Self::OtherAccount(_)
-            | Self::AccountTaken(_) => ErrorCode::InvalidAccount,
+            | Self::AccountTaken(_)
+            | Self::UnknownAccount(_) => ErrorCode::InvalidAccount,
+            Self::NotEnrolled(_) => ErrorCode::DeviceNotEnrolled,
             Self::BadKey | Self::BadSignature(_) | Self::BadStatementSignature(_) => {
                 ErrorCode::BadSignature
             }
@@ -126,16 +141,19 @@ impl Directory {
     /// transparency log with the login signature as its authorisation. Returns the device
     /// record and whether this login registered it. Revoked devices are refused.
     ///
-    /// NOTE: registration is open: any new key may claim any unused account name. Passkey
-    /// enrolment is meant to replace this.
+    /// With `open_registration` false, a key that is not enrolled is refused instead.
+    ///
+    /// NOTE: open registration lets any new key claim any unused account name; it is meant for
+    /// development and benchmarks, and is off by default in the node's configuration.
     pub fn login(
         &self,
         account: &str,
         device_key: &[u8],
         signature: &[u8],
-        server_name: &str,
         nonce: &[u8],
+        open_registration: bool,
     ) -> Result<(DeviceRecord, bool), LoginError> {
+        let server_name = self.server_name.as_str();
         if !valid_account(account) {
             return Err(LoginError::InvalidAccount(
                 account.chars().take(80).collect(),
@@ -155,6 +173,9 @@ impl Directory {
                 None if existing.account != account => Err(LoginError::WrongAccount { device }),
                 None => Ok((existing, false)),
             };
+        }
+        if !open_registration {
+            return Err(LoginError::NotEnrolled(device));
         }
         let now = now_ms();
         let record = DeviceRecord {
@@ -289,6 +310,67 @@ impl Directory {
         match self.store.append_key_event(&event, &change)? {
             KeyEventOutcome::Appended { index, device } => {
                 tracing::info!(device = %device.device, by = %signer.device, index, "device enrolled");
+                Ok((device, index))
+            }
+            KeyEventOutcome::AlreadyRegistered(_) => Err(LoginError::KeyInUse(device)),
+        }
+    }
+
+    /// Adds a device holding `new_key` to the passkey account `account`, on the strength of
+    /// the access token `token_id` that the caller has checked. The new key signs
+    /// [`key_event_statement`] for the addition at `time_ms`, and the node signs
+    /// [`passkey_grant_statement`] over it with `keyring`. Returns the new record and its log
+    /// index.
+    pub fn enroll_by_token(
+        &self,
+        account: &str,
+        token_id: &str,
+        new_key: &[u8],
+        time_ms: u64,
+        new_key_signature: &[u8],
+        keyring: &Keyring,
+    ) -> Result<(DeviceRecord, u64), LoginError> {
+        let now = check_time(time_ms)?;
+        let parsed = parse_key(new_key)?;
+        let device = DeviceId::for_key(new_key);
+        let statement = key_event_statement(
+            KeyEventKind::Added,
+            &self.server_name,
+            account,
+            &device,
+            new_key,
+            time_ms,
+        );
+        verify(&parsed, &statement, new_key_signature)
+            .map_err(|()| LoginError::BadStatementSignature(device))?;
+        let (kid, node_signature) = keyring.sign(&passkey_grant_statement(&statement, token_id));
+        let record = DeviceRecord {
+            device,
+            account: account.to_owned(),
+            public_key: new_key.to_vec(),
+            registered_at_ms: now,
+            kt_index: None,
+            revoked_at_ms: None,
+        };
+        let event = KeyEvent {
+            kind: KeyEventKind::Added,
+            account: account.to_owned(),
+            device,
+            key: new_key.to_vec(),
+            time_ms,
+            authorization: Authorization::PasskeyToken {
+                token_id: token_id.to_owned(),
+                kid,
+                node_signature,
+                new_key_signature: new_key_signature.to_vec(),
+            },
+        };
+        match self
+            .store
+            .append_key_event(&event, &DirectoryChange::EnrollByToken(record))?
+        {
+            KeyEventOutcome::Appended { index, device } => {
+                tracing::info!(device = %device.device, index, "device enrolled by passkey token");
                 Ok((device, index))
             }
             KeyEventOutcome::AlreadyRegistered(_) => Err(LoginError::KeyInUse(device)),

@@ -246,6 +246,36 @@ impl Keyring {
         fields.sign(&state.current_kid, &state.current, now_ms() / 1000)
     }
 
+    /// Signs `message` with the current key; returns the key id and the signature.
+    pub fn sign(&self, message: &[u8]) -> (String, Vec<u8>) {
+        use ed25519_dalek::Signer;
+        let state = self.state();
+        (
+            state.current_kid.clone(),
+            state.current.sign(message).to_bytes().to_vec(),
+        )
+    }
+
+    /// Signs a JWT with the current key (EdDSA), with `typ` and the key's `kid` in its header.
+    pub fn sign_jwt<T: Serialize>(&self, typ: &str, claims: &T) -> String {
+        let state = self.state();
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+        header.typ = Some(typ.to_owned());
+        header.kid = Some(state.current_kid.clone());
+        atlas_protocol::dpop::sign_jwt(&state.current, &header, claims)
+    }
+
+    /// Returns the published key with id `kid` (current or within its grace period).
+    pub fn published_key(&self, kid: &str) -> Option<VerifyingKey> {
+        let now = now_ms();
+        let grace = self.grace.as_millis() as u64;
+        self.state()
+            .published
+            .iter()
+            .find(|k| k.kid == kid && k.retired_ms.is_none_or(|r| r.saturating_add(grace) >= now))
+            .map(|k| k.public)
+    }
+
     /// Returns the published keys: the current one and those retired less than the grace
     /// period ago.
     pub fn jwks(&self) -> Jwks {

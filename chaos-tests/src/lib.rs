@@ -17,15 +17,44 @@ pub struct NodeProcess {
     pub data_dir: PathBuf,
 }
 
+fn with_open_registration<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut flags = vec!["--open-registration"];
+    flags.extend_from_slice(extra);
+    flags
+}
+
 impl NodeProcess {
-    /// Starts `binary node` with its data in `data_dir`, listeners on free ports and the given
-    /// extra flags. Waits up to 60 s until the node prints its address.
+    /// Starts `binary node` with its data in `data_dir`, listeners on free ports, open
+    /// registration (devices register at their first login, as chat tests and benchmarks
+    /// need) and the given extra flags. Waits up to 60 s until the node prints its address.
     pub fn start(binary: &Path, data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
-        Self::start_with_stderr(binary, data_dir, extra, Stdio::inherit())
+        Self::start_with_stderr(
+            binary,
+            data_dir,
+            &with_open_registration(extra),
+            Stdio::inherit(),
+        )
     }
 
     /// Like [`NodeProcess::start`], with the node's log (stderr) written to `log`.
     pub fn start_logged(
+        binary: &Path,
+        data_dir: &Path,
+        extra: &[&str],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        let file = std::fs::File::create(log)?;
+        Self::start_with_stderr(
+            binary,
+            data_dir,
+            &with_open_registration(extra),
+            Stdio::from(file),
+        )
+    }
+
+    /// Starts a node with its default account security: devices must be enrolled with a
+    /// passkey access token or from a current device. The log goes to `log`.
+    pub fn start_secure(
         binary: &Path,
         data_dir: &Path,
         extra: &[&str],
@@ -92,6 +121,11 @@ impl NodeProcess {
             fingerprint: fingerprint.unwrap_or_else(|| unreachable!("loop ends only once set")),
             data_dir: data_dir.to_owned(),
         })
+    }
+
+    /// Returns the HTTPS base URL of the node, with `localhost` as the server name.
+    pub fn https_base(&self) -> String {
+        format!("https://localhost:{}", self.addr.port())
     }
 
     /// Returns the WebSocket URL of the node, with `localhost` as the server name.

@@ -4,7 +4,8 @@
 
 use crate::{ClientError, RawConnection, ServerTrust};
 use atlas_protocol::transparency::{
-    AuthorizationError, DirectoryReplay, Jwks, KeyEvent, MAX_KT_ENTRIES, SignedTreeHead,
+    Authorization, AuthorizationError, DirectoryReplay, Jwks, KeyEvent, MAX_KT_ENTRIES,
+    SignedTreeHead,
 };
 use atlas_protocol::{ClientBody, ServerBody};
 use std::path::{Path, PathBuf};
@@ -30,6 +31,9 @@ pub struct AuditOptions {
 pub struct AuditReport {
     pub head: SignedTreeHead,
     pub entries_checked: u64,
+    /// Passkey grants signed by a node key no longer in the JWKS, whose node signature could
+    /// not be checked (the new key's own signature was).
+    pub unverified_grants: u64,
 }
 
 /// The first inconsistency an audit found, or why it could not run.
@@ -174,6 +178,7 @@ pub async fn audit(
     Ok(AuditReport {
         head,
         entries_checked: auditor.checked,
+        unverified_grants: auditor.replay.unverified_grants(),
     })
 }
 
@@ -193,6 +198,7 @@ impl Auditor {
     async fn refresh_jwks(&mut self) -> Result<(), AuditError> {
         match self.request(ClientBody::Jwks).await? {
             ServerBody::Jwks(jwks) => {
+                self.replay.learn_keys(&jwks);
                 for key in jwks.keys {
                     if self.jwks.find(&key.kid).is_none() {
                         self.jwks.keys.push(key);
@@ -289,6 +295,11 @@ impl Auditor {
                 reason: e.to_string(),
             })?;
             self.load_account(&event).await?;
+            if let Authorization::PasskeyToken { kid, .. } = &event.authorization
+                && self.jwks.find(kid).is_none()
+            {
+                self.refresh_jwks().await?;
+            }
             self.replay.apply(entry.index, &event, &self.server_name)?;
             self.checked += 1;
             expected += 1;

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<ServerBody>>>>;
@@ -33,11 +34,20 @@ pub(crate) struct Connection {
 
 impl Connection {
     /// Connects and returns the connection and the server's challenge.
+    /// `dpop` is the DPoP proof sent with the upgrade request.
     pub(crate) async fn open(
         url: &str,
         tls: rustls::ClientConfig,
         request_timeout: Duration,
+        dpop: &str,
     ) -> Result<(Self, ServerBody), ClientError> {
+        let mut request = url
+            .into_client_request()
+            .map_err(|e| ClientError::Connect(format!("invalid URL {url}: {e}")))?;
+        let proof = dpop
+            .parse()
+            .map_err(|_| ClientError::Connect("DPoP proof is not a valid header value".into()))?;
+        request.headers_mut().insert("DPoP", proof);
         let mut config = WebSocketConfig::default();
         config.max_message_size = Some(MAX_FRAME_BYTES * 2);
         config.max_frame_size = Some(MAX_FRAME_BYTES * 2);
@@ -45,7 +55,7 @@ impl Connection {
         let (ws, _) = tokio::time::timeout(
             request_timeout,
             tokio_tungstenite::connect_async_tls_with_config(
-                url,
+                request,
                 Some(config),
                 true,
                 Some(connector),

@@ -5,6 +5,7 @@
 //! client continues its groups. Plaintext never leaves the client: the server receives MLS
 //! ciphertext only.
 
+pub mod accounts;
 pub mod audit;
 mod conn;
 mod kt;
@@ -100,6 +101,12 @@ pub enum ClientError {
     /// with this server from now on.
     #[error("security error: {0}")]
     Security(Box<KtViolation>),
+    /// An account endpoint returned an error status.
+    #[error("HTTP {}: {} ({})", .0.status, .0.description, .0.error)]
+    Http(accounts::HttpFailure),
+    /// The server's response did not have the expected form.
+    #[error("invalid response: {0}")]
+    Protocol(String),
 }
 
 impl ClientError {
@@ -267,7 +274,8 @@ impl Client {
         self.conn = None;
         self.refuse_after_violation()?;
         let tls = tls::client_config(trust)?;
-        let (conn, challenge) = Connection::open(url, tls, self.request_timeout).await?;
+        let proof = self.dpop_proof("GET", url, None)?;
+        let (conn, challenge) = Connection::open(url, tls, self.request_timeout, &proof).await?;
         let ServerBody::Challenge {
             nonce, server_name, ..
         } = challenge
@@ -296,6 +304,35 @@ impl Client {
             other => return Err(unexpected("kt_head", other)),
         }
         Ok(registered)
+    }
+
+    /// Makes a DPoP proof for a request to `uri`, signed with the device key.
+    pub fn dpop_proof(
+        &self,
+        method: &str,
+        uri: &str,
+        access_token: Option<&str>,
+    ) -> Result<String, ClientError> {
+        let public: [u8; 32] = self
+            .signer
+            .public()
+            .try_into()
+            .map_err(|_| ClientError::Mls("device key is not an Ed25519 key".into()))?;
+        atlas_protocol::dpop::make_proof_with(
+            &public,
+            |input| {
+                self.signer
+                    .sign(input)
+                    .map_err(|e| ClientError::Mls(format!("signing a DPoP proof failed: {e:?}")))
+            },
+            &atlas_protocol::dpop::ProofParams {
+                method,
+                uri,
+                access_token,
+                nonce: None,
+                now_s: now_ms() / 1000,
+            },
+        )
     }
 
     /// Stops or resumes reading from the socket. While paused the server's pushes back up in
@@ -1470,7 +1507,19 @@ impl RawConnection {
     /// Connects and returns the connection with the server's login challenge.
     pub async fn open(url: &str, trust: &ServerTrust) -> Result<(Self, ServerBody), ClientError> {
         let tls = tls::client_config(trust)?;
-        let (conn, challenge) = Connection::open(url, tls, Duration::from_secs(30)).await?;
+        // No device identity: the proof is made with a key used for this connection only.
+        let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+        let proof = atlas_protocol::dpop::make_proof(
+            &key,
+            &atlas_protocol::dpop::ProofParams {
+                method: "GET",
+                uri: url,
+                access_token: None,
+                nonce: None,
+                now_s: now_ms() / 1000,
+            },
+        );
+        let (conn, challenge) = Connection::open(url, tls, Duration::from_secs(30), &proof).await?;
         Ok((Self { conn }, challenge))
     }
 

@@ -6,6 +6,7 @@
 //! [`atlas_cluster::Router`]; pushes arrive through the connection's bounded queue registered in
 //! [`atlas_cluster::Presence`].
 
+pub mod auth;
 mod keys;
 mod metrics;
 mod session;
@@ -42,6 +43,9 @@ pub struct SessionSettings {
     pub max_in_flight: usize,
     /// Connections that may wait to log in at the same time; more are closed with 1013.
     pub max_unauthenticated: usize,
+    /// Whether a login with an unknown key registers it under an unused account name. Off,
+    /// devices must be enrolled first (passkey token or a current device).
+    pub open_registration: bool,
 }
 
 impl Default for SessionSettings {
@@ -56,6 +60,7 @@ impl Default for SessionSettings {
             max_invalid_frames: 16,
             max_in_flight: 256,
             max_unauthenticated: 1024,
+            open_registration: false,
         }
     }
 }
@@ -73,12 +78,14 @@ pub struct GatewayState {
     pub shutdown: watch::Receiver<bool>,
     /// Connections that have not logged in yet.
     pub unauthenticated: Arc<std::sync::atomic::AtomicUsize>,
+    /// Passkey accounts, tokens and DPoP checks.
+    pub auth: Option<Arc<auth::Auth>>,
 }
 
 /// Binds the TLS listener and returns the server (not yet awaited) and its bound address.
 pub fn bind(
     state: Arc<GatewayState>,
-    listen: SocketAddr,
+    listener: std::net::TcpListener,
     tls: rustls::ServerConfig,
     workers: usize,
 ) -> std::io::Result<(actix_web::dev::Server, SocketAddr)> {
@@ -88,6 +95,7 @@ pub fn bind(
             .app_data(data.clone())
             .route("/v1/ws", web::get().to(websocket))
             .route("/.well-known/jwks.json", web::get().to(jwks))
+            .configure(auth::routes::configure)
             .route(
                 "/healthz",
                 web::get().to(|| async { HttpResponse::Ok().body("ok") }),
@@ -100,10 +108,12 @@ pub fn bind(
     // Sessions are closed by the node's own shutdown signal; actix only waits this long after.
     .shutdown_timeout(5)
     .disable_signals()
-    .bind_rustls_0_23(listen, tls)?;
-    let addr = server.addrs().first().copied().ok_or_else(|| {
-        std::io::Error::other(format!("listener on {listen} reported no address"))
-    })?;
+    .listen_rustls_0_23(listener, tls)?;
+    let addr = server
+        .addrs()
+        .first()
+        .copied()
+        .ok_or_else(|| std::io::Error::other("the TLS listener reported no address"))?;
     Ok((server.run(), addr))
 }
 
@@ -121,6 +131,17 @@ async fn websocket(
     body: web::Payload,
     state: web::Data<GatewayState>,
 ) -> actix_web::Result<HttpResponse> {
+    // The upgrade carries a DPoP proof (and may carry an access token, which is then checked
+    // too); the device still proves its own key with the login frame.
+    if let Some(auth) = &state.auth {
+        let token = auth::proofs::access_token(&req)?;
+        let proof = auth.check_proof(&req, token).inspect_err(|e| {
+            tracing::info!(error = %e, peer = ?req.peer_addr(), "WebSocket upgrade rejected");
+        })?;
+        if let Some(token) = token {
+            auth.verify_access_token(token, &proof)?;
+        }
+    }
     let (response, session, stream) = actix_ws::handle(&req, body)?;
     let peer = req.peer_addr();
     let state = state.into_inner();

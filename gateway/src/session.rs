@@ -413,12 +413,14 @@ impl Connection {
             let _ = self.send_now(frame.id, body).await;
             return Err(None);
         };
-        let server_name = self.state.settings.server_name.clone();
-        match self
-            .state
-            .directory
-            .login(&account, &device_key, &signature, &server_name, &nonce)
-        {
+        let open_registration = self.state.settings.open_registration;
+        match self.state.directory.login(
+            &account,
+            &device_key,
+            &signature,
+            &nonce,
+            open_registration,
+        ) {
             Ok((record, registered)) => {
                 if registered && let Err(e) = self.state.store.durable().await {
                     tracing::error!(error = %e, "flush failed; registration not confirmed");

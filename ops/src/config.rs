@@ -74,6 +74,28 @@ pub struct NodeConfig {
     pub shards: u32,
     /// Replicas of each shard (fewer when fewer nodes are alive).
     pub replication: u32,
+    /// Whether a login with an unknown device key registers it under an unused account name.
+    /// For development and benchmarks only: anyone may then claim any free account name.
+    /// Off, devices are enrolled with a passkey access token or from a current device.
+    pub open_registration: bool,
+    /// WebAuthn relying party id; defaults to `server_name`.
+    pub rp_id: Option<String>,
+    /// Origin of the pages that run passkey ceremonies; defaults to
+    /// `https://<server_name>:<listen port>`.
+    pub rp_origin: Option<String>,
+    /// Lifetime of access tokens, in seconds.
+    pub access_token_ttl_secs: u64,
+    /// Lifetime of refresh tokens, in seconds.
+    pub refresh_token_ttl_secs: u64,
+    /// Seconds a client has to finish a passkey ceremony.
+    pub ceremony_ttl_secs: u64,
+    /// Largest accepted distance between a DPoP proof's `iat` and the server clock, in
+    /// seconds.
+    pub dpop_window_secs: u64,
+    /// Whether DPoP proofs must carry a server nonce (`DPoP-Nonce`).
+    pub dpop_nonces: bool,
+    /// Capacity of the DPoP `jti` replay cache.
+    pub dpop_replay_capacity: usize,
 }
 
 /// Log output format.
@@ -129,6 +151,15 @@ impl Default for NodeConfig {
             failure_timeout_ms: 3000,
             shards: 64,
             replication: 3,
+            open_registration: false,
+            rp_id: None,
+            rp_origin: None,
+            access_token_ttl_secs: 300,
+            refresh_token_ttl_secs: 30 * 24 * 3600,
+            ceremony_ttl_secs: 300,
+            dpop_window_secs: 60,
+            dpop_nonces: false,
+            dpop_replay_capacity: 100_000,
         }
     }
 }
@@ -220,6 +251,25 @@ pub struct NodeFlags {
     /// Milliseconds without a heartbeat after which a member is marked dead.
     #[arg(long, env = "ATLAS_FAILURE_TIMEOUT_MS")]
     pub failure_timeout_ms: Option<u64>,
+    /// Register unknown device keys at login under any free account name (development and
+    /// benchmarks only).
+    #[arg(long, env = "ATLAS_OPEN_REGISTRATION")]
+    pub open_registration: bool,
+    /// WebAuthn relying party id [default: the server name].
+    #[arg(long, env = "ATLAS_RP_ID")]
+    pub rp_id: Option<String>,
+    /// Origin of passkey pages [default: https://<server name>:<listen port>].
+    #[arg(long, env = "ATLAS_RP_ORIGIN")]
+    pub rp_origin: Option<String>,
+    /// Lifetime of access tokens, in seconds.
+    #[arg(long, env = "ATLAS_ACCESS_TOKEN_TTL_SECS")]
+    pub access_token_ttl_secs: Option<u64>,
+    /// Seconds a client has to finish a passkey ceremony.
+    #[arg(long, env = "ATLAS_CEREMONY_TTL_SECS")]
+    pub ceremony_ttl_secs: Option<u64>,
+    /// Require a server nonce in DPoP proofs.
+    #[arg(long, env = "ATLAS_DPOP_NONCES")]
+    pub dpop_nonces: bool,
 }
 
 impl NodeFlags {
@@ -235,6 +285,13 @@ impl NodeFlags {
             }
             None => NodeConfig::default(),
         };
+        macro_rules! take_option {
+            ($($field:ident),*) => {$(
+                if let Some(value) = &self.$field {
+                    config.$field = Some(value.clone());
+                }
+            )*};
+        }
         macro_rules! take {
             ($($field:ident),*) => {$(
                 if let Some(value) = &self.$field {
@@ -270,18 +327,15 @@ impl NodeFlags {
             failure_timeout_ms,
             max_unauthenticated
         );
+        take!(access_token_ttl_secs, ceremony_ttl_secs);
+        take_option!(rp_id, rp_origin);
+        config.open_registration |= self.open_registration;
+        config.dpop_nonces |= self.dpop_nonces;
         if let Some(seeds) = &self.seeds {
             config.seeds = seeds.clone();
         }
         if let Some(cookie) = &self.cluster_cookie {
             config.cluster_cookie = Some(Secret(cookie.clone()));
-        }
-        macro_rules! take_option {
-            ($($field:ident),*) => {$(
-                if let Some(value) = &self.$field {
-                    config.$field = Some(value.clone());
-                }
-            )*};
         }
         take_option!(
             cluster_listen,
@@ -302,7 +356,27 @@ impl NodeFlags {
 impl NodeConfig {
     /// Checks every numeric setting against its allowed range.
     fn validate(&self) -> anyhow::Result<()> {
-        let ranges: [(&str, u64, u64, u64); 15] = [
+        let ranges: [(&str, u64, u64, u64); 20] = [
+            (
+                "access_token_ttl_secs",
+                self.access_token_ttl_secs,
+                1,
+                86_400,
+            ),
+            (
+                "refresh_token_ttl_secs",
+                self.refresh_token_ttl_secs,
+                60,
+                365 * 86_400,
+            ),
+            ("ceremony_ttl_secs", self.ceremony_ttl_secs, 1, 3600),
+            ("dpop_window_secs", self.dpop_window_secs, 1, 3600),
+            (
+                "dpop_replay_capacity",
+                self.dpop_replay_capacity as u64,
+                100,
+                100_000_000,
+            ),
             ("workers", self.workers as u64, 0, 256),
             ("queue_capacity", self.queue_capacity as u64, 1, 1_000_000),
             (

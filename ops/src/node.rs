@@ -12,6 +12,7 @@ use atlas_cluster::{
     Cluster, ClusterSettings, MemberState, MemberView, MembershipObserver, NodeName, Presence,
     Router, ShardId, replicas,
 };
+use atlas_gateway::auth::AuthSettings;
 use atlas_gateway::{GatewayMetrics, GatewayState, SessionSettings};
 use atlas_protocol::CloseCode;
 use atlas_storage::Store;
@@ -100,6 +101,15 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     let generated_cert = identity.generated;
     let tls_config = tls::server_config(identity)?;
 
+    let listener = std::net::TcpListener::bind(config.listen)
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let port = listener.local_addr()?.port();
+    let auth = atlas_gateway::auth::Auth::new(
+        auth_settings(config, port)?,
+        Arc::clone(&keyring),
+        store.clone(),
+    )?;
+
     let (shutdown, shutdown_rx) = watch::channel(false);
     let state = Arc::new(GatewayState {
         store: store.clone(),
@@ -113,12 +123,14 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
             queue_capacity: config.queue_capacity,
             queue_max_bytes: config.queue_max_bytes,
             max_unauthenticated: config.max_unauthenticated,
+            open_registration: config.open_registration,
             ping_interval: config.ping_interval(),
             idle_timeout: Duration::from_secs(config.idle_timeout_secs.max(2)),
             ..SessionSettings::default()
         },
         shutdown: shutdown_rx,
         unauthenticated: Arc::default(),
+        auth: Some(Arc::new(auth)),
     });
     let workers = if config.workers == 0 {
         std::thread::available_parallelism()
@@ -127,8 +139,8 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     } else {
         config.workers
     };
-    let (gateway, addr) = atlas_gateway::bind(state, config.listen, tls_config, workers)
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let (gateway, addr) = atlas_gateway::bind(state, listener, tls_config, workers)
+        .with_context(|| format!("cannot serve TLS on {}", config.listen))?;
     let admin = Admin {
         keyring: Arc::clone(&keyring),
         cluster: cluster.clone(),
@@ -142,6 +154,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     let tasks = vec![tokio::spawn(gateway), tokio::spawn(metrics_server)];
     let key_tasks = tokio::spawn(key_maintenance(
         kt,
+        store.clone(),
         Duration::from_secs(config.tree_head_interval_secs),
         Duration::from_secs(config.signing_key_rotation_secs),
         shutdown.subscribe(),
@@ -161,6 +174,33 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         tasks,
         key_tasks,
         cluster,
+    })
+}
+
+/// Passkey and token settings, with the relying party defaulting to the server name and the
+/// origin to `https://<server name>:<port>`.
+fn auth_settings(config: &NodeConfig, port: u16) -> anyhow::Result<AuthSettings> {
+    let rp_id = config
+        .rp_id
+        .clone()
+        .unwrap_or_else(|| config.server_name.clone());
+    let origin = config
+        .rp_origin
+        .clone()
+        .unwrap_or_else(|| format!("https://{}:{port}", config.server_name));
+    let rp_origin = url::Url::parse(&origin)
+        .with_context(|| format!("rp_origin {origin:?} is not a URL; use https://host:port"))?;
+    Ok(AuthSettings {
+        rp_id,
+        rp_origin,
+        issuer: format!("https://{}", config.server_name),
+        access_token_ttl: Duration::from_secs(config.access_token_ttl_secs),
+        refresh_token_ttl: Duration::from_secs(config.refresh_token_ttl_secs),
+        ceremony_ttl: Duration::from_secs(config.ceremony_ttl_secs),
+        dpop_window: Duration::from_secs(config.dpop_window_secs),
+        dpop_nonces: config.dpop_nonces,
+        replay_cache_capacity: config.dpop_replay_capacity,
+        max_ceremonies: 10_000,
     })
 }
 
@@ -330,15 +370,20 @@ fn write_private_file(path: &std::path::Path, contents: &[u8]) -> std::io::Resul
     file.sync_all()
 }
 
-/// Signs a tree head every `head_interval` while the log grows, and rotates the signing key
-/// once it is older than `rotation`.
+/// Interval between deletions of expired refresh tokens.
+const REFRESH_PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Signs a tree head every `head_interval` while the log grows, rotates the signing key once
+/// it is older than `rotation`, and deletes expired refresh tokens every hour.
 async fn key_maintenance(
     kt: Arc<KeyTransparency>,
+    store: Store,
     head_interval: Duration,
     rotation: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(head_interval);
+    let mut last_prune = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -353,6 +398,19 @@ async fn key_maintenance(
             && let Err(e) = keyring.rotate()
         {
             tracing::error!(error = %e, "scheduled signing key rotation failed");
+        }
+        if last_prune.elapsed() >= REFRESH_PRUNE_INTERVAL {
+            last_prune = std::time::Instant::now();
+            let store = store.clone();
+            let pruned = tokio::task::spawn_blocking(move || {
+                store.prune_refresh_tokens(atlas_actors::now_ms())
+            })
+            .await;
+            match pruned {
+                Ok(Ok(count)) => tracing::debug!(count, "deleted expired refresh tokens"),
+                Ok(Err(e)) => tracing::error!(error = %e, "deleting expired refresh tokens failed"),
+                Err(e) => tracing::error!(error = %e, "refresh token cleanup task failed"),
+            }
         }
     }
 }

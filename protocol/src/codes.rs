@@ -42,6 +42,9 @@ pub enum ErrorCode {
     DeviceNotFound,
     /// The device was revoked or replaced by a key rotation; it cannot log in or be added.
     DeviceRevoked,
+    /// The device key is not enrolled in an account and the server does not register keys
+    /// at login; enroll it with a passkey session or from a current device.
+    DeviceNotEnrolled,
     /// The server cannot store the change (disk full, corruption); nothing was written.
     StorageFailure,
     /// The request is valid but names a feature this server does not implement.
@@ -54,7 +57,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [Self; 21] = [
+    pub const ALL: [Self; 22] = [
         Self::MalformedFrame,
         Self::UnsupportedVersion,
         Self::UnknownFrameType,
@@ -72,6 +75,7 @@ impl ErrorCode {
         Self::NoKeyPackage,
         Self::DeviceNotFound,
         Self::DeviceRevoked,
+        Self::DeviceNotEnrolled,
         Self::StorageFailure,
         Self::Unsupported,
         Self::Unavailable,
@@ -98,6 +102,7 @@ impl ErrorCode {
             Self::NoKeyPackage => 1400,
             Self::DeviceNotFound => 1401,
             Self::DeviceRevoked => 1402,
+            Self::DeviceNotEnrolled => 1403,
             Self::StorageFailure => 1500,
             Self::Unsupported => 1501,
             Self::Unavailable => 1502,
@@ -125,6 +130,7 @@ impl ErrorCode {
             Self::NoKeyPackage => "no_key_package",
             Self::DeviceNotFound => "device_not_found",
             Self::DeviceRevoked => "device_revoked",
+            Self::DeviceNotEnrolled => "device_not_enrolled",
             Self::StorageFailure => "storage_failure",
             Self::Unsupported => "unsupported",
             Self::Unavailable => "unavailable",

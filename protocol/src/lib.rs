@@ -5,7 +5,9 @@
 //! the request id chosen by the client (echoed in the response, 0 for server pushes) and `body`
 //! is one of [`ClientBody`] or [`ServerBody`]. `docs/protocol.md` describes every frame.
 
+pub mod accounts;
 mod codes;
+pub mod dpop;
 mod frames;
 mod ids;
 pub mod receipts;

@@ -81,6 +81,35 @@ pub enum Authorization {
         #[serde(with = "serde_bytes")]
         new_key_signature: Vec<u8>,
     },
+    /// A DPoP-bound access token from a passkey ceremony of the account allowed the addition.
+    /// The new key signed [`key_event_statement`]; the node, with its JWKS key `kid`, signed
+    /// [`passkey_grant_statement`] over it and the token's `jti`.
+    ///
+    /// NOTE: the passkey assertion itself is not in the log, so an auditor trusts the node's
+    /// word that a ceremony took place; it can only check the node's signature.
+    PasskeyToken {
+        token_id: String,
+        kid: String,
+        #[serde(with = "serde_bytes")]
+        node_signature: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        new_key_signature: Vec<u8>,
+    },
+}
+
+/// Context of the node's signature in [`Authorization::PasskeyToken`].
+pub const PASSKEY_GRANT_CONTEXT: &[u8] = b"atlas-passkey-grant-v1";
+
+/// Bytes the node signs when it adds a device on the strength of a passkey session: the
+/// context, the [`key_event_statement`] the new key signed and the access token's `jti`, each
+/// length-prefixed.
+pub fn passkey_grant_statement(statement: &[u8], token_id: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(statement.len() + 64);
+    for part in [PASSKEY_GRANT_CONTEXT, statement, token_id.as_bytes()] {
+        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    out
 }
 
 /// One entry of the key transparency log.
@@ -344,6 +373,10 @@ pub struct DirectoryReplay {
     accounts: std::collections::HashMap<String, std::collections::HashMap<DeviceId, Vec<u8>>>,
     /// Devices that were revoked or rotated away; they may never return.
     retired: std::collections::HashSet<DeviceId>,
+    /// The node's signing keys known to the auditor, by `kid`.
+    node_keys: std::collections::HashMap<String, VerifyingKey>,
+    /// Passkey grants signed by a key that is no longer published, so not checked.
+    unverified_grants: u64,
 }
 
 /// An entry whose authorisation or directory effect is invalid.
@@ -358,6 +391,22 @@ pub struct AuthorizationError {
 }
 
 impl DirectoryReplay {
+    /// Adds the Ed25519 keys of `jwks` to the keys that passkey grants are checked with. Keys
+    /// stay known after they leave the node's JWKS.
+    pub fn learn_keys(&mut self, jwks: &Jwks) {
+        for jwk in &jwks.keys {
+            if let Ok(key) = jwk.verifying_key() {
+                self.node_keys.insert(jwk.kid.clone(), key);
+            }
+        }
+    }
+
+    /// Number of passkey grants whose node key was unknown, so their node signature was not
+    /// checked (the new key's signature always is).
+    pub fn unverified_grants(&self) -> u64 {
+        self.unverified_grants
+    }
+
     /// Current devices of `account` with their keys.
     pub fn devices(&self, account: &str) -> Vec<(DeviceId, Vec<u8>)> {
         let mut out: Vec<_> = self
@@ -449,6 +498,27 @@ impl DirectoryReplay {
                     "enrolling device",
                 )?;
                 verify(&key, &statement, new_key_signature, "new key")?;
+            }
+            (
+                KeyEventKind::Added,
+                Authorization::PasskeyToken {
+                    token_id,
+                    kid,
+                    node_signature,
+                    new_key_signature,
+                },
+            ) => {
+                self.check_new_device(event).map_err(fail)?;
+                verify(&key, &statement, new_key_signature, "new key")?;
+                match self.node_keys.get(kid) {
+                    Some(node_key) => verify(
+                        node_key,
+                        &passkey_grant_statement(&statement, token_id),
+                        node_signature,
+                        "node's passkey grant",
+                    )?,
+                    None => self.unverified_grants += 1,
+                }
             }
             (KeyEventKind::Revoked, Authorization::DeviceSignature { signer, signature }) => {
                 let stored = current_key(&event.device)?;

@@ -40,6 +40,9 @@ pub enum StorageError {
     /// A first registration named an account that already exists.
     #[error("account {0:?} already exists")]
     AccountTaken(String),
+    /// No passkey account has this name.
+    #[error("account {0:?} does not exist")]
+    UnknownAccount(String),
     /// An enrollment would exceed the number of active devices an account may have.
     #[error("account {account:?} already has {max} active devices")]
     TooManyDevices { account: String, max: usize },

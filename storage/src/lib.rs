@@ -11,16 +11,22 @@
 //!   [`transparency`]).
 //! - `key_packages`, `cursors`.
 //! - `signing_keys`: the node's signing keys, sealed by the caller before they get here.
+//! - `tokens`: refresh tokens and their families (see [`accounts`]).
 //!
 //! Writes become durable only through [`Store::durable`], which batches the fsyncs of many
 //! writers (group commit): callers acknowledge nothing before it returns `Ok`.
 
+mod accounts;
 mod error;
 mod flusher;
 mod keys;
 mod records;
 pub mod transparency;
 
+pub use accounts::{
+    AccountRecord, MAX_PASSKEYS_PER_ACCOUNT, PasskeyRecord, RefreshOutcome, RefreshRecord,
+    TokenFamily,
+};
 pub use error::StorageError;
 pub use records::{DeviceRecord, GroupMeta, KeyPackageRecord};
 pub use transparency::{DirectoryChange, KeyEventOutcome, MAX_DEVICES_PER_ACCOUNT};
@@ -50,6 +56,9 @@ pub struct Store {
     cursors: sled::Tree,
     kt: sled::Tree,
     signing_keys: sled::Tree,
+    tokens: sled::Tree,
+    /// Serialises refresh token rotations.
+    tokens_lock: Arc<Mutex<()>>,
     /// Size of the key transparency log; held while appending, so appends are serialised.
     kt_size: Arc<Mutex<u64>>,
     flusher: Arc<Flusher>,
@@ -105,6 +114,8 @@ impl Store {
             kt_size: Arc::new(Mutex::new(transparency::stored_size(&kt)?)),
             kt,
             signing_keys: db.open_tree("signing_keys")?,
+            tokens: db.open_tree("tokens")?,
+            tokens_lock: Arc::default(),
             groups: db.open_tree("groups")?,
             key_packages: db.open_tree("key_packages")?,
             cursors: db.open_tree("cursors")?,
@@ -112,6 +123,12 @@ impl Store {
             db,
         };
         Ok(store)
+    }
+
+    pub(crate) fn lock_tokens(&self) -> Result<std::sync::MutexGuard<'_, ()>, StorageError> {
+        self.tokens_lock
+            .lock()
+            .map_err(|_| StorageError::FlushFailed("refresh token lock poisoned".into()))
     }
 
     /// Sets a function called with the duration of every flush, for metrics.
@@ -499,6 +516,12 @@ impl Store {
         })?;
         Ok(u64::from_be_bytes(bytes))
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {

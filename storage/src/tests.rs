@@ -496,3 +496,133 @@ async fn unreadable_database_file_is_refused() {
         .expect("second open must fail too");
     assert!(matches!(again, StorageError::Corrupt { .. }), "{again}");
 }
+
+fn account_record(name: &str) -> AccountRecord {
+    AccountRecord {
+        account: name.into(),
+        user_id: [7; 16],
+        created_ms: 1,
+        passkeys: vec![PasskeyRecord {
+            credential_id: vec![1, 2, 3],
+            passkey: b"{}".to_vec(),
+            created_ms: 1,
+            last_used_ms: None,
+        }],
+    }
+}
+
+#[tokio::test]
+async fn account_names_are_taken_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.create_account(&account_record("alice")).unwrap();
+    assert!(matches!(
+        store.create_account(&account_record("alice")),
+        Err(StorageError::AccountTaken(_))
+    ));
+    // Open registration cannot take a passkey account's name.
+    assert!(matches!(
+        register(&store, &device(1, "alice")),
+        Err(StorageError::AccountTaken(_))
+    ));
+    // Nor can a passkey account take a name that has devices.
+    register(&store, &device(2, "bob")).unwrap();
+    assert!(matches!(
+        store.create_account(&account_record("bob")),
+        Err(StorageError::AccountTaken(_))
+    ));
+    // Token enrollment needs the account record.
+    let change = DirectoryChange::EnrollByToken(device(3, "carol"));
+    let event = key_event(KeyEventKind::Added, &device(3, "carol"));
+    assert!(matches!(
+        store.append_key_event(&event, &change),
+        Err(StorageError::UnknownAccount(_))
+    ));
+    let change = DirectoryChange::EnrollByToken(device(4, "alice"));
+    let event = key_event(KeyEventKind::Added, &device(4, "alice"));
+    assert!(matches!(
+        store.append_key_event(&event, &change).unwrap(),
+        KeyEventOutcome::Appended { .. }
+    ));
+}
+
+#[tokio::test]
+async fn refresh_reuse_revokes_family() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let first = RefreshRecord {
+        account: "alice".into(),
+        jkt: "key".into(),
+        family: [5; 16],
+        expires_ms: 10_000,
+        spent_ms: None,
+    };
+    store.put_refresh_token(&[1; 32], &first).unwrap();
+    let next = |spent: &RefreshRecord| RefreshRecord {
+        spent_ms: None,
+        ..spent.clone()
+    };
+    let RefreshOutcome::Rotated(second) = store
+        .spend_refresh_token(&[1; 32], 100, &[2; 32], next)
+        .unwrap()
+    else {
+        panic!("the first use rotates");
+    };
+    assert_eq!(second.family, [5; 16]);
+    assert_eq!(
+        store
+            .spend_refresh_token(&[9; 32], 100, &[3; 32], next)
+            .unwrap(),
+        RefreshOutcome::Unknown
+    );
+    // Reusing the spent token revokes the family, so the newer token stops working too.
+    assert_eq!(
+        store
+            .spend_refresh_token(&[1; 32], 200, &[3; 32], next)
+            .unwrap(),
+        RefreshOutcome::Reused { family: [5; 16] }
+    );
+    assert_eq!(
+        store
+            .spend_refresh_token(&[2; 32], 200, &[4; 32], next)
+            .unwrap(),
+        RefreshOutcome::Revoked
+    );
+    assert!(
+        store
+            .token_family(&[5; 16])
+            .unwrap()
+            .unwrap()
+            .revoked_ms
+            .is_some()
+    );
+}
+
+#[tokio::test]
+async fn refresh_expiry_and_pruning() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let record = RefreshRecord {
+        account: "alice".into(),
+        jkt: "key".into(),
+        family: [6; 16],
+        expires_ms: 1_000,
+        spent_ms: None,
+    };
+    store.put_refresh_token(&[1; 32], &record).unwrap();
+    let next = |spent: &RefreshRecord| spent.clone();
+    assert_eq!(
+        store
+            .spend_refresh_token(&[1; 32], 1_000, &[2; 32], next)
+            .unwrap(),
+        RefreshOutcome::Expired
+    );
+    assert_eq!(store.prune_refresh_tokens(999).unwrap(), 0);
+    assert_eq!(store.prune_refresh_tokens(1_000).unwrap(), 1);
+    assert_eq!(
+        store
+            .spend_refresh_token(&[1; 32], 1_000, &[2; 32], next)
+            .unwrap(),
+        RefreshOutcome::Unknown
+    );
+}

@@ -45,6 +45,9 @@ pub enum DirectoryChange {
         previous: DeviceId,
         new: DeviceRecord,
     },
+    /// Adds a device to a passkey account on the strength of an access token for it; the
+    /// account record must exist.
+    EnrollByToken(DeviceRecord),
 }
 
 /// Result of [`Store::append_key_event`].
@@ -304,11 +307,13 @@ impl Store {
                     // A key that is already registered is refused, or reported as registered.
                     return self.stage_new_device(batch, record, index);
                 }
+                // A passkey account without devices yet is taken too.
                 if self
                     .kt
                     .scan_prefix(account_prefix(&record.account))
                     .next()
                     .is_some()
+                    || self.account(&record.account)?.is_some()
                 {
                     return Err(StorageError::AccountTaken(record.account.clone()).into());
                 }
@@ -316,17 +321,14 @@ impl Store {
             }
             DirectoryChange::Enroll { signer, record } => {
                 self.active_signer(signer, &record.account)?;
-                let devices = self
-                    .kt
-                    .scan_prefix(account_devices_prefix(&record.account))
-                    .count();
-                if devices >= MAX_DEVICES_PER_ACCOUNT {
-                    return Err(StorageError::TooManyDevices {
-                        account: record.account.clone(),
-                        max: MAX_DEVICES_PER_ACCOUNT,
-                    }
-                    .into());
+                self.check_device_count(&record.account)?;
+                self.stage_new_device(batch, record, index)
+            }
+            DirectoryChange::EnrollByToken(record) => {
+                if self.account(&record.account)?.is_none() {
+                    return Err(StorageError::UnknownAccount(record.account.clone()).into());
                 }
+                self.check_device_count(&record.account)?;
                 self.stage_new_device(batch, record, index)
             }
             DirectoryChange::Revoke {
@@ -357,6 +359,25 @@ impl Store {
                 Ok(added)
             }
         }
+    }
+
+    fn check_device_count(&self, account: &str) -> Result<(), StorageError> {
+        let devices = self.kt.scan_prefix(account_devices_prefix(account)).count();
+        if devices >= MAX_DEVICES_PER_ACCOUNT {
+            return Err(StorageError::TooManyDevices {
+                account: account.to_owned(),
+                max: MAX_DEVICES_PER_ACCOUNT,
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes the lock that serialises appends to the key transparency log and other writes
+    /// to the directory that must see them.
+    pub(crate) fn lock_directory(&self) -> Result<std::sync::MutexGuard<'_, u64>, StorageError> {
+        self.kt_size
+            .lock()
+            .map_err(|_| StorageError::FlushFailed("key transparency lock poisoned".into()))
     }
 
     /// Number of entries in the key transparency log.

@@ -742,3 +742,72 @@ fn replay_rejects_bad_authorisations() {
         .unwrap_err();
     assert!(err.reason.contains("does not verify"), "{err}");
 }
+
+/// An `added` event for `device` authorised by a passkey token, signed by `node`.
+fn granted(device: &TestDevice, account: &str, node: &SigningKey, kid: &str) -> KeyEvent {
+    let statement = key_event_statement(
+        KeyEventKind::Added,
+        "node",
+        account,
+        &device.id(),
+        &device.public(),
+        4,
+    );
+    KeyEvent {
+        kind: KeyEventKind::Added,
+        account: account.into(),
+        device: device.id(),
+        key: device.public(),
+        time_ms: 4,
+        authorization: Authorization::PasskeyToken {
+            token_id: "jti-1".into(),
+            kid: kid.into(),
+            node_signature: node
+                .sign(&passkey_grant_statement(&statement, "jti-1"))
+                .to_bytes()
+                .to_vec(),
+            new_key_signature: device.key.sign(&statement).to_bytes().to_vec(),
+        },
+    }
+}
+
+#[test]
+fn replay_checks_passkey_grants() {
+    let node = signer();
+    let jwks = jwks_for("node-key", &node);
+    let (a, b) = (TestDevice::new(1), TestDevice::new(2));
+
+    let mut replay = DirectoryReplay::default();
+    replay.learn_keys(&jwks);
+    replay
+        .apply(0, &granted(&a, "alice", &node, "node-key"), "node")
+        .unwrap();
+    // A second device by token joins the same account.
+    replay
+        .apply(1, &granted(&b, "alice", &node, "node-key"), "node")
+        .unwrap();
+    assert_eq!(replay.devices("alice").len(), 2);
+    assert_eq!(replay.unverified_grants(), 0);
+
+    // A grant signed by another key than the named one fails.
+    let mut replay = DirectoryReplay::default();
+    replay.learn_keys(&jwks);
+    let forged = granted(&a, "alice", &SigningKey::from_bytes(&[42; 32]), "node-key");
+    let err = replay.apply(0, &forged, "node").unwrap_err();
+    assert!(err.reason.contains("grant"), "{err}");
+
+    // The new key's signature is checked even when the node key is unknown.
+    let mut replay = DirectoryReplay::default();
+    let mut event = granted(&a, "alice", &node, "node-key");
+    if let Authorization::PasskeyToken {
+        new_key_signature, ..
+    } = &mut event.authorization
+    {
+        new_key_signature[0] ^= 1;
+    }
+    assert!(replay.apply(0, &event, "node").is_err());
+    replay
+        .apply(0, &granted(&a, "alice", &node, "node-key"), "node")
+        .unwrap();
+    assert_eq!(replay.unverified_grants(), 1);
+}
