@@ -64,11 +64,34 @@ impl NodeProcess {
         Self::start_with_stderr(binary, data_dir, extra, Stdio::from(file))
     }
 
+    /// Like [`NodeProcess::start_secure`], logging at every level (`ATLAS_LOG=trace`), for
+    /// tests that check what the log contains.
+    pub fn start_secure_traced(
+        binary: &Path,
+        data_dir: &Path,
+        extra: &[&str],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        let file = std::fs::File::create(log)?;
+        Self::spawn(binary, data_dir, extra, Stdio::from(file), "trace")
+    }
+
     fn start_with_stderr(
         binary: &Path,
         data_dir: &Path,
         extra: &[&str],
         stderr: Stdio,
+    ) -> anyhow::Result<Self> {
+        let filter = std::env::var("ATLAS_LOG").unwrap_or_else(|_| "warn".into());
+        Self::spawn(binary, data_dir, extra, stderr, &filter)
+    }
+
+    fn spawn(
+        binary: &Path,
+        data_dir: &Path,
+        extra: &[&str],
+        stderr: Stdio,
+        log_filter: &str,
     ) -> anyhow::Result<Self> {
         let mut child = Command::new(binary)
             .arg("node")
@@ -76,10 +99,7 @@ impl NodeProcess {
             .arg(data_dir)
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .args(extra)
-            .env(
-                "ATLAS_LOG",
-                std::env::var("ATLAS_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("ATLAS_LOG", log_filter)
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()?;

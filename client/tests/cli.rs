@@ -48,16 +48,35 @@ impl Setup {
         Self { dir, node }
     }
 
+    /// A node without open registration: devices need a passkey account.
+    fn secure() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let node = NodeProcess::start_secure(
+            &node_binary(),
+            &dir.path().join("node"),
+            &[],
+            &dir.path().join("node.log"),
+        )
+        .unwrap();
+        Self { dir, node }
+    }
+
     fn state_dir(&self, account: &str) -> PathBuf {
         self.dir.path().join(account)
     }
 
     /// Builds an `atlas-chat` command for `account`, with state, server and fingerprint as flags.
     fn chat(&self, account: &str) -> Command {
+        self.chat_as(account, account)
+    }
+
+    /// Builds an `atlas-chat` command for `account` with the state directory named `state`,
+    /// for a second device of an account.
+    fn chat_as(&self, state: &str, account: &str) -> Command {
         let mut command = bare_chat();
         command
             .arg("--state")
-            .arg(self.state_dir(account))
+            .arg(self.state_dir(state))
             .args(["--account", account])
             .args(["--server", &self.node.url()])
             .args(["--fingerprint", &self.node.fingerprint]);
@@ -605,4 +624,76 @@ fn closed_stdout_ends_quietly() {
     let stderr = String::from_utf8_lossy(&stderr.join().unwrap()).into_owned();
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(status.success(), "exit status {status}, stderr: {stderr}");
+}
+
+#[test]
+fn signup_and_passkey_enroll() {
+    let setup = Setup::secure();
+
+    // Without an account, a device cannot log in, and the error says what to run.
+    let output = setup.run("alice", &["register"]);
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("device_not_enrolled"), "{err}");
+    assert!(err.contains("atlas-chat signup"), "{err}");
+
+    let out = setup.run_ok("alice", &["signup"]);
+    assert!(out.contains("created account alice"), "{out}");
+    assert!(out.contains("enrolled device"), "{out}");
+    let passkey = setup.state_dir("alice").join("soft-passkey.cbor");
+    assert!(passkey.is_file());
+    setup.run_ok("alice", &["register"]);
+
+    // The account name is taken now.
+    let output = run(setup.chat_as("mallory", "alice").arg("signup"), "");
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("account_taken"), "{err}");
+
+    // A second device joins with the account's passkey file.
+    let phone = setup
+        .chat_as("phone", "alice")
+        .args(["passkey-enroll", "--passkey"])
+        .arg(&passkey)
+        .output()
+        .unwrap();
+    assert!(
+        phone.status.success(),
+        "{}",
+        String::from_utf8_lossy(&phone.stderr)
+    );
+    let output = run(setup.chat_as("phone", "alice").arg("register"), "");
+    assert_success(&output, "alice", &["register"]);
+    let out = stdout(&output);
+    assert!(out.contains("alice"), "{out}");
+    let devices = setup.run_ok("alice", &["lookup", "alice"]);
+    assert_eq!(
+        devices.lines().filter(|l| l.contains(" key ")).count(),
+        2,
+        "{devices}"
+    );
+
+    // A copy of the passkey file from before the last login is a cloned authenticator.
+    let copy = setup.dir.path().join("copy.cbor");
+    std::fs::copy(&passkey, &copy).unwrap();
+    let again = setup
+        .chat_as("tablet", "alice")
+        .args(["passkey-enroll", "--passkey"])
+        .arg(&passkey)
+        .output()
+        .unwrap();
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let cloned = setup
+        .chat_as("laptop", "alice")
+        .args(["passkey-enroll", "--passkey"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(!cloned.status.success());
+    let err = String::from_utf8_lossy(&cloned.stderr);
+    assert!(err.contains("passkey_rejected"), "{err}");
 }

@@ -30,11 +30,24 @@ struct Node {
 
 impl Node {
     fn start(extra: &[&str]) -> Self {
+        Self::start_with(extra, false)
+    }
+
+    /// Starts a node that logs at every level.
+    fn start_traced(extra: &[&str]) -> Self {
+        Self::start_with(extra, true)
+    }
+
+    fn start_with(extra: &[&str], traced: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("node.log");
-        let process =
-            NodeProcess::start_secure(Path::new(BIN), &dir.path().join("node"), extra, &log)
-                .unwrap();
+        let data = dir.path().join("node");
+        let start = if traced {
+            NodeProcess::start_secure_traced
+        } else {
+            NodeProcess::start_secure
+        };
+        let process = start(Path::new(BIN), &data, extra, &log).unwrap();
         let trust = ServerTrust::fingerprint(&process.fingerprint).unwrap();
         let origin = Url::parse(&process.https_base()).unwrap();
         Self {
@@ -271,7 +284,7 @@ async fn ceremony_misuse_rejected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dpop_failures_rejected() {
-    let node = Node::start(&["--access-token-ttl-secs", "2"]);
+    let node = Node::start_traced(&["--access-token-ttl-secs", "2"]);
     let (mut session, _, _alice) = account_with_device(&node, "erin").await;
     let token = session.tokens().unwrap().access_token.clone();
     let now = std::time::SystemTime::now()
@@ -435,10 +448,25 @@ async fn dpop_failures_rejected() {
         "the stolen chain is revoked"
     );
 
-    // Neither tokens nor proofs appear in the node's log.
+    // Neither tokens, proofs nor the sealing secret appear in the node's log at any level.
     let log = node.log_text();
-    for secret in [&fresh.access_token, &fresh.refresh_token, &token] {
-        assert!(!log.contains(secret.as_str()), "a token is in the log");
+    assert!(log.contains("TRACE"), "the node logged at trace level");
+    assert!(
+        log.contains("account request rejected"),
+        "failures are logged"
+    );
+    let sealing_secret =
+        std::fs::read_to_string(node.process.data_dir.join("signing-key-secret")).unwrap();
+    let proof = session.proof("GET", "/v1/passkeys", true);
+    let header_part = proof.split('.').next().unwrap().to_owned();
+    for (what, secret) in [
+        ("access token", fresh.access_token.as_str()),
+        ("refresh token", fresh.refresh_token.as_str()),
+        ("first access token", token.as_str()),
+        ("sealing secret", sealing_secret.trim()),
+        ("proof header", header_part.as_str()),
+    ] {
+        assert!(!log.contains(secret), "the {what} is in the log");
     }
 }
 

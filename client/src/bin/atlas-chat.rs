@@ -9,6 +9,7 @@
 //! errors. Text from other members is printed with its control characters escaped, so that a
 //! message cannot add lines or send terminal escape sequences.
 
+use atlas_client::accounts::AccountSession;
 use atlas_client::{
     Client, ClientError, EnrollmentRequest, Event, RawConnection, Received, ServerTrust, audit,
 };
@@ -23,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 use tokio::sync::mpsc;
+use webauthn_authenticator_rs::softtoken::SoftToken;
 
 /// Writes a line to stdout like `println!`, but a closed stdout (as with `atlas-chat ... |
 /// head -1`) ends the program quietly instead of panicking.
@@ -139,6 +141,21 @@ enum Command {
             value_parser = clap::value_parser!(u16).range(0..=i64::from(MAX_KEY_PACKAGES))
         )]
         key_packages: u16,
+    },
+    /// Create the account with a new software passkey, saved unencrypted to a file, and
+    /// enroll this device with the login's access token. For development: a real application
+    /// uses the platform's authenticator (see the node's /login page).
+    Signup {
+        /// File for the software passkey [default: soft-passkey.cbor in the state directory].
+        #[arg(long, value_name = "FILE")]
+        passkey: Option<PathBuf>,
+    },
+    /// Log in to the account with the software passkey file that `signup` wrote, and enroll
+    /// this device with the login's access token.
+    PasskeyEnroll {
+        /// Software passkey file of the account.
+        #[arg(long, value_name = "FILE")]
+        passkey: PathBuf,
     },
     /// Create a group with this device as its only member and print the group id in hex.
     CreateGroup {
@@ -316,6 +333,11 @@ async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
     let options = Options::resolve(&cli, matches)?;
     match cli.command {
         Command::Register { key_packages } => register(&options, key_packages).await,
+        Command::Signup { passkey } => {
+            let file = passkey.unwrap_or_else(|| options.state.join(SOFT_PASSKEY_FILE));
+            passkey_enroll(&options, &file, true).await
+        }
+        Command::PasskeyEnroll { passkey } => passkey_enroll(&options, &passkey, false).await,
         Command::CreateGroup { name } => {
             validate_group_name(&name)?;
             let server = options.server()?;
@@ -670,6 +692,11 @@ fn server_error_hint(code: ErrorCode) -> Option<&'static str> {
             "the account has no KeyPackage left; its owner must run `atlas-chat register` again"
         }
         ErrorCode::DeviceNotFound => "the account's owner must run `atlas-chat register` first",
+        ErrorCode::DeviceNotEnrolled => {
+            "this device is in no account: run `atlas-chat signup` to create the account with a \
+             passkey, `atlas-chat passkey-enroll --passkey FILE` to add it with the account's \
+             passkey, or `atlas-chat enroll-request` for a device of the account to approve"
+        }
         ErrorCode::DeviceRevoked => {
             "the device was revoked; create a new device with a new --state directory"
         }
@@ -1320,6 +1347,97 @@ fn lock_state_dir(dir: &Path) -> Result<File, CliError> {
 // ---------------------------------------------------------------------------------------------
 // Subcommands with several steps
 // ---------------------------------------------------------------------------------------------
+
+/// Default name of the software passkey file in the state directory.
+const SOFT_PASSKEY_FILE: &str = "soft-passkey.cbor";
+
+/// Creates the account with a new software passkey saved to `file` (`create`), or logs in
+/// with the one in `file`, then enrolls this device with the access token.
+async fn passkey_enroll(options: &Options, file: &Path, create: bool) -> Result<(), CliError> {
+    let server = options.server()?;
+    let base =
+        AccountSession::base_of(&server.url).map_err(|e| sdk_error("reading --server", e))?;
+    let origin = webauthn_authenticator_rs::prelude::Url::parse(&base)
+        .map_err(|e| CliError::new(format!("{base} is not a URL: {e}")))?;
+    let mut session =
+        AccountSession::new(&base, &server.trust).map_err(|e| sdk_error("HTTPS setup", e))?;
+    let account = options.account.clone();
+    if create {
+        if file.exists() {
+            return Err(CliError::new(format!("{} already exists", file.display()))
+                .hint("pass another --passkey FILE, or use `atlas-chat passkey-enroll`"));
+        }
+        std::fs::create_dir_all(&options.state).map_err(|e| {
+            CliError::new(format!("cannot create {}: {e}", options.state.display()))
+        })?;
+        let (mut token, _) = SoftToken::new(true)
+            .map_err(|e| CliError::new(format!("creating a software passkey failed: {e:?}")))?;
+        let registered = session.register(&account, &mut token, &origin).await;
+        // Saved before the result is checked: the server may hold the passkey already.
+        save_soft_passkey(file, &token)?;
+        registered.map_err(|e| sdk_error(&format!("creating account {account}"), e))?;
+        outln!(
+            "created account {account} with the software passkey in {}",
+            file.display()
+        );
+    } else {
+        let raw = std::fs::read(file)
+            .map_err(|e| CliError::new(format!("cannot read {}: {e}", file.display())))?;
+        let mut token = SoftToken::from_cbor(&raw).map_err(|e| {
+            CliError::new(format!(
+                "{} is not a software passkey: {e:?}",
+                file.display()
+            ))
+            .hint("pass the file that `atlas-chat signup` wrote")
+        })?;
+        let login = session.login(&account, &mut token, &origin).await;
+        // The signature counter grew; the server rejects an older copy of it next time.
+        save_soft_passkey(file, &token)?;
+        login.map_err(|e| sdk_error(&format!("passkey login to {account}"), e))?;
+    }
+    let client = Client::open(&options.state, &account)
+        .map_err(|e| sdk_error("opening the client state", e))?;
+    let server_name = atlas_client::server_name_of(&server.url, &server.trust)
+        .await
+        .map_err(|e| sdk_error(&format!("connecting to {}", server.url), e))?;
+    let request = client
+        .enrollment_request(&server_name)
+        .map_err(|e| sdk_error("signing the enrollment request", e))?;
+    let enrolled = session
+        .enroll_device(&request)
+        .await
+        .map_err(|e| sdk_error("enrolling this device", e))?;
+    outln!(
+        "enrolled device {} in account {} (key log entry {}); run `atlas-chat register` to \
+         log in and upload KeyPackages",
+        enrolled.device,
+        enrolled.account,
+        enrolled.kt_index
+    );
+    Ok(())
+}
+
+/// Writes a software passkey, readable by the owner only, replacing the file atomically.
+fn save_soft_passkey(file: &Path, token: &SoftToken) -> Result<(), CliError> {
+    let bytes = token
+        .to_cbor()
+        .map_err(|e| CliError::new(format!("encoding the software passkey failed: {e:?}")))?;
+    let partial = file.with_extension("partial");
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&partial)?;
+        out.write_all(&bytes)?;
+        out.sync_all()?;
+        std::fs::rename(&partial, file)
+    };
+    write().map_err(|e| CliError::new(format!("cannot write {}: {e}", file.display())))
+}
 
 async fn register(options: &Options, key_packages: u16) -> Result<(), CliError> {
     let server = options.server()?;

@@ -45,7 +45,22 @@ pub(crate) fn configure(config: &mut web::ServiceConfig) {
         )
         .route("/v1/token", web::post().to(refresh))
         .route("/v1/devices", web::post().to(enroll_device))
-        .route("/v1/receipts/{group}/{seq}", web::get().to(receipt));
+        .route("/v1/receipts/{group}/{seq}", web::get().to(receipt))
+        .route("/login", web::get().to(login_page));
+}
+
+/// A minimal page that runs the passkey ceremonies in a browser, with an ES256 DPoP key kept
+/// in WebCrypto.
+async fn login_page() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .insert_header((
+            "Content-Security-Policy",
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; frame-ancestors 'none'",
+        ))
+        .insert_header(("Cache-Control", "no-store"))
+        .body(include_str!("login.html"))
 }
 
 fn auth(state: &GatewayState) -> Result<&Auth, AuthError> {
