@@ -267,3 +267,17 @@ fn wrong_key_or_parameters_fail() {
         Err(ReceiptError::Malformed(_))
     ));
 }
+
+/// RFC 9530 Appendix B.1: `{"hello": "world"}` followed by LF; Appendix B.2: the
+/// `Content-Digest` of a HEAD response, computed over empty content.
+#[test]
+fn content_digest_matches_rfc_9530_examples() {
+    assert_eq!(
+        content_digest(b"{\"hello\": \"world\"}\n"),
+        "sha-256=:RK/0qy18MlBSVnWgjwz6lZEWjP/lF5HF9bvEF8FabDg=:"
+    );
+    assert_eq!(
+        content_digest(b""),
+        "sha-256=:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=:"
+    );
+}
