@@ -13,6 +13,10 @@ pub struct GatewayMetrics {
     pub errors: IntCounterVec,
     /// Connections closed by the server, by close reason.
     pub closes: IntCounterVec,
+    /// Rejected account, token and upgrade requests, by error code.
+    pub auth_rejections: IntCounterVec,
+    /// Token pairs issued, by grant (`passkey_registration`, `passkey_login`, `refresh`).
+    pub tokens_issued: IntCounterVec,
 }
 
 impl GatewayMetrics {
@@ -42,7 +46,20 @@ impl GatewayMetrics {
                 ),
                 &["reason"],
             )?,
+            auth_rejections: IntCounterVec::new(
+                Opts::new(
+                    "atlas_auth_rejections_total",
+                    "Rejected account, token and WebSocket upgrade requests by error code",
+                ),
+                &["code"],
+            )?,
+            tokens_issued: IntCounterVec::new(
+                Opts::new("atlas_tokens_issued_total", "Token pairs issued by grant"),
+                &["grant"],
+            )?,
         };
+        registry.register(Box::new(metrics.auth_rejections.clone()))?;
+        registry.register(Box::new(metrics.tokens_issued.clone()))?;
         registry.register(Box::new(metrics.connections_open.clone()))?;
         registry.register(Box::new(metrics.frames_in.clone()))?;
         registry.register(Box::new(metrics.frames_out.clone()))?;

@@ -403,6 +403,16 @@ async fn dpop_failures_rejected() {
         }
     }
 
+    // Each rejection is counted by its code: the five proof failures and the replay above,
+    // and the key mismatch and missing token.
+    let counted = |code: &str| {
+        node.process
+            .metric(&format!("atlas_auth_rejections_total{{code=\"{code}\"}}"))
+            .unwrap()
+    };
+    assert_eq!(counted("invalid_dpop_proof"), 6.0);
+    assert_eq!(counted("invalid_token"), 2.0);
+
     // The WebSocket upgrade needs a proof too.
     let ws = session
         .send_raw(Method::GET, "/v1/ws", None, None, None)
@@ -430,6 +440,11 @@ async fn dpop_failures_rejected() {
         failure.error, "invalid_grant",
         "the newest token is revoked too"
     );
+    let issued = node
+        .process
+        .metric("atlas_tokens_issued_total{grant=\"refresh\"}")
+        .unwrap();
+    assert_eq!(issued, 1.0, "one refresh succeeded");
     let failure = http_failure(session.passkeys().await);
     assert_eq!(
         failure.error, "invalid_token",
@@ -589,4 +604,45 @@ async fn receipt_over_http_verifies() {
         .await
         .unwrap();
     assert_eq!(response.status().as_u16(), 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_page_security_headers() {
+    let node = Node::start(&[]);
+    let session = node.session();
+    let mut nonces = Vec::new();
+    for _ in 0..2 {
+        let response = session
+            .send_raw(Method::GET, "/login", None, None, None)
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        for (name, expected) in [
+            ("strict-transport-security", "max-age=31536000"),
+            ("x-content-type-options", "nosniff"),
+            ("x-frame-options", "DENY"),
+            ("cross-origin-opener-policy", "same-origin"),
+            ("cross-origin-embedder-policy", "require-corp"),
+            ("cross-origin-resource-policy", "same-origin"),
+        ] {
+            assert_eq!(header(&response, name), expected, "{name}");
+        }
+        let policy = header(&response, "content-security-policy");
+        assert!(
+            policy.contains("require-trusted-types-for 'script'"),
+            "{policy}"
+        );
+        assert!(policy.contains("frame-ancestors 'none'"), "{policy}");
+        let nonce = policy
+            .split("'nonce-")
+            .nth(1)
+            .and_then(|rest| rest.split('\'').next())
+            .expect("a script nonce")
+            .to_owned();
+        let page = response.text().await.unwrap();
+        assert!(page.contains(&format!("<script type=\"module\" nonce=\"{nonce}\">")));
+        assert!(!page.contains("ATLAS_CSP_NONCE"));
+        nonces.push(nonce);
+    }
+    assert_ne!(nonces[0], nonces[1], "every response gets its own nonce");
 }

@@ -49,18 +49,27 @@ pub(crate) fn configure(config: &mut web::ServiceConfig) {
         .route("/login", web::get().to(login_page));
 }
 
+/// Placeholder in the login page for the per-response CSP nonce.
+const NONCE_PLACEHOLDER: &str = "ATLAS_CSP_NONCE";
+
 /// A minimal page that runs the passkey ceremonies in a browser, with an ES256 DPoP key kept
-/// in WebCrypto.
+/// in WebCrypto. Its script and style run only with this response's CSP nonce, and Trusted
+/// Types admit no DOM injection sinks (the page writes text only).
 async fn login_page() -> HttpResponse {
+    let mut raw = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut raw);
+    let nonce = URL_SAFE_NO_PAD.encode(raw);
+    let policy = format!(
+        "default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; \
+         connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'; \
+         require-trusted-types-for 'script'; trusted-types 'none'"
+    );
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
-        .insert_header((
-            "Content-Security-Policy",
-            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
-             connect-src 'self'; frame-ancestors 'none'",
-        ))
+        .insert_header(("Content-Security-Policy", policy))
+        .insert_header(("Cross-Origin-Embedder-Policy", "require-corp"))
         .insert_header(("Cache-Control", "no-store"))
-        .body(include_str!("login.html"))
+        .body(include_str!("login.html").replace(NONCE_PLACEHOLDER, &nonce))
 }
 
 fn auth(state: &GatewayState) -> Result<&Auth, AuthError> {
@@ -68,6 +77,14 @@ fn auth(state: &GatewayState) -> Result<&Auth, AuthError> {
         .auth
         .as_deref()
         .ok_or_else(|| AuthError::NotFound("passkey accounts are not configured".into()))
+}
+
+fn count_tokens(state: &GatewayState, grant: &str) {
+    state
+        .metrics
+        .tokens_issued
+        .with_label_values(&[grant])
+        .inc();
 }
 
 fn check_account(account: &str) -> Result<(), AuthError> {
@@ -217,7 +234,9 @@ async fn register_finish(
             created_ms: now,
             passkeys: vec![record],
         })?;
-        Some(auth.issue_tokens(&account, &proof.jkt)?)
+        let tokens = auth.issue_tokens(&account, &proof.jkt)?;
+        count_tokens(&state, "passkey_registration");
+        Some(tokens)
     } else {
         auth.store.update_account(&account, |stored| {
             if stored.passkeys.len() >= MAX_PASSKEYS_PER_ACCOUNT {
@@ -327,6 +346,7 @@ async fn login_finish(
     })?;
     let tokens = auth.issue_tokens(&account, &proof.jkt)?;
     auth.store.durable().await?;
+    count_tokens(&state, "passkey_login");
     tracing::info!(%account, "passkey login");
     Ok(HttpResponse::Ok()
         .insert_header(("Cache-Control", "no-store"))
@@ -406,6 +426,7 @@ async fn refresh(
     }
     let tokens = auth.refresh(&body.refresh_token, &proof)?;
     auth.store.durable().await?;
+    count_tokens(&state, "refresh");
     Ok(HttpResponse::Ok()
         .insert_header(("Cache-Control", "no-store"))
         .json(tokens))
