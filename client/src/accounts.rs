@@ -74,6 +74,11 @@ impl AccountSession {
         })
     }
 
+    /// The HTTP client, with the session's TLS trust, for requests built by hand.
+    pub fn http_client(&self) -> &reqwest::Client {
+        &self.http
+    }
+
     pub fn dpop_key(&self) -> &SigningKey {
         &self.dpop_key
     }

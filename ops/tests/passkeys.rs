@@ -413,6 +413,24 @@ async fn dpop_failures_rejected() {
     assert_eq!(counted("invalid_dpop_proof"), 6.0);
     assert_eq!(counted("invalid_token"), 2.0);
 
+    // A forwarding header cannot make a proof for another host pass.
+    let elsewhere = DpopClaims {
+        htu: "https://evil.example/v1/passkeys".into(),
+        ..claims("GET", "/v1/passkeys", now + 3, Some(&token))
+    };
+    let response = session
+        .http_client()
+        .get(session.url("/v1/passkeys"))
+        .header("DPoP", sign_proof(&key, &elsewhere))
+        .header("Authorization", format!("DPoP {token}"))
+        .header("X-Forwarded-Host", "evil.example")
+        .header("Forwarded", "host=evil.example;proto=https")
+        .send()
+        .await
+        .unwrap();
+    let (status, error, _) = status_and_error(response).await;
+    assert_eq!((status, error.as_str()), (401, "invalid_dpop_proof"));
+
     // The WebSocket upgrade needs a proof too.
     let ws = session
         .send_raw(Method::GET, "/v1/ws", None, None, None)

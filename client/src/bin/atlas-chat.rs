@@ -314,7 +314,15 @@ async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
             outln!("{line}")
         })
         .await
-        .map(|_| ())
+        .map(|report| {
+            if report.unverified_grants > 0 {
+                outln!(
+                    "note: {} passkey grants were signed by node keys no longer in the JWKS, so \
+                     only their new keys' signatures were checked",
+                    report.unverified_grants
+                );
+            }
+        })
         .map_err(|e| {
             CliError::new(format!("audit of {} failed: {e}", server.url)).hint(
                 "an inconsistent log is evidence of a misbehaving node: keep the output \

@@ -96,9 +96,22 @@ pub(crate) fn access_token(req: &HttpRequest) -> Result<Option<&str>, AuthError>
 }
 
 /// The `htu` a proof for `req` must name: `https://` + Host + path. The gateway serves TLS
-/// only, so the scheme is always https.
+/// only, so the scheme is always https. The host comes from the request itself (the URI's
+/// authority, else the `Host` header), never from `Forwarded` or `X-Forwarded-Host`, which a
+/// client could set to make a proof for another server pass.
 fn target_uri(req: &HttpRequest) -> String {
-    format!("https://{}{}", req.connection_info().host(), req.path())
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(actix_web::http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    format!("https://{host}{}", req.path())
 }
 
 impl Auth {
