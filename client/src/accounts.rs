@@ -4,7 +4,8 @@
 //! An [`AccountSession`] holds its own Ed25519 DPoP key, the key its tokens are bound to, and
 //! signs a fresh proof for every request.
 
-use crate::{ClientError, EnrollmentRequest, ServerTrust, now_ms, tls};
+use crate::dpop_state::DpopState;
+use crate::{ClientError, EnrollmentRequest, ServerTrust, tls};
 use atlas_protocol::accounts::{
     CeremonyFinish, CeremonyStart, CeremonyStarted, DeviceEnrolled, DeviceEnrollment, ErrorBody,
     PasskeyList, PasskeyRegistered, RefreshRequest, Tokens,
@@ -27,6 +28,10 @@ pub struct HttpFailure {
     pub description: String,
     /// The `WWW-Authenticate` header, if any.
     pub challenge: Option<String>,
+    /// The `DPoP-Nonce` header, if any.
+    pub dpop_nonce: Option<String>,
+    /// The `Date` header, if any.
+    pub date: Option<String>,
 }
 
 /// A client of one node's account endpoints.
@@ -35,6 +40,7 @@ pub struct AccountSession {
     http: reqwest::Client,
     dpop_key: SigningKey,
     tokens: Option<Tokens>,
+    dpop: DpopState,
 }
 
 impl AccountSession {
@@ -58,6 +64,7 @@ impl AccountSession {
             http,
             dpop_key,
             tokens: None,
+            dpop: DpopState::default(),
         })
     }
 
@@ -106,15 +113,50 @@ impl AccountSession {
                 method,
                 uri: &self.url(path),
                 access_token: token.flatten(),
-                nonce: None,
-                now_s: now_ms() / 1000,
+                nonce: self.dpop.nonce().as_deref(),
+                now_s: self.dpop.now_s(),
             },
         )
     }
 
     /// Sends a request with a fresh proof (and the access token when `with_token`) and returns
-    /// the raw response.
+    /// the raw response. A request rejected because the server wants a nonce, or because the
+    /// local clock is off, is sent once more with a corrected proof.
     pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+        with_token: bool,
+    ) -> Result<reqwest::Response, ClientError> {
+        let mut retried = false;
+        loop {
+            let response = self
+                .send_once(method.clone(), path, body, with_token)
+                .await?;
+            let header = |name: &str| {
+                response
+                    .headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            let challenge = (response.status() == reqwest::StatusCode::UNAUTHORIZED)
+                .then(|| header("www-authenticate"))
+                .flatten();
+            let retry = self.dpop.learn(
+                header("dpop-nonce").as_deref(),
+                header("date").as_deref(),
+                challenge.as_deref(),
+            );
+            if !retry || retried {
+                return Ok(response);
+            }
+            retried = true;
+        }
+    }
+
+    async fn send_once(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -374,12 +416,34 @@ async fn parse<T: DeserializeOwned>(
 /// Turns an error response into [`ClientError::Http`].
 pub async fn failure(path: &str, response: reqwest::Response) -> ClientError {
     let status = response.status().as_u16();
-    let challenge = response
-        .headers()
-        .get("www-authenticate")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let body: Option<ErrorBody> = response.json().await.ok();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let (challenge, dpop_nonce, date) = (
+        header("www-authenticate"),
+        header("dpop-nonce"),
+        header("date"),
+    );
+    let body = response.bytes().await.unwrap_or_default();
+    ClientError::Http(Box::new(http_failure(
+        path, status, &body, challenge, dpop_nonce, date,
+    )))
+}
+
+/// Builds an [`HttpFailure`] from an error response's status, body and headers.
+pub(crate) fn http_failure(
+    path: &str,
+    status: u16,
+    body: &[u8],
+    challenge: Option<String>,
+    dpop_nonce: Option<String>,
+    date: Option<String>,
+) -> HttpFailure {
+    let body: Option<ErrorBody> = serde_json::from_slice(body).ok();
     let (error, description) = body
         .map(|b| (b.error, b.error_description))
         .unwrap_or_else(|| {
@@ -388,10 +452,12 @@ pub async fn failure(path: &str, response: reqwest::Response) -> ClientError {
                 format!("HTTP {status} without error body"),
             )
         });
-    ClientError::Http(HttpFailure {
+    HttpFailure {
         status,
         error,
         description: format!("{path}: {description}"),
         challenge,
-    })
+        dpop_nonce,
+        date,
+    }
 }

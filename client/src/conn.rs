@@ -63,7 +63,27 @@ impl Connection {
         )
         .await
         .map_err(|_| ClientError::Connect(format!("connecting to {url} timed out")))?
-        .map_err(|e| ClientError::Connect(format!("cannot connect to {url}: {e}")))?;
+        .map_err(|e| match e {
+            // The server rejected the upgrade with an HTTP error, such as a DPoP failure.
+            tokio_tungstenite::tungstenite::Error::Http(response) => {
+                let header = |name: &str| {
+                    response
+                        .headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                };
+                ClientError::Http(Box::new(crate::accounts::http_failure(
+                    url,
+                    response.status().as_u16(),
+                    response.body().as_deref().unwrap_or_default(),
+                    header("www-authenticate"),
+                    header("dpop-nonce"),
+                    header("date"),
+                )))
+            }
+            other => ClientError::Connect(format!("cannot connect to {url}: {other}")),
+        })?;
         let (mut sink, mut stream) = ws.split();
 
         let (outgoing, mut rx) = mpsc::channel::<Message>(256);

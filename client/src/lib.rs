@@ -8,11 +8,13 @@
 pub mod accounts;
 pub mod audit;
 mod conn;
+mod dpop_state;
 mod kt;
 mod state;
 mod tls;
 
 pub use conn::CloseInfo;
+pub use dpop_state::DpopState;
 pub use kt::{KtViolation, ViolationKind};
 pub use tls::{ServerTrust, fingerprint_hex};
 
@@ -103,7 +105,7 @@ pub enum ClientError {
     Security(Box<KtViolation>),
     /// An account endpoint returned an error status.
     #[error("HTTP {}: {} ({})", .0.status, .0.description, .0.error)]
-    Http(accounts::HttpFailure),
+    Http(Box<accounts::HttpFailure>),
     /// The server's response did not have the expected form.
     #[error("invalid response: {0}")]
     Protocol(String),
@@ -176,6 +178,8 @@ pub struct Client {
     /// Server name from the last login challenge; signed statements name it.
     server_name: Option<String>,
     request_timeout: Duration,
+    /// Server nonce and clock offset learnt from DPoP challenges.
+    dpop: DpopState,
 }
 
 impl Client {
@@ -219,6 +223,7 @@ impl Client {
             conn: None,
             server_name: None,
             request_timeout: Duration::from_secs(30),
+            dpop: DpopState::default(),
         };
         client.save()?;
         Ok(client)
@@ -274,8 +279,7 @@ impl Client {
         self.conn = None;
         self.refuse_after_violation()?;
         let tls = tls::client_config(trust)?;
-        let proof = self.dpop_proof("GET", url, None)?;
-        let (conn, challenge) = Connection::open(url, tls, self.request_timeout, &proof).await?;
+        let (conn, challenge) = self.open_connection(url, tls).await?;
         let ServerBody::Challenge {
             nonce, server_name, ..
         } = challenge
@@ -306,6 +310,33 @@ impl Client {
         Ok(registered)
     }
 
+    /// Opens the WebSocket with a DPoP proof of the device key. An upgrade rejected because the
+    /// server wants a nonce, or because the local clock is off, is tried once more.
+    async fn open_connection(
+        &self,
+        url: &str,
+        tls: rustls::ClientConfig,
+    ) -> Result<(Connection, ServerBody), ClientError> {
+        let mut retried = false;
+        loop {
+            let proof = self.dpop_proof("GET", url, None)?;
+            match Connection::open(url, tls.clone(), self.request_timeout, &proof).await {
+                Err(ClientError::Http(failure)) if !retried => {
+                    let retry = self.dpop.learn(
+                        failure.dpop_nonce.as_deref(),
+                        failure.date.as_deref(),
+                        failure.challenge.as_deref(),
+                    );
+                    if !retry {
+                        return Err(ClientError::Http(failure));
+                    }
+                    retried = true;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Makes a DPoP proof for a request to `uri`, signed with the device key.
     pub fn dpop_proof(
         &self,
@@ -329,8 +360,8 @@ impl Client {
                 method,
                 uri,
                 access_token,
-                nonce: None,
-                now_s: now_ms() / 1000,
+                nonce: self.dpop.nonce().as_deref(),
+                now_s: self.dpop.now_s(),
             },
         )
     }

@@ -129,9 +129,12 @@ fn security_headers() -> actix_web::middleware::DefaultHeaders {
         .add(("Cross-Origin-Resource-Policy", "same-origin"))
         .add(("Cross-Origin-Opener-Policy", "same-origin"))
         .add(("Referrer-Policy", "no-referrer"))
+        // Responses that may be cached say so themselves (the JWKS does).
+        .add(("Cache-Control", "no-store"))
 }
 
-/// Counts responses that carry an [`auth::AuthError`], by its code.
+/// Counts responses that carry an [`auth::AuthError`], by its code, and logs them with the
+/// path and the client address, at most [`REJECTION_LOG_LINES`] lines per minute.
 async fn count_auth_rejections(
     req: actix_web::dev::ServiceRequest,
     next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
@@ -141,13 +144,61 @@ async fn count_auth_rejections(
     if let (Some(state), Some(error)) = (state, response.response().error())
         && let Some(auth_error) = error.as_error::<auth::AuthError>()
     {
+        let code = auth_error.code();
         state
             .metrics
             .auth_rejections
-            .with_label_values(&[auth_error.code()])
+            .with_label_values(&[code])
             .inc();
+        if let Some(suppressed) = REJECTION_LOG.admit() {
+            // Error texts name values such as URIs and account names, with control
+            // characters replaced, never tokens or proofs.
+            tracing::info!(
+                code,
+                path = response.request().path(),
+                peer = ?response.request().peer_addr(),
+                suppressed,
+                error = %auth_error,
+                "account request rejected"
+            );
+        }
     }
     Ok(response)
+}
+
+/// Lines [`count_auth_rejections`] logs per minute; `atlas_auth_rejections_total` counts all.
+const REJECTION_LOG_LINES: u64 = 60;
+
+static REJECTION_LOG: LogBudget = LogBudget::new(REJECTION_LOG_LINES);
+
+/// A budget of log lines per minute.
+struct LogBudget {
+    per_minute: u64,
+    /// Minute of the current budget, since the Unix epoch.
+    minute: std::sync::atomic::AtomicU64,
+    used: std::sync::atomic::AtomicU64,
+}
+
+impl LogBudget {
+    const fn new(per_minute: u64) -> Self {
+        Self {
+            per_minute,
+            minute: std::sync::atomic::AtomicU64::new(0),
+            used: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Takes one line from the budget. Returns the number of lines suppressed in the previous
+    /// minute when a line may be logged, `None` when it may not.
+    fn admit(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let minute = atlas_actors::now_ms() / 60_000;
+        let mut suppressed = 0;
+        if self.minute.swap(minute, Relaxed) != minute {
+            suppressed = self.used.swap(0, Relaxed).saturating_sub(self.per_minute);
+        }
+        (self.used.fetch_add(1, Relaxed) < self.per_minute).then_some(suppressed)
+    }
 }
 
 /// Serves the signing keys. Caches may keep the set for five minutes: a rotated key stays
@@ -168,9 +219,7 @@ async fn websocket(
     // too); the device still proves its own key with the login frame.
     if let Some(auth) = &state.auth {
         let token = auth::proofs::access_token(&req)?;
-        let proof = auth.check_proof(&req, token).inspect_err(|e| {
-            tracing::info!(error = %e, peer = ?req.peer_addr(), "WebSocket upgrade rejected");
-        })?;
+        let proof = auth.check_proof(&req, token)?;
         if let Some(token) = token {
             auth.verify_access_token(token, &proof)?;
         }

@@ -94,8 +94,10 @@ pub struct NodeConfig {
     pub dpop_window_secs: u64,
     /// Whether DPoP proofs must carry a server nonce (`DPoP-Nonce`).
     pub dpop_nonces: bool,
-    /// Capacity of the DPoP `jti` replay cache.
+    /// Capacity of the DPoP `jti` replay cache; one client address may use a tenth of it.
     pub dpop_replay_capacity: usize,
+    /// Seconds after a passkey login during which its tokens may add or remove passkeys.
+    pub reauthentication_window_secs: u64,
 }
 
 /// Log output format.
@@ -160,6 +162,7 @@ impl Default for NodeConfig {
             dpop_window_secs: 60,
             dpop_nonces: false,
             dpop_replay_capacity: 100_000,
+            reauthentication_window_secs: 300,
         }
     }
 }
@@ -270,6 +273,9 @@ pub struct NodeFlags {
     /// Require a server nonce in DPoP proofs.
     #[arg(long, env = "ATLAS_DPOP_NONCES")]
     pub dpop_nonces: bool,
+    /// Seconds after a passkey login during which its tokens may add or remove passkeys.
+    #[arg(long, env = "ATLAS_REAUTHENTICATION_WINDOW_SECS")]
+    pub reauthentication_window_secs: Option<u64>,
 }
 
 impl NodeFlags {
@@ -327,7 +333,11 @@ impl NodeFlags {
             failure_timeout_ms,
             max_unauthenticated
         );
-        take!(access_token_ttl_secs, ceremony_ttl_secs);
+        take!(
+            access_token_ttl_secs,
+            ceremony_ttl_secs,
+            reauthentication_window_secs
+        );
         take_option!(rp_id, rp_origin);
         config.open_registration |= self.open_registration;
         config.dpop_nonces |= self.dpop_nonces;
@@ -356,7 +366,13 @@ impl NodeFlags {
 impl NodeConfig {
     /// Checks every numeric setting against its allowed range.
     fn validate(&self) -> anyhow::Result<()> {
-        let ranges: [(&str, u64, u64, u64); 20] = [
+        let ranges: [(&str, u64, u64, u64); 21] = [
+            (
+                "reauthentication_window_secs",
+                self.reauthentication_window_secs,
+                1,
+                86_400,
+            ),
             (
                 "access_token_ttl_secs",
                 self.access_token_ttl_secs,

@@ -201,6 +201,7 @@ fn auth_settings(config: &NodeConfig, port: u16) -> anyhow::Result<AuthSettings>
         dpop_nonces: config.dpop_nonces,
         replay_cache_capacity: config.dpop_replay_capacity,
         max_ceremonies: 10_000,
+        reauthentication_window: Duration::from_secs(config.reauthentication_window_secs),
     })
 }
 

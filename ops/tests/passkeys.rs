@@ -74,7 +74,7 @@ impl Node {
 
 fn http_failure(result: Result<impl std::fmt::Debug, ClientError>) -> HttpFailure {
     match result {
-        Err(ClientError::Http(failure)) => failure,
+        Err(ClientError::Http(failure)) => *failure,
         other => panic!("expected an HTTP error response, got {other:?}"),
     }
 }
@@ -172,11 +172,13 @@ async fn passkey_account_end_to_end() {
     );
     assert_eq!(session.passkeys().await.unwrap().passkeys.len(), 2);
     session.remove_passkey(&only).await.unwrap();
-    assert_eq!(session.passkeys().await.unwrap().passkeys.len(), 1);
+    // The session came from a login with the removed passkey, so it ended with it.
+    let failure = http_failure(session.passkeys().await);
+    assert_eq!(failure.error, "invalid_token", "{failure:?}");
+    let failure = http_failure(session.refresh().await);
+    assert_eq!(failure.error, "invalid_grant", "{failure:?}");
     // The removed passkey is no longer offered for login, so its authenticator has no
     // credential to answer with; the second one logs in.
-    let remaining = session.passkeys().await.unwrap().passkeys;
-    assert!(remaining.iter().all(|p| p.credential_id != only));
     let removed = session
         .login("alice", &mut authenticator, &node.origin)
         .await;
@@ -185,6 +187,9 @@ async fn passkey_account_end_to_end() {
         .login("alice", &mut second, &node.origin)
         .await
         .unwrap();
+    let remaining = session.passkeys().await.unwrap().passkeys;
+    assert_eq!(remaining.len(), 1);
+    assert!(remaining.iter().all(|p| p.credential_id != only));
 
     // Adding a passkey needs a session of the account itself.
     let (mut bob_session, _, _bob) = account_with_device(&node, "bob").await;
@@ -280,6 +285,162 @@ async fn ceremony_misuse_rejected() {
         .unwrap();
     let failure = http_failure(cloned_session.login("dave", &mut clone, &node.origin).await);
     assert_eq!(failure.error, "passkey_rejected", "{failure:?}");
+
+    // A clone that answers a ceremony started before the original's last login: the counter
+    // is compared with the stored one, not the one of the ceremony's start.
+    let mut early_clone = SoftToken::from_cbor(&token.to_cbor().unwrap()).unwrap();
+    let (early, early_options) = cloned_session.login_start("dave").await.unwrap();
+    cloned_session
+        .login("dave", &mut token, &node.origin)
+        .await
+        .unwrap();
+    let credential = early_clone
+        .do_authentication(node.origin.clone(), early_options)
+        .unwrap();
+    let failure = http_failure(cloned_session.login_finish(&early, &credential).await);
+    assert_eq!(failure.error, "passkey_rejected", "{failure:?}");
+
+    // Two clients racing for one name: the second finish is told the name is taken.
+    let (mut first, mut second) = (node.session(), node.session());
+    let mut first_key = passkey();
+    let mut second_key = passkey();
+    let (one, one_options) = start_registration(&first, "erin").await;
+    let (two, two_options) = start_registration(&second, "erin").await;
+    let one_credential = first_key
+        .do_registration(node.origin.clone(), one_options)
+        .unwrap();
+    let two_credential = second_key
+        .do_registration(node.origin.clone(), two_options)
+        .unwrap();
+    finish_registration(&mut first, &one, &one_credential)
+        .await
+        .unwrap();
+    let failure = http_failure(finish_registration(&mut second, &two, &two_credential).await);
+    assert_eq!(
+        (failure.status, failure.error.as_str()),
+        (409, "account_taken")
+    );
+}
+
+async fn start_registration(
+    session: &AccountSession,
+    account: &str,
+) -> (
+    String,
+    webauthn_authenticator_rs::prelude::CreationChallengeResponse,
+) {
+    let response = session
+        .send(
+            Method::POST,
+            "/v1/passkeys/register/start",
+            Some(&serde_json::json!({ "account": account })),
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let started: serde_json::Value = response.json().await.unwrap();
+    (
+        started["ceremony"].as_str().unwrap().to_owned(),
+        serde_json::from_value(started["options"].clone()).unwrap(),
+    )
+}
+
+async fn finish_registration(
+    session: &mut AccountSession,
+    ceremony: &str,
+    credential: &impl serde::Serialize,
+) -> Result<(), ClientError> {
+    let body = serde_json::json!({ "ceremony": ceremony, "credential": credential });
+    let response = session
+        .send(
+            Method::POST,
+            "/v1/passkeys/register/finish",
+            Some(&body),
+            false,
+        )
+        .await?;
+    if response.status().is_success() {
+        return Ok(());
+    }
+    Err(atlas_client::accounts::failure("/v1/passkeys/register/finish", response).await)
+}
+
+/// Starts a registration for `flood-N`; returns the status, error code and `Retry-After`.
+async fn start(session: &AccountSession, n: usize) -> (u16, String, Option<String>) {
+    let body = serde_json::json!({ "account": format!("flood-{n}") });
+    let response = session
+        .send(
+            Method::POST,
+            "/v1/passkeys/register/start",
+            Some(&body),
+            false,
+        )
+        .await
+        .unwrap();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let (status, error, _) = status_and_error(response).await;
+    (status, error, retry_after)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ceremony_limits_per_key_and_address() {
+    let node = Node::start(&[]);
+    // One DPoP key may have four ceremonies open.
+    let session = node.session();
+    for n in 0..4 {
+        assert_eq!(start(&session, n).await.0, 200);
+    }
+    let (status, error, retry_after) = start(&session, 4).await;
+    assert_eq!((status, error.as_str()), (503, "temporarily_unavailable"));
+    let wait: u64 = retry_after.unwrap().parse().unwrap();
+    assert!((1..=300).contains(&wait), "{wait}");
+
+    // One address may have 32 open, whatever the keys.
+    let mut opened = 4;
+    let mut sessions = Vec::new();
+    while opened < 32 {
+        let other = node.session();
+        for _ in 0..4 {
+            assert_eq!(start(&other, 100 + opened).await.0, 200);
+            opened += 1;
+        }
+        sessions.push(other);
+    }
+    let fresh = node.session();
+    let (status, error, _) = start(&fresh, 999).await;
+    assert_eq!((status, error.as_str()), (503, "temporarily_unavailable"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passkey_changes_need_recent_login() {
+    let node = Node::start(&["--reauthentication-window-secs", "1"]);
+    let (mut session, mut authenticator, _client) = account_with_device(&node, "frank").await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // A refreshed token still carries the time of the old passkey login.
+    session.refresh().await.unwrap();
+    let failure = http_failure(session.add_passkey(&mut passkey(), &node.origin).await);
+    assert_eq!(failure.status, 401);
+    assert_eq!(failure.error, "insufficient_user_authentication");
+    let challenge = failure.challenge.unwrap_or_default();
+    assert!(challenge.contains("max_age=1"), "{challenge}");
+    let only = session.passkeys().await.unwrap().passkeys[0]
+        .credential_id
+        .clone();
+    let failure = http_failure(session.remove_passkey(&only).await);
+    assert_eq!(failure.error, "insufficient_user_authentication");
+    // A fresh passkey login allows it.
+    session
+        .login("frank", &mut authenticator, &node.origin)
+        .await
+        .unwrap();
+    session
+        .add_passkey(&mut passkey(), &node.origin)
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -380,6 +541,15 @@ async fn dpop_failures_rejected() {
             "invalid_token",
         ),
         (
+            "issued before the node started",
+            Some(sign_proof(
+                &key,
+                &claims("GET", "/v1/passkeys", now - 50, Some(&token)),
+            )),
+            Some(token.clone()),
+            "invalid_dpop_proof",
+        ),
+        (
             "no token",
             Some(sign_proof(
                 &key,
@@ -403,17 +573,18 @@ async fn dpop_failures_rejected() {
         }
     }
 
-    // Each rejection is counted by its code: the five proof failures and the replay above,
+    // Each rejection is counted by its code: the six proof failures and the replay above,
     // and the key mismatch and missing token.
     let counted = |code: &str| {
         node.process
             .metric(&format!("atlas_auth_rejections_total{{code=\"{code}\"}}"))
             .unwrap()
     };
-    assert_eq!(counted("invalid_dpop_proof"), 6.0);
+    assert_eq!(counted("invalid_dpop_proof"), 7.0);
     assert_eq!(counted("invalid_token"), 2.0);
 
-    // A forwarding header cannot make a proof for another host pass.
+    // Neither the Host header nor a forwarding header can make a proof for another host
+    // pass: the configured origin names this server.
     let elsewhere = DpopClaims {
         htu: "https://evil.example/v1/passkeys".into(),
         ..claims("GET", "/v1/passkeys", now + 3, Some(&token))
@@ -423,6 +594,7 @@ async fn dpop_failures_rejected() {
         .get(session.url("/v1/passkeys"))
         .header("DPoP", sign_proof(&key, &elsewhere))
         .header("Authorization", format!("DPoP {token}"))
+        .header("Host", "evil.example")
         .header("X-Forwarded-Host", "evil.example")
         .header("Forwarded", "host=evil.example;proto=https")
         .send()
@@ -547,6 +719,11 @@ async fn dpop_nonce_required_when_configured() {
         .unwrap();
     let (status, error, _) = status_and_error(response).await;
     assert_eq!((status, error.as_str()), (404, "account_not_found"));
+
+    // The SDK learns the nonce from the challenge and retries, over HTTP and for the
+    // WebSocket upgrade.
+    let (_, _, mut client) = account_with_device(&node, "nonce-user").await;
+    client.publish_key_packages(1).await.unwrap();
 }
 
 fn header(response: &reqwest::Response, name: &str) -> String {

@@ -66,8 +66,10 @@ pub enum DpopError {
     TooLong,
     #[error("the DPoP proof is not a valid JWT: {0}")]
     Malformed(String),
-    #[error("the DPoP proof has typ {0:?}, expected \"dpop+jwt\"")]
+    #[error("the DPoP proof has typ {}, expected \"dpop+jwt\"", .0.as_deref().map_or("(none)".to_owned(), |t| format!("{t:?}")))]
     WrongType(Option<String>),
+    #[error("the DPoP proof has a crit header, which this server does not support")]
+    CriticalHeader,
     #[error("the DPoP proof uses algorithm {0}, expected EdDSA or ES256")]
     UnsupportedAlgorithm(String),
     #[error("the DPoP proof carries no public key in its jwk header")]
@@ -105,6 +107,8 @@ pub struct ProofRequest<'a> {
     pub now_s: u64,
     /// Largest accepted distance between `iat` and `now_s`, in seconds.
     pub window_s: u64,
+    /// Whether `htu` may use the `ws`/`wss` scheme (WebSocket upgrade requests only).
+    pub websocket: bool,
 }
 
 /// Checks `proof` against `request`: header, signature, method, URI, time and access token
@@ -113,10 +117,10 @@ pub fn verify_proof(proof: &str, request: &ProofRequest<'_>) -> Result<DpopProof
     if proof.len() > MAX_PROOF_BYTES {
         return Err(DpopError::TooLong);
     }
-    let header =
-        jsonwebtoken::decode_header(proof).map_err(|e| DpopError::Malformed(e.to_string()))?;
+    let header = jsonwebtoken::decode_header(proof)
+        .map_err(|e| DpopError::Malformed(describe_jwt_error(&e)))?;
     if header.typ.as_deref() != Some(DPOP_TYP) {
-        return Err(DpopError::WrongType(header.typ));
+        return Err(DpopError::WrongType(header.typ.as_deref().map(printable)));
     }
     if !matches!(header.alg, Algorithm::EdDSA | Algorithm::ES256) {
         return Err(DpopError::UnsupportedAlgorithm(format!("{:?}", header.alg)));
@@ -142,14 +146,14 @@ pub fn verify_proof(proof: &str, request: &ProofRequest<'_>) -> Result<DpopProof
     if claims.htm != request.method {
         return Err(DpopError::WrongMethod {
             expected: request.method.to_owned(),
-            found: claims.htm,
+            found: printable(&claims.htm),
         });
     }
-    let target = normalize_uri(&claims.htu);
-    if target.is_none() || target != normalize_uri(request.uri) {
+    let target = normalize_uri(&claims.htu, request.websocket);
+    if target.is_none() || target != normalize_uri(request.uri, request.websocket) {
         return Err(DpopError::WrongUri {
             expected: request.uri.to_owned(),
-            found: claims.htu,
+            found: printable(&claims.htu),
         });
     }
     if claims.iat.abs_diff(request.now_s) > request.window_s {
@@ -175,6 +179,24 @@ pub fn verify_proof(proof: &str, request: &ProofRequest<'_>) -> Result<DpopProof
         iat: claims.iat,
         nonce: claims.nonce,
     })
+}
+
+/// Describes a jsonwebtoken error in words; its `Display` shows bare variant names such as
+/// `InvalidToken`.
+pub fn describe_jwt_error(error: &jsonwebtoken::errors::Error) -> String {
+    use jsonwebtoken::errors::ErrorKind;
+    match error.kind() {
+        ErrorKind::InvalidToken => "not three base64url parts separated by dots".into(),
+        ErrorKind::InvalidSignature => "the signature does not verify".into(),
+        ErrorKind::ExpiredSignature => "the token has expired".into(),
+        ErrorKind::InvalidIssuer => "the token was issued by another server".into(),
+        ErrorKind::InvalidAlgorithm => "the algorithm does not match the key".into(),
+        ErrorKind::MissingRequiredClaim(claim) => format!("the {claim} claim is missing"),
+        ErrorKind::Base64(_) => "a part is not valid base64url".into(),
+        ErrorKind::Json(e) => format!("a part is not the expected JSON: {e}"),
+        ErrorKind::Utf8(_) => "a part is not UTF-8".into(),
+        _ => printable(&error.to_string()),
+    }
 }
 
 /// Rejects keys that do not fit the algorithm or that carry private parts.
@@ -205,16 +227,36 @@ fn reject_private_members(proof: &str) -> Result<(), DpopError> {
     if header.get("jwk").and_then(|jwk| jwk.get("d")).is_some() {
         return Err(DpopError::BadKey("the jwk contains a private key".into()));
     }
+    // RFC 7515 section 4.1.11: a recipient must reject extensions it does not understand.
+    if header.get("crit").is_some() {
+        return Err(DpopError::CriticalHeader);
+    }
     Ok(())
 }
 
-/// Scheme, host, port and path of `uri`, with `ws`/`wss` mapped to `http`/`https` so that a
-/// proof for a WebSocket upgrade may name either form.
-fn normalize_uri(uri: &str) -> Option<(String, String, u16, String)> {
+/// Makes a client-supplied value safe to put in an error message, a log line or a header:
+/// control characters become `?`, and it is cut to 100 characters.
+pub fn printable(value: &str) -> String {
+    let mut out: String = value
+        .chars()
+        .take(100)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if value.chars().count() > 100 {
+        out.push('…');
+    }
+    out
+}
+
+/// Scheme, host, port and path of `uri`. With `websocket`, `ws`/`wss` map to `http`/`https`
+/// so that a proof for a WebSocket upgrade may name either form.
+fn normalize_uri(uri: &str, websocket: bool) -> Option<(String, String, u16, String)> {
     let parsed = url::Url::parse(uri).ok()?;
     let scheme = match parsed.scheme() {
-        "https" | "wss" => "https",
-        "http" | "ws" => "http",
+        "https" => "https",
+        "http" => "http",
+        "wss" if websocket => "https",
+        "ws" if websocket => "http",
         _ => return None,
     };
     let port = parsed.port_or_known_default()?;

@@ -5,10 +5,13 @@
 //! see each other under the key transparency append lock. Passkeys are stored as opaque bytes
 //! (the serialized webauthn-rs `Passkey`): this crate does not interpret them.
 //!
+//! `C` + credential id maps each registered passkey to its account, so that one credential
+//! cannot be registered twice.
+//!
 //! Refresh tokens live in the `tokens` tree: `R` + SHA-256 of the token maps to a
 //! [`RefreshRecord`], `F` + family id to a [`TokenFamily`]. A token is stored only as its hash.
 
-use crate::transparency::account_devices_prefix;
+use crate::transparency::{account_devices_prefix, account_prefix};
 use crate::{StorageError, Store, decode, encode};
 use serde::{Deserialize, Serialize};
 
@@ -50,12 +53,18 @@ pub struct RefreshRecord {
     pub spent_ms: Option<u64>,
 }
 
-/// State of a chain of refresh tokens.
+/// State of a chain of refresh tokens: every token issued from one passkey login.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenFamily {
     pub account: String,
     pub created_ms: u64,
     pub revoked_ms: Option<u64>,
+    /// Passkey of the login; removing the passkey revokes the family.
+    #[serde(with = "serde_bytes", default)]
+    pub credential_id: Vec<u8>,
+    /// Time of the passkey ceremony, for requests that need a recent one.
+    #[serde(default)]
+    pub auth_time_ms: u64,
 }
 
 /// Result of [`Store::spend_refresh_token`].
@@ -87,6 +96,13 @@ fn refresh_key(hash: &[u8; 32]) -> Vec<u8> {
     key
 }
 
+fn credential_key(credential_id: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(credential_id.len() + 1);
+    key.push(b'C');
+    key.extend_from_slice(credential_id);
+    key
+}
+
 fn family_key(family: &[u8; 16]) -> Vec<u8> {
     let mut key = Vec::with_capacity(17);
     key.push(b'F');
@@ -96,10 +112,17 @@ fn family_key(family: &[u8; 16]) -> Vec<u8> {
 
 impl Store {
     /// Creates a passkey account. Fails with [`StorageError::AccountTaken`] when the name has
-    /// an account record or devices registered without one.
+    /// an account record or any key transparency entry (devices registered without passkeys,
+    /// even if all were revoked), and with [`StorageError::CredentialInUse`] when one of its
+    /// passkeys is registered already.
     pub fn create_account(&self, record: &AccountRecord) -> Result<(), StorageError> {
         let _append = self.lock_directory()?;
         let taken = self.kt.get(account_key(&record.account))?.is_some()
+            || self
+                .kt
+                .scan_prefix(account_prefix(&record.account))
+                .next()
+                .is_some()
             || self
                 .kt
                 .scan_prefix(account_devices_prefix(&record.account))
@@ -108,8 +131,47 @@ impl Store {
         if taken {
             return Err(StorageError::AccountTaken(record.account.clone()));
         }
-        self.kt
-            .insert(account_key(&record.account), encode(record))?;
+        let mut batch = sled::Batch::default();
+        self.stage_credentials(&mut batch, None, record)?;
+        batch.insert(account_key(&record.account), encode(record));
+        self.kt.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Adds the credential index changes from `before` to `after` to `batch`.
+    fn stage_credentials(
+        &self,
+        batch: &mut sled::Batch,
+        before: Option<&AccountRecord>,
+        after: &AccountRecord,
+    ) -> Result<(), StorageError> {
+        let had =
+            |id: &[u8]| before.is_some_and(|b| b.passkeys.iter().any(|p| p.credential_id == id));
+        for passkey in &after.passkeys {
+            if had(&passkey.credential_id) {
+                continue;
+            }
+            if self
+                .kt
+                .get(credential_key(&passkey.credential_id))?
+                .is_some()
+            {
+                return Err(StorageError::CredentialInUse);
+            }
+            batch.insert(
+                credential_key(&passkey.credential_id),
+                after.account.as_bytes(),
+            );
+        }
+        for passkey in before.map(|b| b.passkeys.as_slice()).unwrap_or_default() {
+            if !after
+                .passkeys
+                .iter()
+                .any(|p| p.credential_id == passkey.credential_id)
+            {
+                batch.remove(credential_key(&passkey.credential_id));
+            }
+        }
         Ok(())
     }
 
@@ -122,41 +184,64 @@ impl Store {
     }
 
     /// Applies `change` to the stored record of `account` under the directory lock and
-    /// stores the result. `change` may reject the update by returning an error, which is passed on.
+    /// stores the result. `change` may reject the update by returning an error, which is
+    /// passed on.
     pub fn update_account<E: From<StorageError>>(
         &self,
         account: &str,
         change: impl FnOnce(&mut AccountRecord) -> Result<(), E>,
     ) -> Result<AccountRecord, E> {
         let _append = self.lock_directory()?;
-        let mut record = self
+        let before = self
             .account(account)?
             .ok_or_else(|| StorageError::UnknownAccount(account.to_owned()))?;
+        let mut record = before.clone();
         change(&mut record)?;
-        self.kt
-            .insert(account_key(account), encode(&record))
-            .map_err(StorageError::from)?;
+        let mut batch = sled::Batch::default();
+        self.stage_credentials(&mut batch, Some(&before), &record)?;
+        batch.insert(account_key(account), encode(&record));
+        self.kt.apply_batch(batch).map_err(StorageError::from)?;
         Ok(record)
     }
 
-    /// Stores a new refresh token of `family`, creating the family if it is new.
+    /// Stores the first refresh token of a new login and its family.
     pub fn put_refresh_token(
         &self,
         hash: &[u8; 32],
         record: &RefreshRecord,
+        family: &TokenFamily,
     ) -> Result<(), StorageError> {
         let _tokens = self.lock_tokens()?;
-        if self.tokens.get(family_key(&record.family))?.is_none() {
-            let family = TokenFamily {
-                account: record.account.clone(),
-                created_ms: crate::now_ms(),
-                revoked_ms: None,
-            };
-            self.tokens
-                .insert(family_key(&record.family), encode(&family))?;
-        }
-        self.tokens.insert(refresh_key(hash), encode(record))?;
+        let mut batch = sled::Batch::default();
+        batch.insert(family_key(&record.family), encode(family));
+        batch.insert(refresh_key(hash), encode(record));
+        self.tokens.apply_batch(batch)?;
         Ok(())
+    }
+
+    /// Revokes every token family of `account` that a login with `credential_id` started.
+    /// Returns how many were revoked.
+    pub fn revoke_credential_logins(
+        &self,
+        account: &str,
+        credential_id: &[u8],
+        now_ms: u64,
+    ) -> Result<usize, StorageError> {
+        let _tokens = self.lock_tokens()?;
+        let mut revoked = 0;
+        for item in self.tokens.scan_prefix([b'F']) {
+            let (key, raw) = item?;
+            let mut family: TokenFamily = decode(&raw, "token family", &"revocation")?;
+            if family.account == account
+                && family.credential_id == credential_id
+                && family.revoked_ms.is_none()
+            {
+                family.revoked_ms = Some(now_ms);
+                self.tokens.insert(key, encode(&family))?;
+                revoked += 1;
+            }
+        }
+        Ok(revoked)
     }
 
     /// Spends the refresh token with `hash` and stores `next_hash` with `make_next`'s record

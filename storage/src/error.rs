@@ -40,6 +40,9 @@ pub enum StorageError {
     /// A first registration named an account that already exists.
     #[error("account {0:?} already exists")]
     AccountTaken(String),
+    /// The passkey credential is registered already, to this or another account.
+    #[error("this passkey is registered already")]
+    CredentialInUse,
     /// No passkey account has this name.
     #[error("account {0:?} does not exist")]
     UnknownAccount(String),

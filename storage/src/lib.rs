@@ -518,12 +518,6 @@ impl Store {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // The record types are plain structs with string keys; encoding into a Vec cannot fail.
     rmp_serde::to_vec_named(value).expect("storage record serializes")

@@ -527,8 +527,10 @@ async fn account_names_are_taken_once() {
     ));
     // Nor can a passkey account take a name that has devices.
     register(&store, &device(2, "bob")).unwrap();
+    let mut bob = account_record("bob");
+    bob.passkeys[0].credential_id = vec![9];
     assert!(matches!(
-        store.create_account(&account_record("bob")),
+        store.create_account(&bob),
         Err(StorageError::AccountTaken(_))
     ));
     // Token enrollment needs the account record.
@@ -546,6 +548,81 @@ async fn account_names_are_taken_once() {
     ));
 }
 
+fn family(account: &str) -> TokenFamily {
+    TokenFamily {
+        account: account.into(),
+        created_ms: 1,
+        revoked_ms: None,
+        credential_id: vec![1, 2, 3],
+        auth_time_ms: 1,
+    }
+}
+
+#[tokio::test]
+async fn credential_logins_revoked_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let record = RefreshRecord {
+        account: "alice".into(),
+        jkt: "key".into(),
+        family: [8; 16],
+        expires_ms: 10_000,
+        spent_ms: None,
+    };
+    store
+        .put_refresh_token(&[1; 32], &record, &family("alice"))
+        .unwrap();
+    let other = RefreshRecord {
+        family: [9; 16],
+        ..record.clone()
+    };
+    let mut second = family("alice");
+    second.credential_id = vec![4];
+    store.put_refresh_token(&[2; 32], &other, &second).unwrap();
+    assert_eq!(
+        store
+            .revoke_credential_logins("alice", &[1, 2, 3], 50)
+            .unwrap(),
+        1
+    );
+    assert!(
+        store
+            .token_family(&[8; 16])
+            .unwrap()
+            .unwrap()
+            .revoked_ms
+            .is_some()
+    );
+    assert!(
+        store
+            .token_family(&[9; 16])
+            .unwrap()
+            .unwrap()
+            .revoked_ms
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn credential_registered_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.create_account(&account_record("alice")).unwrap();
+    // The same credential for another account.
+    assert!(matches!(
+        store.create_account(&account_record("bob")),
+        Err(StorageError::CredentialInUse)
+    ));
+    // Removing it from alice frees it.
+    store
+        .update_account("alice", |record| {
+            record.passkeys.clear();
+            Ok::<(), StorageError>(())
+        })
+        .unwrap();
+    store.create_account(&account_record("bob")).unwrap();
+}
+
 #[tokio::test]
 async fn refresh_reuse_revokes_family() {
     let dir = tempfile::tempdir().unwrap();
@@ -557,7 +634,9 @@ async fn refresh_reuse_revokes_family() {
         expires_ms: 10_000,
         spent_ms: None,
     };
-    store.put_refresh_token(&[1; 32], &first).unwrap();
+    store
+        .put_refresh_token(&[1; 32], &first, &family("alice"))
+        .unwrap();
     let next = |spent: &RefreshRecord| RefreshRecord {
         spent_ms: None,
         ..spent.clone()
@@ -609,7 +688,9 @@ async fn refresh_expiry_and_pruning() {
         expires_ms: 1_000,
         spent_ms: None,
     };
-    store.put_refresh_token(&[1; 32], &record).unwrap();
+    store
+        .put_refresh_token(&[1; 32], &record, &family("alice"))
+        .unwrap();
     let next = |spent: &RefreshRecord| spent.clone();
     assert_eq!(
         store

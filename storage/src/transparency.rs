@@ -108,7 +108,7 @@ fn prefixed(tag: u8, n: u64) -> [u8; 9] {
     key
 }
 
-fn account_prefix(account: &str) -> Vec<u8> {
+pub(crate) fn account_prefix(account: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(account.len() + 10);
     key.push(b'a');
     key.extend_from_slice(account.as_bytes());

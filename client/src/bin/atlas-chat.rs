@@ -288,7 +288,11 @@ async fn main() -> ExitCode {
 
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ATLAS_CHAT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        // webauthn-authenticator-rs logs its own ERROR lines for failures that atlas-chat
+        // reports itself.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("warn,webauthn_authenticator_rs=off")
+        });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -324,10 +328,14 @@ async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
             }
         })
         .map_err(|e| {
-            CliError::new(format!("audit of {} failed: {e}", server.url)).hint(
-                "an inconsistent log is evidence of a misbehaving node: keep the output \
-                     and the --audit-state file",
-            )
+            let hint = if matches!(e, audit::AuditError::Connect(_)) {
+                "check that the node is running, that --server is its address and that the \
+                 trust options match its certificate"
+            } else {
+                "an inconsistent log is evidence of a misbehaving node: keep the output and \
+                 the --audit-state file"
+            };
+            CliError::new(format!("audit of {} failed: {e}", server.url)).hint(hint)
         });
     }
     if let Command::VerifyReceipt {
@@ -1370,20 +1378,37 @@ async fn passkey_enroll(options: &Options, file: &Path, create: bool) -> Result<
     let mut session =
         AccountSession::new(&base, &server.trust).map_err(|e| sdk_error("HTTPS setup", e))?;
     let account = options.account.clone();
+    // Opening the state first rejects a state directory of another account before the server
+    // account is created.
+    let client = Client::open(&options.state, &account)
+        .map_err(|e| sdk_error("opening the client state", e))?;
     if create {
         if file.exists() {
             return Err(CliError::new(format!("{} already exists", file.display()))
                 .hint("pass another --passkey FILE, or use `atlas-chat passkey-enroll`"));
         }
-        std::fs::create_dir_all(&options.state).map_err(|e| {
-            CliError::new(format!("cannot create {}: {e}", options.state.display()))
-        })?;
         let (mut token, _) = SoftToken::new(true)
             .map_err(|e| CliError::new(format!("creating a software passkey failed: {e:?}")))?;
         let registered = session.register(&account, &mut token, &origin).await;
-        // Saved before the result is checked: the server may hold the passkey already.
-        save_soft_passkey(file, &token)?;
-        registered.map_err(|e| sdk_error(&format!("creating account {account}"), e))?;
+        match registered {
+            Ok(_) => save_soft_passkey(file, &token)?,
+            // The server rejected the account, so it holds no copy of this passkey.
+            Err(e @ ClientError::Http(_)) => {
+                return Err(sdk_error(&format!("creating account {account}"), e));
+            }
+            // The outcome is unknown: the server may hold the passkey already, so keep it.
+            Err(e) => {
+                save_soft_passkey(file, &token)?;
+                return Err(
+                    sdk_error(&format!("creating account {account}"), e).hint(format!(
+                        "the software passkey was kept in {}; if the account exists now, run \
+                         `atlas-chat passkey-enroll --passkey {}`",
+                        file.display(),
+                        file.display()
+                    )),
+                );
+            }
+        }
         outln!(
             "created account {account} with the software passkey in {}",
             file.display()
@@ -1401,10 +1426,19 @@ async fn passkey_enroll(options: &Options, file: &Path, create: bool) -> Result<
         let login = session.login(&account, &mut token, &origin).await;
         // The signature counter grew; the server rejects an older copy of it next time.
         save_soft_passkey(file, &token)?;
-        login.map_err(|e| sdk_error(&format!("passkey login to {account}"), e))?;
+        match login {
+            Ok(_) => {}
+            Err(ClientError::Config(detail)) if detail.contains("authenticator failed") => {
+                return Err(CliError::new(format!(
+                    "the software passkey in {} has no credential for account {account} on \
+                     this server",
+                    file.display()
+                ))
+                .hint("pass the passkey file that `atlas-chat signup` wrote for this account"));
+            }
+            Err(e) => return Err(sdk_error(&format!("passkey login to {account}"), e)),
+        }
     }
-    let client = Client::open(&options.state, &account)
-        .map_err(|e| sdk_error("opening the client state", e))?;
     let server_name = atlas_client::server_name_of(&server.url, &server.trust)
         .await
         .map_err(|e| sdk_error(&format!("connecting to {}", server.url), e))?;

@@ -6,6 +6,7 @@
 use super::AuthError;
 use rand::RngCore;
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use webauthn_rs::prelude::{PasskeyAuthentication, PasskeyRegistration};
@@ -30,8 +31,17 @@ pub(crate) struct Ceremony {
     pub(crate) kind: CeremonyKind,
     /// Thumbprint of the DPoP key that started it; the finish must come with the same key.
     pub(crate) jkt: String,
+    /// Address of the client that started it.
+    peer: Option<IpAddr>,
     expires: Instant,
 }
+
+/// Ceremonies one DPoP key may have open at once.
+const MAX_PER_KEY: usize = 4;
+
+/// Ceremonies one client address may have open at once. A flood from one address then
+/// leaves room for everyone else.
+const MAX_PER_PEER: usize = 32;
 
 pub(crate) struct Ceremonies {
     capacity: usize,
@@ -46,22 +56,63 @@ impl Ceremonies {
         }
     }
 
-    /// Stores a ceremony that expires after `ttl`; returns its id.
+    /// Stores a ceremony that expires after `ttl`; returns its id. Fails when the key, the
+    /// client address or the node has too many open ceremonies.
     pub(crate) fn insert(
         &self,
         kind: CeremonyKind,
         jkt: String,
+        peer: Option<IpAddr>,
         ttl: Duration,
     ) -> Result<String, AuthError> {
         let now = Instant::now();
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        if pending.len() >= self.capacity {
-            // Expired ceremonies stay one more lifetime, so that a late finish is told the
-            // ceremony expired rather than that it never existed.
-            pending.retain(|_, c| c.expires + ttl > now);
+        if pending.len() >= self.capacity / 2 {
+            // Expired ceremonies are kept while there is room, so that a late finish is told
+            // the ceremony expired rather than that it never existed.
+            pending.retain(|_, c| c.expires > now);
+        }
+        let retry_after = |open: &mut dyn Iterator<Item = &Ceremony>| {
+            open.map(|c| c.expires.saturating_duration_since(now))
+                .min()
+                .unwrap_or(ttl)
+                .as_secs()
+                .max(1)
+        };
+        let open = |c: &&Ceremony| c.expires > now;
+        let by_key = pending
+            .values()
+            .filter(open)
+            .filter(|c| c.jkt == jkt)
+            .count();
+        if by_key >= MAX_PER_KEY {
+            let wait = retry_after(&mut pending.values().filter(open).filter(|c| c.jkt == jkt));
+            return Err(AuthError::TooManyCeremonies {
+                scope: "for this DPoP key",
+                retry_after_s: wait,
+            });
+        }
+        if let Some(ip) = peer {
+            let by_peer = pending
+                .values()
+                .filter(open)
+                .filter(|c| c.peer == Some(ip))
+                .count();
+            if by_peer >= MAX_PER_PEER {
+                let wait =
+                    retry_after(&mut pending.values().filter(open).filter(|c| c.peer == Some(ip)));
+                return Err(AuthError::TooManyCeremonies {
+                    scope: "from this address",
+                    retry_after_s: wait,
+                });
+            }
         }
         if pending.len() >= self.capacity {
-            return Err(AuthError::TooManyCeremonies);
+            let wait = retry_after(&mut pending.values());
+            return Err(AuthError::TooManyCeremonies {
+                scope: "on this node",
+                retry_after_s: wait,
+            });
         }
         let mut raw = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut raw);
@@ -71,6 +122,7 @@ impl Ceremonies {
             Ceremony {
                 kind,
                 jkt,
+                peer,
                 expires: now + ttl,
             },
         );
@@ -92,7 +144,7 @@ impl Ceremonies {
     }
 }
 
-/// Keeps client-chosen ids short in errors and logs.
+/// Keeps client-chosen ids short and printable in errors and logs.
 fn shorten(id: &str) -> String {
-    id.chars().take(40).collect()
+    atlas_protocol::dpop::printable(&id.chars().take(40).collect::<String>())
 }

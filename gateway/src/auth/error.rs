@@ -22,6 +22,15 @@ pub enum AuthError {
     UseNonce { nonce: String },
     #[error("the DPoP replay cache is full; retry in a few seconds")]
     ReplayCacheFull,
+    #[error("too many recent DPoP proofs from this address; retry in {retry_after_s} s")]
+    TooManyProofs { retry_after_s: u64 },
+    #[error("the DPoP proof was issued before this server started; make a new proof")]
+    ProofBeforeStart,
+    #[error(
+        "this change needs a passkey login within the last {max_age_s} s; log in with a \
+         passkey again"
+    )]
+    StepUpRequired { max_age_s: u64 },
     #[error("this request needs an access token: Authorization: DPoP <token>")]
     MissingToken,
     #[error("invalid access token: {0}")]
@@ -38,12 +47,20 @@ pub enum AuthError {
     CeremonyExpired(String),
     #[error("passkey ceremony {0:?} was started with another DPoP key")]
     CeremonyKeyMismatch(String),
-    #[error("too many passkey ceremonies in progress; retry in a few seconds")]
-    TooManyCeremonies,
+    #[error("too many passkey ceremonies in progress {scope}; retry in {retry_after_s} s")]
+    TooManyCeremonies {
+        scope: &'static str,
+        retry_after_s: u64,
+    },
     #[error("passkey verification failed: {0}")]
     PasskeyRejected(String),
-    #[error("account {0:?} already exists; log in with one of its passkeys to add another")]
+    #[error(
+        "account {0:?} already exists; choose another name, or log in with one of its \
+         passkeys to add another"
+    )]
     AccountTaken(String),
+    #[error("this passkey is registered already")]
+    CredentialInUse,
     #[error("account {0:?} has no passkeys")]
     AccountNotFound(String),
     #[error("the last passkey of an account cannot be removed; add another one first")]
@@ -59,7 +76,18 @@ pub enum AuthError {
     #[error(transparent)]
     Directory(#[from] LoginError),
     #[error(transparent)]
-    Storage(#[from] StorageError),
+    Storage(StorageError),
+}
+
+impl From<StorageError> for AuthError {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::AccountTaken(account) => Self::AccountTaken(account),
+            StorageError::CredentialInUse => Self::CredentialInUse,
+            StorageError::UnknownAccount(account) => Self::AccountNotFound(account),
+            other => Self::Storage(other),
+        }
+    }
 }
 
 impl AuthError {
@@ -67,9 +95,14 @@ impl AuthError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::Config(_) => "server_error",
-            Self::InvalidProof(_) | Self::ReplayedProof => "invalid_dpop_proof",
+            Self::InvalidProof(_) | Self::ReplayedProof | Self::ProofBeforeStart => {
+                "invalid_dpop_proof"
+            }
+            Self::TooManyProofs { .. } => "slow_down",
+            Self::StepUpRequired { .. } => "insufficient_user_authentication",
+            Self::CredentialInUse => "credential_in_use",
             Self::UseNonce { .. } => "use_dpop_nonce",
-            Self::ReplayCacheFull | Self::TooManyCeremonies | Self::Unavailable(_) => {
+            Self::ReplayCacheFull | Self::TooManyCeremonies { .. } | Self::Unavailable(_) => {
                 "temporarily_unavailable"
             }
             Self::MissingToken | Self::InvalidToken(_) => "invalid_token",
@@ -84,6 +117,8 @@ impl AuthError {
             Self::TooManyPasskeys { .. } => "too_many_passkeys",
             Self::NotFound(_) => "not_found",
             Self::Forbidden(_) => "forbidden",
+            Self::Directory(LoginError::KeyInUse(_)) => "key_in_use",
+            Self::Directory(LoginError::AccountTaken(_)) => "account_taken",
             Self::Directory(e) => e.code().name(),
             Self::Storage(_) => "storage_failure",
         }
@@ -92,15 +127,34 @@ impl AuthError {
     /// The `WWW-Authenticate` value for failures of the proof or the token.
     fn challenge(&self) -> Option<String> {
         let with_error = |error: &str| {
-            let description = self.to_string().replace(['"', '\\'], "'");
+            // A header value may not hold control characters, and the quoted string ends at
+            // a quote or takes a backslash as an escape.
+            let description: String = self
+                .to_string()
+                .chars()
+                .map(|c| {
+                    if c.is_control() || c == '"' || c == '\\' {
+                        '\''
+                    } else {
+                        c
+                    }
+                })
+                .collect();
             format!(
                 r#"DPoP algs="{DPOP_ALGS}", error="{error}", error_description="{description}""#
             )
         };
         match self {
-            Self::InvalidProof(_) | Self::ReplayedProof => Some(with_error("invalid_dpop_proof")),
+            Self::InvalidProof(_) | Self::ReplayedProof | Self::ProofBeforeStart => {
+                Some(with_error("invalid_dpop_proof"))
+            }
             Self::UseNonce { .. } => Some(with_error("use_dpop_nonce")),
             Self::InvalidToken(_) => Some(with_error("invalid_token")),
+            // RFC 9470: the client should run a new passkey ceremony and retry.
+            Self::StepUpRequired { max_age_s } => Some(format!(
+                "{}, max_age={max_age_s}",
+                with_error("insufficient_user_authentication")
+            )),
             // RFC 6750 section 3.1: no error code when the request had no credentials.
             Self::MissingToken => Some(format!(r#"DPoP algs="{DPOP_ALGS}""#)),
             _ => None,
@@ -113,9 +167,12 @@ impl ResponseError for AuthError {
         match self {
             Self::InvalidProof(_)
             | Self::ReplayedProof
+            | Self::ProofBeforeStart
+            | Self::StepUpRequired { .. }
             | Self::UseNonce { .. }
             | Self::MissingToken
             | Self::InvalidToken(_) => StatusCode::UNAUTHORIZED,
+            Self::TooManyProofs { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::InvalidGrant(_)
             | Self::InvalidRequest(_)
             | Self::CeremonyNotFound(_)
@@ -123,10 +180,11 @@ impl ResponseError for AuthError {
             | Self::CeremonyKeyMismatch(_) => StatusCode::BAD_REQUEST,
             Self::PasskeyRejected(_) | Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::AccountNotFound(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::AccountTaken(_) | Self::LastPasskey | Self::TooManyPasskeys { .. } => {
-                StatusCode::CONFLICT
-            }
-            Self::ReplayCacheFull | Self::TooManyCeremonies | Self::Unavailable(_) => {
+            Self::AccountTaken(_)
+            | Self::CredentialInUse
+            | Self::LastPasskey
+            | Self::TooManyPasskeys { .. } => StatusCode::CONFLICT,
+            Self::ReplayCacheFull | Self::TooManyCeremonies { .. } | Self::Unavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Directory(LoginError::Storage(_)) | Self::Storage(_) | Self::Config(_) => {
@@ -140,8 +198,6 @@ impl ResponseError for AuthError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        // Error texts name values such as URIs and account names, never tokens or proofs.
-        tracing::info!(code = self.code(), error = %self, "account request rejected");
         let mut response = HttpResponse::build(self.status_code());
         if let Some(challenge) = self.challenge() {
             response.insert_header(("WWW-Authenticate", challenge));
@@ -149,11 +205,15 @@ impl ResponseError for AuthError {
         if let Self::UseNonce { nonce } = self {
             response.insert_header(("DPoP-Nonce", nonce.as_str()));
         }
-        if matches!(
-            self,
-            Self::ReplayCacheFull | Self::TooManyCeremonies | Self::Unavailable(_)
-        ) {
-            response.insert_header(("Retry-After", "5"));
+        match self {
+            Self::TooManyCeremonies { retry_after_s, .. }
+            | Self::TooManyProofs { retry_after_s } => {
+                response.insert_header(("Retry-After", retry_after_s.to_string()));
+            }
+            Self::ReplayCacheFull | Self::Unavailable(_) => {
+                response.insert_header(("Retry-After", "5"));
+            }
+            _ => {}
         }
         response.insert_header(("Cache-Control", "no-store"));
         response.json(serde_json::json!({

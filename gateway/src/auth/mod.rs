@@ -44,6 +44,8 @@ pub struct AuthSettings {
     pub replay_cache_capacity: usize,
     /// Ceremonies that may be in progress at once.
     pub max_ceremonies: usize,
+    /// Largest age of the passkey login behind a token that may add or remove passkeys.
+    pub reauthentication_window: Duration,
 }
 
 /// Shared state of the account endpoints.
@@ -57,6 +59,8 @@ pub struct Auth {
     /// Secret of the stateless DPoP nonces; random per process, so a restart invalidates
     /// outstanding nonces and clients retry with the new one.
     pub(crate) nonce_secret: [u8; 32],
+    /// Start of this process, in seconds since the Unix epoch.
+    pub(crate) started_s: u64,
 }
 
 impl Auth {
@@ -68,7 +72,7 @@ impl Auth {
         store: Store,
     ) -> Result<Self, AuthError> {
         let webauthn = webauthn_rs::WebauthnBuilder::new(&settings.rp_id, &settings.rp_origin)
-            .and_then(|b| b.rp_name("Atlas").build())
+            .and_then(|b| b.rp_name("Atlas").timeout(settings.ceremony_ttl).build())
             .map_err(|e| {
                 AuthError::Config(format!(
                     "relying party id {:?} with origin {} is not usable: {e}; the origin's host \
@@ -86,6 +90,7 @@ impl Auth {
             keyring,
             store,
             nonce_secret,
+            started_s: atlas_actors::now_ms() / 1000,
         })
     }
 }

@@ -8,13 +8,17 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::Mutex;
 
 /// Proof ids seen within the accepted `iat` window, bounded. Entries leave when their proof
-/// could no longer pass the time check, so a full cache means more proofs per window than
-/// the capacity; new proofs are then rejected rather than risking a replay.
+/// could no longer pass the time check. One client address may hold at most a tenth of the
+/// capacity, so a flood from one address is slowed down without filling the cache for
+/// everyone; a cache full of unexpired entries rejects new proofs rather than risking a
+/// replay.
 pub(crate) struct ReplayCache {
     capacity: usize,
+    per_peer: usize,
     inner: Mutex<ReplayInner>,
 }
 
@@ -22,43 +26,71 @@ pub(crate) struct ReplayCache {
 struct ReplayInner {
     /// Key (thumbprint and jti) to the second after which the proof is stale anyway.
     seen: HashMap<String, u64>,
-    /// Keys in insertion order with their expiry, for pruning.
-    order: VecDeque<(u64, String)>,
+    /// Keys in insertion order with their expiry and client address, for pruning.
+    order: VecDeque<(u64, String, Option<IpAddr>)>,
+    /// Entries held by each client address.
+    by_peer: HashMap<IpAddr, usize>,
 }
 
 impl ReplayCache {
     pub(crate) fn new(capacity: usize) -> Self {
         Self {
             capacity,
+            per_peer: (capacity / 10).max(1),
             inner: Mutex::default(),
         }
     }
 
     /// Records `proof`; fails if its `jti` was seen from the same key before it expired.
-    fn record(&self, proof: &DpopProof, expires_s: u64, now_s: u64) -> Result<(), AuthError> {
+    fn record(
+        &self,
+        proof: &DpopProof,
+        peer: Option<IpAddr>,
+        expires_s: u64,
+        now_s: u64,
+    ) -> Result<(), AuthError> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some((expiry, _)) = inner.order.front()
+        while let Some((expiry, _, _)) = inner.order.front()
             && *expiry < now_s
         {
-            if let Some((_, key)) = inner.order.pop_front() {
+            if let Some((_, key, owner)) = inner.order.pop_front() {
                 inner.seen.remove(&key);
+                if let Some(ip) = owner
+                    && let Some(count) = inner.by_peer.get_mut(&ip)
+                {
+                    *count -= 1;
+                    if *count == 0 {
+                        inner.by_peer.remove(&ip);
+                    }
+                }
             }
         }
         let key = format!("{}:{}", proof.jkt, proof.jti);
         if inner.seen.contains_key(&key) {
             return Err(AuthError::ReplayedProof);
         }
+        if let Some(ip) = peer
+            && inner.by_peer.get(&ip).copied().unwrap_or(0) >= self.per_peer
+        {
+            let oldest = inner
+                .order
+                .iter()
+                .find(|(_, _, owner)| *owner == Some(ip))
+                .map_or(1, |(expiry, _, _)| expiry.saturating_sub(now_s).max(1));
+            return Err(AuthError::TooManyProofs {
+                retry_after_s: oldest,
+            });
+        }
         if inner.seen.len() >= self.capacity {
-            tracing::warn!(
-                capacity = self.capacity,
-                "DPoP replay cache is full; rejecting proofs until entries expire"
-            );
             return Err(AuthError::ReplayCacheFull);
         }
         inner.seen.insert(key.clone(), expires_s);
+        if let Some(ip) = peer {
+            *inner.by_peer.entry(ip).or_default() += 1;
+        }
         // Proofs arrive in roughly increasing iat order; one that expires earlier than the
         // back of the queue only stays a little longer than needed.
-        inner.order.push_back((expires_s, key));
+        inner.order.push_back((expires_s, key, peer));
         Ok(())
     }
 
@@ -95,25 +127,6 @@ pub(crate) fn access_token(req: &HttpRequest) -> Result<Option<&str>, AuthError>
     }
 }
 
-/// The `htu` a proof for `req` must name: `https://` + Host + path. The gateway serves TLS
-/// only, so the scheme is always https. The host comes from the request itself (the URI's
-/// authority, else the `Host` header), never from `Forwarded` or `X-Forwarded-Host`, which a
-/// client could set to make a proof for another server pass.
-fn target_uri(req: &HttpRequest) -> String {
-    let host = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(actix_web::http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
-    format!("https://{host}{}", req.path())
-}
-
 impl Auth {
     /// Checks the DPoP proof of `req`, made for `access_token` if one is presented, and
     /// records its `jti`.
@@ -132,7 +145,13 @@ impl Auth {
             .map_err(|_| DpopError::Malformed("header is not ASCII".into()))?;
         let now_s = atlas_actors::now_ms() / 1000;
         let window_s = self.settings.dpop_window.as_secs();
-        let uri = target_uri(req);
+        // The configured origin, not the request's Host header, names this server: a client
+        // chooses its Host header, so a proof made for another server could otherwise pass.
+        let uri = format!(
+            "{}{}",
+            self.settings.rp_origin.as_str().trim_end_matches('/'),
+            req.path()
+        );
         let checked = verify_proof(
             proof,
             &ProofRequest {
@@ -141,15 +160,25 @@ impl Auth {
                 access_token,
                 now_s,
                 window_s,
+                websocket: req.path() == "/v1/ws",
             },
         )?;
+        // The replay cache starts empty, so proofs from before a restart could be replayed.
+        if checked.iat < self.started_s {
+            return Err(AuthError::ProofBeforeStart);
+        }
         if self.settings.dpop_nonces && !self.nonce_is_valid(checked.nonce.as_deref(), now_s) {
             return Err(AuthError::UseNonce {
                 nonce: self.current_nonce(now_s),
             });
         }
-        self.replays
-            .record(&checked, checked.iat.saturating_add(window_s), now_s)?;
+        let peer = req.peer_addr().map(|a| a.ip());
+        self.replays.record(
+            &checked,
+            peer,
+            checked.iat.max(now_s).saturating_add(window_s),
+            now_s,
+        )?;
         Ok(checked)
     }
 
@@ -192,29 +221,51 @@ mod tests {
         }
     }
 
+    fn ip(last: u8) -> Option<IpAddr> {
+        Some(IpAddr::from([127, 0, 0, last]))
+    }
+
     #[test]
     fn replay_cache_rejects_second_use() {
-        let cache = ReplayCache::new(10);
-        cache.record(&proof("k", "a"), 160, 100).unwrap();
+        let cache = ReplayCache::new(100);
+        cache.record(&proof("k", "a"), ip(1), 160, 100).unwrap();
         assert!(matches!(
-            cache.record(&proof("k", "a"), 160, 101),
+            cache.record(&proof("k", "a"), ip(2), 160, 101),
             Err(AuthError::ReplayedProof)
         ));
         // The same jti from another key is another proof.
-        cache.record(&proof("other", "a"), 160, 101).unwrap();
+        cache.record(&proof("other", "a"), ip(1), 160, 101).unwrap();
     }
 
     #[test]
     fn replay_cache_forgets_expired_rejects_when_full() {
         let cache = ReplayCache::new(2);
-        cache.record(&proof("k", "a"), 160, 100).unwrap();
-        cache.record(&proof("k", "b"), 160, 100).unwrap();
+        cache.record(&proof("k", "a"), None, 160, 100).unwrap();
+        cache.record(&proof("k", "b"), None, 160, 100).unwrap();
         assert!(matches!(
-            cache.record(&proof("k", "c"), 160, 100),
+            cache.record(&proof("k", "c"), None, 160, 100),
             Err(AuthError::ReplayCacheFull)
         ));
         // After both expired, room is made again.
-        cache.record(&proof("k", "c"), 230, 170).unwrap();
+        cache.record(&proof("k", "c"), None, 230, 170).unwrap();
         assert_eq!(cache.len(), 1);
+    }
+
+    #[test]
+    fn replay_cache_limits_one_address() {
+        let cache = ReplayCache::new(30);
+        for n in 0..3 {
+            cache
+                .record(&proof("k", &n.to_string()), ip(1), 160, 100)
+                .unwrap();
+        }
+        assert!(matches!(
+            cache.record(&proof("k", "x"), ip(1), 160, 100),
+            Err(AuthError::TooManyProofs { retry_after_s: 60 })
+        ));
+        // Other addresses are not affected.
+        cache.record(&proof("k", "y"), ip(2), 160, 100).unwrap();
+        // Once the address's entries expire, it may send again.
+        cache.record(&proof("k", "z"), ip(1), 230, 170).unwrap();
     }
 }

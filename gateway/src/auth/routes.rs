@@ -107,6 +107,14 @@ fn decode_passkey(record: &PasskeyRecord, account: &str) -> Result<Passkey, Auth
     })
 }
 
+/// The signature counter stored in a passkey (webauthn-rs keeps it private, but serializes it).
+fn stored_counter(passkey: &Passkey) -> u32 {
+    serde_json::to_value(passkey)
+        .ok()
+        .and_then(|v| v["cred"]["counter"].as_u64())
+        .map_or(0, |c| c as u32)
+}
+
 fn encode_passkey(passkey: &Passkey) -> Vec<u8> {
     // A Passkey is plain data; encoding it into a Vec cannot fail.
     serde_json::to_vec(passkey).expect("passkey serializes")
@@ -139,6 +147,7 @@ async fn register_start(
         (None, Some(_)) => return Err(AuthError::AccountTaken(account)),
         (Some(token), existing) => {
             let claims = auth.verify_access_token(token, &proof)?;
+            auth.require_recent_login(&claims)?;
             let record = existing.filter(|_| claims.sub == account).ok_or_else(|| {
                 AuthError::Forbidden(format!(
                     "the access token is for account {:?}, not {account:?}",
@@ -163,19 +172,21 @@ async fn register_start(
         new_account,
         state: Box::new(registration),
     };
-    started(auth, kind, proof.jkt, to_json(&options))
+    started(auth, &req, kind, proof.jkt, to_json(&options))
 }
 
 /// Stores a ceremony for the DPoP key `jkt` and returns its id with the WebAuthn options.
 fn started(
     auth: &Auth,
+    req: &HttpRequest,
     kind: CeremonyKind,
     jkt: String,
     options: serde_json::Value,
 ) -> Result<HttpResponse, AuthError> {
+    let peer = req.peer_addr().map(|a| a.ip());
     let ceremony = auth
         .ceremonies
-        .insert(kind, jkt, auth.settings.ceremony_ttl)?;
+        .insert(kind, jkt, peer, auth.settings.ceremony_ttl)?;
     Ok(HttpResponse::Ok().json(CeremonyStarted { ceremony, options }))
 }
 
@@ -234,7 +245,7 @@ async fn register_finish(
             created_ms: now,
             passkeys: vec![record],
         })?;
-        let tokens = auth.issue_tokens(&account, &proof.jkt)?;
+        let tokens = auth.issue_tokens(&account, &proof.jkt, passkey.cred_id())?;
         count_tokens(&state, "passkey_registration");
         Some(tokens)
     } else {
@@ -250,9 +261,7 @@ async fn register_finish(
                 .iter()
                 .any(|p| p.credential_id == record.credential_id)
             {
-                return Err(AuthError::InvalidRequest(
-                    "this passkey is already registered".into(),
-                ));
+                return Err(AuthError::CredentialInUse);
             }
             stored.passkeys.push(record);
             Ok(())
@@ -297,7 +306,7 @@ async fn login_start(
         account,
         state: Box::new(authentication),
     };
-    started(auth, kind, proof.jkt, to_json(&options))
+    started(auth, &req, kind, proof.jkt, to_json(&options))
 }
 
 async fn login_finish(
@@ -339,12 +348,21 @@ async fn login_finish(
                 AuthError::PasskeyRejected("the passkey was removed from the account".into())
             })?;
         let mut passkey = decode_passkey(record, &account)?;
+        // webauthn-rs compared the counter with the copy taken when the ceremony started. A
+        // login finished since then may have raised it, so compare with the stored value too.
+        let stored_counter = stored_counter(&passkey);
+        if result.counter() > 0 && result.counter() <= stored_counter {
+            tracing::warn!(%account, "passkey signature counter did not grow; possible clone");
+            return Err(AuthError::PasskeyRejected(
+                "the signature counter did not grow: the authenticator may be cloned".into(),
+            ));
+        }
         passkey.update_credential(&result);
         record.passkey = encode_passkey(&passkey);
         record.last_used_ms = Some(now);
         Ok::<(), AuthError>(())
     })?;
-    let tokens = auth.issue_tokens(&account, &proof.jkt)?;
+    let tokens = auth.issue_tokens(&account, &proof.jkt, result.cred_id())?;
     auth.store.durable().await?;
     count_tokens(&state, "passkey_login");
     tracing::info!(%account, "passkey login");
@@ -384,6 +402,7 @@ async fn remove_passkey(
 ) -> Result<HttpResponse, AuthError> {
     let auth = auth(&state)?;
     let claims = auth.authenticate(&req)?;
+    auth.require_recent_login(&claims)?;
     let credential = URL_SAFE_NO_PAD
         .decode(path.as_bytes())
         .map_err(|_| AuthError::InvalidRequest("credential id is not base64url".into()))?;
@@ -397,7 +416,7 @@ async fn remove_passkey(
             return Err(AuthError::NotFound(format!(
                 "account {:?} has no passkey {}",
                 claims.sub,
-                path.as_str()
+                atlas_protocol::dpop::printable(path.as_str())
             )));
         }
         if before == 1 {
@@ -406,8 +425,12 @@ async fn remove_passkey(
         stored.passkeys.retain(|p| p.credential_id != credential);
         Ok(())
     })?;
+    // Sessions that the removed passkey started end with it.
+    let revoked =
+        auth.store
+            .revoke_credential_logins(&claims.sub, &credential, atlas_actors::now_ms())?;
     auth.store.durable().await?;
-    tracing::info!(account = %claims.sub, "passkey removed");
+    tracing::info!(account = %claims.sub, revoked, "passkey removed");
     Ok(HttpResponse::NoContent().finish())
 }
 

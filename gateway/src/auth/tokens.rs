@@ -4,7 +4,7 @@ use super::{Auth, AuthError};
 use actix_web::HttpRequest;
 use atlas_protocol::accounts::Tokens;
 use atlas_protocol::dpop::DpopProof;
-use atlas_storage::{RefreshOutcome, RefreshRecord};
+use atlas_storage::{RefreshOutcome, RefreshRecord, TokenFamily};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -27,6 +27,8 @@ pub struct AccessClaims {
     pub cnf: Confirmation,
     /// Refresh token family the token was issued in; revoking the family ends the token too.
     pub sid: String,
+    /// Time of the passkey ceremony behind the token, in seconds (OpenID Connect `auth_time`).
+    pub auth_time: u64,
 }
 
 /// Key confirmation (RFC 7800) of a DPoP-bound token.
@@ -46,24 +48,36 @@ fn refresh_hash(token: &str) -> [u8; 32] {
 }
 
 impl Auth {
-    /// Issues a new token pair for `account` bound to `jkt`, starting a new refresh family.
-    pub(crate) fn issue_tokens(&self, account: &str, jkt: &str) -> Result<Tokens, AuthError> {
-        let family = random_id::<16>();
+    /// Issues a new token pair for `account` bound to `jkt`, after a passkey ceremony with
+    /// `credential_id`, starting a new refresh family.
+    pub(crate) fn issue_tokens(
+        &self,
+        account: &str,
+        jkt: &str,
+        credential_id: &[u8],
+    ) -> Result<Tokens, AuthError> {
+        let now = atlas_actors::now_ms();
         let refresh_token = URL_SAFE_NO_PAD.encode(random_id::<32>());
         let record = RefreshRecord {
             account: account.to_owned(),
             jkt: jkt.to_owned(),
-            family,
-            expires_ms: atlas_actors::now_ms()
-                .saturating_add(self.settings.refresh_token_ttl.as_millis() as u64),
+            family: random_id::<16>(),
+            expires_ms: now.saturating_add(self.settings.refresh_token_ttl.as_millis() as u64),
             spent_ms: None,
         };
+        let family = TokenFamily {
+            account: account.to_owned(),
+            created_ms: now,
+            revoked_ms: None,
+            credential_id: credential_id.to_vec(),
+            auth_time_ms: now,
+        };
         self.store
-            .put_refresh_token(&refresh_hash(&refresh_token), &record)?;
-        Ok(self.access_pair(&record, refresh_token))
+            .put_refresh_token(&refresh_hash(&refresh_token), &record, &family)?;
+        Ok(self.access_pair(&record, refresh_token, now / 1000))
     }
 
-    fn access_pair(&self, record: &RefreshRecord, refresh_token: String) -> Tokens {
+    fn access_pair(&self, record: &RefreshRecord, refresh_token: String, auth_time: u64) -> Tokens {
         let now_s = atlas_actors::now_ms() / 1000;
         let ttl = self.settings.access_token_ttl.as_secs();
         let claims = AccessClaims {
@@ -76,6 +90,7 @@ impl Auth {
                 jkt: record.jkt.clone(),
             },
             sid: hex::encode(record.family),
+            auth_time,
         };
         Tokens {
             access_token: self.keyring.sign_jwt(ACCESS_TOKEN_TYP, &claims),
@@ -148,7 +163,22 @@ impl Auth {
                 "refresh token is bound to another DPoP key".into(),
             ));
         }
-        Ok(self.access_pair(&next, next_token))
+        let auth_time = self
+            .store
+            .token_family(&next.family)?
+            .map_or(0, |f| f.auth_time_ms / 1000);
+        Ok(self.access_pair(&next, next_token, auth_time))
+    }
+
+    /// Checks that the passkey ceremony behind `claims` is recent enough for adding or
+    /// removing passkeys, so that a stolen refresh token cannot change them.
+    pub(crate) fn require_recent_login(&self, claims: &AccessClaims) -> Result<(), AuthError> {
+        let max_age_s = self.settings.reauthentication_window.as_secs();
+        let age = (atlas_actors::now_ms() / 1000).saturating_sub(claims.auth_time);
+        if age > max_age_s {
+            return Err(AuthError::StepUpRequired { max_age_s });
+        }
+        Ok(())
     }
 
     /// Checks an access token: signature by a published node key, issuer, expiry, binding to
@@ -165,10 +195,12 @@ impl Auth {
             return Err(invalid("not an Atlas access token".into()));
         }
         let kid = header.kid.ok_or_else(|| invalid("no kid".into()))?;
-        let key = self
-            .keyring
-            .published_key(&kid)
-            .ok_or_else(|| invalid(format!("signing key {kid} is not published")))?;
+        let key = self.keyring.published_key(&kid).ok_or_else(|| {
+            invalid(format!(
+                "signing key {} is not published",
+                atlas_protocol::dpop::printable(&kid)
+            ))
+        })?;
         let decoding = DecodingKey::from_ed_components(&URL_SAFE_NO_PAD.encode(key.as_bytes()))
             .map_err(|e| invalid(e.to_string()))?;
         let mut validation = Validation::new(Algorithm::EdDSA);
@@ -177,7 +209,7 @@ impl Auth {
         validation.leeway = 0;
         validation.validate_aud = false;
         let claims = jsonwebtoken::decode::<AccessClaims>(token, &decoding, &validation)
-            .map_err(|e| invalid(e.to_string()))?
+            .map_err(|e| invalid(atlas_protocol::dpop::describe_jwt_error(&e)))?
             .claims;
         if claims.cnf.jkt != proof.jkt {
             return Err(invalid(
@@ -199,6 +231,10 @@ impl Auth {
     /// Checks the DPoP proof and access token of a protected request.
     pub(crate) fn authenticate(&self, req: &HttpRequest) -> Result<AccessClaims, AuthError> {
         let token = super::proofs::access_token(req)?;
+        // A request with no credentials at all gets a plain challenge (RFC 6750 section 3.1).
+        if token.is_none() && !req.headers().contains_key("dpop") {
+            return Err(AuthError::MissingToken);
+        }
         let proof = self.check_proof(req, token)?;
         let token = token.ok_or(AuthError::MissingToken)?;
         self.verify_access_token(token, &proof)

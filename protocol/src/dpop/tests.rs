@@ -25,6 +25,7 @@ fn request(access_token: Option<&str>) -> ProofRequest<'_> {
         access_token,
         now_s: NOW,
         window_s: 60,
+        websocket: false,
     }
 }
 
@@ -69,9 +70,19 @@ fn websocket_uri_matches_https_form() {
     let req = ProofRequest {
         method: "GET",
         uri: "https://localhost:8443/v1/ws",
+        websocket: true,
         ..request(None)
     };
     assert!(verify_proof(&proof, &req).is_ok());
+    // Only a WebSocket upgrade accepts the wss form.
+    let plain = ProofRequest {
+        websocket: false,
+        ..req
+    };
+    assert!(matches!(
+        verify_proof(&proof, &plain),
+        Err(DpopError::WrongUri { .. })
+    ));
 }
 
 #[test]
@@ -137,6 +148,10 @@ fn wrong_typ_rejected() {
     let proof = sign_jwt(&key, &header, &claims());
     let err = verify_proof(&proof, &request(None)).unwrap_err();
     assert_eq!(err, DpopError::WrongType(Some("JWT".into())));
+    assert_eq!(
+        err.to_string(),
+        "the DPoP proof has typ \"JWT\", expected \"dpop+jwt\""
+    );
 }
 
 #[test]
@@ -245,4 +260,43 @@ fn proof_from_external_signer_verifies() {
     .unwrap();
     let checked = verify_proof(&proof, &request(None)).unwrap();
     assert_eq!(checked.jkt, ed25519_jkt(&key));
+}
+
+#[test]
+fn crit_header_rejected() {
+    let key = key(4);
+    let header = serde_json::json!({
+        "typ": DPOP_TYP,
+        "alg": "EdDSA",
+        "crit": ["exp"],
+        "jwk": {
+            "kty": "OKP",
+            "crv": "Ed25519",
+            "x": URL_SAFE_NO_PAD.encode(key.verifying_key().as_bytes()),
+        },
+    });
+    let signing_input = format!(
+        "{}.{}",
+        encode_part(&header),
+        encode_part(&serde_json::to_value(claims()).unwrap())
+    );
+    use ed25519_dalek::Signer;
+    let proof = format!(
+        "{signing_input}.{}",
+        URL_SAFE_NO_PAD.encode(key.sign(signing_input.as_bytes()).to_bytes())
+    );
+    assert_eq!(
+        verify_proof(&proof, &request(None)).unwrap_err(),
+        DpopError::CriticalHeader
+    );
+}
+
+#[test]
+fn control_characters_never_reach_messages() {
+    let mut c = claims();
+    c.htu = "https://localhost:8443/x\nFORGED LOG LINE".into();
+    let err = verify_proof(&sign_proof(&key(1), &c), &request(None)).unwrap_err();
+    let text = err.to_string();
+    assert!(!text.contains('\n'), "{text}");
+    assert!(text.contains("FORGED"), "{text}");
 }
