@@ -7,6 +7,7 @@
 mod membership;
 mod placement;
 mod presence;
+pub mod replication;
 mod router;
 
 pub use membership::{

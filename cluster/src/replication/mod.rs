@@ -1,0 +1,73 @@
+//! Replicated logs on openraft, with the log and the state machine's progress kept in sled.
+//!
+//! A replicated log carries opaque commands. Once openraft commits a command on a majority,
+//! every replica hands it to its [`Applier`] in log order, and the proposer gets the
+//! applier's result. [`SledLogStore`] keeps the log, the vote and the purge point;
+//! [`SledStateMachine`] keeps the last applied entry, the membership and the latest snapshot.
+//!
+//! NOTE: this layer is tested on its own (openraft's storage suite and an in-process
+//! cluster); the node does not route its writes through it yet.
+
+// openraft's traits return its `StorageError` and `RPCError` by value, and the helpers here
+// pass them on unchanged.
+#![allow(clippy::result_large_err)]
+
+mod log_store;
+mod state_machine;
+#[cfg(test)]
+mod tests;
+
+pub use log_store::SledLogStore;
+pub use state_machine::SledStateMachine;
+
+use serde::{Deserialize, Serialize};
+use std::error::Error;
+use std::io::Cursor;
+
+/// A command of the replicated log, opaque to the replication layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+/// The result of applying a [`Command`], returned to its proposer.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CommandResult(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+openraft::declare_raft_types!(
+    /// Types of Atlas's replicated logs.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+);
+
+/// Node id within one replicated log.
+pub type RaftNodeId = u64;
+
+/// A running replica.
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// What a replica does with committed commands.
+pub trait Applier: Send + Sync + 'static {
+    /// Applies the command at log `index` and returns its result. Every replica applies the
+    /// same commands in the same order, so this must be deterministic.
+    ///
+    /// NOTE: the state machine records the last applied index after this returns. A crash in
+    /// between makes the replica apply the command again after a restart, so an applier
+    /// must treat an index it has seen as already applied.
+    fn apply(&self, index: u64, command: &[u8]) -> Vec<u8>;
+
+    /// Serializes the applier's whole state, for a snapshot.
+    fn snapshot(&self) -> Vec<u8>;
+
+    /// Replaces the applier's state with a snapshot made by [`Applier::snapshot`].
+    fn restore(&self, snapshot: &[u8]) -> Result<(), String>;
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Log entries, votes and log ids are plain data with string keys; encoding cannot fail.
+    rmp_serde::to_vec_named(value).expect("replication record serializes")
+}
+
+/// Wraps an error for openraft's storage errors.
+fn any<E: Error + 'static>(error: E) -> openraft::AnyError {
+    openraft::AnyError::new(&error)
+}

@@ -1,0 +1,275 @@
+use super::*;
+use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::{BasicNode, Config, StorageError};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// An applier that appends every command to a list, ignoring indexes it has seen.
+#[derive(Default)]
+struct ListApplier {
+    applied: Mutex<Vec<(u64, Vec<u8>)>>,
+}
+
+impl ListApplier {
+    fn commands(&self) -> Vec<Vec<u8>> {
+        let applied = self.applied.lock().unwrap();
+        applied.iter().map(|(_, c)| c.clone()).collect()
+    }
+}
+
+impl Applier for ListApplier {
+    fn apply(&self, index: u64, command: &[u8]) -> Vec<u8> {
+        let mut applied = self.applied.lock().unwrap();
+        if applied.last().is_none_or(|(last, _)| *last < index) {
+            applied.push((index, command.to_vec()));
+        }
+        applied.len().to_be_bytes().to_vec()
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        rmp_serde::to_vec(&*self.applied.lock().unwrap()).unwrap()
+    }
+
+    fn restore(&self, snapshot: &[u8]) -> Result<(), String> {
+        let restored = rmp_serde::from_slice(snapshot).map_err(|e| e.to_string())?;
+        *self.applied.lock().unwrap() = restored;
+        Ok(())
+    }
+}
+
+struct Builder;
+
+impl StoreBuilder<TypeConfig, SledLogStore, SledStateMachine, tempfile::TempDir> for Builder {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, SledLogStore, SledStateMachine), StorageError<RaftNodeId>> {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let log = SledLogStore::open(&db, "suite").unwrap();
+        let machine =
+            SledStateMachine::open(&db, "suite", Arc::new(ListApplier::default())).unwrap();
+        Ok((dir, log, machine))
+    }
+}
+
+#[test]
+fn storage_passes_openraft_suite() {
+    Suite::test_all(Builder).unwrap();
+}
+
+/// Replicas of one process, reached by direct calls.
+#[derive(Clone, Default)]
+struct Network {
+    replicas: Arc<Mutex<BTreeMap<RaftNodeId, Raft>>>,
+}
+
+impl Network {
+    fn replica(&self, id: RaftNodeId) -> Option<Raft> {
+        self.replicas.lock().unwrap().get(&id).cloned()
+    }
+}
+
+struct Link {
+    target: RaftNodeId,
+    network: Network,
+}
+
+impl Link {
+    fn replica<E: Error>(
+        &self,
+    ) -> Result<Raft, RPCError<RaftNodeId, BasicNode, RaftError<RaftNodeId, E>>> {
+        self.network.replica(self.target).ok_or_else(|| {
+            RPCError::Unreachable(Unreachable::new(&std::io::Error::other("replica is down")))
+        })
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Link;
+
+    async fn new_client(&mut self, target: RaftNodeId, _node: &BasicNode) -> Link {
+        Link {
+            target,
+            network: self.clone(),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Link {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<
+        AppendEntriesResponse<RaftNodeId>,
+        RPCError<RaftNodeId, BasicNode, RaftError<RaftNodeId>>,
+    > {
+        let target = self.target;
+        self.replica()?
+            .append_entries(rpc)
+            .await
+            .map_err(|e| RPCError::RemoteError(RemoteError::new(target, e)))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<RaftNodeId>,
+        RPCError<RaftNodeId, BasicNode, RaftError<RaftNodeId, InstallSnapshotError>>,
+    > {
+        let target = self.target;
+        self.replica()?
+            .install_snapshot(rpc)
+            .await
+            .map_err(|e| RPCError::RemoteError(RemoteError::new(target, e)))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<RaftNodeId>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<RaftNodeId>, RPCError<RaftNodeId, BasicNode, RaftError<RaftNodeId>>>
+    {
+        let target = self.target;
+        self.replica()?
+            .vote(rpc)
+            .await
+            .map_err(|e| RPCError::RemoteError(RemoteError::new(target, e)))
+    }
+}
+
+struct Replica {
+    raft: Raft,
+    applier: Arc<ListApplier>,
+}
+
+async fn start_replica(
+    id: RaftNodeId,
+    dir: &std::path::Path,
+    network: &Network,
+    applier: Arc<ListApplier>,
+) -> Replica {
+    let config = Config {
+        heartbeat_interval: 100,
+        election_timeout_min: 300,
+        election_timeout_max: 600,
+        ..Config::default()
+    };
+    let db = sled::open(dir.join(id.to_string())).unwrap();
+    let log = SledLogStore::open(&db, "shard-0").unwrap();
+    let machine = SledStateMachine::open(&db, "shard-0", applier.clone()).unwrap();
+    let raft = Raft::new(
+        id,
+        Arc::new(config.validate().unwrap()),
+        network.clone(),
+        log,
+        machine,
+    )
+    .await
+    .unwrap();
+    network.replicas.lock().unwrap().insert(id, raft.clone());
+    Replica { raft, applier }
+}
+
+async fn wait_for_leader(replicas: &[&Raft], excluded: Option<RaftNodeId>) -> RaftNodeId {
+    for _ in 0..100 {
+        for raft in replicas {
+            if let Some(leader) = raft.metrics().borrow().current_leader
+                && Some(leader) != excluded
+            {
+                return leader;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no leader elected within 5 s");
+}
+
+async fn wait_for_applied(applier: &ListApplier, count: usize) {
+    for _ in 0..100 {
+        if applier.commands().len() >= count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "replica applied {} of {count} commands within 5 s",
+        applier.commands().len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_survive_leader_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let network = Network::default();
+    let mut replicas = BTreeMap::new();
+    for id in 1..=3 {
+        let replica = start_replica(id, dir.path(), &network, Arc::default()).await;
+        replicas.insert(id, replica);
+    }
+    let members: BTreeMap<RaftNodeId, BasicNode> =
+        (1..=3).map(|id| (id, BasicNode::default())).collect();
+    replicas[&1].raft.initialize(members).await.unwrap();
+    let rafts: Vec<&Raft> = replicas.values().map(|r| &r.raft).collect();
+    let leader = wait_for_leader(&rafts, None).await;
+
+    // Every committed command reaches every replica, in one order.
+    for n in 0..5u8 {
+        let result = replicas[&leader]
+            .raft
+            .client_write(Command(vec![n]))
+            .await
+            .unwrap();
+        assert_eq!(result.data.0, (usize::from(n) + 1).to_be_bytes().to_vec());
+    }
+    let expected: Vec<Vec<u8>> = (0..5u8).map(|n| vec![n]).collect();
+    for replica in replicas.values() {
+        wait_for_applied(&replica.applier, 5).await;
+        assert_eq!(replica.applier.commands(), expected);
+    }
+
+    // The leader goes away: the other two elect a new one and keep committing.
+    let old = replicas.remove(&leader).unwrap();
+    network.replicas.lock().unwrap().remove(&leader);
+    old.raft.shutdown().await.unwrap();
+    let kept_applier = old.applier.clone();
+    drop(old);
+    let rafts: Vec<&Raft> = replicas.values().map(|r| &r.raft).collect();
+    let new_leader = wait_for_leader(&rafts, Some(leader)).await;
+    assert_ne!(new_leader, leader);
+    replicas[&new_leader]
+        .raft
+        .client_write(Command(vec![5]))
+        .await
+        .unwrap();
+
+    // The old leader restarts from its sled files, rejoins and catches up; its applier
+    // state is kept by the test, as a node's storage would keep it.
+    let restarted = start_replica(leader, dir.path(), &network, kept_applier.clone()).await;
+    wait_for_applied(&kept_applier, 6).await;
+    let mut all = expected.clone();
+    all.push(vec![5]);
+    assert_eq!(kept_applier.commands(), all);
+    let members: BTreeSet<RaftNodeId> = restarted
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect();
+    assert_eq!(members, BTreeSet::from([1, 2, 3]));
+    restarted.raft.shutdown().await.unwrap();
+    for replica in replicas.values() {
+        replica.raft.shutdown().await.unwrap();
+    }
+}
