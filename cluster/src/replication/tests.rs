@@ -181,7 +181,8 @@ async fn start_replica(
 }
 
 async fn wait_for_leader(replicas: &[&Raft], excluded: Option<RaftNodeId>) -> RaftNodeId {
-    for _ in 0..100 {
+    // Generous bounds: elections take well under a second, but CI machines may be loaded.
+    for _ in 0..400 {
         for raft in replicas {
             if let Some(leader) = raft.metrics().borrow().current_leader
                 && Some(leader) != excluded
@@ -191,18 +192,18 @@ async fn wait_for_leader(replicas: &[&Raft], excluded: Option<RaftNodeId>) -> Ra
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("no leader elected within 5 s");
+    panic!("no leader elected within 20 s");
 }
 
 async fn wait_for_applied(applier: &ListApplier, count: usize) {
-    for _ in 0..100 {
+    for _ in 0..400 {
         if applier.commands().len() >= count {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!(
-        "replica applied {} of {count} commands within 5 s",
+        "replica applied {} of {count} commands within 20 s",
         applier.commands().len()
     );
 }
