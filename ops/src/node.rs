@@ -8,6 +8,7 @@ use atlas_actors::{
     ActorMetrics, Directory, GroupSettings, GroupSupervisor, KeyTransparency, Keyring,
     SupervisorArgs, SupervisorMsg,
 };
+use atlas_cluster::replication::{Applier, Replica, ReplicaSettings};
 use atlas_cluster::{
     Cluster, ClusterSettings, MemberState, MemberView, MembershipObserver, NodeName, Presence,
     Router, ShardId, replicas,
@@ -38,6 +39,8 @@ pub struct RunningNode {
     tasks: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
     key_tasks: tokio::task::JoinHandle<()>,
     cluster: Option<Arc<Cluster>>,
+    /// This node's replica of the cluster log and the task that adds members to it.
+    replicated: Option<(Arc<Replica>, tokio::task::JoinHandle<()>)>,
 }
 
 /// Starts a node; must run inside an actix system.
@@ -70,6 +73,10 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     )?);
     let kt = Arc::new(KeyTransparency::open(store.clone(), Arc::clone(&keyring))?);
     let cluster = start_cluster(config, &registry).await?;
+    let replicated = match &cluster {
+        Some(cluster) => Some(start_replicated_log(config, &store, Arc::clone(cluster)).await?),
+        None => None,
+    };
 
     let presence = Arc::new(Presence::new());
     let settings = GroupSettings {
@@ -144,6 +151,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     let admin = Admin {
         keyring: Arc::clone(&keyring),
         cluster: cluster.clone(),
+        replica: replicated.as_ref().map(|(replica, _)| Arc::clone(replica)),
         node_name: config.node_name.clone(),
         shards: config.shards,
         replication: config.replication,
@@ -174,6 +182,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         tasks,
         key_tasks,
         cluster,
+        replicated,
     })
 }
 
@@ -203,6 +212,68 @@ fn auth_settings(config: &NodeConfig, port: u16) -> anyhow::Result<AuthSettings>
         max_ceremonies: 10_000,
         reauthentication_window: Duration::from_secs(config.reauthentication_window_secs),
     })
+}
+
+/// Interval at which the leader of the cluster's replicated log makes new live members voters.
+const MEMBER_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Starts this node's replica of the cluster's replicated log, and a task that makes live
+/// members voters while this node leads it.
+///
+/// NOTE: the log carries only its own membership so far; no node data goes through it yet.
+async fn start_replicated_log(
+    config: &NodeConfig,
+    store: &Store,
+    cluster: Arc<Cluster>,
+) -> anyhow::Result<(Arc<Replica>, tokio::task::JoinHandle<()>)> {
+    let settings = ReplicaSettings {
+        log: "cluster".into(),
+        node_name: config.node_name.clone(),
+        bootstrap: config.seeds.is_empty(),
+        heartbeat: Duration::from_millis(config.heartbeat_ms / 2).max(Duration::from_millis(50)),
+        election_timeout: Duration::from_millis(config.failure_timeout_ms / 3)
+            .max(Duration::from_millis(300)),
+    };
+    let replica = Arc::new(
+        Replica::start(settings, store.sled_db(), Arc::new(MembershipOnly))
+            .await
+            .context("cannot start the cluster's replicated log")?,
+    );
+    let task_replica = Arc::clone(&replica);
+    let members_task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(MEMBER_SYNC_INTERVAL);
+        loop {
+            tick.tick().await;
+            let alive: Vec<String> = cluster
+                .members()
+                .into_iter()
+                .filter(|m| matches!(m.state, MemberState::Local | MemberState::Alive))
+                .map(|m| m.name)
+                .collect();
+            if let Err(e) = task_replica.add_live_members(&alive).await {
+                tracing::warn!(error = %e, "adding members to the replicated log failed; retrying");
+            }
+        }
+    });
+    Ok((replica, members_task))
+}
+
+/// The applier of the cluster log, which carries only membership changes so far.
+struct MembershipOnly;
+
+impl Applier for MembershipOnly {
+    fn apply(&self, index: u64, _command: &[u8]) -> Vec<u8> {
+        tracing::warn!(index, "the cluster log has no commands yet; entry ignored");
+        Vec::new()
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    fn restore(&self, _snapshot: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Starts the cluster side when a cluster listener is configured.
@@ -274,6 +345,7 @@ impl MembershipObserver for MembershipMetrics {
 struct Admin {
     keyring: Arc<Keyring>,
     cluster: Option<Arc<Cluster>>,
+    replica: Option<Arc<Replica>>,
     node_name: String,
     shards: u32,
     replication: u32,
@@ -311,6 +383,7 @@ impl Admin {
             "members": members,
             "replication": self.replication,
             "shards": shards,
+            "replicated_log": self.replica.as_ref().map(|r| r.status()),
         })
     }
 }
@@ -489,6 +562,10 @@ impl RunningNode {
             let _ = task.await;
         }
         let _ = self.key_tasks.await;
+        if let Some((replica, members_task)) = &self.replicated {
+            members_task.abort();
+            replica.stop().await;
+        }
         if let Some(cluster) = &self.cluster {
             cluster.stop();
         }

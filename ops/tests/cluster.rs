@@ -332,3 +332,89 @@ async fn duplicate_name_keeps_the_first_member() {
         .unwrap();
     assert_eq!(member["addr"], format!("127.0.0.1:{}", b.port));
 }
+
+/// The cluster log as a node reports it: (role, leader, voters).
+fn replicated_log(node: &NodeProcess) -> Option<(String, Option<String>, Vec<String>)> {
+    let body = node.admin_get("/admin/cluster").ok()?;
+    let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let log = &status["replicated_log"];
+    let mut voters: Vec<String> = log["voters"]
+        .as_array()?
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    voters.sort();
+    Some((
+        log["role"].as_str()?.to_owned(),
+        log["leader"].as_str().map(str::to_owned),
+        voters,
+    ))
+}
+
+/// The leader that every node in `nodes` agrees on, if they agree and all list `voters`.
+fn agreed_leader(nodes: &[&NodeProcess], voters: &[&str]) -> Option<String> {
+    let views: Vec<_> = nodes.iter().map(|n| replicated_log(n)).collect();
+    let leader = views.first()?.as_ref()?.1.clone()?;
+    views
+        .iter()
+        .all(|view| {
+            view.as_ref().is_some_and(|(_, l, v)| {
+                l.as_deref() == Some(leader.as_str())
+                    && v.iter().map(String::as_str).eq(voters.iter().copied())
+            })
+        })
+        .then_some(leader)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_log_elects_leader_after_kill() {
+    let fixture = Fixture::new();
+    let a = fixture.spec("node-a", &[]);
+    let b = fixture.spec("node-b", &[a.port]);
+    let c = fixture.spec("node-c", &[a.port]);
+    let mut nodes = BTreeMap::new();
+    nodes.insert("node-a", fixture.start(&a));
+    nodes.insert("node-b", fixture.start(&b));
+    nodes.insert("node-c", fixture.start(&c));
+    let all = ["node-a", "node-b", "node-c"];
+
+    // node-a starts the log alone; its leader makes the others voters as they join.
+    let everyone: Vec<&NodeProcess> = nodes.values().collect();
+    let formed = wait_until(CONVERGE, || agreed_leader(&everyone, &all).is_some()).await;
+    let views: Vec<_> = everyone.iter().map(|n| replicated_log(n)).collect();
+    assert!(formed, "the three nodes do not agree: {views:?}");
+    let leader = agreed_leader(&everyone, &all).unwrap();
+    let leaders = everyone
+        .iter()
+        .filter(|n| replicated_log(n).is_some_and(|(role, _, _)| role == "leader"))
+        .count();
+    assert_eq!(leaders, 1, "{views:?}");
+
+    // SIGKILL of the leader: the two others elect a new one among themselves.
+    let killed = nodes.remove(leader.as_str()).unwrap();
+    killed.kill9().unwrap();
+    let started = std::time::Instant::now();
+    let survivors: Vec<&NodeProcess> = nodes.values().collect();
+    let elected = wait_until(CONVERGE, || {
+        agreed_leader(&survivors, &all).is_some_and(|new| new != leader)
+    })
+    .await;
+    let views: Vec<_> = survivors.iter().map(|n| replicated_log(n)).collect();
+    assert!(elected, "no new leader after killing {leader}: {views:?}");
+    println!(
+        "new leader of the cluster log {:.1} s after SIGKILL of {leader}",
+        started.elapsed().as_secs_f64()
+    );
+
+    // The killed node restarts from its data directory and follows the new leader.
+    let spec = [&a, &b, &c].into_iter().find(|s| s.name == leader).unwrap();
+    let name = all.into_iter().find(|n| *n == leader).unwrap();
+    nodes.insert(name, fixture.start(spec));
+    let everyone: Vec<&NodeProcess> = nodes.values().collect();
+    let rejoined = wait_until(CONVERGE, || {
+        agreed_leader(&everyone, &all).is_some_and(|new| new != leader)
+    })
+    .await;
+    let views: Vec<_> = everyone.iter().map(|n| replicated_log(n)).collect();
+    assert!(rejoined, "after the restart: {views:?}");
+}

@@ -131,6 +131,12 @@ impl Store {
             .map_err(|_| StorageError::FlushFailed("refresh token lock poisoned".into()))
     }
 
+    /// The sled database, for components that keep their own trees in it (the replicated
+    /// logs of the cluster).
+    pub fn sled_db(&self) -> &sled::Db {
+        &self.db
+    }
+
     /// Sets a function called with the duration of every flush, for metrics.
     pub fn set_flush_observer(&self, observer: impl Fn(Duration) + Send + Sync + 'static) {
         self.flusher.set_observer(Box::new(observer));

@@ -13,11 +13,14 @@
 #![allow(clippy::result_large_err)]
 
 mod log_store;
+mod replica;
 mod state_machine;
 #[cfg(test)]
 mod tests;
+mod transport;
 
 pub use log_store::SledLogStore;
+pub use replica::{Replica, ReplicaSettings, ReplicaStatus, raft_id};
 pub use state_machine::SledStateMachine;
 
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,164 @@
+//! One node's replica of a replicated log over the cluster links: its openraft instance, its
+//! endpoint actor, and the task that makes live cluster members voters.
+
+use super::transport::{ClusterNetwork, EndpointArgs, RaftEndpoint, RaftEndpointMsg};
+use super::{Applier, Raft, RaftNodeId, SledLogStore, SledStateMachine};
+use openraft::{BasicNode, Config, ServerState};
+use ractor::{Actor, ActorRef};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Raft id of the node named `name`: the first 8 bytes of its SHA-256, so every node derives
+/// the same id for a name.
+pub fn raft_id(name: &str) -> RaftNodeId {
+    let digest = Sha256::digest(name.as_bytes());
+    u64::from_be_bytes(digest[..8].try_into().expect("8 bytes of a 32-byte digest"))
+}
+
+/// Settings of one node's replica of a replicated log.
+#[derive(Debug, Clone)]
+pub struct ReplicaSettings {
+    /// Name of the log; its sled trees and process groups are named after it.
+    pub log: String,
+    pub node_name: String,
+    /// Whether this node starts the log alone when it has no raft state yet. Nodes that
+    /// join through seeds wait until the leader adds them.
+    pub bootstrap: bool,
+    pub heartbeat: Duration,
+    /// Lower bound of the election timeout; the upper bound is twice this.
+    pub election_timeout: Duration,
+}
+
+/// A node's view of a replicated log, for status output.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaStatus {
+    pub log: String,
+    pub role: String,
+    pub term: u64,
+    /// Name of the current leader, as this node last heard.
+    pub leader: Option<String>,
+    pub voters: Vec<String>,
+    pub last_applied: Option<u64>,
+}
+
+/// A running replica.
+pub struct Replica {
+    settings: ReplicaSettings,
+    raft: Raft,
+    endpoint: ActorRef<RaftEndpointMsg>,
+}
+
+impl Replica {
+    /// Opens the log's storage in `db` and starts the replica and its endpoint.
+    pub async fn start(
+        settings: ReplicaSettings,
+        db: &sled::Db,
+        applier: Arc<dyn Applier>,
+    ) -> anyhow::Result<Self> {
+        let id = raft_id(&settings.node_name);
+        let config = Config {
+            cluster_name: settings.log.clone(),
+            heartbeat_interval: settings.heartbeat.as_millis() as u64,
+            election_timeout_min: settings.election_timeout.as_millis() as u64,
+            election_timeout_max: 2 * settings.election_timeout.as_millis() as u64,
+            ..Config::default()
+        }
+        .validate()?;
+        let log = SledLogStore::open(db, &settings.log)?;
+        let machine = SledStateMachine::open(db, &settings.log, applier)?;
+        let network = ClusterNetwork {
+            log: settings.log.clone(),
+        };
+        let raft = Raft::new(id, Arc::new(config), network, log, machine).await?;
+        let (endpoint, _) = Actor::spawn(
+            None,
+            RaftEndpoint,
+            EndpointArgs {
+                log: settings.log.clone(),
+                node: id,
+                raft: raft.clone(),
+            },
+        )
+        .await?;
+        if settings.bootstrap && !raft.is_initialized().await? {
+            let members = BTreeMap::from([(id, BasicNode::new(&settings.node_name))]);
+            raft.initialize(members).await?;
+            tracing::info!(log = %settings.log, node = %settings.node_name, "replicated log started on this node alone");
+        }
+        Ok(Self {
+            settings,
+            raft,
+            endpoint,
+        })
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// Makes every live member in `alive` (node names) a voter, if this node leads the log.
+    /// Members that are not alive stay voters: they may come back, and their votes count
+    /// towards the majority as before.
+    pub async fn add_live_members(&self, alive: &[String]) -> anyhow::Result<()> {
+        let metrics = self.raft.metrics().borrow().clone();
+        if metrics.state != ServerState::Leader {
+            return Ok(());
+        }
+        let voters: BTreeSet<RaftNodeId> =
+            metrics.membership_config.membership().voter_ids().collect();
+        for name in alive {
+            let id = raft_id(name);
+            if voters.contains(&id) {
+                continue;
+            }
+            tracing::info!(log = %self.settings.log, node = %name, "adding a member to the replicated log");
+            self.raft
+                .add_learner(id, BasicNode::new(name), true)
+                .await?;
+            let mut next = voters.clone();
+            next.insert(id);
+            self.raft.change_membership(next, false).await?;
+            tracing::info!(log = %self.settings.log, node = %name, "member is now a voter");
+            // One change at a time: the next call starts from the new membership.
+            return Ok(());
+        }
+        Ok(())
+    }
+
+    /// Returns this node's view of the log.
+    pub fn status(&self) -> ReplicaStatus {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let name_of = |id: RaftNodeId| {
+            membership
+                .get_node(&id)
+                .map_or_else(|| id.to_string(), |node| node.addr.clone())
+        };
+        let role = match metrics.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        ReplicaStatus {
+            log: self.settings.log.clone(),
+            role: role.into(),
+            term: metrics.current_term,
+            leader: metrics.current_leader.map(name_of),
+            voters: membership.voter_ids().map(name_of).collect(),
+            last_applied: metrics.last_applied.map(|id| id.index),
+        }
+    }
+
+    /// Stops the replica and its endpoint.
+    pub async fn stop(&self) {
+        self.endpoint.stop(Some("node shutdown".into()));
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(log = %self.settings.log, error = %e, "replicated log did not stop cleanly");
+        }
+    }
+}
