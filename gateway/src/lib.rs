@@ -102,6 +102,7 @@ pub fn bind(
                 "/healthz",
                 web::get().to(|| async { HttpResponse::Ok().body("ok") }),
             )
+            .default_service(web::to(not_found))
     })
     .workers(workers)
     // Responses are small frames: without this, Nagle's algorithm delays them until the
@@ -199,6 +200,19 @@ impl LogBudget {
         }
         (self.used.fetch_add(1, Relaxed) < self.per_minute).then_some(suppressed)
     }
+}
+
+/// Answers a request for a path and method the gateway does not serve, in the JSON error
+/// form of the account endpoints.
+async fn not_found(req: HttpRequest) -> HttpResponse {
+    HttpResponse::NotFound().json(serde_json::json!({
+        "error": "not_found",
+        "error_description": format!(
+            "{} {} is not served here; see docs/accounts.md and docs/protocol.md",
+            req.method(),
+            atlas_protocol::dpop::printable(req.path())
+        ),
+    }))
 }
 
 /// Serves the signing keys. Caches may keep the set for five minutes: a rotated key stays

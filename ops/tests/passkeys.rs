@@ -840,4 +840,12 @@ async fn login_page_security_headers() {
         nonces.push(nonce);
     }
     assert_ne!(nonces[0], nonces[1], "every response gets its own nonce");
+
+    // An unknown path or a wrong method gets a JSON error, not an empty body.
+    let response = session
+        .send_raw(Method::GET, "/v1/passkeys/login/start", None, None, None)
+        .await
+        .unwrap();
+    let (status, error, _) = status_and_error(response).await;
+    assert_eq!((status, error.as_str()), (404, "not_found"));
 }
