@@ -129,7 +129,7 @@ impl AccountSession {
         body: Option<&impl Serialize>,
         with_token: bool,
     ) -> Result<reqwest::Response, ClientError> {
-        let mut retried = false;
+        let mut retries = 0;
         loop {
             let response = self
                 .send_once(method.clone(), path, body, with_token)
@@ -149,10 +149,10 @@ impl AccountSession {
                 header("date").as_deref(),
                 challenge.as_deref(),
             );
-            if !retry || retried {
+            if !retry || retries >= crate::DPOP_RETRIES {
                 return Ok(response);
             }
-            retried = true;
+            retries += 1;
         }
     }
 

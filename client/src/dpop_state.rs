@@ -19,6 +19,10 @@ struct Inner {
 /// Clock differences below this are left alone; the `Date` header has whole seconds.
 const MIN_CORRECTION_S: i64 = 2;
 
+/// Times a rejected request is retried with a corrected proof: one for a nonce and one for
+/// the clock, which a server may both ask for.
+pub const DPOP_RETRIES: u32 = 2;
+
 impl DpopState {
     /// Returns the time to put in a proof's `iat`: the local clock corrected by the learnt
     /// offset.
@@ -54,6 +58,16 @@ impl DpopState {
             }
         }
         retry
+    }
+
+    /// Learns from a rejected request's [`HttpFailure`](crate::accounts::HttpFailure); see
+    /// [`DpopState::learn`].
+    pub fn learn_from(&self, failure: &crate::accounts::HttpFailure) -> bool {
+        self.learn(
+            failure.dpop_nonce.as_deref(),
+            failure.date.as_deref(),
+            failure.challenge.as_deref(),
+        )
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

@@ -14,7 +14,7 @@ mod state;
 mod tls;
 
 pub use conn::CloseInfo;
-pub use dpop_state::DpopState;
+pub use dpop_state::{DPOP_RETRIES, DpopState};
 pub use kt::{KtViolation, ViolationKind};
 pub use tls::{ServerTrust, fingerprint_hex};
 
@@ -317,20 +317,14 @@ impl Client {
         url: &str,
         tls: rustls::ClientConfig,
     ) -> Result<(Connection, ServerBody), ClientError> {
-        let mut retried = false;
+        let mut retries = 0;
         loop {
             let proof = self.dpop_proof("GET", url, None)?;
             match Connection::open(url, tls.clone(), self.request_timeout, &proof).await {
-                Err(ClientError::Http(failure)) if !retried => {
-                    let retry = self.dpop.learn(
-                        failure.dpop_nonce.as_deref(),
-                        failure.date.as_deref(),
-                        failure.challenge.as_deref(),
-                    );
-                    if !retry {
-                        return Err(ClientError::Http(failure));
-                    }
-                    retried = true;
+                Err(ClientError::Http(failure))
+                    if retries < DPOP_RETRIES && self.dpop.learn_from(&failure) =>
+                {
+                    retries += 1;
                 }
                 other => return other,
             }
@@ -1535,23 +1529,36 @@ pub struct RawConnection {
 }
 
 impl RawConnection {
-    /// Connects and returns the connection with the server's login challenge.
+    /// Connects and returns the connection with the server's login challenge. Like
+    /// [`Client::connect`], it retries an upgrade rejected for a missing nonce or a skewed
+    /// clock.
     pub async fn open(url: &str, trust: &ServerTrust) -> Result<(Self, ServerBody), ClientError> {
         let tls = tls::client_config(trust)?;
         // No device identity: the proof is made with a key used for this connection only.
         let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
-        let proof = atlas_protocol::dpop::make_proof(
-            &key,
-            &atlas_protocol::dpop::ProofParams {
-                method: "GET",
-                uri: url,
-                access_token: None,
-                nonce: None,
-                now_s: now_ms() / 1000,
-            },
-        );
-        let (conn, challenge) = Connection::open(url, tls, Duration::from_secs(30), &proof).await?;
-        Ok((Self { conn }, challenge))
+        let dpop = DpopState::default();
+        let mut retries = 0;
+        loop {
+            let proof = atlas_protocol::dpop::make_proof(
+                &key,
+                &atlas_protocol::dpop::ProofParams {
+                    method: "GET",
+                    uri: url,
+                    access_token: None,
+                    nonce: dpop.nonce().as_deref(),
+                    now_s: dpop.now_s(),
+                },
+            );
+            match Connection::open(url, tls.clone(), Duration::from_secs(30), &proof).await {
+                Ok((conn, challenge)) => return Ok((Self { conn }, challenge)),
+                Err(ClientError::Http(failure))
+                    if retries < DPOP_RETRIES && dpop.learn_from(&failure) =>
+                {
+                    retries += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Sends a request and waits for its response.

@@ -649,6 +649,15 @@ fn signup_and_passkey_enroll() {
     assert!(!output.status.success());
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(err.contains("account_taken"), "{err}");
+    // The failed signup left no state behind, so the directory can serve another account.
+    assert!(
+        !setup
+            .state_dir("mallory")
+            .join("soft-passkey.cbor")
+            .exists()
+    );
+    let output = run(setup.chat_as("mallory", "mallory").arg("signup"), "");
+    assert_success(&output, "mallory", &["signup"]);
 
     // A second device joins with the account's passkey file.
     let phone = setup

@@ -432,6 +432,41 @@ async fn passkey_changes_need_recent_login() {
         .clone();
     let failure = http_failure(session.remove_passkey(&only).await);
     assert_eq!(failure.error, "insufficient_user_authentication");
+    // Nor may it enroll a device, which would read what the account receives.
+    let device = Client::open(&node.state_dir("frank-laptop"), "frank").unwrap();
+    let request = device.enrollment_request("localhost").unwrap();
+    let failure = http_failure(session.enroll_device(&request).await);
+    assert_eq!(failure.error, "insufficient_user_authentication");
+    // A passkey registration started within the window cannot finish after it.
+    session
+        .login("frank", &mut authenticator, &node.origin)
+        .await
+        .unwrap();
+    let response = session
+        .send(
+            Method::POST,
+            "/v1/passkeys/register/start",
+            Some(&serde_json::json!({ "account": "frank" })),
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let started: serde_json::Value = response.json().await.unwrap();
+    let options = serde_json::from_value(started["options"].clone()).unwrap();
+    let credential = passkey()
+        .do_registration(node.origin.clone(), options)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let failure = http_failure(
+        finish_registration(
+            &mut session,
+            started["ceremony"].as_str().unwrap(),
+            &credential,
+        )
+        .await,
+    );
+    assert_eq!(failure.error, "insufficient_user_authentication");
     // A fresh passkey login allows it.
     session
         .login("frank", &mut authenticator, &node.origin)
@@ -541,6 +576,15 @@ async fn dpop_failures_rejected() {
             "invalid_token",
         ),
         (
+            "iat too far ahead",
+            Some(sign_proof(
+                &key,
+                &claims("GET", "/v1/passkeys", now + 30, Some(&token)),
+            )),
+            Some(token.clone()),
+            "invalid_dpop_proof",
+        ),
+        (
             "issued before the node started",
             Some(sign_proof(
                 &key,
@@ -573,14 +617,14 @@ async fn dpop_failures_rejected() {
         }
     }
 
-    // Each rejection is counted by its code: the six proof failures and the replay above,
+    // Each rejection is counted by its code: the seven proof failures and the replay above,
     // and the key mismatch and missing token.
     let counted = |code: &str| {
         node.process
             .metric(&format!("atlas_auth_rejections_total{{code=\"{code}\"}}"))
             .unwrap()
     };
-    assert_eq!(counted("invalid_dpop_proof"), 7.0);
+    assert_eq!(counted("invalid_dpop_proof"), 8.0);
     assert_eq!(counted("invalid_token"), 2.0);
 
     // Neither the Host header nor a forwarding header can make a proof for another host

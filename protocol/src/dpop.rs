@@ -105,8 +105,10 @@ pub struct ProofRequest<'a> {
     pub access_token: Option<&'a str>,
     /// Server time, in seconds since the Unix epoch.
     pub now_s: u64,
-    /// Largest accepted distance between `iat` and `now_s`, in seconds.
+    /// Largest accepted age of `iat` before `now_s`, in seconds.
     pub window_s: u64,
+    /// Largest accepted distance of `iat` after `now_s` (clock skew), in seconds.
+    pub future_s: u64,
     /// Whether `htu` may use the `ws`/`wss` scheme (WebSocket upgrade requests only).
     pub websocket: bool,
 }
@@ -156,11 +158,16 @@ pub fn verify_proof(proof: &str, request: &ProofRequest<'_>) -> Result<DpopProof
             found: printable(&claims.htu),
         });
     }
-    if claims.iat.abs_diff(request.now_s) > request.window_s {
+    let allowed = if claims.iat > request.now_s {
+        request.future_s
+    } else {
+        request.window_s
+    };
+    if claims.iat.abs_diff(request.now_s) > allowed {
         return Err(DpopError::Stale {
             iat: claims.iat,
             now: request.now_s,
-            window_s: request.window_s,
+            window_s: allowed,
         });
     }
     if claims.jti.is_empty() || claims.jti.len() > MAX_JTI_BYTES {

@@ -1378,10 +1378,12 @@ async fn passkey_enroll(options: &Options, file: &Path, create: bool) -> Result<
     let mut session =
         AccountSession::new(&base, &server.trust).map_err(|e| sdk_error("HTTPS setup", e))?;
     let account = options.account.clone();
-    // Opening the state first rejects a state directory of another account before the server
-    // account is created.
-    let client = Client::open(&options.state, &account)
-        .map_err(|e| sdk_error("opening the client state", e))?;
+    // An existing state directory of another account is rejected before the server account
+    // is created; a new one is created only once the passkey step succeeded.
+    if Client::state_exists(&options.state) {
+        Client::open(&options.state, &account)
+            .map_err(|e| sdk_error("opening the client state", e))?;
+    }
     if create {
         if file.exists() {
             return Err(CliError::new(format!("{} already exists", file.display()))
@@ -1439,6 +1441,8 @@ async fn passkey_enroll(options: &Options, file: &Path, create: bool) -> Result<
             Err(e) => return Err(sdk_error(&format!("passkey login to {account}"), e)),
         }
     }
+    let client = Client::open(&options.state, &account)
+        .map_err(|e| sdk_error("opening the client state", e))?;
     let server_name = atlas_client::server_name_of(&server.url, &server.trust)
         .await
         .map_err(|e| sdk_error(&format!("connecting to {}", server.url), e))?;
@@ -1466,6 +1470,9 @@ fn save_soft_passkey(file: &Path, token: &SoftToken) -> Result<(), CliError> {
         .map_err(|e| CliError::new(format!("encoding the software passkey failed: {e:?}")))?;
     let partial = file.with_extension("partial");
     let write = || -> std::io::Result<()> {
+        if let Some(parent) = file.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let mut out = std::fs::OpenOptions::new()

@@ -18,6 +18,9 @@ pub(crate) enum CeremonyKind {
         account: String,
         user_id: [u8; 16],
         new_account: bool,
+        /// For a passkey added to an existing account: `auth_time` of the token that started
+        /// it, checked again at the finish.
+        login_time: Option<u64>,
         state: Box<PasskeyRegistration>,
     },
     /// Logs in to `account`.
@@ -31,7 +34,7 @@ pub(crate) struct Ceremony {
     pub(crate) kind: CeremonyKind,
     /// Thumbprint of the DPoP key that started it; the finish must come with the same key.
     pub(crate) jkt: String,
-    /// Address of the client that started it.
+    /// Network of the client that started it.
     peer: Option<IpAddr>,
     expires: Instant,
 }
@@ -39,8 +42,8 @@ pub(crate) struct Ceremony {
 /// Ceremonies one DPoP key may have open at once.
 const MAX_PER_KEY: usize = 4;
 
-/// Ceremonies one client address may have open at once. A flood from one address then
-/// leaves room for everyone else.
+/// Ceremonies one client network (an IPv4 /24 or IPv6 /64) may have open at once. A flood
+/// from one network then leaves room for everyone else.
 const MAX_PER_PEER: usize = 32;
 
 pub(crate) struct Ceremonies {
@@ -66,6 +69,7 @@ impl Ceremonies {
         ttl: Duration,
     ) -> Result<String, AuthError> {
         let now = Instant::now();
+        let peer = peer.map(super::proofs::client_network);
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         if pending.len() >= self.capacity / 2 {
             // Expired ceremonies are kept while there is room, so that a late finish is told
@@ -102,7 +106,7 @@ impl Ceremonies {
                 let wait =
                     retry_after(&mut pending.values().filter(open).filter(|c| c.peer == Some(ip)));
                 return Err(AuthError::TooManyCeremonies {
-                    scope: "from this address",
+                    scope: "from this network",
                     retry_after_s: wait,
                 });
             }

@@ -7,12 +7,13 @@ use atlas_protocol::dpop::{DpopError, DpopProof, ProofRequest, verify_proof};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::net::IpAddr;
 use std::sync::Mutex;
 
 /// Proof ids seen within the accepted `iat` window, bounded. Entries leave when their proof
-/// could no longer pass the time check. One client address may hold at most a tenth of the
+/// could no longer pass the time check. One client network may hold at most a tenth of the
 /// capacity, so a flood from one address is slowed down without filling the cache for
 /// everyone; a cache full of unexpired entries rejects new proofs rather than risking a
 /// replay.
@@ -26,10 +27,26 @@ pub(crate) struct ReplayCache {
 struct ReplayInner {
     /// Key (thumbprint and jti) to the second after which the proof is stale anyway.
     seen: HashMap<String, u64>,
-    /// Keys in insertion order with their expiry and client address, for pruning.
-    order: VecDeque<(u64, String, Option<IpAddr>)>,
-    /// Entries held by each client address.
+    /// Keys by expiry with their client network, earliest first, for pruning.
+    expiries: BinaryHeap<Reverse<(u64, String, Option<IpAddr>)>>,
+    /// Entries held by each client network (see [`client_network`]).
     by_peer: HashMap<IpAddr, usize>,
+}
+
+/// The network a client address counts under for per-client limits: its /24 for IPv4 and
+/// its /64 for IPv6, since one party usually holds a whole such range.
+pub(crate) fn client_network(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
+            IpAddr::from([a, b, c, 0])
+        }
+        IpAddr::V6(v6) => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            IpAddr::from(octets)
+        }
+    }
 }
 
 impl ReplayCache {
@@ -49,11 +66,12 @@ impl ReplayCache {
         expires_s: u64,
         now_s: u64,
     ) -> Result<(), AuthError> {
+        let peer = peer.map(client_network);
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some((expiry, _, _)) = inner.order.front()
+        while let Some(Reverse((expiry, _, _))) = inner.expiries.peek()
             && *expiry < now_s
         {
-            if let Some((_, key, owner)) = inner.order.pop_front() {
+            if let Some(Reverse((_, key, owner))) = inner.expiries.pop() {
                 inner.seen.remove(&key);
                 if let Some(ip) = owner
                     && let Some(count) = inner.by_peer.get_mut(&ip)
@@ -73,10 +91,12 @@ impl ReplayCache {
             && inner.by_peer.get(&ip).copied().unwrap_or(0) >= self.per_peer
         {
             let oldest = inner
-                .order
+                .expiries
                 .iter()
-                .find(|(_, _, owner)| *owner == Some(ip))
-                .map_or(1, |(expiry, _, _)| expiry.saturating_sub(now_s).max(1));
+                .filter(|Reverse((_, _, owner))| *owner == Some(ip))
+                .map(|Reverse((expiry, _, _))| *expiry)
+                .min()
+                .map_or(1, |expiry| expiry.saturating_sub(now_s).max(1));
             return Err(AuthError::TooManyProofs {
                 retry_after_s: oldest,
             });
@@ -88,9 +108,7 @@ impl ReplayCache {
         if let Some(ip) = peer {
             *inner.by_peer.entry(ip).or_default() += 1;
         }
-        // Proofs arrive in roughly increasing iat order; one that expires earlier than the
-        // back of the queue only stays a little longer than needed.
-        inner.order.push_back((expires_s, key, peer));
+        inner.expiries.push(Reverse((expires_s, key, peer)));
         Ok(())
     }
 
@@ -99,6 +117,11 @@ impl ReplayCache {
         self.inner.lock().unwrap().seen.len()
     }
 }
+
+/// Largest accepted distance of a proof's `iat` after the server's clock, in seconds. Clients
+/// whose clocks run ahead correct them from the `Date` header of the rejection, and a short
+/// skew keeps proofs from living much beyond the window.
+const MAX_FUTURE_SKEW_S: u64 = 10;
 
 /// Returns the access token of an `Authorization: DPoP <token>` header, if one was sent.
 pub(crate) fn access_token(req: &HttpRequest) -> Result<Option<&str>, AuthError> {
@@ -160,6 +183,7 @@ impl Auth {
                 access_token,
                 now_s,
                 window_s,
+                future_s: MAX_FUTURE_SKEW_S.min(window_s),
                 websocket: req.path() == "/v1/ws",
             },
         )?;
@@ -221,8 +245,8 @@ mod tests {
         }
     }
 
-    fn ip(last: u8) -> Option<IpAddr> {
-        Some(IpAddr::from([127, 0, 0, last]))
+    fn ip(network: u8) -> Option<IpAddr> {
+        Some(IpAddr::from([127, 0, network, 1]))
     }
 
     #[test]
@@ -267,5 +291,39 @@ mod tests {
         cache.record(&proof("k", "y"), ip(2), 160, 100).unwrap();
         // Once the address's entries expire, it may send again.
         cache.record(&proof("k", "z"), ip(1), 230, 170).unwrap();
+        // Addresses of one /24 share the quota.
+        let cache = ReplayCache::new(10);
+        cache
+            .record(
+                &proof("k", "a"),
+                Some(IpAddr::from([10, 0, 0, 1])),
+                160,
+                100,
+            )
+            .unwrap();
+        assert!(matches!(
+            cache.record(
+                &proof("k", "b"),
+                Some(IpAddr::from([10, 0, 0, 2])),
+                160,
+                100
+            ),
+            Err(AuthError::TooManyProofs { .. })
+        ));
+    }
+
+    #[test]
+    fn replay_cache_prunes_out_of_order_expiries() {
+        let cache = ReplayCache::new(30);
+        // A long-lived entry first, then short ones from another network.
+        cache.record(&proof("k", "long"), ip(9), 300, 100).unwrap();
+        for n in 0..3 {
+            cache
+                .record(&proof("k", &n.to_string()), ip(1), 160, 100)
+                .unwrap();
+        }
+        // The short entries leave when they expire, even behind the long one.
+        cache.record(&proof("k", "x"), ip(1), 230, 170).unwrap();
+        assert_eq!(cache.len(), 2);
     }
 }

@@ -135,14 +135,14 @@ async fn register_start(
     let account = body.into_inner().account;
     check_account(&account)?;
     let existing = auth.store.account(&account)?;
-    let (user_id, new_account, exclude) = match (token, existing) {
+    let (user_id, new_account, exclude, login_time) = match (token, existing) {
         (None, None) => {
             if !state.directory.devices(&account)?.is_empty() {
                 return Err(AuthError::AccountTaken(account));
             }
             let mut user_id = [0u8; 16];
             rand::rngs::OsRng.fill_bytes(&mut user_id);
-            (user_id, true, Vec::new())
+            (user_id, true, Vec::new(), None)
         }
         (None, Some(_)) => return Err(AuthError::AccountTaken(account)),
         (Some(token), existing) => {
@@ -159,7 +159,7 @@ async fn register_start(
                 .iter()
                 .map(|p| p.credential_id.clone())
                 .collect();
-            (record.user_id, false, exclude)
+            (record.user_id, false, exclude, Some(claims.auth_time))
         }
     };
     let (options, registration) = auth
@@ -170,6 +170,7 @@ async fn register_start(
         account,
         user_id,
         new_account,
+        login_time,
         state: Box::new(registration),
     };
     started(auth, &req, kind, proof.jkt, to_json(&options))
@@ -213,23 +214,25 @@ async fn register_finish(
         account,
         user_id,
         new_account,
+        login_time,
         state: registration,
     } = take_ceremony(auth, &body.ceremony, &proof)?
     else {
         return Err(AuthError::InvalidRequest(format!(
             "ceremony {:?} is a login, not a registration",
-            body.ceremony
+            atlas_protocol::dpop::printable(&body.ceremony)
         )));
     };
+    // The login that allowed adding a passkey must still be recent when the ceremony ends.
+    if let Some(auth_time) = login_time {
+        auth.require_recent_login_at(auth_time)?;
+    }
     let credential: RegisterPublicKeyCredential = serde_json::from_value(body.credential)
         .map_err(|e| AuthError::InvalidRequest(format!("credential: {e}")))?;
     let passkey = auth
         .webauthn
         .finish_passkey_registration(&credential, &registration)
-        .map_err(|e| {
-            tracing::info!(error = %e, "passkey registration rejected");
-            AuthError::PasskeyRejected(e.to_string())
-        })?;
+        .map_err(|e| AuthError::PasskeyRejected(e.to_string()))?;
     let now = atlas_actors::now_ms();
     let record = PasskeyRecord {
         credential_id: passkey.cred_id().to_vec(),
@@ -324,7 +327,7 @@ async fn login_finish(
     else {
         return Err(AuthError::InvalidRequest(format!(
             "ceremony {:?} is a registration, not a login",
-            body.ceremony
+            atlas_protocol::dpop::printable(&body.ceremony)
         )));
     };
     let credential: PublicKeyCredential = serde_json::from_value(body.credential)
@@ -334,10 +337,7 @@ async fn login_finish(
     let result = auth
         .webauthn
         .finish_passkey_authentication(&credential, &authentication)
-        .map_err(|e| {
-            tracing::warn!(%account, error = %e, "passkey login rejected");
-            AuthError::PasskeyRejected(e.to_string())
-        })?;
+        .map_err(|e| AuthError::PasskeyRejected(e.to_string()))?;
     let now = atlas_actors::now_ms();
     auth.store.update_account(&account, |stored| {
         let record = stored
@@ -350,9 +350,9 @@ async fn login_finish(
         let mut passkey = decode_passkey(record, &account)?;
         // webauthn-rs compared the counter with the copy taken when the ceremony started. A
         // login finished since then may have raised it, so compare with the stored value too.
+        // An authenticator with a counter never reports 0 again once it counted.
         let stored_counter = stored_counter(&passkey);
-        if result.counter() > 0 && result.counter() <= stored_counter {
-            tracing::warn!(%account, "passkey signature counter did not grow; possible clone");
+        if stored_counter > 0 && result.counter() <= stored_counter {
             return Err(AuthError::PasskeyRejected(
                 "the signature counter did not grow: the authenticator may be cloned".into(),
             ));
@@ -363,6 +363,21 @@ async fn login_finish(
         Ok::<(), AuthError>(())
     })?;
     let tokens = auth.issue_tokens(&account, &proof.jkt, result.cred_id())?;
+    // A removal of this passkey that ran between the check above and the issue revoked the
+    // logins it found, but not this one: check again, now that the login is stored.
+    let still_registered = auth.store.account(&account)?.is_some_and(|record| {
+        record
+            .passkeys
+            .iter()
+            .any(|p| p.credential_id.as_slice() == result.cred_id().as_slice())
+    });
+    if !still_registered {
+        auth.store
+            .revoke_credential_logins(&account, result.cred_id(), atlas_actors::now_ms())?;
+        return Err(AuthError::PasskeyRejected(
+            "the passkey was removed from the account".into(),
+        ));
+    }
     auth.store.durable().await?;
     count_tokens(&state, "passkey_login");
     tracing::info!(%account, "passkey login");
@@ -462,6 +477,9 @@ async fn enroll_device(
 ) -> Result<HttpResponse, AuthError> {
     let auth = auth(&state)?;
     let claims = auth.authenticate(&req)?;
+    // A new device can read what the account receives from then on, so a stolen refresh
+    // token must not be enough to add one.
+    auth.require_recent_login(&claims)?;
     let decode = |field: &str, value: &str| {
         URL_SAFE_NO_PAD
             .decode(value)

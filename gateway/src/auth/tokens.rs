@@ -173,8 +173,14 @@ impl Auth {
     /// Checks that the passkey ceremony behind `claims` is recent enough for adding or
     /// removing passkeys, so that a stolen refresh token cannot change them.
     pub(crate) fn require_recent_login(&self, claims: &AccessClaims) -> Result<(), AuthError> {
+        self.require_recent_login_at(claims.auth_time)
+    }
+
+    /// Checks that a passkey login at `auth_time` (seconds) is within the reauthentication
+    /// window.
+    pub(crate) fn require_recent_login_at(&self, auth_time: u64) -> Result<(), AuthError> {
         let max_age_s = self.settings.reauthentication_window.as_secs();
-        let age = (atlas_actors::now_ms() / 1000).saturating_sub(claims.auth_time);
+        let age = (atlas_actors::now_ms() / 1000).saturating_sub(auth_time);
         if age > max_age_s {
             return Err(AuthError::StepUpRequired { max_age_s });
         }
@@ -189,8 +195,12 @@ impl Auth {
         proof: &DpopProof,
     ) -> Result<AccessClaims, AuthError> {
         let invalid = |detail: String| AuthError::InvalidToken(detail);
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| invalid(format!("not a JWT: {e}")))?;
+        let header = jsonwebtoken::decode_header(token).map_err(|e| {
+            invalid(format!(
+                "not a JWT: {}",
+                atlas_protocol::dpop::describe_jwt_error(&e)
+            ))
+        })?;
         if header.typ.as_deref() != Some(ACCESS_TOKEN_TYP) || header.alg != Algorithm::EdDSA {
             return Err(invalid("not an Atlas access token".into()));
         }

@@ -25,6 +25,7 @@ fn request(access_token: Option<&str>) -> ProofRequest<'_> {
         access_token,
         now_s: NOW,
         window_s: 60,
+        future_s: 10,
         websocket: false,
     }
 }
@@ -86,6 +87,18 @@ fn websocket_uri_matches_https_form() {
 }
 
 #[test]
+fn small_clock_skew_accepted() {
+    for iat in [NOW - 60, NOW + 10] {
+        let mut c = claims();
+        c.iat = iat;
+        assert!(
+            verify_proof(&sign_proof(&key(1), &c), &request(None)).is_ok(),
+            "{iat}"
+        );
+    }
+}
+
+#[test]
 fn wrong_method_rejected() {
     let mut c = claims();
     c.htm = "GET".into();
@@ -111,7 +124,7 @@ fn wrong_uri_rejected() {
 
 #[test]
 fn stale_and_future_iat_rejected() {
-    for iat in [NOW - 61, NOW + 61] {
+    for iat in [NOW - 61, NOW + 11] {
         let mut c = claims();
         c.iat = iat;
         let err = verify_proof(&sign_proof(&key(1), &c), &request(None)).unwrap_err();
