@@ -206,19 +206,34 @@ fn spki_hash(data_dir: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passkey_ceremonies_in_browser() {
+    ceremonies_in_browser("passkey_ceremonies_in_browser", &[]).await;
+}
+
+/// The page learns the server nonce from the first rejection and retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_ceremonies_with_nonces() {
+    ceremonies_in_browser("browser_ceremonies_with_nonces", &["--dpop-nonces"]).await;
+}
+
+async fn ceremonies_in_browser(test: &str, node_flags: &[&str]) {
     let (Some(chromium), Some(chromedriver)) =
         (find_program("chromium"), find_program("chromedriver"))
     else {
         println!(
-            "SKIPPED passkey_ceremonies_in_browser: chromium or chromedriver is not on PATH \
-             (install the Debian packages chromium and chromium-driver)"
+            "SKIPPED {test}: chromium or chromedriver is not on PATH (install the Debian \
+             packages chromium and chromium-driver)"
         );
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("node");
-    let node = NodeProcess::start_secure(Path::new(BIN), &data, &[], &dir.path().join("node.log"))
-        .unwrap();
+    let node = NodeProcess::start_secure(
+        Path::new(BIN),
+        &data,
+        node_flags,
+        &dir.path().join("node.log"),
+    )
+    .unwrap();
     let browser = Browser::start(&chromium, &chromedriver, &spki_hash(&data)).await;
     let authenticator = browser
         .post(
