@@ -65,6 +65,12 @@ impl Default for SessionSettings {
     }
 }
 
+/// Decides whether this node may accept writes now.
+pub trait WriteGate: Send + Sync {
+    /// Returns why writes are refused, or `None` when they are accepted.
+    fn refusal(&self) -> Option<String>;
+}
+
 /// Everything a session needs, shared by all connections.
 pub struct GatewayState {
     pub store: Store,
@@ -80,6 +86,8 @@ pub struct GatewayState {
     pub unauthenticated: Arc<std::sync::atomic::AtomicUsize>,
     /// Passkey accounts, tokens and DPoP checks.
     pub auth: Option<Arc<auth::Auth>>,
+    /// Refuses writes while the node is cut off from a majority of the cluster.
+    pub write_gate: Option<Arc<dyn WriteGate>>,
 }
 
 /// Binds the TLS listener and returns the server (not yet awaited) and its bound address.

@@ -487,9 +487,16 @@ impl Connection {
         }
     }
 
-    /// Handles one request: group requests run in their own task, the rest inline.
+    /// Handles one request: group requests run in their own task, the rest inline. Requests
+    /// that change state are refused while the write gate says so.
     fn dispatch(&self, device: &DeviceRecord, tasks: &Tasks<'_>, id: u64, body: ClientBody) {
         let state = &self.state;
+        if changes_state(&body)
+            && let Some(reason) = state.write_gate.as_ref().and_then(|gate| gate.refusal())
+        {
+            self.respond(tasks.queue, id, error_body(ErrorCode::Unavailable, reason));
+            return;
+        }
         let inline = match body {
             ClientBody::Login { .. } => error_body(
                 ErrorCode::Unsupported,
@@ -964,4 +971,20 @@ fn body_type(body: &ServerBody) -> &'static str {
         ServerBody::KtConsistency(_) => "kt_consistency",
         ServerBody::Receipt { .. } => "receipt",
     }
+}
+
+/// Returns whether a request changes stored state, so that a node cut off from the majority
+/// rejects it. Reads, acknowledgements of a device's own cursor and pings do not count.
+fn changes_state(body: &ClientBody) -> bool {
+    matches!(
+        body,
+        ClientBody::UploadKeyPackages { .. }
+            | ClientBody::ClaimKeyPackage { .. }
+            | ClientBody::RevokeDevice { .. }
+            | ClientBody::EnrollDevice { .. }
+            | ClientBody::RotateDeviceKey { .. }
+            | ClientBody::CreateGroup { .. }
+            | ClientBody::Commit { .. }
+            | ClientBody::Send { .. }
+    )
 }

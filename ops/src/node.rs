@@ -14,7 +14,7 @@ use atlas_cluster::{
     Router, ShardId, replicas,
 };
 use atlas_gateway::auth::AuthSettings;
-use atlas_gateway::{GatewayMetrics, GatewayState, SessionSettings};
+use atlas_gateway::{GatewayMetrics, GatewayState, SessionSettings, WriteGate};
 use atlas_protocol::CloseCode;
 use atlas_storage::Store;
 use prometheus::{Encoder, Histogram, HistogramOpts, Registry, TextEncoder};
@@ -138,6 +138,12 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         shutdown: shutdown_rx,
         unauthenticated: Arc::default(),
         auth: Some(Arc::new(auth)),
+        write_gate: replicated.as_ref().map(|(replica, _)| {
+            Arc::new(MajorityGate {
+                replica: Arc::clone(replica),
+                lease: Duration::from_millis(config.failure_timeout_ms),
+            }) as Arc<dyn WriteGate>
+        }),
     });
     let workers = if config.workers == 0 {
         std::thread::available_parallelism()
@@ -256,6 +262,24 @@ async fn start_replicated_log(
         }
     });
     Ok((replica, members_task))
+}
+
+/// Refuses writes while this node is not on the side of a majority of the cluster log's
+/// voters, so that a partitioned minority cannot take writes the majority never sees.
+struct MajorityGate {
+    replica: Arc<Replica>,
+    /// Time a leader may go without a majority's acknowledgement before it counts as cut off.
+    lease: Duration,
+}
+
+impl WriteGate for MajorityGate {
+    fn refusal(&self) -> Option<String> {
+        (!self.replica.in_majority(self.lease)).then(|| {
+            "this node cannot reach a majority of the cluster, so it accepts no writes; \
+             retry later or on another node"
+                .to_owned()
+        })
+    }
 }
 
 /// The applier of the cluster log, which carries only membership changes so far.

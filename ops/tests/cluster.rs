@@ -418,3 +418,82 @@ async fn cluster_log_elects_leader_after_kill() {
     let views: Vec<_> = everyone.iter().map(|n| replicated_log(n)).collect();
     assert!(rejoined, "after the restart: {views:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minority_refuses_writes_until_healed() {
+    let fixture = Fixture::new();
+    let a = fixture.spec("node-a", &[]);
+    let b = fixture.spec("node-b", &[a.port]);
+    let c = fixture.spec("node-c", &[a.port]);
+    let (node_a, node_b, node_c) = (fixture.start(&a), fixture.start(&b), fixture.start(&c));
+    let all = ["node-a", "node-b", "node-c"];
+    let everyone = [&node_a, &node_b, &node_c];
+    let formed = wait_until(CONVERGE, || agreed_leader(&everyone, &all).is_some()).await;
+    assert!(formed, "the cluster log did not form");
+
+    // A client of node-c writes while the cluster is whole.
+    let trust = atlas_client::ServerTrust::fingerprint(&node_c.fingerprint).unwrap();
+    let mut client = atlas_client::Client::open(&fixture.path("alice-state"), "alice").unwrap();
+    client.connect(&node_c.url(), &trust).await.unwrap();
+    let group = client.create_group("partition").await.unwrap();
+    let mut acknowledged = vec!["before".to_owned()];
+    let mut seqs = vec![client.send(&group, "before").await.unwrap()];
+
+    // Pausing the two others cuts node-c off with a minority: it refuses writes with a clear
+    // error once it finds no leader.
+    node_a.signal("STOP").unwrap();
+    node_b.signal("STOP").unwrap();
+    let mut refusal = None;
+    let deadline = std::time::Instant::now() + CONVERGE;
+    let mut attempt = 0;
+    while refusal.is_none() && std::time::Instant::now() < deadline {
+        attempt += 1;
+        let text = format!("during {attempt}");
+        match client.send(&group, &text).await {
+            Ok(seq) => {
+                acknowledged.push(text);
+                seqs.push(seq);
+            }
+            Err(e) => refusal = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    node_a.signal("CONT").unwrap();
+    node_b.signal("CONT").unwrap();
+    let refusal = refusal.expect("node-c kept accepting writes while cut off");
+    assert_eq!(
+        refusal.code(),
+        Some(atlas_protocol::ErrorCode::Unavailable),
+        "{refusal}"
+    );
+    assert!(refusal.to_string().contains("majority"), "{refusal}");
+
+    // After healing it accepts writes again, and the log holds every acknowledged message
+    // once, in order.
+    let deadline = std::time::Instant::now() + CONVERGE;
+    let healed = loop {
+        match client.send(&group, "after").await {
+            Ok(seq) => {
+                seqs.push(seq);
+                break true;
+            }
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(_) => break false,
+        }
+    };
+    assert!(
+        healed,
+        "node-c still refuses writes after the partition healed"
+    );
+    acknowledged.push("after".to_owned());
+    // Sequence numbers follow each other: no acknowledged message was lost or stored twice.
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    let transcript: Vec<String> = client
+        .transcript(&group)
+        .into_iter()
+        .map(|(_, _, text)| text)
+        .collect();
+    assert_eq!(transcript, acknowledged);
+}

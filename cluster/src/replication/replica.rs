@@ -128,6 +128,20 @@ impl Replica {
         Ok(())
     }
 
+    /// Whether this node is on the side of a majority of the log's voters: it leads and a
+    /// majority acknowledged it within `lease`, or it follows a known leader. A node cut off
+    /// with a minority soon becomes a candidate with no leader, and then this is false.
+    pub fn in_majority(&self, lease: Duration) -> bool {
+        let metrics = self.raft.metrics().borrow().clone();
+        match metrics.state {
+            ServerState::Leader => metrics
+                .millis_since_quorum_ack
+                .is_some_and(|ms| u128::from(ms) <= lease.as_millis()),
+            ServerState::Follower => metrics.current_leader.is_some(),
+            _ => false,
+        }
+    }
+
     /// Returns this node's view of the log.
     pub fn status(&self) -> ReplicaStatus {
         let metrics = self.raft.metrics().borrow().clone();
