@@ -143,7 +143,7 @@ impl Directory {
     ///
     /// With `open_registration` false, a key that is not enrolled is refused instead.
     ///
-    /// NOTE: open registration lets any new key claim any unused account name; it is meant for
+    /// NOTE: open registration lets any new key claim any unused account name. It is meant for
     /// development and benchmarks, and is off by default in the node's configuration.
     pub fn login(
         &self,

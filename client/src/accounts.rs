@@ -1,7 +1,7 @@
 //! The account endpoints over HTTPS: passkey registration and login, DPoP-bound tokens,
 //! device enrollment with a token and receipts over HTTP.
 //!
-//! An [`AccountSession`] holds its own Ed25519 DPoP key, the key its tokens are bound to, and
+//! An [`AccountSession`] keeps its own Ed25519 DPoP key, the key its tokens are bound to, and
 //! signs a fresh proof for every request.
 
 use crate::dpop_state::DpopState;
@@ -68,7 +68,7 @@ impl AccountSession {
         })
     }
 
-    /// The `https://host:port` base of a `wss://host:port/v1/ws` URL.
+    /// Returns the `https://host:port` base of a `wss://host:port/v1/ws` URL.
     pub fn base_of(ws_url: &str) -> Result<String, ClientError> {
         let url = Url::parse(ws_url)
             .map_err(|e| ClientError::Config(format!("invalid URL {ws_url}: {e}")))?;
@@ -81,7 +81,7 @@ impl AccountSession {
         })
     }
 
-    /// The HTTP client, with the session's TLS trust, for requests built by hand.
+    /// Returns the HTTP client, with the session's TLS trust, for requests built by hand.
     pub fn http_client(&self) -> &reqwest::Client {
         &self.http
     }
@@ -164,23 +164,16 @@ impl AccountSession {
         with_token: bool,
     ) -> Result<reqwest::Response, ClientError> {
         let proof = self.proof(method.as_str(), path, with_token);
-        let mut request = self
-            .http
-            .request(method, self.url(path))
-            .header("DPoP", proof);
-        if with_token {
-            let token = self.tokens.as_ref().ok_or_else(|| {
-                ClientError::Config("no access token: log in with a passkey first".into())
-            })?;
-            request = request.header("Authorization", format!("DPoP {}", token.access_token));
-        }
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        request
-            .send()
-            .await
-            .map_err(|e| ClientError::Connect(format!("request to {path} failed: {e}")))
+        let token = match (with_token, &self.tokens) {
+            (false, _) => None,
+            (true, Some(tokens)) => Some(tokens.access_token.as_str()),
+            (true, None) => {
+                return Err(ClientError::Config(
+                    "no access token: log in with a passkey first".into(),
+                ));
+            }
+        };
+        self.dispatch(method, path, body, Some(&proof), token).await
     }
 
     /// Sends a request with exactly the given `DPoP` and `Authorization: DPoP` values, for
@@ -190,6 +183,17 @@ impl AccountSession {
         method: reqwest::Method,
         path: &str,
         body: Option<&serde_json::Value>,
+        proof: Option<&str>,
+        access_token: Option<&str>,
+    ) -> Result<reqwest::Response, ClientError> {
+        self.dispatch(method, path, body, proof, access_token).await
+    }
+
+    async fn dispatch(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&impl Serialize>,
         proof: Option<&str>,
         access_token: Option<&str>,
     ) -> Result<reqwest::Response, ClientError> {

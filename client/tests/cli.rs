@@ -48,7 +48,7 @@ impl Setup {
         Self { dir, node }
     }
 
-    /// A node without open registration: devices need a passkey account.
+    /// Starts a node without open registration, so devices need a passkey account.
     fn secure() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let node = NodeProcess::start_secure(
@@ -630,7 +630,7 @@ fn closed_stdout_ends_quietly() {
 fn signup_and_passkey_enroll() {
     let setup = Setup::secure();
 
-    // Without an account, a device cannot log in, and the error says what to run.
+    // Without an account, a device cannot log in, and the error names the command to run.
     let output = setup.run("alice", &["register"]);
     assert!(!output.status.success());
     let err = String::from_utf8_lossy(&output.stderr);

@@ -138,7 +138,7 @@ fn security_headers() -> actix_web::middleware::DefaultHeaders {
         .add(("Cross-Origin-Resource-Policy", "same-origin"))
         .add(("Cross-Origin-Opener-Policy", "same-origin"))
         .add(("Referrer-Policy", "no-referrer"))
-        // Responses that may be cached say so themselves (the JWKS does).
+        // Responses that may be cached set their own Cache-Control (the JWKS does).
         .add(("Cache-Control", "no-store"))
 }
 
@@ -210,8 +210,8 @@ impl LogBudget {
     }
 }
 
-/// Answers a request for a path and method the gateway does not serve, in the JSON error
-/// form of the account endpoints.
+/// Returns 404 for a path and method the gateway does not serve, in the JSON error form of
+/// the account endpoints.
 async fn not_found(req: HttpRequest) -> HttpResponse {
     HttpResponse::NotFound().json(serde_json::json!({
         "error": "not_found",
@@ -237,8 +237,8 @@ async fn websocket(
     body: web::Payload,
     state: web::Data<GatewayState>,
 ) -> actix_web::Result<HttpResponse> {
-    // The upgrade carries a DPoP proof (and may carry an access token, which is then checked
-    // too); the device still proves its own key with the login frame.
+    // The upgrade carries a DPoP proof, and an access token if the client has one, which is
+    // then checked too. The device still proves its own key with the login frame.
     if let Some(auth) = &state.auth {
         let token = auth::proofs::access_token(&req)?;
         let proof = auth.check_proof(&req, token)?;

@@ -265,7 +265,7 @@ async fn start_replicated_log(
 }
 
 /// Refuses writes while this node is not on the side of a majority of the cluster log's
-/// voters, so that a partitioned minority cannot take writes the majority never sees.
+/// voters, so that a partitioned minority cannot accept writes the majority never receives.
 struct MajorityGate {
     replica: Arc<Replica>,
     /// Time a leader may go without a majority's acknowledgement before it counts as cut off.

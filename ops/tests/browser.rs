@@ -177,8 +177,8 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        // Ends the browser session (which closes Chromium) with a plain blocking request, as
-        // this may run during a panic inside the async test; then ends chromedriver.
+        // Ends the browser session, which closes Chromium, with a plain blocking request,
+        // because this may run during a panic inside the async test.
         let address = self.base.trim_start_matches("http://");
         if let Ok(mut stream) = std::net::TcpStream::connect(address) {
             use std::io::{Read, Write};

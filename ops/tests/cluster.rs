@@ -333,7 +333,7 @@ async fn duplicate_name_keeps_the_first_member() {
     assert_eq!(member["addr"], format!("127.0.0.1:{}", b.port));
 }
 
-/// The cluster log as a node reports it: (role, leader, voters).
+/// Reads the cluster log as a node reports it: (role, leader, voters).
 fn replicated_log(node: &NodeProcess) -> Option<(String, Option<String>, Vec<String>)> {
     let body = node.admin_get("/admin/cluster").ok()?;
     let status: serde_json::Value = serde_json::from_str(&body).ok()?;
@@ -351,7 +351,8 @@ fn replicated_log(node: &NodeProcess) -> Option<(String, Option<String>, Vec<Str
     ))
 }
 
-/// The leader that every node in `nodes` agrees on, if they agree and all list `voters`.
+/// Returns the leader that every node in `nodes` agrees on, if they agree and all list
+/// `voters`.
 fn agreed_leader(nodes: &[&NodeProcess], voters: &[&str]) -> Option<String> {
     let views: Vec<_> = nodes.iter().map(|n| replicated_log(n)).collect();
     let leader = views.first()?.as_ref()?.1.clone()?;
@@ -468,7 +469,7 @@ async fn minority_refuses_writes_until_healed() {
     );
     assert!(refusal.to_string().contains("majority"), "{refusal}");
 
-    // After healing it accepts writes again, and the log holds every acknowledged message
+    // After healing it accepts writes again, and the log contains every acknowledged message
     // once, in order.
     let deadline = std::time::Instant::now() + CONVERGE;
     let healed = loop {

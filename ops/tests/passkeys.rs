@@ -119,7 +119,7 @@ async fn account_with_device(node: &Node, account: &str) -> (AccountSession, Sof
 async fn passkey_account_end_to_end() {
     let node = Node::start(&[]);
 
-    // A device that nobody enrolled cannot log in: registration is not open.
+    // A device that no one enrolled cannot log in, because registration is not open.
     let mut stranger = Client::open(&node.state_dir("stranger"), "stranger").unwrap();
     let err = stranger
         .connect(&node.process.url(), &node.trust)
@@ -178,7 +178,7 @@ async fn passkey_account_end_to_end() {
     let failure = http_failure(session.refresh().await);
     assert_eq!(failure.error, "invalid_grant", "{failure:?}");
     // The removed passkey is no longer offered for login, so its authenticator has no
-    // credential to answer with; the second one logs in.
+    // credential to sign with, and the second one logs in.
     let removed = session
         .login("alice", &mut authenticator, &node.origin)
         .await;
@@ -286,8 +286,8 @@ async fn ceremony_misuse_rejected() {
     let failure = http_failure(cloned_session.login("dave", &mut clone, &node.origin).await);
     assert_eq!(failure.error, "passkey_rejected", "{failure:?}");
 
-    // A clone that answers a ceremony started before the original's last login: the counter
-    // is compared with the stored one, not the one of the ceremony's start.
+    // A clone that finishes a ceremony started before the original's last login is rejected,
+    // because the counter is compared with the stored one, not the one of the ceremony's start.
     let mut early_clone = SoftToken::from_cbor(&token.to_cbor().unwrap()).unwrap();
     let (early, early_options) = cloned_session.login_start("dave").await.unwrap();
     cloned_session
@@ -300,7 +300,7 @@ async fn ceremony_misuse_rejected() {
     let failure = http_failure(cloned_session.login_finish(&early, &credential).await);
     assert_eq!(failure.error, "passkey_rejected", "{failure:?}");
 
-    // Two clients racing for one name: the second finish is told the name is taken.
+    // Two clients race for one name, and the second finish gets 409 account_taken.
     let (mut first, mut second) = (node.session(), node.session());
     let mut first_key = passkey();
     let mut second_key = passkey();

@@ -42,8 +42,8 @@ pub enum ErrorCode {
     DeviceNotFound,
     /// The device was revoked or replaced by a key rotation; it cannot log in or be added.
     DeviceRevoked,
-    /// The device key is not enrolled in an account and the server does not register keys
-    /// at login; enroll it with a passkey session or from a current device.
+    /// The device key is not enrolled in an account, and the server does not register keys
+    /// at login. Enroll it with a passkey session or from a current device.
     DeviceNotEnrolled,
     /// The server cannot store the change (disk full, corruption); nothing was written.
     StorageFailure,

@@ -2,7 +2,7 @@
 //!
 //! A proof is a JWT with `typ: dpop+jwt`, an asymmetric `alg` and the public key in `jwk`,
 //! whose claims bind one HTTP request (`htm`, `htu`), a time (`iat`), a unique id (`jti`), the
-//! access token it goes with (`ath`) and, when the server asks for one, its nonce. JWT parsing
+//! access token it goes with (`ath`) and, when the server requires one, its nonce. JWT parsing
 //! and signature checks are done by the `jsonwebtoken` crate; this module applies the checks of
 //! RFC 9449 section 4.3 that a JWT library does not know about. The `jti` replay cache and the
 //! nonce policy belong to the server, which sees [`DpopProof::jti`] and [`DpopProof::nonce`].
@@ -54,7 +54,7 @@ pub struct DpopProof {
     pub nonce: Option<String>,
 }
 
-/// Why a proof was rejected. Every variant maps to `error="invalid_dpop_proof"` in the
+/// The reason a proof was rejected. Every variant maps to `error="invalid_dpop_proof"` in the
 /// `WWW-Authenticate` challenge.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DpopError {
@@ -297,7 +297,7 @@ pub fn ed25519_jkt(key: &SigningKey) -> String {
     ed25519_jwk(key).thumbprint(ThumbprintHash::SHA256)
 }
 
-/// What a client puts in one proof.
+/// The values a client puts in one proof.
 #[derive(Debug, Clone, Copy)]
 pub struct ProofParams<'a> {
     pub method: &'a str,

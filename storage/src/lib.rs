@@ -131,8 +131,8 @@ impl Store {
             .map_err(|_| StorageError::FlushFailed("refresh token lock poisoned".into()))
     }
 
-    /// The sled database, for components that keep their own trees in it (the replicated
-    /// logs of the cluster).
+    /// Returns the sled database, for components that keep their own trees in it (the
+    /// replicated logs of the cluster).
     pub fn sled_db(&self) -> &sled::Db {
         &self.db
     }

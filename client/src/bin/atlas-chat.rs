@@ -1379,7 +1379,7 @@ async fn passkey_enroll(options: &Options, file: &Path, create: bool) -> Result<
         AccountSession::new(&base, &server.trust).map_err(|e| sdk_error("HTTPS setup", e))?;
     let account = options.account.clone();
     // An existing state directory of another account is rejected before the server account
-    // is created; a new one is created only once the passkey step succeeded.
+    // is created. A new one is created only once the passkey step succeeded.
     if Client::state_exists(&options.state) {
         Client::open(&options.state, &account)
             .map_err(|e| sdk_error("opening the client state", e))?;
@@ -1394,7 +1394,7 @@ async fn passkey_enroll(options: &Options, file: &Path, create: bool) -> Result<
         let registered = session.register(&account, &mut token, &origin).await;
         match registered {
             Ok(_) => save_soft_passkey(file, &token)?,
-            // The server rejected the account, so it holds no copy of this passkey.
+            // The server rejected the account, so it stored no copy of this passkey.
             Err(e @ ClientError::Http(_)) => {
                 return Err(sdk_error(&format!("creating account {account}"), e));
             }

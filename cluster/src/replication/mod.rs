@@ -48,7 +48,7 @@ pub type RaftNodeId = u64;
 /// A running replica.
 pub type Raft = openraft::Raft<TypeConfig>;
 
-/// What a replica does with committed commands.
+/// The handler of a replica's committed commands.
 pub trait Applier: Send + Sync + 'static {
     /// Applies the command at log `index` and returns its result. Every replica applies the
     /// same commands in the same order, so this must be deterministic.
@@ -66,7 +66,7 @@ pub trait Applier: Send + Sync + 'static {
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    // Log entries, votes and log ids are plain data with string keys; encoding cannot fail.
+    // Log entries, votes and log ids are plain data with string keys, so encoding cannot fail.
     rmp_serde::to_vec_named(value).expect("replication record serializes")
 }
 

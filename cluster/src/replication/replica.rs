@@ -128,7 +128,7 @@ impl Replica {
         Ok(())
     }
 
-    /// Whether this node is on the side of a majority of the log's voters: it leads and a
+    /// Returns whether this node is on the side of a majority of the log's voters: it leads and a
     /// majority acknowledged it within `lease`, or it follows a known leader. A node cut off
     /// with a minority soon becomes a candidate with no leader, and then this is false.
     pub fn in_majority(&self, lease: Duration) -> bool {

@@ -253,8 +253,8 @@ async fn commands_survive_leader_loss() {
         .await
         .unwrap();
 
-    // The old leader restarts from its sled files, rejoins and catches up; its applier
-    // state is kept by the test, as a node's storage would keep it.
+    // The old leader restarts from its sled files, rejoins and catches up. The test keeps its
+    // applier state, as a node's storage would.
     let restarted = start_replica(leader, dir.path(), &network, kept_applier.clone()).await;
     wait_for_applied(&kept_applier, 6).await;
     let mut all = expected.clone();

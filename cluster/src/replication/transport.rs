@@ -18,7 +18,7 @@ use ractor_cluster::RactorClusterMessage;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-/// Time a replica has to answer one raft request.
+/// Time a replica has to reply to one raft request.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Process group of the endpoint of `node` for the log named `log`.

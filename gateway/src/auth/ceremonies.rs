@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use webauthn_rs::prelude::{PasskeyAuthentication, PasskeyRegistration};
 
-/// What a ceremony will do when it finishes.
+/// The action a ceremony takes when it finishes.
 pub(crate) enum CeremonyKind {
     /// Registers a passkey: creates `account` when `new_account`, otherwise adds to it.
     Registration {
@@ -72,8 +72,8 @@ impl Ceremonies {
         let peer = peer.map(super::proofs::client_network);
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         if pending.len() >= self.capacity / 2 {
-            // Expired ceremonies are kept while there is room, so that a late finish is told
-            // the ceremony expired rather than that it never existed.
+            // Expired ceremonies are kept while there is room, so that a late finish gets
+            // `ceremony_expired` rather than `ceremony_not_found`.
             pending.retain(|_, c| c.expires > now);
         }
         let retry_after = |open: &mut dyn Iterator<Item = &Ceremony>| {

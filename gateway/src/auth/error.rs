@@ -124,7 +124,7 @@ impl AuthError {
         }
     }
 
-    /// The `WWW-Authenticate` value for failures of the proof or the token.
+    /// Returns the `WWW-Authenticate` value for failures of the proof or the token.
     fn challenge(&self) -> Option<String> {
         let with_error = |error: &str| {
             // A header value may not hold control characters, and the quoted string ends at

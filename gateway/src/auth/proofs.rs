@@ -15,7 +15,7 @@ use std::sync::Mutex;
 /// Proof ids seen within the accepted `iat` window, bounded. Entries leave when their proof
 /// could no longer pass the time check. One client network may hold at most a tenth of the
 /// capacity, so a flood from one address is slowed down without filling the cache for
-/// everyone; a cache full of unexpired entries rejects new proofs rather than risking a
+/// everyone. A cache full of unexpired entries rejects new proofs rather than risking a
 /// replay.
 pub(crate) struct ReplayCache {
     capacity: usize,
@@ -34,7 +34,7 @@ struct ReplayInner {
 }
 
 /// The network a client address counts under for per-client limits: its /24 for IPv4 and
-/// its /64 for IPv6, since one party usually holds a whole such range.
+/// its /64 for IPv6, since one party usually controls a whole such range.
 pub(crate) fn client_network(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => {
@@ -206,7 +206,7 @@ impl Auth {
         Ok(checked)
     }
 
-    /// The nonce for the window containing `now_s`. Nonces are keyed hashes of the window
+    /// Returns the nonce for the window containing `now_s`. Nonces are keyed hashes of the window
     /// number, so the server keeps no state for them; one stays valid for one to two windows.
     pub(crate) fn current_nonce(&self, now_s: u64) -> String {
         self.nonce_for(now_s / self.nonce_period())

@@ -52,8 +52,8 @@ pub(crate) fn configure(config: &mut web::ServiceConfig) {
 /// Placeholder in the login page for the per-response CSP nonce.
 const NONCE_PLACEHOLDER: &str = "ATLAS_CSP_NONCE";
 
-/// A minimal page that runs the passkey ceremonies in a browser, with an ES256 DPoP key kept
-/// in WebCrypto. Its script and style run only with this response's CSP nonce, and Trusted
+/// Serves a minimal page that runs the passkey ceremonies in a browser, with an ES256 DPoP key
+/// kept in WebCrypto. Its script and style run only with this response's CSP nonce, and Trusted
 /// Types admit no DOM injection sinks (the page writes text only).
 async fn login_page() -> HttpResponse {
     let mut raw = [0u8; 16];
@@ -107,7 +107,8 @@ fn decode_passkey(record: &PasskeyRecord, account: &str) -> Result<Passkey, Auth
     })
 }
 
-/// The signature counter stored in a passkey (webauthn-rs keeps it private, but serializes it).
+/// Returns the signature counter stored in a passkey (webauthn-rs keeps it private, but
+/// serializes it).
 fn stored_counter(passkey: &Passkey) -> u32 {
     serde_json::to_value(passkey)
         .ok()
@@ -116,7 +117,7 @@ fn stored_counter(passkey: &Passkey) -> u32 {
 }
 
 fn encode_passkey(passkey: &Passkey) -> Vec<u8> {
-    // A Passkey is plain data; encoding it into a Vec cannot fail.
+    // A Passkey is plain data with string keys, so encoding it into a Vec cannot fail.
     serde_json::to_vec(passkey).expect("passkey serializes")
 }
 
@@ -191,15 +192,23 @@ fn started(
     Ok(HttpResponse::Ok().json(CeremonyStarted { ceremony, options }))
 }
 
-/// Takes ceremony `id`, which must have been started with the key of `proof`.
-fn take_ceremony(auth: &Auth, id: &str, proof: &DpopProof) -> Result<CeremonyKind, AuthError> {
+/// Checks the proof of a ceremony finish and takes ceremony `id`, which must have been
+/// started with the same DPoP key.
+fn finish_prelude<'a>(
+    state: &'a GatewayState,
+    req: &HttpRequest,
+    id: &str,
+) -> Result<(&'a Auth, DpopProof, CeremonyKind), AuthError> {
+    let auth = auth(state)?;
+    let proof = auth.check_proof(req, None)?;
     let ceremony = auth.ceremonies.take(id)?;
     if ceremony.jkt != proof.jkt {
+        let shown: String = id.chars().take(40).collect();
         return Err(AuthError::CeremonyKeyMismatch(
-            id.chars().take(40).collect(),
+            atlas_protocol::dpop::printable(&shown),
         ));
     }
-    Ok(ceremony.kind)
+    Ok((auth, proof, ceremony.kind))
 }
 
 async fn register_finish(
@@ -207,16 +216,15 @@ async fn register_finish(
     state: web::Data<GatewayState>,
     body: web::Json<CeremonyFinish>,
 ) -> Result<HttpResponse, AuthError> {
-    let auth = auth(&state)?;
-    let proof = auth.check_proof(&req, None)?;
     let body = body.into_inner();
+    let (auth, proof, kind) = finish_prelude(&state, &req, &body.ceremony)?;
     let CeremonyKind::Registration {
         account,
         user_id,
         new_account,
         login_time,
         state: registration,
-    } = take_ceremony(auth, &body.ceremony, &proof)?
+    } = kind
     else {
         return Err(AuthError::InvalidRequest(format!(
             "ceremony {:?} is a login, not a registration",
@@ -317,13 +325,12 @@ async fn login_finish(
     state: web::Data<GatewayState>,
     body: web::Json<CeremonyFinish>,
 ) -> Result<HttpResponse, AuthError> {
-    let auth = auth(&state)?;
-    let proof = auth.check_proof(&req, None)?;
     let body = body.into_inner();
+    let (auth, proof, kind) = finish_prelude(&state, &req, &body.ceremony)?;
     let CeremonyKind::Authentication {
         account,
         state: authentication,
-    } = take_ceremony(auth, &body.ceremony, &proof)?
+    } = kind
     else {
         return Err(AuthError::InvalidRequest(format!(
             "ceremony {:?} is a registration, not a login",

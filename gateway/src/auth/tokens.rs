@@ -153,7 +153,7 @@ impl Auth {
             }
         };
         if bound_elsewhere {
-            // Someone holds the token without its DPoP key: end the family.
+            // Someone has the token without its DPoP key, so the family ends.
             self.store.revoke_token_family(&next.family, now)?;
             tracing::warn!(
                 family = %hex::encode(next.family),

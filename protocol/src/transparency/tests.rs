@@ -743,7 +743,7 @@ fn replay_rejects_bad_authorisations() {
     assert!(err.reason.contains("does not verify"), "{err}");
 }
 
-/// An `added` event for `device` authorised by a passkey token, signed by `node`.
+/// Builds an `added` event for `device` authorised by a passkey token, signed by `node`.
 fn granted(device: &TestDevice, account: &str, node: &SigningKey, kid: &str) -> KeyEvent {
     let statement = key_event_statement(
         KeyEventKind::Added,
