@@ -8,7 +8,7 @@ use atlas_protocol::transparency::{
 };
 use atlas_protocol::{DeviceId, ErrorCode, login_transcript};
 use atlas_storage::{
-    DeviceRecord, DirectoryChange, KeyEventOutcome, KeyPackageRecord, StorageError, Store,
+    Change, DeviceRecord, DirectoryChange, KeyEventOutcome, KeyPackageRecord, StorageError, Store,
 };
 use ed25519_dalek::{Signature, VerifyingKey};
 
@@ -115,6 +115,7 @@ impl LoginError {
             Self::KeyPackage(_) => ErrorCode::InvalidKeyPackage,
             Self::DeviceNotFound(_) => ErrorCode::DeviceNotFound,
             Self::NoKeyPackage(_) => ErrorCode::NoKeyPackage,
+            Self::Storage(StorageError::Unavailable(_)) => ErrorCode::Unavailable,
             Self::Storage(_) => ErrorCode::StorageFailure,
         }
     }
@@ -145,7 +146,7 @@ impl Directory {
     ///
     /// NOTE: open registration lets any new key claim any unused account name. It is meant for
     /// development and benchmarks, and is off by default in the node's configuration.
-    pub fn login(
+    pub async fn login(
         &self,
         account: &str,
         device_key: &[u8],
@@ -200,7 +201,8 @@ impl Directory {
         };
         match self
             .store
-            .append_key_event(&event, &DirectoryChange::Register(record))?
+            .write_key_event(&event, &DirectoryChange::Register(record))
+            .await?
         {
             KeyEventOutcome::Appended { device, .. } => Ok((device, true)),
             KeyEventOutcome::AlreadyRegistered(existing) => Ok((existing, false)),
@@ -210,7 +212,7 @@ impl Directory {
     /// Revokes `target`, a device of the same account as `signer`, which signed
     /// [`key_event_statement`] for the revocation at `time_ms`. A device may revoke itself.
     /// Its KeyPackages are deleted. Returns the log index of the revocation.
-    pub fn revoke(
+    pub async fn revoke(
         &self,
         signer: &DeviceRecord,
         target: &DeviceId,
@@ -258,14 +260,16 @@ impl Directory {
             at_ms: now,
         };
         let KeyEventOutcome::Appended { index, .. } =
-            self.store.append_key_event(&event, &change)?
+            self.store.write_key_event(&event, &change).await?
         else {
             return Err(LoginError::Storage(StorageError::Corrupt {
                 what: format!("revocation of {target}"),
                 detail: "storage reported a registration".into(),
             }));
         };
-        self.store.remove_key_packages(target)?;
+        self.store
+            .write_done(Change::RemoveKeyPackages { device: *target })
+            .await?;
         tracing::info!(device = %target, by = %signer.device, index, "device revoked");
         Ok(index)
     }
@@ -273,7 +277,7 @@ impl Directory {
     /// Adds a device holding `new_key` to the account of `signer`, an active device. Both keys
     /// sign [`key_event_statement`] for the addition at `time_ms`. Returns the new record and
     /// its log index.
-    pub fn enroll(
+    pub async fn enroll(
         &self,
         signer: &DeviceRecord,
         new_key: &[u8],
@@ -307,7 +311,7 @@ impl Directory {
             signer: signer.device,
             record,
         };
-        match self.store.append_key_event(&event, &change)? {
+        match self.store.write_key_event(&event, &change).await? {
             KeyEventOutcome::Appended { index, device } => {
                 tracing::info!(device = %device.device, by = %signer.device, index, "device enrolled");
                 Ok((device, index))
@@ -321,7 +325,7 @@ impl Directory {
     /// [`key_event_statement`] for the addition at `time_ms`, and the node signs
     /// [`passkey_grant_statement`] over it with `keyring`. Returns the new record and its log
     /// index.
-    pub fn enroll_by_token(
+    pub async fn enroll_by_token(
         &self,
         account: &str,
         token_id: &str,
@@ -367,7 +371,8 @@ impl Directory {
         };
         match self
             .store
-            .append_key_event(&event, &DirectoryChange::EnrollByToken(record))?
+            .write_key_event(&event, &DirectoryChange::EnrollByToken(record))
+            .await?
         {
             KeyEventOutcome::Appended { index, device } => {
                 tracing::info!(device = %device.device, index, "device enrolled by passkey token");
@@ -380,7 +385,7 @@ impl Directory {
     /// Replaces `previous` with a device holding `new_key`. Both keys sign
     /// [`key_event_statement`] for the rotation at `time_ms`; the old device is revoked and its
     /// KeyPackages are deleted. Returns the new record and its log index.
-    pub fn rotate(
+    pub async fn rotate(
         &self,
         previous: &DeviceRecord,
         new_key: &[u8],
@@ -413,9 +418,13 @@ impl Directory {
             previous: previous.device,
             new: record,
         };
-        match self.store.append_key_event(&event, &change)? {
+        match self.store.write_key_event(&event, &change).await? {
             KeyEventOutcome::Appended { index, device } => {
-                self.store.remove_key_packages(&previous.device)?;
+                self.store
+                    .write_done(Change::RemoveKeyPackages {
+                        device: previous.device,
+                    })
+                    .await?;
                 tracing::info!(previous = %previous.device, device = %device.device, index, "device key rotated");
                 Ok((device, index))
             }
@@ -461,7 +470,7 @@ impl Directory {
 
     /// Validates and stores KeyPackages uploaded by a logged-in device. Nothing is stored if any
     /// of them is invalid.
-    pub fn upload_key_packages(
+    pub async fn upload_key_packages(
         &self,
         device: &DeviceRecord,
         one_time: &[Vec<u8>],
@@ -485,18 +494,17 @@ impl Directory {
             r.last_resort = true;
             r
         });
-        let available =
-            self.store
-                .put_key_packages(&device.device, &one_time, last_resort.as_ref())?;
-        Ok((
-            one_time.len() as u32 + u32::from(last_resort.is_some()),
-            available,
-        ))
+        let stored = one_time.len() as u32 + u32::from(last_resort.is_some());
+        let available = self
+            .store
+            .write_key_packages(&device.device, one_time, last_resort)
+            .await?;
+        Ok((stored, available))
     }
 
     /// Claims a KeyPackage of an active device. Returns it with the device record, whose
     /// `kt_index` names the log entry that published the key.
-    pub fn claim_key_package(
+    pub async fn claim_key_package(
         &self,
         device: &DeviceId,
     ) -> Result<(KeyPackageRecord, DeviceRecord), LoginError> {
@@ -509,7 +517,8 @@ impl Directory {
         }
         let key_package = self
             .store
-            .claim_key_package(device, now_ms() / 1000)?
+            .write_claim(device, now_ms() / 1000)
+            .await?
             .ok_or(LoginError::NoKeyPackage(*device))?;
         Ok((key_package, record))
     }

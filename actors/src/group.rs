@@ -14,7 +14,7 @@ use atlas_protocol::{
     Accepted, ClientMsgId, DeviceId, EntryKind, ErrorCode, GroupId, LogEntry, MAX_FRAME_BYTES,
     PROTOCOL_VERSION, ServerBody, ServerFrame, WelcomeEntry, encode_server,
 };
-use atlas_storage::{GroupMeta, Store};
+use atlas_storage::{Change, GroupMeta, Outcome as StoreOutcome, StorageError, Store};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -27,7 +27,7 @@ const SYNC_FRAME_OVERHEAD: usize = 1024;
 const ENTRY_OVERHEAD: usize = 128;
 
 /// Submission of a device to a group.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Submission {
     /// A commit (PublicMessage) and, when it adds devices, their Welcome.
     Commit {
@@ -73,6 +73,12 @@ pub enum GroupMsg {
         device: DeviceId,
         seq: u64,
         reply: RpcReplyPort<Result<(ReceiptFields, Receipt), GroupError>>,
+    },
+    /// An entry another node of the cluster appended, now applied to this node's storage:
+    /// catch up with it and push it to the members connected here.
+    Replicated {
+        entry: LogEntry,
+        welcomes: Vec<(DeviceId, WelcomeEntry)>,
     },
     /// Periodic housekeeping: retention and idle stop.
     Tick,
@@ -131,10 +137,13 @@ pub struct GroupState {
     last_request: Instant,
 }
 
+/// Attempts of a submission that lost its sequence number to another node's append.
+const CONFLICT_ATTEMPTS: usize = 3;
+
 /// An accepted entry waiting for durability before its acknowledgement and pushes go out.
 struct Pending {
-    reply: RpcReplyPort<Result<Accepted, GroupError>>,
-    accepted: Unsigned,
+    /// The submitter's reply port and acknowledgement; none for entries of other nodes.
+    reply: Option<(RpcReplyPort<Result<Accepted, GroupError>>, Unsigned)>,
     push: Option<(Vec<DeviceId>, bytes::Bytes)>,
     welcomes: Vec<(DeviceId, bytes::Bytes)>,
 }
@@ -199,32 +208,27 @@ impl Actor for GroupSession {
                 reply,
             } => {
                 state.last_request = Instant::now();
-                match state.submit(sender, msg_id, submission) {
+                match state.submit_with_retries(sender, msg_id, submission).await {
                     Ok(Outcome::Duplicate(accepted)) => {
                         // The original may still wait for its flush, so the retry's reply goes
                         // through the committer, after that flush and never before the original.
                         let pending = Pending {
-                            reply,
-                            accepted,
+                            reply: Some((reply, accepted)),
                             push: None,
                             welcomes: Vec::new(),
                         };
-                        if let Err(e) = state.committer.send(pending).await {
-                            let _ = e.0.reply.send(Err(GroupError::Unavailable));
-                        }
+                        state.commit(pending).await;
                     }
                     Ok(Outcome::Stored(parts)) => {
                         let pending = Pending {
-                            reply,
-                            accepted: parts.accepted,
+                            reply: Some((reply, parts.accepted)),
                             push: parts.push,
                             welcomes: parts.welcomes,
                         };
-                        if let Err(e) = state.committer.send(pending).await {
-                            let _ = e.0.reply.send(Err(GroupError::Unavailable));
-                        }
+                        state.commit(pending).await;
                     }
                     Err(e) => {
+                        // A storage failure, or a replicated append whose fate is unknown.
                         let fatal = matches!(e, GroupError::Storage(_));
                         let _ = reply.send(Err(e));
                         if fatal {
@@ -245,14 +249,23 @@ impl Actor for GroupSession {
             }
             GroupMsg::Ack { device, seq, reply } => {
                 state.last_request = Instant::now();
-                let _ = reply.send(state.ack(&device, seq));
+                let _ = reply.send(state.ack(&device, seq).await);
+            }
+            GroupMsg::Replicated { entry, welcomes } => {
+                if let Err(e) = state.catch_up(&entry) {
+                    tracing::error!(group_id = %state.group, seq = entry.seq, error = %e, "cannot follow an entry from another node; reloading");
+                    myself.stop(Some("lost track of the replicated log".into()));
+                    return Ok(());
+                }
+                let pending = state.pending_push(entry, welcomes);
+                state.commit(pending).await;
             }
             GroupMsg::Receipt { device, seq, reply } => {
                 state.last_request = Instant::now();
                 let _ = reply.send(state.receipt(&device, seq));
             }
             GroupMsg::Tick => {
-                if let Err(e) = state.apply_retention() {
+                if let Err(e) = state.apply_retention().await {
                     tracing::error!(group_id = %state.group, error = %e, "retention failed");
                 }
                 if state.last_request.elapsed() >= state.settings.idle_timeout {
@@ -301,7 +314,89 @@ struct PendingParts {
 }
 
 impl GroupState {
-    fn submit(
+    /// Hands an accepted entry to the committer, which acknowledges it once it is durable.
+    async fn commit(&self, pending: Pending) {
+        if let Err(e) = self.committer.send(pending).await
+            && let Some((reply, _)) = e.0.reply
+        {
+            let _ = reply.send(Err(GroupError::Unavailable));
+        }
+    }
+
+    /// Submits, and when another node's append took the sequence number first (a cluster
+    /// only), reloads the group from storage and validates the submission again.
+    async fn submit_with_retries(
+        &mut self,
+        sender: DeviceId,
+        msg_id: ClientMsgId,
+        submission: Submission,
+    ) -> Result<Outcome, GroupError> {
+        let mut attempt = 1;
+        loop {
+            match self.submit(sender, msg_id, submission.clone()).await {
+                Err(GroupError::Storage(StorageError::Conflict(what)))
+                    if attempt < CONFLICT_ATTEMPTS =>
+                {
+                    tracing::debug!(group_id = %self.group, attempt, conflict = %what, "another node appended first; reloading");
+                    self.reload()?;
+                    attempt += 1;
+                }
+                Err(GroupError::Storage(StorageError::Conflict(what))) => {
+                    self.reload()?;
+                    return Err(GroupError::Busy(what));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Reads the group's meta and public state from storage again.
+    fn reload(&mut self) -> Result<(), GroupError> {
+        let (meta, public_state) = self
+            .store
+            .load_group(&self.group)?
+            .ok_or_else(|| GroupError::NotFound(self.group.to_string()))?;
+        self.mls = PublicState::from_bytes(self.group.as_bytes(), &public_state)
+            .map_err(|e| GroupError::Internal(format!("stored public state: {e}")))?;
+        self.meta = meta;
+        Ok(())
+    }
+
+    /// Brings the in-memory state up to an entry applied from the replicated log.
+    fn catch_up(&mut self, entry: &LogEntry) -> Result<(), GroupError> {
+        if entry.seq <= self.meta.last_seq {
+            return Ok(());
+        }
+        if entry.kind == EntryKind::Application && entry.seq == self.meta.last_seq + 1 {
+            self.meta.last_seq = entry.seq;
+            return Ok(());
+        }
+        self.reload()
+    }
+
+    /// Builds the pushes of an entry appended by another node.
+    fn pending_push(&self, entry: LogEntry, welcomes: Vec<(DeviceId, WelcomeEntry)>) -> Pending {
+        let recipients: Vec<DeviceId> = self
+            .mls
+            .member_devices()
+            .filter(|d| **d != entry.sender)
+            .copied()
+            .collect();
+        let push = encode_push(ServerBody::Push {
+            group: self.group.clone(),
+            entry,
+        });
+        Pending {
+            reply: None,
+            push: Some((recipients, push)),
+            welcomes: welcomes
+                .into_iter()
+                .map(|(device, w)| (device, encode_push(ServerBody::WelcomePush(w))))
+                .collect(),
+        }
+    }
+
+    async fn submit(
         &mut self,
         sender: DeviceId,
         msg_id: ClientMsgId,
@@ -378,8 +473,13 @@ impl GroupState {
                     (None, true) => Vec::new(),
                 };
                 let bytes = next.to_bytes();
-                self.mls = next;
-                (EntryKind::Commit, sent_epoch, commit, Some(bytes), welcomes)
+                (
+                    EntryKind::Commit,
+                    sent_epoch,
+                    commit,
+                    Some((bytes, next)),
+                    welcomes,
+                )
             }
         };
 
@@ -392,20 +492,26 @@ impl GroupState {
             accepted_at_ms: now_ms,
             payload,
         };
+        let (state_bytes, next) = state_bytes.unzip();
         let meta = GroupMeta {
-            epoch: self.mls.epoch(),
+            epoch: next.as_ref().map_or(self.mls.epoch(), |n| n.epoch()),
             last_seq: seq,
             ..self.meta
         };
         // Only commits change more of the meta than `last_seq`, which the log itself records.
-        let meta_change = (kind == EntryKind::Commit).then_some(&meta);
-        self.store.append(
-            &self.group,
-            &entry,
-            meta_change,
-            state_bytes.as_deref(),
-            &welcomes,
-        )?;
+        let meta_change = (kind == EntryKind::Commit).then_some(meta);
+        self.store
+            .write(Change::Append {
+                group: self.group.clone(),
+                entry: entry.clone(),
+                meta: meta_change,
+                public_state: state_bytes,
+                welcomes: welcomes.clone(),
+            })
+            .await?;
+        if let Some(next) = next {
+            self.mls = next;
+        }
         self.meta = meta;
         let fields = ReceiptFields::new(self.group.clone(), seq, sender, now_ms, &entry.payload);
         self.metrics
@@ -520,18 +626,25 @@ impl GroupState {
         Ok((fields, receipt))
     }
 
-    fn ack(&self, device: &DeviceId, seq: u64) -> Result<u64, GroupError> {
+    async fn ack(&self, device: &DeviceId, seq: u64) -> Result<u64, GroupError> {
         if !self.mls.is_member(device) {
             return Err(GroupError::NotMember(*device));
         }
-        let seq = seq.min(self.meta.last_seq);
-        let stored = self.store.advance_cursor(device, &self.group, seq)?;
-        self.store.remove_welcome(device, &self.group)?;
-        Ok(stored)
+        let change = Change::Acknowledge {
+            device: *device,
+            group: self.group.clone(),
+            seq: seq.min(self.meta.last_seq),
+        };
+        match self.store.write(change).await? {
+            StoreOutcome::Cursor(stored) => Ok(stored),
+            other => Err(GroupError::Internal(format!(
+                "acknowledge returned {other:?}"
+            ))),
+        }
     }
 
     /// Removes entries every member device has acknowledged, and entries older than the TTL.
-    fn apply_retention(&mut self) -> Result<(), GroupError> {
+    async fn apply_retention(&mut self) -> Result<(), GroupError> {
         let mut through = u64::MAX;
         for device in self.mls.member_devices() {
             through = through.min(self.store.cursor(device, &self.group)?);
@@ -551,13 +664,17 @@ impl GroupState {
         if through < self.meta.first_seq || through == u64::MAX {
             return Ok(());
         }
-        let meta = GroupMeta {
-            first_seq: through + 1,
-            ..self.meta
+        let change = Change::Prune {
+            group: self.group.clone(),
+            through_seq: through,
         };
-        let removed = self.store.prune(&self.group, through, &meta)?;
-        self.meta = meta;
-        tracing::debug!(group_id = %self.group, removed, first_seq = meta.first_seq, "retention removed entries");
+        let StoreOutcome::Pruned { removed, first_seq } = self.store.write(change).await? else {
+            return Err(GroupError::Internal(
+                "prune returned another outcome".into(),
+            ));
+        };
+        self.meta.first_seq = first_seq;
+        tracing::debug!(group_id = %self.group, removed, first_seq, "retention removed entries");
         Ok(())
     }
 }
@@ -604,7 +721,9 @@ impl Committer {
                     Ok(()) => {
                         // Signing after the flush keeps it off the actor's path; the receipt
                         // only states facts that are already durable.
-                        let _ = pending.reply.send(pending.accepted.sign(&self.keyring));
+                        if let Some((reply, accepted)) = pending.reply {
+                            let _ = reply.send(accepted.sign(&self.keyring));
+                        }
                         if let Some((devices, frame)) = pending.push {
                             self.deliver.push(&devices, frame);
                         }
@@ -613,7 +732,9 @@ impl Committer {
                         }
                     }
                     Err(e) => {
-                        let _ = pending.reply.send(Err(GroupError::Unavailable));
+                        if let Some((reply, _)) = pending.reply {
+                            let _ = reply.send(Err(GroupError::Unavailable));
+                        }
                         tracing::error!(error = %e, "entry not acknowledged: flush failed");
                     }
                 }

@@ -25,7 +25,7 @@ use atlas_storage::StorageError;
 
 /// Registers a new group from its creator's GroupInfo. The GroupInfo must carry the ratchet
 /// tree, name the group id `group` and have `creator` as its only member. Returns the epoch.
-pub fn create_group(
+pub async fn create_group(
     store: &atlas_storage::Store,
     group: &atlas_protocol::GroupId,
     group_info: &[u8],
@@ -49,7 +49,12 @@ pub fn create_group(
         first_seq: 1,
         created_at_ms: now_ms(),
     };
-    match store.create_group(group, &meta, &state.to_bytes()) {
+    let change = atlas_storage::Change::CreateGroup {
+        group: group.clone(),
+        meta,
+        public_state: state.to_bytes(),
+    };
+    match store.write_done(change).await {
         Ok(()) => Ok(meta.epoch),
         Err(StorageError::GroupExists(g)) => Err(GroupError::Exists(g.to_string())),
         Err(e) => Err(e.into()),
@@ -87,6 +92,9 @@ pub enum GroupError {
     /// The actor is stopping or its queue is closed; retry.
     #[error("group actor unavailable, retry")]
     Unavailable,
+    /// Other nodes of the cluster kept appending to the group first; retry.
+    #[error("the group is busy on other nodes, retry: {0}")]
+    Busy(String),
     /// A broken internal invariant.
     #[error("internal error: {0}")]
     Internal(String),
@@ -105,8 +113,9 @@ impl GroupError {
             Self::NotMember(_) => ErrorCode::NotMember,
             Self::StaleEpoch { .. } => ErrorCode::StaleEpoch,
             Self::Mls(_) => ErrorCode::InvalidMlsMessage,
+            Self::Storage(StorageError::Unavailable(_)) => ErrorCode::Unavailable,
             Self::Storage(_) => ErrorCode::StorageFailure,
-            Self::Unavailable => ErrorCode::Unavailable,
+            Self::Unavailable | Self::Busy(_) => ErrorCode::Unavailable,
             Self::Internal(_) => ErrorCode::Internal,
             Self::Invalid(code, _) => *code,
         }

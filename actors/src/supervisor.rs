@@ -4,7 +4,7 @@
 
 use crate::group::{GroupArgs, GroupMsg, GroupSession, GroupSettings};
 use crate::{ActorMetrics, Deliver, GroupError};
-use atlas_protocol::GroupId;
+use atlas_protocol::{DeviceId, GroupId, LogEntry, WelcomeEntry};
 use atlas_storage::Store;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use std::collections::HashMap;
@@ -19,6 +19,13 @@ pub enum SupervisorMsg {
     },
     /// Returns the number of running group actors.
     Count(RpcReplyPort<usize>),
+    /// Hands an entry that another node appended, now applied here, to the group's actor,
+    /// starting it if needed, so that it pushes the entry to the members connected here.
+    Replicated {
+        group: GroupId,
+        entry: LogEntry,
+        welcomes: Vec<(DeviceId, WelcomeEntry)>,
+    },
 }
 
 // The supervisor is reached on its own node only.
@@ -75,6 +82,26 @@ impl Actor for GroupSupervisor {
             SupervisorMsg::Count(reply) => {
                 let _ = reply.send(state.by_group.len());
             }
+            SupervisorMsg::Replicated {
+                group,
+                entry,
+                welcomes,
+            } => match state.lookup(myself, group.clone()).await {
+                Ok(actor) => {
+                    let seq = entry.seq;
+                    if actor
+                        .send_message(GroupMsg::Replicated { entry, welcomes })
+                        .is_err()
+                    {
+                        // The actor stopped meanwhile; its successor loads the entry from
+                        // storage, and members connected here get it when they sync.
+                        tracing::debug!(group_id = %group, seq, "entry not pushed: group actor stopped");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(group_id = %group, error = %e, "cannot start the actor of a replicated group");
+                }
+            },
         }
         Ok(())
     }

@@ -65,7 +65,7 @@ async fn fixture(settings: GroupSettings) -> Fixture {
         .unwrap();
     let group = GroupId::new(b"room".to_vec()).unwrap();
     let device = DeviceId::for_key(signer.public());
-    create_group(&store, &group, &info, &device).unwrap();
+    create_group(&store, &group, &info, &device).await.unwrap();
     let message = mls_group
         .create_message(&provider, &signer, b"hello")
         .unwrap()

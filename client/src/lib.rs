@@ -9,12 +9,14 @@ pub mod accounts;
 pub mod audit;
 mod conn;
 mod dpop_state;
+mod failover;
 mod kt;
 mod state;
 mod tls;
 
 pub use conn::CloseInfo;
 pub use dpop_state::{DPOP_RETRIES, DpopState};
+pub use failover::NodeAddress;
 pub use kt::{KtViolation, ViolationKind};
 pub use tls::{ServerTrust, fingerprint_hex};
 
@@ -180,6 +182,9 @@ pub struct Client {
     request_timeout: Duration,
     /// Server nonce and clock offset learnt from DPoP challenges.
     dpop: DpopState,
+    /// The cluster's nodes given to [`Client::connect_any`], and the one used last.
+    nodes: Vec<NodeAddress>,
+    node_index: usize,
 }
 
 impl Client {
@@ -224,6 +229,8 @@ impl Client {
             server_name: None,
             request_timeout: Duration::from_secs(30),
             dpop: DpopState::default(),
+            nodes: Vec::new(),
+            node_index: 0,
         };
         client.save()?;
         Ok(client)

@@ -52,7 +52,7 @@ pub(crate) async fn public_request(state: &GatewayState, body: ClientBody) -> Se
 
 /// Claims a KeyPackage and proves the key it was published under against a fresh head.
 pub(crate) async fn claim(state: &GatewayState, target: DeviceId) -> ServerBody {
-    let (key_package, record) = match state.directory.claim_key_package(&target) {
+    let (key_package, record) = match state.directory.claim_key_package(&target).await {
         Ok(claimed) => claimed,
         Err(e) => return crate::session::login_error_body(state, &e),
     };
@@ -89,7 +89,11 @@ pub(crate) async fn revoke(
     time_ms: u64,
     signature: &[u8],
 ) -> ServerBody {
-    let index = match state.directory.revoke(signer, &target, time_ms, signature) {
+    let index = match state
+        .directory
+        .revoke(signer, &target, time_ms, signature)
+        .await
+    {
         Ok(index) => index,
         Err(e) => {
             tracing::info!(device_id = %target, error = %e, "revocation rejected");
@@ -137,9 +141,13 @@ pub(crate) async fn add_device(
     };
     let directory = &state.directory;
     let added = if rotation {
-        directory.rotate(signer, &new_key, time_ms, &signature, &new_key_signature)
+        directory
+            .rotate(signer, &new_key, time_ms, &signature, &new_key_signature)
+            .await
     } else {
-        directory.enroll(signer, &new_key, time_ms, &signature, &new_key_signature)
+        directory
+            .enroll(signer, &new_key, time_ms, &signature, &new_key_signature)
+            .await
     };
     let (record, index) = match added {
         Ok(added) => added,

@@ -414,13 +414,12 @@ impl Connection {
             return Err(None);
         };
         let open_registration = self.state.settings.open_registration;
-        match self.state.directory.login(
-            &account,
-            &device_key,
-            &signature,
-            &nonce,
-            open_registration,
-        ) {
+        match self
+            .state
+            .directory
+            .login(&account, &device_key, &signature, &nonce, open_registration)
+            .await
+        {
             Ok((record, registered)) => {
                 if registered && let Err(e) = self.state.store.durable().await {
                     tracing::error!(error = %e, "flush failed; registration not confirmed");
@@ -517,16 +516,25 @@ impl Connection {
                 } else {
                     let one_time: Vec<Vec<u8>> =
                         key_packages.into_iter().map(|b| b.into_vec()).collect();
-                    match state.directory.upload_key_packages(
-                        device,
-                        &one_time,
-                        last_resort.as_ref().map(|b| b.as_slice()),
-                    ) {
-                        Ok((stored, available)) => {
-                            ServerBody::KeyPackagesStored { stored, available }
+                    let (state, device) = (Arc::clone(state), device.clone());
+                    self.spawn_response(tasks, id, None, async move {
+                        let uploaded = state
+                            .directory
+                            .upload_key_packages(
+                                &device,
+                                &one_time,
+                                last_resort.as_ref().map(|b| b.as_slice()),
+                            )
+                            .await;
+                        match uploaded {
+                            Ok((stored, available)) => {
+                                durable(&state, ServerBody::KeyPackagesStored { stored, available })
+                                    .await
+                            }
+                            Err(e) => login_error_body(&state, &e),
                         }
-                        Err(e) => login_error_body(state, &e),
-                    }
+                    });
+                    return;
                 }
             }
             ClientBody::ListDevices { account } => match state.directory.devices(&account) {
@@ -588,18 +596,20 @@ impl Connection {
                 if let Err(e) = group.validate() {
                     error_body(ErrorCode::MalformedFrame, e.to_string())
                 } else {
-                    match atlas_actors::create_group(
-                        &state.store,
-                        &group,
-                        &group_info,
-                        &device.device,
-                    ) {
-                        Ok(epoch) => {
-                            tracing::info!(group_id = %group, epoch, "group created");
-                            ServerBody::GroupCreated { group, epoch }
+                    let (state, creator) = (Arc::clone(state), device.device);
+                    self.spawn_response(tasks, id, None, async move {
+                        let created =
+                            atlas_actors::create_group(&state.store, &group, &group_info, &creator)
+                                .await;
+                        match created {
+                            Ok(epoch) => {
+                                tracing::info!(group_id = %group, epoch, "group created");
+                                durable(&state, ServerBody::GroupCreated { group, epoch }).await
+                            }
+                            Err(e) => group_error_body(&state, &e),
                         }
-                        Err(e) => group_error_body(state, &e),
-                    }
+                    });
+                    return;
                 }
             }
             ClientBody::Welcomes => match state.store.welcomes(&device.device) {
@@ -619,18 +629,7 @@ impl Connection {
                 return;
             }
         };
-        // Uploads, claims and new groups change storage. The reply waits until the change is on
-        // disk, so that a crash cannot hand out a claimed KeyPackage again or forget a group
-        // whose creation was confirmed.
-        let changed = matches!(
-            inline,
-            ServerBody::KeyPackagesStored { .. } | ServerBody::GroupCreated { .. }
-        );
-        if changed {
-            self.spawn_durable_response(tasks, id, inline);
-        } else {
-            self.respond(tasks.queue, id, inline);
-        }
+        self.respond(tasks.queue, id, inline);
     }
 
     /// Runs a request in its own task and queues its response, then closes the connection with
@@ -662,22 +661,6 @@ impl Connection {
             released.notify_one();
         };
         actix_web::rt::spawn(task.in_current_span());
-    }
-
-    fn spawn_durable_response(&self, tasks: &Tasks<'_>, id: u64, body: ServerBody) {
-        let state = Arc::clone(&self.state);
-        self.spawn_response(tasks, id, None, async move {
-            match state.store.durable().await {
-                Ok(()) => body,
-                Err(e) => {
-                    tracing::error!(error = %e, "flush failed; change not confirmed");
-                    error_body(
-                        ErrorCode::StorageFailure,
-                        format!("storage flush failed: {e}"),
-                    )
-                }
-            }
-        });
     }
 
     fn spawn_group_request(
@@ -743,6 +726,21 @@ impl Connection {
         )
         .await;
         Ended { label }
+    }
+}
+
+/// Returns `body` once the changes made before it are on disk, so that a crash cannot hand
+/// out a claimed KeyPackage again or forget a group whose creation was confirmed.
+async fn durable(state: &GatewayState, body: ServerBody) -> ServerBody {
+    match state.store.durable().await {
+        Ok(()) => body,
+        Err(e) => {
+            tracing::error!(error = %e, "flush failed; change not confirmed");
+            error_body(
+                ErrorCode::StorageFailure,
+                format!("storage flush failed: {e}"),
+            )
+        }
     }
 }
 

@@ -8,7 +8,9 @@ use atlas_actors::{
     ActorMetrics, Directory, GroupSettings, GroupSupervisor, KeyTransparency, Keyring,
     SupervisorArgs, SupervisorMsg,
 };
-use atlas_cluster::replication::{Applier, Replica, ReplicaSettings};
+use atlas_cluster::replication::{
+    ClusterReplicator, Replica, ReplicaSettings, SharedState, raft_id,
+};
 use atlas_cluster::{
     Cluster, ClusterSettings, MemberState, MemberView, MembershipObserver, NodeName, Presence,
     Router, ShardId, replicas,
@@ -16,7 +18,7 @@ use atlas_cluster::{
 use atlas_gateway::auth::AuthSettings;
 use atlas_gateway::{GatewayMetrics, GatewayState, SessionSettings, WriteGate};
 use atlas_protocol::CloseCode;
-use atlas_storage::Store;
+use atlas_storage::{Change, Store};
 use prometheus::{Encoder, Histogram, HistogramOpts, Registry, TextEncoder};
 use ractor::{Actor, ActorRef};
 use std::net::SocketAddr;
@@ -73,9 +75,13 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     )?);
     let kt = Arc::new(KeyTransparency::open(store.clone(), Arc::clone(&keyring))?);
     let cluster = start_cluster(config, &registry).await?;
-    let replicated = match &cluster {
-        Some(cluster) => Some(start_replicated_log(config, &store, Arc::clone(cluster)).await?),
-        None => None,
+    let (replicated, shared) = match &cluster {
+        Some(cluster) => {
+            let (replica, shared, task) =
+                start_replicated_log(config, &store, Arc::clone(cluster)).await?;
+            (Some((replica, task)), Some(shared))
+        }
+        None => (None, None),
     };
 
     let presence = Arc::new(Presence::new());
@@ -97,6 +103,26 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     )
     .await
     .context("cannot start the group supervisor")?;
+    if let Some(shared) = &shared {
+        // Entries that other nodes append reach the members connected here through the
+        // group's actor on this node.
+        let supervisor = supervisor.clone();
+        shared.set_hook(Arc::new(move |change| {
+            if let Change::Append {
+                group,
+                entry,
+                welcomes,
+                ..
+            } = change
+            {
+                let _ = supervisor.send_message(SupervisorMsg::Replicated {
+                    group: group.clone(),
+                    entry: entry.clone(),
+                    welcomes: welcomes.clone(),
+                });
+            }
+        }));
+    }
 
     let identity = tls::load_identity(
         &config.data_dir,
@@ -220,18 +246,23 @@ fn auth_settings(config: &NodeConfig, port: u16) -> anyhow::Result<AuthSettings>
     })
 }
 
+/// Time a stopping node spends leaving the cluster's replicated log.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Interval at which the leader of the cluster's replicated log makes new live members voters.
 const MEMBER_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Starts this node's replica of the cluster's replicated log, and a task that makes live
-/// members voters while this node leads it.
+/// Starts this node's replica of the cluster's replicated log, which carries every change to
+/// the shared state, makes the store write through it, and starts a task that makes live
+/// members voters while this node leads the log.
 ///
-/// NOTE: the log carries only its own membership so far; no node data goes through it yet.
+/// NOTE: one log for the whole cluster: the configured shards decide placement in the
+/// status output, but every change goes through this log's single leader.
 async fn start_replicated_log(
     config: &NodeConfig,
     store: &Store,
     cluster: Arc<Cluster>,
-) -> anyhow::Result<(Arc<Replica>, tokio::task::JoinHandle<()>)> {
+) -> anyhow::Result<(Arc<Replica>, Arc<SharedState>, tokio::task::JoinHandle<()>)> {
     let settings = ReplicaSettings {
         log: "cluster".into(),
         node_name: config.node_name.clone(),
@@ -240,11 +271,19 @@ async fn start_replicated_log(
         election_timeout: Duration::from_millis(config.failure_timeout_ms / 3)
             .max(Duration::from_millis(300)),
     };
+    let node = raft_id(&config.node_name);
+    let shared = Arc::new(SharedState::new(store.clone(), node, &settings.log)?);
+    let log = settings.log.clone();
     let replica = Arc::new(
-        Replica::start(settings, store.sled_db(), Arc::new(MembershipOnly))
+        Replica::start(settings, store.sled_db(), shared.clone())
             .await
             .context("cannot start the cluster's replicated log")?,
     );
+    store.set_replicator(Arc::new(ClusterReplicator::new(
+        replica.raft().clone(),
+        node,
+        &log,
+    )));
     let task_replica = Arc::clone(&replica);
     let members_task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(MEMBER_SYNC_INTERVAL);
@@ -261,7 +300,7 @@ async fn start_replicated_log(
             }
         }
     });
-    Ok((replica, members_task))
+    Ok((replica, shared, members_task))
 }
 
 /// Refuses writes while this node is not on the side of a majority of the cluster log's
@@ -279,24 +318,6 @@ impl WriteGate for MajorityGate {
              retry later or on another node"
                 .to_owned()
         })
-    }
-}
-
-/// The applier of the cluster log, which carries only membership changes so far.
-struct MembershipOnly;
-
-impl Applier for MembershipOnly {
-    fn apply(&self, index: u64, _command: &[u8]) -> Vec<u8> {
-        tracing::warn!(index, "the cluster log has no commands yet; entry ignored");
-        Vec::new()
-    }
-
-    fn snapshot(&self) -> Vec<u8> {
-        Vec::new()
-    }
-
-    fn restore(&self, _snapshot: &[u8]) -> Result<(), String> {
-        Ok(())
     }
 }
 
@@ -588,6 +609,17 @@ impl RunningNode {
         let _ = self.key_tasks.await;
         if let Some((replica, members_task)) = &self.replicated {
             members_task.abort();
+            // Sessions are closed, so this node's clients have moved to other nodes; the
+            // cluster stops counting on this one.
+            match tokio::time::timeout(LEAVE_TIMEOUT, replica.leave()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "could not leave the cluster log; the others count it as failed")
+                }
+                Err(_) => tracing::warn!(
+                    "leaving the cluster log timed out; the others count it as failed"
+                ),
+            }
             replica.stop().await;
         }
         if let Some(cluster) = &self.cluster {

@@ -498,3 +498,228 @@ async fn minority_refuses_writes_until_healed() {
         .collect();
     assert_eq!(transcript, acknowledged);
 }
+
+fn address(node: &NodeProcess) -> atlas_client::NodeAddress {
+    atlas_client::NodeAddress {
+        url: node.url(),
+        trust: atlas_client::ServerTrust::fingerprint(&node.fingerprint).unwrap(),
+    }
+}
+
+/// Reads the last index of the cluster log that a node applied.
+fn last_applied(node: &NodeProcess) -> Option<u64> {
+    let body = node.admin_get("/admin/cluster").ok()?;
+    let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+    status["replicated_log"]["last_applied"].as_u64()
+}
+
+/// Starts node-a alone and node-b and node-c with node-a as seed, and waits until the three
+/// agree on a leader of the cluster log.
+async fn start_three(fixture: &Fixture) -> (Vec<Spec>, BTreeMap<String, NodeProcess>) {
+    let a = fixture.spec("node-a", &[]);
+    let b = fixture.spec("node-b", &[a.port]);
+    let c = fixture.spec("node-c", &[a.port]);
+    let specs = vec![a, b, c];
+    let nodes: BTreeMap<String, NodeProcess> = specs
+        .iter()
+        .map(|s| (s.name.clone(), fixture.start(s)))
+        .collect();
+    let everyone: Vec<&NodeProcess> = nodes.values().collect();
+    let all = ["node-a", "node-b", "node-c"];
+    let formed = wait_until(CONVERGE, || agreed_leader(&everyone, &all).is_some()).await;
+    assert!(formed, "the cluster log did not form");
+    (specs, nodes)
+}
+
+/// The messages of a client's transcript, in log order.
+fn messages(client: &atlas_client::Client, group: &atlas_protocol::GroupId) -> Vec<String> {
+    client
+        .transcript(group)
+        .into_iter()
+        .map(|(_, _, text)| text)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_spans_nodes_and_survives_killing_the_leader() {
+    let fixture = Fixture::new();
+    let (specs, mut nodes) = start_three(&fixture).await;
+    let all = ["node-a", "node-b", "node-c"];
+
+    // One member per node; each knows every node, its own first. KeyPackages uploaded on
+    // node-b and node-c are claimed on node-a.
+    let homes = [("alice", "node-a"), ("bob", "node-b"), ("carol", "node-c")];
+    let mut clients = BTreeMap::new();
+    for (account, home) in homes {
+        let mut client =
+            atlas_client::Client::open(&fixture.path(&format!("{account}-state")), account)
+                .unwrap();
+        let mut list = vec![address(&nodes[home])];
+        list.extend(
+            nodes
+                .iter()
+                .filter(|(name, _)| name.as_str() != home)
+                .map(|(_, node)| address(node)),
+        );
+        client.connect_any(&list).await.unwrap();
+        client.publish_key_packages(3).await.unwrap();
+        clients.insert(account, client);
+    }
+    let alice = clients.get_mut("alice").unwrap();
+    let group = alice.create_group("across-nodes").await.unwrap();
+    alice.add_members(&group, &["bob", "carol"]).await.unwrap();
+    let mut acknowledged = Vec::new();
+    for (account, _) in homes {
+        let client = clients.get_mut(account).unwrap();
+        client.sync().await.unwrap();
+        let text = format!("hello from {account}");
+        client.send_reliably(&group, &text).await.unwrap();
+        acknowledged.push(text);
+    }
+
+    // A message accepted on node-a reaches bob on node-b as a push, without a sync.
+    let alice = clients.get_mut("alice").unwrap();
+    alice.send_reliably(&group, "pushed across").await.unwrap();
+    acknowledged.push("pushed across".into());
+    let bob = clients.get_mut("bob").unwrap();
+    let mut pushed = false;
+    for _ in 0..50 {
+        bob.receive(Duration::from_millis(200)).await.unwrap();
+        if messages(bob, &group).iter().any(|m| m == "pushed across") {
+            pushed = true;
+            break;
+        }
+    }
+    assert!(
+        pushed,
+        "bob on node-b got no push: {:?}",
+        messages(bob, &group)
+    );
+
+    // SIGKILL of the log's leader. Every member keeps chatting: the one whose node died
+    // moves to another node, and sends that failed are sent again under the same message id.
+    let leader = agreed_leader(&nodes.values().collect::<Vec<_>>(), &all).unwrap();
+    let (orphan, _) = homes.iter().find(|(_, home)| *home == leader).unwrap();
+    nodes.remove(&leader).unwrap().kill9().unwrap();
+    let killed_at = std::time::Instant::now();
+    let mut first_ack = None;
+    for round in 0..3 {
+        for (account, _) in homes {
+            let text = format!("{account} after the kill, round {round}");
+            let client = clients.get_mut(account).unwrap();
+            client.send_reliably(&group, &text).await.unwrap();
+            first_ack.get_or_insert_with(|| killed_at.elapsed());
+            acknowledged.push(text);
+        }
+    }
+    println!(
+        "first acknowledged send {:.1} s after SIGKILL of the leader {leader}",
+        first_ack.unwrap().as_secs_f64()
+    );
+
+    // The killed node restarts from its data, catches up, and its member reads everything.
+    let spec = specs.iter().find(|s| s.name == leader).unwrap();
+    nodes.insert(leader.clone(), fixture.start(spec));
+    let everyone: Vec<&NodeProcess> = nodes.values().collect();
+    let rejoined = wait_until(CONVERGE, || agreed_leader(&everyone, &all).is_some()).await;
+    assert!(rejoined, "the restarted node did not rejoin the log");
+    let caught_up = wait_until(CONVERGE, || {
+        let applied: Vec<Option<u64>> = everyone.iter().map(|n| last_applied(n)).collect();
+        applied[0].is_some() && applied.iter().all(|a| *a == applied[0])
+    })
+    .await;
+    let applied: Vec<Option<u64>> = everyone.iter().map(|n| last_applied(n)).collect();
+    assert!(
+        caught_up,
+        "the restarted node did not catch up: {applied:?}"
+    );
+    let orphan_client = clients.get_mut(orphan).unwrap();
+    orphan_client.disconnect();
+    let home = address(&nodes[&leader]);
+    orphan_client.connect(&home.url, &home.trust).await.unwrap();
+    let text = format!("{orphan} back on {leader}");
+    orphan_client.send_reliably(&group, &text).await.unwrap();
+    acknowledged.push(text);
+
+    // Every member sees every acknowledged message exactly once, in the same order.
+    for (account, _) in homes {
+        let client = clients.get_mut(account).unwrap();
+        let deadline = std::time::Instant::now() + CONVERGE;
+        loop {
+            client.sync().await.unwrap();
+            if messages(client, &group).len() >= acknowledged.len()
+                || std::time::Instant::now() >= deadline
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let seen = messages(client, &group);
+        let mut in_acknowledged_order = seen.clone();
+        in_acknowledged_order.retain(|m| acknowledged.contains(m));
+        assert_eq!(
+            in_acknowledged_order, acknowledged,
+            "{account} saw {seen:?}"
+        );
+        assert_eq!(seen.len(), acknowledged.len(), "{account} saw {seen:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_leave_hands_over_without_failed_sends() {
+    let fixture = Fixture::new();
+    let (_specs, mut nodes) = start_three(&fixture).await;
+    let all = ["node-a", "node-b", "node-c"];
+    let everyone: Vec<&NodeProcess> = nodes.values().collect();
+    let leader = agreed_leader(&everyone, &all).unwrap();
+    let others: Vec<String> = all
+        .iter()
+        .filter(|n| **n != leader)
+        .map(|n| (*n).to_owned())
+        .collect();
+
+    // alice is on the leader's node, bob on another; both know every node.
+    let mut list = vec![address(&nodes[&leader])];
+    list.extend(others.iter().map(|n| address(&nodes[n])));
+    let mut alice = atlas_client::Client::open(&fixture.path("alice-state"), "alice").unwrap();
+    alice.connect_any(&list).await.unwrap();
+    let mut bob = atlas_client::Client::open(&fixture.path("bob-state"), "bob").unwrap();
+    bob.connect(&list[1].url, &list[1].trust).await.unwrap();
+    bob.publish_key_packages(2).await.unwrap();
+    let group = alice.create_group("leave").await.unwrap();
+    alice.add_members(&group, &["bob"]).await.unwrap();
+
+    // SIGTERM of the leader while alice sends: every send is acknowledged, some after the
+    // SDK moved alice to another node.
+    let leaving = nodes.remove(&leader).unwrap();
+    let stopped = tokio::task::spawn_blocking(move || leaving.terminate(Duration::from_secs(30)));
+    let mut acknowledged = Vec::new();
+    for i in 0..30 {
+        let text = format!("message {i}");
+        alice.send_reliably(&group, &text).await.unwrap();
+        acknowledged.push(text);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = stopped.await.unwrap().unwrap();
+    assert!(status.success(), "the leaving node exited with {status}");
+    let moved_to = alice.current_node().map(|n| n.url.clone());
+    assert!(
+        moved_to.is_some() && moved_to != Some(list[0].url.clone()),
+        "alice did not move off the leaving node: {moved_to:?}"
+    );
+
+    // The two others lead the log alone, without the node that left among the voters.
+    let survivors: Vec<&NodeProcess> = nodes.values().collect();
+    let remaining: Vec<&str> = others.iter().map(String::as_str).collect();
+    let handed_over =
+        wait_until(CONVERGE, || agreed_leader(&survivors, &remaining).is_some()).await;
+    let views: Vec<_> = survivors.iter().map(|n| replicated_log(n)).collect();
+    assert!(
+        handed_over,
+        "{leader} is still a voter or no leader: {views:?}"
+    );
+
+    // bob reads every acknowledged message once, in order.
+    bob.sync().await.unwrap();
+    assert_eq!(messages(&bob, &group), acknowledged);
+}

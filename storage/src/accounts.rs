@@ -204,6 +204,30 @@ impl Store {
         Ok(record)
     }
 
+    /// Replaces the record `before` of an account with `after`. Fails with
+    /// [`StorageError::Conflict`] when the stored record is not `before` any more.
+    pub(crate) fn replace_account(
+        &self,
+        before: &AccountRecord,
+        after: &AccountRecord,
+    ) -> Result<AccountRecord, StorageError> {
+        let _append = self.lock_directory()?;
+        let stored = self
+            .account(&before.account)?
+            .ok_or_else(|| StorageError::UnknownAccount(before.account.clone()))?;
+        if &stored != before || after.account != before.account {
+            return Err(StorageError::Conflict(format!(
+                "account {:?} changed meanwhile",
+                before.account
+            )));
+        }
+        let mut batch = sled::Batch::default();
+        self.stage_credentials(&mut batch, Some(before), after)?;
+        batch.insert(account_key(&after.account), encode(after));
+        self.kt.apply_batch(batch)?;
+        Ok(after.clone())
+    }
+
     /// Stores the first refresh token of a new login and its family.
     pub fn put_refresh_token(
         &self,

@@ -49,6 +49,19 @@ pub enum StorageError {
     /// An enrollment would exceed the number of active devices an account may have.
     #[error("account {account:?} already has {max} active devices")]
     TooManyDevices { account: String, max: usize },
+    /// Another writer changed the state this change was computed from; reload and retry.
+    #[error("concurrent change: {0}")]
+    Conflict(String),
+    /// The cluster's replicated log cannot commit the change now (no leader, or this node is
+    /// cut off from the majority); retry later or on another node.
+    #[error(
+        "the cluster cannot commit changes through a majority of its nodes now ({0}); retry \
+         later or on another node"
+    )]
+    Unavailable(String),
+    /// Replicating a change failed in a way the change itself did not cause.
+    #[error("replicating a change failed: {0}")]
+    Replication(String),
 }
 
 impl StorageError {

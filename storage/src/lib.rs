@@ -17,6 +17,7 @@
 //! writers (group commit): callers acknowledge nothing before it returns `Ok`.
 
 mod accounts;
+mod changes;
 mod error;
 mod flusher;
 mod keys;
@@ -27,6 +28,7 @@ pub use accounts::{
     AccountRecord, MAX_PASSKEYS_PER_ACCOUNT, PasskeyRecord, RefreshOutcome, RefreshRecord,
     TokenFamily,
 };
+pub use changes::{Change, Outcome, Proposal, Refused, Replicator};
 pub use error::StorageError;
 pub use records::{DeviceRecord, GroupMeta, KeyPackageRecord};
 pub use transparency::{DirectoryChange, KeyEventOutcome, MAX_DEVICES_PER_ACCOUNT};
@@ -62,6 +64,8 @@ pub struct Store {
     /// Size of the key transparency log; held while appending, so appends are serialised.
     kt_size: Arc<Mutex<u64>>,
     flusher: Arc<Flusher>,
+    /// Orders changes in the cluster's replicated log; unset on a single node.
+    replicator: Arc<std::sync::OnceLock<Arc<dyn Replicator>>>,
 }
 
 impl Store {
@@ -120,6 +124,7 @@ impl Store {
             key_packages: db.open_tree("key_packages")?,
             cursors: db.open_tree("cursors")?,
             flusher: Flusher::start(db.clone()),
+            replicator: Arc::default(),
             db,
         };
         Ok(store)

@@ -24,7 +24,7 @@ pub const MAX_DEVICES_PER_ACCOUNT: usize = 64;
 
 /// A directory change that a key event records. It is applied in the same batch as the
 /// append, so the directory never shows a key the log does not contain.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum DirectoryChange {
     /// Registers the first device of an account that has no log entries yet.
     Register(DeviceRecord),
@@ -51,7 +51,7 @@ pub enum DirectoryChange {
 }
 
 /// Result of [`Store::append_key_event`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum KeyEventOutcome {
     /// The event is entry `index`; `device` is the record as stored.
     Appended { index: u64, device: DeviceRecord },

@@ -5,14 +5,15 @@
 //! applier's result. [`SledLogStore`] keeps the log, the vote and the purge point;
 //! [`SledStateMachine`] keeps the last applied entry, the membership and the latest snapshot.
 //!
-//! NOTE: this layer is tested on its own (openraft's storage suite and an in-process
-//! cluster); the node does not route its writes through it yet.
+//! [`SharedState`] is the node's applier: the cluster log carries every change to the state
+//! that nodes share (see `atlas_storage::Change`), and [`ClusterReplicator`] proposes them.
 
 // openraft's traits return its `StorageError` and `RPCError` by value, and the helpers here
 // pass them on unchanged.
 #![allow(clippy::result_large_err)]
 
 mod log_store;
+mod proposals;
 mod replica;
 mod state_machine;
 #[cfg(test)]
@@ -20,6 +21,7 @@ mod tests;
 mod transport;
 
 pub use log_store::SledLogStore;
+pub use proposals::{AppliedHook, ClusterReplicator, SharedState};
 pub use replica::{Replica, ReplicaSettings, ReplicaStatus, raft_id};
 pub use state_machine::SledStateMachine;
 
@@ -59,7 +61,7 @@ pub trait Applier: Send + Sync + 'static {
     fn apply(&self, index: u64, command: &[u8]) -> Vec<u8>;
 
     /// Serializes the applier's whole state, for a snapshot.
-    fn snapshot(&self) -> Vec<u8>;
+    fn snapshot(&self) -> Result<Vec<u8>, String>;
 
     /// Replaces the applier's state with a snapshot made by [`Applier::snapshot`].
     fn restore(&self, snapshot: &[u8]) -> Result<(), String>;

@@ -1,7 +1,10 @@
 //! One node's replica of a replicated log over the cluster links: its openraft instance, its
 //! endpoint actor, and the task that makes live cluster members voters.
 
-use super::transport::{ClusterNetwork, EndpointArgs, RaftEndpoint, RaftEndpointMsg};
+use super::transport::{
+    ClusterNetwork, Departures, EndpointArgs, LEAVE_HOLD, RaftEndpoint, RaftEndpointMsg, Request,
+    ask, remove_voter, voters,
+};
 use super::{Applier, Raft, RaftNodeId, SledLogStore, SledStateMachine};
 use openraft::{BasicNode, Config, ServerState};
 use ractor::{Actor, ActorRef};
@@ -49,6 +52,7 @@ pub struct Replica {
     settings: ReplicaSettings,
     raft: Raft,
     endpoint: ActorRef<RaftEndpointMsg>,
+    departures: Departures,
 }
 
 impl Replica {
@@ -73,6 +77,7 @@ impl Replica {
             log: settings.log.clone(),
         };
         let raft = Raft::new(id, Arc::new(config), network, log, machine).await?;
+        let departures = Departures::default();
         let (endpoint, _) = Actor::spawn(
             None,
             RaftEndpoint,
@@ -80,6 +85,7 @@ impl Replica {
                 log: settings.log.clone(),
                 node: id,
                 raft: raft.clone(),
+                departures: Arc::clone(&departures),
             },
         )
         .await?;
@@ -92,6 +98,7 @@ impl Replica {
             settings,
             raft,
             endpoint,
+            departures,
         })
     }
 
@@ -109,9 +116,14 @@ impl Replica {
         }
         let voters: BTreeSet<RaftNodeId> =
             metrics.membership_config.membership().voter_ids().collect();
+        let recently_left = |id: &RaftNodeId| {
+            self.departures
+                .lock()
+                .is_ok_and(|d| d.get(id).is_some_and(|at| at.elapsed() < LEAVE_HOLD))
+        };
         for name in alive {
             let id = raft_id(name);
-            if voters.contains(&id) {
+            if voters.contains(&id) || recently_left(&id) {
                 continue;
             }
             tracing::info!(log = %self.settings.log, node = %name, "adding a member to the replicated log");
@@ -166,6 +178,40 @@ impl Replica {
             voters: membership.voter_ids().map(name_of).collect(),
             last_applied: metrics.last_applied.map(|id| id.index),
         }
+    }
+
+    /// Takes this node out of the log's voters before it stops for good, so that the others
+    /// no longer count on it for a majority. A leader removes itself and asks another voter
+    /// to start an election at once; a follower asks the leader. The node becomes a voter
+    /// again when it comes back after [`LEAVE_HOLD`].
+    pub async fn leave(&self) -> anyhow::Result<()> {
+        let id = raft_id(&self.settings.node_name);
+        let voters = voters(&self.raft);
+        if !voters.contains(&id) || voters.len() == 1 {
+            return Ok(());
+        }
+        let log = &self.settings.log;
+        match self.raft.current_leader().await {
+            Some(leader) if leader == id => {
+                remove_voter(&self.raft, &self.departures, id)
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                for next in voters.iter().filter(|v| **v != id) {
+                    match ask(log, *next, Request::Elect).await {
+                        Ok(()) => break,
+                        Err(e) => {
+                            tracing::debug!(log = %log, error = %e, "a remaining voter did not start an election")
+                        }
+                    }
+                }
+            }
+            Some(leader) => ask(log, leader, Request::Leave(id))
+                .await
+                .map_err(anyhow::Error::msg)?,
+            None => anyhow::bail!("the log has no leader to leave through"),
+        }
+        tracing::info!(log = %log, node = %self.settings.node_name, "left the replicated log");
+        Ok(())
     }
 
     /// Stops the replica and its endpoint.

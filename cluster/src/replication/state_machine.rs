@@ -90,11 +90,20 @@ impl SledStateMachine {
 pub struct SnapshotBuilder {
     tree: sled::Tree,
     snapshot: StoredSnapshot,
+    /// Why the applier could not serialize its state, if it could not.
+    failure: Option<String>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<RaftNodeId>> {
         let signature = Some(self.snapshot.meta.signature());
+        if let Some(failure) = &self.failure {
+            return Err(StorageIOError::write_snapshot(
+                signature,
+                any(std::io::Error::other(failure.clone())),
+            )
+            .into());
+        }
         self.tree
             .insert(SNAPSHOT_KEY, encode(&self.snapshot))
             .map_err(|e| StorageIOError::write_snapshot(signature.clone(), any(e)))?;
@@ -155,15 +164,20 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
             Some(id) => format!("{}-{}-{}", id.leader_id, id.index, self.built),
             None => format!("none-{}", self.built),
         };
+        let (data, failure) = match self.applier.snapshot() {
+            Ok(data) => (data, None),
+            Err(e) => (Vec::new(), Some(e)),
+        };
         SnapshotBuilder {
             tree: self.tree.clone(),
+            failure,
             snapshot: StoredSnapshot {
                 meta: SnapshotMeta {
                     last_log_id: last,
                     last_membership: self.applied.membership.clone(),
                     snapshot_id,
                 },
-                data: self.applier.snapshot(),
+                data,
             },
         }
     }

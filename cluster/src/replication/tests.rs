@@ -33,8 +33,8 @@ impl Applier for ListApplier {
         applied.len().to_be_bytes().to_vec()
     }
 
-    fn snapshot(&self) -> Vec<u8> {
-        rmp_serde::to_vec(&*self.applied.lock().unwrap()).unwrap()
+    fn snapshot(&self) -> Result<Vec<u8>, String> {
+        Ok(rmp_serde::to_vec(&*self.applied.lock().unwrap()).unwrap())
     }
 
     fn restore(&self, snapshot: &[u8]) -> Result<(), String> {

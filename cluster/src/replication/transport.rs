@@ -4,10 +4,12 @@
 //! after the log and the node's raft id. A request to another replica is a remote call to
 //! the endpoint in that replica's group, carrying the openraft request as MessagePack.
 
-use super::{RaftNodeId, TypeConfig, encode};
+use super::{Command, CommandResult, RaftNodeId, TypeConfig, encode};
 use crate::replication::Raft;
 use openraft::BasicNode;
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
+use openraft::error::{
+    ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -16,10 +18,15 @@ use openraft::raft::{
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, pg};
 use ractor_cluster::RactorClusterMessage;
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Time a replica has to reply to one raft request.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Time a leader has to commit a proposed command.
+pub(super) const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Process group of the endpoint of `node` for the log named `log`.
 fn group(log: &str, node: RaftNodeId) -> String {
@@ -35,10 +42,16 @@ pub(crate) enum RaftEndpointMsg {
 }
 
 #[derive(Serialize, Deserialize)]
-enum Request {
+pub(super) enum Request {
     Append(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<RaftNodeId>),
     Snapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A command proposed on another node, for the leader to write.
+    Write(Command),
+    /// A node leaving the cluster asks the leader to remove it from the voters.
+    Leave(RaftNodeId),
+    /// The leader that left asks a remaining voter to start an election at once.
+    Elect,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -48,8 +61,21 @@ enum Reply {
     Snapshot(
         Result<InstallSnapshotResponse<RaftNodeId>, RaftError<RaftNodeId, InstallSnapshotError>>,
     ),
+    /// The log index and result of a written command, or why it was not written.
+    Write(Result<(u64, CommandResult), WriteRefused>),
+    /// The answer to [`Request::Leave`] or [`Request::Elect`].
+    Done(Result<(), String>),
     /// The request did not decode.
     Invalid(String),
+}
+
+/// Why a leader did not write a forwarded command.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) enum WriteRefused {
+    /// The node no longer leads; `leader` names the one it knows of.
+    NotLeader { leader: Option<RaftNodeId> },
+    /// Writing failed, for example because the leader lost its majority.
+    Failed(String),
 }
 
 /// The actor that hands raft requests from other nodes to the local replica.
@@ -60,30 +86,69 @@ pub(super) struct EndpointArgs {
     pub log: String,
     pub node: RaftNodeId,
     pub raft: Raft,
+    pub departures: Departures,
+}
+
+/// Nodes that left the log, with the time they left. The leader does not make them voters
+/// again while they shut down (see [`LEAVE_HOLD`]).
+pub(super) type Departures = Arc<Mutex<HashMap<RaftNodeId, Instant>>>;
+
+/// Time after leaving during which a node is not made a voter again, even if it still
+/// looks alive: long enough for it to stop and be marked dead.
+pub(super) const LEAVE_HOLD: Duration = Duration::from_secs(30);
+
+/// Returns the current voters of the log that `raft` runs.
+pub(super) fn voters(raft: &Raft) -> BTreeSet<RaftNodeId> {
+    raft.metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect()
+}
+
+/// Removes `node` from the voters of the log that `raft`, its leader, runs.
+pub(super) async fn remove_voter(
+    raft: &Raft,
+    departures: &Departures,
+    node: RaftNodeId,
+) -> Result<(), String> {
+    let voters = voters(raft);
+    if !voters.contains(&node) {
+        return Ok(());
+    }
+    if let Ok(mut departures) = departures.lock() {
+        departures.insert(node, Instant::now());
+    }
+    let rest: BTreeSet<RaftNodeId> = voters.into_iter().filter(|v| *v != node).collect();
+    raft.change_membership(rest, false)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 impl Actor for RaftEndpoint {
     type Msg = RaftEndpointMsg;
-    type State = Raft;
+    type State = (Raft, Departures);
     type Arguments = EndpointArgs;
 
     async fn pre_start(
         &self,
         myself: ActorRef<Self::Msg>,
         args: EndpointArgs,
-    ) -> Result<Raft, ActorProcessingErr> {
+    ) -> Result<Self::State, ActorProcessingErr> {
         pg::join(group(&args.log, args.node), vec![myself.get_cell()]);
-        Ok(args.raft)
+        Ok((args.raft, args.departures))
     }
 
     async fn handle(
         &self,
         _myself: ActorRef<Self::Msg>,
         message: Self::Msg,
-        raft: &mut Raft,
+        (raft, departures): &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let RaftEndpointMsg::Call(bytes, reply) = message;
-        let raft = raft.clone();
+        let (raft, departures) = (raft.clone(), Arc::clone(departures));
         // Appends wait for an fsync; the actor keeps taking requests meanwhile.
         tokio::spawn(async move {
             let answer = match rmp_serde::from_slice::<Request>(&bytes) {
@@ -92,11 +157,95 @@ impl Actor for RaftEndpoint {
                 Ok(Request::Snapshot(request)) => {
                     Reply::Snapshot(raft.install_snapshot(request).await)
                 }
+                Ok(Request::Write(command)) => Reply::Write(write_here(&raft, command).await),
+                Ok(Request::Leave(node)) => {
+                    Reply::Done(remove_voter(&raft, &departures, node).await)
+                }
+                Ok(Request::Elect) => {
+                    Reply::Done(raft.trigger().elect().await.map_err(|e| e.to_string()))
+                }
                 Err(e) => Reply::Invalid(e.to_string()),
             };
             let _ = reply.send(encode(&answer));
         });
         Ok(())
+    }
+}
+
+/// Writes `command` on this node, which must lead the log.
+pub(super) async fn write_here(
+    raft: &Raft,
+    command: Command,
+) -> Result<(u64, CommandResult), WriteRefused> {
+    let written = tokio::time::timeout(WRITE_TIMEOUT, raft.client_write(command)).await;
+    match written {
+        Ok(Ok(response)) => Ok((response.log_id.index, response.data)),
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
+            Err(WriteRefused::NotLeader {
+                leader: forward.leader_id,
+            })
+        }
+        Ok(Err(e)) => Err(WriteRefused::Failed(e.to_string())),
+        Err(_) => Err(WriteRefused::Failed(format!(
+            "not committed within {} s",
+            WRITE_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// Sends a [`Request::Leave`] or [`Request::Elect`] to the endpoint of `node`.
+pub(super) async fn ask(log: &str, node: RaftNodeId, request: Request) -> Result<(), String> {
+    let Some(endpoint) = pg::get_members(&group(log, node)).into_iter().next() else {
+        return Err(format!("no link to raft node {node}"));
+    };
+    let bytes = encode(&request);
+    let answer = ractor::rpc::call(
+        &endpoint,
+        |port| RaftEndpointMsg::Call(bytes, port),
+        Some(WRITE_TIMEOUT + CALL_TIMEOUT),
+    )
+    .await
+    .map_err(|e| format!("call to raft node {node} failed: {e}"))?;
+    let ractor::rpc::CallResult::Success(raw) = answer else {
+        return Err(format!("raft node {node} did not answer in time"));
+    };
+    match rmp_serde::from_slice(&raw) {
+        Ok(Reply::Done(result)) => result,
+        Ok(_) => Err(format!("wrong reply from raft node {node}")),
+        Err(e) => Err(format!("undecodable reply from raft node {node}: {e}")),
+    }
+}
+
+/// Sends `command` to the endpoint of `leader` to be written there.
+pub(super) async fn forward_write(
+    log: &str,
+    leader: RaftNodeId,
+    command: Command,
+) -> Result<(u64, CommandResult), WriteRefused> {
+    let Some(endpoint) = pg::get_members(&group(log, leader)).into_iter().next() else {
+        return Err(WriteRefused::Failed(format!(
+            "no link to the leader (raft node {leader})"
+        )));
+    };
+    let bytes = encode(&Request::Write(command));
+    let answer = ractor::rpc::call(
+        &endpoint,
+        |port| RaftEndpointMsg::Call(bytes, port),
+        Some(WRITE_TIMEOUT + CALL_TIMEOUT),
+    )
+    .await
+    .map_err(|e| WriteRefused::Failed(format!("forwarding to the leader failed: {e}")))?;
+    let ractor::rpc::CallResult::Success(raw) = answer else {
+        return Err(WriteRefused::Failed(
+            "the leader did not answer in time".into(),
+        ));
+    };
+    match rmp_serde::from_slice(&raw) {
+        Ok(Reply::Write(result)) => result,
+        Ok(_) => Err(WriteRefused::Failed("wrong reply to a write".into())),
+        Err(e) => Err(WriteRefused::Failed(format!(
+            "undecodable reply from the leader: {e}"
+        ))),
     }
 }
 

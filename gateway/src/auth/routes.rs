@@ -12,7 +12,7 @@ use atlas_protocol::accounts::{
 };
 use atlas_protocol::dpop::DpopProof;
 use atlas_protocol::{DeviceId, GroupId};
-use atlas_storage::{AccountRecord, MAX_PASSKEYS_PER_ACCOUNT, PasskeyRecord};
+use atlas_storage::{AccountRecord, Change, MAX_PASSKEYS_PER_ACCOUNT, PasskeyRecord};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rand::RngCore;
@@ -250,33 +250,37 @@ async fn register_finish(
     };
     let credential_id = URL_SAFE_NO_PAD.encode(passkey.cred_id());
     let tokens = if new_account {
-        auth.store.create_account(&AccountRecord {
-            account: account.clone(),
-            user_id,
-            created_ms: now,
-            passkeys: vec![record],
-        })?;
+        auth.store
+            .write_done(Change::CreateAccount(AccountRecord {
+                account: account.clone(),
+                user_id,
+                created_ms: now,
+                passkeys: vec![record],
+            }))
+            .await?;
         let tokens = auth.issue_tokens(&account, &proof.jkt, passkey.cred_id())?;
         count_tokens(&state, "passkey_registration");
         Some(tokens)
     } else {
-        auth.store.update_account(&account, |stored| {
-            if stored.passkeys.len() >= MAX_PASSKEYS_PER_ACCOUNT {
-                return Err(AuthError::TooManyPasskeys {
-                    account: account.clone(),
-                    max: MAX_PASSKEYS_PER_ACCOUNT,
-                });
-            }
-            if stored
-                .passkeys
-                .iter()
-                .any(|p| p.credential_id == record.credential_id)
-            {
-                return Err(AuthError::CredentialInUse);
-            }
-            stored.passkeys.push(record);
-            Ok(())
-        })?;
+        auth.store
+            .write_account(&account, |stored| {
+                if stored.passkeys.len() >= MAX_PASSKEYS_PER_ACCOUNT {
+                    return Err(AuthError::TooManyPasskeys {
+                        account: account.clone(),
+                        max: MAX_PASSKEYS_PER_ACCOUNT,
+                    });
+                }
+                if stored
+                    .passkeys
+                    .iter()
+                    .any(|p| p.credential_id == record.credential_id)
+                {
+                    return Err(AuthError::CredentialInUse);
+                }
+                stored.passkeys.push(record.clone());
+                Ok(())
+            })
+            .await?;
         None
     };
     auth.store.durable().await?;
@@ -346,29 +350,31 @@ async fn login_finish(
         .finish_passkey_authentication(&credential, &authentication)
         .map_err(|e| AuthError::PasskeyRejected(e.to_string()))?;
     let now = atlas_actors::now_ms();
-    auth.store.update_account(&account, |stored| {
-        let record = stored
-            .passkeys
-            .iter_mut()
-            .find(|p| p.credential_id.as_slice() == result.cred_id().as_slice())
-            .ok_or_else(|| {
-                AuthError::PasskeyRejected("the passkey was removed from the account".into())
-            })?;
-        let mut passkey = decode_passkey(record, &account)?;
-        // webauthn-rs compared the counter with the copy taken when the ceremony started. A
-        // login finished since then may have raised it, so compare with the stored value too.
-        // An authenticator with a counter never reports 0 again once it counted.
-        let stored_counter = stored_counter(&passkey);
-        if stored_counter > 0 && result.counter() <= stored_counter {
-            return Err(AuthError::PasskeyRejected(
-                "the signature counter did not grow: the authenticator may be cloned".into(),
-            ));
-        }
-        passkey.update_credential(&result);
-        record.passkey = encode_passkey(&passkey);
-        record.last_used_ms = Some(now);
-        Ok::<(), AuthError>(())
-    })?;
+    auth.store
+        .write_account(&account, |stored| {
+            let record = stored
+                .passkeys
+                .iter_mut()
+                .find(|p| p.credential_id.as_slice() == result.cred_id().as_slice())
+                .ok_or_else(|| {
+                    AuthError::PasskeyRejected("the passkey was removed from the account".into())
+                })?;
+            let mut passkey = decode_passkey(record, &account)?;
+            // webauthn-rs compared the counter with the copy taken when the ceremony started. A
+            // login finished since then may have raised it, so compare with the stored value too.
+            // An authenticator with a counter never reports 0 again once it counted.
+            let stored_counter = stored_counter(&passkey);
+            if stored_counter > 0 && result.counter() <= stored_counter {
+                return Err(AuthError::PasskeyRejected(
+                    "the signature counter did not grow: the authenticator may be cloned".into(),
+                ));
+            }
+            passkey.update_credential(&result);
+            record.passkey = encode_passkey(&passkey);
+            record.last_used_ms = Some(now);
+            Ok::<(), AuthError>(())
+        })
+        .await?;
     let tokens = auth.issue_tokens(&account, &proof.jkt, result.cred_id())?;
     // A removal of this passkey that ran between the check above and the issue revoked the
     // logins it found, but not this one: check again, now that the login is stored.
@@ -428,25 +434,27 @@ async fn remove_passkey(
     let credential = URL_SAFE_NO_PAD
         .decode(path.as_bytes())
         .map_err(|_| AuthError::InvalidRequest("credential id is not base64url".into()))?;
-    auth.store.update_account(&claims.sub, |stored| {
-        let before = stored.passkeys.len();
-        if !stored
-            .passkeys
-            .iter()
-            .any(|p| p.credential_id == credential)
-        {
-            return Err(AuthError::NotFound(format!(
-                "account {:?} has no passkey {}",
-                claims.sub,
-                atlas_protocol::dpop::printable(path.as_str())
-            )));
-        }
-        if before == 1 {
-            return Err(AuthError::LastPasskey);
-        }
-        stored.passkeys.retain(|p| p.credential_id != credential);
-        Ok(())
-    })?;
+    auth.store
+        .write_account(&claims.sub, |stored| {
+            let before = stored.passkeys.len();
+            if !stored
+                .passkeys
+                .iter()
+                .any(|p| p.credential_id == credential)
+            {
+                return Err(AuthError::NotFound(format!(
+                    "account {:?} has no passkey {}",
+                    claims.sub,
+                    atlas_protocol::dpop::printable(path.as_str())
+                )));
+            }
+            if before == 1 {
+                return Err(AuthError::LastPasskey);
+            }
+            stored.passkeys.retain(|p| p.credential_id != credential);
+            Ok(())
+        })
+        .await?;
     // Sessions that the removed passkey started end with it.
     let revoked =
         auth.store
@@ -494,14 +502,17 @@ async fn enroll_device(
     };
     let key = decode("public_key", &body.public_key)?;
     let signature = decode("signature", &body.signature)?;
-    let (record, kt_index) = state.directory.enroll_by_token(
-        &claims.sub,
-        &claims.jti,
-        &key,
-        body.time_ms,
-        &signature,
-        &auth.keyring,
-    )?;
+    let (record, kt_index) = state
+        .directory
+        .enroll_by_token(
+            &claims.sub,
+            &claims.jti,
+            &key,
+            body.time_ms,
+            &signature,
+            &auth.keyring,
+        )
+        .await?;
     auth.store.durable().await?;
     Ok(HttpResponse::Ok().json(DeviceEnrolled {
         account: record.account,

@@ -1,0 +1,123 @@
+//! Connections to a cluster: a client knows several nodes, moves to another one when its node
+//! fails, and retries a send there under the same message id.
+
+use crate::{Client, ClientError, ServerTrust, new_msg_id};
+use atlas_protocol::{ErrorCode, GroupId};
+use std::time::{Duration, Instant};
+
+/// A node of a cluster, as a client reaches it.
+#[derive(Debug, Clone)]
+pub struct NodeAddress {
+    /// `wss://host:port/v1/ws`
+    pub url: String,
+    pub trust: ServerTrust,
+}
+
+/// Time [`Client::send_reliably`] keeps trying before it gives up.
+const SEND_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Pause between two rounds over every node.
+const ROUND_PAUSE: Duration = Duration::from_millis(250);
+
+impl Client {
+    /// Connects to one of `nodes`, trying them in turn from the one used last, and remembers
+    /// the list for [`Client::fail_over`]. Returns the index of the node connected.
+    pub async fn connect_any(&mut self, nodes: &[NodeAddress]) -> Result<usize, ClientError> {
+        if nodes.is_empty() {
+            return Err(ClientError::Config("no node addresses given".into()));
+        }
+        if self.nodes.len() != nodes.len()
+            || self.nodes.iter().zip(nodes).any(|(a, b)| a.url != b.url)
+        {
+            self.nodes = nodes.to_vec();
+            self.node_index = 0;
+        }
+        self.connect_from(self.node_index).await
+    }
+
+    /// Returns the node of the list given to [`Client::connect_any`] that this client uses now.
+    pub fn current_node(&self) -> Option<&NodeAddress> {
+        self.conn.as_ref().and(self.nodes.get(self.node_index))
+    }
+
+    /// Leaves the current node and connects to the next one of the list given to
+    /// [`Client::connect_any`] that accepts, then syncs every group from its cursor. Returns
+    /// the index of the node connected.
+    pub async fn fail_over(&mut self) -> Result<usize, ClientError> {
+        if self.nodes.is_empty() {
+            return Err(ClientError::Config(
+                "no node list to fail over to; connect with connect_any first".into(),
+            ));
+        }
+        self.disconnect();
+        let index = self.connect_from(self.node_index + 1).await?;
+        self.sync().await?;
+        Ok(index)
+    }
+
+    async fn connect_from(&mut self, first: usize) -> Result<usize, ClientError> {
+        let count = self.nodes.len();
+        let mut failures = Vec::new();
+        for step in 0..count {
+            let index = (first + step) % count;
+            let node = self.nodes[index].clone();
+            match self.connect(&node.url, &node.trust).await {
+                Ok(_) => {
+                    self.node_index = index;
+                    return Ok(index);
+                }
+                // A key transparency violation is about the data, not the node: stop.
+                Err(e @ ClientError::Security(_)) => return Err(e),
+                Err(e) => failures.push(format!("{}: {e}", node.url)),
+            }
+        }
+        Err(ClientError::Connect(format!(
+            "no node accepted the connection: {}",
+            failures.join("; ")
+        )))
+    }
+
+    /// Sends a text message like [`Client::send`], and when the node fails or cannot commit
+    /// (`unavailable`), moves to another node of the list and sends again under the same
+    /// message id, so the message is stored once. Gives up after 30 seconds.
+    pub async fn send_reliably(&mut self, group: &GroupId, text: &str) -> Result<u64, ClientError> {
+        let msg_id = new_msg_id();
+        let deadline = Instant::now() + SEND_DEADLINE;
+        let mut attempts = 0;
+        loop {
+            let failure = match self.send_with_id(group, text, msg_id).await {
+                Ok(seq) => return Ok(seq),
+                Err(e) if retriable(&e) => e,
+                Err(e) => return Err(e),
+            };
+            attempts += 1;
+            if Instant::now() >= deadline {
+                return Err(failure);
+            }
+            tracing::debug!(attempts, error = %failure, "send failed; trying another node");
+            if attempts % self.nodes.len().max(1) == 0 {
+                tokio::time::sleep(ROUND_PAUSE).await;
+            }
+            if self.nodes.is_empty() {
+                tokio::time::sleep(ROUND_PAUSE).await;
+                continue;
+            }
+            if let Err(e) = self.fail_over().await {
+                tracing::debug!(error = %e, "no node to fail over to yet");
+                tokio::time::sleep(ROUND_PAUSE).await;
+            }
+        }
+    }
+}
+
+/// Whether a failed send may succeed on another node or later.
+fn retriable(error: &ClientError) -> bool {
+    match error {
+        ClientError::Server { code, .. } => *code == ErrorCode::Unavailable,
+        ClientError::Disconnected(_)
+        | ClientError::NotConnected
+        | ClientError::Timeout(_)
+        | ClientError::Connect(_) => true,
+        _ => false,
+    }
+}

@@ -1,0 +1,439 @@
+//! Changes to the state that every node of a cluster shares, in a form that can be replicated.
+//!
+//! Groups, their logs and cursors, KeyPackages, devices, the key transparency log and accounts
+//! change only through [`Store::write`] with a [`Change`]. On a single node the change is
+//! applied at once. In a cluster, a [`Replicator`] orders it in the cluster's replicated log,
+//! and every node applies it with [`Store::apply`] in log order. `apply` reads nothing but the
+//! change and the stored state (no clock, no randomness), so every node reaches the same state.
+//!
+//! Node-local state stays out of this path: the node's signing keys, its signed tree heads
+//! (each node signs its own) and refresh tokens.
+//!
+//! Writers that compute a change from state they read earlier guard it. An append names the
+//! sequence number it takes, and fails with [`StorageError::Conflict`] when another node took
+//! it first. An account update names the record it replaces. The writer then reloads and
+//! retries.
+
+use crate::transparency::{DirectoryChange, KeyEventOutcome};
+use crate::{AccountRecord, GroupMeta, KeyPackageRecord, StorageError, Store, decode, encode};
+use crate::{keys, transparency};
+use atlas_protocol::transparency::KeyEvent;
+use atlas_protocol::{DeviceId, GroupId, LogEntry, WelcomeEntry};
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::pin::Pin;
+
+/// A change to the shared state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Change {
+    /// Registers a new group, rejected when the id is taken.
+    CreateGroup {
+        group: GroupId,
+        meta: GroupMeta,
+        #[serde(with = "serde_bytes")]
+        public_state: Vec<u8>,
+    },
+    /// Appends an accepted entry at `entry.seq`, with its de-duplication id and, for commits,
+    /// the new meta, public state and Welcomes. Rejected with a conflict when the sequence
+    /// number is taken.
+    Append {
+        group: GroupId,
+        entry: LogEntry,
+        meta: Option<GroupMeta>,
+        #[serde(with = "serde_bytes")]
+        public_state: Option<Vec<u8>>,
+        welcomes: Vec<(DeviceId, WelcomeEntry)>,
+    },
+    /// Raises a device's cursor and drops its Welcome for the group.
+    Acknowledge {
+        device: DeviceId,
+        group: GroupId,
+        seq: u64,
+    },
+    /// Removes entries up to and including `through_seq` and advances the group's first
+    /// stored sequence number.
+    Prune { group: GroupId, through_seq: u64 },
+    /// Stores validated KeyPackages of a device.
+    PutKeyPackages {
+        device: DeviceId,
+        one_time: Vec<KeyPackageRecord>,
+        last_resort: Option<KeyPackageRecord>,
+    },
+    /// Hands out one KeyPackage of a device valid at `now_secs`.
+    ClaimKeyPackage { device: DeviceId, now_secs: u64 },
+    /// Deletes every KeyPackage of a device.
+    RemoveKeyPackages { device: DeviceId },
+    /// Appends a key event to the transparency log with its directory change.
+    KeyEvent {
+        event: KeyEvent,
+        change: DirectoryChange,
+    },
+    /// Creates a passkey account.
+    CreateAccount(AccountRecord),
+    /// Replaces an account record, rejected with a conflict unless the stored record equals
+    /// `before`.
+    ReplaceAccount {
+        before: AccountRecord,
+        after: AccountRecord,
+    },
+}
+
+impl Change {
+    /// Short name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::CreateGroup { .. } => "create_group",
+            Self::Append { .. } => "append",
+            Self::Acknowledge { .. } => "acknowledge",
+            Self::Prune { .. } => "prune",
+            Self::PutKeyPackages { .. } => "put_key_packages",
+            Self::ClaimKeyPackage { .. } => "claim_key_package",
+            Self::RemoveKeyPackages { .. } => "remove_key_packages",
+            Self::KeyEvent { .. } => "key_event",
+            Self::CreateAccount(_) => "create_account",
+            Self::ReplaceAccount { .. } => "replace_account",
+        }
+    }
+}
+
+/// The result of a [`Change`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Done,
+    /// One-time KeyPackages now available.
+    Available(u32),
+    Claimed(Option<KeyPackageRecord>),
+    /// The stored cursor.
+    Cursor(u64),
+    Pruned {
+        removed: usize,
+        first_seq: u64,
+    },
+    KeyEvent(KeyEventOutcome),
+    Account(AccountRecord),
+}
+
+impl Outcome {
+    fn unexpected(self, change: &str) -> StorageError {
+        StorageError::Replication(format!("{change} returned {self:?}"))
+    }
+}
+
+/// A rejection by [`Store::apply`] in a form that crosses the network to the proposer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Refused {
+    GroupExists(GroupId),
+    DeviceOwnedElsewhere {
+        device: DeviceId,
+        account: String,
+    },
+    UnknownDevice(DeviceId),
+    DeviceRevoked(DeviceId),
+    AccountTaken(String),
+    CredentialInUse,
+    UnknownAccount(String),
+    TooManyDevices {
+        account: String,
+        max: usize,
+    },
+    Conflict(String),
+    /// Any other failure, such as an I/O error on the replica that applied the change.
+    Failed(String),
+}
+
+impl From<StorageError> for Refused {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::GroupExists(g) => Self::GroupExists(g),
+            StorageError::DeviceOwnedElsewhere { device, account } => {
+                Self::DeviceOwnedElsewhere { device, account }
+            }
+            StorageError::UnknownDevice(d) => Self::UnknownDevice(d),
+            StorageError::DeviceRevoked(d) => Self::DeviceRevoked(d),
+            StorageError::AccountTaken(a) => Self::AccountTaken(a),
+            StorageError::CredentialInUse => Self::CredentialInUse,
+            StorageError::UnknownAccount(a) => Self::UnknownAccount(a),
+            StorageError::TooManyDevices { account, max } => Self::TooManyDevices { account, max },
+            StorageError::Conflict(what) => Self::Conflict(what),
+            other => Self::Failed(other.to_string()),
+        }
+    }
+}
+
+impl From<Refused> for StorageError {
+    fn from(r: Refused) -> Self {
+        match r {
+            Refused::GroupExists(g) => Self::GroupExists(g),
+            Refused::DeviceOwnedElsewhere { device, account } => {
+                Self::DeviceOwnedElsewhere { device, account }
+            }
+            Refused::UnknownDevice(d) => Self::UnknownDevice(d),
+            Refused::DeviceRevoked(d) => Self::DeviceRevoked(d),
+            Refused::AccountTaken(a) => Self::AccountTaken(a),
+            Refused::CredentialInUse => Self::CredentialInUse,
+            Refused::UnknownAccount(a) => Self::UnknownAccount(a),
+            Refused::TooManyDevices { account, max } => Self::TooManyDevices { account, max },
+            Refused::Conflict(what) => Self::Conflict(what),
+            Refused::Failed(detail) => Self::Replication(detail),
+        }
+    }
+}
+
+/// A boxed future of a proposal.
+pub type Proposal = Pin<Box<dyn Future<Output = Result<Outcome, StorageError>> + Send>>;
+
+/// Orders changes in a replicated log. The future resolves once the change is committed on a
+/// majority and applied on this node, with the result of applying it.
+pub trait Replicator: Send + Sync + 'static {
+    fn propose(&self, change: Change) -> Proposal;
+}
+
+/// Trees whose content every node shares, in snapshot order.
+const SHARED_TREES: [&str; 4] = ["groups", "key_packages", "cursors", "directory"];
+
+/// Key prefix of signed tree heads in the directory tree: node-local, kept out of snapshots.
+const TREE_HEAD_TAG: u8 = b't';
+
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    trees: Vec<(String, Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>)>,
+}
+
+impl Store {
+    /// Makes [`Store::write`] go through `replicator`. Set once, before the node serves.
+    pub fn set_replicator(&self, replicator: std::sync::Arc<dyn Replicator>) {
+        if self.replicator.set(replicator).is_err() {
+            tracing::warn!("a replicator was set already; keeping the first");
+        }
+    }
+
+    /// Returns whether changes go through a replicated log.
+    pub fn is_replicated(&self) -> bool {
+        self.replicator.get().is_some()
+    }
+
+    /// Makes a change: through the replicator when one is set, else at once. Either way the
+    /// change is not yet durable in this node's files: call [`Store::durable`] before
+    /// acknowledging it when the node runs alone.
+    pub async fn write(&self, change: Change) -> Result<Outcome, StorageError> {
+        match self.replicator.get() {
+            Some(replicator) => replicator.propose(change).await,
+            None => self.apply(&change),
+        }
+    }
+
+    /// Applies a change to this node's files. Deterministic: see the module documentation.
+    pub fn apply(&self, change: &Change) -> Result<Outcome, StorageError> {
+        match change {
+            Change::CreateGroup {
+                group,
+                meta,
+                public_state,
+            } => {
+                self.create_group(group, meta, public_state)?;
+                Ok(Outcome::Done)
+            }
+            Change::Append {
+                group,
+                entry,
+                meta,
+                public_state,
+                welcomes,
+            } => {
+                if self.groups.get(keys::log(group, entry.seq))?.is_some() {
+                    return Err(StorageError::Conflict(format!(
+                        "sequence number {} of group {group} is taken",
+                        entry.seq
+                    )));
+                }
+                self.append(
+                    group,
+                    entry,
+                    meta.as_ref(),
+                    public_state.as_deref(),
+                    welcomes,
+                )?;
+                Ok(Outcome::Done)
+            }
+            Change::Acknowledge { device, group, seq } => {
+                let stored = self.advance_cursor(device, group, *seq)?;
+                self.remove_welcome(device, group)?;
+                Ok(Outcome::Cursor(stored))
+            }
+            Change::Prune { group, through_seq } => {
+                let raw = self.groups.get(keys::group_meta(group))?.ok_or_else(|| {
+                    StorageError::Corrupt {
+                        what: format!("group {group}"),
+                        detail: "pruned without a meta record".into(),
+                    }
+                })?;
+                let mut meta: GroupMeta = decode(&raw, "group meta", group)?;
+                meta.first_seq = meta.first_seq.max(through_seq.saturating_add(1));
+                let removed = self.prune(group, *through_seq, &meta)?;
+                Ok(Outcome::Pruned {
+                    removed,
+                    first_seq: meta.first_seq,
+                })
+            }
+            Change::PutKeyPackages {
+                device,
+                one_time,
+                last_resort,
+            } => Ok(Outcome::Available(self.put_key_packages(
+                device,
+                one_time,
+                last_resort.as_ref(),
+            )?)),
+            Change::ClaimKeyPackage { device, now_secs } => {
+                Ok(Outcome::Claimed(self.claim_key_package(device, *now_secs)?))
+            }
+            Change::RemoveKeyPackages { device } => {
+                self.remove_key_packages(device)?;
+                Ok(Outcome::Done)
+            }
+            Change::KeyEvent { event, change } => {
+                Ok(Outcome::KeyEvent(self.append_key_event(event, change)?))
+            }
+            Change::CreateAccount(record) => {
+                self.create_account(record)?;
+                Ok(Outcome::Done)
+            }
+            Change::ReplaceAccount { before, after } => {
+                Ok(Outcome::Account(self.replace_account(before, after)?))
+            }
+        }
+    }
+
+    /// Writes a change whose outcome is [`Outcome::Done`].
+    pub async fn write_done(&self, change: Change) -> Result<(), StorageError> {
+        let name = change.name();
+        match self.write(change).await? {
+            Outcome::Done => Ok(()),
+            other => Err(other.unexpected(name)),
+        }
+    }
+
+    /// Stores KeyPackages; returns the number of one-time KeyPackages available.
+    pub async fn write_key_packages(
+        &self,
+        device: &DeviceId,
+        one_time: Vec<KeyPackageRecord>,
+        last_resort: Option<KeyPackageRecord>,
+    ) -> Result<u32, StorageError> {
+        let change = Change::PutKeyPackages {
+            device: *device,
+            one_time,
+            last_resort,
+        };
+        match self.write(change).await? {
+            Outcome::Available(n) => Ok(n),
+            other => Err(other.unexpected("put_key_packages")),
+        }
+    }
+
+    /// Claims a KeyPackage (see [`Store::claim_key_package`]).
+    pub async fn write_claim(
+        &self,
+        device: &DeviceId,
+        now_secs: u64,
+    ) -> Result<Option<KeyPackageRecord>, StorageError> {
+        let change = Change::ClaimKeyPackage {
+            device: *device,
+            now_secs,
+        };
+        match self.write(change).await? {
+            Outcome::Claimed(claimed) => Ok(claimed),
+            other => Err(other.unexpected("claim_key_package")),
+        }
+    }
+
+    /// Appends a key event (see [`Store::append_key_event`]).
+    pub async fn write_key_event(
+        &self,
+        event: &KeyEvent,
+        change: &DirectoryChange,
+    ) -> Result<KeyEventOutcome, StorageError> {
+        let change = Change::KeyEvent {
+            event: event.clone(),
+            change: change.clone(),
+        };
+        match self.write(change).await? {
+            Outcome::KeyEvent(outcome) => Ok(outcome),
+            other => Err(other.unexpected("key_event")),
+        }
+    }
+
+    /// Reads an account, lets `change` edit it, and stores the result, retrying when another
+    /// writer changed the record in between. `change` may reject the edit by returning an error.
+    pub async fn write_account<E: From<StorageError>>(
+        &self,
+        account: &str,
+        mut change: impl FnMut(&mut AccountRecord) -> Result<(), E>,
+    ) -> Result<AccountRecord, E> {
+        const ATTEMPTS: usize = 5;
+        let mut attempt = 0;
+        loop {
+            let before = self
+                .account(account)?
+                .ok_or_else(|| StorageError::UnknownAccount(account.to_owned()))?;
+            let mut after = before.clone();
+            change(&mut after)?;
+            match self.write(Change::ReplaceAccount { before, after }).await {
+                Ok(Outcome::Account(record)) => return Ok(record),
+                Ok(other) => return Err(other.unexpected("replace_account").into()),
+                Err(StorageError::Conflict(_)) if attempt + 1 < ATTEMPTS => attempt += 1,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Serializes the shared trees (see the module documentation), for a snapshot of the
+    /// replicated log. The whole state is held in memory.
+    pub fn export_shared(&self) -> Result<Vec<u8>, StorageError> {
+        let mut trees = Vec::new();
+        for name in SHARED_TREES {
+            let tree = self.db.open_tree(name)?;
+            let mut pairs = Vec::new();
+            for item in tree.iter() {
+                let (key, value) = item?;
+                if name == "directory" && key.first() == Some(&TREE_HEAD_TAG) {
+                    continue;
+                }
+                pairs.push((
+                    serde_bytes::ByteBuf::from(key.to_vec()),
+                    serde_bytes::ByteBuf::from(value.to_vec()),
+                ));
+            }
+            trees.push((name.to_owned(), pairs));
+        }
+        Ok(encode(&Snapshot { trees }))
+    }
+
+    /// Replaces the shared trees with a snapshot made by [`Store::export_shared`].
+    pub fn import_shared(&self, bytes: &[u8]) -> Result<(), StorageError> {
+        let snapshot: Snapshot = decode(bytes, "snapshot", &"the replicated log")?;
+        let mut size = self.lock_directory()?;
+        for (name, pairs) in snapshot.trees {
+            if !SHARED_TREES.contains(&name.as_str()) {
+                return Err(StorageError::Corrupt {
+                    what: "snapshot".into(),
+                    detail: format!("unknown tree {name:?}"),
+                });
+            }
+            let tree = self.db.open_tree(&name)?;
+            let mut batch = sled::Batch::default();
+            for item in tree.iter() {
+                let (key, _) = item?;
+                if !(name == "directory" && key.first() == Some(&TREE_HEAD_TAG)) {
+                    batch.remove(key);
+                }
+            }
+            for (key, value) in pairs {
+                batch.insert(key.into_vec(), value.into_vec());
+            }
+            tree.apply_batch(batch)?;
+        }
+        *size = transparency::stored_size(&self.kt)?;
+        Ok(())
+    }
+}
