@@ -14,8 +14,9 @@ use atlas_protocol::{
     Accepted, ClientMsgId, DeviceId, EntryKind, ErrorCode, GroupId, LogEntry, MAX_FRAME_BYTES,
     PROTOCOL_VERSION, ServerBody, ServerFrame, WelcomeEntry, encode_server,
 };
-use atlas_storage::{Change, GroupMeta, Outcome as StoreOutcome, StorageError, Store};
+use atlas_storage::{AppendItem, Change, GroupMeta, Outcome as StoreOutcome, StorageError, Store};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
@@ -80,6 +81,8 @@ pub enum GroupMsg {
         entry: LogEntry,
         welcomes: Vec<(DeviceId, WelcomeEntry)>,
     },
+    /// The committer wrote this actor's entries up to `through` to the replicated log.
+    Committed { through: u64 },
     /// Periodic housekeeping: retention and idle stop.
     Tick,
 }
@@ -135,6 +138,12 @@ pub struct GroupState {
     metrics: ActorMetrics,
     committer: mpsc::Sender<Pending>,
     last_request: Instant,
+    /// Highest sequence number stored; in a cluster, entries above it up to `meta.last_seq`
+    /// are validated but wait for the committer to write them.
+    committed_seq: u64,
+    /// Acknowledgements of entries waiting for the committer, by sender and message id, so a
+    /// retry that arrives meanwhile gets the same sequence number.
+    in_flight: HashMap<(DeviceId, ClientMsgId), Unsigned>,
 }
 
 /// Attempts of a submission that lost its sequence number to another node's append.
@@ -144,6 +153,9 @@ const CONFLICT_ATTEMPTS: usize = 3;
 struct Pending {
     /// The submitter's reply port and acknowledgement; none for entries of other nodes.
     reply: Option<(RpcReplyPort<Result<Accepted, GroupError>>, Unsigned)>,
+    /// In a cluster, the entry for the committer to write, batched with the entries queued
+    /// next to it; none when it is written already or is not new.
+    append: Option<AppendItem>,
     push: Option<(Vec<DeviceId>, bytes::Bytes)>,
     welcomes: Vec<(DeviceId, bytes::Bytes)>,
 }
@@ -165,6 +177,8 @@ impl Actor for GroupSession {
                 store: args.store.clone(),
                 deliver: args.deliver,
                 keyring: Arc::clone(&args.keyring),
+                group: args.group.clone(),
+                actor: myself.clone(),
             }
             .run(rx),
         );
@@ -181,6 +195,8 @@ impl Actor for GroupSession {
             metrics: args.metrics,
             committer: tx,
             last_request: Instant::now(),
+            committed_seq: args.meta.last_seq,
+            in_flight: HashMap::new(),
         })
     }
 
@@ -214,6 +230,7 @@ impl Actor for GroupSession {
                         // through the committer, after that flush and never before the original.
                         let pending = Pending {
                             reply: Some((reply, accepted)),
+                            append: None,
                             push: None,
                             welcomes: Vec::new(),
                         };
@@ -222,6 +239,7 @@ impl Actor for GroupSession {
                     Ok(Outcome::Stored(parts)) => {
                         let pending = Pending {
                             reply: Some((reply, parts.accepted)),
+                            append: parts.append,
                             push: parts.push,
                             welcomes: parts.welcomes,
                         };
@@ -250,6 +268,12 @@ impl Actor for GroupSession {
             GroupMsg::Ack { device, seq, reply } => {
                 state.last_request = Instant::now();
                 let _ = reply.send(state.ack(&device, seq).await);
+            }
+            GroupMsg::Committed { through } => {
+                state.committed_seq = state.committed_seq.max(through);
+                state
+                    .in_flight
+                    .retain(|_, unsigned| unsigned.fields.seq > through);
             }
             GroupMsg::Replicated { entry, welcomes } => {
                 if let Err(e) = state.catch_up(&entry) {
@@ -280,10 +304,11 @@ impl Actor for GroupSession {
 
 enum Outcome {
     Duplicate(Unsigned),
-    Stored(PendingParts),
+    Stored(Box<PendingParts>),
 }
 
 /// An acknowledgement before its receipt is signed, which happens once the entry is durable.
+#[derive(Clone)]
 struct Unsigned {
     epoch: u64,
     duplicate: bool,
@@ -309,6 +334,7 @@ impl Unsigned {
 /// A [`Pending`] without its reply port, built before the port is attached.
 struct PendingParts {
     accepted: Unsigned,
+    append: Option<AppendItem>,
     push: Option<(Vec<DeviceId>, bytes::Bytes)>,
     welcomes: Vec<(DeviceId, bytes::Bytes)>,
 }
@@ -359,6 +385,7 @@ impl GroupState {
         self.mls = PublicState::from_bytes(self.group.as_bytes(), &public_state)
             .map_err(|e| GroupError::Internal(format!("stored public state: {e}")))?;
         self.meta = meta;
+        self.committed_seq = meta.last_seq;
         Ok(())
     }
 
@@ -369,6 +396,7 @@ impl GroupState {
         }
         if entry.kind == EntryKind::Application && entry.seq == self.meta.last_seq + 1 {
             self.meta.last_seq = entry.seq;
+            self.committed_seq = self.committed_seq.max(entry.seq);
             return Ok(());
         }
         self.reload()
@@ -388,6 +416,7 @@ impl GroupState {
         });
         Pending {
             reply: None,
+            append: None,
             push: Some((recipients, push)),
             welcomes: welcomes
                 .into_iter()
@@ -402,7 +431,14 @@ impl GroupState {
         msg_id: ClientMsgId,
         submission: Submission,
     ) -> Result<Outcome, GroupError> {
-        // A retry of a stored message returns the original acknowledgement.
+        // A retry of a stored message, or of one waiting for the committer, returns the
+        // original acknowledgement.
+        if let Some(unsigned) = self.in_flight.get(&(sender, msg_id)) {
+            return Ok(Outcome::Duplicate(Unsigned {
+                duplicate: true,
+                ..unsigned.clone()
+            }));
+        }
         if let Some(seq) = self.store.dedupe(&self.group, &sender, &msg_id)? {
             let entry = self.store.entry(&self.group, seq)?.ok_or_else(|| {
                 GroupError::Internal(format!(
@@ -500,15 +536,31 @@ impl GroupState {
         };
         // Only commits change more of the meta than `last_seq`, which the log itself records.
         let meta_change = (kind == EntryKind::Commit).then_some(meta);
-        self.store
-            .write(Change::Append {
-                group: self.group.clone(),
-                entry: entry.clone(),
-                meta: meta_change,
-                public_state: state_bytes,
-                welcomes: welcomes.clone(),
-            })
-            .await?;
+        let item = AppendItem {
+            entry: entry.clone(),
+            meta: meta_change,
+            public_state: state_bytes,
+            welcomes: welcomes.clone(),
+        };
+        // In a cluster, the committer writes the entry through the replicated log in one
+        // batch with the entries validated next to it; this actor goes on validating with
+        // the state the entry leads to. On one node the entry is written here and the
+        // committer waits for its flush.
+        let append = if self.store.is_replicated() {
+            Some(item)
+        } else {
+            self.store
+                .write(Change::Append {
+                    group: self.group.clone(),
+                    entry: item.entry,
+                    meta: item.meta,
+                    public_state: item.public_state,
+                    welcomes: item.welcomes,
+                })
+                .await?;
+            self.committed_seq = seq;
+            None
+        };
         if let Some(next) = next {
             self.mls = next;
         }
@@ -533,15 +585,20 @@ impl GroupState {
             .into_iter()
             .map(|(device, w)| (device, encode_push(ServerBody::WelcomePush(w))))
             .collect();
-        Ok(Outcome::Stored(PendingParts {
-            accepted: Unsigned {
-                epoch: self.meta.epoch,
-                duplicate: false,
-                fields,
-            },
+        let accepted = Unsigned {
+            epoch: self.meta.epoch,
+            duplicate: false,
+            fields,
+        };
+        if append.is_some() {
+            self.in_flight.insert((sender, msg_id), accepted.clone());
+        }
+        Ok(Outcome::Stored(Box::new(PendingParts {
+            accepted,
+            append,
             push: Some((recipients, push)),
             welcomes,
-        }))
+        })))
     }
 
     /// Rejects a commit that adds a device the directory does not list as active, such as a
@@ -595,7 +652,7 @@ impl GroupState {
         entries.truncate(fits.max(1));
         Ok(SyncPage {
             entries,
-            head: self.meta.last_seq,
+            head: self.committed_seq,
             first_available: self.meta.first_seq,
         })
     }
@@ -633,7 +690,7 @@ impl GroupState {
         let change = Change::Acknowledge {
             device: *device,
             group: self.group.clone(),
-            seq: seq.min(self.meta.last_seq),
+            seq: seq.min(self.committed_seq),
         };
         match self.store.write(change).await? {
             StoreOutcome::Cursor(stored) => Ok(stored),
@@ -660,7 +717,7 @@ impl GroupState {
                 through.max(old)
             };
         }
-        let through = through.min(self.meta.last_seq);
+        let through = through.min(self.committed_seq);
         if through < self.meta.first_seq || through == u64::MAX {
             return Ok(());
         }
@@ -708,14 +765,82 @@ struct Committer {
     store: Store,
     deliver: Arc<dyn Deliver>,
     keyring: Arc<Keyring>,
+    group: GroupId,
+    actor: ActorRef<GroupMsg>,
+}
+
+/// Why the committer could not confirm a batch.
+enum BatchFailure {
+    /// A local flush failed.
+    Flush,
+    /// Another node appended first (a conflict); the actor reloads.
+    Busy(String),
+    /// The replicated log did not commit the batch; its fate may be unknown.
+    Unavailable(String),
+}
+
+impl BatchFailure {
+    fn error(&self) -> GroupError {
+        match self {
+            Self::Flush => GroupError::Unavailable,
+            Self::Busy(why) => GroupError::Busy(why.clone()),
+            Self::Unavailable(why) => GroupError::Storage(StorageError::Unavailable(why.clone())),
+        }
+    }
 }
 
 impl Committer {
+    /// Makes the batch durable: in a cluster, writes its new entries through the replicated
+    /// log as one change; on one node, where they are written already, flushes them.
+    async fn write(&self, batch: &mut [Pending]) -> Result<(), BatchFailure> {
+        let items: Vec<AppendItem> = batch.iter_mut().filter_map(|p| p.append.take()).collect();
+        if !self.store.is_replicated() {
+            return self.store.durable().await.map_err(|e| {
+                tracing::error!(group_id = %self.group, error = %e, "entries not acknowledged: flush failed");
+                BatchFailure::Flush
+            });
+        }
+        let Some(through) = items.last().map(|item| item.entry.seq) else {
+            return Ok(());
+        };
+        let change = Change::AppendBatch {
+            group: self.group.clone(),
+            items,
+        };
+        match self.store.write(change).await {
+            Ok(_) => {
+                let _ = self.actor.send_message(GroupMsg::Committed { through });
+                Ok(())
+            }
+            Err(StorageError::Conflict(why)) => {
+                tracing::debug!(group_id = %self.group, conflict = %why, "another node appended first");
+                Err(BatchFailure::Busy(why))
+            }
+            Err(e) => {
+                tracing::warn!(group_id = %self.group, error = %e, "replicated write failed");
+                Err(BatchFailure::Unavailable(e.to_string()))
+            }
+        }
+    }
+
     async fn run(self, mut rx: mpsc::Receiver<Pending>) {
         let mut batch = Vec::new();
+        let mut failed = false;
         while rx.recv_many(&mut batch, 256).await > 0 {
-            // Every entry in the batch was written before it was queued, so one flush covers all.
-            let durable = self.store.durable().await;
+            let durable = if failed {
+                // Entries after a failed write were validated against state that was never
+                // stored: none of them may be written.
+                Err(BatchFailure::Busy(
+                    "an earlier write of the group failed".into(),
+                ))
+            } else {
+                self.write(&mut batch).await
+            };
+            if durable.is_err() && self.store.is_replicated() && !failed {
+                failed = true;
+                // The actor's state is ahead of the log: stop it, and reload on next use.
+                self.actor.stop(Some("replicated write failed".into()));
+            }
             for pending in batch.drain(..) {
                 match &durable {
                     Ok(()) => {
@@ -731,11 +856,10 @@ impl Committer {
                             self.deliver.push(&[device], frame);
                         }
                     }
-                    Err(e) => {
+                    Err(failure) => {
                         if let Some((reply, _)) = pending.reply {
-                            let _ = reply.send(Err(GroupError::Unavailable));
+                            let _ = reply.send(Err(failure.error()));
                         }
-                        tracing::error!(error = %e, "entry not acknowledged: flush failed");
                     }
                 }
             }

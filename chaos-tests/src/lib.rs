@@ -2,6 +2,8 @@
 //! 127.0.0.1, reads the address and certificate fingerprint they print, and stops them
 //! gracefully or with SIGKILL.
 
+pub mod cluster;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

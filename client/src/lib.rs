@@ -1139,9 +1139,10 @@ impl Client {
                     self.sync_group(group).await?;
                 }
                 Err(e) => {
-                    // A server error frame means nothing was stored; a lost connection may
-                    // hide an acknowledgement, so the text stays for a later sync to find.
-                    if matches!(e, ClientError::Server { .. })
+                    // A server error frame means nothing was stored, except `unavailable`: in a
+                    // cluster the send may still commit. A lost connection may hide an
+                    // acknowledgement too. Then the text stays for a later sync to find.
+                    if matches!(&e, ClientError::Server { code, .. } if *code != ErrorCode::Unavailable)
                         && let Some(local) = self.groups.get_mut(group.as_bytes())
                     {
                         local.unacknowledged.remove(&msg_id.0);

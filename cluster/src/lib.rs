@@ -4,12 +4,14 @@
 //! in [`Presence`]. On a single node both resolve locally; a cluster replaces their insides
 //! (remote actor references, presence by node) while sessions keep calling the same methods.
 
+mod forward;
 mod membership;
 mod placement;
 mod presence;
 pub mod replication;
 mod router;
 
+pub use forward::{ForwardHandler, Forwarder, ForwarderMsg, GroupOwners};
 pub use membership::{
     Cluster, ClusterSettings, MEMBERSHIP_GROUP, MemberState, MemberView, MembershipMsg,
     MembershipObserver,

@@ -10,6 +10,14 @@ use atlas_storage::DeviceRecord;
 /// Serves a request that reads only public key transparency data.
 pub(crate) async fn public_request(state: &GatewayState, body: ClientBody) -> ServerBody {
     let kt = &state.kt;
+    // A lookup must show devices registered through any node of a cluster before it.
+    if matches!(
+        body,
+        ClientBody::KtLookup { .. } | ClientBody::KtHistory { .. }
+    ) && let Err(e) = state.store.read_barrier().await
+    {
+        return crate::session::barrier_error_body(&e);
+    }
     let result = match body {
         ClientBody::Ping => Ok(ServerBody::Pong),
         ClientBody::Jwks => Ok(ServerBody::Jwks(kt.jwks())),

@@ -7,10 +7,12 @@
 //! [`atlas_cluster::Presence`].
 
 pub mod auth;
+mod forward;
 mod keys;
 mod metrics;
 mod session;
 
+pub use forward::serve_forwarded;
 pub use metrics::GatewayMetrics;
 
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
@@ -88,6 +90,8 @@ pub struct GatewayState {
     pub auth: Option<Arc<auth::Auth>>,
     /// Refuses writes while the node is cut off from a majority of the cluster.
     pub write_gate: Option<Arc<dyn WriteGate>>,
+    /// Owners of groups in a cluster, which validate their sends and commits.
+    pub owners: Option<Arc<atlas_cluster::GroupOwners>>,
 }
 
 /// Binds the TLS listener and returns the server (not yet awaited) and its bound address.

@@ -537,19 +537,28 @@ impl Connection {
                     return;
                 }
             }
-            ClientBody::ListDevices { account } => match state.directory.devices(&account) {
-                Ok(devices) => ServerBody::Devices {
-                    account,
-                    devices: devices
-                        .into_iter()
-                        .map(|d| DeviceInfo {
-                            device: d.device,
-                            key: d.public_key,
-                        })
-                        .collect(),
-                },
-                Err(e) => login_error_body(state, &e),
-            },
+            ClientBody::ListDevices { account } => {
+                let state = Arc::clone(state);
+                self.spawn_response(tasks, id, None, async move {
+                    if let Err(e) = state.store.read_barrier().await {
+                        return barrier_error_body(&e);
+                    }
+                    match state.directory.devices(&account) {
+                        Ok(devices) => ServerBody::Devices {
+                            account,
+                            devices: devices
+                                .into_iter()
+                                .map(|d| DeviceInfo {
+                                    device: d.device,
+                                    key: d.public_key,
+                                })
+                                .collect(),
+                        },
+                        Err(e) => login_error_body(&state, &e),
+                    }
+                });
+                return;
+            }
             ClientBody::ClaimKeyPackage { device: target } => {
                 let state = Arc::clone(state);
                 self.spawn_response(tasks, id, None, async move {
@@ -612,18 +621,27 @@ impl Connection {
                     return;
                 }
             }
-            ClientBody::Welcomes => match state.store.welcomes(&device.device) {
-                Ok(welcomes) => ServerBody::Welcomes {
-                    welcomes: fit_in_frame(welcomes),
-                },
-                Err(e) => {
-                    tracing::error!(error = %e, "reading welcomes failed");
-                    error_body(
-                        ErrorCode::StorageFailure,
-                        "cannot read welcomes, retry later".into(),
-                    )
-                }
-            },
+            ClientBody::Welcomes => {
+                let (state, device) = (Arc::clone(state), device.device);
+                self.spawn_response(tasks, id, None, async move {
+                    if let Err(e) = state.store.read_barrier().await {
+                        return barrier_error_body(&e);
+                    }
+                    match state.store.welcomes(&device) {
+                        Ok(welcomes) => ServerBody::Welcomes {
+                            welcomes: fit_in_frame(welcomes),
+                        },
+                        Err(e) => {
+                            tracing::error!(error = %e, "reading welcomes failed");
+                            error_body(
+                                ErrorCode::StorageFailure,
+                                "cannot read welcomes, retry later".into(),
+                            )
+                        }
+                    }
+                });
+                return;
+            }
             group_request => {
                 self.spawn_group_request(device, tasks, id, group_request);
                 return;
@@ -794,6 +812,28 @@ async fn group_request(
     sender: atlas_protocol::DeviceId,
     body: ClientBody,
 ) -> Result<ServerBody, GroupError> {
+    // In a cluster, sends and commits go to the node that owns the group.
+    if let ClientBody::Commit { group, .. } | ClientBody::Send { group, .. } = &body
+        && let Some(owners) = &state.owners
+        && group.validate().is_ok()
+        && let Some(owner) = owners.owner(group.as_bytes())
+    {
+        match crate::forward::submit_at_owner(state, owners, &owner, sender, &body).await {
+            Ok(reply) => return Ok(reply),
+            Err(e) => {
+                tracing::warn!(group_id = %group, owner, error = %e, "forwarding to the group's owner failed; validating here");
+            }
+        }
+    }
+    group_request_here(state, sender, body).await
+}
+
+/// Handles a group request on this node.
+pub(crate) async fn group_request_here(
+    state: &GatewayState,
+    sender: atlas_protocol::DeviceId,
+    body: ClientBody,
+) -> Result<ServerBody, GroupError> {
     match body {
         ClientBody::Commit {
             group,
@@ -826,6 +866,8 @@ async fn group_request(
             limit,
         } => {
             check_group_and_size(&group, 0)?;
+            // A sync must return every entry acknowledged through any node before it.
+            state.store.read_barrier().await?;
             let limit = limit.clamp(1, MAX_SYNC_ENTRIES) as usize;
             let page = state
                 .router
@@ -908,6 +950,12 @@ fn check_group_and_size(group: &atlas_protocol::GroupId, size: usize) -> Result<
     Ok(())
 }
 
+/// Answers a read that could not wait for the cluster's latest changes.
+pub(crate) fn barrier_error_body(error: &atlas_storage::StorageError) -> ServerBody {
+    tracing::debug!(error = %error, "read barrier failed");
+    error_body(ErrorCode::Unavailable, error.to_string())
+}
+
 pub(crate) fn error_body(code: ErrorCode, message: String) -> ServerBody {
     ServerBody::Error {
         code,
@@ -927,8 +975,11 @@ pub(crate) fn login_error_body(_state: &GatewayState, error: &LoginError) -> Ser
     error_body(error.code(), error.to_string())
 }
 
-fn group_error_body(_state: &GatewayState, error: &GroupError) -> ServerBody {
+pub(crate) fn group_error_body(_state: &GatewayState, error: &GroupError) -> ServerBody {
     match error {
+        GroupError::Storage(atlas_storage::StorageError::Unavailable(e)) => {
+            tracing::debug!(error = %e, "group request not committed");
+        }
         GroupError::Storage(e) => tracing::error!(error = %e, "group storage failed"),
         GroupError::Internal(e) => tracing::error!(error = %e, "group request failed"),
         other => tracing::debug!(error = %other, "group request rejected"),

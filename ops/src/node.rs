@@ -12,17 +12,18 @@ use atlas_cluster::replication::{
     ClusterReplicator, Replica, ReplicaSettings, SharedState, raft_id,
 };
 use atlas_cluster::{
-    Cluster, ClusterSettings, MemberState, MemberView, MembershipObserver, NodeName, Presence,
-    Router, ShardId, replicas,
+    Cluster, ClusterSettings, ForwardHandler, GroupOwners, MemberState, MemberView,
+    MembershipObserver, NodeName, Presence, Router, ShardId, replicas,
 };
 use atlas_gateway::auth::AuthSettings;
 use atlas_gateway::{GatewayMetrics, GatewayState, SessionSettings, WriteGate};
 use atlas_protocol::CloseCode;
+use atlas_protocol::LogEntry;
 use atlas_storage::{Change, Store};
 use prometheus::{Encoder, Histogram, HistogramOpts, Registry, TextEncoder};
 use ractor::{Actor, ActorRef};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -108,18 +109,26 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         // group's actor on this node.
         let supervisor = supervisor.clone();
         shared.set_hook(Arc::new(move |change| {
-            if let Change::Append {
-                group,
-                entry,
-                welcomes,
-                ..
-            } = change
-            {
+            let replicated = |group: &atlas_protocol::GroupId, entry: &LogEntry, welcomes: &[_]| {
                 let _ = supervisor.send_message(SupervisorMsg::Replicated {
                     group: group.clone(),
                     entry: entry.clone(),
-                    welcomes: welcomes.clone(),
+                    welcomes: welcomes.to_vec(),
                 });
+            };
+            match change {
+                Change::Append {
+                    group,
+                    entry,
+                    welcomes,
+                    ..
+                } => replicated(group, entry, welcomes),
+                Change::AppendBatch { group, items } => {
+                    for item in items {
+                        replicated(group, &item.entry, &item.welcomes);
+                    }
+                }
+                _ => {}
             }
         }));
     }
@@ -142,6 +151,30 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         Arc::clone(&keyring),
         store.clone(),
     )?;
+
+    // In a cluster, this node serves the sends and commits of the groups it owns for the
+    // other nodes. The handler finds the gateway state once it exists.
+    let serving: Arc<OnceLock<Arc<GatewayState>>> = Arc::default();
+    let owners = match &cluster {
+        Some(cluster) => {
+            let serving = Arc::clone(&serving);
+            let handler: ForwardHandler = Arc::new(move |bytes| {
+                let state = serving.get().cloned();
+                Box::pin(async move {
+                    match state {
+                        Some(state) => atlas_gateway::serve_forwarded(state, bytes).await,
+                        None => not_serving_yet(),
+                    }
+                })
+            });
+            let (owners, _forwarder) =
+                GroupOwners::start(Arc::clone(cluster), config.shards, handler)
+                    .await
+                    .context("cannot start the forwarder of group requests")?;
+            Some(Arc::new(owners))
+        }
+        None => None,
+    };
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let state = Arc::new(GatewayState {
@@ -170,7 +203,9 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
                 lease: Duration::from_millis(config.failure_timeout_ms),
             }) as Arc<dyn WriteGate>
         }),
+        owners,
     });
+    let _ = serving.set(Arc::clone(&state));
     let workers = if config.workers == 0 {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -244,6 +279,16 @@ fn auth_settings(config: &NodeConfig, port: u16) -> anyhow::Result<AuthSettings>
         max_ceremonies: 10_000,
         reauthentication_window: Duration::from_secs(config.reauthentication_window_secs),
     })
+}
+
+/// Answers a request forwarded before this node's gateway exists.
+fn not_serving_yet() -> Vec<u8> {
+    let body = atlas_protocol::ServerBody::Error {
+        code: atlas_protocol::ErrorCode::Unavailable,
+        message: "the node is still starting; retry".into(),
+        epoch: None,
+    };
+    rmp_serde::to_vec_named(&body).expect("server body serializes")
 }
 
 /// Time a stopping node spends leaving the cluster's replicated log.

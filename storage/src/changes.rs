@@ -35,7 +35,7 @@ pub enum Change {
     },
     /// Appends an accepted entry at `entry.seq`, with its de-duplication id and, for commits,
     /// the new meta, public state and Welcomes. Rejected with a conflict when the sequence
-    /// number is taken.
+    /// number or the sender's message id is taken.
     Append {
         group: GroupId,
         entry: LogEntry,
@@ -43,6 +43,12 @@ pub enum Change {
         #[serde(with = "serde_bytes")]
         public_state: Option<Vec<u8>>,
         welcomes: Vec<(DeviceId, WelcomeEntry)>,
+    },
+    /// Appends consecutive entries of one group atomically, each like [`Change::Append`]; the
+    /// whole batch is rejected when any of them conflicts.
+    AppendBatch {
+        group: GroupId,
+        items: Vec<AppendItem>,
     },
     /// Raises a device's cursor and drops its Welcome for the group.
     Acknowledge {
@@ -84,6 +90,7 @@ impl Change {
         match self {
             Self::CreateGroup { .. } => "create_group",
             Self::Append { .. } => "append",
+            Self::AppendBatch { .. } => "append_batch",
             Self::Acknowledge { .. } => "acknowledge",
             Self::Prune { .. } => "prune",
             Self::PutKeyPackages { .. } => "put_key_packages",
@@ -94,6 +101,16 @@ impl Change {
             Self::ReplaceAccount { .. } => "replace_account",
         }
     }
+}
+
+/// One entry of a [`Change::AppendBatch`], with what a commit changes besides the log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppendItem {
+    pub entry: LogEntry,
+    pub meta: Option<GroupMeta>,
+    #[serde(with = "serde_bytes")]
+    pub public_state: Option<Vec<u8>>,
+    pub welcomes: Vec<(DeviceId, WelcomeEntry)>,
 }
 
 /// The result of a [`Change`].
@@ -182,10 +199,19 @@ impl From<Refused> for StorageError {
 /// A boxed future of a proposal.
 pub type Proposal = Pin<Box<dyn Future<Output = Result<Outcome, StorageError>> + Send>>;
 
-/// Orders changes in a replicated log. The future resolves once the change is committed on a
-/// majority and applied on this node, with the result of applying it.
+/// A boxed future of a read barrier.
+pub type Barrier = Pin<Box<dyn Future<Output = Result<(), StorageError>> + Send>>;
+
+/// Orders changes in a replicated log.
 pub trait Replicator: Send + Sync + 'static {
+    /// Proposes a change. The future resolves once the change is committed on a majority and
+    /// applied on this node, with the result of applying it. A [`Change::AppendBatch`] may
+    /// resolve before this node applied it: call [`Store::read_barrier`] before reading it.
     fn propose(&self, change: Change) -> Proposal;
+
+    /// Resolves once this node has applied every change committed before the call, so that a
+    /// read that follows sees every write acknowledged anywhere before it.
+    fn barrier(&self) -> Barrier;
 }
 
 /// Trees whose content every node shares, in snapshot order.
@@ -222,6 +248,16 @@ impl Store {
         }
     }
 
+    /// Waits until this node's files contain every change acknowledged anywhere in the
+    /// cluster before the call; returns at once on a single node. Call it before a read that
+    /// must see writes made through other nodes, such as a sync.
+    pub async fn read_barrier(&self) -> Result<(), StorageError> {
+        match self.replicator.get() {
+            Some(replicator) => replicator.barrier().await,
+            None => Ok(()),
+        }
+    }
+
     /// Applies a change to this node's files. Deterministic: see the module documentation.
     pub fn apply(&self, change: &Change) -> Result<Outcome, StorageError> {
         match change {
@@ -240,12 +276,7 @@ impl Store {
                 public_state,
                 welcomes,
             } => {
-                if self.groups.get(keys::log(group, entry.seq))?.is_some() {
-                    return Err(StorageError::Conflict(format!(
-                        "sequence number {} of group {group} is taken",
-                        entry.seq
-                    )));
-                }
+                self.check_free(group, entry)?;
                 self.append(
                     group,
                     entry,
@@ -253,6 +284,25 @@ impl Store {
                     public_state.as_deref(),
                     welcomes,
                 )?;
+                Ok(Outcome::Done)
+            }
+            Change::AppendBatch { group, items } => {
+                for (i, item) in items.iter().enumerate() {
+                    self.check_free(group, &item.entry)?;
+                    let repeated = items[..i].iter().any(|earlier| {
+                        earlier.entry.seq == item.entry.seq
+                            || (earlier.entry.sender == item.entry.sender
+                                && earlier.entry.msg_id == item.entry.msg_id)
+                    });
+                    if repeated {
+                        return Err(StorageError::Conflict(format!(
+                            "a batch for group {group} repeats sequence number {} or its \
+                             message id",
+                            item.entry.seq
+                        )));
+                    }
+                }
+                self.append_batch(group, items)?;
                 Ok(Outcome::Done)
             }
             Change::Acknowledge { device, group, seq } => {
@@ -302,6 +352,23 @@ impl Store {
                 Ok(Outcome::Account(self.replace_account(before, after)?))
             }
         }
+    }
+
+    /// Rejects an entry whose sequence number or message id is taken: another node appended
+    /// first, or a retry was validated on another node before the original was applied there.
+    fn check_free(&self, group: &GroupId, entry: &LogEntry) -> Result<(), StorageError> {
+        if self.groups.get(keys::log(group, entry.seq))?.is_some() {
+            return Err(StorageError::Conflict(format!(
+                "sequence number {} of group {group} is taken",
+                entry.seq
+            )));
+        }
+        if let Some(seq) = self.dedupe(group, &entry.sender, &entry.msg_id)? {
+            return Err(StorageError::Conflict(format!(
+                "the message id is stored already, at sequence number {seq} of group {group}"
+            )));
+        }
+        Ok(())
     }
 
     /// Writes a change whose outcome is [`Outcome::Done`].

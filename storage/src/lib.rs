@@ -28,7 +28,7 @@ pub use accounts::{
     AccountRecord, MAX_PASSKEYS_PER_ACCOUNT, PasskeyRecord, RefreshOutcome, RefreshRecord,
     TokenFamily,
 };
-pub use changes::{Change, Outcome, Proposal, Refused, Replicator};
+pub use changes::{AppendItem, Barrier, Change, Outcome, Proposal, Refused, Replicator};
 pub use error::StorageError;
 pub use records::{DeviceRecord, GroupMeta, KeyPackageRecord};
 pub use transparency::{DirectoryChange, KeyEventOutcome, MAX_DEVICES_PER_ACCOUNT};
@@ -248,19 +248,23 @@ impl Store {
         welcomes: &[(DeviceId, WelcomeEntry)],
     ) -> Result<(), StorageError> {
         let mut batch = sled::Batch::default();
-        batch.insert(keys::log(group, entry.seq), encode(entry));
-        batch.insert(
-            keys::dedupe(group, &entry.sender, &entry.msg_id),
-            &entry.seq.to_be_bytes(),
-        );
-        if let Some(meta) = meta {
-            batch.insert(keys::group_meta(group), encode(meta));
-        }
-        if let Some(state) = public_state {
-            batch.insert(keys::group_state(group), state);
-        }
-        for (device, welcome) in welcomes {
-            batch.insert(keys::welcome(device, group), encode(welcome));
+        stage_append(&mut batch, group, entry, meta, public_state, welcomes);
+        self.groups.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Appends several entries of one group in one sled batch, each as [`Store::append`].
+    pub fn append_batch(&self, group: &GroupId, items: &[AppendItem]) -> Result<(), StorageError> {
+        let mut batch = sled::Batch::default();
+        for item in items {
+            stage_append(
+                &mut batch,
+                group,
+                &item.entry,
+                item.meta.as_ref(),
+                item.public_state.as_deref(),
+                &item.welcomes,
+            );
         }
         self.groups.apply_batch(batch)?;
         Ok(())
@@ -526,6 +530,31 @@ impl Store {
             detail: format!("{} bytes instead of 8", raw.len()),
         })?;
         Ok(u64::from_be_bytes(bytes))
+    }
+}
+
+/// Adds the writes of one appended entry to `batch`.
+fn stage_append(
+    batch: &mut sled::Batch,
+    group: &GroupId,
+    entry: &LogEntry,
+    meta: Option<&GroupMeta>,
+    public_state: Option<&[u8]>,
+    welcomes: &[(DeviceId, WelcomeEntry)],
+) {
+    batch.insert(keys::log(group, entry.seq), encode(entry));
+    batch.insert(
+        keys::dedupe(group, &entry.sender, &entry.msg_id),
+        &entry.seq.to_be_bytes(),
+    );
+    if let Some(meta) = meta {
+        batch.insert(keys::group_meta(group), encode(meta));
+    }
+    if let Some(state) = public_state {
+        batch.insert(keys::group_state(group), state);
+    }
+    for (device, welcome) in welcomes {
+        batch.insert(keys::welcome(device, group), encode(welcome));
     }
 }
 

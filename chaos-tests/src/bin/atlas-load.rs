@@ -20,6 +20,7 @@
 //! message ids (the server neither decrypts nor detects the repeat).
 
 use atlas_chaos::NodeProcess;
+use atlas_chaos::cluster::{ClusterFixture, agreed_leader};
 use atlas_client::{Client, RawConnection, ServerTrust};
 use atlas_protocol::receipts::Receipt;
 use atlas_protocol::{
@@ -51,8 +52,21 @@ struct Cli {
 enum Command {
     /// Run every workload against Atlas and the baseline and print a Markdown report.
     All(LoadArgs),
+    /// Run the saturation and latency workloads against one node and then against a
+    /// cluster, with each group's devices spread over the cluster's nodes; then kill the
+    /// leader of the cluster log and time the first acknowledged send.
+    Cluster(ClusterArgs),
     /// Run the baseline server (used by `all` as a child process).
     BaselineServer,
+}
+
+#[derive(clap::Args, Clone)]
+struct ClusterArgs {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// Number of nodes in the cluster.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
 }
 
 #[derive(clap::Args, Clone)]
@@ -94,6 +108,13 @@ struct Device {
     payload: Vec<u8>,
 }
 
+/// A node that devices connect to.
+#[derive(Clone)]
+struct Target {
+    url: String,
+    trust: ServerTrust,
+}
+
 /// Results of one target.
 #[derive(Default, Debug)]
 struct Report {
@@ -114,6 +135,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::All(args) => runtime.block_on(run_all(args)),
+        Command::Cluster(args) => runtime.block_on(run_cluster(args)),
         Command::BaselineServer => runtime.block_on(baseline::serve()),
     }
 }
@@ -137,7 +159,11 @@ async fn run_all(args: LoadArgs) -> anyhow::Result<()> {
     eprintln!("== atlas: starting node {}", args.atlas_bin.display());
     let node = NodeProcess::start(&args.atlas_bin, &node_dir.path().join("node"), &[])?;
     let trust = ServerTrust::fingerprint(&node.fingerprint)?;
-    let devices = setup_atlas(&args, dir.path(), &node.url(), &trust).await?;
+    let target = Target {
+        url: node.url(),
+        trust: trust.clone(),
+    };
+    let devices = setup_atlas(&args, dir.path(), &[target]).await?;
     let atlas = measure(&args, devices, &node.url(), &trust, node.pid(), true).await?;
     // The flush histogram shows how much of the latency is fsync.
     match node.metrics() {
@@ -173,11 +199,12 @@ fn scratch_dir() -> anyhow::Result<tempfile::TempDir> {
     })
 }
 
+/// Builds the MLS groups. Member `m` of group `g` connects to target `(g + m) % targets`, so
+/// with several targets every group spans them.
 async fn setup_atlas(
     args: &LoadArgs,
     dir: &Path,
-    url: &str,
-    trust: &ServerTrust,
+    targets: &[Target],
 ) -> anyhow::Result<Vec<Device>> {
     let started = Instant::now();
     let groups = args.devices / args.group_size;
@@ -185,9 +212,9 @@ async fn setup_atlas(
     let mut devices = Vec::with_capacity(args.devices);
     let mut done = 0usize;
     let mut tasks = futures_util::stream::iter((0..groups).map(|g| {
-        let (dir, url, trust, text) = (dir.to_owned(), url.to_owned(), trust.clone(), text.clone());
+        let (dir, targets, text) = (dir.to_owned(), targets.to_vec(), text.clone());
         let size = args.group_size;
-        async move { setup_group(g, size, &dir, &url, &trust, &text).await }
+        async move { setup_group(g, size, &dir, &targets, &text).await }
     }))
     .buffer_unordered(8);
     while let Some(group) = tasks.next().await {
@@ -207,15 +234,17 @@ async fn setup_group(
     index: usize,
     size: usize,
     dir: &Path,
-    url: &str,
-    trust: &ServerTrust,
+    targets: &[Target],
     text: &str,
 ) -> anyhow::Result<Vec<Device>> {
     let mut clients = Vec::with_capacity(size);
     for member in 0..size {
         let account = format!("g{index}-m{member}");
+        let node = (index + member) % targets.len();
         let mut client = Client::open(&dir.join(&account), &account)?;
-        client.connect(url, trust).await?;
+        client
+            .connect(&targets[node].url, &targets[node].trust)
+            .await?;
         client.publish_key_packages(1).await?;
         clients.push(client);
     }
@@ -458,6 +487,169 @@ async fn measure(
         );
     }
     Ok(report)
+}
+
+/// Measures one node and then a cluster of `--nodes` nodes with the same workload, then the
+/// time from a SIGKILL of the cluster log's leader to the first acknowledged send.
+async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.nodes >= 2, "--nodes must be at least 2");
+    let load = LoadArgs {
+        idle: 0,
+        ..args.load.clone()
+    };
+    anyhow::ensure!(
+        load.devices.is_multiple_of(load.group_size),
+        "--devices {} is not a multiple of --group-size {}",
+        load.devices,
+        load.group_size
+    );
+
+    eprintln!("== one node: starting {}", load.atlas_bin.display());
+    let single = {
+        let dir = scratch_dir()?;
+        let node_dir = tempfile::Builder::new()
+            .prefix("atlas-load-node")
+            .tempdir_in(&load.data_parent)?;
+        let node = NodeProcess::start(&load.atlas_bin, &node_dir.path().join("node"), &[])?;
+        let target = Target {
+            url: node.url(),
+            trust: ServerTrust::fingerprint(&node.fingerprint)?,
+        };
+        let devices = setup_atlas(&load, dir.path(), std::slice::from_ref(&target)).await?;
+        measure(&load, devices, &target.url, &target.trust, node.pid(), true).await?
+    };
+
+    eprintln!("== cluster: starting {} nodes", args.nodes);
+    let fixture = ClusterFixture::new(&load.atlas_bin, Some(&load.data_parent))?;
+    let (_specs, mut nodes) = fixture
+        .start_cluster(args.nodes, Duration::from_secs(60))
+        .await?;
+    let names: Vec<String> = nodes.keys().cloned().collect();
+    let targets = nodes
+        .values()
+        .map(|node| {
+            Ok(Target {
+                url: node.url(),
+                trust: ServerTrust::fingerprint(&node.fingerprint)?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let dir = scratch_dir()?;
+    let devices = setup_atlas(&load, dir.path(), &targets).await?;
+    let first = nodes.values().next().expect("the cluster has nodes");
+    let (url, trust, pid) = (first.url(), targets[0].trust.clone(), first.pid());
+    let cluster = measure(&load, devices, &url, &trust, pid, true).await?;
+
+    eprintln!("== failover: SIGKILL of the cluster log's leader");
+    let everyone: Vec<&NodeProcess> = nodes.values().collect();
+    let voters: Vec<&str> = names.iter().map(String::as_str).collect();
+    let leader = agreed_leader(&everyone, &voters)
+        .ok_or_else(|| anyhow::anyhow!("the nodes do not agree on a leader"))?;
+    let probe = probe_devices(&load, dir.path(), &targets, &names, &leader).await?;
+    nodes
+        .remove(&leader)
+        .ok_or_else(|| anyhow::anyhow!("leader {leader} is not one of the nodes"))?
+        .kill9()?;
+    let killed = Instant::now();
+    let failover = loop {
+        if killed.elapsed() > Duration::from_secs(60) {
+            anyhow::bail!("no send was acknowledged within 60 s of killing {leader}");
+        }
+        let mut acknowledged = false;
+        for device in &probe {
+            if send_once(device).await.is_ok() {
+                acknowledged = true;
+                break;
+            }
+        }
+        if acknowledged {
+            break killed.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!(
+        "   first acknowledged send {:.2} s after killing {leader}",
+        failover.as_secs_f64()
+    );
+    print_cluster_report(&load, args.nodes, &single, &cluster, failover);
+    Ok(())
+}
+
+/// Creates a two-member group per node other than `leader`, with both members on that node,
+/// for sending after the leader is killed.
+async fn probe_devices(
+    args: &LoadArgs,
+    dir: &Path,
+    targets: &[Target],
+    names: &[String],
+    leader: &str,
+) -> anyhow::Result<Vec<Device>> {
+    let mut probe = Vec::new();
+    for (index, name) in names.iter().enumerate() {
+        if name == leader {
+            continue;
+        }
+        let text = "x".repeat(args.message_bytes);
+        let target = std::slice::from_ref(&targets[index]);
+        probe.extend(setup_group(10_000 + index, 2, dir, target, &text).await?);
+    }
+    Ok(probe)
+}
+
+fn print_cluster_report(
+    args: &LoadArgs,
+    nodes: usize,
+    single: &Report,
+    cluster: &Report,
+    failover: Duration,
+) {
+    println!(
+        "Workload: {} devices in groups of {}, {} B plaintext, window {}, {} s per phase; in \
+         the cluster the members of each group are spread over {nodes} nodes.\n",
+        args.devices, args.group_size, args.message_bytes, args.window, args.seconds
+    );
+    println!("| metric | one node | {nodes} nodes | {nodes} nodes / one node |");
+    println!("| --- | --- | --- | --- |");
+    let row = |name: &str, one: f64, many: f64, unit: &str| {
+        let cell = |value: f64| format!("{value:.1} {unit}").trim_end().to_owned();
+        println!(
+            "| {name} | {} | {} | {:.2} |",
+            cell(one),
+            cell(many),
+            many / one
+        );
+    };
+    row(
+        "acknowledged sends/s at saturation",
+        single.sends_per_sec,
+        cluster.sends_per_sec,
+        "",
+    );
+    row(
+        "deliveries/s at saturation",
+        single.deliveries_per_sec,
+        cluster.deliveries_per_sec,
+        "",
+    );
+    row(
+        "p50 send-to-ack at half load",
+        single.p50_ms,
+        cluster.p50_ms,
+        "ms",
+    );
+    row(
+        "p99 send-to-ack at half load",
+        single.p99_ms,
+        cluster.p99_ms,
+        "ms",
+    );
+    println!(
+        "\nErrors: {} on one node, {} in the cluster. First acknowledged send after SIGKILL of \
+         the leader: {:.2} s.",
+        single.errors,
+        cluster.errors,
+        failover.as_secs_f64()
+    );
 }
 
 async fn send_once(device: &Device) -> anyhow::Result<()> {

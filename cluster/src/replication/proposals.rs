@@ -1,9 +1,9 @@
 //! The node's shared state on the cluster log: [`ClusterReplicator`] proposes changes from any
 //! node, and [`SharedState`] applies committed ones to every node's store.
 
-use super::transport::{WriteRefused, forward_write, write_here};
+use super::transport::{WriteRefused, forward_write, read_index_from, read_index_here, write_here};
 use super::{Applier, Command, CommandResult, Raft, RaftNodeId, encode};
-use atlas_storage::{Change, Outcome, Proposal, Refused, Replicator, StorageError, Store};
+use atlas_storage::{Barrier, Change, Outcome, Proposal, Refused, Replicator, StorageError, Store};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -13,6 +13,9 @@ const APPLY_WAIT: Duration = Duration::from_secs(5);
 
 /// Attempts of a proposal while leadership moves.
 const PROPOSE_ATTEMPTS: usize = 3;
+
+/// Time a proposal or a read waits for an election to end.
+const LEADER_WAIT: Duration = Duration::from_secs(2);
 
 /// A change as the cluster log carries it.
 #[derive(Serialize, Deserialize)]
@@ -140,12 +143,18 @@ impl Replicator for ClusterReplicator {
     fn propose(&self, change: Change) -> Proposal {
         let raft = self.raft.clone();
         let log = self.log.clone();
+        // A group actor keeps the state its appends lead to in memory and needs no local
+        // copy of them; readers on this node wait with a read barrier instead.
+        let wait_here = !matches!(change, Change::AppendBatch { .. });
         let command = Command(encode(&Proposed {
             origin: self.node,
             change,
         }));
         Box::pin(async move {
             let (index, result) = write(&raft, &log, command).await?;
+            if !wait_here {
+                return decode_applied(index, &result);
+            }
             raft.wait(Some(APPLY_WAIT))
                 .applied_index_at_least(Some(index), "proposal applied on this node")
                 .await
@@ -154,12 +163,60 @@ impl Replicator for ClusterReplicator {
                         "entry {index} is committed but not applied on this node yet: {e}"
                     ))
                 })?;
-            let applied: Applied = rmp_serde::from_slice(&result.0).map_err(|e| {
-                StorageError::Replication(format!("undecodable result of entry {index}: {e}"))
-            })?;
-            applied.map_err(StorageError::from)
+            decode_applied(index, &result)
         })
     }
+
+    fn barrier(&self) -> Barrier {
+        let raft = self.raft.clone();
+        let log = self.log.clone();
+        Box::pin(async move {
+            let index = read_index(&raft, &log).await?;
+            raft.wait(Some(APPLY_WAIT))
+                .applied_index_at_least(Some(index), "read barrier")
+                .await
+                .map_err(|e| {
+                    StorageError::Unavailable(format!(
+                        "entry {index} is committed but not applied on this node yet: {e}"
+                    ))
+                })?;
+            Ok(())
+        })
+    }
+}
+
+/// Returns the log index that a linearizable read must wait for, from the current leader.
+async fn read_index(raft: &Raft, log: &str) -> Result<u64, StorageError> {
+    let mut last = String::from("no leader known");
+    for attempt in 0..PROPOSE_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+        }
+        let read = match known_leader(raft).await {
+            None => {
+                last = format!("no leader known after {} s", LEADER_WAIT.as_secs());
+                continue;
+            }
+            Some(leader) if leader == raft_id_of(raft) => read_index_here(raft).await,
+            Some(leader) => read_index_from(log, leader).await,
+        };
+        match read {
+            Ok(index) => return Ok(index),
+            Err(WriteRefused::NotLeader { leader }) => {
+                last = format!("leadership moved (new leader: {leader:?})");
+            }
+            Err(WriteRefused::Failed(detail)) => return Err(StorageError::Unavailable(detail)),
+        }
+    }
+    Err(StorageError::Unavailable(last))
+}
+
+/// Decodes the result of applying entry `index`.
+fn decode_applied(index: u64, result: &CommandResult) -> Result<Outcome, StorageError> {
+    let applied: Applied = rmp_serde::from_slice(&result.0).map_err(|e| {
+        StorageError::Replication(format!("undecodable result of entry {index}: {e}"))
+    })?;
+    applied.map_err(StorageError::from)
 }
 
 /// Writes `command` through the current leader, following leadership changes a few times.
@@ -173,10 +230,9 @@ async fn write(
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
         }
-        let leader = raft.current_leader().await;
-        let written = match leader {
+        let written = match known_leader(raft).await {
             None => {
-                last = "no leader known".into();
+                last = format!("no leader known after {} s", LEADER_WAIT.as_secs());
                 continue;
             }
             Some(leader) if leader == raft_id_of(raft) => write_here(raft, command.clone()).await,
@@ -194,6 +250,18 @@ async fn write(
         }
     }
     Err(StorageError::Unavailable(last))
+}
+
+/// Returns the current leader, waiting up to [`LEADER_WAIT`] while an election runs.
+async fn known_leader(raft: &Raft) -> Option<RaftNodeId> {
+    if let Some(leader) = raft.current_leader().await {
+        return Some(leader);
+    }
+    raft.wait(Some(LEADER_WAIT))
+        .metrics(|m| m.current_leader.is_some(), "a leader is known")
+        .await
+        .ok()
+        .and_then(|m| m.current_leader)
 }
 
 fn raft_id_of(raft: &Raft) -> RaftNodeId {

@@ -8,7 +8,8 @@ use super::{Command, CommandResult, RaftNodeId, TypeConfig, encode};
 use crate::replication::Raft;
 use openraft::BasicNode;
 use openraft::error::{
-    ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable,
+    CheckIsLeaderError, ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -52,6 +53,8 @@ pub(super) enum Request {
     Leave(RaftNodeId),
     /// The leader that left asks a remaining voter to start an election at once.
     Elect,
+    /// A follower asks the leader for the log index that a linearizable read must wait for.
+    ReadIndex,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -65,6 +68,8 @@ enum Reply {
     Write(Result<(u64, CommandResult), WriteRefused>),
     /// The answer to [`Request::Leave`] or [`Request::Elect`].
     Done(Result<(), String>),
+    /// The answer to [`Request::ReadIndex`].
+    ReadIndex(Result<u64, WriteRefused>),
     /// The request did not decode.
     Invalid(String),
 }
@@ -161,6 +166,7 @@ impl Actor for RaftEndpoint {
                 Ok(Request::Leave(node)) => {
                     Reply::Done(remove_voter(&raft, &departures, node).await)
                 }
+                Ok(Request::ReadIndex) => Reply::ReadIndex(read_index_here(&raft).await),
                 Ok(Request::Elect) => {
                     Reply::Done(raft.trigger().elect().await.map_err(|e| e.to_string()))
                 }
@@ -193,12 +199,41 @@ pub(super) async fn write_here(
     }
 }
 
-/// Sends a [`Request::Leave`] or [`Request::Elect`] to the endpoint of `node`.
-pub(super) async fn ask(log: &str, node: RaftNodeId, request: Request) -> Result<(), String> {
+/// Returns the index a linearizable read must wait for, after confirming with a majority
+/// that this node still leads the log.
+pub(super) async fn read_index_here(raft: &Raft) -> Result<u64, WriteRefused> {
+    match tokio::time::timeout(WRITE_TIMEOUT, raft.get_read_log_id()).await {
+        Ok(Ok((read, _applied))) => Ok(read.map_or(0, |id| id.index)),
+        Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward)))) => {
+            Err(WriteRefused::NotLeader {
+                leader: forward.leader_id,
+            })
+        }
+        Ok(Err(e)) => Err(WriteRefused::Failed(e.to_string())),
+        Err(_) => Err(WriteRefused::Failed(format!(
+            "leadership not confirmed within {} s",
+            WRITE_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// Asks the leader `leader` for the index a linearizable read must wait for.
+pub(super) async fn read_index_from(log: &str, leader: RaftNodeId) -> Result<u64, WriteRefused> {
+    match call_endpoint(log, leader, &Request::ReadIndex).await {
+        Ok(Reply::ReadIndex(result)) => result,
+        Ok(_) => Err(WriteRefused::Failed(
+            "wrong reply to a read index request".into(),
+        )),
+        Err(e) => Err(WriteRefused::Failed(e)),
+    }
+}
+
+/// Sends `request` to the endpoint of `node` and decodes the reply.
+async fn call_endpoint(log: &str, node: RaftNodeId, request: &Request) -> Result<Reply, String> {
     let Some(endpoint) = pg::get_members(&group(log, node)).into_iter().next() else {
         return Err(format!("no link to raft node {node}"));
     };
-    let bytes = encode(&request);
+    let bytes = encode(request);
     let answer = ractor::rpc::call(
         &endpoint,
         |port| RaftEndpointMsg::Call(bytes, port),
@@ -209,10 +244,14 @@ pub(super) async fn ask(log: &str, node: RaftNodeId, request: Request) -> Result
     let ractor::rpc::CallResult::Success(raw) = answer else {
         return Err(format!("raft node {node} did not answer in time"));
     };
-    match rmp_serde::from_slice(&raw) {
-        Ok(Reply::Done(result)) => result,
-        Ok(_) => Err(format!("wrong reply from raft node {node}")),
-        Err(e) => Err(format!("undecodable reply from raft node {node}: {e}")),
+    rmp_serde::from_slice(&raw).map_err(|e| format!("undecodable reply from raft node {node}: {e}"))
+}
+
+/// Sends a [`Request::Leave`] or [`Request::Elect`] to the endpoint of `node`.
+pub(super) async fn ask(log: &str, node: RaftNodeId, request: Request) -> Result<(), String> {
+    match call_endpoint(log, node, &request).await? {
+        Reply::Done(result) => result,
+        _ => Err(format!("wrong reply from raft node {node}")),
     }
 }
 
@@ -222,29 +261,11 @@ pub(super) async fn forward_write(
     leader: RaftNodeId,
     command: Command,
 ) -> Result<(u64, CommandResult), WriteRefused> {
-    let Some(endpoint) = pg::get_members(&group(log, leader)).into_iter().next() else {
-        return Err(WriteRefused::Failed(format!(
-            "no link to the leader (raft node {leader})"
-        )));
-    };
-    let bytes = encode(&Request::Write(command));
-    let answer = ractor::rpc::call(
-        &endpoint,
-        |port| RaftEndpointMsg::Call(bytes, port),
-        Some(WRITE_TIMEOUT + CALL_TIMEOUT),
-    )
-    .await
-    .map_err(|e| WriteRefused::Failed(format!("forwarding to the leader failed: {e}")))?;
-    let ractor::rpc::CallResult::Success(raw) = answer else {
-        return Err(WriteRefused::Failed(
-            "the leader did not answer in time".into(),
-        ));
-    };
-    match rmp_serde::from_slice(&raw) {
+    match call_endpoint(log, leader, &Request::Write(command)).await {
         Ok(Reply::Write(result)) => result,
         Ok(_) => Err(WriteRefused::Failed("wrong reply to a write".into())),
         Err(e) => Err(WriteRefused::Failed(format!(
-            "undecodable reply from the leader: {e}"
+            "forwarding to the leader failed: {e}"
         ))),
     }
 }

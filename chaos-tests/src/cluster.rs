@@ -1,0 +1,241 @@
+//! Clusters of real node processes on 127.0.0.1 for tests and benchmarks: a cluster CA and
+//! node certificates made with `atlas cert`, nodes joined through seeds, and readers of the
+//! cluster status that nodes serve on their admin listener.
+
+use crate::{NodeProcess, wait_until};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Cookie of the clusters that [`ClusterFixture`] starts.
+pub const COOKIE: &str = "test-cluster-cookie";
+
+/// A directory with a cluster CA, node certificates, node data and logs.
+pub struct ClusterFixture {
+    binary: PathBuf,
+    dir: tempfile::TempDir,
+    /// Heartbeat interval and failure timeout in ms; the node's defaults when unset.
+    timing: Option<(u64, u64)>,
+}
+
+/// One node's settings, kept to restart it in place.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    pub name: String,
+    /// Port of the cluster listener on 127.0.0.1.
+    pub port: u16,
+    pub seeds: Vec<u16>,
+    pub ca_dir: PathBuf,
+    pub cookie: String,
+}
+
+/// A node's view of the cluster log, from `GET /admin/cluster`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogView {
+    pub role: String,
+    pub leader: Option<String>,
+    /// Voter names, sorted.
+    pub voters: Vec<String>,
+    pub last_applied: Option<u64>,
+}
+
+/// Returns a port that was free on 127.0.0.1 a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding a free port on 127.0.0.1")
+}
+
+impl ClusterFixture {
+    /// Creates the directory under `parent` (the system's temporary directory when `None`)
+    /// and a cluster CA in it, with `binary` as the `atlas` program.
+    pub fn new(binary: &Path, parent: Option<&Path>) -> anyhow::Result<Self> {
+        let builder = tempfile::Builder::new().prefix("atlas-cluster").clone();
+        let dir = match parent {
+            Some(parent) => builder.tempdir_in(parent)?,
+            None => builder.tempdir()?,
+        };
+        let fixture = Self {
+            binary: binary.to_owned(),
+            dir,
+            timing: None,
+        };
+        let ca = fixture.path("ca");
+        fixture.run(&["cert", "ca", "--dir", &ca.display().to_string()])?;
+        Ok(fixture)
+    }
+
+    /// Sets the heartbeat interval and failure timeout, in ms, of the nodes started next.
+    pub fn with_timing(mut self, heartbeat_ms: u64, failure_timeout_ms: u64) -> Self {
+        self.timing = Some((heartbeat_ms, failure_timeout_ms));
+        self
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs the `atlas` program with `args` and fails with its stderr if it fails.
+    pub fn run(&self, args: &[&str]) -> anyhow::Result<()> {
+        let output = Command::new(&self.binary).args(args).output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "atlas {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(())
+    }
+
+    /// Creates a node certificate named `name` from the CA in `ca_dir`, in `certs/`.
+    pub fn certificate(&self, name: &str, ca_dir: &Path) -> anyhow::Result<()> {
+        let out = self.path("certs");
+        std::fs::create_dir_all(&out)?;
+        self.run(&[
+            "cert",
+            "node",
+            name,
+            "--ca-dir",
+            &ca_dir.display().to_string(),
+            "--out",
+            &out.display().to_string(),
+        ])
+    }
+
+    /// Creates the certificate of a node named `name` that joins through `seeds` (cluster
+    /// ports), and returns its settings with a free cluster port.
+    pub fn spec(&self, name: &str, seeds: &[u16]) -> anyhow::Result<NodeSpec> {
+        self.certificate(name, &self.path("ca"))?;
+        Ok(NodeSpec {
+            name: name.into(),
+            port: free_port(),
+            seeds: seeds.to_vec(),
+            ca_dir: self.path("ca"),
+            cookie: COOKIE.into(),
+        })
+    }
+
+    /// Returns the cluster flags of `spec`, for `atlas node`.
+    pub fn cluster_flags(&self, spec: &NodeSpec) -> Vec<String> {
+        let certs = self.path("certs");
+        let mut args = vec![
+            "--node-name".to_owned(),
+            spec.name.clone(),
+            "--cluster-listen".into(),
+            format!("127.0.0.1:{}", spec.port),
+            "--cluster-cookie".into(),
+            spec.cookie.clone(),
+            "--cluster-ca".into(),
+            spec.ca_dir.join("ca.pem").display().to_string(),
+            "--cluster-cert".into(),
+            certs
+                .join(format!("{}.pem", spec.name))
+                .display()
+                .to_string(),
+            "--cluster-key".into(),
+            certs
+                .join(format!("{}-key.pem", spec.name))
+                .display()
+                .to_string(),
+        ];
+        if let Some((heartbeat, failure)) = self.timing {
+            args.extend([
+                "--heartbeat-ms".into(),
+                heartbeat.to_string(),
+                "--failure-timeout-ms".into(),
+                failure.to_string(),
+            ]);
+        }
+        if !spec.seeds.is_empty() {
+            let seeds: Vec<String> = spec
+                .seeds
+                .iter()
+                .map(|p| format!("127.0.0.1:{p}"))
+                .collect();
+            args.extend(["--seeds".into(), seeds.join(",")]);
+        }
+        args
+    }
+
+    /// Starts (or restarts in place) the node of `spec`, with its data in `<name>/` and its
+    /// log in `<name>.log`.
+    pub fn start(&self, spec: &NodeSpec) -> anyhow::Result<NodeProcess> {
+        let args = self.cluster_flags(spec);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let log = self.path(&format!("{}.log", spec.name));
+        NodeProcess::start_logged(&self.binary, &self.path(&spec.name), &args, &log)
+    }
+
+    /// Returns the log a node wrote so far (empty if none).
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path(&format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Starts `count` nodes named node-a, node-b, ..., the first alone and the others with it
+    /// as seed, and waits up to `timeout` until all agree on a leader of the cluster log.
+    pub async fn start_cluster(
+        &self,
+        count: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<(Vec<NodeSpec>, BTreeMap<String, NodeProcess>)> {
+        anyhow::ensure!((1..=26).contains(&count), "{count} nodes: use 1 to 26");
+        let mut specs: Vec<NodeSpec> = Vec::with_capacity(count);
+        for i in 0..count {
+            let name = format!("node-{}", char::from(b'a' + i as u8));
+            let seeds: Vec<u16> = specs.first().map(|s| s.port).into_iter().collect();
+            specs.push(self.spec(&name, &seeds)?);
+        }
+        let mut nodes = BTreeMap::new();
+        for spec in &specs {
+            nodes.insert(spec.name.clone(), self.start(spec)?);
+        }
+        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        let everyone: Vec<&NodeProcess> = nodes.values().collect();
+        let formed = wait_until(timeout, || agreed_leader(&everyone, &names).is_some()).await;
+        anyhow::ensure!(
+            formed,
+            "the cluster log did not form within {timeout:?}: {:?}",
+            everyone.iter().map(|n| log_view(n)).collect::<Vec<_>>()
+        );
+        Ok((specs, nodes))
+    }
+}
+
+/// Reads a node's view of the cluster log; `None` while the node does not serve it.
+pub fn log_view(node: &NodeProcess) -> Option<LogView> {
+    let body = node.admin_get("/admin/cluster").ok()?;
+    let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let log = &status["replicated_log"];
+    let mut voters: Vec<String> = log["voters"]
+        .as_array()?
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    voters.sort();
+    Some(LogView {
+        role: log["role"].as_str()?.to_owned(),
+        leader: log["leader"].as_str().map(str::to_owned),
+        voters,
+        last_applied: log["last_applied"].as_u64(),
+    })
+}
+
+/// Returns the leader that every node in `nodes` agrees on, if they agree and all list
+/// exactly `voters` (sorted names) as voters.
+pub fn agreed_leader(nodes: &[&NodeProcess], voters: &[&str]) -> Option<String> {
+    let views: Vec<Option<LogView>> = nodes.iter().map(|n| log_view(n)).collect();
+    let leader = views.first()?.as_ref()?.leader.clone()?;
+    views
+        .iter()
+        .all(|view| {
+            view.as_ref().is_some_and(|v| {
+                v.leader.as_deref() == Some(leader.as_str())
+                    && v.voters
+                        .iter()
+                        .map(String::as_str)
+                        .eq(voters.iter().copied())
+            })
+        })
+        .then_some(leader)
+}

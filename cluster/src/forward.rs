@@ -1,0 +1,127 @@
+//! Group owners: each group's sends and commits are validated by one node, its owner, so
+//! that the actors of one group on different nodes do not race for sequence numbers.
+//!
+//! The owner is the first replica of the group's shard among the live members (rendezvous
+//! hashing, see [`crate::replicas`]). Other nodes forward a device's request to the owner's
+//! [`Forwarder`] over the cluster links. While members disagree about who is alive, two nodes
+//! may both act as owner for a moment. The cluster log still orders their appends, and the
+//! node whose append conflicts reloads the group and validates again.
+
+use crate::membership::{Cluster, MemberState};
+use crate::placement::{NodeName, replicas, shard_of};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, pg};
+use ractor_cluster::RactorClusterMessage;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Time an owner has to reply to a forwarded request, which waits for a commit on a majority.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Process group of the forwarder of the node named `node`.
+fn group(node: &str) -> String {
+    format!("atlas.forward.{node}")
+}
+
+/// Handles a forwarded request (MessagePack bytes) and returns the encoded reply.
+pub type ForwardHandler =
+    Arc<dyn Fn(Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> + Send + Sync>;
+
+/// Messages of a forwarder. They cross the network, so they serialize.
+#[derive(RactorClusterMessage)]
+pub enum ForwarderMsg {
+    #[rpc]
+    Call(Vec<u8>, RpcReplyPort<Vec<u8>>),
+}
+
+/// The actor that serves requests forwarded to this node.
+pub struct Forwarder;
+
+impl Actor for Forwarder {
+    type Msg = ForwarderMsg;
+    type State = ForwardHandler;
+    type Arguments = (String, ForwardHandler);
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        (node, handler): (String, ForwardHandler),
+    ) -> Result<ForwardHandler, ActorProcessingErr> {
+        pg::join(group(&node), vec![myself.get_cell()]);
+        Ok(handler)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        handler: &mut ForwardHandler,
+    ) -> Result<(), ActorProcessingErr> {
+        let ForwarderMsg::Call(bytes, reply) = message;
+        let answer = handler(bytes);
+        // Requests wait for commits; the actor keeps taking requests meanwhile.
+        tokio::spawn(async move {
+            let _ = reply.send(answer.await);
+        });
+        Ok(())
+    }
+}
+
+/// Finds the owner of a group and forwards requests to it.
+pub struct GroupOwners {
+    cluster: Arc<Cluster>,
+    shards: u32,
+}
+
+impl GroupOwners {
+    /// Starts this node's forwarder, which serves forwarded requests with `handler`.
+    pub async fn start(
+        cluster: Arc<Cluster>,
+        shards: u32,
+        handler: ForwardHandler,
+    ) -> anyhow::Result<(Self, ActorRef<ForwarderMsg>)> {
+        let node = cluster.node_name().to_owned();
+        let (actor, _) = Actor::spawn(None, Forwarder, (node, handler)).await?;
+        Ok((Self { cluster, shards }, actor))
+    }
+
+    /// Returns the name of the node that owns the group with id `group_id`, or `None` when
+    /// this node owns it.
+    pub fn owner(&self, group_id: &[u8]) -> Option<String> {
+        let live: Vec<NodeName> = self
+            .cluster
+            .members()
+            .into_iter()
+            .filter(|m| matches!(m.state, MemberState::Local | MemberState::Alive))
+            .map(|m| NodeName(m.name))
+            .collect();
+        let shard = shard_of(group_id, self.shards);
+        let owner = replicas(shard, &live, 1).into_iter().next()?;
+        (owner.0 != self.cluster.node_name()).then_some(owner.0)
+    }
+
+    /// Sends an encoded request to the forwarder of `node` and returns its encoded reply.
+    pub async fn forward(&self, node: &str, request: Vec<u8>) -> Result<Vec<u8>, String> {
+        let Some(forwarder) = pg::get_members(&group(node)).into_iter().next() else {
+            return Err(format!("no link to node {node}"));
+        };
+        let answer = ractor::rpc::call(
+            &forwarder,
+            |port| ForwarderMsg::Call(request, port),
+            Some(FORWARD_TIMEOUT),
+        )
+        .await
+        .map_err(|e| format!("forwarding to node {node} failed: {e}"))?;
+        match answer {
+            ractor::rpc::CallResult::Success(reply) => Ok(reply),
+            ractor::rpc::CallResult::Timeout => Err(format!(
+                "node {node} did not answer within {} s",
+                FORWARD_TIMEOUT.as_secs()
+            )),
+            ractor::rpc::CallResult::SenderError => {
+                Err(format!("node {node} dropped the forwarded request"))
+            }
+        }
+    }
+}
