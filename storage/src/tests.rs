@@ -707,3 +707,115 @@ async fn refresh_expiry_and_pruning() {
         RefreshOutcome::Unknown
     );
 }
+
+fn item(seq: u64, msg: u8) -> AppendItem {
+    AppendItem {
+        entry: entry(seq, msg),
+        meta: None,
+        public_state: None,
+        welcomes: Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn append_batch_rejects_taken_numbers_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.create_group(&group(), &meta(0), b"state").unwrap();
+    let batch = |items: Vec<AppendItem>| Change::AppendBatch {
+        group: group(),
+        items,
+    };
+    store.apply(&batch(vec![item(1, 1), item(2, 2)])).unwrap();
+
+    // A taken sequence number, a stored message id, and a batch that repeats itself are all
+    // conflicts, and none of them stores any of its entries.
+    let cases = [
+        ("taken sequence number", vec![item(3, 3), item(2, 4)]),
+        ("stored message id", vec![item(3, 3), item(4, 1)]),
+        ("repeated message id", vec![item(3, 5), item(4, 5)]),
+        ("repeated sequence number", vec![item(3, 6), item(3, 7)]),
+    ];
+    for (case, items) in cases {
+        let result = store.apply(&batch(items));
+        assert!(
+            matches!(result, Err(StorageError::Conflict(_))),
+            "{case}: {result:?}"
+        );
+        assert_eq!(store.entry(&group(), 3).unwrap(), None, "{case}");
+    }
+    store.apply(&batch(vec![item(3, 3), item(4, 4)])).unwrap();
+    let seqs: Vec<u64> = store
+        .read_log(&group(), 0, 10)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, [1, 2, 3, 4]);
+}
+
+#[tokio::test]
+async fn shared_state_snapshot_replaces_other_store() {
+    let source_dir = tempfile::tempdir().unwrap();
+    let source = Store::open(source_dir.path()).unwrap();
+    source.create_group(&group(), &meta(0), b"state").unwrap();
+    source
+        .apply(&Change::AppendBatch {
+            group: group(),
+            items: vec![item(1, 1), item(2, 2)],
+        })
+        .unwrap();
+    for seed in 0..3 {
+        register(&source, &device(seed, "dana")).unwrap();
+    }
+    source
+        .put_key_packages(&DeviceId::from_bytes([0; 16]), &[], None)
+        .unwrap();
+    source.create_account(&account_record("erin")).unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+    let source_head = SignedTreeHead::sign(3, source.kt_root(3).unwrap(), 1, "k", &key);
+    source.put_tree_head(&source_head).unwrap();
+    let snapshot = source.export_shared().unwrap();
+
+    // The target has state of its own, which the snapshot replaces, and a tree head of its
+    // own, which stays: tree heads are signed by each node.
+    let target_dir = tempfile::tempdir().unwrap();
+    let target = Store::open(target_dir.path()).unwrap();
+    let other = GroupId::new(b"group-b".to_vec()).unwrap();
+    target.create_group(&other, &meta(0), b"other").unwrap();
+    register(&target, &device(9, "fred")).unwrap();
+    let target_head = SignedTreeHead::sign(1, target.kt_root(1).unwrap(), 1, "t", &key);
+    target.put_tree_head(&target_head).unwrap();
+    target.import_shared(&snapshot).unwrap();
+
+    assert_eq!(target.load_group(&other).unwrap(), None);
+    let (meta, state) = target.load_group(&group()).unwrap().unwrap();
+    assert_eq!(meta.last_seq, 2);
+    assert_eq!(state, b"state");
+    assert_eq!(target.read_log(&group(), 0, 10).unwrap().len(), 2);
+    assert_eq!(target.account_devices("dana").unwrap().len(), 3);
+    assert!(target.account_devices("fred").unwrap().is_empty());
+    assert!(target.account("erin").unwrap().is_some());
+    assert_eq!(target.kt_size(), 3);
+    assert_eq!(target.kt_root(3).unwrap(), source.kt_root(3).unwrap());
+    assert_eq!(target.latest_tree_head().unwrap(), Some(target_head));
+    assert_eq!(target.tree_head(3).unwrap(), None);
+}
+
+#[tokio::test]
+async fn snapshot_of_unknown_tree_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let result = store.import_shared(&snapshot_naming("signing_keys"));
+    assert!(
+        matches!(&result, Err(StorageError::Corrupt { detail, .. }) if detail.contains("signing_keys")),
+        "{result:?}"
+    );
+}
+
+/// Encodes an empty snapshot of the tree named `tree`, in the format of `export_shared`.
+fn snapshot_naming(tree: &str) -> Vec<u8> {
+    type Pairs = Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>;
+    let trees: Vec<(String, Pairs)> = vec![(tree.to_owned(), Vec::new())];
+    rmp_serde::to_vec_named(&std::collections::BTreeMap::from([("trees", trees)])).unwrap()
+}
