@@ -17,6 +17,8 @@ pub struct ClusterFixture {
     dir: tempfile::TempDir,
     /// Heartbeat interval and failure timeout in ms; the node's defaults when unset.
     timing: Option<(u64, u64)>,
+    /// More flags for every node started next.
+    extra: Vec<String>,
 }
 
 /// One node's settings, kept to restart it in place.
@@ -61,6 +63,7 @@ impl ClusterFixture {
             binary: binary.to_owned(),
             dir,
             timing: None,
+            extra: Vec::new(),
         };
         let ca = fixture.path("ca");
         fixture.run(&["cert", "ca", "--dir", &ca.display().to_string()])?;
@@ -70,6 +73,12 @@ impl ClusterFixture {
     /// Sets the heartbeat interval and failure timeout, in ms, of the nodes started next.
     pub fn with_timing(mut self, heartbeat_ms: u64, failure_timeout_ms: u64) -> Self {
         self.timing = Some((heartbeat_ms, failure_timeout_ms));
+        self
+    }
+
+    /// Adds `flags` to the command line of the nodes started next.
+    pub fn with_flags(mut self, flags: &[&str]) -> Self {
+        self.extra.extend(flags.iter().map(|f| (*f).to_owned()));
         self
     }
 
@@ -147,6 +156,7 @@ impl ClusterFixture {
                 failure.to_string(),
             ]);
         }
+        args.extend(self.extra.iter().cloned());
         if !spec.seeds.is_empty() {
             let seeds: Vec<String> = spec
                 .seeds

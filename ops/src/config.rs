@@ -70,6 +70,9 @@ pub struct NodeConfig {
     pub heartbeat_ms: u64,
     /// A member not heard from for this many milliseconds is marked dead.
     pub failure_timeout_ms: u64,
+    /// Entries of the cluster log between two snapshots, after which older entries are
+    /// removed; a node that falls behind them catches up from a snapshot.
+    pub log_snapshot_entries: u64,
     /// Number of shards of the placement.
     pub shards: u32,
     /// Replicas of each shard (fewer when fewer nodes are alive).
@@ -151,6 +154,7 @@ impl Default for NodeConfig {
             cluster_key: None,
             heartbeat_ms: 500,
             failure_timeout_ms: 3000,
+            log_snapshot_entries: 50_000,
             shards: 64,
             replication: 3,
             open_registration: false,
@@ -254,6 +258,10 @@ pub struct NodeFlags {
     /// Milliseconds without a heartbeat after which a member is marked dead.
     #[arg(long, env = "ATLAS_FAILURE_TIMEOUT_MS")]
     pub failure_timeout_ms: Option<u64>,
+    /// Entries of the cluster log between two snapshots (each entry carries up to a few hundred
+    /// changes); older entries are then removed.
+    #[arg(long, env = "ATLAS_LOG_SNAPSHOT_ENTRIES")]
+    pub log_snapshot_entries: Option<u64>,
     /// Register unknown device keys at login under any free account name (development and
     /// benchmarks only).
     #[arg(long, env = "ATLAS_OPEN_REGISTRATION")]
@@ -331,6 +339,7 @@ impl NodeFlags {
             node_name,
             heartbeat_ms,
             failure_timeout_ms,
+            log_snapshot_entries,
             max_unauthenticated
         );
         take!(
@@ -366,7 +375,7 @@ impl NodeFlags {
 impl NodeConfig {
     /// Checks every numeric setting against its allowed range.
     fn validate(&self) -> anyhow::Result<()> {
-        let ranges: [(&str, u64, u64, u64); 21] = [
+        let ranges: [(&str, u64, u64, u64); 22] = [
             (
                 "reauthentication_window_secs",
                 self.reauthentication_window_secs,
@@ -431,6 +440,12 @@ impl NodeConfig {
                 1_000_000,
             ),
             ("failure_timeout_ms", self.failure_timeout_ms, 200, 600_000),
+            (
+                "log_snapshot_entries",
+                self.log_snapshot_entries,
+                10,
+                100_000_000,
+            ),
             ("shards", u64::from(self.shards), 1, 65_536),
             ("replication", u64::from(self.replication), 1, 9),
         ];

@@ -315,6 +315,9 @@ async fn start_replicated_log(
         heartbeat: Duration::from_millis(config.heartbeat_ms / 2).max(Duration::from_millis(50)),
         election_timeout: Duration::from_millis(config.failure_timeout_ms / 3)
             .max(Duration::from_millis(300)),
+        // A snapshot copies the whole shared state and stalls applying while it is built, so
+        // the default takes one only after many entries.
+        snapshot_every: config.log_snapshot_entries,
     };
     let node = raft_id(&config.node_name);
     let shared = Arc::new(SharedState::new(store.clone(), node, &settings.log)?);

@@ -603,3 +603,67 @@ async fn graceful_leave_hands_over_without_failed_sends() {
     bob.sync().await.unwrap();
     assert_eq!(messages(&bob, &group), acknowledged);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_node_catches_up_from_snapshot() {
+    // Snapshots every 10 entries, after which the older entries are removed.
+    let fixture = fixture().with_flags(&["--log-snapshot-entries", "10"]);
+    let (specs, mut nodes) = fixture.start_cluster(2, CONVERGE).await.unwrap();
+    let mut alice = atlas_client::Client::open(&fixture.path("alice-state"), "alice").unwrap();
+    let home = address(&nodes["node-a"]);
+    alice.connect(&home.url, &home.trust).await.unwrap();
+    let mut bob = atlas_client::Client::open(&fixture.path("bob-state"), "bob").unwrap();
+    let home = address(&nodes["node-b"]);
+    bob.connect(&home.url, &home.trust).await.unwrap();
+    bob.publish_key_packages(2).await.unwrap();
+    let group = alice.create_group("compacted").await.unwrap();
+    alice.add_members(&group, &["bob"]).await.unwrap();
+    let mut sent = Vec::new();
+    for i in 0..40 {
+        let text = format!("before node-c joined {i}");
+        alice.send_reliably(&group, &text).await.unwrap();
+        sent.push(text);
+    }
+    let purged = log_number(&nodes["node-a"], "purged").or(log_number(&nodes["node-b"], "purged"));
+    assert!(
+        purged.is_some_and(|p| p > 1),
+        "no node removed entries after a snapshot: {purged:?}"
+    );
+
+    // node-c joins. The log no longer starts at its first entry, so node-c can only catch up
+    // from a snapshot; then bob reads the whole group through it.
+    let c = fixture.spec("node-c", &[specs[0].port]).unwrap();
+    nodes.insert("node-c".into(), fixture.start(&c).unwrap());
+    let everyone: Vec<&NodeProcess> = nodes.values().collect();
+    let all = ["node-a", "node-b", "node-c"];
+    let joined = wait_until(CONVERGE, || agreed_leader(&everyone, &all).is_some()).await;
+    assert!(joined, "node-c did not become a voter");
+    let caught_up = wait_until(CONVERGE, || {
+        let applied: Vec<Option<u64>> = everyone
+            .iter()
+            .map(|n| log_view(n).and_then(|v| v.last_applied))
+            .collect();
+        applied[0].is_some() && applied.iter().all(|a| *a == applied[0])
+    })
+    .await;
+    assert!(caught_up, "node-c did not reach the others' applied index");
+    let snapshot = log_number(&nodes["node-c"], "snapshot");
+    assert!(snapshot.is_some(), "node-c holds no snapshot");
+    bob.disconnect();
+    let home = address(&nodes["node-c"]);
+    bob.connect(&home.url, &home.trust).await.unwrap();
+    bob.sync().await.unwrap();
+    assert_eq!(messages(&bob, &group), sent);
+    let text = "after node-c joined".to_owned();
+    bob.send_reliably(&group, &text).await.unwrap();
+    alice.sync().await.unwrap();
+    assert_eq!(messages(&alice, &group).last(), Some(&text));
+}
+
+/// Reads a number of the cluster log's status on a node: `purged` (the last index removed
+/// after a snapshot) or `snapshot` (the last index of its latest snapshot).
+fn log_number(node: &NodeProcess, field: &str) -> Option<u64> {
+    let body = node.admin_get("/admin/cluster").ok()?;
+    let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+    status["replicated_log"][field].as_u64()
+}

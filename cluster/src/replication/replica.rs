@@ -33,6 +33,9 @@ pub struct ReplicaSettings {
     pub heartbeat: Duration,
     /// Lower bound of the election timeout; the upper bound is twice this.
     pub election_timeout: Duration,
+    /// Entries between two snapshots; the log keeps at most 1,000 entries older than the
+    /// last snapshot.
+    pub snapshot_every: u64,
 }
 
 /// A node's view of a replicated log, for status output.
@@ -45,6 +48,10 @@ pub struct ReplicaStatus {
     pub leader: Option<String>,
     pub voters: Vec<String>,
     pub last_applied: Option<u64>,
+    /// Index of the last entry in this node's latest snapshot.
+    pub snapshot: Option<u64>,
+    /// Index of the last entry this node removed from its log after a snapshot.
+    pub purged: Option<u64>,
 }
 
 /// A running replica.
@@ -55,11 +62,6 @@ pub struct Replica {
     departures: Departures,
     announcer: tokio::task::JoinHandle<()>,
 }
-
-/// Entries between two snapshots of a replicated log. Each entry of the cluster log carries
-/// up to a few hundred changes, so the log holds at most this many entries beyond the last
-/// snapshot.
-const SNAPSHOT_EVERY: u64 = 50_000;
 
 /// Time the leader waits after announcing a commit before it announces the next, so that
 /// announcements under load cost at most this many heartbeats a second.
@@ -101,9 +103,8 @@ impl Replica {
             heartbeat_interval: settings.heartbeat.as_millis() as u64,
             election_timeout_min: settings.election_timeout.as_millis() as u64,
             election_timeout_max: 2 * settings.election_timeout.as_millis() as u64,
-            // A snapshot copies the whole shared state and stalls applying while it is built,
-            // so take one only after many entries.
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
+            max_in_snapshot_log_to_keep: settings.snapshot_every.min(1000),
             ..Config::default()
         }
         .validate()?;
@@ -215,6 +216,8 @@ impl Replica {
             leader: metrics.current_leader.map(name_of),
             voters: membership.voter_ids().map(name_of).collect(),
             last_applied: metrics.last_applied.map(|id| id.index),
+            snapshot: metrics.snapshot.map(|id| id.index),
+            purged: metrics.purged.map(|id| id.index),
         }
     }
 
