@@ -38,6 +38,8 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct ClusterSettings {
     /// This node's name, unique in the cluster.
     pub node_name: String,
+    /// This node's id in the cluster's replicated log, which changes with its data directory.
+    pub raft_id: u64,
     /// Address of the cluster listener.
     pub listen: SocketAddr,
     /// Address other nodes dial to reach this node.
@@ -73,6 +75,8 @@ pub enum MemberState {
 pub struct MemberView {
     pub name: String,
     pub addr: String,
+    /// The member's id in the replicated log; 0 until heard from directly.
+    pub raft_id: u64,
     pub state: MemberState,
     /// Milliseconds since the last heartbeat from this member, if any.
     pub last_heard_ms: Option<u64>,
@@ -94,6 +98,9 @@ struct Heartbeat {
     addr: String,
     /// Members the sender considers alive, itself included, as (name, address).
     members: Vec<(String, String)>,
+    /// The sender's id in the replicated log.
+    #[serde(default)]
+    raft_id: u64,
 }
 
 /// Messages of the membership actor. They cross the network, so they serialize.
@@ -107,6 +114,7 @@ pub enum MembershipMsg {
 
 struct Member {
     addr: String,
+    raft_id: u64,
     last_heard: Option<Instant>,
     alive: bool,
 }
@@ -177,6 +185,7 @@ impl MembershipState {
             .entry(heartbeat.name.clone())
             .or_insert_with(|| Member {
                 addr: heartbeat.addr.clone(),
+                raft_id: heartbeat.raft_id,
                 last_heard: None,
                 alive: false,
             });
@@ -193,6 +202,11 @@ impl MembershipState {
                 return;
             }
             member.addr = heartbeat.addr.clone();
+        }
+        if member.raft_id != heartbeat.raft_id {
+            // The same node restarted with another data directory: a new incarnation.
+            tracing::info!(member = %heartbeat.name, old = member.raft_id, new = heartbeat.raft_id, "cluster member has a new replicated log id");
+            member.raft_id = heartbeat.raft_id;
         }
         let event = match (member.alive, member.last_heard) {
             (true, _) => None,
@@ -221,6 +235,7 @@ impl MembershipState {
                     name,
                     Member {
                         addr,
+                        raft_id: 0,
                         last_heard: None,
                         alive: false,
                     },
@@ -244,6 +259,7 @@ impl MembershipState {
             name: self.settings.node_name.clone(),
             addr: self.settings.advertise.to_string(),
             members,
+            raft_id: self.settings.raft_id,
         };
         // Plain data with string keys: encoding into a Vec cannot fail.
         let bytes = rmp_serde::to_vec(&heartbeat).expect("heartbeat serializes");
@@ -337,6 +353,7 @@ impl MembershipState {
             MemberView {
                 name: self.settings.node_name.clone(),
                 addr: self.settings.advertise.to_string(),
+                raft_id: self.settings.raft_id,
                 state: MemberState::Local,
                 last_heard_ms: None,
             },
@@ -352,6 +369,7 @@ impl MembershipState {
                 MemberView {
                     name: name.clone(),
                     addr: member.addr.clone(),
+                    raft_id: member.raft_id,
                     state,
                     last_heard_ms: member.last_heard.map(|t| t.elapsed().as_millis() as u64),
                 },

@@ -923,15 +923,23 @@ async fn submit(
     msg_id: atlas_protocol::ClientMsgId,
     submission: Submission,
 ) -> Result<ServerBody, GroupError> {
-    let accepted = state
-        .router
-        .request(group, |reply| GroupMsg::Submit {
+    let request = |submission: Submission| {
+        state.router.request(group, |reply| GroupMsg::Submit {
             sender,
             msg_id,
             submission,
             reply,
         })
-        .await?;
+    };
+    let accepted = match request(submission.clone()).await {
+        // In a cluster the group may have been created through another node that this one
+        // has not caught up with yet: wait until it has, and look again.
+        Err(GroupError::NotFound(_)) if state.store.is_replicated() => {
+            state.store.read_barrier().await?;
+            request(submission).await?
+        }
+        other => other?,
+    };
     Ok(ServerBody::Accepted(accepted))
 }
 

@@ -9,7 +9,7 @@ use atlas_actors::{
     SupervisorArgs, SupervisorMsg,
 };
 use atlas_cluster::replication::{
-    ClusterReplicator, Replica, ReplicaSettings, SharedState, raft_id,
+    ClusterReplicator, Replica, ReplicaSettings, SharedState, node_identity,
 };
 use atlas_cluster::{
     Cluster, ClusterSettings, ForwardHandler, GroupOwners, MemberState, MemberView,
@@ -75,11 +75,14 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         Duration::from_secs(config.signing_key_grace_secs),
     )?);
     let kt = Arc::new(KeyTransparency::open(store.clone(), Arc::clone(&keyring))?);
-    let cluster = start_cluster(config, &registry).await?;
+    // This node's id in the cluster log; a new data directory makes a new member.
+    let raft_id = node_identity(store.sled_db(), CLUSTER_LOG, &config.node_name)
+        .context("cannot read or create this node's id in the cluster log")?;
+    let cluster = start_cluster(config, &registry, raft_id).await?;
     let (replicated, shared) = match &cluster {
         Some(cluster) => {
             let (replica, shared, task) =
-                start_replicated_log(config, &store, Arc::clone(cluster)).await?;
+                start_replicated_log(config, &store, Arc::clone(cluster), raft_id).await?;
             (Some((replica, task)), Some(shared))
         }
         None => (None, None),
@@ -291,6 +294,9 @@ fn not_serving_yet() -> Vec<u8> {
     rmp_serde::to_vec_named(&body).expect("server body serializes")
 }
 
+/// Name of the cluster's replicated log, in its sled trees and process groups.
+const CLUSTER_LOG: &str = "cluster";
+
 /// Time a stopping node spends leaving the cluster's replicated log.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -307,10 +313,12 @@ async fn start_replicated_log(
     config: &NodeConfig,
     store: &Store,
     cluster: Arc<Cluster>,
+    node: u64,
 ) -> anyhow::Result<(Arc<Replica>, Arc<SharedState>, tokio::task::JoinHandle<()>)> {
     let settings = ReplicaSettings {
-        log: "cluster".into(),
+        log: CLUSTER_LOG.into(),
         node_name: config.node_name.clone(),
+        raft_id: node,
         bootstrap: config.seeds.is_empty(),
         heartbeat: Duration::from_millis(config.heartbeat_ms / 2).max(Duration::from_millis(50)),
         election_timeout: Duration::from_millis(config.failure_timeout_ms / 3)
@@ -319,7 +327,6 @@ async fn start_replicated_log(
         // the default takes one only after many entries.
         snapshot_every: config.log_snapshot_entries,
     };
-    let node = raft_id(&config.node_name);
     let shared = Arc::new(SharedState::new(store.clone(), node, &settings.log)?);
     let log = settings.log.clone();
     let replica = Arc::new(
@@ -337,11 +344,11 @@ async fn start_replicated_log(
         let mut tick = tokio::time::interval(MEMBER_SYNC_INTERVAL);
         loop {
             tick.tick().await;
-            let alive: Vec<String> = cluster
+            let alive: Vec<(String, u64)> = cluster
                 .members()
                 .into_iter()
                 .filter(|m| matches!(m.state, MemberState::Local | MemberState::Alive))
-                .map(|m| m.name)
+                .map(|m| (m.name, m.raft_id))
                 .collect();
             if let Err(e) = task_replica.add_live_members(&alive).await {
                 tracing::warn!(error = %e, "adding members to the replicated log failed; retrying");
@@ -373,6 +380,7 @@ impl WriteGate for MajorityGate {
 async fn start_cluster(
     config: &NodeConfig,
     registry: &Registry,
+    raft_id: u64,
 ) -> anyhow::Result<Option<Arc<Cluster>>> {
     let Some(listen) = config.cluster_listen else {
         return Ok(None);
@@ -392,6 +400,7 @@ async fn start_cluster(
     let observer = Arc::new(MembershipMetrics::register(registry)?);
     let settings = ClusterSettings {
         node_name: config.node_name.clone(),
+        raft_id,
         listen,
         advertise: config.cluster_advertise.unwrap_or(listen),
         seeds: config.seeds.clone(),
@@ -452,6 +461,7 @@ impl Admin {
             None => vec![MemberView {
                 name: self.node_name.clone(),
                 addr: String::new(),
+                raft_id: 0,
                 state: MemberState::Local,
                 last_heard_ms: None,
             }],

@@ -383,7 +383,7 @@ fn address(node: &NodeProcess) -> atlas_client::NodeAddress {
     }
 }
 
-/// The messages of a client's transcript, in log order.
+/// Returns the messages of a client's transcript, in log order.
 fn messages(client: &atlas_client::Client, group: &atlas_protocol::GroupId) -> Vec<String> {
     client
         .transcript(group)
@@ -398,7 +398,7 @@ async fn chat_spans_nodes_and_survives_killing_the_leader() {
     let (specs, mut nodes) = fixture.start_cluster(3, CONVERGE).await.unwrap();
     let all = ["node-a", "node-b", "node-c"];
 
-    // One member per node; each knows every node, its own first. KeyPackages uploaded on
+    // One member per node, each with a list of every node, its own first. KeyPackages uploaded on
     // node-b and node-c are claimed on node-a.
     let homes = [("alice", "node-a"), ("bob", "node-b"), ("carol", "node-c")];
     let mut clients = BTreeMap::new();
@@ -448,7 +448,7 @@ async fn chat_spans_nodes_and_survives_killing_the_leader() {
         messages(bob, &group)
     );
 
-    // A node that falls behind answers a sync only once it has caught up. Pause a follower
+    // A node that falls behind serves a sync only once it has caught up. Pause a follower
     // while another member sends, resume it, and sync through it at once.
     let leader = agreed_leader(&nodes.values().collect::<Vec<_>>(), &all).unwrap();
     let (reader, reader_home) = *homes.iter().find(|(_, home)| *home != leader).unwrap();
@@ -521,7 +521,7 @@ async fn chat_spans_nodes_and_survives_killing_the_leader() {
     orphan_client.send_reliably(&group, &text).await.unwrap();
     acknowledged.push(text);
 
-    // Every member sees every acknowledged message exactly once, in the same order.
+    // Every member reads every acknowledged message exactly once, in the same order.
     for (account, _) in homes {
         let client = clients.get_mut(account).unwrap();
         let deadline = std::time::Instant::now() + CONVERGE;
@@ -631,7 +631,7 @@ async fn new_node_catches_up_from_snapshot() {
     );
 
     // node-c joins. The log no longer starts at its first entry, so node-c can only catch up
-    // from a snapshot; then bob reads the whole group through it.
+    // from a snapshot. Then bob reads the whole group through it.
     let c = fixture.spec("node-c", &[specs[0].port]).unwrap();
     nodes.insert("node-c".into(), fixture.start(&c).unwrap());
     let everyone: Vec<&NodeProcess> = nodes.values().collect();
@@ -666,4 +666,62 @@ fn log_number(node: &NodeProcess, field: &str) -> Option<u64> {
     let body = node.admin_get("/admin/cluster").ok()?;
     let status: serde_json::Value = serde_json::from_str(&body).ok()?;
     status["replicated_log"][field].as_u64()
+}
+
+/// Reads the raft id that `node` reports for the member named `name`.
+fn member_raft_id(node: &NodeProcess, name: &str) -> Option<u64> {
+    let body = node.admin_get("/admin/cluster").ok()?;
+    let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+    status["members"]
+        .as_array()?
+        .iter()
+        .find(|m| m["name"] == name)?["raft_id"]
+        .as_u64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impostor_under_taken_name_loses_nothing() {
+    let fixture = fixture();
+    let (specs, nodes) = fixture.start_cluster(3, CONVERGE).await.unwrap();
+    let original = member_raft_id(&nodes["node-a"], "node-b").unwrap();
+    let mut alice = atlas_client::Client::open(&fixture.path("alice-state"), "alice").unwrap();
+    let home = address(&nodes["node-a"]);
+    alice.connect(&home.url, &home.trust).await.unwrap();
+    let mut carol = atlas_client::Client::open(&fixture.path("carol-state"), "carol").unwrap();
+    let home = address(&nodes["node-c"]);
+    carol.connect(&home.url, &home.trust).await.unwrap();
+    carol.publish_key_packages(2).await.unwrap();
+    let group = alice.create_group("impostor").await.unwrap();
+    alice.add_members(&group, &["carol"]).await.unwrap();
+
+    // A second node-b, with node-b's certificate and an empty data directory, joins while
+    // alice sends. It has its own id in the cluster log, so it never votes as node-b.
+    let impostor = NodeSpec {
+        port: free_port(),
+        ..specs[1].clone()
+    };
+    let args = fixture.cluster_flags(&impostor);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let impostor = NodeProcess::start_logged(
+        Path::new(BIN),
+        &fixture.path("impostor"),
+        &args,
+        &fixture.path("impostor.log"),
+    )
+    .unwrap();
+    let mut sent = Vec::new();
+    for i in 0..30 {
+        let text = format!("with an impostor around {i}");
+        alice.send_reliably(&group, &text).await.unwrap();
+        sent.push(text);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    impostor.kill9().unwrap();
+
+    let everyone: Vec<&NodeProcess> = nodes.values().collect();
+    let all = ["node-a", "node-b", "node-c"];
+    assert!(agreed_leader(&everyone, &all).is_some());
+    assert_eq!(member_raft_id(&nodes["node-a"], "node-b"), Some(original));
+    carol.sync().await.unwrap();
+    assert_eq!(messages(&carol, &group), sent);
 }

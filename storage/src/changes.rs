@@ -276,7 +276,7 @@ impl Store {
                 public_state,
                 welcomes,
             } => {
-                self.check_free(group, entry)?;
+                self.check_free(group, entry, self.next_seq(group)?)?;
                 self.append(
                     group,
                     entry,
@@ -287,8 +287,9 @@ impl Store {
                 Ok(Outcome::Done)
             }
             Change::AppendBatch { group, items } => {
+                let next = self.next_seq(group)?;
                 for (i, item) in items.iter().enumerate() {
-                    self.check_free(group, &item.entry)?;
+                    self.check_free(group, &item.entry, next + i as u64)?;
                     let repeated = items[..i].iter().any(|earlier| {
                         earlier.entry.seq == item.entry.seq
                             || (earlier.entry.sender == item.entry.sender
@@ -354,12 +355,34 @@ impl Store {
         }
     }
 
-    /// Rejects an entry whose sequence number or message id is taken: another node appended
-    /// first, or a retry was validated on another node before the original was applied there.
-    fn check_free(&self, group: &GroupId, entry: &LogEntry) -> Result<(), StorageError> {
-        if self.groups.get(keys::log(group, entry.seq))?.is_some() {
+    /// Returns the sequence number the next entry of a group must take: one above the newest
+    /// stored entry, or the first one retention left when it removed every entry.
+    fn next_seq(&self, group: &GroupId) -> Result<u64, StorageError> {
+        let raw =
+            self.groups
+                .get(keys::group_meta(group))?
+                .ok_or_else(|| StorageError::Corrupt {
+                    what: format!("group {group}"),
+                    detail: "appended to without a meta record".into(),
+                })?;
+        let meta: GroupMeta = decode(&raw, "group meta", group)?;
+        let newest = self.newest_seq(group)?.unwrap_or(0);
+        Ok((newest + 1).max(meta.first_seq).max(1))
+    }
+
+    /// Rejects an entry that does not take sequence number `expected`, or whose message id is
+    /// stored already. Either means another node appended first (possibly entries retention
+    /// removed since), or that a retry was validated on another node before the original was
+    /// applied there.
+    fn check_free(
+        &self,
+        group: &GroupId,
+        entry: &LogEntry,
+        expected: u64,
+    ) -> Result<(), StorageError> {
+        if entry.seq != expected {
             return Err(StorageError::Conflict(format!(
-                "sequence number {} of group {group} is taken",
+                "entry {} of group {group} is not the next one, {expected}",
                 entry.seq
             )));
         }

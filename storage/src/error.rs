@@ -52,11 +52,11 @@ pub enum StorageError {
     /// Another writer changed the state this change was computed from; reload and retry.
     #[error("concurrent change: {0}")]
     Conflict(String),
-    /// The cluster's replicated log cannot commit the change now (no leader, or this node is
-    /// cut off from the majority); retry later or on another node.
+    /// The cluster's replicated log cannot commit a change, or confirm the latest changes for
+    /// a read, now: there is no leader, or this node is cut off from the majority.
     #[error(
-        "the cluster cannot commit changes through a majority of its nodes now ({0}); retry \
-         later or on another node"
+        "this node cannot reach a majority of the cluster now ({0}); retry later or on \
+         another node"
     )]
     Unavailable(String),
     /// Replicating a change failed in a way the change itself did not cause.

@@ -210,18 +210,8 @@ impl Store {
         let mut meta: GroupMeta = decode(&meta, "group meta", group)?;
         // Application messages do not rewrite the meta record (see `append`), so the newest
         // log entry gives the last sequence number.
-        let newest = self
-            .groups
-            .range(keys::log(group, 0)..keys::log_end(group))
-            .next_back();
-        if let Some(item) = newest {
-            let (key, _) = item?;
-            let seq =
-                <[u8; 8]>::try_from(&key[key.len() - 8..]).map_err(|_| StorageError::Corrupt {
-                    what: format!("log key of group {group}"),
-                    detail: "shorter than a sequence number".into(),
-                })?;
-            meta.last_seq = meta.last_seq.max(u64::from_be_bytes(seq));
+        if let Some(newest) = self.newest_seq(group)? {
+            meta.last_seq = meta.last_seq.max(newest);
         }
         let state =
             self.groups
@@ -231,6 +221,24 @@ impl Store {
                     detail: "meta present but public state missing".into(),
                 })?;
         Ok(Some((meta, state.to_vec())))
+    }
+
+    /// Returns the sequence number of a group's newest stored entry.
+    pub(crate) fn newest_seq(&self, group: &GroupId) -> Result<Option<u64>, StorageError> {
+        let Some(item) = self
+            .groups
+            .range(keys::log(group, 0)..keys::log_end(group))
+            .next_back()
+        else {
+            return Ok(None);
+        };
+        let (key, _) = item?;
+        let seq =
+            <[u8; 8]>::try_from(&key[key.len() - 8..]).map_err(|_| StorageError::Corrupt {
+                what: format!("log key of group {group}"),
+                detail: "shorter than a sequence number".into(),
+            })?;
+        Ok(Some(u64::from_be_bytes(seq)))
     }
 
     /// Appends one accepted entry atomically with its de-duplication id and, for commits, the

@@ -752,6 +752,24 @@ async fn append_batch_rejects_taken_numbers_whole() {
         .map(|e| e.seq)
         .collect();
     assert_eq!(seqs, [1, 2, 3, 4]);
+
+    // Retention removed entries 1 to 4: an owner with stale state cannot reuse their numbers,
+    // and no entry may leave a gap.
+    store
+        .apply(&Change::Prune {
+            group: group(),
+            through_seq: 4,
+        })
+        .unwrap();
+    for (case, seq) in [("removed number", 3), ("gap", 6)] {
+        let result = store.apply(&batch(vec![item(seq, 20)]));
+        assert!(
+            matches!(result, Err(StorageError::Conflict(_))),
+            "{case}: {result:?}"
+        );
+    }
+    store.apply(&batch(vec![item(5, 20)])).unwrap();
+    assert_eq!(store.entry(&group(), 5).unwrap().unwrap().seq, 5);
 }
 
 #[tokio::test]

@@ -22,7 +22,7 @@ mod transport;
 
 pub use log_store::SledLogStore;
 pub use proposals::{AppliedHook, ClusterReplicator, SharedState};
-pub use replica::{Replica, ReplicaSettings, ReplicaStatus, raft_id};
+pub use replica::{Replica, ReplicaSettings, ReplicaStatus, node_identity};
 pub use state_machine::SledStateMachine;
 
 use serde::{Deserialize, Serialize};

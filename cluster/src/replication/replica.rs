@@ -14,11 +14,38 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Raft id of the node named `name`: the first 8 bytes of its SHA-256, so every node derives
-/// the same id for a name.
-pub fn raft_id(name: &str) -> RaftNodeId {
+/// Raft id that earlier versions derived from a node's name: the first 8 bytes of its SHA-256.
+fn name_based_id(name: &str) -> RaftNodeId {
     let digest = Sha256::digest(name.as_bytes());
     u64::from_be_bytes(digest[..8].try_into().expect("8 bytes of a 32-byte digest"))
+}
+
+/// Returns this node's id in the replicated log named `log`, stored in its database: random on
+/// the first start, so that a node that lost its data directory, or a second node started
+/// under the same name, is a new member rather than an old voter with an empty log, which
+/// raft cannot survive. A database that holds raft state from a version that derived the id
+/// from the name keeps that id.
+pub fn node_identity(db: &sled::Db, log: &str, name: &str) -> anyhow::Result<RaftNodeId> {
+    let tree = db.open_tree(format!("raft-identity-{log}"))?;
+    if let Some(raw) = tree.get(b"id")? {
+        let bytes = <[u8; 8]>::try_from(raw.as_ref())
+            .map_err(|_| anyhow::anyhow!("stored raft id of log {log} is not 8 bytes"))?;
+        return Ok(u64::from_be_bytes(bytes));
+    }
+    let earlier = db.open_tree(format!("raft-meta-{log}"))?;
+    let id = if earlier.is_empty() {
+        loop {
+            let id = rand::random::<u64>();
+            if id != 0 {
+                break id;
+            }
+        }
+    } else {
+        name_based_id(name)
+    };
+    tree.insert(b"id", &id.to_be_bytes())?;
+    tree.flush()?;
+    Ok(id)
 }
 
 /// Settings of one node's replica of a replicated log.
@@ -27,6 +54,8 @@ pub struct ReplicaSettings {
     /// Name of the log; its sled trees and process groups are named after it.
     pub log: String,
     pub node_name: String,
+    /// This node's id in the log, from [`node_identity`].
+    pub raft_id: RaftNodeId,
     /// Whether this node starts the log alone when it has no raft state yet. Nodes that
     /// join through seeds wait until the leader adds them.
     pub bootstrap: bool,
@@ -97,7 +126,7 @@ impl Replica {
         db: &sled::Db,
         applier: Arc<dyn Applier>,
     ) -> anyhow::Result<Self> {
-        let id = raft_id(&settings.node_name);
+        let id = settings.raft_id;
         let config = Config {
             cluster_name: settings.log.clone(),
             heartbeat_interval: settings.heartbeat.as_millis() as u64,
@@ -145,10 +174,11 @@ impl Replica {
         &self.raft
     }
 
-    /// Makes every live member in `alive` (node names) a voter, if this node leads the log.
-    /// Members that are not alive stay voters: they may come back, and their votes count
-    /// towards the majority as before.
-    pub async fn add_live_members(&self, alive: &[String]) -> anyhow::Result<()> {
+    /// Makes every live member in `alive` (node name and raft id) a voter, if this node leads
+    /// the log. Members that are not alive stay voters: they may come back, and their votes
+    /// count towards the majority as before. A voter of the same name with another id, an
+    /// earlier incarnation that lost its data directory, is replaced.
+    pub async fn add_live_members(&self, alive: &[(String, RaftNodeId)]) -> anyhow::Result<()> {
         let metrics = self.raft.metrics().borrow().clone();
         if metrics.state != ServerState::Leader {
             return Ok(());
@@ -160,16 +190,24 @@ impl Replica {
                 .lock()
                 .is_ok_and(|d| d.get(id).is_some_and(|at| at.elapsed() < LEAVE_HOLD))
         };
-        for name in alive {
-            let id = raft_id(name);
-            if voters.contains(&id) || recently_left(&id) {
+        let membership = metrics.membership_config.membership().clone();
+        for (name, id) in alive {
+            let id = *id;
+            if id == 0 || voters.contains(&id) || recently_left(&id) {
                 continue;
             }
-            tracing::info!(log = %self.settings.log, node = %name, "adding a member to the replicated log");
+            tracing::info!(log = %self.settings.log, node = %name, raft_id = id, "adding a member to the replicated log");
             self.raft
                 .add_learner(id, BasicNode::new(name), true)
                 .await?;
-            let mut next = voters.clone();
+            let mut next: BTreeSet<RaftNodeId> = voters
+                .iter()
+                .copied()
+                .filter(|v| membership.get_node(v).is_none_or(|node| node.addr != *name))
+                .collect();
+            if next.len() < voters.len() {
+                tracing::warn!(log = %self.settings.log, node = %name, "replacing an earlier incarnation of a member among the voters");
+            }
             next.insert(id);
             self.raft.change_membership(next, false).await?;
             tracing::info!(log = %self.settings.log, node = %name, "member is now a voter");
@@ -226,7 +264,7 @@ impl Replica {
     /// to start an election at once; a follower asks the leader. The node becomes a voter
     /// again when it comes back after [`LEAVE_HOLD`].
     pub async fn leave(&self) -> anyhow::Result<()> {
-        let id = raft_id(&self.settings.node_name);
+        let id = self.settings.raft_id;
         let voters = voters(&self.raft);
         if !voters.contains(&id) || voters.len() == 1 {
             return Ok(());
