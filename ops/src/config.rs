@@ -6,6 +6,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Minimum length of the cluster cookie, in bytes.
+const MIN_COOKIE_BYTES: usize = 16;
+
 /// Settings of one node. Every field has a default, so an empty file is a valid config.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -488,6 +491,12 @@ impl NodeConfig {
                  `atlas cert ca` and `atlas cert node NAME`, and give every node the same cookie",
                 missing.join(", ")
             );
+            let cookie_len = self.cluster_cookie.as_ref().map_or(0, |c| c.0.len());
+            anyhow::ensure!(
+                cookie_len >= MIN_COOKIE_BYTES,
+                "cluster_cookie has {cookie_len} bytes, fewer than {MIN_COOKIE_BYTES}: use a long \
+                 random secret, for example `head -c 24 /dev/urandom | base64`"
+            );
         } else {
             anyhow::ensure!(
                 self.seeds.is_empty(),
@@ -588,5 +597,20 @@ mod tests {
             ..NodeFlags::default()
         };
         assert!(flags.resolve().is_err());
+    }
+
+    #[test]
+    fn short_cluster_cookie_is_refused() {
+        let flags = |cookie: &str| NodeFlags {
+            cluster_listen: Some("127.0.0.1:7001".parse().unwrap()),
+            cluster_ca: Some("ca.pem".into()),
+            cluster_cert: Some("node.pem".into()),
+            cluster_key: Some("node-key.pem".into()),
+            cluster_cookie: Some(cookie.into()),
+            ..NodeFlags::default()
+        };
+        let error = flags("short").resolve().unwrap_err().to_string();
+        assert!(error.contains("cluster_cookie has 5 bytes"), "{error}");
+        assert!(flags("a-cookie-of-24-bytes-ok!").resolve().is_ok());
     }
 }

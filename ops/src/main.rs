@@ -101,6 +101,13 @@ enum CertCommand {
     },
 }
 
+/// Writes a response body to stdout. A reader that closed the pipe early (`| head`) is not
+/// an error.
+fn print_body(body: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stdout(), "{body}");
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -125,13 +132,13 @@ fn main() -> std::process::ExitCode {
             );
         }),
         Command::Status { admin } => {
-            admin::request(admin, "GET", "/admin/cluster").map(|body| println!("{body}"))
+            admin::request(admin, "GET", "/admin/cluster").map(|body| print_body(&body))
         }
         Command::Keys(KeysCommand::Rotate { admin }) => {
-            admin::request(admin, "POST", "/admin/keys/rotate").map(|body| println!("{body}"))
+            admin::request(admin, "POST", "/admin/keys/rotate").map(|body| print_body(&body))
         }
         Command::Keys(KeysCommand::List { admin }) => {
-            admin::request(admin, "GET", "/admin/jwks").map(|body| println!("{body}"))
+            admin::request(admin, "GET", "/admin/jwks").map(|body| print_body(&body))
         }
         Command::Demo { verbose } => {
             init_tracing(if verbose { "info" } else { "warn" }, LogFormat::Text);

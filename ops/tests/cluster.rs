@@ -142,7 +142,7 @@ async fn foreign_ca_and_wrong_cookie_are_refused() {
 
     // A node with a valid certificate and the wrong cookie.
     let mut stranger = fixture.spec("stranger", &[a.port]).unwrap();
-    stranger.cookie = "not-the-cookie".into();
+    stranger.cookie = "not-the-cluster-cookie".into();
     let _stranger = fixture.start(&stranger).unwrap();
 
     // The rogue node rejects node-a's certificate during the handshake, which node-a's
