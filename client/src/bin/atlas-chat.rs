@@ -725,7 +725,11 @@ fn server_error_hint(code: ErrorCode) -> Option<&'static str> {
         ErrorCode::TooLarge => {
             "send a shorter message: one MLS message may be at most 204,800 bytes"
         }
-        ErrorCode::Unavailable => "the server is busy or shutting down; retry later",
+        ErrorCode::Unavailable => {
+            "the server is busy, shutting down or cut off from its cluster; retry later. A \
+             cluster node may still store a message it answered with this: run `atlas-chat \
+             sync` before sending the same text again"
+        }
         ErrorCode::StorageFailure | ErrorCode::Internal => {
             "retry; if it keeps failing, check the node's logs"
         }
