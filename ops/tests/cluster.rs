@@ -725,3 +725,55 @@ async fn impostor_under_taken_name_loses_nothing() {
     carol.sync().await.unwrap();
     assert_eq!(messages(&carol, &group), sent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_with_wiped_data_rejoins_as_new_member() {
+    let fixture = fixture();
+    let (specs, mut nodes) = fixture.start_cluster(3, CONVERGE).await.unwrap();
+    let mut alice = atlas_client::Client::open(&fixture.path("alice-state"), "alice").unwrap();
+    let home = address(&nodes["node-a"]);
+    alice.connect(&home.url, &home.trust).await.unwrap();
+    let group = alice.create_group("wiped").await.unwrap();
+    for i in 0..5 {
+        let text = format!("before the wipe {i}");
+        alice.send_reliably(&group, &text).await.unwrap();
+    }
+    let old_id = member_raft_id(&nodes["node-a"], "node-c").unwrap();
+
+    // node-c loses its data directory and starts again under its name.
+    nodes.remove("node-c").unwrap().kill9().unwrap();
+    std::fs::remove_dir_all(fixture.path("node-c")).unwrap();
+    nodes.insert("node-c".into(), fixture.start(&specs[2]).unwrap());
+
+    // The leader replaces the old incarnation with the new one among the voters, and the new
+    // one catches up.
+    let everyone: Vec<&NodeProcess> = nodes.values().collect();
+    let all = ["node-a", "node-b", "node-c"];
+    let replaced = wait_until(CONVERGE, || {
+        member_raft_id(&nodes["node-a"], "node-c").is_some_and(|id| id != old_id)
+            && agreed_leader(&everyone, &all).is_some()
+    })
+    .await;
+    let views: Vec<_> = everyone.iter().map(|n| log_view(n)).collect();
+    assert!(
+        replaced,
+        "node-c was not replaced among the voters: {views:?}"
+    );
+    for i in 0..5 {
+        let text = format!("after the wipe {i}");
+        alice.send_reliably(&group, &text).await.unwrap();
+    }
+    let mut bob = atlas_client::Client::open(&fixture.path("bob-state"), "bob").unwrap();
+    let home = address(&nodes["node-c"]);
+    bob.connect(&home.url, &home.trust).await.unwrap();
+    bob.publish_key_packages(1).await.unwrap();
+    alice.add_members(&group, &["bob"]).await.unwrap();
+    let text = "bob joined through node-c".to_owned();
+    alice.send_reliably(&group, &text).await.unwrap();
+    bob.sync().await.unwrap();
+    assert_eq!(messages(&bob, &group), [text]);
+    assert_eq!(
+        member_raft_id(&nodes["node-b"], "node-c"),
+        member_raft_id(&nodes["node-a"], "node-c")
+    );
+}
