@@ -33,8 +33,40 @@ fn certificates(path: &Path, what: &str) -> anyhow::Result<Vec<CertificateDer<'s
     Ok(certs)
 }
 
+/// Returns the common name of the first certificate in `chain`.
+fn common_name(chain: &[CertificateDer<'_>]) -> anyhow::Result<String> {
+    let first = chain.first().context("the certificate chain is empty")?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(first.as_ref())
+        .map_err(|e| anyhow::anyhow!("the certificate does not parse: {e}"))?;
+    let name = parsed
+        .subject()
+        .iter_common_name()
+        .next()
+        .context("the certificate has no common name")?;
+    let name = name
+        .as_str()
+        .map_err(|e| anyhow::anyhow!("the certificate's common name is not a string: {e}"))?;
+    Ok(name.to_owned())
+}
+
+/// Loads the cluster CA and this node's certificate and key, and checks that the certificate
+/// was made for `node_name` (its common name, as `atlas cert node NAME` writes it).
+pub fn load_for(node_name: &str, ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<ClusterTls> {
+    let chain = certificates(cert, "cluster certificate")?;
+    let common = common_name(&chain)
+        .with_context(|| format!("cannot read the cluster certificate {}", cert.display()))?;
+    anyhow::ensure!(
+        common == node_name,
+        "node_name {node_name:?} does not match the common name {common:?} of the cluster \
+         certificate {}: start the node with --node-name {common}, or create a certificate for \
+         it with `atlas cert node {node_name}`",
+        cert.display()
+    );
+    load(ca, cert, key)
+}
+
 /// Loads the cluster CA and this node's certificate and key.
-pub fn load(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<ClusterTls> {
+fn load(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<ClusterTls> {
     let mut roots = rustls::RootCertStore::empty();
     for certificate in certificates(ca, "cluster CA file")? {
         roots

@@ -396,7 +396,7 @@ async fn start_cluster(
             "cluster_listen needs cluster_ca, cluster_cert, cluster_key and cluster_cookie"
         );
     };
-    let tls = cluster_tls::load(ca, cert, key)?;
+    let tls = cluster_tls::load_for(&config.node_name, ca, cert, key)?;
     let observer = Arc::new(MembershipMetrics::register(registry)?);
     let settings = ClusterSettings {
         node_name: config.node_name.clone(),

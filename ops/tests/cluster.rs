@@ -777,3 +777,34 @@ async fn node_with_wiped_data_rejoins_as_new_member() {
         member_raft_id(&nodes["node-a"], "node-c")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_name_must_match_certificate() {
+    let fixture = fixture();
+    let spec = fixture.spec("node-a", &[]).unwrap();
+    let mut flags = fixture.cluster_flags(&spec);
+    let name = flags.iter().position(|f| f == "--node-name").unwrap() + 1;
+    flags[name] = "node-1".into();
+    let data = fixture.path("mismatch");
+    let child = tokio::process::Command::new(BIN)
+        .arg("node")
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(&flags)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let output = tokio::time::timeout(CONVERGE, child.wait_with_output())
+        .await
+        .expect("a node with another name than its certificate kept running")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("does not match the common name \"node-a\""),
+        "{stderr}"
+    );
+}
