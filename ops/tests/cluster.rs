@@ -718,10 +718,21 @@ async fn impostor_under_taken_name_loses_nothing() {
     }
     impostor.kill9().unwrap();
 
+    // NOTE: while the impostor disturbs ractor_cluster's links, the others may count the real
+    // node-b as dead for a moment and take the impostor as node-b's new incarnation, which
+    // then joins as a learner, catches up and replaces node-b among the voters. Nothing is
+    // lost either way, and the real node-b is taken back once the impostor is gone.
     let everyone: Vec<&NodeProcess> = nodes.values().collect();
     let all = ["node-a", "node-b", "node-c"];
-    assert!(agreed_leader(&everyone, &all).is_some());
-    assert_eq!(member_raft_id(&nodes["node-a"], "node-b"), Some(original));
+    let healed = wait_until(CONVERGE, || {
+        agreed_leader(&everyone, &all).is_some()
+            && member_raft_id(&nodes["node-a"], "node-b") == Some(original)
+    })
+    .await;
+    assert!(
+        healed,
+        "node-b was not taken back after the impostor stopped"
+    );
     carol.sync().await.unwrap();
     assert_eq!(messages(&carol, &group), sent);
 }
