@@ -769,7 +769,7 @@ struct Committer {
     actor: ActorRef<GroupMsg>,
 }
 
-/// Why the committer could not confirm a batch.
+/// Reason the committer could not confirm a batch.
 enum BatchFailure {
     /// A local flush failed.
     Flush,

@@ -110,7 +110,7 @@ impl Client {
     }
 }
 
-/// Whether a failed send may succeed on another node or later.
+/// Returns whether a failed send may succeed on another node or later.
 fn retriable(error: &ClientError) -> bool {
     match error {
         ClientError::Server { code, .. } => *code == ErrorCode::Unavailable,

@@ -958,7 +958,7 @@ fn check_group_and_size(group: &atlas_protocol::GroupId, size: usize) -> Result<
     Ok(())
 }
 
-/// Answers a read that could not wait for the cluster's latest changes.
+/// Returns the error reply to a read that could not wait for the cluster's latest changes.
 pub(crate) fn barrier_error_body(error: &atlas_storage::StorageError) -> ServerBody {
     tracing::debug!(error = %error, "read barrier failed");
     error_body(ErrorCode::Unavailable, error.to_string())

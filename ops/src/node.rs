@@ -284,7 +284,7 @@ fn auth_settings(config: &NodeConfig, port: u16) -> anyhow::Result<AuthSettings>
     })
 }
 
-/// Answers a request forwarded before this node's gateway exists.
+/// Returns the reply to a request forwarded before this node's gateway exists.
 fn not_serving_yet() -> Vec<u8> {
     let body = atlas_protocol::ServerBody::Error {
         code: atlas_protocol::ErrorCode::Unavailable,

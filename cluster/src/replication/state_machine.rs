@@ -97,7 +97,7 @@ impl SledStateMachine {
 pub struct SnapshotBuilder {
     tree: sled::Tree,
     snapshot: StoredSnapshot,
-    /// Why the applier could not serialize its state, if it could not.
+    /// Reason the applier could not serialize its state, if it failed.
     failure: Option<String>,
 }
 

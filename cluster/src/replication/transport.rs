@@ -49,11 +49,11 @@ pub(super) enum Request {
     Snapshot(InstallSnapshotRequest<TypeConfig>),
     /// A command proposed on another node, for the leader to write.
     Write(Command),
-    /// A node leaving the cluster asks the leader to remove it from the voters.
+    /// A request of a leaving node to the leader to remove it from the voters.
     Leave(RaftNodeId),
-    /// The leader that left asks a remaining voter to start an election at once.
+    /// A request of the leader that left to a remaining voter to start an election at once.
     Elect,
-    /// A follower asks the leader for the log index that a linearizable read must wait for.
+    /// A request of a follower for the log index that a linearizable read must wait for.
     ReadIndex,
 }
 
@@ -66,18 +66,18 @@ enum Reply {
     ),
     /// The log index and result of a written command, or why it was not written.
     Write(Result<(u64, CommandResult), WriteRefused>),
-    /// The answer to [`Request::Leave`] or [`Request::Elect`].
+    /// The reply to [`Request::Leave`] or [`Request::Elect`].
     Done(Result<(), String>),
-    /// The answer to [`Request::ReadIndex`].
+    /// The reply to [`Request::ReadIndex`].
     ReadIndex(Result<u64, WriteRefused>),
     /// The request did not decode.
     Invalid(String),
 }
 
-/// Why a leader did not write a forwarded command.
+/// Reason a leader did not write a forwarded command.
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) enum WriteRefused {
-    /// The node no longer leads; `leader` names the one it knows of.
+    /// The node no longer leads; `leader` is the one it last heard of.
     NotLeader { leader: Option<RaftNodeId> },
     /// Writing failed, for example because the leader lost its majority.
     Failed(String),
