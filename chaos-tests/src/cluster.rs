@@ -32,7 +32,7 @@ pub struct NodeSpec {
     pub cookie: String,
 }
 
-/// A node's view of the cluster log, from `GET /admin/cluster`.
+/// A node's view of one replicated log, from `GET /admin/cluster`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogView {
     pub role: String,
@@ -183,7 +183,8 @@ impl ClusterFixture {
     }
 
     /// Starts `count` nodes named node-a, node-b, ..., the first alone and the others with it
-    /// as seed, and waits up to `timeout` until all agree on a leader of the cluster log.
+    /// as seed, and waits up to `timeout` until all list each other as voters of every
+    /// replicated log and agree on each log's leader.
     pub async fn start_cluster(
         &self,
         count: usize,
@@ -202,21 +203,17 @@ impl ClusterFixture {
         }
         let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
         let everyone: Vec<&NodeProcess> = nodes.values().collect();
-        let formed = wait_until(timeout, || agreed_leader(&everyone, &names).is_some()).await;
+        let formed = wait_until(timeout, || agreed_leaders(&everyone, &names).is_some()).await;
         anyhow::ensure!(
             formed,
-            "the cluster log did not form within {timeout:?}: {:?}",
+            "the replicated logs did not form within {timeout:?}: {:?}",
             everyone.iter().map(|n| log_view(n)).collect::<Vec<_>>()
         );
         Ok((specs, nodes))
     }
 }
 
-/// Reads a node's view of the cluster log; `None` while the node does not serve it.
-pub fn log_view(node: &NodeProcess) -> Option<LogView> {
-    let body = node.admin_get("/admin/cluster").ok()?;
-    let status: serde_json::Value = serde_json::from_str(&body).ok()?;
-    let log = &status["replicated_log"];
+fn parse_view(log: &serde_json::Value) -> Option<LogView> {
     let mut voters: Vec<String> = log["voters"]
         .as_array()?
         .iter()
@@ -231,15 +228,32 @@ pub fn log_view(node: &NodeProcess) -> Option<LogView> {
     })
 }
 
-/// Returns the leader that every node in `nodes` agrees on, if they agree and all list
-/// exactly `voters` (sorted names) as voters.
-pub fn agreed_leader(nodes: &[&NodeProcess], voters: &[&str]) -> Option<String> {
-    let views: Vec<Option<LogView>> = nodes.iter().map(|n| log_view(n)).collect();
-    let leader = views.first()?.as_ref()?.leader.clone()?;
+/// Reads a node's view of its replicated logs: the directory's first, then each shard's in
+/// shard order. `None` while the node does not serve them.
+pub fn log_views(node: &NodeProcess) -> Option<Vec<LogView>> {
+    let body = node.admin_get("/admin/cluster").ok()?;
+    let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let mut views = vec![parse_view(&status["replicated_log"])?];
+    for shard in status["shards"].as_array()? {
+        views.push(parse_view(&shard["log"])?);
+    }
+    Some(views)
+}
+
+/// Reads a node's view of the directory's log; `None` while the node does not serve it.
+pub fn log_view(node: &NodeProcess) -> Option<LogView> {
+    log_views(node)?.into_iter().next()
+}
+
+/// Returns the leader of log `index` (0 for the directory, 1 + n for shard n) that every
+/// view agrees on, if every view lists exactly `voters` (sorted names) as its voters.
+fn agreed_on(views: &[Option<Vec<LogView>>], index: usize, voters: &[&str]) -> Option<String> {
+    let view_of = |node: &Option<Vec<LogView>>| node.as_ref().and_then(|v| v.get(index).cloned());
+    let leader = view_of(views.first()?)?.leader?;
     views
         .iter()
-        .all(|view| {
-            view.as_ref().is_some_and(|v| {
+        .all(|node| {
+            view_of(node).is_some_and(|v| {
                 v.leader.as_deref() == Some(leader.as_str())
                     && v.voters
                         .iter()
@@ -248,4 +262,39 @@ pub fn agreed_leader(nodes: &[&NodeProcess], voters: &[&str]) -> Option<String> 
             })
         })
         .then_some(leader)
+}
+
+/// Returns the leader of the directory's log that every node in `nodes` agrees on, if they
+/// agree and all list exactly `voters` (sorted names) as voters.
+pub fn agreed_leader(nodes: &[&NodeProcess], voters: &[&str]) -> Option<String> {
+    let views: Vec<Option<Vec<LogView>>> = nodes.iter().map(|n| log_views(n)).collect();
+    agreed_on(&views, 0, voters)
+}
+
+/// Returns the leader of every log (the directory's first, then each shard's), if every node
+/// in `nodes` agrees on each and lists exactly `voters` (sorted names) as its voters.
+pub fn agreed_leaders(nodes: &[&NodeProcess], voters: &[&str]) -> Option<Vec<String>> {
+    let views: Vec<Option<Vec<LogView>>> = nodes.iter().map(|n| log_views(n)).collect();
+    let count = views.first()?.as_ref()?.len();
+    (0..count).map(|i| agreed_on(&views, i, voters)).collect()
+}
+
+/// Returns the leader of the log of the shard of the group with id `group`, if every node in
+/// `nodes` agrees on it and lists exactly `voters` (sorted names) as its voters.
+pub fn group_leader(nodes: &[&NodeProcess], voters: &[&str], group: &[u8]) -> Option<String> {
+    let views: Vec<Option<Vec<LogView>>> = nodes.iter().map(|n| log_views(n)).collect();
+    let shards = u32::try_from(views.first()?.as_ref()?.len().checked_sub(1)?).ok()?;
+    let shard = atlas_cluster::shard_of(group, shards);
+    agreed_on(&views, 1 + shard.0 as usize, voters)
+}
+
+/// Returns whether every node in `nodes` applied the same entries of every log.
+pub fn logs_caught_up(nodes: &[&NodeProcess]) -> bool {
+    let applied: Vec<Option<Vec<Option<u64>>>> = nodes
+        .iter()
+        .map(|n| log_views(n).map(|views| views.iter().map(|v| v.last_applied).collect()))
+        .collect();
+    applied
+        .first()
+        .is_some_and(|first| first.is_some() && applied.iter().all(|other| other == first))
 }

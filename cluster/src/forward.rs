@@ -1,19 +1,22 @@
 //! Group owners: each group's sends and commits are validated by one node, its owner, so
 //! that the actors of one group on different nodes do not race for sequence numbers.
 //!
-//! The owner is the first replica of the group's shard among the live members (rendezvous
-//! hashing, see [`crate::replicas`]). Other nodes forward a device's request to the owner's
-//! [`Forwarder`] over the cluster links. While members disagree about who is alive, two nodes
-//! may both act as owner for a moment. The cluster log still orders their appends, and the
-//! node whose append conflicts reloads the group and validates again.
+//! The owner is the leader of the log of the group's shard, so that the node that validates
+//! a request also writes it; while no leader is known, the first replica of the shard among
+//! the live members (rendezvous hashing, see [`crate::replicas`]) stands in. Other nodes
+//! forward a device's request to the owner's [`Forwarder`] over the cluster links. While
+//! leadership moves, two nodes may both act as owner for a moment. The shard's log still
+//! orders their appends, and the node whose append conflicts reloads the group and validates
+//! again.
 
 use crate::membership::{Cluster, MemberState};
 use crate::placement::{NodeName, replicas, shard_of};
+use crate::replication::ReplicatedLogs;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, pg};
 use ractor_cluster::RactorClusterMessage;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// Time an owner has to reply to a forwarded request, which waits for a commit on a majority.
@@ -72,6 +75,8 @@ impl Actor for Forwarder {
 pub struct GroupOwners {
     cluster: Arc<Cluster>,
     shards: u32,
+    /// The node's replicated logs, whose shard leaders own the groups; set once they run.
+    logs: OnceLock<Arc<ReplicatedLogs>>,
 }
 
 impl GroupOwners {
@@ -83,7 +88,19 @@ impl GroupOwners {
     ) -> anyhow::Result<(Self, ActorRef<ForwarderMsg>)> {
         let node = cluster.node_name().to_owned();
         let (actor, _) = Actor::spawn(None, Forwarder, (node, handler)).await?;
-        Ok((Self { cluster, shards }, actor))
+        let owners = Self {
+            cluster,
+            shards,
+            logs: OnceLock::new(),
+        };
+        Ok((owners, actor))
+    }
+
+    /// Makes the leaders of the shard logs in `logs` the owners of their groups.
+    pub fn follow_leaders(&self, logs: Arc<ReplicatedLogs>) {
+        if self.logs.set(logs).is_err() {
+            tracing::warn!("group owners follow a set of logs already; keeping the first");
+        }
     }
 
     /// Returns the name of the node that owns the group with id `group_id`, or `None` when
@@ -97,8 +114,16 @@ impl GroupOwners {
             .map(|m| NodeName(m.name))
             .collect();
         let shard = shard_of(group_id, self.shards);
-        let owner = replicas(shard, &live, 1).into_iter().next()?;
-        (owner.0 != self.cluster.node_name()).then_some(owner.0)
+        let leader = self
+            .logs
+            .get()
+            .and_then(|logs| logs.shard_leader(shard))
+            .filter(|name| live.iter().any(|n| n.0 == *name));
+        let owner = match leader {
+            Some(leader) => leader,
+            None => replicas(shard, &live, 1).into_iter().next()?.0,
+        };
+        (owner != self.cluster.node_name()).then_some(owner)
     }
 
     /// Sends an encoded request to the forwarder of `node` and returns its encoded reply.

@@ -5,7 +5,7 @@ use crate::GatewayState;
 use atlas_actors::KtError;
 use atlas_actors::directory::valid_account;
 use atlas_protocol::{ClientBody, DeviceId, ErrorCode, ServerBody};
-use atlas_storage::DeviceRecord;
+use atlas_storage::{DeviceRecord, ReadScope};
 
 /// Serves a request that reads only public key transparency data.
 pub(crate) async fn public_request(state: &GatewayState, body: ClientBody) -> ServerBody {
@@ -14,7 +14,7 @@ pub(crate) async fn public_request(state: &GatewayState, body: ClientBody) -> Se
     if matches!(
         body,
         ClientBody::KtLookup { .. } | ClientBody::KtHistory { .. }
-    ) && let Err(e) = state.store.read_barrier().await
+    ) && let Err(e) = state.store.read_barrier(ReadScope::Directory).await
     {
         return crate::session::barrier_error_body(&e);
     }

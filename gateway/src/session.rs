@@ -13,7 +13,7 @@ use atlas_protocol::{
     MAX_KEY_PACKAGES_PER_UPLOAD, MAX_MLS_MESSAGE_BYTES, MAX_SYNC_ENTRIES, PROTOCOL_VERSION,
     ServerBody, ServerFrame, decode_client, encode_server,
 };
-use atlas_storage::DeviceRecord;
+use atlas_storage::{DeviceRecord, ReadScope};
 use futures_util::FutureExt as _;
 use rand::RngCore;
 use std::net::SocketAddr;
@@ -540,7 +540,7 @@ impl Connection {
             ClientBody::ListDevices { account } => {
                 let state = Arc::clone(state);
                 self.spawn_response(tasks, id, None, async move {
-                    if let Err(e) = state.store.read_barrier().await {
+                    if let Err(e) = state.store.read_barrier(ReadScope::Directory).await {
                         return barrier_error_body(&e);
                     }
                     match state.directory.devices(&account) {
@@ -624,7 +624,7 @@ impl Connection {
             ClientBody::Welcomes => {
                 let (state, device) = (Arc::clone(state), device.device);
                 self.spawn_response(tasks, id, None, async move {
-                    if let Err(e) = state.store.read_barrier().await {
+                    if let Err(e) = state.store.read_barrier(ReadScope::Everything).await {
                         return barrier_error_body(&e);
                     }
                     match state.store.welcomes(&device) {
@@ -867,7 +867,10 @@ pub(crate) async fn group_request_here(
         } => {
             check_group_and_size(&group, 0)?;
             // A sync must return every entry acknowledged through any node before it.
-            state.store.read_barrier().await?;
+            state
+                .store
+                .read_barrier(ReadScope::Group(group.clone()))
+                .await?;
             let limit = limit.clamp(1, MAX_SYNC_ENTRIES) as usize;
             let page = state
                 .router
@@ -935,7 +938,10 @@ async fn submit(
         // In a cluster the group may have been created through another node that this one
         // has not caught up with yet: wait until it has, and look again.
         Err(GroupError::NotFound(_)) if state.store.is_replicated() => {
-            state.store.read_barrier().await?;
+            state
+                .store
+                .read_barrier(ReadScope::Group(group.clone()))
+                .await?;
             request(submission).await?
         }
         other => other?,

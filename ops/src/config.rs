@@ -73,10 +73,11 @@ pub struct NodeConfig {
     pub heartbeat_ms: u64,
     /// A member not heard from for this many milliseconds is marked dead.
     pub failure_timeout_ms: u64,
-    /// Entries of the cluster log between two snapshots, after which older entries are
+    /// Entries of each replicated log between two snapshots, after which older entries are
     /// removed; a node that falls behind them catches up from a snapshot.
     pub log_snapshot_entries: u64,
-    /// Number of shards of the placement.
+    /// Number of shards. Each shard's groups change through a replicated log of their own,
+    /// so a node runs this many logs besides the directory's.
     pub shards: u32,
     /// Replicas of each shard (fewer when fewer nodes are alive).
     pub replication: u32,
@@ -158,7 +159,7 @@ impl Default for NodeConfig {
             heartbeat_ms: 500,
             failure_timeout_ms: 3000,
             log_snapshot_entries: 50_000,
-            shards: 64,
+            shards: 16,
             replication: 3,
             open_registration: false,
             rp_id: None,
@@ -261,7 +262,7 @@ pub struct NodeFlags {
     /// Milliseconds without a heartbeat after which a member is marked dead.
     #[arg(long, env = "ATLAS_FAILURE_TIMEOUT_MS")]
     pub failure_timeout_ms: Option<u64>,
-    /// Entries of the cluster log between two snapshots (each entry carries up to a few hundred
+    /// Entries of each replicated log between two snapshots (each entry carries up to a few hundred
     /// changes); older entries are then removed.
     #[arg(long, env = "ATLAS_LOG_SNAPSHOT_ENTRIES")]
     pub log_snapshot_entries: Option<u64>,
@@ -449,7 +450,7 @@ impl NodeConfig {
                 10,
                 100_000_000,
             ),
-            ("shards", u64::from(self.shards), 1, 65_536),
+            ("shards", u64::from(self.shards), 1, 256),
             ("replication", u64::from(self.replication), 1, 9),
         ];
         for (name, value, min, max) in ranges {

@@ -9,7 +9,7 @@ use atlas_actors::{
     SupervisorArgs, SupervisorMsg,
 };
 use atlas_cluster::replication::{
-    ClusterReplicator, Replica, ReplicaSettings, SharedState, node_identity,
+    DIRECTORY_LOG, LogSettings, ReplicaSettings, ReplicatedLogs, node_identity,
 };
 use atlas_cluster::{
     Cluster, ClusterSettings, ForwardHandler, GroupOwners, MemberState, MemberView,
@@ -43,7 +43,7 @@ pub struct RunningNode {
     key_tasks: tokio::task::JoinHandle<()>,
     cluster: Option<Arc<Cluster>>,
     /// This node's replica of the cluster log and the task that adds members to it.
-    replicated: Option<(Arc<Replica>, tokio::task::JoinHandle<()>)>,
+    replicated: Option<(Arc<ReplicatedLogs>, tokio::task::JoinHandle<()>)>,
 }
 
 /// Starts a node; must run inside an actix system.
@@ -75,17 +75,15 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         Duration::from_secs(config.signing_key_grace_secs),
     )?);
     let kt = Arc::new(KeyTransparency::open(store.clone(), Arc::clone(&keyring))?);
-    // This node's id in the cluster log; a new data directory makes a new member.
-    let raft_id = node_identity(store.sled_db(), CLUSTER_LOG, &config.node_name)
-        .context("cannot read or create this node's id in the cluster log")?;
+    // This node's id in the replicated logs; a new data directory makes a new member.
+    let raft_id = node_identity(store.sled_db(), DIRECTORY_LOG, &config.node_name)
+        .context("cannot read or create this node's id in the replicated logs")?;
     let cluster = start_cluster(config, &registry, raft_id).await?;
-    let (replicated, shared) = match &cluster {
+    let replicated = match &cluster {
         Some(cluster) => {
-            let (replica, shared, task) =
-                start_replicated_log(config, &store, Arc::clone(cluster), raft_id).await?;
-            (Some((replica, task)), Some(shared))
+            Some(start_replicated_logs(config, &store, Arc::clone(cluster), raft_id).await?)
         }
-        None => (None, None),
+        None => None,
     };
 
     let presence = Arc::new(Presence::new());
@@ -107,11 +105,11 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     )
     .await
     .context("cannot start the group supervisor")?;
-    if let Some(shared) = &shared {
+    if let Some((logs, _)) = &replicated {
         // Entries that other nodes append reach the members connected here through the
         // group's actor on this node.
         let supervisor = supervisor.clone();
-        shared.set_hook(Arc::new(move |change| {
+        logs.set_hook(Arc::new(move |change| {
             let replicated = |group: &atlas_protocol::GroupId, entry: &LogEntry, welcomes: &[_]| {
                 let _ = supervisor.send_message(SupervisorMsg::Replicated {
                     group: group.clone(),
@@ -174,6 +172,9 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
                 GroupOwners::start(Arc::clone(cluster), config.shards, handler)
                     .await
                     .context("cannot start the forwarder of group requests")?;
+            if let Some((logs, _)) = &replicated {
+                owners.follow_leaders(Arc::clone(logs));
+            }
             Some(Arc::new(owners))
         }
         None => None,
@@ -200,9 +201,9 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         shutdown: shutdown_rx,
         unauthenticated: Arc::default(),
         auth: Some(Arc::new(auth)),
-        write_gate: replicated.as_ref().map(|(replica, _)| {
+        write_gate: replicated.as_ref().map(|(logs, _)| {
             Arc::new(MajorityGate {
-                replica: Arc::clone(replica),
+                logs: Arc::clone(logs),
                 lease: Duration::from_millis(config.failure_timeout_ms),
             }) as Arc<dyn WriteGate>
         }),
@@ -221,7 +222,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     let admin = Admin {
         keyring: Arc::clone(&keyring),
         cluster: cluster.clone(),
-        replica: replicated.as_ref().map(|(replica, _)| Arc::clone(replica)),
+        logs: replicated.as_ref().map(|(logs, _)| Arc::clone(logs)),
         node_name: config.node_name.clone(),
         shards: config.shards,
         replication: config.replication,
@@ -294,54 +295,56 @@ fn not_serving_yet() -> Vec<u8> {
     rmp_serde::to_vec_named(&body).expect("server body serializes")
 }
 
-/// Name of the cluster's replicated log, in its sled trees and process groups.
-const CLUSTER_LOG: &str = "cluster";
-
-/// Time a stopping node spends leaving the cluster's replicated log.
+/// Time a stopping node spends leaving the replicated logs.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Interval at which the leader of the cluster's replicated log makes new live members voters.
+/// Returns the interval of a log leader's heartbeats for an election timeout (its lower
+/// bound): half of it, the longest that leaves followers a second heartbeat before they
+/// elect. openraft 0.9 also gives every append this long to be stored on a follower, fsync
+/// included, so a shorter interval makes appends time out and retry when disks are busy.
+fn raft_heartbeat(election_timeout: Duration) -> Duration {
+    (election_timeout / 2).max(Duration::from_millis(50))
+}
+
+/// Interval at which the leaders of the replicated logs make new live members voters.
 const MEMBER_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Starts this node's replica of the cluster's replicated log, which carries every change to
-/// the shared state, makes the store write through it, and starts a task that makes live
-/// members voters while this node leads the log.
-///
-/// NOTE: one log for the whole cluster: the configured shards decide placement in the
-/// status output, but every change goes through this log's single leader.
-async fn start_replicated_log(
+/// Interval at which a node checks whether it counts a majority of the voters alive, and so
+/// may start elections.
+const ELECTION_GATE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Starts this node's replicas of the replicated logs, which carry every change to the shared
+/// state (one log per shard for its groups, one for the directory), makes the store write
+/// through them, and starts a task that makes live members voters of the logs this node
+/// leads.
+async fn start_replicated_logs(
     config: &NodeConfig,
     store: &Store,
     cluster: Arc<Cluster>,
     node: u64,
-) -> anyhow::Result<(Arc<Replica>, Arc<SharedState>, tokio::task::JoinHandle<()>)> {
-    let settings = ReplicaSettings {
-        log: CLUSTER_LOG.into(),
-        node_name: config.node_name.clone(),
-        raft_id: node,
-        bootstrap: config.seeds.is_empty(),
-        heartbeat: Duration::from_millis(config.heartbeat_ms / 2).max(Duration::from_millis(50)),
-        election_timeout: Duration::from_millis(config.failure_timeout_ms / 3)
-            .max(Duration::from_millis(300)),
-        // A snapshot copies the whole shared state and stalls applying while it is built, so
-        // the default takes one only after many entries.
-        snapshot_every: config.log_snapshot_entries,
+) -> anyhow::Result<(Arc<ReplicatedLogs>, tokio::task::JoinHandle<()>)> {
+    let election_timeout =
+        Duration::from_millis(config.failure_timeout_ms / 3).max(Duration::from_millis(300));
+    let settings = LogSettings {
+        replica: ReplicaSettings {
+            log: DIRECTORY_LOG.into(),
+            node_name: config.node_name.clone(),
+            raft_id: node,
+            bootstrap: config.seeds.is_empty(),
+            heartbeat: raft_heartbeat(election_timeout),
+            election_timeout,
+            // A snapshot copies the log's whole part of the shared state and stalls applying
+            // while it is built, so the default takes one only after many entries.
+            snapshot_every: config.log_snapshot_entries,
+        },
+        shards: config.shards,
     };
-    let shared = Arc::new(SharedState::new(store.clone(), node, &settings.log)?);
-    let log = settings.log.clone();
-    let replica = Arc::new(
-        Replica::start(settings, store.sled_db(), shared.clone())
-            .await
-            .context("cannot start the cluster's replicated log")?,
-    );
-    store.set_replicator(Arc::new(ClusterReplicator::new(
-        replica.raft().clone(),
-        node,
-        &log,
-    )));
-    let task_replica = Arc::clone(&replica);
+    let logs = Arc::new(ReplicatedLogs::start(settings, store).await?);
+    store.set_replicator(Arc::new(logs.replicator()));
+    let task_logs = Arc::clone(&logs);
     let members_task = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(MEMBER_SYNC_INTERVAL);
+        let mut tick = tokio::time::interval(ELECTION_GATE_INTERVAL);
+        let mut last_sync = tokio::time::Instant::now();
         loop {
             tick.tick().await;
             let alive: Vec<(String, u64)> = cluster
@@ -350,25 +353,30 @@ async fn start_replicated_log(
                 .filter(|m| matches!(m.state, MemberState::Local | MemberState::Alive))
                 .map(|m| (m.name, m.raft_id))
                 .collect();
-            if let Err(e) = task_replica.add_live_members(&alive).await {
-                tracing::warn!(error = %e, "adding members to the replicated log failed; retrying");
+            task_logs.gate_elections(&alive);
+            if last_sync.elapsed() < MEMBER_SYNC_INTERVAL {
+                continue;
+            }
+            last_sync = tokio::time::Instant::now();
+            for failure in task_logs.add_live_members(&alive).await {
+                tracing::warn!(error = %failure, "adding members to a replicated log failed; retrying");
             }
         }
     });
-    Ok((replica, shared, members_task))
+    Ok((logs, members_task))
 }
 
-/// Refuses writes while this node is not on the side of a majority of the cluster log's
-/// voters, so that a partitioned minority cannot accept writes the majority never receives.
+/// Refuses writes while this node is not on the side of a majority of the voters, so that a
+/// partitioned minority cannot accept writes the majority never receives.
 struct MajorityGate {
-    replica: Arc<Replica>,
+    logs: Arc<ReplicatedLogs>,
     /// Time a leader may go without a majority's acknowledgement before it counts as cut off.
     lease: Duration,
 }
 
 impl WriteGate for MajorityGate {
     fn refusal(&self) -> Option<String> {
-        (!self.replica.in_majority(self.lease)).then(|| {
+        (!self.logs.in_majority(self.lease)).then(|| {
             "this node cannot reach a majority of the cluster, so it accepts no writes; \
              retry later or on another node"
                 .to_owned()
@@ -447,7 +455,7 @@ impl MembershipObserver for MembershipMetrics {
 struct Admin {
     keyring: Arc<Keyring>,
     cluster: Option<Arc<Cluster>>,
-    replica: Option<Arc<Replica>>,
+    logs: Option<Arc<ReplicatedLogs>>,
     node_name: String,
     shards: u32,
     replication: u32,
@@ -471,12 +479,20 @@ impl Admin {
             .filter(|m| matches!(m.state, MemberState::Local | MemberState::Alive))
             .map(|m| NodeName(m.name.clone()))
             .collect();
+        let (directory, shard_logs) = match &self.logs {
+            Some(logs) => {
+                let (directory, shards) = logs.status();
+                (Some(directory), shards)
+            }
+            None => (None, Vec::new()),
+        };
         let shards: Vec<serde_json::Value> = (0..self.shards)
             .map(|shard| {
                 let replicas = replicas(ShardId(shard), &live, self.replication as usize);
                 serde_json::json!({
                     "shard": shard,
                     "replicas": replicas.iter().map(|n| n.0.clone()).collect::<Vec<_>>(),
+                    "log": shard_logs.get(shard as usize),
                 })
             })
             .collect();
@@ -486,7 +502,7 @@ impl Admin {
             "members": members,
             "replication": self.replication,
             "shards": shards,
-            "replicated_log": self.replica.as_ref().map(|r| r.status()),
+            "replicated_log": directory,
         })
     }
 }
@@ -665,20 +681,21 @@ impl RunningNode {
             let _ = task.await;
         }
         let _ = self.key_tasks.await;
-        if let Some((replica, members_task)) = &self.replicated {
+        if let Some((logs, members_task)) = &self.replicated {
             members_task.abort();
             // Sessions are closed, so this node's clients have moved to other nodes; the
             // cluster stops counting on this one.
-            match tokio::time::timeout(LEAVE_TIMEOUT, replica.leave()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "could not leave the cluster log; the others count it as failed")
+            match tokio::time::timeout(LEAVE_TIMEOUT, logs.leave()).await {
+                Ok(failures) => {
+                    for failure in failures {
+                        tracing::warn!(error = %failure, "could not leave a replicated log; its other voters count this node as failed");
+                    }
                 }
                 Err(_) => tracing::warn!(
-                    "leaving the cluster log timed out; the others count it as failed"
+                    "leaving the replicated logs timed out; their other voters count this node as failed"
                 ),
             }
-            replica.stop().await;
+            logs.stop().await;
         }
         if let Some(cluster) = &self.cluster {
             cluster.stop();

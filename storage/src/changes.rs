@@ -85,6 +85,26 @@ pub enum Change {
 }
 
 impl Change {
+    /// Returns the group whose state this change alone reads and writes, or `None` for a
+    /// change to the directory (KeyPackages, devices, the key transparency log, accounts).
+    /// A replicated store orders a group's changes in the log of the group's shard and the
+    /// directory's in a log of its own, so no change may read state of the other kind.
+    pub fn group(&self) -> Option<&GroupId> {
+        match self {
+            Self::CreateGroup { group, .. }
+            | Self::Append { group, .. }
+            | Self::AppendBatch { group, .. }
+            | Self::Acknowledge { group, .. }
+            | Self::Prune { group, .. } => Some(group),
+            Self::PutKeyPackages { .. }
+            | Self::ClaimKeyPackage { .. }
+            | Self::RemoveKeyPackages { .. }
+            | Self::KeyEvent { .. }
+            | Self::CreateAccount(_)
+            | Self::ReplaceAccount { .. } => None,
+        }
+    }
+
     /// Short name for logs and errors.
     pub fn name(&self) -> &'static str {
         match self {
@@ -209,13 +229,57 @@ pub trait Replicator: Send + Sync + 'static {
     /// resolve before this node applied it: call [`Store::read_barrier`] before reading it.
     fn propose(&self, change: Change) -> Proposal;
 
-    /// Resolves once this node has applied every change committed before the call, so that a
-    /// read that follows sees every write acknowledged anywhere before it.
-    fn barrier(&self) -> Barrier;
+    /// Resolves once this node has applied every change of `scope` committed before the
+    /// call, so that a read of that scope that follows sees every write acknowledged
+    /// anywhere before it.
+    fn barrier(&self, scope: ReadScope) -> Barrier;
 }
 
-/// Trees whose content every node shares, in snapshot order.
-const SHARED_TREES: [&str; 4] = ["groups", "key_packages", "cursors", "directory"];
+/// The part of the shared state that a read needs to be current.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadScope {
+    /// Everything: every group and the directory.
+    Everything,
+    /// KeyPackages, devices, the key transparency log and accounts.
+    Directory,
+    /// One group: its log, state, cursors and Welcomes.
+    Group(GroupId),
+}
+
+/// Decides whether the group with the given id belongs to a [`SharedPart::Groups`].
+pub type GroupFilter = std::sync::Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
+
+/// A part of the shared state that one replicated log carries, for its snapshots.
+#[derive(Clone)]
+pub enum SharedPart {
+    /// The directory trees: KeyPackages, devices, the key transparency log and accounts.
+    Directory,
+    /// The groups whose id the filter accepts: their records, logs, Welcomes and cursors.
+    Groups(GroupFilter),
+}
+
+impl SharedPart {
+    fn trees(&self) -> &'static [&'static str] {
+        match self {
+            Self::Directory => &DIRECTORY_TREES,
+            Self::Groups(_) => &GROUP_TREES,
+        }
+    }
+
+    /// Returns whether the record under `key` of tree `tree` belongs to this part.
+    fn holds(&self, tree: &str, key: &[u8]) -> bool {
+        match self {
+            Self::Directory => !(tree == "directory" && key.first() == Some(&TREE_HEAD_TAG)),
+            Self::Groups(accepts) => keys::group_of(tree, key).is_some_and(|id| accepts(id)),
+        }
+    }
+}
+
+/// Trees of the directory part, in snapshot order.
+const DIRECTORY_TREES: [&str; 2] = ["key_packages", "directory"];
+
+/// Trees of group parts, in snapshot order.
+const GROUP_TREES: [&str; 2] = ["groups", "cursors"];
 
 /// Key prefix of signed tree heads in the directory tree: node-local, kept out of snapshots.
 const TREE_HEAD_TAG: u8 = b't';
@@ -251,9 +315,9 @@ impl Store {
     /// Waits until this node's files contain every change acknowledged anywhere in the
     /// cluster before the call; returns at once on a single node. Call it before a read that
     /// must see writes made through other nodes, such as a sync.
-    pub async fn read_barrier(&self) -> Result<(), StorageError> {
+    pub async fn read_barrier(&self, scope: ReadScope) -> Result<(), StorageError> {
         match self.replicator.get() {
-            Some(replicator) => replicator.barrier().await,
+            Some(replicator) => replicator.barrier(scope).await,
             None => Ok(()),
         }
     }
@@ -477,44 +541,53 @@ impl Store {
         }
     }
 
-    /// Serializes the shared trees (see the module documentation), for a snapshot of the
-    /// replicated log. The whole state is held in memory.
-    pub fn export_shared(&self) -> Result<Vec<u8>, StorageError> {
+    /// Serializes one part of the shared state, for a snapshot of the replicated log that
+    /// carries it. The whole part is held in memory.
+    pub fn export_shared(&self, part: &SharedPart) -> Result<Vec<u8>, StorageError> {
         let mut trees = Vec::new();
-        for name in SHARED_TREES {
+        for name in part.trees() {
             let tree = self.db.open_tree(name)?;
             let mut pairs = Vec::new();
             for item in tree.iter() {
                 let (key, value) = item?;
-                if name == "directory" && key.first() == Some(&TREE_HEAD_TAG) {
-                    continue;
+                if part.holds(name, &key) {
+                    pairs.push((
+                        serde_bytes::ByteBuf::from(key.to_vec()),
+                        serde_bytes::ByteBuf::from(value.to_vec()),
+                    ));
                 }
-                pairs.push((
-                    serde_bytes::ByteBuf::from(key.to_vec()),
-                    serde_bytes::ByteBuf::from(value.to_vec()),
-                ));
             }
-            trees.push((name.to_owned(), pairs));
+            trees.push(((*name).to_owned(), pairs));
         }
         Ok(encode(&Snapshot { trees }))
     }
 
-    /// Replaces the shared trees with a snapshot made by [`Store::export_shared`].
-    pub fn import_shared(&self, bytes: &[u8]) -> Result<(), StorageError> {
+    /// Replaces one part of the shared state with a snapshot of it made by
+    /// [`Store::export_shared`]. Records outside the part stay as they are.
+    pub fn import_shared(&self, part: &SharedPart, bytes: &[u8]) -> Result<(), StorageError> {
         let snapshot: Snapshot = decode(bytes, "snapshot", &"the replicated log")?;
-        let mut size = self.lock_directory()?;
-        for (name, pairs) in snapshot.trees {
-            if !SHARED_TREES.contains(&name.as_str()) {
+        // Checked in full first, so that a bad snapshot changes nothing.
+        for (name, pairs) in &snapshot.trees {
+            if !part.trees().contains(&name.as_str()) {
                 return Err(StorageError::Corrupt {
                     what: "snapshot".into(),
                     detail: format!("unknown tree {name:?}"),
                 });
             }
+            if pairs.iter().any(|(key, _)| !part.holds(name, key)) {
+                return Err(StorageError::Corrupt {
+                    what: "snapshot".into(),
+                    detail: format!("a record of tree {name:?} lies outside the snapshot's part"),
+                });
+            }
+        }
+        let mut size = self.lock_directory()?;
+        for (name, pairs) in snapshot.trees {
             let tree = self.db.open_tree(&name)?;
             let mut batch = sled::Batch::default();
             for item in tree.iter() {
                 let (key, _) = item?;
-                if !(name == "directory" && key.first() == Some(&TREE_HEAD_TAG)) {
+                if part.holds(&name, &key) {
                     batch.remove(key);
                 }
             }

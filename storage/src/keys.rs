@@ -76,3 +76,21 @@ pub(crate) fn cursor(device: &DeviceId, group: &GroupId) -> Vec<u8> {
     key.extend_from_slice(group.as_bytes());
     key
 }
+
+/// Returns the id of the group that the record under `key` of tree `tree` belongs to, or
+/// `None` for a record of no group.
+pub(crate) fn group_of<'k>(tree: &str, key: &'k [u8]) -> Option<&'k [u8]> {
+    const DEVICE: usize = 16;
+    match tree {
+        "groups" => match key.first()? {
+            b'm' | b's' | b'l' | b'd' => {
+                let len = usize::from(*key.get(1)?);
+                key.get(2..2 + len)
+            }
+            b'w' => key.get(1 + DEVICE..),
+            _ => None,
+        },
+        "cursors" => key.get(DEVICE..),
+        _ => None,
+    }
+}

@@ -28,7 +28,10 @@ pub use accounts::{
     AccountRecord, MAX_PASSKEYS_PER_ACCOUNT, PasskeyRecord, RefreshOutcome, RefreshRecord,
     TokenFamily,
 };
-pub use changes::{AppendItem, Barrier, Change, Outcome, Proposal, Refused, Replicator};
+pub use changes::{
+    AppendItem, Barrier, Change, GroupFilter, Outcome, Proposal, ReadScope, Refused, Replicator,
+    SharedPart,
+};
 pub use error::StorageError;
 pub use records::{DeviceRecord, GroupMeta, KeyPackageRecord};
 pub use transparency::{DirectoryChange, KeyEventOutcome, MAX_DEVICES_PER_ACCOUNT};

@@ -772,8 +772,16 @@ async fn append_batch_rejects_taken_numbers_whole() {
     assert_eq!(store.entry(&group(), 5).unwrap().unwrap().seq, 5);
 }
 
+/// The part of the shared state that the log of `group()`'s shard carries in these tests, with
+/// `group-c`, which only the target store holds.
+fn shard_part() -> SharedPart {
+    SharedPart::Groups(Arc::new(|id: &[u8]| {
+        id == group().as_bytes() || id == b"group-c"
+    }))
+}
+
 #[tokio::test]
-async fn shared_state_snapshot_replaces_other_store() {
+async fn snapshot_of_a_part_replaces_only_that_part() {
     let source_dir = tempfile::tempdir().unwrap();
     let source = Store::open(source_dir.path()).unwrap();
     source.create_group(&group(), &meta(0), b"state").unwrap();
@@ -781,6 +789,14 @@ async fn shared_state_snapshot_replaces_other_store() {
         .apply(&Change::AppendBatch {
             group: group(),
             items: vec![item(1, 1), item(2, 2)],
+        })
+        .unwrap();
+    let reader = DeviceId::from_bytes([7; 16]);
+    source
+        .apply(&Change::Acknowledge {
+            device: reader,
+            group: group(),
+            seq: 2,
         })
         .unwrap();
     for seed in 0..3 {
@@ -793,24 +809,35 @@ async fn shared_state_snapshot_replaces_other_store() {
     let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
     let source_head = SignedTreeHead::sign(3, source.kt_root(3).unwrap(), 1, "k", &key);
     source.put_tree_head(&source_head).unwrap();
-    let snapshot = source.export_shared().unwrap();
+    let groups = source.export_shared(&shard_part()).unwrap();
+    let directory = source.export_shared(&SharedPart::Directory).unwrap();
 
-    // The target has state of its own, which the snapshot replaces, and a tree head of its
-    // own, which stays: tree heads are signed by each node.
+    // The target has state of its own. The snapshots replace what lies in their parts; a
+    // group of another shard and the target's own tree head (each node signs its own) stay.
     let target_dir = tempfile::tempdir().unwrap();
     let target = Store::open(target_dir.path()).unwrap();
-    let other = GroupId::new(b"group-b".to_vec()).unwrap();
-    target.create_group(&other, &meta(0), b"other").unwrap();
+    let elsewhere = GroupId::new(b"group-b".to_vec()).unwrap();
+    let replaced = GroupId::new(b"group-c".to_vec()).unwrap();
+    target.create_group(&elsewhere, &meta(0), b"other").unwrap();
+    target.create_group(&replaced, &meta(0), b"gone").unwrap();
     register(&target, &device(9, "fred")).unwrap();
     let target_head = SignedTreeHead::sign(1, target.kt_root(1).unwrap(), 1, "t", &key);
     target.put_tree_head(&target_head).unwrap();
-    target.import_shared(&snapshot).unwrap();
 
-    assert_eq!(target.load_group(&other).unwrap(), None);
+    target.import_shared(&shard_part(), &groups).unwrap();
+    assert!(target.load_group(&elsewhere).unwrap().is_some());
+    assert_eq!(target.load_group(&replaced).unwrap(), None);
     let (meta, state) = target.load_group(&group()).unwrap().unwrap();
     assert_eq!(meta.last_seq, 2);
     assert_eq!(state, b"state");
     assert_eq!(target.read_log(&group(), 0, 10).unwrap().len(), 2);
+    assert_eq!(target.cursor(&reader, &group()).unwrap(), 2);
+    // The group snapshot left the directory alone.
+    assert_eq!(target.account_devices("fred").unwrap().len(), 1);
+
+    target
+        .import_shared(&SharedPart::Directory, &directory)
+        .unwrap();
     assert_eq!(target.account_devices("dana").unwrap().len(), 3);
     assert!(target.account_devices("fred").unwrap().is_empty());
     assert!(target.account("erin").unwrap().is_some());
@@ -818,17 +845,45 @@ async fn shared_state_snapshot_replaces_other_store() {
     assert_eq!(target.kt_root(3).unwrap(), source.kt_root(3).unwrap());
     assert_eq!(target.latest_tree_head().unwrap(), Some(target_head));
     assert_eq!(target.tree_head(3).unwrap(), None);
+    assert!(target.load_group(&elsewhere).unwrap().is_some());
 }
 
 #[tokio::test]
 async fn snapshot_of_unknown_tree_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    let result = store.import_shared(&snapshot_naming("signing_keys"));
+    let result = store.import_shared(&SharedPart::Directory, &snapshot_naming("signing_keys"));
     assert!(
         matches!(&result, Err(StorageError::Corrupt { detail, .. }) if detail.contains("signing_keys")),
         "{result:?}"
     );
+    // The group trees belong to the group parts, not to the directory's.
+    let result = store.import_shared(&SharedPart::Directory, &snapshot_naming("groups"));
+    assert!(
+        matches!(&result, Err(StorageError::Corrupt { detail, .. }) if detail.contains("groups")),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
+async fn snapshot_record_outside_its_part_is_refused() {
+    let source_dir = tempfile::tempdir().unwrap();
+    let source = Store::open(source_dir.path()).unwrap();
+    let elsewhere = GroupId::new(b"group-b".to_vec()).unwrap();
+    source.create_group(&elsewhere, &meta(0), b"other").unwrap();
+    let everything = SharedPart::Groups(Arc::new(|_: &[u8]| true));
+    let snapshot = source.export_shared(&everything).unwrap();
+
+    let target_dir = tempfile::tempdir().unwrap();
+    let target = Store::open(target_dir.path()).unwrap();
+    target.create_group(&group(), &meta(0), b"state").unwrap();
+    let result = target.import_shared(&shard_part(), &snapshot);
+    assert!(
+        matches!(&result, Err(StorageError::Corrupt { detail, .. }) if detail.contains("outside")),
+        "{result:?}"
+    );
+    assert!(target.load_group(&elsewhere).unwrap().is_none());
+    assert!(target.load_group(&group()).unwrap().is_some());
 }
 
 /// Encodes an empty snapshot of the tree named `tree`, in the format of `export_shared`.

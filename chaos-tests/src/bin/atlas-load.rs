@@ -20,7 +20,7 @@
 //! message ids (the server neither decrypts nor detects the repeat).
 
 use atlas_chaos::NodeProcess;
-use atlas_chaos::cluster::{ClusterFixture, agreed_leader};
+use atlas_chaos::cluster::{ClusterFixture, group_leader};
 use atlas_client::{Client, RawConnection, ServerTrust};
 use atlas_protocol::receipts::Receipt;
 use atlas_protocol::{
@@ -540,12 +540,36 @@ async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
     let (url, trust, pid) = (first.url(), targets[0].trust.clone(), first.pid());
     let cluster = measure(&load, devices, &url, &trust, pid, true).await?;
 
-    eprintln!("== failover: SIGKILL of the cluster log's leader");
+    eprintln!("== failover: SIGKILL of the leader of a shard's log");
+    let probes = probe_devices(&load, dir.path(), &targets, &names).await?;
     let everyone: Vec<&NodeProcess> = nodes.values().collect();
     let voters: Vec<&str> = names.iter().map(String::as_str).collect();
-    let leader = agreed_leader(&everyone, &voters)
-        .ok_or_else(|| anyhow::anyhow!("the nodes do not agree on a leader"))?;
-    let probe = probe_devices(&load, dir.path(), &targets, &names, &leader).await?;
+    // A probe group homed on a node that does not lead its shard; its shard's leader dies.
+    let mut leader = None;
+    for (home, devices) in &probes {
+        let group = devices[0].group.as_bytes();
+        let shard_leader = group_leader(&everyone, &voters, group).ok_or_else(|| {
+            anyhow::anyhow!("the nodes do not agree on the leader of a probe group's shard")
+        })?;
+        if shard_leader != *home {
+            leader = Some(shard_leader);
+            break;
+        }
+    }
+    let leader = leader.ok_or_else(|| {
+        anyhow::anyhow!("every probe group's shard is led by the probe's own node; run again")
+    })?;
+    let mut probe = Vec::new();
+    for (home, devices) in probes {
+        let group = devices[0].group.as_bytes();
+        if home != leader && group_leader(&everyone, &voters, group).as_ref() == Some(&leader) {
+            probe.extend(devices);
+        }
+    }
+    eprintln!(
+        "   {} probe groups on the other nodes belong to shards that {leader} leads",
+        probe.len() / 2
+    );
     nodes
         .remove(&leader)
         .ok_or_else(|| anyhow::anyhow!("leader {leader} is not one of the nodes"))?
@@ -575,25 +599,24 @@ async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Creates a two-member group per node other than `leader`, with both members on that node,
-/// for sending after the leader is killed.
+/// Creates two two-member groups per node, with both members on that node, for sending
+/// after a shard leader is killed. Returns each group's devices with its node's name.
 async fn probe_devices(
     args: &LoadArgs,
     dir: &Path,
     targets: &[Target],
     names: &[String],
-    leader: &str,
-) -> anyhow::Result<Vec<Device>> {
-    let mut probe = Vec::new();
+) -> anyhow::Result<Vec<(String, Vec<Device>)>> {
+    let mut probes = Vec::new();
+    let text = "x".repeat(args.message_bytes);
     for (index, name) in names.iter().enumerate() {
-        if name == leader {
-            continue;
-        }
-        let text = "x".repeat(args.message_bytes);
         let target = std::slice::from_ref(&targets[index]);
-        probe.extend(setup_group(10_000 + index, 2, dir, target, &text).await?);
+        for copy in 0..2 {
+            let devices = setup_group(10_000 + 2 * index + copy, 2, dir, target, &text).await?;
+            probes.push((name.clone(), devices));
+        }
     }
-    Ok(probe)
+    Ok(probes)
 }
 
 fn print_cluster_report(

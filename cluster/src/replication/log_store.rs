@@ -49,7 +49,7 @@ impl SledLogStore {
         self.meta
             .insert(key, encode(value))
             .map_err(|e| failed(any(e)))?;
-        self.meta.flush_async().await.map_err(|e| failed(any(e)))?;
+        super::flush(&self.meta).await.map_err(|e| failed(any(e)))?;
         Ok(())
     }
 
@@ -153,7 +153,7 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
             .map_err(|e| StorageIOError::write_logs(any(e)))?;
         // openraft counts the entries as stored only after the callback: that is after the
         // fsync, so an acknowledged entry survives a crash.
-        let flushed = self.entries.flush_async().await;
+        let flushed = super::flush(&self.entries).await;
         let result = flushed.map(|_| ()).map_err(std::io::Error::other);
         let failed = result.as_ref().err().map(ToString::to_string);
         callback.log_io_completed(result);
@@ -175,8 +175,7 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         self.entries
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(any(e)))?;
-        self.entries
-            .flush_async()
+        super::flush(&self.entries)
             .await
             .map_err(|e| StorageIOError::write_logs(any(e)))?;
         Ok(())

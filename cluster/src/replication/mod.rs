@@ -5,14 +5,16 @@
 //! applier's result. [`SledLogStore`] keeps the log, the vote and the purge point;
 //! [`SledStateMachine`] keeps the last applied entry, the membership and the latest snapshot.
 //!
-//! [`SharedState`] is the node's applier: the cluster log carries every change to the state
-//! that nodes share (see `atlas_storage::Change`), and [`ClusterReplicator`] proposes them.
+//! [`SharedState`] is the node's applier: the logs of [`ReplicatedLogs`] carry every change
+//! to the state that nodes share (see `atlas_storage::Change`), a log per shard for its
+//! groups and one for the directory, and [`ClusterReplicator`] proposes them.
 
 // openraft's traits return its `StorageError` and `RPCError` by value, and the helpers here
 // pass them on unchanged.
 #![allow(clippy::result_large_err)]
 
 mod log_store;
+mod logs;
 mod proposals;
 mod replica;
 mod state_machine;
@@ -21,7 +23,8 @@ mod tests;
 mod transport;
 
 pub use log_store::SledLogStore;
-pub use proposals::{AppliedHook, ClusterReplicator, SharedState};
+pub use logs::{DIRECTORY_LOG, LogSettings, ReplicatedLogs, shard_log};
+pub use proposals::{AppliedHook, ClusterReplicator, LogHandle, SharedState};
 pub use replica::{Replica, ReplicaSettings, ReplicaStatus, node_identity};
 pub use state_machine::SledStateMachine;
 
@@ -70,6 +73,22 @@ pub trait Applier: Send + Sync + 'static {
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Log entries, votes and log ids are plain data with string keys, so encoding cannot fail.
     rmp_serde::to_vec_named(value).expect("replication record serializes")
+}
+
+/// Writes everything `tree`'s database holds in memory to disk, on a blocking thread of
+/// Tokio.
+///
+/// NOTE: not sled's `flush_async`, which runs the flush on sled's own small thread pool: its
+/// threads then wait for buffer writes that sled queues on the same pool. With many logs
+/// flushing at once, every pool thread waits, the writes never run, and the node hangs.
+async fn flush(tree: &sled::Tree) -> sled::Result<usize> {
+    let tree = tree.clone();
+    match tokio::task::spawn_blocking(move || tree.flush()).await {
+        Ok(flushed) => flushed,
+        Err(e) => Err(sled::Error::Io(std::io::Error::other(format!(
+            "the flush task failed: {e}"
+        )))),
+    }
 }
 
 /// Wraps an error for openraft's storage errors.

@@ -1,18 +1,30 @@
-//! The node's shared state on the cluster log: [`ClusterReplicator`] proposes changes from any
-//! node, and [`SharedState`] applies committed ones to every node's store.
+//! The node's shared state on the replicated logs: [`ClusterReplicator`] proposes changes from
+//! any node to the log that carries them, and [`SharedState`] applies committed ones to every
+//! node's store.
+//!
+//! Each shard's groups change through the shard's own log, and the directory (KeyPackages,
+//! devices, the key transparency log, accounts) through one more log. A change reads and
+//! writes state of one log only (see `atlas_storage::Change::group`), so the logs need no
+//! order between them.
 
 use super::transport::{WriteRefused, forward_write, read_index_from, read_index_here, write_here};
 use super::{Applier, Command, CommandResult, Raft, RaftNodeId, encode};
-use atlas_storage::{Barrier, Change, Outcome, Proposal, Refused, Replicator, StorageError, Store};
+use crate::placement::shard_of;
+use atlas_storage::{
+    Barrier, Change, Outcome, Proposal, ReadScope, Refused, Replicator, SharedPart, StorageError,
+    Store,
+};
 use serde::{Deserialize, Serialize};
+use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// Time a node waits for its own replica to apply a change that the leader committed.
 const APPLY_WAIT: Duration = Duration::from_secs(5);
 
-/// Attempts of a proposal while leadership moves.
-const PROPOSE_ATTEMPTS: usize = 3;
+/// Time a proposal or a read barrier keeps following leadership while it moves, as it does
+/// for a few elections when a partition heals.
+const LEADER_CHASE: Duration = Duration::from_secs(6);
 
 /// Time a proposal or a read waits for an election to end.
 const LEADER_WAIT: Duration = Duration::from_secs(2);
@@ -31,10 +43,12 @@ type Applied = Result<Outcome, Refused>;
 /// Called on every node but the proposer's for each change it applied.
 pub type AppliedHook = Arc<dyn Fn(&Change) + Send + Sync>;
 
-/// Applies committed changes to this node's store.
+/// Applies the committed changes of one log to this node's store.
 pub struct SharedState {
     store: Store,
     node: RaftNodeId,
+    /// The part of the shared state that the log carries, for snapshots.
+    part: SharedPart,
     /// The index of the last entry applied, written after each change, so that a change
     /// applied just before a crash is not applied twice.
     progress: sled::Tree,
@@ -44,13 +58,19 @@ pub struct SharedState {
 const PROGRESS_KEY: &[u8] = b"applied";
 
 impl SharedState {
-    pub fn new(store: Store, node: RaftNodeId, log: &str) -> Result<Self, StorageError> {
+    pub fn new(
+        store: Store,
+        node: RaftNodeId,
+        log: &str,
+        part: SharedPart,
+    ) -> Result<Self, StorageError> {
         let progress = store
             .sled_db()
             .open_tree(format!("raft.{log}.shared_progress"))?;
         Ok(Self {
             store,
             node,
+            part,
             progress,
             hook: OnceLock::new(),
         })
@@ -110,39 +130,62 @@ impl Applier for SharedState {
     }
 
     fn snapshot(&self) -> Result<Vec<u8>, String> {
-        self.store.export_shared().map_err(|e| e.to_string())
+        self.store
+            .export_shared(&self.part)
+            .map_err(|e| e.to_string())
     }
 
     fn restore(&self, snapshot: &[u8]) -> Result<(), String> {
         self.store
-            .import_shared(snapshot)
+            .import_shared(&self.part, snapshot)
             .map_err(|e| e.to_string())
     }
 }
 
-/// Proposes changes to the cluster log: on the leader directly, elsewhere through the
-/// leader's endpoint. A proposal returns once its change is applied on this node too, so a
-/// client that reads from this node next reads its own write.
+/// One replicated log as its proposers see it.
+#[derive(Clone)]
+pub struct LogHandle {
+    pub raft: Raft,
+    pub name: String,
+}
+
+/// Proposes changes to the log that carries them: on its leader directly, elsewhere through
+/// the leader's endpoint. A proposal returns once its change is applied on this node too, so
+/// a client that reads from this node next reads its own write.
 pub struct ClusterReplicator {
-    raft: Raft,
     node: RaftNodeId,
-    log: String,
+    directory: LogHandle,
+    /// The log of each shard, by shard number.
+    shards: Vec<LogHandle>,
 }
 
 impl ClusterReplicator {
-    pub fn new(raft: Raft, node: RaftNodeId, log: &str) -> Self {
+    pub fn new(node: RaftNodeId, directory: LogHandle, shards: Vec<LogHandle>) -> Self {
         Self {
-            raft,
             node,
-            log: log.to_owned(),
+            directory,
+            shards,
         }
+    }
+
+    /// Returns the log that carries the changes of `group`.
+    fn group_log(&self, group: &atlas_protocol::GroupId) -> &LogHandle {
+        let Ok(count) = u32::try_from(self.shards.len()) else {
+            return &self.directory;
+        };
+        if count == 0 {
+            return &self.directory;
+        }
+        &self.shards[shard_of(group.as_bytes(), count).0 as usize]
     }
 }
 
 impl Replicator for ClusterReplicator {
     fn propose(&self, change: Change) -> Proposal {
-        let raft = self.raft.clone();
-        let log = self.log.clone();
+        let LogHandle { raft, name: log } = match change.group() {
+            Some(group) => self.group_log(group).clone(),
+            None => self.directory.clone(),
+        };
         // A group actor keeps the state its appends lead to in memory and needs no local
         // copy of them; readers on this node wait with a read barrier instead.
         let wait_here = !matches!(change, Change::AppendBatch { .. });
@@ -160,55 +203,100 @@ impl Replicator for ClusterReplicator {
                 .await
                 .map_err(|e| {
                     StorageError::Unavailable(format!(
-                        "entry {index} is committed but not applied on this node yet: {e}"
+                        "entry {index} of log {log} is committed but not applied on this node \
+                         yet: {e}"
                     ))
                 })?;
             decode_applied(index, &result)
         })
     }
 
-    fn barrier(&self) -> Barrier {
-        let raft = self.raft.clone();
-        let log = self.log.clone();
+    fn barrier(&self, scope: ReadScope) -> Barrier {
+        let logs: Vec<LogHandle> = match &scope {
+            ReadScope::Directory => vec![self.directory.clone()],
+            ReadScope::Group(group) => vec![self.group_log(group).clone()],
+            ReadScope::Everything => std::iter::once(self.directory.clone())
+                .chain(self.shards.iter().cloned())
+                .collect(),
+        };
         Box::pin(async move {
-            let index = read_index(&raft, &log).await?;
-            raft.wait(Some(APPLY_WAIT))
-                .applied_index_at_least(Some(index), "read barrier")
-                .await
-                .map_err(|e| {
-                    StorageError::Unavailable(format!(
-                        "entry {index} is committed but not applied on this node yet: {e}"
-                    ))
-                })?;
+            if let [log] = logs.as_slice() {
+                return barrier_on(log.clone()).await;
+            }
+            let mut waits = tokio::task::JoinSet::new();
+            for log in logs {
+                waits.spawn(barrier_on(log));
+            }
+            while let Some(done) = waits.join_next().await {
+                done.map_err(|e| {
+                    StorageError::Replication(format!("a read barrier task failed: {e}"))
+                })??;
+            }
             Ok(())
         })
     }
 }
 
+/// Waits until this node has applied every entry of `log` committed before the call.
+async fn barrier_on(log: LogHandle) -> Result<(), StorageError> {
+    let index = read_index(&log.raft, &log.name).await?;
+    log.raft
+        .wait(Some(APPLY_WAIT))
+        .applied_index_at_least(Some(index), "read barrier")
+        .await
+        .map_err(|e| {
+            StorageError::Unavailable(format!(
+                "entry {index} of log {} is committed but not applied on this node yet: {e}",
+                log.name
+            ))
+        })?;
+    Ok(())
+}
+
 /// Returns the log index that a linearizable read must wait for, from the current leader.
 async fn read_index(raft: &Raft, log: &str) -> Result<u64, StorageError> {
-    let mut last = String::from("no leader known");
-    for attempt in 0..PROPOSE_ATTEMPTS {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+    at_leader(raft, |leader| async move {
+        if leader == raft_id_of(raft) {
+            read_index_here(raft).await
+        } else {
+            read_index_from(log, leader).await
         }
-        let read = match known_leader(raft).await {
-            None => {
-                last = format!("no leader known after {} s", LEADER_WAIT.as_secs());
-                continue;
-            }
-            Some(leader) if leader == raft_id_of(raft) => read_index_here(raft).await,
-            Some(leader) => read_index_from(log, leader).await,
+    })
+    .await
+}
+
+/// Runs `request` against the log's current leader, following leadership as it moves for up
+/// to [`LEADER_CHASE`].
+async fn at_leader<T, F, Fut>(raft: &Raft, request: F) -> Result<T, StorageError>
+where
+    F: Fn(RaftNodeId) -> Fut,
+    Fut: Future<Output = Result<T, WriteRefused>>,
+{
+    let deadline = tokio::time::Instant::now() + LEADER_CHASE;
+    let mut pause = Duration::from_millis(50);
+    // The leader that the last refusal named, tried before this node's own view.
+    let mut named = None;
+    loop {
+        let last = match named.take().or(known_leader(raft).await) {
+            None => format!("no leader known after {} s", LEADER_WAIT.as_secs()),
+            Some(leader) => match request(leader).await {
+                Ok(done) => return Ok(done),
+                Err(WriteRefused::NotLeader { leader: next }) => {
+                    named = next.filter(|next| *next != leader);
+                    format!("leadership moved (new leader: {next:?})")
+                }
+                // The outcome of a failed write is unknown: it may still commit. The caller
+                // decides whether to retry, which changes guarded by sequence numbers, client
+                // message ids or account records make safe.
+                Err(WriteRefused::Failed(detail)) => return Err(StorageError::Unavailable(detail)),
+            },
         };
-        match read {
-            Ok(index) => return Ok(index),
-            Err(WriteRefused::NotLeader { leader }) => {
-                last = format!("leadership moved (new leader: {leader:?})");
-            }
-            Err(WriteRefused::Failed(detail)) => return Err(StorageError::Unavailable(detail)),
+        if tokio::time::Instant::now() + pause > deadline {
+            return Err(StorageError::Unavailable(last));
         }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
     }
-    Err(StorageError::Unavailable(last))
 }
 
 /// Decodes the result of applying entry `index`.
@@ -219,37 +307,23 @@ fn decode_applied(index: u64, result: &CommandResult) -> Result<Outcome, Storage
     applied.map_err(StorageError::from)
 }
 
-/// Writes `command` through the current leader, following leadership changes a few times.
+/// Writes `command` through the current leader, following leadership as it moves.
 async fn write(
     raft: &Raft,
     log: &str,
     command: Command,
 ) -> Result<(u64, CommandResult), StorageError> {
-    let mut last = String::from("no leader known");
-    for attempt in 0..PROPOSE_ATTEMPTS {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
-        }
-        let written = match known_leader(raft).await {
-            None => {
-                last = format!("no leader known after {} s", LEADER_WAIT.as_secs());
-                continue;
+    at_leader(raft, |leader| {
+        let command = command.clone();
+        async move {
+            if leader == raft_id_of(raft) {
+                write_here(raft, command).await
+            } else {
+                forward_write(log, leader, command).await
             }
-            Some(leader) if leader == raft_id_of(raft) => write_here(raft, command.clone()).await,
-            Some(leader) => forward_write(log, leader, command.clone()).await,
-        };
-        match written {
-            Ok(done) => return Ok(done),
-            Err(WriteRefused::NotLeader { leader }) => {
-                last = format!("leadership moved (new leader: {leader:?})");
-            }
-            // The outcome of a failed write is unknown: it may still commit. The caller
-            // decides whether to retry, which changes guarded by sequence numbers, client
-            // message ids or account records make safe.
-            Err(WriteRefused::Failed(detail)) => return Err(StorageError::Unavailable(detail)),
         }
-    }
-    Err(StorageError::Unavailable(last))
+    })
+    .await
 }
 
 /// Returns the current leader, waiting up to [`LEADER_WAIT`] while an election runs.

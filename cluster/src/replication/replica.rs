@@ -12,6 +12,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// Raft id that earlier versions derived from a node's name: the first 8 bytes of its SHA-256.
@@ -90,6 +91,8 @@ pub struct Replica {
     endpoint: ActorRef<RaftEndpointMsg>,
     departures: Departures,
     announcer: tokio::task::JoinHandle<()>,
+    /// Whether this node may start elections (see [`Replica::gate_elections`]).
+    elections: AtomicBool,
 }
 
 /// Time the leader waits after announcing a commit before it announces the next, so that
@@ -167,11 +170,17 @@ impl Replica {
             endpoint,
             departures,
             announcer,
+            elections: AtomicBool::new(true),
         })
     }
 
     pub fn raft(&self) -> &Raft {
         &self.raft
+    }
+
+    /// Returns the name of the log.
+    pub fn name(&self) -> &str {
+        &self.settings.log
     }
 
     /// Makes every live member in `alive` (node name and raft id) a voter, if this node leads
@@ -231,6 +240,40 @@ impl Replica {
         }
     }
 
+    /// Lets this node start elections only while it counts a majority of the log's voters
+    /// alive. `alive` contains the raft ids of the live members, and this node counts as
+    /// alive. A node cut off with a minority cannot win an election, but each one it tries
+    /// raises its term. Once the partition heals, that higher term would depose the
+    /// majority's leader, and with a log per shard such elections on every log flood the links.
+    pub fn gate_elections(&self, alive: &BTreeSet<RaftNodeId>) {
+        let voters = voters(&self.raft);
+        let me = self.settings.raft_id;
+        let reachable = voters
+            .iter()
+            .filter(|v| **v == me || alive.contains(v))
+            .count();
+        let allowed = voters.is_empty() || 2 * reachable > voters.len();
+        if self.elections.swap(allowed, Ordering::Relaxed) != allowed {
+            self.raft.runtime_config().elect(allowed);
+            if allowed {
+                tracing::info!(log = %self.settings.log, "a majority of the voters is alive again; elections resume");
+            } else {
+                tracing::warn!(log = %self.settings.log, reachable, voters = voters.len(), "fewer than a majority of the voters are alive; this node starts no elections");
+            }
+        }
+    }
+
+    /// Returns the name of the log's leader as this node last heard of it, if any.
+    pub fn leader_name(&self) -> Option<String> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader?;
+        metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|node| node.addr.clone())
+    }
+
     /// Returns this node's view of the log.
     pub fn status(&self) -> ReplicaStatus {
         let metrics = self.raft.metrics().borrow().clone();
@@ -275,6 +318,11 @@ impl Replica {
                 remove_voter(&self.raft, &self.departures, id)
                     .await
                     .map_err(anyhow::Error::msg)?;
+                for next in voters.iter().filter(|v| **v != id) {
+                    if let Err(e) = ask(log, *next, Request::Departed(id)).await {
+                        tracing::debug!(log = %log, error = %e, "a remaining voter did not take the notice of departure");
+                    }
+                }
                 for next in voters.iter().filter(|v| **v != id) {
                     match ask(log, *next, Request::Elect).await {
                         Ok(()) => break,

@@ -69,8 +69,7 @@ impl SledStateMachine {
         self.tree
             .insert(APPLIED_KEY, encode(&self.applied))
             .map_err(|e| StorageIOError::write_state_machine(any(e)))?;
-        self.tree
-            .flush_async()
+        super::flush(&self.tree)
             .await
             .map_err(|e| StorageIOError::write_state_machine(any(e)))?;
         Ok(())
@@ -84,8 +83,7 @@ impl SledStateMachine {
         self.tree
             .insert(SNAPSHOT_KEY, encode(snapshot))
             .map_err(|e| StorageIOError::write_snapshot(signature.clone(), any(e)))?;
-        self.tree
-            .flush_async()
+        super::flush(&self.tree)
             .await
             .map_err(|e| StorageIOError::write_snapshot(signature, any(e)))?;
         Ok(())
@@ -114,8 +112,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         self.tree
             .insert(SNAPSHOT_KEY, encode(&self.snapshot))
             .map_err(|e| StorageIOError::write_snapshot(signature.clone(), any(e)))?;
-        self.tree
-            .flush_async()
+        super::flush(&self.tree)
             .await
             .map_err(|e| StorageIOError::write_snapshot(signature, any(e)))?;
         Ok(Snapshot {

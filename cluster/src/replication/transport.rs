@@ -53,6 +53,9 @@ pub(super) enum Request {
     Leave(RaftNodeId),
     /// A request of the leader that left to a remaining voter to start an election at once.
     Elect,
+    /// A notice of the leader that left to the remaining voters, so that whichever of them
+    /// leads next does not make it a voter again while it shuts down.
+    Departed(RaftNodeId),
     /// A request of a follower for the log index that a linearizable read must wait for.
     ReadIndex,
 }
@@ -66,7 +69,7 @@ enum Reply {
     ),
     /// The log index and result of a written command, or why it was not written.
     Write(Result<(u64, CommandResult), WriteRefused>),
-    /// The reply to [`Request::Leave`] or [`Request::Elect`].
+    /// The reply to [`Request::Leave`], [`Request::Elect`] or [`Request::Departed`].
     Done(Result<(), String>),
     /// The reply to [`Request::ReadIndex`].
     ReadIndex(Result<u64, WriteRefused>),
@@ -170,6 +173,12 @@ impl Actor for RaftEndpoint {
                 Ok(Request::Elect) => {
                     Reply::Done(raft.trigger().elect().await.map_err(|e| e.to_string()))
                 }
+                Ok(Request::Departed(node)) => {
+                    if let Ok(mut departures) = departures.lock() {
+                        departures.insert(node, Instant::now());
+                    }
+                    Reply::Done(Ok(()))
+                }
                 Err(e) => Reply::Invalid(e.to_string()),
             };
             let _ = reply.send(encode(&answer));
@@ -247,7 +256,8 @@ async fn call_endpoint(log: &str, node: RaftNodeId, request: &Request) -> Result
     rmp_serde::from_slice(&raw).map_err(|e| format!("undecodable reply from raft node {node}: {e}"))
 }
 
-/// Sends a [`Request::Leave`] or [`Request::Elect`] to the endpoint of `node`.
+/// Sends a [`Request::Leave`], [`Request::Elect`] or [`Request::Departed`] to the endpoint
+/// of `node`.
 pub(super) async fn ask(log: &str, node: RaftNodeId, request: Request) -> Result<(), String> {
     match call_endpoint(log, node, &request).await? {
         Reply::Done(result) => result,
