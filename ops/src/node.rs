@@ -338,6 +338,8 @@ async fn start_replicated_logs(
             snapshot_every: config.log_snapshot_entries,
         },
         shards: config.shards,
+        start_with: config.replication as usize,
+        start_alone_after: 2 * Duration::from_millis(config.failure_timeout_ms),
     };
     let logs = Arc::new(ReplicatedLogs::start(settings, store).await?);
     store.set_replicator(Arc::new(logs.replicator()));
@@ -354,6 +356,9 @@ async fn start_replicated_logs(
                 .map(|m| (m.name, m.raft_id))
                 .collect();
             task_logs.gate_elections(&alive);
+            if let Err(e) = task_logs.start_shard_logs_when_due().await {
+                tracing::warn!(error = %e, "starting the shard logs failed; retrying");
+            }
             if last_sync.elapsed() < MEMBER_SYNC_INTERVAL {
                 continue;
             }

@@ -82,6 +82,9 @@ pub enum Change {
         before: AccountRecord,
         after: AccountRecord,
     },
+    /// Records that a cluster's shard logs start with `voters` (raft id and node name),
+    /// rejected with a conflict when they were started already.
+    StartShardLogs { voters: Vec<(u64, String)> },
 }
 
 impl Change {
@@ -101,7 +104,8 @@ impl Change {
             | Self::RemoveKeyPackages { .. }
             | Self::KeyEvent { .. }
             | Self::CreateAccount(_)
-            | Self::ReplaceAccount { .. } => None,
+            | Self::ReplaceAccount { .. }
+            | Self::StartShardLogs { .. } => None,
         }
     }
 
@@ -119,6 +123,7 @@ impl Change {
             Self::KeyEvent { .. } => "key_event",
             Self::CreateAccount(_) => "create_account",
             Self::ReplaceAccount { .. } => "replace_account",
+            Self::StartShardLogs { .. } => "start_shard_logs",
         }
     }
 }
@@ -284,6 +289,9 @@ const GROUP_TREES: [&str; 2] = ["groups", "cursors"];
 /// Key prefix of signed tree heads in the directory tree: node-local, kept out of snapshots.
 const TREE_HEAD_TAG: u8 = b't';
 
+/// Key of the record of [`Change::StartShardLogs`] in the directory tree.
+const SHARD_LOGS_KEY: &[u8] = b"Sshard-logs";
+
 #[derive(Serialize, Deserialize)]
 struct Snapshot {
     trees: Vec<(String, Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>)>,
@@ -416,6 +424,25 @@ impl Store {
             Change::ReplaceAccount { before, after } => {
                 Ok(Outcome::Account(self.replace_account(before, after)?))
             }
+            Change::StartShardLogs { voters } => {
+                if let Some(earlier) = self.shard_log_voters()? {
+                    return Err(StorageError::Conflict(format!(
+                        "the shard logs were started already, with {} voters",
+                        earlier.len()
+                    )));
+                }
+                self.kt.insert(SHARD_LOGS_KEY, encode(voters))?;
+                Ok(Outcome::Done)
+            }
+        }
+    }
+
+    /// Returns the voters that the cluster's shard logs started with, or `None` before they
+    /// started (see [`Change::StartShardLogs`]).
+    pub fn shard_log_voters(&self) -> Result<Option<Vec<(u64, String)>>, StorageError> {
+        match self.kt.get(SHARD_LOGS_KEY)? {
+            Some(raw) => Ok(Some(decode(&raw, "shard log voters", &"the cluster")?)),
+            None => Ok(None),
         }
     }
 

@@ -892,3 +892,30 @@ fn snapshot_naming(tree: &str) -> Vec<u8> {
     let trees: Vec<(String, Pairs)> = vec![(tree.to_owned(), Vec::new())];
     rmp_serde::to_vec_named(&std::collections::BTreeMap::from([("trees", trees)])).unwrap()
 }
+
+#[tokio::test]
+async fn shard_log_start_is_recorded_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.shard_log_voters().unwrap(), None);
+    let voters = vec![(7, "node-a".to_owned()), (9, "node-b".to_owned())];
+    store
+        .apply(&Change::StartShardLogs {
+            voters: voters.clone(),
+        })
+        .unwrap();
+    let again = store.apply(&Change::StartShardLogs {
+        voters: vec![(1, "node-c".to_owned())],
+    });
+    assert!(matches!(again, Err(StorageError::Conflict(_))), "{again:?}");
+    assert_eq!(store.shard_log_voters().unwrap(), Some(voters.clone()));
+
+    // The record travels with the directory's snapshots.
+    let snapshot = store.export_shared(&SharedPart::Directory).unwrap();
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = Store::open(other_dir.path()).unwrap();
+    other
+        .import_shared(&SharedPart::Directory, &snapshot)
+        .unwrap();
+    assert_eq!(other.shard_log_voters().unwrap(), Some(voters));
+}

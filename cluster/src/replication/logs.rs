@@ -2,16 +2,25 @@
 //! for the directory. Each runs its own raft instance over the same cluster links, with the
 //! same voters, and elects its own leader, which owns the log's groups (see
 //! [`crate::GroupOwners`]).
+//!
+//! The node started without seeds starts the directory log alone. The shard logs start later,
+//! once with the voters that the directory log records in [`Change::StartShardLogs`]. The
+//! first node of each shard's rendezvous order among those voters starts the shard's log and
+//! wins its first election, so the leaders spread over the nodes as placement does. The
+//! other voters receive the log from it, and start it themselves with the same members only
+//! if it does not reach them in time. openraft 0.9 cannot move a leader later.
 
 use super::proposals::LogHandle;
 use super::{
     AppliedHook, ClusterReplicator, RaftNodeId, Replica, ReplicaSettings, ReplicaStatus,
     SharedState,
 };
-use crate::placement::{ShardId, shard_of};
-use atlas_storage::{SharedPart, Store};
+use crate::placement::{NodeName, ShardId, replicas, shard_of};
+use atlas_storage::{Change, SharedPart, StorageError, Store};
+use openraft::{BasicNode, ServerState};
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Name of the directory's log. Earlier versions carried everything in it.
 pub const DIRECTORY_LOG: &str = "cluster";
@@ -24,10 +33,16 @@ pub fn shard_log(shard: ShardId) -> String {
 /// Settings of a node's logs.
 #[derive(Debug, Clone)]
 pub struct LogSettings {
-    /// Settings that every log shares; each log replaces `log` with its own name.
+    /// Settings that every log shares; each log replaces `log` with its own name, and only
+    /// the directory log uses `bootstrap`.
     pub replica: ReplicaSettings,
     /// Number of shards, and so of group logs.
     pub shards: u32,
+    /// Voters of the directory log that the shard logs wait for before they start.
+    pub start_with: usize,
+    /// Time after which the directory log's leader starts the shard logs with the voters it
+    /// has, however few.
+    pub start_alone_after: Duration,
 }
 
 /// One log with the applier of its committed changes.
@@ -42,14 +57,19 @@ pub struct ReplicatedLogs {
     directory: Log,
     /// By shard number.
     shards: Vec<Log>,
+    store: Store,
+    started: Instant,
+    start_with: usize,
+    start_alone_after: Duration,
 }
 
 impl ReplicatedLogs {
     /// Starts this node's replica of every log, each applying to `store`.
     pub async fn start(settings: LogSettings, store: &Store) -> anyhow::Result<Self> {
-        let start = |log: String, part: SharedPart| {
+        let start = |log: String, part: SharedPart, bootstrap: bool| {
             let settings = ReplicaSettings {
                 log: log.clone(),
+                bootstrap,
                 ..settings.replica.clone()
             };
             async move {
@@ -68,20 +88,78 @@ impl ReplicatedLogs {
                 })
             }
         };
-        let directory = start(DIRECTORY_LOG.to_owned(), SharedPart::Directory).await?;
+        let directory = start(
+            DIRECTORY_LOG.to_owned(),
+            SharedPart::Directory,
+            settings.replica.bootstrap,
+        )
+        .await?;
         let count = settings.shards;
         let mut shards = Vec::with_capacity(count as usize);
         for shard in 0..count {
             let part = SharedPart::Groups(Arc::new(move |group: &[u8]| {
                 shard_of(group, count) == ShardId(shard)
             }));
-            shards.push(start(shard_log(ShardId(shard)), part).await?);
+            shards.push(start(shard_log(ShardId(shard)), part, false).await?);
         }
+        let node = settings.replica.raft_id;
+        let rafts: Vec<super::Raft> = shards.iter().map(|l| l.replica.raft().clone()).collect();
+        let fallback = settings.start_alone_after;
+        directory
+            .state
+            .set_start_hook(Arc::new(move |voters: &[(RaftNodeId, String)]| {
+                if voters.iter().any(|(id, _)| *id == node) {
+                    tokio::spawn(start_shard_logs(
+                        rafts.clone(),
+                        node,
+                        voters.to_vec(),
+                        fallback,
+                    ));
+                }
+            }));
         Ok(Self {
-            node: settings.replica.raft_id,
+            node,
             directory,
             shards,
+            store: store.clone(),
+            started: Instant::now(),
+            start_with: settings.start_with.max(1),
+            start_alone_after: settings.start_alone_after,
         })
+    }
+
+    /// Records in the directory log, if this node leads it, that the shard logs start with
+    /// the directory log's voters: once it has `start_with` voters, or after
+    /// `start_alone_after` with the voters it has. Does nothing once they started.
+    pub async fn start_shard_logs_when_due(&self) -> Result<(), StorageError> {
+        let metrics = self.directory.replica.raft().metrics().borrow().clone();
+        if metrics.state != ServerState::Leader || self.store.shard_log_voters()?.is_some() {
+            return Ok(());
+        }
+        // Shard logs that run already were started by an earlier version, alone.
+        for log in &self.shards {
+            if log.replica.raft().is_initialized().await.unwrap_or(true) {
+                return Ok(());
+            }
+        }
+        let membership = metrics.membership_config.membership();
+        let voters: Vec<(RaftNodeId, String)> = membership
+            .voter_ids()
+            .map(|id| {
+                let name = membership
+                    .get_node(&id)
+                    .map_or_else(|| id.to_string(), |node| node.addr.clone());
+                (id, name)
+            })
+            .collect();
+        if voters.len() < self.start_with && self.started.elapsed() < self.start_alone_after {
+            return Ok(());
+        }
+        tracing::info!(voters = voters.len(), "starting the shard logs");
+        match self.store.write(Change::StartShardLogs { voters }).await {
+            Ok(_) | Err(StorageError::Conflict(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     fn all(&self) -> impl Iterator<Item = &Log> {
@@ -179,6 +257,67 @@ impl ReplicatedLogs {
     pub async fn stop(&self) {
         for log in self.all() {
             log.replica.stop().await;
+        }
+    }
+}
+
+/// Starts the shard logs that this node is the first of in rendezvous order among `voters`,
+/// with `voters` as their members, and after `fallback` every other shard log that has not
+/// reached this node by then. Every voter starts a log with the same members, so whichever
+/// starts it, its first entry is the same.
+async fn start_shard_logs(
+    rafts: Vec<super::Raft>,
+    node: RaftNodeId,
+    voters: Vec<(RaftNodeId, String)>,
+    fallback: Duration,
+) {
+    let members: BTreeMap<RaftNodeId, BasicNode> = voters
+        .iter()
+        .map(|(id, name)| (*id, BasicNode::new(name)))
+        .collect();
+    let names: Vec<NodeName> = voters
+        .iter()
+        .map(|(_, name)| NodeName(name.clone()))
+        .collect();
+    let my_name = voters
+        .iter()
+        .find(|(id, _)| *id == node)
+        .map(|(_, name)| name);
+    let count = u32::try_from(rafts.len()).unwrap_or(u32::MAX);
+    let (mine, others): (Vec<_>, Vec<_>) = rafts.into_iter().enumerate().partition(|(shard, _)| {
+        let shard = ShardId(u32::try_from(*shard).unwrap_or(count));
+        replicas(shard, &names, 1).first().map(|n| &n.0) == my_name
+    });
+    for (_, raft) in mine {
+        start_shard_log(&raft, &members).await;
+    }
+    tokio::time::sleep(fallback).await;
+    for (shard, raft) in others {
+        if start_shard_log(&raft, &members).await {
+            tracing::warn!(
+                shard,
+                "a shard log had not reached this node from its first node; started it here"
+            );
+        }
+    }
+}
+
+/// Starts one shard log with `members` unless it runs on this node already; returns whether
+/// it started it.
+async fn start_shard_log(raft: &super::Raft, members: &BTreeMap<RaftNodeId, BasicNode>) -> bool {
+    match raft.is_initialized().await {
+        Ok(false) => {}
+        Ok(true) => return false,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read whether a shard log runs; not starting it");
+            return false;
+        }
+    }
+    match raft.initialize(members.clone()).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "starting a shard log failed");
+            false
         }
     }
 }

@@ -43,6 +43,10 @@ type Applied = Result<Outcome, Refused>;
 /// Called on every node but the proposer's for each change it applied.
 pub type AppliedHook = Arc<dyn Fn(&Change) + Send + Sync>;
 
+/// Called on every node when the directory log applies [`Change::StartShardLogs`], with the
+/// voters (raft id and node name) that the shard logs start with.
+pub type ShardStartHook = Arc<dyn Fn(&[(RaftNodeId, String)]) + Send + Sync>;
+
 /// Applies the committed changes of one log to this node's store.
 pub struct SharedState {
     store: Store,
@@ -53,6 +57,7 @@ pub struct SharedState {
     /// applied just before a crash is not applied twice.
     progress: sled::Tree,
     hook: OnceLock<AppliedHook>,
+    start_hook: OnceLock<ShardStartHook>,
 }
 
 const PROGRESS_KEY: &[u8] = b"applied";
@@ -73,6 +78,7 @@ impl SharedState {
             part,
             progress,
             hook: OnceLock::new(),
+            start_hook: OnceLock::new(),
         })
     }
 
@@ -81,6 +87,13 @@ impl SharedState {
     pub fn set_hook(&self, hook: AppliedHook) {
         if self.hook.set(hook).is_err() {
             tracing::warn!("the applied-change hook was set already; keeping the first");
+        }
+    }
+
+    /// Sets the function called when the shard logs start (see [`ShardStartHook`]).
+    pub fn set_start_hook(&self, hook: ShardStartHook) {
+        if self.start_hook.set(hook).is_err() {
+            tracing::warn!("the shard start hook was set already; keeping the first");
         }
     }
 
@@ -115,6 +128,12 @@ impl Applier for SharedState {
                     && let Some(hook) = self.hook.get()
                 {
                     hook(&proposed.change);
+                }
+                if result.is_ok()
+                    && let Change::StartShardLogs { voters } = &proposed.change
+                    && let Some(hook) = self.start_hook.get()
+                {
+                    hook(voters);
                 }
                 result
             }
