@@ -266,6 +266,10 @@ pub struct NodeFlags {
     /// changes); older entries are then removed.
     #[arg(long, env = "ATLAS_LOG_SNAPSHOT_ENTRIES")]
     pub log_snapshot_entries: Option<u64>,
+    /// Number of shards, each with a replicated log of its own; every node of a cluster must
+    /// use the same number [default: 16].
+    #[arg(long, env = "ATLAS_SHARDS")]
+    pub shards: Option<u32>,
     /// Register unknown device keys at login under any free account name (development and
     /// benchmarks only).
     #[arg(long, env = "ATLAS_OPEN_REGISTRATION")]
@@ -344,6 +348,7 @@ impl NodeFlags {
             heartbeat_ms,
             failure_timeout_ms,
             log_snapshot_entries,
+            shards,
             max_unauthenticated
         );
         take!(

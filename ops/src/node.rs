@@ -356,6 +356,13 @@ async fn start_replicated_logs(
                 .map(|m| (m.name, m.raft_id))
                 .collect();
             task_logs.gate_elections(&alive);
+            if let Err(e) = task_logs.check_shard_count() {
+                // Serving would send this node's group changes to other logs than its peers
+                // use, and that cannot be undone.
+                tracing::error!(error = %e, "stopping: the shard count differs from the cluster's");
+                eprintln!("atlas: {e}");
+                std::process::exit(2);
+            }
             if let Err(e) = task_logs.start_shard_logs_when_due().await {
                 tracing::warn!(error = %e, "starting the shard logs failed; retrying");
             }

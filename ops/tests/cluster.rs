@@ -793,26 +793,51 @@ async fn node_name_must_match_certificate() {
     let mut flags = fixture.cluster_flags(&spec);
     let name = flags.iter().position(|f| f == "--node-name").unwrap() + 1;
     flags[name] = "node-1".into();
-    let data = fixture.path("mismatch");
-    let child = tokio::process::Command::new(BIN)
-        .arg("node")
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-        .args(&flags)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let output = tokio::time::timeout(CONVERGE, child.wait_with_output())
+    let output = run_until_exit(&fixture.path("mismatch"), &flags)
         .await
-        .expect("a node with another name than its certificate kept running")
-        .unwrap();
+        .expect("a node with another name than its certificate kept running");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
     assert!(
         stderr.contains("does not match the common name \"node-a\""),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_with_other_shard_count_stops() {
+    let fixture = fixture();
+    let (specs, _nodes) = fixture.start_cluster(2, CONVERGE).await.unwrap();
+    let spec = fixture.spec("node-c", &[specs[0].port]).unwrap();
+    let mut flags = fixture.cluster_flags(&spec);
+    flags.extend(["--shards".to_owned(), "8".to_owned()]);
+    let output = run_until_exit(&fixture.path("node-c"), &flags)
+        .await
+        .expect("a node with another shard count than the cluster's kept running");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("runs 8 shards but the cluster's shard logs started with 16"),
+        "{stderr}"
+    );
+}
+
+/// Runs `atlas node` with its data in `data` and `flags`, and returns its output once it
+/// exits, or `None` if it still runs after [`CONVERGE`].
+async fn run_until_exit(data: &Path, flags: &[String]) -> Option<std::process::Output> {
+    let child = tokio::process::Command::new(BIN)
+        .arg("node")
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(flags)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(CONVERGE, child.wait_with_output())
+        .await
+        .ok()
+        .map(Result::unwrap)
 }

@@ -82,9 +82,18 @@ pub enum Change {
         before: AccountRecord,
         after: AccountRecord,
     },
-    /// Records that a cluster's shard logs start with `voters` (raft id and node name),
-    /// rejected with a conflict when they were started already.
-    StartShardLogs { voters: Vec<(u64, String)> },
+    /// Records how a cluster's shard logs start, rejected with a conflict when they were
+    /// started already.
+    StartShardLogs(ShardLogStart),
+}
+
+/// How a cluster's shard logs started: every node must run the same number of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardLogStart {
+    /// Number of shards, and so of shard logs.
+    pub shards: u32,
+    /// The first voters of every shard log: raft id and node name.
+    pub voters: Vec<(u64, String)>,
 }
 
 impl Change {
@@ -105,7 +114,7 @@ impl Change {
             | Self::KeyEvent { .. }
             | Self::CreateAccount(_)
             | Self::ReplaceAccount { .. }
-            | Self::StartShardLogs { .. } => None,
+            | Self::StartShardLogs(_) => None,
         }
     }
 
@@ -123,7 +132,7 @@ impl Change {
             Self::KeyEvent { .. } => "key_event",
             Self::CreateAccount(_) => "create_account",
             Self::ReplaceAccount { .. } => "replace_account",
-            Self::StartShardLogs { .. } => "start_shard_logs",
+            Self::StartShardLogs(_) => "start_shard_logs",
         }
     }
 }
@@ -424,24 +433,25 @@ impl Store {
             Change::ReplaceAccount { before, after } => {
                 Ok(Outcome::Account(self.replace_account(before, after)?))
             }
-            Change::StartShardLogs { voters } => {
-                if let Some(earlier) = self.shard_log_voters()? {
+            Change::StartShardLogs(start) => {
+                if let Some(earlier) = self.shard_log_start()? {
                     return Err(StorageError::Conflict(format!(
-                        "the shard logs were started already, with {} voters",
-                        earlier.len()
+                        "the {} shard logs were started already, with {} voters",
+                        earlier.shards,
+                        earlier.voters.len()
                     )));
                 }
-                self.kt.insert(SHARD_LOGS_KEY, encode(voters))?;
+                self.kt.insert(SHARD_LOGS_KEY, encode(start))?;
                 Ok(Outcome::Done)
             }
         }
     }
 
-    /// Returns the voters that the cluster's shard logs started with, or `None` before they
-    /// started (see [`Change::StartShardLogs`]).
-    pub fn shard_log_voters(&self) -> Result<Option<Vec<(u64, String)>>, StorageError> {
+    /// Returns how the cluster's shard logs started, or `None` before they started (see
+    /// [`Change::StartShardLogs`]).
+    pub fn shard_log_start(&self) -> Result<Option<ShardLogStart>, StorageError> {
         match self.kt.get(SHARD_LOGS_KEY)? {
-            Some(raw) => Ok(Some(decode(&raw, "shard log voters", &"the cluster")?)),
+            Some(raw) => Ok(Some(decode(&raw, "shard log start", &"the cluster")?)),
             None => Ok(None),
         }
     }

@@ -30,7 +30,7 @@ pub use accounts::{
 };
 pub use changes::{
     AppendItem, Barrier, Change, GroupFilter, Outcome, Proposal, ReadScope, Refused, Replicator,
-    SharedPart,
+    ShardLogStart, SharedPart,
 };
 pub use error::StorageError;
 pub use records::{DeviceRecord, GroupMeta, KeyPackageRecord};

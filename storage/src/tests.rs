@@ -897,18 +897,18 @@ fn snapshot_naming(tree: &str) -> Vec<u8> {
 async fn shard_log_start_is_recorded_once() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    assert_eq!(store.shard_log_voters().unwrap(), None);
-    let voters = vec![(7, "node-a".to_owned()), (9, "node-b".to_owned())];
-    store
-        .apply(&Change::StartShardLogs {
-            voters: voters.clone(),
-        })
-        .unwrap();
-    let again = store.apply(&Change::StartShardLogs {
+    assert_eq!(store.shard_log_start().unwrap(), None);
+    let start = ShardLogStart {
+        shards: 16,
+        voters: vec![(7, "node-a".to_owned()), (9, "node-b".to_owned())],
+    };
+    store.apply(&Change::StartShardLogs(start.clone())).unwrap();
+    let again = store.apply(&Change::StartShardLogs(ShardLogStart {
+        shards: 32,
         voters: vec![(1, "node-c".to_owned())],
-    });
+    }));
     assert!(matches!(again, Err(StorageError::Conflict(_))), "{again:?}");
-    assert_eq!(store.shard_log_voters().unwrap(), Some(voters.clone()));
+    assert_eq!(store.shard_log_start().unwrap(), Some(start.clone()));
 
     // The record travels with the directory's snapshots.
     let snapshot = store.export_shared(&SharedPart::Directory).unwrap();
@@ -917,5 +917,5 @@ async fn shard_log_start_is_recorded_once() {
     other
         .import_shared(&SharedPart::Directory, &snapshot)
         .unwrap();
-    assert_eq!(other.shard_log_voters().unwrap(), Some(voters));
+    assert_eq!(other.shard_log_start().unwrap(), Some(start));
 }

@@ -16,7 +16,7 @@ use super::{
     SharedState,
 };
 use crate::placement::{NodeName, ShardId, replicas, shard_of};
-use atlas_storage::{Change, SharedPart, StorageError, Store};
+use atlas_storage::{Change, ShardLogStart, SharedPart, StorageError, Store};
 use openraft::{BasicNode, ServerState};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -107,12 +107,15 @@ impl ReplicatedLogs {
         let fallback = settings.start_alone_after;
         directory
             .state
-            .set_start_hook(Arc::new(move |voters: &[(RaftNodeId, String)]| {
-                if voters.iter().any(|(id, _)| *id == node) {
+            .set_start_hook(Arc::new(move |start: &ShardLogStart| {
+                // A node configured with another shard count must not start logs that the
+                // others do not run; the members task stops it (see `check_shard_count`).
+                let runs = u32::try_from(rafts.len()).ok() == Some(start.shards);
+                if runs && start.voters.iter().any(|(id, _)| *id == node) {
                     tokio::spawn(start_shard_logs(
                         rafts.clone(),
                         node,
-                        voters.to_vec(),
+                        start.voters.clone(),
                         fallback,
                     ));
                 }
@@ -133,7 +136,7 @@ impl ReplicatedLogs {
     /// `start_alone_after` with the voters it has. Does nothing once they started.
     pub async fn start_shard_logs_when_due(&self) -> Result<(), StorageError> {
         let metrics = self.directory.replica.raft().metrics().borrow().clone();
-        if metrics.state != ServerState::Leader || self.store.shard_log_voters()?.is_some() {
+        if metrics.state != ServerState::Leader || self.store.shard_log_start()?.is_some() {
             return Ok(());
         }
         // Shard logs that run already were started by an earlier version, alone.
@@ -156,9 +159,40 @@ impl ReplicatedLogs {
             return Ok(());
         }
         tracing::info!(voters = voters.len(), "starting the shard logs");
-        match self.store.write(Change::StartShardLogs { voters }).await {
+        let start = ShardLogStart {
+            shards: self.shard_count(),
+            voters,
+        };
+        match self.store.write(Change::StartShardLogs(start)).await {
             Ok(_) | Err(StorageError::Conflict(_)) => Ok(()),
             Err(e) => Err(e),
+        }
+    }
+
+    fn shard_count(&self) -> u32 {
+        u32::try_from(self.shards.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Returns an error when the cluster's shard logs started with another number of shards
+    /// than this node runs. Such a node maps groups to other logs than its peers do, so it
+    /// must not serve; the caller stops it.
+    ///
+    /// NOTE: a node learns the cluster's count only once it has the directory log's record,
+    /// a moment after it joins; requests it serves before that may go to the wrong log.
+    pub fn check_shard_count(&self) -> Result<(), String> {
+        match self.store.shard_log_start() {
+            Ok(Some(start)) if start.shards != self.shard_count() => Err(format!(
+                "this node runs {} shards but the cluster's shard logs started with {}; restart \
+                 it with --shards {} (ATLAS_SHARDS)",
+                self.shard_count(),
+                start.shards,
+                start.shards
+            )),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the cluster's shard count; checking again later");
+                Ok(())
+            }
         }
     }
 

@@ -11,8 +11,8 @@ use super::transport::{WriteRefused, forward_write, read_index_from, read_index_
 use super::{Applier, Command, CommandResult, Raft, RaftNodeId, encode};
 use crate::placement::shard_of;
 use atlas_storage::{
-    Barrier, Change, Outcome, Proposal, ReadScope, Refused, Replicator, SharedPart, StorageError,
-    Store,
+    Barrier, Change, Outcome, Proposal, ReadScope, Refused, Replicator, ShardLogStart, SharedPart,
+    StorageError, Store,
 };
 use serde::{Deserialize, Serialize};
 use std::future::Future;
@@ -43,9 +43,8 @@ type Applied = Result<Outcome, Refused>;
 /// Called on every node but the proposer's for each change it applied.
 pub type AppliedHook = Arc<dyn Fn(&Change) + Send + Sync>;
 
-/// Called on every node when the directory log applies [`Change::StartShardLogs`], with the
-/// voters (raft id and node name) that the shard logs start with.
-pub type ShardStartHook = Arc<dyn Fn(&[(RaftNodeId, String)]) + Send + Sync>;
+/// Called on every node when the directory log applies [`Change::StartShardLogs`].
+pub type ShardStartHook = Arc<dyn Fn(&ShardLogStart) + Send + Sync>;
 
 /// Applies the committed changes of one log to this node's store.
 pub struct SharedState {
@@ -130,10 +129,10 @@ impl Applier for SharedState {
                     hook(&proposed.change);
                 }
                 if result.is_ok()
-                    && let Change::StartShardLogs { voters } = &proposed.change
+                    && let Change::StartShardLogs(start) = &proposed.change
                     && let Some(hook) = self.start_hook.get()
                 {
-                    hook(voters);
+                    hook(start);
                 }
                 result
             }
