@@ -237,23 +237,41 @@ pub(super) async fn read_index_from(log: &str, leader: RaftNodeId) -> Result<u64
     }
 }
 
-/// Sends `request` to the endpoint of `node` and decodes the reply.
-async fn call_endpoint(log: &str, node: RaftNodeId, request: &Request) -> Result<Reply, String> {
+/// Sends `request` to the endpoint of `node` in the log named `log`, and decodes the reply
+/// that arrives within `timeout`.
+async fn call_node(
+    log: &str,
+    node: RaftNodeId,
+    request: &Request,
+    timeout: Duration,
+) -> Result<Reply, String> {
     let Some(endpoint) = pg::get_members(&group(log, node)).into_iter().next() else {
-        return Err(format!("no link to raft node {node}"));
+        return Err(format!("no link to raft node {node} of log {log}"));
     };
     let bytes = encode(request);
     let answer = ractor::rpc::call(
         &endpoint,
         |port| RaftEndpointMsg::Call(bytes, port),
-        Some(WRITE_TIMEOUT + CALL_TIMEOUT),
+        Some(timeout),
     )
     .await
-    .map_err(|e| format!("call to raft node {node} failed: {e}"))?;
-    let ractor::rpc::CallResult::Success(raw) = answer else {
-        return Err(format!("raft node {node} did not answer in time"));
-    };
-    rmp_serde::from_slice(&raw).map_err(|e| format!("undecodable reply from raft node {node}: {e}"))
+    .map_err(|e| format!("raft call to node {node} failed: {e}"))?;
+    match answer {
+        ractor::rpc::CallResult::Success(raw) => rmp_serde::from_slice(&raw)
+            .map_err(|e| format!("undecodable reply from raft node {node}: {e}")),
+        ractor::rpc::CallResult::Timeout => Err(format!(
+            "raft node {node} did not answer within {} ms",
+            timeout.as_millis()
+        )),
+        ractor::rpc::CallResult::SenderError => {
+            Err(format!("raft node {node} dropped the request"))
+        }
+    }
+}
+
+/// Sends a request that may wait for a commit to the endpoint of `node`.
+async fn call_endpoint(log: &str, node: RaftNodeId, request: &Request) -> Result<Reply, String> {
+    call_node(log, node, request, WRITE_TIMEOUT + CALL_TIMEOUT).await
 }
 
 /// Sends a [`Request::Leave`], [`Request::Elect`] or [`Request::Departed`] to the endpoint
@@ -313,40 +331,9 @@ impl ClusterLink {
         &self,
         request: &Request,
     ) -> Result<Reply, RPCError<RaftNodeId, BasicNode, E>> {
-        let Some(endpoint) = pg::get_members(&group(&self.log, self.target))
-            .into_iter()
-            .next()
-        else {
-            return Err(unreachable(format!(
-                "no link to raft node {} of log {}",
-                self.target, self.log
-            )));
-        };
-        let bytes = encode(request);
-        let answer = ractor::rpc::call(
-            &endpoint,
-            |port| RaftEndpointMsg::Call(bytes, port),
-            Some(CALL_TIMEOUT),
-        )
-        .await
-        .map_err(|e| unreachable(format!("raft call to node {} failed: {e}", self.target)))?;
-        let raw = match answer {
-            ractor::rpc::CallResult::Success(raw) => raw,
-            ractor::rpc::CallResult::Timeout => {
-                return Err(unreachable(format!(
-                    "raft node {} did not answer within {} s",
-                    self.target,
-                    CALL_TIMEOUT.as_secs()
-                )));
-            }
-            ractor::rpc::CallResult::SenderError => {
-                return Err(unreachable(format!(
-                    "raft node {} dropped the request",
-                    self.target
-                )));
-            }
-        };
-        rmp_serde::from_slice(&raw).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+        call_node(&self.log, self.target, request, CALL_TIMEOUT)
+            .await
+            .map_err(unreachable)
     }
 }
 
