@@ -818,7 +818,12 @@ impl Committer {
             }
             Err(e) => {
                 tracing::warn!(group_id = %self.group, error = %e, "replicated write failed");
-                Err(BatchFailure::Unavailable(e.to_string()))
+                // The detail alone: the refusal becomes an `Unavailable` error again, whose
+                // message would otherwise repeat.
+                Err(BatchFailure::Unavailable(match e {
+                    StorageError::Unavailable(detail) => detail,
+                    other => other.to_string(),
+                }))
             }
         }
     }

@@ -121,12 +121,23 @@ impl NodeProcess {
         let deadline = Instant::now() + Duration::from_secs(60);
         while addr.is_none() || metrics.is_none() || fingerprint.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(line) = rx.recv_timeout(left) else {
-                let _ = child.kill();
-                anyhow::bail!(
-                    "node in {} did not report its address within 60 s",
-                    data_dir.display()
-                );
+            let line = match rx.recv_timeout(left) {
+                Ok(line) => line,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = child.wait()?;
+                    anyhow::bail!(
+                        "node in {} exited with {status} before reporting its address; its \
+                         log says why (a cluster port taken meanwhile is one cause)",
+                        data_dir.display()
+                    );
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = child.kill();
+                    anyhow::bail!(
+                        "node in {} did not report its address within 60 s",
+                        data_dir.display()
+                    );
+                }
             };
             if let Some(rest) = line.strip_prefix("atlas node listening on wss://") {
                 addr = rest.trim_end_matches("/v1/ws").parse().ok();

@@ -270,6 +270,10 @@ pub struct NodeFlags {
     /// use the same number [default: 16].
     #[arg(long, env = "ATLAS_SHARDS")]
     pub shards: Option<u32>,
+    /// Replicas of each shard in the placement, and voters that the shard logs wait for
+    /// before they start [default: 3].
+    #[arg(long, env = "ATLAS_REPLICATION")]
+    pub replication: Option<u32>,
     /// Register unknown device keys at login under any free account name (development and
     /// benchmarks only).
     #[arg(long, env = "ATLAS_OPEN_REGISTRATION")]
@@ -349,6 +353,7 @@ impl NodeFlags {
             failure_timeout_ms,
             log_snapshot_entries,
             shards,
+            replication,
             max_unauthenticated
         );
         take!(
@@ -618,5 +623,22 @@ mod tests {
         let error = flags("short").resolve().unwrap_err().to_string();
         assert!(error.contains("cluster_cookie has 5 bytes"), "{error}");
         assert!(flags("a-cookie-of-24-bytes-ok!").resolve().is_ok());
+    }
+
+    #[test]
+    fn shard_and_replica_flags_are_checked() {
+        let flags = |shards: u32, replication: u32| NodeFlags {
+            shards: Some(shards),
+            replication: Some(replication),
+            ..NodeFlags::default()
+        };
+        let config = flags(4, 5).resolve().unwrap();
+        assert_eq!((config.shards, config.replication), (4, 5));
+        let error = flags(0, 3).resolve().unwrap_err().to_string();
+        assert!(error.contains("shards = 0 is out of range"), "{error}");
+        let error = flags(1000, 3).resolve().unwrap_err().to_string();
+        assert!(error.contains("shards = 1000 is out of range"), "{error}");
+        let error = flags(16, 0).resolve().unwrap_err().to_string();
+        assert!(error.contains("replication = 0 is out of range"), "{error}");
     }
 }

@@ -52,11 +52,11 @@ pub enum StorageError {
     /// Another writer changed the state this change was computed from; reload and retry.
     #[error("concurrent change: {0}")]
     Conflict(String),
-    /// The cluster's replicated log cannot commit a change, or confirm the latest changes for
-    /// a read, now: there is no leader, or this node is cut off from the majority.
+    /// A replicated log cannot commit a change, or confirm the latest changes for a read,
+    /// now: it has no reachable leader, or this node is cut off from the majority.
     #[error(
-        "this node cannot reach a majority of the cluster now ({0}); retry later or on \
-         another node"
+        "the replicated log cannot commit or confirm changes now ({0}); its leader may be \
+         changing or unreachable, so retry in a few seconds or on another node"
     )]
     Unavailable(String),
     /// Replicating a change failed in a way the change itself did not cause.

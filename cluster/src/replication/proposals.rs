@@ -273,7 +273,8 @@ async fn barrier_on(log: LogHandle) -> Result<(), StorageError> {
 
 /// Returns the log index that a linearizable read must wait for, from the current leader.
 async fn read_index(raft: &Raft, log: &str) -> Result<u64, StorageError> {
-    at_leader(raft, |leader| async move {
+    // A read index changes nothing, so a failed request is simply asked again.
+    at_leader(raft, true, |leader| async move {
         if leader == raft_id_of(raft) {
             read_index_here(raft).await
         } else {
@@ -284,8 +285,13 @@ async fn read_index(raft: &Raft, log: &str) -> Result<u64, StorageError> {
 }
 
 /// Runs `request` against the log's current leader, following leadership as it moves for up
-/// to [`LEADER_CHASE`].
-async fn at_leader<T, F, Fut>(raft: &Raft, request: F) -> Result<T, StorageError>
+/// to [`LEADER_CHASE`]. A request that failed otherwise is tried again only if
+/// `retry_failed`.
+async fn at_leader<T, F, Fut>(
+    raft: &Raft,
+    retry_failed: bool,
+    request: F,
+) -> Result<T, StorageError>
 where
     F: Fn(RaftNodeId) -> Fut,
     Fut: Future<Output = Result<T, WriteRefused>>,
@@ -303,6 +309,7 @@ where
                     named = next.filter(|next| *next != leader);
                     format!("leadership moved (new leader: {next:?})")
                 }
+                Err(WriteRefused::Failed(detail)) if retry_failed => detail,
                 // The outcome of a failed write is unknown: it may still commit. The caller
                 // decides whether to retry, which changes guarded by sequence numbers, client
                 // message ids or account records make safe.
@@ -331,7 +338,7 @@ async fn write(
     log: &str,
     command: Command,
 ) -> Result<(u64, CommandResult), StorageError> {
-    at_leader(raft, |leader| {
+    at_leader(raft, false, |leader| {
         let command = command.clone();
         async move {
             if leader == raft_id_of(raft) {

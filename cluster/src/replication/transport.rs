@@ -103,7 +103,7 @@ pub(super) type Departures = Arc<Mutex<HashMap<RaftNodeId, Instant>>>;
 
 /// Time after leaving during which a node is not made a voter again, even if it still
 /// looks alive: long enough for it to stop and be marked dead.
-pub(super) const LEAVE_HOLD: Duration = Duration::from_secs(30);
+pub(super) const LEAVE_HOLD: Duration = Duration::from_secs(15);
 
 /// Returns the current voters of the log that `raft` runs.
 pub(super) fn voters(raft: &Raft) -> BTreeSet<RaftNodeId> {
