@@ -38,7 +38,7 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct ClusterSettings {
     /// This node's name, unique in the cluster.
     pub node_name: String,
-    /// This node's id in the cluster's replicated log, which changes with its data directory.
+    /// This node's id in the cluster's replicated logs, which changes with its data directory.
     pub raft_id: u64,
     /// Address of the cluster listener.
     pub listen: SocketAddr,

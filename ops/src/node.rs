@@ -42,7 +42,7 @@ pub struct RunningNode {
     tasks: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
     key_tasks: tokio::task::JoinHandle<()>,
     cluster: Option<Arc<Cluster>>,
-    /// This node's replica of the cluster log and the task that adds members to it.
+    /// This node's replicas of the replicated logs and the task that adds members to them.
     replicated: Option<(Arc<ReplicatedLogs>, tokio::task::JoinHandle<()>)>,
 }
 

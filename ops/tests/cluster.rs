@@ -267,7 +267,7 @@ async fn cluster_log_elects_leader_after_kill() {
     let views: Vec<_> = survivors.iter().map(|n| log_view(n)).collect();
     assert!(elected, "no new leader after killing {leader}: {views:?}");
     println!(
-        "new leader of the cluster log {:.1} s after SIGKILL of {leader}",
+        "new leader of the directory log {:.1} s after SIGKILL of {leader}",
         started.elapsed().as_secs_f64()
     );
 
@@ -698,7 +698,7 @@ async fn impostor_under_taken_name_loses_nothing() {
     alice.add_members(&group, &["carol"]).await.unwrap();
 
     // A second node-b, with node-b's certificate and an empty data directory, joins while
-    // alice sends. It has its own id in the cluster log, so it never votes as node-b.
+    // alice sends. It has its own id in the replicated logs, so it never votes as node-b.
     let impostor = NodeSpec {
         port: free_port(),
         ..specs[1].clone()

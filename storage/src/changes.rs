@@ -2,9 +2,10 @@
 //!
 //! Groups, their logs and cursors, KeyPackages, devices, the key transparency log and accounts
 //! change only through [`Store::write`] with a [`Change`]. On a single node the change is
-//! applied at once. In a cluster, a [`Replicator`] orders it in the cluster's replicated log,
-//! and every node applies it with [`Store::apply`] in log order. `apply` reads nothing but the
-//! change and the stored state (no clock, no randomness), so every node reaches the same state.
+//! applied at once. In a cluster, a [`Replicator`] orders it in a replicated log (the log of
+//! the group's shard, or the directory's), and every node applies it with [`Store::apply`] in
+//! log order. `apply` reads nothing but the change and the stored state (no clock, no
+//! randomness), so every node reaches the same state.
 //!
 //! Node-local state stays out of this path: the node's signing keys, its signed tree heads
 //! (each node signs its own) and refresh tokens.

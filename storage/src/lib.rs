@@ -67,7 +67,7 @@ pub struct Store {
     /// Size of the key transparency log; held while appending, so appends are serialised.
     kt_size: Arc<Mutex<u64>>,
     flusher: Arc<Flusher>,
-    /// Orders changes in the cluster's replicated log; unset on a single node.
+    /// Orders changes in the cluster's replicated logs; unset on a single node.
     replicator: Arc<std::sync::OnceLock<Arc<dyn Replicator>>>,
 }
 

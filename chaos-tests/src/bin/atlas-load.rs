@@ -54,7 +54,7 @@ enum Command {
     All(LoadArgs),
     /// Run the saturation and latency workloads against one node and then against a
     /// cluster, with each group's devices spread over the cluster's nodes; then kill the
-    /// leader of the cluster log and time the first acknowledged send.
+    /// leader of a shard's log and time the first acknowledged send on its shards.
     Cluster(ClusterArgs),
     /// Run the baseline server (used by `all` as a child process).
     BaselineServer,
@@ -490,7 +490,7 @@ async fn measure(
 }
 
 /// Measures one node and then a cluster of `--nodes` nodes with the same workload, then the
-/// time from a SIGKILL of the cluster log's leader to the first acknowledged send.
+/// time from a SIGKILL of a shard log's leader to the first acknowledged send on its shards.
 async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.nodes >= 2, "--nodes must be at least 2");
     let load = LoadArgs {

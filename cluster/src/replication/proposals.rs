@@ -29,7 +29,7 @@ const LEADER_CHASE: Duration = Duration::from_secs(6);
 /// Time a proposal or a read waits for an election to end.
 const LEADER_WAIT: Duration = Duration::from_secs(2);
 
-/// A change as the cluster log carries it.
+/// A change as a replicated log carries it.
 #[derive(Serialize, Deserialize)]
 struct Proposed {
     /// Raft id of the node that proposed it.
@@ -137,7 +137,7 @@ impl Applier for SharedState {
                 result
             }
             Err(e) => {
-                tracing::error!(index, error = %e, "undecodable entry in the cluster log; skipped");
+                tracing::error!(index, error = %e, "undecodable entry in a replicated log; skipped");
                 Err(Refused::Failed(format!("undecodable entry {index}: {e}")))
             }
         };
