@@ -40,6 +40,9 @@ pub struct LogView {
     /// Voter names, sorted.
     pub voters: Vec<String>,
     pub last_applied: Option<u64>,
+    /// For a shard's log, the node's placement of the shard over the live members, sorted,
+    /// when it has the full replication factor: then these are the voters the log should have.
+    pub replicas: Option<Vec<String>>,
 }
 
 /// Returns a port that was free on 127.0.0.1 a moment ago.
@@ -213,18 +216,24 @@ impl ClusterFixture {
     }
 }
 
-fn parse_view(log: &serde_json::Value) -> Option<LogView> {
-    let mut voters: Vec<String> = log["voters"]
+/// Returns the strings of a JSON array, sorted.
+fn sorted_names(list: &serde_json::Value) -> Option<Vec<String>> {
+    let mut names: Vec<String> = list
         .as_array()?
         .iter()
         .filter_map(|v| v.as_str().map(str::to_owned))
         .collect();
-    voters.sort();
+    names.sort();
+    Some(names)
+}
+
+fn parse_view(log: &serde_json::Value, replicas: Option<&serde_json::Value>) -> Option<LogView> {
     Some(LogView {
         role: log["role"].as_str()?.to_owned(),
         leader: log["leader"].as_str().map(str::to_owned),
-        voters,
+        voters: sorted_names(&log["voters"])?,
         last_applied: log["last_applied"].as_u64(),
+        replicas: replicas.and_then(sorted_names),
     })
 }
 
@@ -233,9 +242,17 @@ fn parse_view(log: &serde_json::Value) -> Option<LogView> {
 pub fn log_views(node: &NodeProcess) -> Option<Vec<LogView>> {
     let body = node.admin_get("/admin/cluster").ok()?;
     let status: serde_json::Value = serde_json::from_str(&body).ok()?;
-    let mut views = vec![parse_view(&status["replicated_log"])?];
+    let replication = status["replication"].as_u64()?;
+    let mut views = vec![parse_view(&status["replicated_log"], None)?];
     for shard in status["shards"].as_array()? {
-        views.push(parse_view(&shard["log"])?);
+        // With fewer live members than the factor, dead voters stay: no placement to compare.
+        let full = shard["replicas"]
+            .as_array()
+            .is_some_and(|r| r.len() as u64 == replication);
+        views.push(parse_view(
+            &shard["log"],
+            full.then_some(&shard["replicas"]),
+        )?);
     }
     Some(views)
 }
@@ -246,7 +263,8 @@ pub fn log_view(node: &NodeProcess) -> Option<LogView> {
 }
 
 /// Returns the leader of log `index` (0 for the directory, 1 + n for shard n) that every
-/// view agrees on, if every view lists exactly `voters` (sorted names) as its voters.
+/// view agrees on, if every view lists exactly the voters it should. These are the shard's
+/// placement for a shard log with a full replica set, and `voters` (sorted names) otherwise.
 fn agreed_on(views: &[Option<Vec<LogView>>], index: usize, voters: &[&str]) -> Option<String> {
     let view_of = |node: &Option<Vec<LogView>>| node.as_ref().and_then(|v| v.get(index).cloned());
     let leader = view_of(views.first()?)?.leader?;
@@ -254,11 +272,12 @@ fn agreed_on(views: &[Option<Vec<LogView>>], index: usize, voters: &[&str]) -> O
         .iter()
         .all(|node| {
             view_of(node).is_some_and(|v| {
+                let expected: Vec<&str> = match &v.replicas {
+                    Some(replicas) => replicas.iter().map(String::as_str).collect(),
+                    None => voters.to_vec(),
+                };
                 v.leader.as_deref() == Some(leader.as_str())
-                    && v.voters
-                        .iter()
-                        .map(String::as_str)
-                        .eq(voters.iter().copied())
+                    && v.voters.iter().map(String::as_str).eq(expected)
             })
         })
         .then_some(leader)
@@ -272,7 +291,7 @@ pub fn agreed_leader(nodes: &[&NodeProcess], voters: &[&str]) -> Option<String> 
 }
 
 /// Returns the leader of every log (the directory's first, then each shard's), if every node
-/// in `nodes` agrees on each and lists exactly `voters` (sorted names) as its voters.
+/// in `nodes` agrees on each and lists the voters it should (see `agreed_on`).
 pub fn agreed_leaders(nodes: &[&NodeProcess], voters: &[&str]) -> Option<Vec<String>> {
     let views: Vec<Option<Vec<LogView>>> = nodes.iter().map(|n| log_views(n)).collect();
     let count = views.first()?.as_ref()?.len();
@@ -280,7 +299,7 @@ pub fn agreed_leaders(nodes: &[&NodeProcess], voters: &[&str]) -> Option<Vec<Str
 }
 
 /// Returns the leader of the log of the shard of the group with id `group`, if every node in
-/// `nodes` agrees on it and lists exactly `voters` (sorted names) as its voters.
+/// `nodes` agrees on it and lists the voters it should (see `agreed_on`).
 pub fn group_leader(nodes: &[&NodeProcess], voters: &[&str], group: &[u8]) -> Option<String> {
     let views: Vec<Option<Vec<LogView>>> = nodes.iter().map(|n| log_views(n)).collect();
     let shards = u32::try_from(views.first()?.as_ref()?.len().checked_sub(1)?).ok()?;

@@ -338,7 +338,7 @@ async fn start_replicated_logs(
             snapshot_every: config.log_snapshot_entries,
         },
         shards: config.shards,
-        start_with: config.replication as usize,
+        replication: config.replication as usize,
         start_alone_after: 2 * Duration::from_millis(config.failure_timeout_ms),
     };
     let logs = Arc::new(ReplicatedLogs::start(settings, store).await?);

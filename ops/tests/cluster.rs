@@ -3,7 +3,7 @@
 
 use atlas_chaos::cluster::{
     COOKIE, ClusterFixture, NodeSpec, agreed_leader, agreed_leaders, free_port, group_leader,
-    log_view, logs_caught_up,
+    log_view, log_views, logs_caught_up,
 };
 use atlas_chaos::{NodeProcess, wait_until};
 use std::collections::BTreeMap;
@@ -380,6 +380,31 @@ fn address(node: &NodeProcess) -> atlas_client::NodeAddress {
     }
 }
 
+/// Connects alice to `alice_node` and bob to `bob_node`, and returns them once alice created
+/// the group `name` with bob in it and bob joined.
+async fn alice_and_bob(
+    fixture: &ClusterFixture,
+    alice_node: &NodeProcess,
+    bob_node: &NodeProcess,
+    name: &str,
+) -> (
+    atlas_client::Client,
+    atlas_client::Client,
+    atlas_protocol::GroupId,
+) {
+    let mut alice = atlas_client::Client::open(&fixture.path("alice-state"), "alice").unwrap();
+    let home = address(alice_node);
+    alice.connect(&home.url, &home.trust).await.unwrap();
+    let mut bob = atlas_client::Client::open(&fixture.path("bob-state"), "bob").unwrap();
+    let home = address(bob_node);
+    bob.connect(&home.url, &home.trust).await.unwrap();
+    bob.publish_key_packages(2).await.unwrap();
+    let group = alice.create_group(name).await.unwrap();
+    alice.add_members(&group, &["bob"]).await.unwrap();
+    bob.sync().await.unwrap();
+    (alice, bob, group)
+}
+
 /// Returns the messages of a client's transcript, in log order.
 fn messages(client: &atlas_client::Client, group: &atlas_protocol::GroupId) -> Vec<String> {
     client
@@ -606,15 +631,8 @@ async fn new_node_catches_up_from_snapshot() {
     // Snapshots every 10 entries, after which the older entries are removed.
     let fixture = fixture().with_flags(&["--log-snapshot-entries", "10"]);
     let (specs, mut nodes) = fixture.start_cluster(2, CONVERGE).await.unwrap();
-    let mut alice = atlas_client::Client::open(&fixture.path("alice-state"), "alice").unwrap();
-    let home = address(&nodes["node-a"]);
-    alice.connect(&home.url, &home.trust).await.unwrap();
-    let mut bob = atlas_client::Client::open(&fixture.path("bob-state"), "bob").unwrap();
-    let home = address(&nodes["node-b"]);
-    bob.connect(&home.url, &home.trust).await.unwrap();
-    bob.publish_key_packages(2).await.unwrap();
-    let group = alice.create_group("compacted").await.unwrap();
-    alice.add_members(&group, &["bob"]).await.unwrap();
+    let (mut alice, mut bob, group) =
+        alice_and_bob(&fixture, &nodes["node-a"], &nodes["node-b"], "compacted").await;
     let mut sent = Vec::new();
     for i in 0..40 {
         let text = format!("before node-c joined {i}");
@@ -846,4 +864,104 @@ async fn run_until_exit(data: &Path, flags: &[String]) -> Option<std::process::O
         .await
         .ok()
         .map(Result::unwrap)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_keep_three_voters_per_shard() {
+    let fixture = fixture();
+    let (specs, mut nodes) = fixture.start_cluster(5, 2 * CONVERGE).await.unwrap();
+    let everyone: Vec<&NodeProcess> = nodes.values().collect();
+    let views = log_views(everyone[0]).unwrap();
+    let (directory, shards) = views.split_first().unwrap();
+    assert_eq!(directory.voters.len(), 5, "{directory:?}");
+    for shard in shards {
+        assert_eq!(shard.voters.len(), 3, "{shard:?}");
+    }
+    let mut led: BTreeMap<String, usize> = BTreeMap::new();
+    for shard in shards {
+        *led.entry(shard.leader.clone().unwrap_or_default())
+            .or_default() += 1;
+    }
+    println!("shard logs led, by node: {led:?}");
+
+    // Two members on two nodes chat.
+    let (mut alice, mut bob, group) =
+        alice_and_bob(&fixture, &nodes["node-a"], &nodes["node-e"], "five").await;
+    let mut acknowledged = Vec::new();
+    for i in 0..5 {
+        let text = format!("before {i}");
+        alice.send_reliably(&group, &text).await.unwrap();
+        acknowledged.push(text);
+    }
+
+    // SIGKILL of a node of the group's replica set other than the members'. Each shard it
+    // served gets a new voter among the survivors, which catches up; the other shards keep
+    // theirs.
+    let replicas = views[1 + shard_index(&group, shards.len())].voters.clone();
+    let victim = replicas
+        .iter()
+        .find(|n| *n != "node-a" && *n != "node-e")
+        .unwrap()
+        .clone();
+    nodes.remove(&victim).unwrap().kill9().unwrap();
+    for i in 0..5 {
+        let text = format!("after {i}");
+        alice.send_reliably(&group, &text).await.unwrap();
+        acknowledged.push(text);
+    }
+    let survivors: Vec<&NodeProcess> = nodes.values().collect();
+    let moved = wait_until(2 * CONVERGE, || {
+        log_views(survivors[0]).is_some_and(|views| {
+            views[1..]
+                .iter()
+                .all(|v| v.voters.len() == 3 && !v.voters.contains(&victim))
+        })
+    })
+    .await;
+    let after = log_views(survivors[0]).unwrap();
+    assert!(moved, "{victim} is still a voter of a shard log: {after:?}");
+    for (before, now) in shards.iter().zip(&after[1..]) {
+        if !before.voters.contains(&victim) {
+            assert_eq!(before.voters, now.voters, "a shard without {victim} moved");
+        }
+    }
+    assert_eq!(after[0].voters.len(), 5, "the directory keeps its voters");
+    let caught_up = wait_until(CONVERGE, || logs_caught_up(&survivors)).await;
+    assert!(caught_up, "the survivors did not apply the same entries");
+
+    // bob reads every acknowledged message once, in order, through node-e.
+    bob.sync().await.unwrap();
+    assert_eq!(messages(&bob, &group), acknowledged);
+
+    // The victim restarts: its shards move back to it once it caught up, and the nodes that
+    // stood in for it step down to learners.
+    let spec = specs.iter().find(|s| s.name == victim).unwrap();
+    nodes.insert(victim.clone(), fixture.start(spec).unwrap());
+    let everyone: Vec<&NodeProcess> = nodes.values().collect();
+    let names: Vec<&str> = nodes.keys().map(String::as_str).collect();
+    let back = wait_until(2 * CONVERGE, || {
+        agreed_leaders(&everyone, &names).is_some()
+            && log_views(everyone[0]).is_some_and(|now| {
+                now.iter()
+                    .map(|v| &v.voters)
+                    .eq(views.iter().map(|v| &v.voters))
+            })
+    })
+    .await;
+    assert!(
+        back,
+        "the shards did not move back: {:?}",
+        log_views(everyone[0])
+    );
+    let caught_up = wait_until(CONVERGE, || logs_caught_up(&everyone)).await;
+    assert!(caught_up, "{victim} did not catch up with every log");
+    alice.send_reliably(&group, "back").await.unwrap();
+    acknowledged.push("back".to_owned());
+    bob.sync().await.unwrap();
+    assert_eq!(messages(&bob, &group), acknowledged);
+}
+
+/// Returns the shard of `group` among `shards` shards.
+fn shard_index(group: &atlas_protocol::GroupId, shards: usize) -> usize {
+    atlas_cluster::shard_of(group.as_bytes(), u32::try_from(shards).unwrap()).0 as usize
 }

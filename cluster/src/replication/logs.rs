@@ -1,7 +1,8 @@
 //! The replicated logs of one node: a log per shard for the groups of that shard, and one log
-//! for the directory. Each runs its own raft instance over the same cluster links, with the
-//! same voters, and elects its own leader, which owns the log's groups (see
-//! [`crate::GroupOwners`]).
+//! for the directory. Each runs its own raft instance over the same cluster links, with its
+//! own voters, and elects its own leader, which owns the log's groups (see
+//! [`crate::GroupOwners`]). Every live member votes in the directory log, and a shard's
+//! replica set in the shard's log.
 //!
 //! The node started without seeds starts the directory log alone. The shard logs start later,
 //! once with the voters that the directory log records in [`Change::StartShardLogs`]. The
@@ -38,8 +39,9 @@ pub struct LogSettings {
     pub replica: ReplicaSettings,
     /// Number of shards, and so of group logs.
     pub shards: u32,
-    /// Voters of the directory log that the shard logs wait for before they start.
-    pub start_with: usize,
+    /// Voters of each shard log, the first ones in the shard's rendezvous order among the
+    /// live members. The shard logs start once the directory log has this many voters.
+    pub replication: usize,
     /// Time after which the directory log's leader starts the shard logs with the voters it
     /// has, however few.
     pub start_alone_after: Duration,
@@ -59,7 +61,7 @@ pub struct ReplicatedLogs {
     shards: Vec<Log>,
     store: Store,
     started: Instant,
-    start_with: usize,
+    replication: usize,
     start_alone_after: Duration,
 }
 
@@ -126,13 +128,13 @@ impl ReplicatedLogs {
             shards,
             store: store.clone(),
             started: Instant::now(),
-            start_with: settings.start_with.max(1),
+            replication: settings.replication.max(1),
             start_alone_after: settings.start_alone_after,
         })
     }
 
     /// Records in the directory log, if this node leads it, that the shard logs start with
-    /// the directory log's voters: once it has `start_with` voters, or after
+    /// the directory log's voters: once it has `replication` voters, or after
     /// `start_alone_after` with the voters it has. Does nothing once they started.
     pub async fn start_shard_logs_when_due(&self) -> Result<(), StorageError> {
         let metrics = self.directory.replica.raft().metrics().borrow().clone();
@@ -155,7 +157,7 @@ impl ReplicatedLogs {
                 (id, name)
             })
             .collect();
-        if voters.len() < self.start_with && self.started.elapsed() < self.start_alone_after {
+        if voters.len() < self.replication && self.started.elapsed() < self.start_alone_after {
             return Ok(());
         }
         tracing::info!(voters = voters.len(), "starting the shard logs");
@@ -221,13 +223,32 @@ impl ReplicatedLogs {
     }
 
     /// Makes live members voters of every log this node leads (see
-    /// [`Replica::add_live_members`]). Returns the failures, by log.
+    /// [`Replica::add_live_members`]): every one of the directory's, and of each shard's the
+    /// `replication` first in the shard's rendezvous order among the live members, with the
+    /// others as learners. Returns the failures, by log.
     pub async fn add_live_members(&self, alive: &[(String, RaftNodeId)]) -> Vec<String> {
         let mut failures = Vec::new();
+        let live: Vec<NodeName> = alive
+            .iter()
+            .map(|(name, _)| NodeName(name.clone()))
+            .collect();
         // The logs change their members one after another: each change waits for a commit,
         // and a joining node catches up with one log at a time.
-        for log in self.all() {
-            if let Err(e) = log.replica.add_live_members(alive).await {
+        for (index, log) in std::iter::once(None)
+            .chain((0..self.shards.len()).map(Some))
+            .zip(self.all())
+        {
+            let replica_set: Option<Vec<String>> = index.map(|shard| {
+                let shard = ShardId(u32::try_from(shard).unwrap_or(u32::MAX));
+                replicas(shard, &live, self.replication)
+                    .into_iter()
+                    .map(|n| n.0)
+                    .collect()
+            });
+            let replica_set = replica_set
+                .as_deref()
+                .map(|names| (names, self.replication));
+            if let Err(e) = log.replica.add_live_members(alive, replica_set).await {
                 failures.push(format!("log {}: {e:#}", log.replica.name()));
             }
         }
@@ -245,7 +266,7 @@ impl ReplicatedLogs {
     }
 
     /// Returns whether this node is on the side of a majority of the directory log's voters
-    /// (see [`Replica::in_majority`]). Every log has the same voters.
+    /// (see [`Replica::in_majority`]). Every live member votes in the directory log.
     pub fn in_majority(&self, lease: Duration) -> bool {
         self.directory.replica.in_majority(lease)
     }

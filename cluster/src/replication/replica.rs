@@ -183,11 +183,20 @@ impl Replica {
         &self.settings.log
     }
 
-    /// Makes every live member in `alive` (node name and raft id) a voter, if this node leads
-    /// the log. Members that are not alive stay voters: they may come back, and their votes
-    /// count towards the majority as before. A voter of the same name with another id, an
-    /// earlier incarnation that lost its data directory, is replaced.
-    pub async fn add_live_members(&self, alive: &[(String, RaftNodeId)]) -> anyhow::Result<()> {
+    /// Makes live members in `alive` (node name and raft id) voters, if this node leads the
+    /// log. With `replica_set` (names and size), only the named members become voters, and
+    /// the other live members learners, which keep a copy so reads through them stay local.
+    /// Once every member of the set votes, voters outside it become learners, one per call,
+    /// so a log moves to its new set only after the new replica caught up. Without
+    /// `replica_set`, every live member becomes a voter. Members that are not alive stay
+    /// voters until replaced: they may come back, and their votes count towards the majority
+    /// as before. A voter of the same name with another id, an earlier incarnation that lost
+    /// its data directory, is replaced.
+    pub async fn add_live_members(
+        &self,
+        alive: &[(String, RaftNodeId)],
+        replica_set: Option<(&[String], usize)>,
+    ) -> anyhow::Result<()> {
         let metrics = self.raft.metrics().borrow().clone();
         if metrics.state != ServerState::Leader {
             return Ok(());
@@ -200,9 +209,21 @@ impl Replica {
                 .is_ok_and(|d| d.get(id).is_some_and(|at| at.elapsed() < LEAVE_HOLD))
         };
         let membership = metrics.membership_config.membership().clone();
+        let in_replica_set =
+            |name: &str| replica_set.is_none_or(|(names, _)| names.iter().any(|n| n == name));
         for (name, id) in alive {
             let id = *id;
             if id == 0 || voters.contains(&id) || recently_left(&id) {
+                continue;
+            }
+            if !in_replica_set(name) {
+                if membership.get_node(&id).is_none() {
+                    tracing::info!(log = %self.settings.log, node = %name, raft_id = id, "adding a learner to the replicated log");
+                    self.raft
+                        .add_learner(id, BasicNode::new(name), false)
+                        .await?;
+                    return Ok(());
+                }
                 continue;
             }
             tracing::info!(log = %self.settings.log, node = %name, raft_id = id, "adding a member to the replicated log");
@@ -223,7 +244,53 @@ impl Replica {
             // One change at a time: the next call starts from the new membership.
             return Ok(());
         }
+        let Some((names, replicas)) = replica_set else {
+            return Ok(());
+        };
+        let name_of = |id: &RaftNodeId| membership.get_node(id).map(|node| node.addr.clone());
+        let voter_names: Vec<String> = voters.iter().filter_map(name_of).collect();
+        if voters.len() <= replicas || !names.iter().all(|n| voter_names.contains(n)) {
+            return Ok(());
+        }
+        // This node steps out last, because the others leave without an election.
+        let me = self.settings.raft_id;
+        let Some(extra) = voters
+            .iter()
+            .copied()
+            .filter(|v| name_of(v).is_none_or(|name| !names.contains(&name)))
+            .min_by_key(|v| *v == me)
+        else {
+            return Ok(());
+        };
+        let next: BTreeSet<RaftNodeId> = voters.iter().copied().filter(|v| *v != extra).collect();
+        tracing::info!(log = %self.settings.log, raft_id = extra, "moving the log's voter to its new replica set; it stays a learner");
+        if extra == me {
+            self.raft.change_membership(next.clone(), true).await?;
+            self.hand_over(&next).await;
+        } else {
+            self.raft.change_membership(next, true).await?;
+        }
         Ok(())
+    }
+
+    /// Tells the remaining `voters` that this node, the leader, left them, and asks one of
+    /// them to start an election at once rather than wait out the leader's lease.
+    async fn hand_over(&self, voters: &BTreeSet<RaftNodeId>) {
+        let log = &self.settings.log;
+        let me = self.settings.raft_id;
+        for next in voters.iter().filter(|v| **v != me) {
+            if let Err(e) = ask(log, *next, Request::Departed(me)).await {
+                tracing::debug!(log = %log, error = %e, "a remaining voter did not take the notice of departure");
+            }
+        }
+        for next in voters.iter().filter(|v| **v != me) {
+            match ask(log, *next, Request::Elect).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::debug!(log = %log, error = %e, "a remaining voter did not start an election")
+                }
+            }
+        }
     }
 
     /// Returns whether this node is on the side of a majority of the log's voters: it leads and a
@@ -318,19 +385,7 @@ impl Replica {
                 remove_voter(&self.raft, &self.departures, id)
                     .await
                     .map_err(anyhow::Error::msg)?;
-                for next in voters.iter().filter(|v| **v != id) {
-                    if let Err(e) = ask(log, *next, Request::Departed(id)).await {
-                        tracing::debug!(log = %log, error = %e, "a remaining voter did not take the notice of departure");
-                    }
-                }
-                for next in voters.iter().filter(|v| **v != id) {
-                    match ask(log, *next, Request::Elect).await {
-                        Ok(()) => break,
-                        Err(e) => {
-                            tracing::debug!(log = %log, error = %e, "a remaining voter did not start an election")
-                        }
-                    }
-                }
+                self.hand_over(&voters).await;
             }
             Some(leader) => ask(log, leader, Request::Leave(id))
                 .await
