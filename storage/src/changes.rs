@@ -3,7 +3,7 @@
 //! Groups, their logs and cursors, KeyPackages, devices, the key transparency log and accounts
 //! change only through [`Store::write`] with a [`Change`]. On a single node the change is
 //! applied at once. In a cluster, a [`Replicator`] orders it in a replicated log (the log of
-//! the group's shard, or the directory's), and every node applies it with [`Store::apply`] in
+//! the shard of its group or device, or the directory's), and every node applies it with [`Store::apply`] in
 //! log order. `apply` reads nothing but the change and the stored state (no clock, no
 //! randomness), so every node reaches the same state.
 //!
@@ -98,21 +98,22 @@ pub struct ShardLogStart {
 }
 
 impl Change {
-    /// Returns the group whose state this change alone reads and writes, or `None` for a
-    /// change to the directory (KeyPackages, devices, the key transparency log, accounts).
-    /// A replicated store orders a group's changes in the log of the group's shard and the
-    /// directory's in a log of its own, so no change may read state of the other kind.
-    pub fn group(&self) -> Option<&GroupId> {
+    /// Returns the shard key of the state this change alone reads and writes: the id of its
+    /// group, or of the device whose KeyPackages it changes. `None` marks a change to the
+    /// directory (devices, the key transparency log, accounts). A replicated store orders
+    /// the changes of one shard key in the log of its shard and the directory's in a log of
+    /// its own, so no change may read state of another shard key or of the directory.
+    pub fn shard_key(&self) -> Option<&[u8]> {
         match self {
             Self::CreateGroup { group, .. }
             | Self::Append { group, .. }
             | Self::AppendBatch { group, .. }
             | Self::Acknowledge { group, .. }
-            | Self::Prune { group, .. } => Some(group),
-            Self::PutKeyPackages { .. }
-            | Self::ClaimKeyPackage { .. }
-            | Self::RemoveKeyPackages { .. }
-            | Self::KeyEvent { .. }
+            | Self::Prune { group, .. } => Some(group.as_bytes()),
+            Self::PutKeyPackages { device, .. }
+            | Self::ClaimKeyPackage { device, .. }
+            | Self::RemoveKeyPackages { device } => Some(device.as_bytes()),
+            Self::KeyEvent { .. }
             | Self::CreateAccount(_)
             | Self::ReplaceAccount { .. }
             | Self::StartShardLogs(_) => None,
@@ -255,29 +256,31 @@ pub trait Replicator: Send + Sync + 'static {
 pub enum ReadScope {
     /// Everything: every group and the directory.
     Everything,
-    /// KeyPackages, devices, the key transparency log and accounts.
+    /// Devices, the key transparency log and accounts.
     Directory,
     /// One group: its log, state, cursors and Welcomes.
     Group(GroupId),
 }
 
-/// Decides whether the group with the given id belongs to a [`SharedPart::Groups`].
-pub type GroupFilter = std::sync::Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
+/// Decides whether the shard key (a group id, or a device id for KeyPackages) belongs to a
+/// [`SharedPart::Shard`].
+pub type ShardFilter = std::sync::Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
 
 /// A part of the shared state that one replicated log carries, for its snapshots.
 #[derive(Clone)]
 pub enum SharedPart {
-    /// The directory trees: KeyPackages, devices, the key transparency log and accounts.
+    /// The directory tree: devices, the key transparency log and accounts.
     Directory,
-    /// The groups whose id the filter accepts: their records, logs, Welcomes and cursors.
-    Groups(GroupFilter),
+    /// The groups whose id the filter accepts (their records, logs, Welcomes and cursors),
+    /// and the KeyPackages of the devices whose id it accepts.
+    Shard(ShardFilter),
 }
 
 impl SharedPart {
     fn trees(&self) -> &'static [&'static str] {
         match self {
             Self::Directory => &DIRECTORY_TREES,
-            Self::Groups(_) => &GROUP_TREES,
+            Self::Shard(_) => &SHARD_TREES,
         }
     }
 
@@ -285,16 +288,16 @@ impl SharedPart {
     fn holds(&self, tree: &str, key: &[u8]) -> bool {
         match self {
             Self::Directory => !(tree == "directory" && key.first() == Some(&TREE_HEAD_TAG)),
-            Self::Groups(accepts) => keys::group_of(tree, key).is_some_and(|id| accepts(id)),
+            Self::Shard(accepts) => keys::shard_key_of(tree, key).is_some_and(|id| accepts(id)),
         }
     }
 }
 
-/// Trees of the directory part, in snapshot order.
-const DIRECTORY_TREES: [&str; 2] = ["key_packages", "directory"];
+/// Trees of the directory part.
+const DIRECTORY_TREES: [&str; 1] = ["directory"];
 
-/// Trees of group parts, in snapshot order.
-const GROUP_TREES: [&str; 2] = ["groups", "cursors"];
+/// Trees of shard parts, in snapshot order.
+const SHARD_TREES: [&str; 3] = ["groups", "cursors", "key_packages"];
 
 /// Key prefix of signed tree heads in the directory tree: node-local, kept out of snapshots.
 const TREE_HEAD_TAG: u8 = b't';

@@ -77,9 +77,9 @@ pub(crate) fn cursor(device: &DeviceId, group: &GroupId) -> Vec<u8> {
     key
 }
 
-/// Returns the id of the group that the record under `key` of tree `tree` belongs to, or
-/// `None` for a record of no group.
-pub(crate) fn group_of<'k>(tree: &str, key: &'k [u8]) -> Option<&'k [u8]> {
+/// Returns the shard key of the record under `key` of tree `tree`: the id of its group, or
+/// of the device whose KeyPackage it is. `None` for a record of neither.
+pub(crate) fn shard_key_of<'k>(tree: &str, key: &'k [u8]) -> Option<&'k [u8]> {
     const DEVICE: usize = 16;
     match tree {
         "groups" => match key.first()? {
@@ -91,6 +91,10 @@ pub(crate) fn group_of<'k>(tree: &str, key: &'k [u8]) -> Option<&'k [u8]> {
             _ => None,
         },
         "cursors" => key.get(DEVICE..),
+        "key_packages" => match key.first()? {
+            b'k' | b'L' => key.get(1..1 + DEVICE),
+            _ => None,
+        },
         _ => None,
     }
 }

@@ -29,7 +29,7 @@ pub use accounts::{
     TokenFamily,
 };
 pub use changes::{
-    AppendItem, Barrier, Change, GroupFilter, Outcome, Proposal, ReadScope, Refused, Replicator,
+    AppendItem, Barrier, Change, Outcome, Proposal, ReadScope, Refused, Replicator, ShardFilter,
     ShardLogStart, SharedPart,
 };
 pub use error::StorageError;

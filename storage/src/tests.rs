@@ -773,11 +773,23 @@ async fn append_batch_rejects_taken_numbers_whole() {
 }
 
 /// The part of the shared state that the log of `group()`'s shard carries in these tests, with
-/// `group-c`, which only the target store holds.
+/// `group-c`, which only the target store holds, and the KeyPackages of devices 0 and 6.
 fn shard_part() -> SharedPart {
-    SharedPart::Groups(Arc::new(|id: &[u8]| {
-        id == group().as_bytes() || id == b"group-c"
+    SharedPart::Shard(Arc::new(|id: &[u8]| {
+        id == group().as_bytes() || id == b"group-c" || id == [0; 16] || id == [6; 16]
     }))
+}
+
+/// Returns a last-resort KeyPackage record of `device`, valid until time 100.
+fn last_resort_of(device: DeviceId) -> KeyPackageRecord {
+    KeyPackageRecord {
+        hash_ref: device.as_bytes().to_vec(),
+        bytes: vec![1; 4],
+        not_before: 0,
+        not_after: 100,
+        last_resort: true,
+        device,
+    }
 }
 
 #[tokio::test]
@@ -802,8 +814,9 @@ async fn snapshot_of_a_part_replaces_only_that_part() {
     for seed in 0..3 {
         register(&source, &device(seed, "dana")).unwrap();
     }
+    let in_shard = DeviceId::from_bytes([0; 16]);
     source
-        .put_key_packages(&DeviceId::from_bytes([0; 16]), &[], None)
+        .put_key_packages(&in_shard, &[], Some(&last_resort_of(in_shard)))
         .unwrap();
     source.create_account(&account_record("erin")).unwrap();
     let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
@@ -813,7 +826,8 @@ async fn snapshot_of_a_part_replaces_only_that_part() {
     let directory = source.export_shared(&SharedPart::Directory).unwrap();
 
     // The target has state of its own. The snapshots replace what lies in their parts; a
-    // group of another shard and the target's own tree head (each node signs its own) stay.
+    // group and KeyPackages of another shard and the target's own tree head (each node signs
+    // its own) stay.
     let target_dir = tempfile::tempdir().unwrap();
     let target = Store::open(target_dir.path()).unwrap();
     let elsewhere = GroupId::new(b"group-b".to_vec()).unwrap();
@@ -821,6 +835,13 @@ async fn snapshot_of_a_part_replaces_only_that_part() {
     target.create_group(&elsewhere, &meta(0), b"other").unwrap();
     target.create_group(&replaced, &meta(0), b"gone").unwrap();
     register(&target, &device(9, "fred")).unwrap();
+    let replaced_device = DeviceId::from_bytes([6; 16]);
+    let other_device = DeviceId::from_bytes([5; 16]);
+    for device in [replaced_device, other_device] {
+        target
+            .put_key_packages(&device, &[], Some(&last_resort_of(device)))
+            .unwrap();
+    }
     let target_head = SignedTreeHead::sign(1, target.kt_root(1).unwrap(), 1, "t", &key);
     target.put_tree_head(&target_head).unwrap();
 
@@ -832,7 +853,20 @@ async fn snapshot_of_a_part_replaces_only_that_part() {
     assert_eq!(state, b"state");
     assert_eq!(target.read_log(&group(), 0, 10).unwrap().len(), 2);
     assert_eq!(target.cursor(&reader, &group()).unwrap(), 2);
-    // The group snapshot left the directory alone.
+    assert!(target.claim_key_package(&in_shard, 1).unwrap().is_some());
+    assert!(
+        target
+            .claim_key_package(&replaced_device, 1)
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        target
+            .claim_key_package(&other_device, 1)
+            .unwrap()
+            .is_some()
+    );
+    // The shard snapshot left the directory alone.
     assert_eq!(target.account_devices("fred").unwrap().len(), 1);
 
     target
@@ -846,6 +880,7 @@ async fn snapshot_of_a_part_replaces_only_that_part() {
     assert_eq!(target.latest_tree_head().unwrap(), Some(target_head));
     assert_eq!(target.tree_head(3).unwrap(), None);
     assert!(target.load_group(&elsewhere).unwrap().is_some());
+    assert!(target.claim_key_package(&in_shard, 1).unwrap().is_some());
 }
 
 #[tokio::test]
@@ -857,12 +892,14 @@ async fn snapshot_of_unknown_tree_is_refused() {
         matches!(&result, Err(StorageError::Corrupt { detail, .. }) if detail.contains("signing_keys")),
         "{result:?}"
     );
-    // The group trees belong to the group parts, not to the directory's.
-    let result = store.import_shared(&SharedPart::Directory, &snapshot_naming("groups"));
-    assert!(
-        matches!(&result, Err(StorageError::Corrupt { detail, .. }) if detail.contains("groups")),
-        "{result:?}"
-    );
+    // The group and KeyPackage trees belong to the shard parts, not to the directory's.
+    for tree in ["groups", "key_packages"] {
+        let result = store.import_shared(&SharedPart::Directory, &snapshot_naming(tree));
+        assert!(
+            matches!(&result, Err(StorageError::Corrupt { detail, .. }) if detail.contains(tree)),
+            "{tree}: {result:?}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -871,7 +908,7 @@ async fn snapshot_record_outside_its_part_is_refused() {
     let source = Store::open(source_dir.path()).unwrap();
     let elsewhere = GroupId::new(b"group-b".to_vec()).unwrap();
     source.create_group(&elsewhere, &meta(0), b"other").unwrap();
-    let everything = SharedPart::Groups(Arc::new(|_: &[u8]| true));
+    let everything = SharedPart::Shard(Arc::new(|_: &[u8]| true));
     let snapshot = source.export_shared(&everything).unwrap();
 
     let target_dir = tempfile::tempdir().unwrap();

@@ -99,8 +99,8 @@ impl ReplicatedLogs {
         let count = settings.shards;
         let mut shards = Vec::with_capacity(count as usize);
         for shard in 0..count {
-            let part = SharedPart::Groups(Arc::new(move |group: &[u8]| {
-                shard_of(group, count) == ShardId(shard)
+            let part = SharedPart::Shard(Arc::new(move |key: &[u8]| {
+                shard_of(key, count) == ShardId(shard)
             }));
             shards.push(start(shard_log(ShardId(shard)), part, false).await?);
         }

@@ -2,10 +2,10 @@
 //! any node to the log that carries them, and [`SharedState`] applies committed ones to every
 //! node's store.
 //!
-//! Each shard's groups change through the shard's own log, and the directory (KeyPackages,
-//! devices, the key transparency log, accounts) through one more log. A change reads and
-//! writes state of one log only (see `atlas_storage::Change::group`), so the logs need no
-//! order between them.
+//! Each shard's groups and KeyPackage sets change through the shard's own log, and the
+//! directory (devices, the key transparency log, accounts) through one more log. A change
+//! reads and writes state of one log only (see `atlas_storage::Change::shard_key`), so the
+//! logs need no order between them.
 
 use super::transport::{WriteRefused, forward_write, read_index_from, read_index_here, write_here};
 use super::{Applier, Command, CommandResult, Raft, RaftNodeId, encode};
@@ -186,22 +186,22 @@ impl ClusterReplicator {
         }
     }
 
-    /// Returns the log that carries the changes of `group`.
-    fn group_log(&self, group: &atlas_protocol::GroupId) -> &LogHandle {
+    /// Returns the log that carries the changes of shard key `key` (a group or device id).
+    fn shard_log(&self, key: &[u8]) -> &LogHandle {
         let Ok(count) = u32::try_from(self.shards.len()) else {
             return &self.directory;
         };
         if count == 0 {
             return &self.directory;
         }
-        &self.shards[shard_of(group.as_bytes(), count).0 as usize]
+        &self.shards[shard_of(key, count).0 as usize]
     }
 }
 
 impl Replicator for ClusterReplicator {
     fn propose(&self, change: Change) -> Proposal {
-        let LogHandle { raft, name: log } = match change.group() {
-            Some(group) => self.group_log(group).clone(),
+        let LogHandle { raft, name: log } = match change.shard_key() {
+            Some(key) => self.shard_log(key).clone(),
             None => self.directory.clone(),
         };
         // A group actor keeps the state its appends lead to in memory and needs no local
@@ -232,7 +232,7 @@ impl Replicator for ClusterReplicator {
     fn barrier(&self, scope: ReadScope) -> Barrier {
         let logs: Vec<LogHandle> = match &scope {
             ReadScope::Directory => vec![self.directory.clone()],
-            ReadScope::Group(group) => vec![self.group_log(group).clone()],
+            ReadScope::Group(group) => vec![self.shard_log(group.as_bytes()).clone()],
             ReadScope::Everything => std::iter::once(self.directory.clone())
                 .chain(self.shards.iter().cloned())
                 .collect(),
