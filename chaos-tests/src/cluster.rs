@@ -39,6 +39,8 @@ pub struct LogView {
     pub leader: Option<String>,
     /// Voter names, sorted.
     pub voters: Vec<String>,
+    /// Learner names, sorted.
+    pub learners: Vec<String>,
     pub last_applied: Option<u64>,
     /// For a shard's log, the node's placement of the shard over the live members, sorted,
     /// when it has the full replication factor: then these are the voters the log should have.
@@ -232,6 +234,7 @@ fn parse_view(log: &serde_json::Value, replicas: Option<&serde_json::Value>) -> 
         role: log["role"].as_str()?.to_owned(),
         leader: log["leader"].as_str().map(str::to_owned),
         voters: sorted_names(&log["voters"])?,
+        learners: sorted_names(&log["learners"])?,
         last_applied: log["last_applied"].as_u64(),
         replicas: replicas.and_then(sorted_names),
     })

@@ -6,7 +6,7 @@ use super::transport::{
     ask, remove_voter, voters,
 };
 use super::{Applier, Raft, RaftNodeId, SledLogStore, SledStateMachine};
-use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
+use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
 use ractor::{Actor, ActorRef};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -77,6 +77,8 @@ pub struct ReplicaStatus {
     /// Name of the current leader, as this node last heard.
     pub leader: Option<String>,
     pub voters: Vec<String>,
+    /// Members that receive the log without voting.
+    pub learners: Vec<String>,
     pub last_applied: Option<u64>,
     /// Index of the last entry in this node's latest snapshot.
     pub snapshot: Option<u64>,
@@ -190,7 +192,7 @@ impl Replica {
     /// so a log moves to its new set only after the new replica caught up. Without
     /// `replica_set`, every live member becomes a voter. Members that are not alive stay
     /// voters until replaced: they may come back, and their votes count towards the majority
-    /// as before. A voter of the same name with another id, an earlier incarnation that lost
+    /// as before. Learners that are not alive are removed. A voter of the same name with another id, an earlier incarnation that lost
     /// its data directory, is replaced.
     pub async fn add_live_members(
         &self,
@@ -242,6 +244,19 @@ impl Replica {
             self.raft.change_membership(next, false).await?;
             tracing::info!(log = %self.settings.log, node = %name, "member is now a voter");
             // One change at a time: the next call starts from the new membership.
+            return Ok(());
+        }
+        // A learner that died gets no more entries; it becomes a learner again when it returns.
+        let alive_ids: BTreeSet<RaftNodeId> = alive.iter().map(|(_, id)| *id).collect();
+        let dead_learner = membership
+            .nodes()
+            .map(|(id, _)| *id)
+            .find(|id| !voters.contains(id) && !alive_ids.contains(id));
+        if let Some(id) = dead_learner {
+            tracing::info!(log = %self.settings.log, raft_id = id, "removing a dead learner from the replicated log");
+            self.raft
+                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                .await?;
             return Ok(());
         }
         let Some((names, replicas)) = replica_set else {
@@ -363,6 +378,7 @@ impl Replica {
             term: metrics.current_term,
             leader: metrics.current_leader.map(name_of),
             voters: membership.voter_ids().map(name_of).collect(),
+            learners: membership.learner_ids().map(name_of).collect(),
             last_applied: metrics.last_applied.map(|id| id.index),
             snapshot: metrics.snapshot.map(|id| id.index),
             purged: metrics.purged.map(|id| id.index),
