@@ -14,7 +14,7 @@ mod router;
 pub use forward::{ForwardHandler, Forwarder, ForwarderMsg, GroupOwners};
 pub use membership::{
     Cluster, ClusterSettings, MEMBERSHIP_GROUP, MemberState, MemberView, MembershipMsg,
-    MembershipObserver,
+    MembershipObserver, bootstrap_wait,
 };
 pub use placement::{NodeName, ShardId, replicas, shard_of};
 pub use presence::{Outbound, OutboundReceiver, Presence, SessionHandle};

@@ -21,17 +21,27 @@ use ractor_cluster::{
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 /// Process group of the membership actors.
 pub const MEMBERSHIP_GROUP: &str = "atlas.membership";
 
-/// Maximum wait between two dials of an address that does not respond.
+/// Maximum wait between two dials of an address that does not respond; at most the failure
+/// timeout, so a member that restarts is dialled again soon (see [`bootstrap_wait`]).
 const MAX_DIAL_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Time a dial may take, TLS handshake included, before it is abandoned.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Returns how long a node started without seeds and with an empty directory log waits to be
+/// dialled by the members of an existing cluster before it starts a new one: longer than the
+/// members take between two dials of a dead address (the backoff, jitter and a dial that
+/// hangs until it times out).
+pub fn bootstrap_wait(failure_timeout: Duration) -> Duration {
+    2 * failure_timeout.min(MAX_DIAL_BACKOFF) + DIAL_TIMEOUT
+}
 
 /// How to run the cluster side of a node.
 #[derive(Clone)]
@@ -54,6 +64,9 @@ pub struct ClusterSettings {
     pub client_tls: Arc<rustls::ClientConfig>,
     pub heartbeat_interval: Duration,
     pub failure_timeout: Duration,
+    /// Whether this node's directory log has members (see [`Cluster::set_formed`]), sent in
+    /// every heartbeat, so that a node without data learns it joins an existing cluster.
+    pub formed: Arc<AtomicBool>,
 }
 
 /// State of a member as this node records it.
@@ -80,6 +93,8 @@ pub struct MemberView {
     pub state: MemberState,
     /// Milliseconds since the last heartbeat from this member, if any.
     pub last_heard_ms: Option<u64>,
+    /// Whether the member's directory log had members at its last heartbeat.
+    pub formed: bool,
 }
 
 /// The membership as last computed, shared with the status endpoint.
@@ -101,6 +116,9 @@ struct Heartbeat {
     /// The sender's id in the replicated log.
     #[serde(default)]
     raft_id: u64,
+    /// Whether the sender's directory log has members.
+    #[serde(default)]
+    formed: bool,
 }
 
 /// Messages of the membership actor. They cross the network, so they serialize.
@@ -117,6 +135,7 @@ struct Member {
     raft_id: u64,
     last_heard: Option<Instant>,
     alive: bool,
+    formed: bool,
 }
 
 struct Dial {
@@ -188,6 +207,7 @@ impl MembershipState {
                 raft_id: heartbeat.raft_id,
                 last_heard: None,
                 alive: false,
+                formed: false,
             });
         if member.addr != heartbeat.addr {
             if member.alive {
@@ -215,6 +235,7 @@ impl MembershipState {
         };
         member.last_heard = Some(now);
         member.alive = true;
+        member.formed = heartbeat.formed;
         if let Some(event) = event {
             tracing::info!(member = %heartbeat.name, addr = %heartbeat.addr, event, "cluster member alive");
             self.observer.changed(event, &heartbeat.name);
@@ -238,6 +259,7 @@ impl MembershipState {
                         raft_id: 0,
                         last_heard: None,
                         alive: false,
+                        formed: false,
                     },
                 );
             }
@@ -260,6 +282,7 @@ impl MembershipState {
             addr: self.settings.advertise.to_string(),
             members,
             raft_id: self.settings.raft_id,
+            formed: self.settings.formed.load(Ordering::Relaxed),
         };
         // Plain data with string keys: encoding into a Vec cannot fail.
         let bytes = rmp_serde::to_vec(&heartbeat).expect("heartbeat serializes");
@@ -315,7 +338,7 @@ impl MembershipState {
             // Exponential backoff with up to 25% jitter, so restarted nodes do not dial in step.
             let jitter = dial.delay.mul_f64(rand::random::<f64>() * 0.25);
             dial.next = now + dial.delay + jitter;
-            dial.delay = (dial.delay * 2).min(MAX_DIAL_BACKOFF);
+            dial.delay = (dial.delay * 2).min(MAX_DIAL_BACKOFF.min(self.settings.failure_timeout));
             let server = self.server.clone();
             let connector = tokio_rustls::TlsConnector::from(Arc::clone(&self.settings.client_tls));
             let dials = Arc::clone(&self.dials);
@@ -356,6 +379,7 @@ impl MembershipState {
                 raft_id: self.settings.raft_id,
                 state: MemberState::Local,
                 last_heard_ms: None,
+                formed: self.settings.formed.load(Ordering::Relaxed),
             },
         );
         for (name, member) in &self.members {
@@ -372,6 +396,7 @@ impl MembershipState {
                     raft_id: member.raft_id,
                     state,
                     last_heard_ms: member.last_heard.map(|t| t.elapsed().as_millis() as u64),
+                    formed: member.formed,
                 },
             );
         }
@@ -385,6 +410,7 @@ pub struct Cluster {
     membership: ActorRef<MembershipMsg>,
     view: MembershipView,
     node_name: String,
+    formed: Arc<AtomicBool>,
 }
 
 impl Cluster {
@@ -411,6 +437,7 @@ impl Cluster {
         })?;
         let view: MembershipView = Arc::default();
         let node_name = settings.node_name.clone();
+        let formed = Arc::clone(&settings.formed);
         let state = MembershipState {
             server: server.clone(),
             members: HashMap::new(),
@@ -432,12 +459,18 @@ impl Cluster {
             membership,
             view,
             node_name,
+            formed,
         })
     }
 
     /// This node's name.
     pub fn node_name(&self) -> &str {
         &self.node_name
+    }
+
+    /// Records whether this node's directory log has members, for the next heartbeats.
+    pub fn set_formed(&self, formed: bool) {
+        self.formed.store(formed, Ordering::Relaxed);
     }
 
     /// Returns the current membership, this node included.

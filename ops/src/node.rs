@@ -330,7 +330,6 @@ async fn start_replicated_logs(
             log: DIRECTORY_LOG.into(),
             node_name: config.node_name.clone(),
             raft_id: node,
-            bootstrap: config.seeds.is_empty(),
             heartbeat: raft_heartbeat(election_timeout),
             election_timeout,
             // A snapshot copies the log's whole part of the shared state and stalls applying
@@ -344,13 +343,23 @@ async fn start_replicated_logs(
     let logs = Arc::new(ReplicatedLogs::start(settings, store).await?);
     store.set_replicator(Arc::new(logs.replicator()));
     let task_logs = Arc::clone(&logs);
+    let mut first_start = config
+        .seeds
+        .is_empty()
+        .then(|| FirstStart::new(Duration::from_millis(config.failure_timeout_ms)));
     let members_task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(ELECTION_GATE_INTERVAL);
         let mut last_sync = tokio::time::Instant::now();
         loop {
             tick.tick().await;
-            let alive: Vec<(String, u64)> = cluster
-                .members()
+            let members = cluster.members();
+            cluster.set_formed(task_logs.directory_formed());
+            if let Some(start) = &mut first_start
+                && start.done(&task_logs, &members).await
+            {
+                first_start = None;
+            }
+            let alive: Vec<(String, u64)> = members
                 .into_iter()
                 .filter(|m| matches!(m.state, MemberState::Local | MemberState::Alive))
                 .map(|m| (m.name, m.raft_id))
@@ -376,6 +385,57 @@ async fn start_replicated_logs(
         }
     });
     Ok((logs, members_task))
+}
+
+/// The start of the directory log on a node without seeds: such a node starts a new cluster,
+/// unless it lost its data and the members of its cluster reach it first.
+struct FirstStart {
+    started: tokio::time::Instant,
+    wait: Duration,
+    joining: bool,
+}
+
+impl FirstStart {
+    fn new(failure_timeout: Duration) -> Self {
+        Self {
+            started: tokio::time::Instant::now(),
+            wait: atlas_cluster::bootstrap_wait(failure_timeout),
+            joining: false,
+        }
+    }
+
+    /// Starts the directory log alone when it is due. Returns whether nothing is left to do:
+    /// the log has members, from this node's data or from the cluster that added this node.
+    /// It is due at once when a node that is new too reached this one, or once `wait` has
+    /// passed with no member of an existing cluster heard. Starting alone beside an existing
+    /// cluster would accept writes that the cluster never receives.
+    async fn done(&mut self, logs: &ReplicatedLogs, members: &[MemberView]) -> bool {
+        if logs.directory_formed() {
+            return true;
+        }
+        let peers: Vec<&MemberView> = members
+            .iter()
+            .filter(|m| m.state == MemberState::Alive)
+            .collect();
+        if peers.iter().any(|m| m.formed) {
+            if !self.joining {
+                self.joining = true;
+                tracing::warn!(
+                    "this node has no replicated log yet but members of an existing cluster \
+                     reached it; it waits for them to add it instead of starting a new cluster"
+                );
+            }
+            return false;
+        }
+        if peers.is_empty() && self.started.elapsed() < self.wait {
+            return false;
+        }
+        if let Err(e) = logs.start_directory_alone().await {
+            tracing::warn!(error = %e, "starting the directory log failed; retrying");
+            return false;
+        }
+        true
+    }
 }
 
 /// Refuses writes while this node is not on the side of a majority of the voters, so that a
@@ -429,6 +489,7 @@ async fn start_cluster(
         client_tls: tls.client,
         heartbeat_interval: Duration::from_millis(config.heartbeat_ms),
         failure_timeout: Duration::from_millis(config.failure_timeout_ms),
+        formed: Arc::default(),
     };
     let cluster = Cluster::start(settings, observer)
         .await
@@ -484,6 +545,7 @@ impl Admin {
                 raft_id: 0,
                 state: MemberState::Local,
                 last_heard_ms: None,
+                formed: false,
             }],
         };
         let live: Vec<NodeName> = members

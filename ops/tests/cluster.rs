@@ -380,6 +380,19 @@ fn address(node: &NodeProcess) -> atlas_client::NodeAddress {
     }
 }
 
+/// Opens the client state of `account` in the fixture and connects it to `node`.
+async fn client_on(
+    fixture: &ClusterFixture,
+    account: &str,
+    node: &NodeProcess,
+) -> atlas_client::Client {
+    let state = fixture.path(&format!("{account}-state"));
+    let mut client = atlas_client::Client::open(&state, account).unwrap();
+    let home = address(node);
+    client.connect(&home.url, &home.trust).await.unwrap();
+    client
+}
+
 /// Connects alice to `alice_node` and bob to `bob_node`, and returns them once alice created
 /// the group `name` with bob in it and bob joined.
 async fn alice_and_bob(
@@ -392,12 +405,8 @@ async fn alice_and_bob(
     atlas_client::Client,
     atlas_protocol::GroupId,
 ) {
-    let mut alice = atlas_client::Client::open(&fixture.path("alice-state"), "alice").unwrap();
-    let home = address(alice_node);
-    alice.connect(&home.url, &home.trust).await.unwrap();
-    let mut bob = atlas_client::Client::open(&fixture.path("bob-state"), "bob").unwrap();
-    let home = address(bob_node);
-    bob.connect(&home.url, &home.trust).await.unwrap();
+    let mut alice = client_on(fixture, "alice", alice_node).await;
+    let mut bob = client_on(fixture, "bob", bob_node).await;
     bob.publish_key_packages(2).await.unwrap();
     let group = alice.create_group(name).await.unwrap();
     alice.add_members(&group, &["bob"]).await.unwrap();
@@ -705,12 +714,8 @@ async fn impostor_under_taken_name_loses_nothing() {
     let fixture = fixture();
     let (specs, nodes) = fixture.start_cluster(3, CONVERGE).await.unwrap();
     let original = member_raft_id(&nodes["node-a"], "node-b").unwrap();
-    let mut alice = atlas_client::Client::open(&fixture.path("alice-state"), "alice").unwrap();
-    let home = address(&nodes["node-a"]);
-    alice.connect(&home.url, &home.trust).await.unwrap();
-    let mut carol = atlas_client::Client::open(&fixture.path("carol-state"), "carol").unwrap();
-    let home = address(&nodes["node-c"]);
-    carol.connect(&home.url, &home.trust).await.unwrap();
+    let mut alice = client_on(&fixture, "alice", &nodes["node-a"]).await;
+    let mut carol = client_on(&fixture, "carol", &nodes["node-c"]).await;
     carol.publish_key_packages(2).await.unwrap();
     let group = alice.create_group("impostor").await.unwrap();
     alice.add_members(&group, &["carol"]).await.unwrap();
@@ -762,9 +767,7 @@ async fn impostor_under_taken_name_loses_nothing() {
 async fn node_with_wiped_data_rejoins_as_new_member() {
     let fixture = fixture();
     let (specs, mut nodes) = fixture.start_cluster(3, CONVERGE).await.unwrap();
-    let mut alice = atlas_client::Client::open(&fixture.path("alice-state"), "alice").unwrap();
-    let home = address(&nodes["node-a"]);
-    alice.connect(&home.url, &home.trust).await.unwrap();
+    let mut alice = client_on(&fixture, "alice", &nodes["node-a"]).await;
     let group = alice.create_group("wiped").await.unwrap();
     for i in 0..5 {
         let text = format!("before the wipe {i}");
@@ -795,9 +798,7 @@ async fn node_with_wiped_data_rejoins_as_new_member() {
         let text = format!("after the wipe {i}");
         alice.send_reliably(&group, &text).await.unwrap();
     }
-    let mut bob = atlas_client::Client::open(&fixture.path("bob-state"), "bob").unwrap();
-    let home = address(&nodes["node-c"]);
-    bob.connect(&home.url, &home.trust).await.unwrap();
+    let mut bob = client_on(&fixture, "bob", &nodes["node-c"]).await;
     bob.publish_key_packages(1).await.unwrap();
     alice.add_members(&group, &["bob"]).await.unwrap();
     let text = "bob joined through node-c".to_owned();
@@ -808,6 +809,43 @@ async fn node_with_wiped_data_rejoins_as_new_member() {
         member_raft_id(&nodes["node-b"], "node-c"),
         member_raft_id(&nodes["node-a"], "node-c")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seedless_node_with_wiped_data_rejoins() {
+    let fixture = fixture();
+    let (specs, mut nodes) = fixture.start_cluster(3, CONVERGE).await.unwrap();
+    let mut alice = client_on(&fixture, "alice", &nodes["node-b"]).await;
+
+    // node-a, started without seeds, loses its data directory. Started again, it must not
+    // start a cluster of its own: the writes it accepted there would be lost, and its key
+    // transparency log would fork.
+    nodes.remove("node-a").unwrap().kill9().unwrap();
+    std::fs::remove_dir_all(fixture.path("node-a")).unwrap();
+    nodes.insert("node-a".into(), fixture.start(&specs[0]).unwrap());
+    let all = ["node-a", "node-b", "node-c"];
+    let mut alone = None;
+    let rejoined = wait_until(CONVERGE, || {
+        let view = log_view(&nodes["node-a"]);
+        if view.as_ref().is_some_and(|v| v.voters == ["node-a"]) {
+            alone = view;
+        }
+        let everyone: Vec<&NodeProcess> = nodes.values().collect();
+        alone.is_some() || agreed_leaders(&everyone, &all).is_some()
+    })
+    .await;
+    assert_eq!(alone, None, "node-a started a directory log of its own");
+    assert!(rejoined, "node-a did not rejoin the logs");
+
+    // A device registered through node-a is in the cluster's directory: alice, on node-b,
+    // claims its KeyPackage with a valid inclusion proof and adds it.
+    let mut zed = client_on(&fixture, "zed", &nodes["node-a"]).await;
+    zed.publish_key_packages(1).await.unwrap();
+    let group = alice.create_group("after-wipe").await.unwrap();
+    alice.add_members(&group, &["zed"]).await.unwrap();
+    alice.send_reliably(&group, "hello zed").await.unwrap();
+    zed.sync().await.unwrap();
+    assert_eq!(messages(&zed, &group), ["hello zed"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,8 +34,7 @@ pub fn shard_log(shard: ShardId) -> String {
 /// Settings of a node's logs.
 #[derive(Debug, Clone)]
 pub struct LogSettings {
-    /// Settings that every log shares; each log replaces `log` with its own name, and only
-    /// the directory log uses `bootstrap`.
+    /// Settings that every log shares; each log replaces `log` with its own name.
     pub replica: ReplicaSettings,
     /// Number of shards, and so of group logs.
     pub shards: u32,
@@ -68,10 +67,9 @@ pub struct ReplicatedLogs {
 impl ReplicatedLogs {
     /// Starts this node's replica of every log, each applying to `store`.
     pub async fn start(settings: LogSettings, store: &Store) -> anyhow::Result<Self> {
-        let start = |log: String, part: SharedPart, bootstrap: bool| {
+        let start = |log: String, part: SharedPart| {
             let settings = ReplicaSettings {
                 log: log.clone(),
-                bootstrap,
                 ..settings.replica.clone()
             };
             async move {
@@ -90,19 +88,14 @@ impl ReplicatedLogs {
                 })
             }
         };
-        let directory = start(
-            DIRECTORY_LOG.to_owned(),
-            SharedPart::Directory,
-            settings.replica.bootstrap,
-        )
-        .await?;
+        let directory = start(DIRECTORY_LOG.to_owned(), SharedPart::Directory).await?;
         let count = settings.shards;
         let mut shards = Vec::with_capacity(count as usize);
         for shard in 0..count {
             let part = SharedPart::Shard(Arc::new(move |key: &[u8]| {
                 shard_of(key, count) == ShardId(shard)
             }));
-            shards.push(start(shard_log(ShardId(shard)), part, false).await?);
+            shards.push(start(shard_log(ShardId(shard)), part).await?);
         }
         let node = settings.replica.raft_id;
         let rafts: Vec<super::Raft> = shards.iter().map(|l| l.replica.raft().clone()).collect();
@@ -263,6 +256,17 @@ impl ReplicatedLogs {
         for log in self.all() {
             log.replica.gate_elections(&alive);
         }
+    }
+
+    /// Returns whether the directory log has members (see [`Replica::formed`]).
+    pub fn directory_formed(&self) -> bool {
+        self.directory.replica.formed()
+    }
+
+    /// Starts the directory log with this node as its only member, unless it has members.
+    /// The shard logs follow as [`Self::start_shard_logs_when_due`] says.
+    pub async fn start_directory_alone(&self) -> anyhow::Result<()> {
+        self.directory.replica.start_alone().await
     }
 
     /// Returns whether this node is on the side of a majority of the directory log's voters

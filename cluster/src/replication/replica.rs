@@ -57,9 +57,6 @@ pub struct ReplicaSettings {
     pub node_name: String,
     /// This node's id in the log, from [`node_identity`].
     pub raft_id: RaftNodeId,
-    /// Whether this node starts the log alone when it has no raft state yet. Nodes that
-    /// join through seeds wait until the leader adds them.
-    pub bootstrap: bool,
     pub heartbeat: Duration,
     /// Lower bound of the election timeout; the upper bound is twice this.
     pub election_timeout: Duration,
@@ -160,11 +157,6 @@ impl Replica {
             },
         )
         .await?;
-        if settings.bootstrap && !raft.is_initialized().await? {
-            let members = BTreeMap::from([(id, BasicNode::new(&settings.node_name))]);
-            raft.initialize(members).await?;
-            tracing::info!(log = %settings.log, node = %settings.node_name, "replicated log started on this node alone");
-        }
         let announcer = tokio::spawn(announce_commits(raft.clone()));
         Ok(Self {
             settings,
@@ -178,6 +170,32 @@ impl Replica {
 
     pub fn raft(&self) -> &Raft {
         &self.raft
+    }
+
+    /// Returns whether the log has members: it was started here or on a node that added
+    /// this one.
+    pub fn formed(&self) -> bool {
+        let metrics = self.raft.metrics().borrow().clone();
+        metrics
+            .membership_config
+            .membership()
+            .nodes()
+            .next()
+            .is_some()
+    }
+
+    /// Starts the log with this node as its only member, unless it has members already.
+    pub async fn start_alone(&self) -> anyhow::Result<()> {
+        if self.raft.is_initialized().await? {
+            return Ok(());
+        }
+        let members = BTreeMap::from([(
+            self.settings.raft_id,
+            BasicNode::new(&self.settings.node_name),
+        )]);
+        self.raft.initialize(members).await?;
+        tracing::info!(log = %self.settings.log, node = %self.settings.node_name, "replicated log started on this node alone");
+        Ok(())
     }
 
     /// Returns the name of the log.
