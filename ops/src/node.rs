@@ -365,10 +365,10 @@ async fn start_replicated_logs(
                 .map(|m| (m.name, m.raft_id))
                 .collect();
             task_logs.gate_elections(&alive);
-            if let Err(e) = task_logs.check_shard_count() {
+            if let Err(e) = task_logs.check_layout() {
                 // Serving would send this node's group changes to other logs than its peers
-                // use, and that cannot be undone.
-                tracing::error!(error = %e, "stopping: the shard count differs from the cluster's");
+                // use, or fight over the voters of the logs it leads.
+                tracing::error!(error = %e, "stopping: the shard count or replication differs from the cluster's");
                 eprintln!("atlas: {e}");
                 std::process::exit(2);
             }

@@ -867,21 +867,34 @@ async fn node_name_must_match_certificate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_with_other_shard_count_stops() {
+async fn node_with_other_layout_stops() {
     let fixture = fixture();
     let (specs, _nodes) = fixture.start_cluster(2, CONVERGE).await.unwrap();
-    let spec = fixture.spec("node-c", &[specs[0].port]).unwrap();
-    let mut flags = fixture.cluster_flags(&spec);
-    flags.extend(["--shards".to_owned(), "8".to_owned()]);
-    let output = run_until_exit(&fixture.path("node-c"), &flags)
-        .await
-        .expect("a node with another shard count than the cluster's kept running");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("runs 8 shards but the cluster's shard logs started with 16"),
-        "{stderr}"
-    );
+    let cases = [
+        (
+            "node-c",
+            "--shards",
+            "8",
+            "runs 8 shards but the cluster's shard logs started with 16",
+        ),
+        (
+            "node-d",
+            "--replication",
+            "2",
+            "runs with replication 2 but the cluster's shard logs started with 3",
+        ),
+    ];
+    for (name, flag, value, message) in cases {
+        let spec = fixture.spec(name, &[specs[0].port]).unwrap();
+        let mut flags = fixture.cluster_flags(&spec);
+        flags.extend([flag.to_owned(), value.to_owned()]);
+        let output = run_until_exit(&fixture.path(name), &flags)
+            .await
+            .unwrap_or_else(|| panic!("a node with {flag} {value} kept running"));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(stderr.contains(message), "{flag}: {stderr}");
+    }
 }
 
 /// Runs `atlas node` with its data in `data` and `flags`, and returns its output once it

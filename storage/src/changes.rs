@@ -95,6 +95,10 @@ pub struct ShardLogStart {
     pub shards: u32,
     /// The first voters of every shard log: raft id and node name.
     pub voters: Vec<(u64, String)>,
+    /// Voters of each shard log, its replica set; 0 in records of versions that did not
+    /// record it.
+    #[serde(default)]
+    pub replication: u32,
 }
 
 impl Change {

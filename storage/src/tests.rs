@@ -938,11 +938,13 @@ async fn shard_log_start_is_recorded_once() {
     let start = ShardLogStart {
         shards: 16,
         voters: vec![(7, "node-a".to_owned()), (9, "node-b".to_owned())],
+        replication: 3,
     };
     store.apply(&Change::StartShardLogs(start.clone())).unwrap();
     let again = store.apply(&Change::StartShardLogs(ShardLogStart {
         shards: 32,
         voters: vec![(1, "node-c".to_owned())],
+        replication: 2,
     }));
     assert!(matches!(again, Err(StorageError::Conflict(_))), "{again:?}");
     assert_eq!(store.shard_log_start().unwrap(), Some(start.clone()));

@@ -104,7 +104,7 @@ impl ReplicatedLogs {
             .state
             .set_start_hook(Arc::new(move |start: &ShardLogStart| {
                 // A node configured with another shard count must not start logs that the
-                // others do not run; the members task stops it (see `check_shard_count`).
+                // others do not run; the members task stops it (see `check_layout`).
                 let runs = u32::try_from(rafts.len()).ok() == Some(start.shards);
                 if runs && start.voters.iter().any(|(id, _)| *id == node) {
                     tokio::spawn(start_shard_logs(
@@ -157,6 +157,7 @@ impl ReplicatedLogs {
         let start = ShardLogStart {
             shards: self.shard_count(),
             voters,
+            replication: u32::try_from(self.replication).unwrap_or(u32::MAX),
         };
         match self.store.write(Change::StartShardLogs(start)).await {
             Ok(_) | Err(StorageError::Conflict(_)) => Ok(()),
@@ -169,12 +170,15 @@ impl ReplicatedLogs {
     }
 
     /// Returns an error when the cluster's shard logs started with another number of shards
-    /// than this node runs. Such a node maps groups to other logs than its peers do, so it
-    /// must not serve; the caller stops it.
+    /// or another replication factor than this node runs with. With other shards a node maps
+    /// groups to other logs than its peers do. With another factor, as the leader of a shard's
+    /// log it would change the log's voters to a set of another size, and its peers would
+    /// change them back. Such a node must not serve; the caller stops it.
     ///
     /// NOTE: a node learns the cluster's count only once it has the directory log's record,
     /// a moment after it joins; requests it serves before that may go to the wrong log.
-    pub fn check_shard_count(&self) -> Result<(), String> {
+    pub fn check_layout(&self) -> Result<(), String> {
+        let replication = u32::try_from(self.replication).unwrap_or(u32::MAX);
         match self.store.shard_log_start() {
             Ok(Some(start)) if start.shards != self.shard_count() => Err(format!(
                 "this node runs {} shards but the cluster's shard logs started with {}; restart \
@@ -183,6 +187,13 @@ impl ReplicatedLogs {
                 start.shards,
                 start.shards
             )),
+            Ok(Some(start)) if start.replication != 0 && start.replication != replication => {
+                Err(format!(
+                    "this node runs with replication {replication} but the cluster's shard logs \
+                     started with {}; restart it with --replication {} (ATLAS_REPLICATION)",
+                    start.replication, start.replication
+                ))
+            }
             Ok(_) => Ok(()),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the cluster's shard count; checking again later");
