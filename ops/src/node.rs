@@ -42,8 +42,9 @@ pub struct RunningNode {
     tasks: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
     key_tasks: tokio::task::JoinHandle<()>,
     cluster: Option<Arc<Cluster>>,
-    /// This node's replicas of the replicated logs and the task that adds members to them.
-    replicated: Option<(Arc<ReplicatedLogs>, tokio::task::JoinHandle<()>)>,
+    /// This node's replicas of the replicated logs and the tasks that watch the membership
+    /// for them.
+    replicated: Option<(Arc<ReplicatedLogs>, Vec<tokio::task::JoinHandle<()>>)>,
 }
 
 /// Starts a node; must run inside an actix system.
@@ -314,15 +315,15 @@ const MEMBER_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 const ELECTION_GATE_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Starts this node's replicas of the replicated logs, which carry every change to the shared
-/// state (one log per shard for its groups, one for the directory), makes the store write
-/// through them, and starts a task that makes live members voters of the logs this node
-/// leads.
+/// state (one log per shard, one for the directory), and makes the store write through them.
+/// Two tasks follow the membership: one gates elections and starts the logs, the other
+/// changes the members of the logs this node leads.
 async fn start_replicated_logs(
     config: &NodeConfig,
     store: &Store,
     cluster: Arc<Cluster>,
     node: u64,
-) -> anyhow::Result<(Arc<ReplicatedLogs>, tokio::task::JoinHandle<()>)> {
+) -> anyhow::Result<(Arc<ReplicatedLogs>, Vec<tokio::task::JoinHandle<()>>)> {
     let election_timeout =
         Duration::from_millis(config.failure_timeout_ms / 3).max(Duration::from_millis(300));
     let settings = LogSettings {
@@ -342,6 +343,20 @@ async fn start_replicated_logs(
     };
     let logs = Arc::new(ReplicatedLogs::start(settings, store).await?);
     store.set_replicator(Arc::new(logs.replicator()));
+    let sync_logs = Arc::clone(&logs);
+    let sync_cluster = Arc::clone(&cluster);
+    // Membership changes wait for commits, so they run apart from the election gate, which
+    // must follow the failure detector even while a change waits.
+    let sync_task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(MEMBER_SYNC_INTERVAL);
+        loop {
+            tick.tick().await;
+            let alive = alive_of(sync_cluster.members());
+            for failure in sync_logs.add_live_members(&alive).await {
+                tracing::warn!(error = %failure, "adding members to a replicated log failed; retrying");
+            }
+        }
+    });
     let task_logs = Arc::clone(&logs);
     let mut first_start = config
         .seeds
@@ -349,7 +364,6 @@ async fn start_replicated_logs(
         .then(|| FirstStart::new(Duration::from_millis(config.failure_timeout_ms)));
     let members_task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(ELECTION_GATE_INTERVAL);
-        let mut last_sync = tokio::time::Instant::now();
         loop {
             tick.tick().await;
             let members = cluster.members();
@@ -359,11 +373,7 @@ async fn start_replicated_logs(
             {
                 first_start = None;
             }
-            let alive: Vec<(String, u64)> = members
-                .into_iter()
-                .filter(|m| matches!(m.state, MemberState::Local | MemberState::Alive))
-                .map(|m| (m.name, m.raft_id))
-                .collect();
+            let alive = alive_of(members);
             task_logs.gate_elections(&alive);
             if let Err(e) = task_logs.check_layout() {
                 // Serving would send this node's group changes to other logs than its peers
@@ -375,16 +385,18 @@ async fn start_replicated_logs(
             if let Err(e) = task_logs.start_shard_logs_when_due().await {
                 tracing::warn!(error = %e, "starting the shard logs failed; retrying");
             }
-            if last_sync.elapsed() < MEMBER_SYNC_INTERVAL {
-                continue;
-            }
-            last_sync = tokio::time::Instant::now();
-            for failure in task_logs.add_live_members(&alive).await {
-                tracing::warn!(error = %failure, "adding members to a replicated log failed; retrying");
-            }
         }
     });
-    Ok((logs, members_task))
+    Ok((logs, vec![members_task, sync_task]))
+}
+
+/// Returns the name and raft id of every live member in `members`, this node included.
+fn alive_of(members: Vec<MemberView>) -> Vec<(String, u64)> {
+    members
+        .into_iter()
+        .filter(|m| matches!(m.state, MemberState::Local | MemberState::Alive))
+        .map(|m| (m.name, m.raft_id))
+        .collect()
 }
 
 /// The start of the directory log on a node without seeds: such a node starts a new cluster,
@@ -755,8 +767,10 @@ impl RunningNode {
             let _ = task.await;
         }
         let _ = self.key_tasks.await;
-        if let Some((logs, members_task)) = &self.replicated {
-            members_task.abort();
+        if let Some((logs, tasks)) = &self.replicated {
+            for task in tasks {
+                task.abort();
+            }
             // Sessions are closed, so this node's clients have moved to other nodes; the
             // cluster stops counting on this one.
             match tokio::time::timeout(LEAVE_TIMEOUT, logs.leave()).await {

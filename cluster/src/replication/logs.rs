@@ -31,6 +31,10 @@ pub fn shard_log(shard: ShardId) -> String {
     format!("shard-{}", shard.0)
 }
 
+/// Time one log's membership change may take before the next log's turn. A change that
+/// cannot commit, because the log lost its majority, would otherwise hold up every other log.
+const MEMBER_CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Settings of a node's logs.
 #[derive(Debug, Clone)]
 pub struct LogSettings {
@@ -252,8 +256,16 @@ impl ReplicatedLogs {
             let replica_set = replica_set
                 .as_deref()
                 .map(|names| (names, self.replication));
-            if let Err(e) = log.replica.add_live_members(alive, replica_set).await {
-                failures.push(format!("log {}: {e:#}", log.replica.name()));
+            let change = log.replica.add_live_members(alive, replica_set);
+            match tokio::time::timeout(MEMBER_CHANGE_TIMEOUT, change).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failures.push(format!("log {}: {e:#}", log.replica.name())),
+                Err(_) => failures.push(format!(
+                    "log {}: the membership change did not finish within {} s; it goes on \
+                     in the log and is checked again",
+                    log.replica.name(),
+                    MEMBER_CHANGE_TIMEOUT.as_secs()
+                )),
             }
         }
         failures
