@@ -773,7 +773,12 @@ impl RunningNode {
             }
             // Sessions are closed, so this node's clients have moved to other nodes; the
             // cluster stops counting on this one.
-            match tokio::time::timeout(LEAVE_TIMEOUT, logs.leave()).await {
+            let alive = self
+                .cluster
+                .as_ref()
+                .map(|cluster| alive_of(cluster.members()))
+                .unwrap_or_default();
+            match tokio::time::timeout(LEAVE_TIMEOUT, logs.leave(&alive)).await {
                 Ok(failures) => {
                     for failure in failures {
                         tracing::warn!(error = %failure, "could not leave a replicated log; its other voters count this node as failed");

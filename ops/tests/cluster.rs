@@ -1018,6 +1018,34 @@ async fn five_nodes_keep_three_voters_per_shard() {
     acknowledged.push("back".to_owned());
     bob.sync().await.unwrap();
     assert_eq!(messages(&bob, &group), acknowledged);
+
+    // SIGTERM of the victim: each shard log it votes in takes the next node of the shard's
+    // order in the change that removes it, so none is seen with fewer than three voters.
+    let leaver = nodes.remove(&victim).unwrap();
+    let stopped = tokio::task::spawn_blocking(move || leaver.terminate(Duration::from_secs(30)));
+    let mut fewest = usize::MAX;
+    while !stopped.is_finished() {
+        if let Some(now) = log_views(&nodes["node-a"]) {
+            let smallest = now.iter().skip(1).map(|v| v.voters.len()).min();
+            fewest = fewest.min(smallest.unwrap_or(usize::MAX));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = stopped.await.unwrap().unwrap();
+    assert!(status.success(), "{victim} exited with {status}");
+    assert_eq!(
+        fewest, 3,
+        "a shard log had {fewest} voters while {victim} left"
+    );
+    let after_leave = log_views(&nodes["node-a"]).unwrap();
+    for view in &after_leave[1..] {
+        assert_eq!(view.voters.len(), 3, "{view:?}");
+        assert!(!view.voters.contains(&victim), "{view:?}");
+    }
+    alice.send_reliably(&group, "left").await.unwrap();
+    acknowledged.push("left".to_owned());
+    bob.sync().await.unwrap();
+    assert_eq!(messages(&bob, &group), acknowledged);
 }
 
 /// Returns the shard of `group` among `shards` shards.

@@ -311,15 +311,34 @@ impl ReplicatedLogs {
         )
     }
 
-    /// Takes this node out of the voters of every log at once (see [`Replica::leave`]).
-    /// Returns the failures, by log.
-    pub async fn leave(&self) -> Vec<String> {
+    /// Takes this node out of the voters of every log at once (see [`Replica::leave`]). In
+    /// each shard's log the next node of the shard's order among the other members in `alive`
+    /// becomes a voter in its place. Returns the failures, by log.
+    pub async fn leave(&self, alive: &[(String, RaftNodeId)]) -> Vec<String> {
+        let me = self.directory.replica.raft_id();
+        let others: Vec<NodeName> = alive
+            .iter()
+            .filter(|(_, id)| *id != me)
+            .map(|(name, _)| NodeName(name.clone()))
+            .collect();
         let mut leaving = tokio::task::JoinSet::new();
-        for log in self.all() {
+        for (index, log) in std::iter::once(None)
+            .chain((0..self.shards.len()).map(Some))
+            .zip(self.all())
+        {
+            // A shard's log takes the next node of the shard's order without this one.
+            let replacement = index.and_then(|shard| {
+                let shard = ShardId(u32::try_from(shard).unwrap_or(u32::MAX));
+                let voters = log.replica.status().voters;
+                let name = replicas(shard, &others, self.replication)
+                    .into_iter()
+                    .find(|n| !voters.contains(&n.0))?;
+                alive.iter().find(|(n, _)| *n == name.0).map(|(_, id)| *id)
+            });
             let replica = Arc::clone(&log.replica);
             leaving.spawn(async move {
                 replica
-                    .leave()
+                    .leave(replacement)
                     .await
                     .map_err(|e| format!("log {}: {e:#}", replica.name()))
             });

@@ -198,6 +198,11 @@ impl Replica {
         Ok(())
     }
 
+    /// Returns this node's id in the log.
+    pub fn raft_id(&self) -> RaftNodeId {
+        self.settings.raft_id
+    }
+
     /// Returns the name of the log.
     pub fn name(&self) -> &str {
         &self.settings.log
@@ -405,9 +410,10 @@ impl Replica {
 
     /// Takes this node out of the log's voters before it stops for good, so that the others
     /// no longer count on it for a majority. A leader removes itself and asks another voter
-    /// to start an election at once; a follower asks the leader. The node becomes a voter
-    /// again when it comes back after [`LEAVE_HOLD`].
-    pub async fn leave(&self) -> anyhow::Result<()> {
+    /// to start an election at once; a follower asks the leader. `replacement`, a learner,
+    /// becomes a voter in the same change. The node becomes a voter again when it comes back
+    /// after [`LEAVE_HOLD`].
+    pub async fn leave(&self, replacement: Option<RaftNodeId>) -> anyhow::Result<()> {
         let id = self.settings.raft_id;
         let voters = voters(&self.raft);
         if !voters.contains(&id) || voters.len() == 1 {
@@ -416,14 +422,21 @@ impl Replica {
         let log = &self.settings.log;
         match self.raft.current_leader().await {
             Some(leader) if leader == id => {
-                remove_voter(&self.raft, &self.departures, id)
+                remove_voter(&self.raft, &self.departures, id, replacement)
                     .await
                     .map_err(anyhow::Error::msg)?;
                 self.hand_over(&voters).await;
             }
-            Some(leader) => ask(log, leader, Request::Leave(id))
-                .await
-                .map_err(anyhow::Error::msg)?,
+            Some(leader) => ask(
+                log,
+                leader,
+                Request::Leave {
+                    node: id,
+                    replacement,
+                },
+            )
+            .await
+            .map_err(anyhow::Error::msg)?,
             None => anyhow::bail!("the log has no leader to leave through"),
         }
         tracing::info!(log = %log, node = %self.settings.node_name, "left the replicated log");

@@ -49,8 +49,12 @@ pub(super) enum Request {
     Snapshot(InstallSnapshotRequest<TypeConfig>),
     /// A command proposed on another node, for the leader to write.
     Write(Command),
-    /// A request of a leaving node to the leader to remove it from the voters.
-    Leave(RaftNodeId),
+    /// A request of a leaving node to the leader to remove it from the voters, in the same
+    /// change making `replacement`, a learner, a voter in its place.
+    Leave {
+        node: RaftNodeId,
+        replacement: Option<RaftNodeId>,
+    },
     /// A request of the leader that left to a remaining voter to start an election at once.
     Elect,
     /// A notice of the leader that left to the remaining voters, so that whichever of them
@@ -115,11 +119,14 @@ pub(super) fn voters(raft: &Raft) -> BTreeSet<RaftNodeId> {
         .collect()
 }
 
-/// Removes `node` from the voters of the log that `raft`, its leader, runs.
+/// Removes `node` from the voters of the log that `raft`, its leader, runs, and makes
+/// `replacement` a voter in the same change if it is a learner of the log, so that the log
+/// keeps as many voters.
 pub(super) async fn remove_voter(
     raft: &Raft,
     departures: &Departures,
     node: RaftNodeId,
+    replacement: Option<RaftNodeId>,
 ) -> Result<(), String> {
     let voters = voters(raft);
     if !voters.contains(&node) {
@@ -128,7 +135,16 @@ pub(super) async fn remove_voter(
     if let Ok(mut departures) = departures.lock() {
         departures.insert(node, Instant::now());
     }
-    let rest: BTreeSet<RaftNodeId> = voters.into_iter().filter(|v| *v != node).collect();
+    let learner = replacement.filter(|r| {
+        raft.metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .learner_ids()
+            .any(|l| l == *r)
+    });
+    let mut rest: BTreeSet<RaftNodeId> = voters.into_iter().filter(|v| *v != node).collect();
+    rest.extend(learner);
     raft.change_membership(rest, false)
         .await
         .map(|_| ())
@@ -166,8 +182,8 @@ impl Actor for RaftEndpoint {
                     Reply::Snapshot(raft.install_snapshot(request).await)
                 }
                 Ok(Request::Write(command)) => Reply::Write(write_here(&raft, command).await),
-                Ok(Request::Leave(node)) => {
-                    Reply::Done(remove_voter(&raft, &departures, node).await)
+                Ok(Request::Leave { node, replacement }) => {
+                    Reply::Done(remove_voter(&raft, &departures, node, replacement).await)
                 }
                 Ok(Request::ReadIndex) => Reply::ReadIndex(read_index_here(&raft).await),
                 Ok(Request::Elect) => {
