@@ -619,16 +619,15 @@ async fn graceful_leave_hands_over_without_failed_sends() {
         "alice did not move off the leaving node: {moved_to:?}"
     );
 
-    // The two others lead the log alone, without the node that left among the voters.
+    // The two others lead every log. The leaver stays a voter: leaving would shrink the logs
+    // below the replication factor of 3.
     let survivors: Vec<&NodeProcess> = nodes.values().collect();
-    let remaining: Vec<&str> = others.iter().map(String::as_str).collect();
-    let handed_over =
-        wait_until(CONVERGE, || agreed_leader(&survivors, &remaining).is_some()).await;
-    let views: Vec<_> = survivors.iter().map(|n| log_view(n)).collect();
-    assert!(
-        handed_over,
-        "{leader} is still a voter or no leader: {views:?}"
-    );
+    let handed_over = wait_until(CONVERGE, || {
+        agreed_leaders(&survivors, &all).is_some_and(|leaders| leaders.iter().all(|l| *l != leader))
+    })
+    .await;
+    let views: Vec<_> = survivors.iter().map(|n| log_views(n)).collect();
+    assert!(handed_over, "no leader without {leader}: {views:?}");
 
     // bob reads every acknowledged message once, in order.
     bob.sync().await.unwrap();
@@ -1046,6 +1045,45 @@ async fn five_nodes_keep_three_voters_per_shard() {
     acknowledged.push("left".to_owned());
     bob.sync().await.unwrap();
     assert_eq!(messages(&bob, &group), acknowledged);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_cluster_restarts_without_one_nodes_data() {
+    let fixture = fixture();
+    let (specs, mut nodes) = fixture.start_cluster(5, 2 * CONVERGE).await.unwrap();
+    let (mut alice, mut bob, group) =
+        alice_and_bob(&fixture, &nodes["node-a"], &nodes["node-e"], "restart").await;
+    alice.send_reliably(&group, "before").await.unwrap();
+
+    // Every node stops at once (SIGTERM). Leaving keeps at least three voters in every log,
+    // so losing node-c's data afterwards still leaves each log a majority.
+    let stopping: Vec<_> = std::mem::take(&mut nodes)
+        .into_values()
+        .map(|node| tokio::task::spawn_blocking(move || node.terminate(Duration::from_secs(30))))
+        .collect();
+    for stop in stopping {
+        let status = stop.await.unwrap().unwrap();
+        assert!(status.success(), "a node exited with {status}");
+    }
+    std::fs::remove_dir_all(fixture.path("node-c")).unwrap();
+    for spec in &specs {
+        nodes.insert(spec.name.clone(), fixture.start(spec).unwrap());
+    }
+    let everyone: Vec<&NodeProcess> = nodes.values().collect();
+    let names: Vec<&str> = nodes.keys().map(String::as_str).collect();
+    let formed = wait_until(2 * CONVERGE, || agreed_leaders(&everyone, &names).is_some()).await;
+    let views: Vec<_> = everyone.iter().map(|n| log_views(n)).collect();
+    assert!(formed, "the logs did not recover: {views:?}");
+
+    alice.disconnect();
+    let home = address(&nodes["node-a"]);
+    alice.connect(&home.url, &home.trust).await.unwrap();
+    alice.send_reliably(&group, "after").await.unwrap();
+    bob.disconnect();
+    let home = address(&nodes["node-e"]);
+    bob.connect(&home.url, &home.trust).await.unwrap();
+    bob.sync().await.unwrap();
+    assert_eq!(messages(&bob, &group), ["before", "after"]);
 }
 
 /// Returns the shard of `group` among `shards` shards.

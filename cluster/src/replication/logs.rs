@@ -313,7 +313,8 @@ impl ReplicatedLogs {
 
     /// Takes this node out of the voters of every log at once (see [`Replica::leave`]). In
     /// each shard's log the next node of the shard's order among the other members in `alive`
-    /// becomes a voter in its place. Returns the failures, by log.
+    /// becomes a voter in its place. No log is left with fewer than `replication` voters.
+    /// Returns the failures, by log.
     pub async fn leave(&self, alive: &[(String, RaftNodeId)]) -> Vec<String> {
         let me = self.directory.replica.raft_id();
         let others: Vec<NodeName> = alive
@@ -336,9 +337,10 @@ impl ReplicatedLogs {
                 alive.iter().find(|(n, _)| *n == name.0).map(|(_, id)| *id)
             });
             let replica = Arc::clone(&log.replica);
+            let keep = self.replication;
             leaving.spawn(async move {
                 replica
-                    .leave(replacement)
+                    .leave(replacement, keep)
                     .await
                     .map_err(|e| format!("log {}: {e:#}", replica.name()))
             });

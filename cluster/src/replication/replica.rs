@@ -411,9 +411,10 @@ impl Replica {
     /// Takes this node out of the log's voters before it stops for good, so that the others
     /// no longer count on it for a majority. A leader removes itself and asks another voter
     /// to start an election at once; a follower asks the leader. `replacement`, a learner,
-    /// becomes a voter in the same change. The node becomes a voter again when it comes back
-    /// after [`LEAVE_HOLD`].
-    pub async fn leave(&self, replacement: Option<RaftNodeId>) -> anyhow::Result<()> {
+    /// becomes a voter in the same change. The node stays a voter when the log would keep
+    /// fewer than `keep` voters. It becomes a voter again when it comes back after
+    /// [`LEAVE_HOLD`].
+    pub async fn leave(&self, replacement: Option<RaftNodeId>, keep: usize) -> anyhow::Result<()> {
         let id = self.settings.raft_id;
         let voters = voters(&self.raft);
         if !voters.contains(&id) || voters.len() == 1 {
@@ -422,7 +423,7 @@ impl Replica {
         let log = &self.settings.log;
         match self.raft.current_leader().await {
             Some(leader) if leader == id => {
-                remove_voter(&self.raft, &self.departures, id, replacement)
+                remove_voter(&self.raft, &self.departures, id, replacement, keep)
                     .await
                     .map_err(anyhow::Error::msg)?;
                 self.hand_over(&voters).await;
@@ -433,6 +434,7 @@ impl Replica {
                 Request::Leave {
                     node: id,
                     replacement,
+                    keep,
                 },
             )
             .await

@@ -50,10 +50,12 @@ pub(super) enum Request {
     /// A command proposed on another node, for the leader to write.
     Write(Command),
     /// A request of a leaving node to the leader to remove it from the voters, in the same
-    /// change making `replacement`, a learner, a voter in its place.
+    /// change making `replacement`, a learner, a voter in its place, unless that would leave
+    /// fewer than `keep` voters.
     Leave {
         node: RaftNodeId,
         replacement: Option<RaftNodeId>,
+        keep: usize,
     },
     /// A request of the leader that left to a remaining voter to start an election at once.
     Elect,
@@ -121,19 +123,19 @@ pub(super) fn voters(raft: &Raft) -> BTreeSet<RaftNodeId> {
 
 /// Removes `node` from the voters of the log that `raft`, its leader, runs, and makes
 /// `replacement` a voter in the same change if it is a learner of the log, so that the log
-/// keeps as many voters.
+/// keeps as many voters. Refuses when the log would keep fewer than `keep` voters: when
+/// every node stops, each leaving would shrink the logs until losing one more node's data
+/// left a log without a majority for good.
 pub(super) async fn remove_voter(
     raft: &Raft,
     departures: &Departures,
     node: RaftNodeId,
     replacement: Option<RaftNodeId>,
+    keep: usize,
 ) -> Result<(), String> {
     let voters = voters(raft);
     if !voters.contains(&node) {
         return Ok(());
-    }
-    if let Ok(mut departures) = departures.lock() {
-        departures.insert(node, Instant::now());
     }
     let learner = replacement.filter(|r| {
         raft.metrics()
@@ -145,6 +147,16 @@ pub(super) async fn remove_voter(
     });
     let mut rest: BTreeSet<RaftNodeId> = voters.into_iter().filter(|v| *v != node).collect();
     rest.extend(learner);
+    if rest.len() < keep {
+        return Err(format!(
+            "the log would keep {} voters, fewer than the replication factor {keep}, so the \
+             node stays a voter",
+            rest.len()
+        ));
+    }
+    if let Ok(mut departures) = departures.lock() {
+        departures.insert(node, Instant::now());
+    }
     raft.change_membership(rest, false)
         .await
         .map(|_| ())
@@ -182,9 +194,11 @@ impl Actor for RaftEndpoint {
                     Reply::Snapshot(raft.install_snapshot(request).await)
                 }
                 Ok(Request::Write(command)) => Reply::Write(write_here(&raft, command).await),
-                Ok(Request::Leave { node, replacement }) => {
-                    Reply::Done(remove_voter(&raft, &departures, node, replacement).await)
-                }
+                Ok(Request::Leave {
+                    node,
+                    replacement,
+                    keep,
+                }) => Reply::Done(remove_voter(&raft, &departures, node, replacement, keep).await),
                 Ok(Request::ReadIndex) => Reply::ReadIndex(read_index_here(&raft).await),
                 Ok(Request::Elect) => {
                     Reply::Done(raft.trigger().elect().await.map_err(|e| e.to_string()))
