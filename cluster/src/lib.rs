@@ -13,7 +13,7 @@ mod router;
 
 pub use forward::{ForwardHandler, Forwarder, ForwarderMsg, GroupOwners};
 pub use membership::{
-    Cluster, ClusterSettings, MEMBERSHIP_GROUP, MemberState, MemberView, MembershipMsg,
+    Cluster, ClusterSettings, Layout, MEMBERSHIP_GROUP, MemberState, MemberView, MembershipMsg,
     MembershipObserver, bootstrap_wait,
 };
 pub use placement::{NodeName, ShardId, replicas, shard_of};

@@ -21,7 +21,7 @@ use ractor_cluster::{
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,18 @@ pub struct ClusterSettings {
     /// Whether this node's directory log has members (see [`Cluster::set_formed`]), sent in
     /// every heartbeat, so that a node without data learns it joins an existing cluster.
     pub formed: Arc<AtomicBool>,
+    /// The id of this node's cluster once its shard logs started, 0 before (see
+    /// [`Cluster::set_cluster_id`]). Heartbeats from a node of another cluster are ignored.
+    pub cluster_id: Arc<AtomicU64>,
+    /// Shard count and replication factor of this node, sent in every heartbeat.
+    pub layout: Layout,
+}
+
+/// Shard count and replication factor of a node: every node of a cluster must have the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Layout {
+    pub shards: u32,
+    pub replication: u32,
 }
 
 /// State of a member as this node records it.
@@ -95,6 +107,10 @@ pub struct MemberView {
     pub last_heard_ms: Option<u64>,
     /// Whether the member's directory log had members at its last heartbeat.
     pub formed: bool,
+    /// The member's cluster id (0 before its shard logs started) and layout, from its last
+    /// heartbeat.
+    pub cluster_id: u64,
+    pub layout: Layout,
 }
 
 /// The membership as last computed, shared with the status endpoint.
@@ -119,6 +135,10 @@ struct Heartbeat {
     /// Whether the sender's directory log has members.
     #[serde(default)]
     formed: bool,
+    #[serde(default)]
+    cluster_id: u64,
+    #[serde(default)]
+    layout: Layout,
 }
 
 /// Messages of the membership actor. They cross the network, so they serialize.
@@ -136,6 +156,8 @@ struct Member {
     last_heard: Option<Instant>,
     alive: bool,
     formed: bool,
+    cluster_id: u64,
+    layout: Layout,
 }
 
 struct Dial {
@@ -152,6 +174,8 @@ struct MembershipState {
     dials: Arc<Mutex<HashMap<SocketAddr, Dial>>>,
     view: MembershipView,
     observer: Arc<dyn MembershipObserver>,
+    /// Nodes of other clusters already reported, with their cluster id.
+    foreign: HashSet<(String, u64)>,
 }
 
 struct Membership;
@@ -198,6 +222,24 @@ impl MembershipState {
         if heartbeat.name == self.settings.node_name {
             return;
         }
+        let own = self.settings.cluster_id.load(Ordering::Relaxed);
+        if own != 0 && heartbeat.cluster_id != 0 && heartbeat.cluster_id != own {
+            // Merging two clusters would mix two histories of the same logs.
+            if self
+                .foreign
+                .insert((heartbeat.name.clone(), heartbeat.cluster_id))
+            {
+                tracing::error!(
+                    member = %heartbeat.name,
+                    addr = %heartbeat.addr,
+                    cluster = heartbeat.cluster_id,
+                    own_cluster = own,
+                    "a node of another cluster reached this one; ignoring it. If it lost its \
+                     data, stop it, empty its data directory and start it with --seeds"
+                );
+            }
+            return;
+        }
         let now = Instant::now();
         let member = self
             .members
@@ -208,6 +250,8 @@ impl MembershipState {
                 last_heard: None,
                 alive: false,
                 formed: false,
+                cluster_id: 0,
+                layout: Layout::default(),
             });
         if member.addr != heartbeat.addr {
             if member.alive {
@@ -236,6 +280,8 @@ impl MembershipState {
         member.last_heard = Some(now);
         member.alive = true;
         member.formed = heartbeat.formed;
+        member.cluster_id = heartbeat.cluster_id;
+        member.layout = heartbeat.layout;
         if let Some(event) = event {
             tracing::info!(member = %heartbeat.name, addr = %heartbeat.addr, event, "cluster member alive");
             self.observer.changed(event, &heartbeat.name);
@@ -260,6 +306,8 @@ impl MembershipState {
                         last_heard: None,
                         alive: false,
                         formed: false,
+                        cluster_id: 0,
+                        layout: Layout::default(),
                     },
                 );
             }
@@ -283,6 +331,8 @@ impl MembershipState {
             members,
             raft_id: self.settings.raft_id,
             formed: self.settings.formed.load(Ordering::Relaxed),
+            cluster_id: self.settings.cluster_id.load(Ordering::Relaxed),
+            layout: self.settings.layout,
         };
         // Plain data with string keys: encoding into a Vec cannot fail.
         let bytes = rmp_serde::to_vec(&heartbeat).expect("heartbeat serializes");
@@ -380,6 +430,8 @@ impl MembershipState {
                 state: MemberState::Local,
                 last_heard_ms: None,
                 formed: self.settings.formed.load(Ordering::Relaxed),
+                cluster_id: self.settings.cluster_id.load(Ordering::Relaxed),
+                layout: self.settings.layout,
             },
         );
         for (name, member) in &self.members {
@@ -397,6 +449,8 @@ impl MembershipState {
                     state,
                     last_heard_ms: member.last_heard.map(|t| t.elapsed().as_millis() as u64),
                     formed: member.formed,
+                    cluster_id: member.cluster_id,
+                    layout: member.layout,
                 },
             );
         }
@@ -411,6 +465,7 @@ pub struct Cluster {
     view: MembershipView,
     node_name: String,
     formed: Arc<AtomicBool>,
+    cluster_id: Arc<AtomicU64>,
 }
 
 impl Cluster {
@@ -438,6 +493,7 @@ impl Cluster {
         let view: MembershipView = Arc::default();
         let node_name = settings.node_name.clone();
         let formed = Arc::clone(&settings.formed);
+        let cluster_id = Arc::clone(&settings.cluster_id);
         let state = MembershipState {
             server: server.clone(),
             members: HashMap::new(),
@@ -445,6 +501,7 @@ impl Cluster {
             view: Arc::clone(&view),
             observer,
             settings,
+            foreign: HashSet::new(),
         };
         if state.settings.seeds.contains(&state.settings.advertise) {
             tracing::warn!(
@@ -460,6 +517,7 @@ impl Cluster {
             view,
             node_name,
             formed,
+            cluster_id,
         })
     }
 
@@ -471,6 +529,11 @@ impl Cluster {
     /// Records whether this node's directory log has members, for the next heartbeats.
     pub fn set_formed(&self, formed: bool) {
         self.formed.store(formed, Ordering::Relaxed);
+    }
+
+    /// Records the id of this node's cluster, once its shard logs started.
+    pub fn set_cluster_id(&self, id: u64) {
+        self.cluster_id.store(id, Ordering::Relaxed);
     }
 
     /// Returns the current membership, this node included.

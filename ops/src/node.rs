@@ -12,7 +12,7 @@ use atlas_cluster::replication::{
     DIRECTORY_LOG, LogSettings, ReplicaSettings, ReplicatedLogs, node_identity,
 };
 use atlas_cluster::{
-    Cluster, ClusterSettings, ForwardHandler, GroupOwners, MemberState, MemberView,
+    Cluster, ClusterSettings, ForwardHandler, GroupOwners, Layout, MemberState, MemberView,
     MembershipObserver, NodeName, Presence, Router, ShardId, replicas,
 };
 use atlas_gateway::auth::AuthSettings;
@@ -79,7 +79,10 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     // This node's id in the replicated logs; a new data directory makes a new member.
     let raft_id = node_identity(store.sled_db(), DIRECTORY_LOG, &config.node_name)
         .context("cannot read or create this node's id in the replicated logs")?;
-    let cluster = start_cluster(config, &registry, raft_id).await?;
+    // Known before the first heartbeat arrives, so that nodes of another cluster are ignored
+    // from the start.
+    let cluster_id = store.shard_log_start()?.map_or(0, |start| start.cluster);
+    let cluster = start_cluster(config, &registry, raft_id, cluster_id).await?;
     let replicated = match &cluster {
         Some(cluster) => {
             Some(start_replicated_logs(config, &store, Arc::clone(cluster), raft_id).await?)
@@ -368,14 +371,16 @@ async fn start_replicated_logs(
             tick.tick().await;
             let members = cluster.members();
             cluster.set_formed(task_logs.directory_formed());
+            cluster.set_cluster_id(task_logs.cluster_id());
             if let Some(start) = &mut first_start
                 && start.done(&task_logs, &members).await
             {
                 first_start = None;
             }
+            let layout = layout_mismatch(&members);
             let alive = alive_of(members);
             task_logs.gate_elections(&alive);
-            if let Err(e) = task_logs.check_layout() {
+            if let Err(e) = layout.and_then(|()| task_logs.check_layout()) {
                 // Serving would send this node's group changes to other logs than its peers
                 // use, or fight over the voters of the logs it leads.
                 tracing::error!(error = %e, "stopping: the shard count or replication differs from the cluster's");
@@ -390,13 +395,49 @@ async fn start_replicated_logs(
     Ok((logs, vec![members_task, sync_task]))
 }
 
-/// Returns the name and raft id of every live member in `members`, this node included.
+/// Returns the name and raft id of every live member in `members`, this node included,
+/// leaving out members with another layout than this node's: they stop as soon as they hear
+/// of the cluster (see [`layout_mismatch`]), and must not become voters before.
 fn alive_of(members: Vec<MemberView>) -> Vec<(String, u64)> {
+    let own = members
+        .iter()
+        .find(|m| m.state == MemberState::Local)
+        .map(|m| m.layout);
     members
         .into_iter()
         .filter(|m| matches!(m.state, MemberState::Local | MemberState::Alive))
+        .filter(|m| m.layout.shards == 0 || own.is_none_or(|own| own == m.layout))
         .map(|m| (m.name, m.raft_id))
         .collect()
+}
+
+/// Returns an error when a live member of a cluster whose shard logs started runs another
+/// shard count or replication factor than this node: this node must not join it.
+fn layout_mismatch(members: &[MemberView]) -> Result<(), String> {
+    let Some(own) = members.iter().find(|m| m.state == MemberState::Local) else {
+        return Ok(());
+    };
+    let other = members.iter().find(|m| {
+        m.state == MemberState::Alive
+            && m.cluster_id != 0
+            && m.layout.shards != 0
+            && m.layout != own.layout
+    });
+    match other {
+        Some(m) => Err(format!(
+            "this node runs {} shards with replication {}, but {} of the cluster runs {} shards \
+             with replication {}; restart it with --shards {} --replication {} (ATLAS_SHARDS, \
+             ATLAS_REPLICATION)",
+            own.layout.shards,
+            own.layout.replication,
+            m.name,
+            m.layout.shards,
+            m.layout.replication,
+            m.layout.shards,
+            m.layout.replication
+        )),
+        None => Ok(()),
+    }
 }
 
 /// The start of the directory log on a node without seeds: such a node starts a new cluster,
@@ -473,6 +514,7 @@ async fn start_cluster(
     config: &NodeConfig,
     registry: &Registry,
     raft_id: u64,
+    cluster_id: u64,
 ) -> anyhow::Result<Option<Arc<Cluster>>> {
     let Some(listen) = config.cluster_listen else {
         return Ok(None);
@@ -502,6 +544,11 @@ async fn start_cluster(
         heartbeat_interval: Duration::from_millis(config.heartbeat_ms),
         failure_timeout: Duration::from_millis(config.failure_timeout_ms),
         formed: Arc::default(),
+        cluster_id: Arc::new(cluster_id.into()),
+        layout: Layout {
+            shards: config.shards,
+            replication: config.replication,
+        },
     };
     let cluster = Cluster::start(settings, observer)
         .await
@@ -558,6 +605,11 @@ impl Admin {
                 state: MemberState::Local,
                 last_heard_ms: None,
                 formed: false,
+                cluster_id: 0,
+                layout: Layout {
+                    shards: self.shards,
+                    replication: self.replication,
+                },
             }],
         };
         let live: Vec<NodeName> = members

@@ -868,19 +868,19 @@ async fn node_name_must_match_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_with_other_layout_stops() {
     let fixture = fixture();
-    let (specs, _nodes) = fixture.start_cluster(2, CONVERGE).await.unwrap();
+    let (specs, nodes) = fixture.start_cluster(2, CONVERGE).await.unwrap();
     let cases = [
         (
             "node-c",
             "--shards",
             "8",
-            "runs 8 shards but the cluster's shard logs started with 16",
+            "runs 8 shards with replication 3, but node-",
         ),
         (
             "node-d",
             "--replication",
             "2",
-            "runs with replication 2 but the cluster's shard logs started with 3",
+            "runs 16 shards with replication 2, but node-",
         ),
     ];
     for (name, flag, value, message) in cases {
@@ -893,6 +893,16 @@ async fn node_with_other_layout_stops() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{flag}: {stderr}");
         assert!(stderr.contains(message), "{flag}: {stderr}");
+        assert!(
+            stderr.contains("restart it with --shards 16 --replication 3"),
+            "{flag}: {stderr}"
+        );
+        // It stopped before any log took it in.
+        let views = log_views(&nodes["node-a"]).unwrap();
+        for view in &views {
+            assert!(!view.voters.iter().any(|v| v == name), "{flag}: {view:?}");
+            assert!(!view.learners.iter().any(|v| v == name), "{flag}: {view:?}");
+        }
     }
 }
 
@@ -1057,14 +1067,7 @@ async fn whole_cluster_restarts_without_one_nodes_data() {
 
     // Every node stops at once (SIGTERM). Leaving keeps at least three voters in every log,
     // so losing node-c's data afterwards still leaves each log a majority.
-    let stopping: Vec<_> = std::mem::take(&mut nodes)
-        .into_values()
-        .map(|node| tokio::task::spawn_blocking(move || node.terminate(Duration::from_secs(30))))
-        .collect();
-    for stop in stopping {
-        let status = stop.await.unwrap().unwrap();
-        assert!(status.success(), "a node exited with {status}");
-    }
+    stop_all(&mut nodes).await;
     std::fs::remove_dir_all(fixture.path("node-c")).unwrap();
     for spec in &specs {
         nodes.insert(spec.name.clone(), fixture.start(spec).unwrap());
@@ -1084,6 +1087,88 @@ async fn whole_cluster_restarts_without_one_nodes_data() {
     bob.connect(&home.url, &home.trust).await.unwrap();
     bob.sync().await.unwrap();
     assert_eq!(messages(&bob, &group), ["before", "after"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clusters_with_two_histories_stay_apart() {
+    let fixture = fixture();
+    let (specs, mut nodes) = fixture.start_cluster(3, CONVERGE).await.unwrap();
+    let mut alice = client_on(&fixture, "alice", &nodes["node-b"]).await;
+    let group = alice.create_group("apart").await.unwrap();
+    alice.send_reliably(&group, "before").await.unwrap();
+
+    // Every node stops; node-a, started without seeds, loses its data and starts alone while
+    // the others are down, so it starts a new cluster with a history of its own.
+    stop_all(&mut nodes).await;
+    std::fs::remove_dir_all(fixture.path("node-a")).unwrap();
+    nodes.insert("node-a".into(), fixture.start(&specs[0]).unwrap());
+    let alone = wait_until(CONVERGE, || {
+        log_views(&nodes["node-a"]).is_some_and(|views| {
+            views.len() > 1 && views.iter().all(|v| v.leader.as_deref() == Some("node-a"))
+        })
+    })
+    .await;
+    assert!(
+        alone,
+        "node-a did not start alone: {:?}",
+        log_views(&nodes["node-a"])
+    );
+
+    // The others return, with each other as seeds too. Each side ignores the other: the logs
+    // of node-b and node-c keep their history, and node-a does not take the place of its
+    // earlier incarnation.
+    let ports: Vec<u16> = specs.iter().map(|s| s.port).collect();
+    for spec in &specs[1..] {
+        let mut spec = spec.clone();
+        spec.seeds = ports.iter().copied().filter(|p| *p != spec.port).collect();
+        nodes.insert(spec.name.clone(), fixture.start(&spec).unwrap());
+    }
+    let pair = [&nodes["node-b"], &nodes["node-c"]];
+    let all = ["node-a", "node-b", "node-c"];
+    let formed = wait_until(CONVERGE, || {
+        agreed_leaders(&pair, &all)
+            .is_some_and(|leaders| leaders.iter().all(|l| l == "node-b" || l == "node-c"))
+    })
+    .await;
+    assert!(
+        formed,
+        "node-b and node-c did not lead: {:?}",
+        log_views(pair[0])
+    );
+    alice.disconnect();
+    let home = address(&nodes["node-b"]);
+    alice.connect(&home.url, &home.trust).await.unwrap();
+    alice.send_reliably(&group, "after").await.unwrap();
+    assert_eq!(messages(&alice, &group), ["before", "after"]);
+    assert!(
+        !alive(&nodes["node-b"], &["node-a"]),
+        "{:?}",
+        states(&nodes["node-b"])
+    );
+    let node_a = log_views(&nodes["node-a"]).unwrap();
+    assert!(node_a.iter().all(|v| v.voters == ["node-a"]), "{node_a:?}");
+    let log_b = fixture.log("node-b");
+    assert!(
+        log_b.contains("a node of another cluster reached this one"),
+        "{log_b}"
+    );
+    assert!(!log_b.contains("panicked"), "{log_b}");
+}
+
+/// Sends SIGTERM to every node at once and checks that each exits with success.
+async fn stop_all(nodes: &mut BTreeMap<String, NodeProcess>) {
+    let stopping: Vec<_> = std::mem::take(nodes)
+        .into_iter()
+        .map(|(name, node)| {
+            let stopped =
+                tokio::task::spawn_blocking(move || node.terminate(Duration::from_secs(30)));
+            (name, stopped)
+        })
+        .collect();
+    for (name, stopped) in stopping {
+        let status = stopped.await.unwrap().unwrap();
+        assert!(status.success(), "{name} exited with {status}");
+    }
 }
 
 /// Returns the shard of `group` among `shards` shards.

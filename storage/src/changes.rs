@@ -99,6 +99,10 @@ pub struct ShardLogStart {
     /// record it.
     #[serde(default)]
     pub replication: u32,
+    /// Random id of the cluster, made when its shard logs start; nodes of two clusters with
+    /// different ids ignore each other. 0 in records of versions that did not record it.
+    #[serde(default)]
+    pub cluster: u64,
 }
 
 impl Change {

@@ -939,12 +939,14 @@ async fn shard_log_start_is_recorded_once() {
         shards: 16,
         voters: vec![(7, "node-a".to_owned()), (9, "node-b".to_owned())],
         replication: 3,
+        cluster: 11,
     };
     store.apply(&Change::StartShardLogs(start.clone())).unwrap();
     let again = store.apply(&Change::StartShardLogs(ShardLogStart {
         shards: 32,
         voters: vec![(1, "node-c".to_owned())],
         replication: 2,
+        cluster: 12,
     }));
     assert!(matches!(again, Err(StorageError::Conflict(_))), "{again:?}");
     assert_eq!(store.shard_log_start().unwrap(), Some(start.clone()));

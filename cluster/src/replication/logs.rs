@@ -162,6 +162,7 @@ impl ReplicatedLogs {
             shards: self.shard_count(),
             voters,
             replication: u32::try_from(self.replication).unwrap_or(u32::MAX),
+            cluster: rand::random::<u64>().max(1),
         };
         match self.store.write(Change::StartShardLogs(start)).await {
             Ok(_) | Err(StorageError::Conflict(_)) => Ok(()),
@@ -278,6 +279,18 @@ impl ReplicatedLogs {
             alive.iter().map(|(_, id)| *id).collect();
         for log in self.all() {
             log.replica.gate_elections(&alive);
+        }
+    }
+
+    /// Returns the id of the cluster that this node's shard logs started in, 0 before they
+    /// started or when the record has none.
+    pub fn cluster_id(&self) -> u64 {
+        match self.store.shard_log_start() {
+            Ok(start) => start.map_or(0, |s| s.cluster),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the cluster's id; checking again later");
+                0
+            }
         }
     }
 
