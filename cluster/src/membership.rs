@@ -28,17 +28,16 @@ use std::time::{Duration, Instant};
 /// Process group of the membership actors.
 pub const MEMBERSHIP_GROUP: &str = "atlas.membership";
 
-/// Maximum wait between two dials of an address that does not respond; at most the failure
-/// timeout, so a member that restarts is dialled again soon (see [`bootstrap_wait`]).
+/// Maximum wait between two dials of an address that does not respond. The wait is also at
+/// most the failure timeout, so a member that restarts is dialled again soon.
 const MAX_DIAL_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Time a dial may take, TLS handshake included, before it is abandoned.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Returns how long a node started without seeds and with an empty directory log waits to be
-/// dialled by the members of an existing cluster before it starts a new one: longer than the
-/// members take between two dials of a dead address (the backoff, jitter and a dial that
-/// hangs until it times out).
+/// Returns how long a node without seeds and with an empty directory log waits for members
+/// of an existing cluster to dial it before it starts a new cluster. The wait is longer than
+/// the members take between two dials of a dead address: backoff, jitter and a hung dial.
 pub fn bootstrap_wait(failure_timeout: Duration) -> Duration {
     2 * failure_timeout.min(MAX_DIAL_BACKOFF) + DIAL_TIMEOUT
 }

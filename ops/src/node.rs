@@ -367,11 +367,16 @@ async fn start_replicated_logs(
         .then(|| FirstStart::new(Duration::from_millis(config.failure_timeout_ms)));
     let members_task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(ELECTION_GATE_INTERVAL);
+        let mut cluster_id = 0;
         loop {
             tick.tick().await;
             let members = cluster.members();
             cluster.set_formed(task_logs.directory_formed());
-            cluster.set_cluster_id(task_logs.cluster_id());
+            // The id never changes once the shard logs started.
+            if cluster_id == 0 {
+                cluster_id = task_logs.cluster_id();
+                cluster.set_cluster_id(cluster_id);
+            }
             if let Some(start) = &mut first_start
                 && start.done(&task_logs, &members).await
             {
@@ -395,9 +400,9 @@ async fn start_replicated_logs(
     Ok((logs, vec![members_task, sync_task]))
 }
 
-/// Returns the name and raft id of every live member in `members`, this node included,
-/// leaving out members with another layout than this node's: they stop as soon as they hear
-/// of the cluster (see [`layout_mismatch`]), and must not become voters before.
+/// Returns the name and raft id of every live member in `members`, this node included.
+/// Members with another layout than this node's are left out, because they stop once they
+/// hear of the cluster (see [`layout_mismatch`]) and must not become voters before.
 fn alive_of(members: Vec<MemberView>) -> Vec<(String, u64)> {
     let own = members
         .iter()

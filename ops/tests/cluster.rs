@@ -1097,8 +1097,8 @@ async fn clusters_with_two_histories_stay_apart() {
     let group = alice.create_group("apart").await.unwrap();
     alice.send_reliably(&group, "before").await.unwrap();
 
-    // Every node stops; node-a, started without seeds, loses its data and starts alone while
-    // the others are down, so it starts a new cluster with a history of its own.
+    // Every node stops. node-a, started without seeds, loses its data and starts while the
+    // others are down, so it starts a new cluster with a history of its own.
     stop_all(&mut nodes).await;
     std::fs::remove_dir_all(fixture.path("node-a")).unwrap();
     nodes.insert("node-a".into(), fixture.start(&specs[0]).unwrap());

@@ -772,8 +772,9 @@ async fn append_batch_rejects_taken_numbers_whole() {
     assert_eq!(store.entry(&group(), 5).unwrap().unwrap().seq, 5);
 }
 
-/// The part of the shared state that the log of `group()`'s shard carries in these tests, with
-/// `group-c`, which only the target store holds, and the KeyPackages of devices 0 and 6.
+/// Returns the part of the shared state that the log of `group()`'s shard carries in these
+/// tests. It also contains `group-c`, which only the target store has, and the KeyPackages
+/// of devices 0 and 6.
 fn shard_part() -> SharedPart {
     SharedPart::Shard(Arc::new(|id: &[u8]| {
         id == group().as_bytes() || id == b"group-c" || id == [0; 16] || id == [6; 16]
@@ -825,9 +826,9 @@ async fn snapshot_of_a_part_replaces_only_that_part() {
     let groups = source.export_shared(&shard_part()).unwrap();
     let directory = source.export_shared(&SharedPart::Directory).unwrap();
 
-    // The target has state of its own. The snapshots replace what lies in their parts; a
-    // group and KeyPackages of another shard and the target's own tree head (each node signs
-    // its own) stay.
+    // The target has state of its own. The snapshots replace what lies in their parts. A group
+    // and KeyPackages of another shard stay, and so does the target's own tree head, because
+    // each node signs its own.
     let target_dir = tempfile::tempdir().unwrap();
     let target = Store::open(target_dir.path()).unwrap();
     let elsewhere = GroupId::new(b"group-b".to_vec()).unwrap();

@@ -211,6 +211,20 @@ impl ReplicatedLogs {
         std::iter::once(&self.directory).chain(&self.shards)
     }
 
+    /// Returns every log with its shard: the directory's first, without one.
+    fn by_shard(&self) -> impl Iterator<Item = (Option<ShardId>, &Log)> {
+        let shards = (0u32..).map(|shard| Some(ShardId(shard)));
+        std::iter::once(None).chain(shards).zip(self.all())
+    }
+
+    /// Returns the names of `shard`'s replica set among the `live` members.
+    fn replica_set(&self, shard: ShardId, live: &[NodeName]) -> Vec<String> {
+        replicas(shard, live, self.replication)
+            .into_iter()
+            .map(|name| name.0)
+            .collect()
+    }
+
     /// Returns the proposer of changes to these logs, for `Store::set_replicator`.
     pub fn replicator(&self) -> ClusterReplicator {
         let handle = |log: &Log| LogHandle {
@@ -243,17 +257,8 @@ impl ReplicatedLogs {
             .collect();
         // The logs change their members one after another: each change waits for a commit,
         // and a joining node catches up with one log at a time.
-        for (index, log) in std::iter::once(None)
-            .chain((0..self.shards.len()).map(Some))
-            .zip(self.all())
-        {
-            let replica_set: Option<Vec<String>> = index.map(|shard| {
-                let shard = ShardId(u32::try_from(shard).unwrap_or(u32::MAX));
-                replicas(shard, &live, self.replication)
-                    .into_iter()
-                    .map(|n| n.0)
-                    .collect()
-            });
+        for (shard, log) in self.by_shard() {
+            let replica_set = shard.map(|shard| self.replica_set(shard, &live));
             let replica_set = replica_set
                 .as_deref()
                 .map(|names| (names, self.replication));
@@ -300,7 +305,7 @@ impl ReplicatedLogs {
     }
 
     /// Starts the directory log with this node as its only member, unless it has members.
-    /// The shard logs follow as [`Self::start_shard_logs_when_due`] says.
+    /// The shard logs follow (see [`Self::start_shard_logs_when_due`]).
     pub async fn start_directory_alone(&self) -> anyhow::Result<()> {
         self.directory.replica.start_alone().await
     }
@@ -336,18 +341,15 @@ impl ReplicatedLogs {
             .map(|(name, _)| NodeName(name.clone()))
             .collect();
         let mut leaving = tokio::task::JoinSet::new();
-        for (index, log) in std::iter::once(None)
-            .chain((0..self.shards.len()).map(Some))
-            .zip(self.all())
-        {
+        for (shard, log) in self.by_shard() {
             // A shard's log takes the next node of the shard's order without this one.
-            let replacement = index.and_then(|shard| {
-                let shard = ShardId(u32::try_from(shard).unwrap_or(u32::MAX));
+            let replacement = shard.and_then(|shard| {
                 let voters = log.replica.status().voters;
-                let name = replicas(shard, &others, self.replication)
+                let name = self
+                    .replica_set(shard, &others)
                     .into_iter()
-                    .find(|n| !voters.contains(&n.0))?;
-                alive.iter().find(|(n, _)| *n == name.0).map(|(_, id)| *id)
+                    .find(|name| !voters.contains(name))?;
+                alive.iter().find(|(n, _)| *n == name).map(|(_, id)| *id)
             });
             let replica = Arc::clone(&log.replica);
             let keep = self.replication;

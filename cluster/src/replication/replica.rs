@@ -311,8 +311,8 @@ impl Replica {
         Ok(())
     }
 
-    /// Tells the remaining `voters` that this node, the leader, left them, and asks one of
-    /// them to start an election at once rather than wait out the leader's lease.
+    /// Notifies the remaining `voters` that this node, the leader, left them, and requests an
+    /// election from one of them at once, so they need not wait out the leader's lease.
     async fn hand_over(&self, voters: &BTreeSet<RaftNodeId>) {
         let log = &self.settings.log;
         let me = self.settings.raft_id;
