@@ -47,12 +47,46 @@ pub struct LogView {
     pub replicas: Option<Vec<String>>,
 }
 
-/// Returns a port that was free on 127.0.0.1 a moment ago.
+/// Lowest port [`free_port`] hands out.
+const FIRST_FIXED_PORT: u16 = 10_000;
+
+/// Returns a port that was free on 127.0.0.1 a moment ago, for a node to bind later.
+///
+/// The port comes from below the kernel's ephemeral range (`ip_local_port_range`) when that
+/// range leaves room. The kernel takes the ports of outgoing connections and of `bind(0)`
+/// from that range only. So another test's connection cannot take the port between this
+/// check and the node's bind. Ports handed out in this process repeat only after the range
+/// wraps; the start is random, so that processes running at once rarely meet.
 pub fn free_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);
+    let end = ephemeral_start().unwrap_or(0);
+    if end > FIRST_FIXED_PORT + 1_000 {
+        let span = u32::from(end - FIRST_FIXED_PORT);
+        let start = rand::random::<u32>() % span;
+        let _ = NEXT.compare_exchange(
+            u32::MAX,
+            start,
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        for _ in 0..span {
+            let offset = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % span;
+            let port = FIRST_FIXED_PORT + offset as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("binding a free port on 127.0.0.1")
+}
+
+/// Returns the first port of the kernel's ephemeral range, read from Linux's `/proc`.
+fn ephemeral_start() -> Option<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
 }
 
 impl ClusterFixture {

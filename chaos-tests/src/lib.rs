@@ -52,6 +52,7 @@ impl NodeProcess {
             &with_open_registration(extra),
             Stdio::from(file),
         )
+        .map_err(|e| with_log_tail(e, log))
     }
 
     /// Starts a node with its default account security: devices must be enrolled with a
@@ -64,6 +65,7 @@ impl NodeProcess {
     ) -> anyhow::Result<Self> {
         let file = std::fs::File::create(log)?;
         Self::start_with_stderr(binary, data_dir, extra, Stdio::from(file))
+            .map_err(|e| with_log_tail(e, log))
     }
 
     /// Like [`NodeProcess::start_secure`], logging at every level (`ATLAS_LOG=trace`), for
@@ -76,6 +78,7 @@ impl NodeProcess {
     ) -> anyhow::Result<Self> {
         let file = std::fs::File::create(log)?;
         Self::spawn(binary, data_dir, extra, Stdio::from(file), "trace")
+            .map_err(|e| with_log_tail(e, log))
     }
 
     fn start_with_stderr(
@@ -291,4 +294,16 @@ pub async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) 
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Adds the last lines of a node's log to the error of a failed start, since the log's
+/// directory is often removed with the test that started the node.
+fn with_log_tail(error: anyhow::Error, log: &Path) -> anyhow::Error {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+    anyhow::anyhow!(
+        "{error:#}\nlast lines of the node's log {}:\n{tail}",
+        log.display()
+    )
 }

@@ -48,11 +48,7 @@ struct Browser {
 
 impl Browser {
     async fn start(chromium: &Path, chromedriver: &Path, spki_hash: &str) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = atlas_chaos::cluster::free_port();
         let driver = Driver(
             Command::new(chromedriver)
                 .arg(format!("--port={port}"))
