@@ -45,6 +45,9 @@ pub struct LogView {
     /// For a shard's log, the node's placement of the shard over the live members, sorted,
     /// when it has the full replication factor: then these are the voters the log should have.
     pub replicas: Option<Vec<String>>,
+    /// For a shard's log with the full replication factor, the first node of its replica set:
+    /// the leader that placement prefers.
+    pub preferred: Option<String>,
 }
 
 /// Lowest port [`free_port`] hands out.
@@ -271,6 +274,9 @@ fn parse_view(log: &serde_json::Value, replicas: Option<&serde_json::Value>) -> 
         learners: sorted_names(&log["learners"])?,
         last_applied: log["last_applied"].as_u64(),
         replicas: replicas.and_then(sorted_names),
+        preferred: replicas
+            .and_then(|r| r.get(0))
+            .and_then(|first| first.as_str().map(str::to_owned)),
     })
 }
 

@@ -1023,6 +1023,22 @@ async fn five_nodes_keep_three_voters_per_shard() {
     );
     let caught_up = wait_until(CONVERGE, || logs_caught_up(&everyone)).await;
     assert!(caught_up, "{victim} did not catch up with every log");
+    // Leadership follows placement too: each shard log's leader hands over to the first node
+    // of the shard's replica set, so the victim leads its shards again.
+    let preferred_lead = wait_until(2 * CONVERGE, || {
+        agreed_leaders(&everyone, &names).is_some()
+            && log_views(everyone[0]).is_some_and(|now| {
+                now.iter()
+                    .skip(1)
+                    .all(|v| v.preferred.is_some() && v.leader == v.preferred)
+            })
+    })
+    .await;
+    assert!(
+        preferred_lead,
+        "some shard log is not led by its preferred leader: {:?}",
+        log_views(everyone[0])
+    );
     alice.send_reliably(&group, "back").await.unwrap();
     acknowledged.push("back".to_owned());
     bob.sync().await.unwrap();

@@ -20,7 +20,8 @@
 //! message ids (the server neither decrypts nor detects the repeat).
 
 use atlas_chaos::NodeProcess;
-use atlas_chaos::cluster::{ClusterFixture, group_leader};
+use atlas_chaos::cluster::{ClusterFixture, agreed_leaders, group_leader};
+use atlas_chaos::wait_until;
 use atlas_client::{Client, RawConnection, ServerTrust};
 use atlas_protocol::receipts::Receipt;
 use atlas_protocol::{
@@ -31,6 +32,7 @@ use ed25519_dalek::{Signer as _, SigningKey};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use rand::RngCore;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -521,7 +523,7 @@ async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
 
     eprintln!("== cluster: starting {} nodes", args.nodes);
     let fixture = ClusterFixture::new(&load.atlas_bin, Some(&load.data_parent))?;
-    let (_specs, mut nodes) = fixture
+    let (specs, mut nodes) = fixture
         .start_cluster(args.nodes, Duration::from_secs(60))
         .await?;
     let names: Vec<String> = nodes.keys().cloned().collect();
@@ -540,36 +542,42 @@ async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
     let (url, trust, pid) = (first.url(), targets[0].trust.clone(), first.pid());
     let cluster = measure(&load, devices, &url, &trust, pid, true).await?;
 
-    eprintln!("== failover: SIGKILL of the leader of a shard's log");
     let probes = probe_devices(&load, dir.path(), &targets, &names).await?;
+
+    eprintln!("== graceful leave: SIGTERM to the leader of a shard's log");
+    let (leader, probe) = probes_of_a_leader(&nodes, &names, &probes, &[])?;
+    let node = nodes
+        .remove(&leader)
+        .ok_or_else(|| anyhow::anyhow!("leader {leader} is not one of the nodes"))?;
+    let leave = measure_leave(node, &probe).await?;
+    eprintln!(
+        "   longest wait for an acknowledgement while {leader} left: {:.2} s ({} sends \
+         failed, {} acknowledged)",
+        leave.longest_gap.as_secs_f64(),
+        leave.failed,
+        leave.acknowledged
+    );
+    let spec = specs
+        .iter()
+        .find(|s| s.name == leader)
+        .ok_or_else(|| anyhow::anyhow!("no spec for {leader}"))?;
+    nodes.insert(leader.clone(), fixture.start(spec)?);
+    eprintln!("   {leader} restarted; waiting until it votes in every log again");
     let everyone: Vec<&NodeProcess> = nodes.values().collect();
     let voters: Vec<&str> = names.iter().map(String::as_str).collect();
-    // A probe group homed on a node that does not lead its shard; its shard's leader dies.
-    let mut leader = None;
-    for (home, devices) in &probes {
-        let group = devices[0].group.as_bytes();
-        let shard_leader = group_leader(&everyone, &voters, group).ok_or_else(|| {
-            anyhow::anyhow!("the nodes do not agree on the leader of a probe group's shard")
-        })?;
-        if shard_leader != *home {
-            leader = Some(shard_leader);
-            break;
-        }
-    }
-    let leader = leader.ok_or_else(|| {
-        anyhow::anyhow!("every probe group's shard is led by the probe's own node; run again")
-    })?;
-    let mut probe = Vec::new();
-    for (home, devices) in probes {
-        let group = devices[0].group.as_bytes();
-        if home != leader && group_leader(&everyone, &voters, group).as_ref() == Some(&leader) {
-            probe.extend(devices);
-        }
-    }
-    eprintln!(
-        "   {} probe groups on the other nodes belong to shards that {leader} leads",
-        probe.len() / 2
+    let rejoined = wait_until(Duration::from_secs(90), || {
+        agreed_leaders(&everyone, &voters).is_some()
+    })
+    .await;
+    anyhow::ensure!(
+        rejoined,
+        "{leader} did not vote in every log within 90 s of its restart"
     );
+    // The probes homed on the node that left lost their connections.
+    let left = leader;
+
+    eprintln!("== failover: SIGKILL of the leader of a shard's log");
+    let (leader, probe) = probes_of_a_leader(&nodes, &names, &probes, &[left.as_str()])?;
     nodes
         .remove(&leader)
         .ok_or_else(|| anyhow::anyhow!("leader {leader} is not one of the nodes"))?
@@ -595,8 +603,97 @@ async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
         "   first acknowledged send {:.2} s after killing {leader}",
         failover.as_secs_f64()
     );
-    print_cluster_report(&load, args.nodes, &single, &cluster, failover);
+    print_cluster_report(&load, args.nodes, &single, &cluster, &leave, failover);
     Ok(())
+}
+
+/// Picks a node that leads the shard of a probe group homed on another node, and returns
+/// its name with the probe devices of every such group. Probes homed on a node in `skip`
+/// are left out.
+fn probes_of_a_leader<'p>(
+    nodes: &BTreeMap<String, NodeProcess>,
+    names: &[String],
+    probes: &'p [(String, Vec<Device>)],
+    skip: &[&str],
+) -> anyhow::Result<(String, Vec<&'p Device>)> {
+    let everyone: Vec<&NodeProcess> = nodes.values().collect();
+    let voters: Vec<&str> = names.iter().map(String::as_str).collect();
+    let usable = || {
+        probes
+            .iter()
+            .filter(|(home, _)| !skip.contains(&home.as_str()))
+    };
+    let mut leaders = Vec::new();
+    for (home, devices) in usable() {
+        let group = devices[0].group.as_bytes();
+        let leader = group_leader(&everyone, &voters, group).ok_or_else(|| {
+            anyhow::anyhow!("the nodes do not agree on the leader of a probe group's shard")
+        })?;
+        leaders.push((home, leader));
+    }
+    let Some(leader) = leaders
+        .iter()
+        .find(|(home, leader)| *home != leader)
+        .map(|(_, leader)| leader.clone())
+    else {
+        anyhow::bail!("every probe group's shard is led by the probe's own node; run again");
+    };
+    let probe: Vec<&Device> = usable()
+        .zip(&leaders)
+        .filter(|(_, (home, shard_leader))| **home != leader && *shard_leader == leader)
+        .flat_map(|((_, devices), _)| devices)
+        .collect();
+    eprintln!(
+        "   {} probe groups on the other nodes belong to shards that {leader} leads",
+        probe.len() / 2
+    );
+    Ok((leader, probe))
+}
+
+/// What the probes saw while a node left the cluster gracefully.
+struct Leave {
+    /// Longest time between two acknowledged sends, counted from the SIGTERM.
+    longest_gap: Duration,
+    failed: u64,
+    acknowledged: u64,
+}
+
+/// Sends SIGTERM to `node` and keeps sending from the probes, one send at a time, until the
+/// node has exited and 2 s more have passed with a send acknowledged after the exit.
+async fn measure_leave(node: NodeProcess, probe: &[&Device]) -> anyhow::Result<Leave> {
+    anyhow::ensure!(!probe.is_empty(), "no probe group to send from");
+    let started = Instant::now();
+    let mut stopping = tokio::task::spawn_blocking(move || node.terminate(Duration::from_secs(60)));
+    let mut exited_at = None;
+    let mut last_ack = started;
+    let mut leave = Leave {
+        longest_gap: Duration::ZERO,
+        failed: 0,
+        acknowledged: 0,
+    };
+    for device in probe.iter().cycle() {
+        if started.elapsed() > Duration::from_secs(90) {
+            anyhow::bail!("the leave took longer than 90 s");
+        }
+        if exited_at.is_none() && stopping.is_finished() {
+            let status = (&mut stopping).await??;
+            anyhow::ensure!(status.success(), "the leaving node exited with {status}");
+            exited_at = Some(Instant::now());
+        }
+        if send_once(device).await.is_ok() {
+            let now = Instant::now();
+            leave.longest_gap = leave.longest_gap.max(now - last_ack);
+            last_ack = now;
+            leave.acknowledged += 1;
+        } else {
+            leave.failed += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if exited_at.is_some_and(|at| at.elapsed() > Duration::from_secs(2) && last_ack > at) {
+            return Ok(leave);
+        }
+    }
+    unreachable!("the probe list is not empty, so the loop ends only by returning")
 }
 
 /// Creates two two-member groups per node, with both members on that node, for sending
@@ -624,6 +721,7 @@ fn print_cluster_report(
     nodes: usize,
     single: &Report,
     cluster: &Report,
+    leave: &Leave,
     failover: Duration,
 ) {
     println!(
@@ -672,6 +770,12 @@ fn print_cluster_report(
         single.errors,
         cluster.errors,
         failover.as_secs_f64()
+    );
+    println!(
+        "Graceful leave (SIGTERM) of a shard leader: longest wait for an acknowledgement {:.2} \
+         s, {} failed sends.",
+        leave.longest_gap.as_secs_f64(),
+        leave.failed
     );
 }
 

@@ -21,6 +21,7 @@ use atlas_storage::{Change, ShardLogStart, SharedPart, StorageError, Store};
 use openraft::{BasicNode, ServerState};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// Name of the directory's log. Earlier versions carried everything in it.
@@ -66,6 +67,8 @@ pub struct ReplicatedLogs {
     started: Instant,
     replication: usize,
     start_alone_after: Duration,
+    /// Turn counter of [`ReplicatedLogs::balance_leaders`].
+    balance_turn: AtomicU32,
 }
 
 impl ReplicatedLogs {
@@ -127,6 +130,7 @@ impl ReplicatedLogs {
             started: Instant::now(),
             replication: settings.replication.max(1),
             start_alone_after: settings.start_alone_after,
+            balance_turn: AtomicU32::new(0),
         })
     }
 
@@ -248,7 +252,9 @@ impl ReplicatedLogs {
     /// Makes live members voters of every log this node leads (see
     /// [`Replica::add_live_members`]): every one of the directory's, and of each shard's the
     /// `replication` first in the shard's rendezvous order among the live members, with the
-    /// others as learners. Returns the failures, by log.
+    /// others as learners. Then, if every change went through, hands the leadership of at
+    /// most one shard log to its preferred leader (see [`ReplicatedLogs::balance_leaders`]).
+    /// Returns the failures, by log.
     pub async fn add_live_members(&self, alive: &[(String, RaftNodeId)]) -> Vec<String> {
         let mut failures = Vec::new();
         let live: Vec<NodeName> = alive
@@ -274,7 +280,52 @@ impl ReplicatedLogs {
                 )),
             }
         }
+        if failures.is_empty() {
+            self.balance_leaders(alive, &live).await;
+        }
         failures
+    }
+
+    /// Hands the leadership of one shard log that this node should not lead to the log's
+    /// preferred leader: the first node of its replica set (see
+    /// [`Replica::transfer_leadership`]). So the leaders spread over the nodes as placement
+    /// does. Logs this node has led for less than the lease on its vote wait for a later
+    /// round. The logs take turns, so that one whose handover keeps failing does not hold up
+    /// the others.
+    async fn balance_leaders(&self, alive: &[(String, RaftNodeId)], live: &[NodeName]) {
+        let mut candidates = Vec::new();
+        for (shard, log) in self.by_shard() {
+            let Some(shard) = shard else { continue };
+            // Every log this node leads is asked, so that each starts counting its lease.
+            if !log.replica.leads_past_lease() {
+                continue;
+            }
+            let replica_set = self.replica_set(shard, live);
+            // Until the log's voters are its replica set, membership changes come first.
+            if !same_names(&log.replica.status().voters, &replica_set) {
+                continue;
+            }
+            let preferred = replica_set.into_iter().next();
+            let target = preferred.and_then(|name| {
+                let (_, id) = alive.iter().find(|(n, _)| *n == name)?;
+                (*id != self.node).then_some((shard, name, *id))
+            });
+            if let Some(target) = target {
+                candidates.push((log, target));
+            }
+        }
+        let turn = self.balance_turn.fetch_add(1, Ordering::Relaxed);
+        let Some((log, (shard, name, id))) = candidates
+            .iter()
+            .min_by_key(|(_, (shard, _, _))| shard.0.wrapping_sub(turn))
+        else {
+            return;
+        };
+        if log.replica.transfer_leadership(*id).await {
+            tracing::info!(shard = shard.0, to = %name, "handed leadership of the shard's log to its preferred leader");
+        } else {
+            tracing::debug!(shard = shard.0, to = %name, "the preferred leader of the shard's log did not take over; trying again later");
+        }
     }
 
     /// Lets this node start elections in a log only while it counts a majority of the log's
@@ -438,4 +489,13 @@ async fn start_shard_log(raft: &super::Raft, members: &BTreeMap<RaftNodeId, Basi
             false
         }
     }
+}
+
+/// Returns whether two lists hold the same names, in any order.
+fn same_names(a: &[String], b: &[String]) -> bool {
+    let mut a: Vec<&String> = a.iter().collect();
+    let mut b: Vec<&String> = b.iter().collect();
+    a.sort();
+    b.sort();
+    a == b
 }

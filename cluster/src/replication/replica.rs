@@ -3,7 +3,7 @@
 
 use super::transport::{
     ClusterNetwork, Departures, EndpointArgs, LEAVE_HOLD, RaftEndpoint, RaftEndpointMsg, Request,
-    ask, remove_voter, voters,
+    ask, hold_writes, release_writes, remove_voter, voters,
 };
 use super::{Applier, Raft, RaftNodeId, SledLogStore, SledStateMachine};
 use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
@@ -11,9 +11,9 @@ use ractor::{Actor, ActorRef};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Raft id that earlier versions derived from a node's name: the first 8 bytes of its SHA-256.
 fn name_based_id(name: &str) -> RaftNodeId {
@@ -92,7 +92,15 @@ pub struct Replica {
     announcer: tokio::task::JoinHandle<()>,
     /// Whether this node may start elections (see [`Replica::gate_elections`]).
     elections: AtomicBool,
+    /// The term in which this node leads the log, and when it first saw itself lead in it.
+    leading_since: Mutex<Option<(u64, Instant)>>,
 }
+
+/// Longest time a leader holds new writes while it hands leadership over.
+const HANDOVER_HOLD: Duration = Duration::from_secs(1);
+
+/// Longest time a leader waits for the voter taking over to have the whole log.
+const HANDOVER_CATCH_UP: Duration = Duration::from_millis(500);
 
 /// Time the leader waits after announcing a commit before it announces the next, so that
 /// announcements under load cost at most this many heartbeats a second.
@@ -165,6 +173,7 @@ impl Replica {
             departures,
             announcer,
             elections: AtomicBool::new(true),
+            leading_since: Mutex::new(None),
         })
     }
 
@@ -311,22 +320,117 @@ impl Replica {
         Ok(())
     }
 
-    /// Notifies the remaining `voters` that this node, the leader, left them, and requests an
-    /// election from one of them at once, so they need not wait out the leader's lease.
+    /// Notifies the remaining `voters` that this node, the leader, left them, and has them
+    /// elect a new leader at once rather than after the leader's lease.
+    ///
+    /// A follower refuses votes while its lease on the last leader runs (the longest election
+    /// timeout after the last heartbeat), unless it is a candidate itself. So every remaining
+    /// voter but one becomes a candidate first, and then the one with the highest raft id.
+    /// Votes of one term order by node id, so a candidate grants its vote to any candidate
+    /// of a higher id, and some candidate wins within a round or two of requests. If no one
+    /// wins (a lagging log, a lost message), the candidates elect as usual when their
+    /// timeouts run out.
     async fn hand_over(&self, voters: &BTreeSet<RaftNodeId>) {
         let log = &self.settings.log;
         let me = self.settings.raft_id;
-        for next in voters.iter().filter(|v| **v != me) {
+        let others: Vec<RaftNodeId> = voters.iter().copied().filter(|v| *v != me).collect();
+        for next in &others {
             if let Err(e) = ask(log, *next, Request::Departed(me)).await {
                 tracing::debug!(log = %log, error = %e, "a remaining voter did not take the notice of departure");
             }
         }
-        for next in voters.iter().filter(|v| **v != me) {
-            match ask(log, *next, Request::Elect).await {
-                Ok(()) => break,
+        let Some((last, first)) = others.split_last() else {
+            return;
+        };
+        let candidates = first.iter().map(|next| ask(log, *next, Request::Elect));
+        for (next, result) in first
+            .iter()
+            .zip(futures_util::future::join_all(candidates).await)
+        {
+            if let Err(e) = result {
+                tracing::debug!(log = %log, raft_id = next, error = %e, "a remaining voter did not start an election");
+            }
+        }
+        if let Err(e) = ask(log, *last, Request::Elect).await {
+            tracing::debug!(log = %log, raft_id = last, error = %e, "the remaining voter meant to lead did not start an election");
+        }
+    }
+
+    /// Hands leadership of the log to the voter `target`, if this node leads it, and returns
+    /// whether leadership moved. Used to spread the shard logs' leaders over the nodes.
+    ///
+    /// openraft 0.9 has no leadership transfer; this one rests on its vote rules. A leader's
+    /// lease on its own vote ends an election timeout after it was elected, and from then on
+    /// it grants its vote to a candidate of a higher term whose log is at least as long as
+    /// its own. So the leader holds new writes (for at most [`HANDOVER_HOLD`]), waits until
+    /// `target` has every entry, and asks it to start an election. With the target's own
+    /// vote, the leader's makes a majority of up to 3 voters, so logs with more voters are
+    /// left alone: their other followers refuse votes during their lease on the leader.
+    /// Call it only once [`Replica::leads_past_lease`] says so.
+    pub async fn transfer_leadership(&self, target: RaftNodeId) -> bool {
+        let metrics = self.raft.metrics().borrow().clone();
+        let me = self.settings.raft_id;
+        if metrics.state != ServerState::Leader || target == me {
+            return false;
+        }
+        let voters: BTreeSet<RaftNodeId> =
+            metrics.membership_config.membership().voter_ids().collect();
+        if !voters.contains(&target) || voters.len() > 3 {
+            return false;
+        }
+        let log = &self.settings.log;
+        hold_writes(log, me, Instant::now() + HANDOVER_HOLD);
+        let caught_up = self
+            .raft
+            .wait(Some(HANDOVER_CATCH_UP))
+            .metrics(
+                |m| {
+                    let matched = m.replication.as_ref().and_then(|r| r.get(&target));
+                    matched.is_some_and(|id| id.map(|id| id.index) == m.last_log_index)
+                },
+                "the voter taking over has every entry",
+            )
+            .await
+            .is_ok();
+        let moved = caught_up
+            && match ask(log, target, Request::Elect).await {
+                Ok(()) => self
+                    .raft
+                    .wait(Some(HANDOVER_HOLD))
+                    .metrics(
+                        |m| m.current_leader.is_some_and(|l| l != me),
+                        "another voter leads",
+                    )
+                    .await
+                    .is_ok(),
                 Err(e) => {
-                    tracing::debug!(log = %log, error = %e, "a remaining voter did not start an election")
+                    tracing::debug!(log = %log, raft_id = target, error = %e, "the voter meant to take over did not start an election");
+                    false
                 }
+            };
+        release_writes(log, me);
+        moved
+    }
+
+    /// Returns whether this node has led the log for longer than the lease on its vote (the
+    /// longest election timeout) with a margin, which [`Replica::transfer_leadership`] needs.
+    /// The time counts from the first call that saw this node lead in the current term, so
+    /// call it at regular intervals.
+    pub fn leads_past_lease(&self) -> bool {
+        let metrics = self.raft.metrics().borrow().clone();
+        if metrics.state != ServerState::Leader {
+            return false;
+        }
+        // The margin covers the time between the election and the first call after it.
+        let settled = 3 * self.settings.election_timeout;
+        let Ok(mut since) = self.leading_since.lock() else {
+            return false;
+        };
+        match *since {
+            Some((term, at)) if term == metrics.current_term => at.elapsed() >= settled,
+            _ => {
+                *since = Some((metrics.current_term, Instant::now()));
+                false
             }
         }
     }

@@ -274,3 +274,137 @@ async fn commands_survive_leader_loss() {
         replica.raft.shutdown().await.unwrap();
     }
 }
+
+/// Starts three [`super::Replica`]s of one log in this process, each with its own sled
+/// database and raft endpoint actor. Their calls go through ractor's process groups, as
+/// between nodes, only without the network.
+async fn start_endpoint_replicas(
+    dir: &std::path::Path,
+    log: &str,
+) -> BTreeMap<RaftNodeId, (super::Replica, Arc<ListApplier>)> {
+    let mut replicas = BTreeMap::new();
+    for id in 1..=3u64 {
+        let settings = ReplicaSettings {
+            log: log.into(),
+            node_name: format!("node-{id}"),
+            raft_id: id,
+            heartbeat: Duration::from_millis(100),
+            election_timeout: Duration::from_millis(300),
+            snapshot_every: 10_000,
+        };
+        let db = sled::open(dir.join(id.to_string())).unwrap();
+        let applier = Arc::new(ListApplier::default());
+        let replica = super::Replica::start(settings, &db, applier.clone())
+            .await
+            .unwrap();
+        replicas.insert(id, (replica, applier));
+    }
+    let members: BTreeMap<RaftNodeId, BasicNode> = (1..=3u64)
+        .map(|id| (id, BasicNode::new(format!("node-{id}"))))
+        .collect();
+    replicas[&1].0.raft().initialize(members).await.unwrap();
+    replicas
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_hands_leadership_to_a_chosen_voter() {
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = start_endpoint_replicas(dir.path(), "handover-test").await;
+    let rafts: Vec<&Raft> = replicas.values().map(|(r, _)| r.raft()).collect();
+    let leader = wait_for_leader(&rafts, None).await;
+    let (old, _) = &replicas[&leader];
+    for n in 0..3u8 {
+        old.raft().client_write(Command(vec![n])).await.unwrap();
+    }
+
+    // The handover needs the leader's lease on its own vote to have ended.
+    let mut settled = false;
+    for _ in 0..100 {
+        if old.leads_past_lease() {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(settled, "node {leader} never led past its lease");
+
+    // The lowest id other than the leader's: the order of ids does not pick the winner.
+    let target = (1..=3u64).find(|id| *id != leader).unwrap();
+    assert!(
+        old.transfer_leadership(target).await,
+        "leadership did not move from {leader} to {target}"
+    );
+    for (id, (replica, _)) in &replicas {
+        let mut agreed = false;
+        for _ in 0..100 {
+            if replica.raft().metrics().borrow().current_leader == Some(target) {
+                agreed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(agreed, "node {id} does not follow {target}");
+    }
+
+    // The new leader writes after the old one's entries, and every replica has one order.
+    replicas[&target]
+        .0
+        .raft()
+        .client_write(Command(vec![3]))
+        .await
+        .unwrap();
+    let expected: Vec<Vec<u8>> = (0..4u8).map(|n| vec![n]).collect();
+    for (_, applier) in replicas.values() {
+        wait_for_applied(applier, 4).await;
+        assert_eq!(applier.commands(), expected);
+    }
+    // A node that does not lead hands nothing over.
+    assert!(!old.transfer_leadership(leader).await);
+    for (replica, _) in replicas.values() {
+        replica.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_leader_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = start_endpoint_replicas(dir.path(), "leave-test").await;
+    let rafts: Vec<&Raft> = replicas.values().map(|(r, _)| r.raft()).collect();
+    let leader = wait_for_leader(&rafts, None).await;
+    let (old, _) = &replicas[&leader];
+    old.raft().client_write(Command(vec![0])).await.unwrap();
+
+    old.leave(None, 1).await.unwrap();
+    let rest: Vec<&Raft> = replicas
+        .iter()
+        .filter(|(id, _)| **id != leader)
+        .map(|(_, (r, _))| r.raft())
+        .collect();
+    let next = wait_for_leader(&rest, Some(leader)).await;
+    assert_ne!(next, leader);
+    let voters: BTreeSet<RaftNodeId> = replicas[&next]
+        .0
+        .raft()
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect();
+    assert!(!voters.contains(&leader), "{voters:?}");
+    replicas[&next]
+        .0
+        .raft()
+        .client_write(Command(vec![1]))
+        .await
+        .unwrap();
+    for (id, (_, applier)) in &replicas {
+        if *id != leader {
+            wait_for_applied(applier, 2).await;
+            assert_eq!(applier.commands(), [vec![0], vec![1]]);
+        }
+    }
+    for (replica, _) in replicas.values() {
+        replica.stop().await;
+    }
+}

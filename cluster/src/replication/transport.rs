@@ -217,11 +217,54 @@ impl Actor for RaftEndpoint {
     }
 }
 
-/// Writes `command` on this node, which must lead the log.
+/// Logs whose leader keeps new writes waiting while it hands leadership over, by log name and
+/// the leader's raft id, with the time the wait ends. Several nodes may run in one process in
+/// tests, hence the raft id.
+static HELD_WRITES: Mutex<Vec<(String, RaftNodeId, Instant)>> = Mutex::new(Vec::new());
+
+/// Holds the writes that reach this node's leader of `log` until `until` or until
+/// [`release_writes`], so that a follower taking over leadership has the whole log.
+pub(super) fn hold_writes(log: &str, node: RaftNodeId, until: Instant) {
+    if let Ok(mut held) = HELD_WRITES.lock() {
+        held.retain(|(l, n, _)| !(l == log && *n == node));
+        held.push((log.to_owned(), node, until));
+    }
+}
+
+/// Ends a hold of [`hold_writes`].
+pub(super) fn release_writes(log: &str, node: RaftNodeId) {
+    if let Ok(mut held) = HELD_WRITES.lock() {
+        held.retain(|(l, n, _)| !(l == log && *n == node));
+    }
+}
+
+/// Waits while writes to the log that `raft` runs are held on this node.
+async fn wait_while_held(raft: &Raft) {
+    let log = &raft.config().cluster_name;
+    let node = raft.metrics().borrow().id;
+    loop {
+        let until = HELD_WRITES.lock().ok().and_then(|held| {
+            held.iter()
+                .find(|(l, n, _)| l == log && *n == node)
+                .map(|(_, _, until)| *until)
+        });
+        match until {
+            Some(until) if until > Instant::now() => {
+                tokio::time::sleep(Duration::from_millis(5).min(until - Instant::now())).await;
+            }
+            _ => return,
+        }
+    }
+}
+
+/// Writes `command` on this node, which must lead the log. While the leader hands
+/// leadership over, the write waits; then it either goes through here or is refused with
+/// the new leader's id.
 pub(super) async fn write_here(
     raft: &Raft,
     command: Command,
 ) -> Result<(u64, CommandResult), WriteRefused> {
+    wait_while_held(raft).await;
     let written = tokio::time::timeout(WRITE_TIMEOUT, raft.client_write(command)).await;
     match written {
         Ok(Ok(response)) => Ok((response.log_id.index, response.data)),
