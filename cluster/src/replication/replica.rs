@@ -96,10 +96,10 @@ pub struct Replica {
     leading_since: Mutex<Option<(u64, Instant)>>,
 }
 
-/// Longest time a leader holds new writes while it hands leadership over.
+/// Time a leader keeps new writes waiting, at most, while it hands leadership over.
 const HANDOVER_HOLD: Duration = Duration::from_secs(1);
 
-/// Longest time a leader waits for the voter taking over to have the whole log.
+/// Time a leader waits, at most, for the voter taking over to have the whole log.
 const HANDOVER_CATCH_UP: Duration = Duration::from_millis(500);
 
 /// Time the leader waits after announcing a commit before it announces the next, so that
@@ -321,15 +321,7 @@ impl Replica {
     }
 
     /// Notifies the remaining `voters` that this node, the leader, left them, and has them
-    /// elect a new leader at once rather than after the leader's lease.
-    ///
-    /// A follower refuses votes while its lease on the last leader runs (the longest election
-    /// timeout after the last heartbeat), unless it is a candidate itself. So every remaining
-    /// voter but one becomes a candidate first, and then the one with the highest raft id.
-    /// Votes of one term order by node id, so a candidate grants its vote to any candidate
-    /// of a higher id, and some candidate wins within a round or two of requests. If no one
-    /// wins (a lagging log, a lost message), the candidates elect as usual when their
-    /// timeouts run out.
+    /// elect a new leader at once (see [`Replica::elect_among`]).
     async fn hand_over(&self, voters: &BTreeSet<RaftNodeId>) {
         let log = &self.settings.log;
         let me = self.settings.raft_id;
@@ -339,6 +331,23 @@ impl Replica {
                 tracing::debug!(log = %log, error = %e, "a remaining voter did not take the notice of departure");
             }
         }
+        self.elect_among(&others).await;
+    }
+
+    /// Has the voters `others` elect a leader among themselves at once, rather than after
+    /// their lease on this node, the leader that goes away.
+    ///
+    /// A follower refuses votes while its lease on the last leader runs (the longest election
+    /// timeout after the last heartbeat), unless it is a candidate itself. So every one of
+    /// `others` but one becomes a candidate first, and then the one with the highest raft id.
+    /// Votes of one term order by node id, so a candidate grants its vote to any candidate
+    /// of a higher id, and some candidate wins within a round or two of requests. If no one
+    /// wins (a lagging log, a lost message), the candidates elect as usual when their
+    /// timeouts run out.
+    async fn elect_among(&self, others: &[RaftNodeId]) {
+        let log = &self.settings.log;
+        let mut others = others.to_vec();
+        others.sort_unstable();
         let Some((last, first)) = others.split_last() else {
             return;
         };
@@ -356,13 +365,52 @@ impl Replica {
         }
     }
 
+    /// Makes the other voters elect a leader among themselves before this node, which leads
+    /// the log but stays one of its voters, stops. New writes wait meanwhile, and the others
+    /// get up to [`HANDOVER_CATCH_UP`] to receive every entry, so that any of them can win.
+    async fn step_down(&self, voters: &BTreeSet<RaftNodeId>) {
+        let log = &self.settings.log;
+        let me = self.settings.raft_id;
+        let others: Vec<RaftNodeId> = voters.iter().copied().filter(|v| *v != me).collect();
+        hold_writes(log, me, Instant::now() + HANDOVER_HOLD);
+        let _ = self
+            .raft
+            .wait(Some(HANDOVER_CATCH_UP))
+            .metrics(
+                |m| {
+                    let replication = m.replication.as_ref();
+                    others.iter().all(|other| {
+                        replication
+                            .and_then(|r| r.get(other))
+                            .is_some_and(|id| id.map(|id| id.index) == m.last_log_index)
+                    })
+                },
+                "the other voters have every entry",
+            )
+            .await;
+        self.elect_among(&others).await;
+        let moved = self
+            .raft
+            .wait(Some(HANDOVER_HOLD))
+            .metrics(
+                |m| m.current_leader.is_some_and(|l| l != me),
+                "another voter leads",
+            )
+            .await
+            .is_ok();
+        release_writes(log, me);
+        if moved {
+            tracing::info!(log = %log, "handed leadership to another voter before stopping");
+        }
+    }
+
     /// Hands leadership of the log to the voter `target`, if this node leads it, and returns
     /// whether leadership moved. Used to spread the shard logs' leaders over the nodes.
     ///
     /// openraft 0.9 has no leadership transfer; this one rests on its vote rules. A leader's
     /// lease on its own vote ends an election timeout after it was elected, and from then on
     /// it grants its vote to a candidate of a higher term whose log is at least as long as
-    /// its own. So the leader holds new writes (for at most [`HANDOVER_HOLD`]), waits until
+    /// its own. So the leader keeps new writes waiting (for at most [`HANDOVER_HOLD`]), waits until
     /// `target` has every entry, and asks it to start an election. With the target's own
     /// vote, the leader's makes a majority of up to 3 voters, so logs with more voters are
     /// left alone: their other followers refuse votes during their lease on the leader.
@@ -513,8 +561,9 @@ impl Replica {
     }
 
     /// Takes this node out of the log's voters before it stops for good, so that the others
-    /// no longer count on it for a majority. A leader removes itself and asks another voter
-    /// to start an election at once; a follower asks the leader. `replacement`, a learner,
+    /// no longer count on it for a majority. A leader removes itself and has the others
+    /// elect at once; a follower asks the leader. A leader that stays a voter (see below)
+    /// still has the others elect a leader before it stops. `replacement`, a learner,
     /// becomes a voter in the same change. The node stays a voter when the log would keep
     /// fewer than `keep` voters. It becomes a voter again when it comes back after
     /// [`LEAVE_HOLD`].
@@ -527,9 +576,13 @@ impl Replica {
         let log = &self.settings.log;
         match self.raft.current_leader().await {
             Some(leader) if leader == id => {
-                remove_voter(&self.raft, &self.departures, id, replacement, keep)
-                    .await
-                    .map_err(anyhow::Error::msg)?;
+                let removed =
+                    remove_voter(&self.raft, &self.departures, id, replacement, keep).await;
+                if let Err(e) = removed {
+                    // Still a voter, but the log need not wait for this node's lease to end.
+                    self.step_down(&voters).await;
+                    anyhow::bail!(e);
+                }
                 self.hand_over(&voters).await;
             }
             Some(leader) => ask(

@@ -408,3 +408,47 @@ async fn leaving_leader_is_replaced() {
         replica.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_kept_as_voter_still_hands_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = start_endpoint_replicas(dir.path(), "floor-test").await;
+    let rafts: Vec<&Raft> = replicas.values().map(|(r, _)| r.raft()).collect();
+    let leader = wait_for_leader(&rafts, None).await;
+    let (old, _) = &replicas[&leader];
+    old.raft().client_write(Command(vec![0])).await.unwrap();
+
+    // Three voters must stay, so the leader cannot leave, but another voter takes over.
+    let refused = old.leave(None, 3).await.unwrap_err();
+    assert!(refused.to_string().contains("stays a voter"), "{refused:#}");
+    let rest: Vec<&Raft> = replicas
+        .iter()
+        .filter(|(id, _)| **id != leader)
+        .map(|(_, (r, _))| r.raft())
+        .collect();
+    let next = wait_for_leader(&rest, Some(leader)).await;
+    assert_ne!(next, leader);
+    let voters: BTreeSet<RaftNodeId> = replicas[&next]
+        .0
+        .raft()
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect();
+    assert_eq!(voters, BTreeSet::from([1, 2, 3]));
+    replicas[&next]
+        .0
+        .raft()
+        .client_write(Command(vec![1]))
+        .await
+        .unwrap();
+    for (_, applier) in replicas.values() {
+        wait_for_applied(applier, 2).await;
+        assert_eq!(applier.commands(), [vec![0], vec![1]]);
+    }
+    for (replica, _) in replicas.values() {
+        replica.stop().await;
+    }
+}
