@@ -389,15 +389,7 @@ impl Replica {
             )
             .await;
         self.elect_among(&others).await;
-        let moved = self
-            .raft
-            .wait(Some(HANDOVER_HOLD))
-            .metrics(
-                |m| m.current_leader.is_some_and(|l| l != me),
-                "another voter leads",
-            )
-            .await
-            .is_ok();
+        let moved = self.led_by_another().await;
         release_writes(log, me);
         if moved {
             tracing::info!(log = %log, "handed leadership to another voter before stopping");
@@ -442,15 +434,7 @@ impl Replica {
             .is_ok();
         let moved = caught_up
             && match ask(log, target, Request::Elect).await {
-                Ok(()) => self
-                    .raft
-                    .wait(Some(HANDOVER_HOLD))
-                    .metrics(
-                        |m| m.current_leader.is_some_and(|l| l != me),
-                        "another voter leads",
-                    )
-                    .await
-                    .is_ok(),
+                Ok(()) => self.led_by_another().await,
                 Err(e) => {
                     tracing::debug!(log = %log, raft_id = target, error = %e, "the voter meant to take over did not start an election");
                     false
@@ -458,6 +442,20 @@ impl Replica {
             };
         release_writes(log, me);
         moved
+    }
+
+    /// Waits up to [`HANDOVER_HOLD`] until another node leads the log, and returns whether
+    /// one does.
+    async fn led_by_another(&self) -> bool {
+        let me = self.settings.raft_id;
+        self.raft
+            .wait(Some(HANDOVER_HOLD))
+            .metrics(
+                |m| m.current_leader.is_some_and(|l| l != me),
+                "another voter leads",
+            )
+            .await
+            .is_ok()
     }
 
     /// Returns whether this node has led the log for longer than the lease on its vote (the

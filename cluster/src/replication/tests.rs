@@ -365,6 +365,23 @@ async fn leader_hands_leadership_to_a_chosen_voter() {
     }
 }
 
+/// Waits until a node other than `leader` leads, and returns it with the voters it sees.
+async fn next_leader(
+    replicas: &BTreeMap<RaftNodeId, (super::Replica, Arc<ListApplier>)>,
+    leader: RaftNodeId,
+) -> (RaftNodeId, BTreeSet<RaftNodeId>) {
+    let rest: Vec<&Raft> = replicas
+        .iter()
+        .filter(|(id, _)| **id != leader)
+        .map(|(_, (r, _))| r.raft())
+        .collect();
+    let next = wait_for_leader(&rest, Some(leader)).await;
+    assert_ne!(next, leader);
+    let metrics = replicas[&next].0.raft().metrics().borrow().clone();
+    let voters = metrics.membership_config.membership().voter_ids().collect();
+    (next, voters)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaving_leader_is_replaced() {
     let dir = tempfile::tempdir().unwrap();
@@ -375,22 +392,7 @@ async fn leaving_leader_is_replaced() {
     old.raft().client_write(Command(vec![0])).await.unwrap();
 
     old.leave(None, 1).await.unwrap();
-    let rest: Vec<&Raft> = replicas
-        .iter()
-        .filter(|(id, _)| **id != leader)
-        .map(|(_, (r, _))| r.raft())
-        .collect();
-    let next = wait_for_leader(&rest, Some(leader)).await;
-    assert_ne!(next, leader);
-    let voters: BTreeSet<RaftNodeId> = replicas[&next]
-        .0
-        .raft()
-        .metrics()
-        .borrow()
-        .membership_config
-        .membership()
-        .voter_ids()
-        .collect();
+    let (next, voters) = next_leader(&replicas, leader).await;
     assert!(!voters.contains(&leader), "{voters:?}");
     replicas[&next]
         .0
@@ -421,22 +423,7 @@ async fn leader_kept_as_voter_still_hands_over() {
     // Three voters must stay, so the leader cannot leave, but another voter takes over.
     let refused = old.leave(None, 3).await.unwrap_err();
     assert!(refused.to_string().contains("stays a voter"), "{refused:#}");
-    let rest: Vec<&Raft> = replicas
-        .iter()
-        .filter(|(id, _)| **id != leader)
-        .map(|(_, (r, _))| r.raft())
-        .collect();
-    let next = wait_for_leader(&rest, Some(leader)).await;
-    assert_ne!(next, leader);
-    let voters: BTreeSet<RaftNodeId> = replicas[&next]
-        .0
-        .raft()
-        .metrics()
-        .borrow()
-        .membership_config
-        .membership()
-        .voter_ids()
-        .collect();
+    let (next, voters) = next_leader(&replicas, leader).await;
     assert_eq!(voters, BTreeSet::from([1, 2, 3]));
     replicas[&next]
         .0
