@@ -20,7 +20,7 @@
 //! message ids (the server neither decrypts nor detects the repeat).
 
 use atlas_chaos::NodeProcess;
-use atlas_chaos::cluster::{ClusterFixture, agreed_leaders, group_leader};
+use atlas_chaos::cluster::{ClusterFixture, agreed_leaders, group_leader, log_views};
 use atlas_chaos::wait_until;
 use atlas_client::{Client, RawConnection, ServerTrust};
 use atlas_protocol::receipts::Receipt;
@@ -573,6 +573,26 @@ async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
         rejoined,
         "{leader} did not vote in every log within 90 s of its restart"
     );
+    // Leadership of the shards that placement gives the restarted node moves back to it; the
+    // kill below starts once that is over, from the same state as before the leave.
+    let since = Instant::now();
+    let settled = wait_until(Duration::from_secs(90), || {
+        log_views(everyone[0]).is_some_and(|views| {
+            views
+                .iter()
+                .skip(1)
+                .all(|v| v.preferred.is_some() && v.leader == v.preferred)
+        })
+    })
+    .await;
+    anyhow::ensure!(
+        settled,
+        "some shard log is not led by its preferred node 90 s after {leader} rejoined"
+    );
+    eprintln!(
+        "   every shard log led by its preferred node {:.1} s after {leader} voted again",
+        since.elapsed().as_secs_f64()
+    );
     // The probes homed on the node that left lost their connections.
     let left = leader;
 
@@ -650,9 +670,9 @@ fn probes_of_a_leader<'p>(
     Ok((leader, probe))
 }
 
-/// What the probes saw while a node left the cluster gracefully.
+/// The probes' record of a graceful leave of a node.
 struct Leave {
-    /// Longest time between two acknowledged sends, counted from the SIGTERM.
+    /// Maximum time between two acknowledged sends, counted from the SIGTERM.
     longest_gap: Duration,
     failed: u64,
     acknowledged: u64,
