@@ -15,6 +15,7 @@ mod node;
 mod tls;
 
 use clap::{Parser, Subcommand};
+use std::time::{Duration, Instant};
 
 // mimalloc instead of the system allocator: a profile of the saturation benchmark showed
 // about 15% of the node's CPU time in glibc malloc and free.
@@ -200,15 +201,65 @@ fn block_on<F: Future<Output = anyhow::Result<()>>>(future: F) -> anyhow::Result
 }
 
 fn init_tracing(default_level: &str, format: LogFormat) {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("ATLAS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     // Colour codes only on a terminal, so log files and pipes stay plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let layer = match format {
+        LogFormat::Text => layer.boxed(),
+        LogFormat::Json => layer.json().boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(
+            layer
+                .with_filter(filter)
+                .with_filter(replication_retry_limit()),
+        )
+        .init();
+}
+
+/// Interval in which each line of openraft's replication retries is written at most once.
+const REPLICATION_RETRY_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Lets each event of openraft's replication module through at most once per
+/// [`REPLICATION_RETRY_LOG_INTERVAL`]. While a voter is down, every log it votes in retries
+/// its replication to it and writes a warning and an error each time (with 17 logs on three
+/// nodes, dozens a second). The membership log already says which node is down.
+fn replication_retry_limit<S>() -> impl tracing_subscriber::layer::Filter<S> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use tracing::callsite::Identifier;
+    use tracing::subscriber::Interest;
+    let last: Mutex<HashMap<Identifier, Instant>> = Mutex::new(HashMap::new());
+    let limited = |meta: &tracing::Metadata<'_>| {
+        meta.is_event() && meta.target().starts_with("openraft::replication")
+    };
+    tracing_subscriber::filter::DynFilterFn::new(move |meta, _| {
+        if !limited(meta) {
+            return true;
+        }
+        let Ok(mut last) = last.lock() else {
+            return true;
+        };
+        let now = Instant::now();
+        match last.get(&meta.callsite()) {
+            Some(at) if now.duration_since(*at) < REPLICATION_RETRY_LOG_INTERVAL => false,
+            _ => {
+                last.insert(meta.callsite(), now);
+                true
+            }
+        }
+    })
+    .with_callsite_filter(move |meta| {
+        if limited(meta) {
+            Interest::sometimes()
+        } else {
+            Interest::always()
+        }
+    })
 }

@@ -414,7 +414,26 @@ fn invalid<E: std::error::Error>(detail: String) -> RPCError<RaftNodeId, BasicNo
     RPCError::Network(NetworkError::new(&std::io::Error::other(detail)))
 }
 
+/// First pause of a leader's replication to a replica it could not reach.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Longest pause between attempts to replicate to a replica that stays unreachable.
+const LAST_BACKOFF: Duration = Duration::from_secs(4);
+
 impl RaftNetwork<TypeConfig> for ClusterLink {
+    /// Pauses between attempts to reach a replica that did not answer: 0.5 s, then twice as
+    /// long each time up to 4 s. openraft's default retries every 0.5 s for as long as the
+    /// replica is down, logging a warning and an error each time, in every log it votes in;
+    /// a dead member of the directory log stays a voter until it returns.
+    fn backoff(&self) -> openraft::network::Backoff {
+        let pauses = (0u32..).map(|attempt| {
+            FIRST_BACKOFF
+                .saturating_mul(2u32.saturating_pow(attempt))
+                .min(LAST_BACKOFF)
+        });
+        openraft::network::Backoff::new(pauses)
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
