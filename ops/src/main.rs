@@ -48,6 +48,16 @@ enum Command {
         #[arg(long, env = "ATLAS_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
         admin: std::net::SocketAddr,
     },
+    /// Remove a node lost for good (its disk gone, or retired while down) from every
+    /// replicated log, through the admin endpoint of a running member. Refused while the
+    /// node is alive; a node that stops with SIGTERM leaves by itself.
+    RemoveNode {
+        /// Name of the node to remove.
+        name: String,
+        /// The metrics and admin listener of a running member.
+        #[arg(long, env = "ATLAS_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+        admin: std::net::SocketAddr,
+    },
     /// Manage the signing keys of a running node through its admin endpoint.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -134,6 +144,10 @@ fn main() -> std::process::ExitCode {
         }),
         Command::Status { admin } => {
             admin::request(admin, "GET", "/admin/cluster").map(|body| print_body(&body))
+        }
+        Command::RemoveNode { name, admin } => {
+            let path = format!("/admin/cluster/remove/{name}");
+            admin::request(admin, "POST", &path).map(|body| print_body(&body))
         }
         Command::Keys(KeysCommand::Rotate { admin }) => {
             admin::request(admin, "POST", "/admin/keys/rotate").map(|body| print_body(&body))

@@ -650,6 +650,34 @@ impl Admin {
     }
 }
 
+impl Admin {
+    /// Removes a node lost for good from every replicated log (see
+    /// `ReplicatedLogs::remove_member`), and answers with the logs it was removed from.
+    async fn remove_node(&self, name: &str) -> HttpResponse {
+        let (Some(cluster), Some(logs)) = (&self.cluster, &self.logs) else {
+            return HttpResponse::Conflict().body("this node does not run in a cluster\n");
+        };
+        // Any member that answers heartbeats counts, whatever its layout.
+        let alive: Vec<(String, u64)> = cluster
+            .members()
+            .into_iter()
+            .filter(|m| matches!(m.state, MemberState::Local | MemberState::Alive))
+            .map(|m| (m.name, m.raft_id))
+            .collect();
+        match logs.remove_member(name, &alive).await {
+            Ok(removed) => {
+                tracing::warn!(node = %name, logs = removed.len(), "removed a node from the replicated logs at an operator's request");
+                HttpResponse::Ok()
+                    .json(serde_json::json!({ "node": name, "removed_from": removed }))
+            }
+            Err(e) => {
+                tracing::warn!(node = %name, error = %e, "could not remove a node from the replicated logs");
+                HttpResponse::Conflict().body(format!("{e}\n"))
+            }
+        }
+    }
+}
+
 /// Returns the secret that seals the signing keys: from the configuration, or else from
 /// `<data_dir>/signing-key-secret`, generated on first start.
 fn signing_key_secret(config: &NodeConfig, store: &Store) -> anyhow::Result<[u8; 32]> {
@@ -752,7 +780,8 @@ async fn key_maintenance(
 }
 
 /// Serves `/metrics` and, for operators on the same host, the admin endpoints
-/// `GET /admin/cluster`, `GET /admin/jwks` and `POST /admin/keys/rotate`.
+/// `GET /admin/cluster`, `POST /admin/cluster/remove/{name}`, `GET /admin/jwks` and
+/// `POST /admin/keys/rotate`.
 fn metrics_server(
     registry: Registry,
     admin: Admin,
@@ -771,6 +800,14 @@ fn metrics_server(
                 web::get().to(|admin: web::Data<Admin>| async move {
                     HttpResponse::Ok().json(admin.status())
                 }),
+            )
+            .route(
+                "/admin/cluster/remove/{name}",
+                web::post().to(
+                    |admin: web::Data<Admin>, name: web::Path<String>| async move {
+                        admin.remove_node(&name).await
+                    },
+                ),
             )
             .route(
                 "/admin/jwks",

@@ -1203,3 +1203,84 @@ async fn stop_all(nodes: &mut BTreeMap<String, NodeProcess>) {
 fn shard_index(group: &atlas_protocol::GroupId, shards: usize) -> usize {
     atlas_cluster::shard_of(group.as_bytes(), u32::try_from(shards).unwrap()).0 as usize
 }
+
+/// Runs `atlas remove-node NAME` against a node's admin listener.
+fn remove_node(node: &NodeProcess, name: &str) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args([
+            "remove-node",
+            name,
+            "--admin",
+            &node.metrics_addr.to_string(),
+        ])
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_removes_a_lost_node() {
+    let fixture = fixture();
+    let (specs, mut nodes) = fixture.start_cluster(3, CONVERGE).await.unwrap();
+    let (mut alice, mut bob, group) =
+        alice_and_bob(&fixture, &nodes["node-a"], &nodes["node-b"], "lost").await;
+    alice.send_reliably(&group, "before").await.unwrap();
+
+    // A live node is not removed.
+    let refused = remove_node(&nodes["node-a"], "node-c");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("node-c is alive"), "{stderr}");
+    let views = log_views(&nodes["node-a"]).unwrap();
+    assert!(
+        views
+            .iter()
+            .all(|v| v.voters.contains(&"node-c".to_owned()))
+    );
+
+    // node-c is lost for good. The directory log would keep it as a voter; the operator
+    // removes it through node-b, which may or may not lead the logs.
+    nodes.remove("node-c").unwrap().kill9().unwrap();
+    let dead = wait_until(CONVERGE, || {
+        states(&nodes["node-b"]).get("node-c").map(String::as_str) == Some("dead")
+    })
+    .await;
+    assert!(dead, "{:?}", states(&nodes["node-b"]));
+    let removed = remove_node(&nodes["node-b"], "node-c");
+    let stdout = String::from_utf8_lossy(&removed.stdout);
+    assert!(
+        removed.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&removed.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let logs = answer["removed_from"].as_array().unwrap();
+    assert!(logs.iter().any(|l| l == "cluster"), "{answer}");
+    let gone = wait_until(CONVERGE, || {
+        log_views(&nodes["node-a"]).is_some_and(|views| {
+            views.iter().all(|v| {
+                !v.voters.contains(&"node-c".to_owned())
+                    && !v.learners.contains(&"node-c".to_owned())
+            })
+        })
+    })
+    .await;
+    assert!(
+        gone,
+        "node-c is still a member: {:?}",
+        log_views(&nodes["node-a"])
+    );
+
+    // A new node takes its place: every log has three voters again, none of them node-c.
+    let spec = fixture.spec("node-d", &[specs[0].port]).unwrap();
+    nodes.insert("node-d".into(), fixture.start(&spec).unwrap());
+    let everyone: Vec<&NodeProcess> = nodes.values().collect();
+    let names = ["node-a", "node-b", "node-d"];
+    let formed = wait_until(2 * CONVERGE, || agreed_leaders(&everyone, &names).is_some()).await;
+    assert!(formed, "{:?}", log_views(everyone[0]));
+    let views = log_views(everyone[0]).unwrap();
+    assert!(views.iter().all(|v| v.voters == names), "{views:?}");
+
+    alice.send_reliably(&group, "after").await.unwrap();
+    bob.sync().await.unwrap();
+    assert_eq!(messages(&bob, &group), ["before", "after"]);
+}

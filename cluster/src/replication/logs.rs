@@ -328,6 +328,32 @@ impl ReplicatedLogs {
         }
     }
 
+    /// Removes the node named `name`, which an operator declares lost for good, from every
+    /// log, and returns the logs it was a member of. Refused while the node is alive
+    /// (in `alive`), since the leaders would add it back. The directory log keeps a dead
+    /// member as a voter until it returns, so without this a lost node keeps counting
+    /// towards the directory's majority. Shard logs replace dead voters by themselves.
+    pub async fn remove_member(
+        &self,
+        name: &str,
+        alive: &[(String, RaftNodeId)],
+    ) -> Result<Vec<String>, String> {
+        if alive.iter().any(|(n, _)| n == name) {
+            return Err(format!(
+                "{name} is alive; stop it first, or let it leave with SIGTERM"
+            ));
+        }
+        let mut removed = Vec::new();
+        for log in self.all() {
+            match log.replica.remove_member(name).await {
+                Ok(0) => {}
+                Ok(_) => removed.push(log.replica.name().to_owned()),
+                Err(e) => return Err(format!("{e:#} (removed so far from: {removed:?})")),
+            }
+        }
+        Ok(removed)
+    }
+
     /// Lets this node start elections in a log only while it counts a majority of the log's
     /// voters alive (see [`Replica::gate_elections`]).
     pub fn gate_elections(&self, alive: &[(String, RaftNodeId)]) {

@@ -102,6 +102,9 @@ const HANDOVER_HOLD: Duration = Duration::from_secs(1);
 /// Time a leader waits, at most, for the voter taking over to have the whole log.
 const HANDOVER_CATCH_UP: Duration = Duration::from_millis(500);
 
+/// Time a removal of a lost node waits, at most, for a log to have a leader other than it.
+const REMOVE_WAIT: Duration = Duration::from_secs(10);
+
 /// Time the leader waits after announcing a commit before it announces the next, so that
 /// announcements under load cost at most this many heartbeats a second.
 const ANNOUNCE_PAUSE: Duration = Duration::from_millis(2);
@@ -598,6 +601,72 @@ impl Replica {
         }
         tracing::info!(log = %log, node = %self.settings.node_name, "left the replicated log");
         Ok(())
+    }
+
+    /// Removes every member named `name` (a node lost for good, under any of its raft ids)
+    /// from the log through its leader, and returns how many were members. The caller makes
+    /// sure the node is not alive: a live one would be added back. A learner is removed
+    /// only when this node leads; elsewhere the leader removes dead learners by itself.
+    pub async fn remove_member(&self, name: &str) -> anyhow::Result<usize> {
+        let ids: Vec<RaftNodeId> = {
+            let metrics = self.raft.metrics().borrow().clone();
+            let membership = metrics.membership_config.membership();
+            membership
+                .nodes()
+                .filter(|(_, node)| node.addr == name)
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        let log = &self.settings.log;
+        for id in &ids {
+            anyhow::ensure!(
+                *id != self.settings.raft_id,
+                "log {log}: {name} is this node; stop it and ask another node"
+            );
+        }
+        // The lost node may have led the log; the others elect a new leader meanwhile.
+        let deadline = Instant::now() + REMOVE_WAIT;
+        for id in &ids {
+            loop {
+                let attempt = match self.raft.current_leader().await {
+                    Some(leader) if ids.contains(&leader) || leader == 0 => {
+                        Err(format!("the log's last known leader is {name}"))
+                    }
+                    Some(leader) => self.remove_through(leader, *id).await,
+                    None => Err("the log has no leader".into()),
+                };
+                match attempt {
+                    Ok(()) => break,
+                    Err(e) if Instant::now() >= deadline => anyhow::bail!(
+                        "log {log}: {e}; try again once the log has a leader other than {name}"
+                    ),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        }
+        Ok(ids.len())
+    }
+
+    /// Removes the member `id` through `leader`: a voter wherever this node is, a learner
+    /// only if this node leads.
+    async fn remove_through(&self, leader: RaftNodeId, id: RaftNodeId) -> Result<(), String> {
+        if leader != self.settings.raft_id {
+            let leave = Request::Leave {
+                node: id,
+                replacement: None,
+                keep: 1,
+            };
+            return ask(&self.settings.log, leader, leave).await;
+        }
+        if voters(&self.raft).contains(&id) {
+            return remove_voter(&self.raft, &self.departures, id, None, 1).await;
+        }
+        let learner = BTreeSet::from([id]);
+        self.raft
+            .change_membership(ChangeMembers::RemoveNodes(learner), false)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     /// Stops the replica and its endpoint.
