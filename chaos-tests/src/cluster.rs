@@ -42,6 +42,8 @@ pub struct LogView {
     /// Learner names, sorted.
     pub learners: Vec<String>,
     pub last_applied: Option<u64>,
+    /// The term this node is in.
+    pub term: Option<u64>,
     /// For a shard's log, the node's placement of the shard over the live members, sorted,
     /// when it has the full replication factor: then these are the voters the log should have.
     pub replicas: Option<Vec<String>>,
@@ -273,6 +275,7 @@ fn parse_view(log: &serde_json::Value, replicas: Option<&serde_json::Value>) -> 
         voters: sorted_names(&log["voters"])?,
         learners: sorted_names(&log["learners"])?,
         last_applied: log["last_applied"].as_u64(),
+        term: log["term"].as_u64(),
         replicas: replicas.and_then(sorted_names),
         preferred: replicas
             .and_then(|r| r.get(0))

@@ -1083,6 +1083,26 @@ async fn five_nodes_keep_three_voters_per_shard() {
     acknowledged.push("left".to_owned());
     bob.sync().await.unwrap();
     assert_eq!(messages(&bob, &group), acknowledged);
+
+    // The victim restarts at once, holding the memberships from before it left. It starts
+    // no elections in the logs it left, so when the leaders add it back (15 s after it left)
+    // they meet no higher term: the directory log, which no handover moves, keeps its term.
+    let directory_term = log_views(&nodes["node-a"]).unwrap()[0].term;
+    nodes.insert(victim.clone(), fixture.start(spec).unwrap());
+    let everyone: Vec<&NodeProcess> = nodes.values().collect();
+    let names: Vec<&str> = nodes.keys().map(String::as_str).collect();
+    let rejoined = wait_until(2 * CONVERGE, || {
+        agreed_leaders(&everyone, &names).is_some()
+            && log_views(everyone[0]).is_some_and(|now| now[0].voters.len() == 5)
+    })
+    .await;
+    assert!(rejoined, "{victim} did not vote in the directory log again");
+    let now = log_views(&nodes["node-a"]).unwrap();
+    assert_eq!(now[0].term, directory_term, "{:?}", now[0]);
+    alice.send_reliably(&group, "rejoined").await.unwrap();
+    acknowledged.push("rejoined".to_owned());
+    bob.sync().await.unwrap();
+    assert_eq!(messages(&bob, &group), acknowledged);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

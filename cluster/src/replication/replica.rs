@@ -11,7 +11,7 @@ use ractor::{Actor, ActorRef};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -94,7 +94,17 @@ pub struct Replica {
     elections: AtomicBool,
     /// The term in which this node leads the log, and when it first saw itself lead in it.
     leading_since: Mutex<Option<(u64, Instant)>>,
+    /// Where this node records that it left the log (see [`Replica::gate_elections`]).
+    identity: sled::Tree,
+    /// Whether this node left the log and has not voted in it again since.
+    left: AtomicBool,
+    /// The last log index this node had when it left: a membership written after it that
+    /// makes this node a voter again lifts the ban on elections.
+    left_at: AtomicU64,
 }
+
+/// Key of the record that this node left the log, in its identity tree.
+const LEFT_KEY: &[u8] = b"left";
 
 /// Time a leader keeps new writes waiting, at most, while it hands leadership over.
 const HANDOVER_HOLD: Duration = Duration::from_secs(1);
@@ -169,14 +179,33 @@ impl Replica {
         )
         .await?;
         let announcer = tokio::spawn(announce_commits(raft.clone()));
+        let identity = db.open_tree(format!("raft-identity-{}", settings.log))?;
+        let left_at = identity
+            .get(LEFT_KEY)?
+            .map(|raw| <[u8; 8]>::try_from(raw.as_ref()).map(u64::from_be_bytes))
+            .transpose()
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the record that this node left log {} is not 8 bytes",
+                    settings.log
+                )
+            })?;
+        let left = left_at.is_some();
+        if left {
+            raft.runtime_config().elect(false);
+            tracing::info!(log = %settings.log, "this node left the log before it stopped; it starts no elections until it votes in the log again");
+        }
         Ok(Self {
             settings,
             raft,
             endpoint,
             departures,
             announcer,
-            elections: AtomicBool::new(true),
+            elections: AtomicBool::new(!left),
             leading_since: Mutex::new(None),
+            identity,
+            left: AtomicBool::new(left),
+            left_at: AtomicU64::new(left_at.unwrap_or(0)),
         })
     }
 
@@ -503,9 +532,17 @@ impl Replica {
     /// alive. A node cut off with a minority cannot win an election, but each one it tries
     /// raises its term. Once the partition heals, that higher term would depose the
     /// majority's leader, and with a log per shard such elections on every log flood the links.
+    ///
+    /// A node that left the log (with SIGTERM) starts no elections either until a leader
+    /// makes it a voter again. Restarted, it still holds the membership from before it
+    /// left, with itself as a voter, and each election it tried would raise its term; the
+    /// leader that added it back would then meet that higher term and step down.
     pub fn gate_elections(&self, alive: &BTreeSet<RaftNodeId>) {
         let voters = voters(&self.raft);
         let me = self.settings.raft_id;
+        if self.left.load(Ordering::Relaxed) && !self.voter_again() {
+            return;
+        }
         let reachable = voters
             .iter()
             .filter(|v| **v == me || alive.contains(v))
@@ -518,6 +555,47 @@ impl Replica {
             } else {
                 tracing::warn!(log = %self.settings.log, reachable, voters = voters.len(), "fewer than a majority of the voters are alive; this node starts no elections");
             }
+        }
+    }
+
+    /// Returns whether this node, which left the log, is a voter again in a membership
+    /// written after it left, and then clears the record that it left. The membership it
+    /// held when it left, with itself as a voter, does not count.
+    fn voter_again(&self) -> bool {
+        let metrics = self.raft.metrics().borrow().clone();
+        let me = self.settings.raft_id;
+        let config = &metrics.membership_config;
+        let written_after = config
+            .log_id()
+            .is_some_and(|id| id.index > self.left_at.load(Ordering::Relaxed));
+        if !written_after || !config.membership().voter_ids().any(|v| v == me) {
+            return false;
+        }
+        if let Err(e) = self.identity.remove(LEFT_KEY) {
+            tracing::warn!(log = %self.settings.log, error = %e, "cannot clear the record that this node left the log; trying again");
+            return false;
+        }
+        self.left.store(false, Ordering::Relaxed);
+        tracing::info!(log = %self.settings.log, "this node votes in the log again; elections allowed");
+        true
+    }
+
+    /// Returns whether this node left the log and has not voted in it again since.
+    pub fn has_left(&self) -> bool {
+        self.left.load(Ordering::Relaxed)
+    }
+
+    /// Records that this node left the log, so that it starts no elections in it after a
+    /// restart (see [`Replica::gate_elections`]). The node's final flush writes it.
+    fn record_left(&self) {
+        let metrics = self.raft.metrics().borrow().clone();
+        let last = metrics.last_log_index.unwrap_or(0);
+        self.left_at.store(last, Ordering::Relaxed);
+        self.left.store(true, Ordering::Relaxed);
+        self.elections.store(false, Ordering::Relaxed);
+        self.raft.runtime_config().elect(false);
+        if let Err(e) = self.identity.insert(LEFT_KEY, &last.to_be_bytes()) {
+            tracing::warn!(log = %self.settings.log, error = %e, "cannot record that this node left the log; restarted, it may start elections in it");
         }
     }
 
@@ -599,6 +677,7 @@ impl Replica {
             .map_err(anyhow::Error::msg)?,
             None => anyhow::bail!("the log has no leader to leave through"),
         }
+        self.record_left();
         tracing::info!(log = %log, node = %self.settings.node_name, "left the replicated log");
         Ok(())
     }

@@ -439,3 +439,85 @@ async fn leader_kept_as_voter_still_hands_over() {
         replica.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_that_left_starts_no_elections_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut replicas = start_endpoint_replicas(dir.path(), "left-test").await;
+    let rafts: Vec<&Raft> = replicas.values().map(|(r, _)| r.raft()).collect();
+    let leader = wait_for_leader(&rafts, None).await;
+    let leaver = (1..=3u64).find(|id| *id != leader).unwrap();
+    replicas[&leader]
+        .0
+        .raft()
+        .client_write(Command(vec![0]))
+        .await
+        .unwrap();
+
+    // The follower leaves and stops, then restarts from its database, which still holds
+    // the membership from before it left, with itself as a voter.
+    let (gone, _) = replicas.remove(&leaver).unwrap();
+    gone.leave(None, 1).await.unwrap();
+    gone.stop().await;
+    drop(gone);
+    let term = replicas[&leader].0.raft().metrics().borrow().current_term;
+    let settings = ReplicaSettings {
+        log: "left-test".into(),
+        node_name: format!("node-{leaver}"),
+        raft_id: leaver,
+        heartbeat: Duration::from_millis(100),
+        election_timeout: Duration::from_millis(300),
+        snapshot_every: 10_000,
+    };
+    let db = sled::open(dir.path().join(leaver.to_string())).unwrap();
+    let applier = Arc::new(ListApplier::default());
+    let back = super::Replica::start(settings, &db, applier.clone())
+        .await
+        .unwrap();
+    // Every member looks alive, which alone would let it elect. Over ten of its election
+    // timeouts its term stays where it was.
+    let everyone = BTreeSet::from([1, 2, 3]);
+    for _ in 0..20 {
+        back.gate_elections(&everyone);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let own_term = back.raft().metrics().borrow().current_term;
+    assert!(
+        own_term <= term,
+        "term {own_term} after the restart, {term} before"
+    );
+
+    // The leader makes it a voter again (as add_live_members does once the node's leave is
+    // 15 s old); it keeps leading, and the node may elect again.
+    let (leading, _) = &replicas[&leader];
+    let node = BasicNode::new(format!("node-{leaver}"));
+    leading
+        .raft()
+        .add_learner(leaver, node, true)
+        .await
+        .unwrap();
+    leading
+        .raft()
+        .change_membership(BTreeSet::from([1, 2, 3]), false)
+        .await
+        .unwrap();
+    let metrics = leading.raft().metrics().borrow().clone();
+    assert_eq!(metrics.current_leader, Some(leader));
+    assert_eq!(metrics.current_term, term);
+    let voters: BTreeSet<RaftNodeId> = metrics.membership_config.membership().voter_ids().collect();
+    assert!(voters.contains(&leaver), "{voters:?}");
+    let mut again = false;
+    for _ in 0..100 {
+        back.gate_elections(&everyone);
+        if !back.has_left() {
+            again = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(again, "the node never counted itself a voter again");
+    back.stop().await;
+    for (replica, _) in replicas.values() {
+        replica.stop().await;
+    }
+}
