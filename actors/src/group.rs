@@ -289,8 +289,18 @@ impl Actor for GroupSession {
                 let _ = reply.send(state.receipt(&device, seq));
             }
             GroupMsg::Tick => {
-                if let Err(e) = state.apply_retention().await {
-                    tracing::error!(group_id = %state.group, error = %e, "retention failed");
+                match state.apply_retention().await {
+                    Ok(()) => {}
+                    // A log without a reachable leader: the next tick tries again.
+                    Err(
+                        e @ (GroupError::Unavailable
+                        | GroupError::Storage(StorageError::Unavailable(_))),
+                    ) => {
+                        tracing::warn!(group_id = %state.group, error = %e, "retention waits for the group's log to have a leader");
+                    }
+                    Err(e) => {
+                        tracing::error!(group_id = %state.group, error = %e, "retention failed");
+                    }
                 }
                 if state.last_request.elapsed() >= state.settings.idle_timeout {
                     tracing::debug!(group_id = %state.group, "stopping idle group actor");

@@ -418,6 +418,7 @@ impl ReplicatedLogs {
             .map(|(name, _)| NodeName(name.clone()))
             .collect();
         let mut leaving = tokio::task::JoinSet::new();
+        let mut staying = Vec::new();
         for (shard, log) in self.by_shard() {
             // A shard's log takes the next node of the shard's order without this one.
             let replacement = shard.and_then(|shard| {
@@ -430,12 +431,30 @@ impl ReplicatedLogs {
             });
             let replica = Arc::clone(&log.replica);
             let keep = self.replication;
+            // The leader refuses a leave that would keep fewer than `keep` voters (see
+            // `Replica::leave`); this node's view of the voters decides it up front, and
+            // the node only hands leadership over there.
+            let status = replica.status();
+            let voting = status.voters.iter().any(|v| v == replica.node_name());
+            let remaining =
+                status.voters.len().saturating_sub(1) + usize::from(replacement.is_some());
+            if voting && status.voters.len() > 1 && remaining < keep {
+                staying.push(replica.name().to_owned());
+                leaving.spawn(async move {
+                    replica.stay_as_voter().await;
+                    Ok(())
+                });
+                continue;
+            }
             leaving.spawn(async move {
                 replica
                     .leave(replacement, keep)
                     .await
                     .map_err(|e| format!("log {}: {e:#}", replica.name()))
             });
+        }
+        if !staying.is_empty() {
+            tracing::info!(logs = ?staying, replication = self.replication, "this node stays a voter of the logs that would keep fewer voters than the replication factor; their other voters count it as failed");
         }
         let mut failures = Vec::new();
         while let Some(left) = leaving.join_next().await {

@@ -239,6 +239,20 @@ impl Replica {
         Ok(())
     }
 
+    /// Returns the name of this node.
+    pub fn node_name(&self) -> &str {
+        &self.settings.node_name
+    }
+
+    /// Has the other voters elect a leader among themselves if this node leads the log, for
+    /// a node that stops while it stays a voter (see [`Replica::leave`]).
+    pub async fn stay_as_voter(&self) {
+        let voters = voters(&self.raft);
+        if self.raft.current_leader().await == Some(self.settings.raft_id) && voters.len() > 1 {
+            self.step_down(&voters).await;
+        }
+    }
+
     /// Returns this node's id in the log.
     pub fn raft_id(&self) -> RaftNodeId {
         self.settings.raft_id
