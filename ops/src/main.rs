@@ -229,30 +229,26 @@ fn init_tracing(default_level: &str, format: LogFormat) {
         LogFormat::Json => layer.json().boxed(),
     };
     tracing_subscriber::registry()
-        .with(
-            layer
-                .with_filter(filter)
-                .with_filter(replication_retry_limit()),
-        )
+        .with(layer.with_filter(filter).with_filter(openraft_log_limit()))
         .init();
 }
 
-/// Interval in which each line of openraft's replication retries is written at most once.
-const REPLICATION_RETRY_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Interval in which each line of openraft is written at most once.
+const OPENRAFT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Lets each event of openraft's replication module through at most once per
-/// [`REPLICATION_RETRY_LOG_INTERVAL`]. While a voter is down, every log it votes in retries
-/// its replication to it and writes a warning and an error each time (with 17 logs on three
-/// nodes, dozens a second). The membership log already says which node is down.
-fn replication_retry_limit<S>() -> impl tracing_subscriber::layer::Filter<S> {
+/// Lets each event of openraft through at most once per [`OPENRAFT_LOG_INTERVAL`], by its
+/// place in openraft's source. While a voter is down, every log it votes in retries its
+/// replication to it and writes a warning and an error each time, and every read barrier
+/// logs an error for it (with 17 logs on three nodes, dozens a second). Elections log
+/// several lines per vote. The membership log already says which node is down.
+fn openraft_log_limit<S>() -> impl tracing_subscriber::layer::Filter<S> {
     use std::collections::HashMap;
     use std::sync::Mutex;
     use tracing::callsite::Identifier;
     use tracing::subscriber::Interest;
     let last: Mutex<HashMap<Identifier, Instant>> = Mutex::new(HashMap::new());
-    let limited = |meta: &tracing::Metadata<'_>| {
-        meta.is_event() && meta.target().starts_with("openraft::replication")
-    };
+    let limited =
+        |meta: &tracing::Metadata<'_>| meta.is_event() && meta.target().starts_with("openraft");
     tracing_subscriber::filter::DynFilterFn::new(move |meta, _| {
         if !limited(meta) {
             return true;
@@ -262,7 +258,7 @@ fn replication_retry_limit<S>() -> impl tracing_subscriber::layer::Filter<S> {
         };
         let now = Instant::now();
         match last.get(&meta.callsite()) {
-            Some(at) if now.duration_since(*at) < REPLICATION_RETRY_LOG_INTERVAL => false,
+            Some(at) if now.duration_since(*at) < OPENRAFT_LOG_INTERVAL => false,
             _ => {
                 last.insert(meta.callsite(), now);
                 true

@@ -1256,6 +1256,14 @@ async fn operator_removes_a_lost_node() {
             .iter()
             .all(|v| v.voters.contains(&"node-c".to_owned()))
     );
+    // A name that no log knows, a typo for instance, is an error too.
+    let unknown = remove_node(&nodes["node-a"], "node-x");
+    assert!(!unknown.status.success());
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        stderr.contains("no log has a member named node-x"),
+        "{stderr}"
+    );
 
     // node-c is lost for good. The directory log would keep it as a voter; the operator
     // removes it through node-b, which may or may not lead the logs.

@@ -343,6 +343,19 @@ impl ReplicatedLogs {
                 "{name} is alive; stop it first, or let it leave with SIGTERM"
             ));
         }
+        let known = self.all().any(|log| {
+            let status = log.replica.status();
+            status
+                .voters
+                .iter()
+                .chain(&status.learners)
+                .any(|n| n == name)
+        });
+        if !known {
+            return Err(format!(
+                "no log has a member named {name}; `atlas status` lists the members"
+            ));
+        }
         let mut removed = Vec::new();
         for log in self.all() {
             match log.replica.remove_member(name).await {
@@ -432,8 +445,8 @@ impl ReplicatedLogs {
             let replica = Arc::clone(&log.replica);
             let keep = self.replication;
             // The leader refuses a leave that would keep fewer than `keep` voters (see
-            // `Replica::leave`); this node's view of the voters decides it up front, and
-            // the node only hands leadership over there.
+            // `Replica::leave`). This node's view of the voters decides that up front, so
+            // in such a log the node only hands leadership over.
             let status = replica.status();
             let voting = status.voters.iter().any(|v| v == replica.node_name());
             let remaining =

@@ -548,7 +548,7 @@ impl Replica {
     /// majority's leader, and with a log per shard such elections on every log flood the links.
     ///
     /// A node that left the log (with SIGTERM) starts no elections either until a leader
-    /// makes it a voter again. Restarted, it still holds the membership from before it
+    /// makes it a voter again. Restarted, it still has the membership from before it
     /// left, with itself as a voter, and each election it tried would raise its term; the
     /// leader that added it back would then meet that higher term and step down.
     pub fn gate_elections(&self, alive: &BTreeSet<RaftNodeId>) {
@@ -572,9 +572,9 @@ impl Replica {
         }
     }
 
-    /// Returns whether this node, which left the log, is a voter again in a membership
-    /// written after it left, and then clears the record that it left. The membership it
-    /// held when it left, with itself as a voter, does not count.
+    /// Returns whether this node, which left the log, is a voter again in a single (not
+    /// joint) membership written after it left, and then clears the record that it left.
+    /// The membership it had when it left, with itself as a voter, does not count.
     fn voter_again(&self) -> bool {
         let metrics = self.raft.metrics().borrow().clone();
         let me = self.settings.raft_id;
@@ -582,7 +582,10 @@ impl Replica {
         let written_after = config
             .log_id()
             .is_some_and(|id| id.index > self.left_at.load(Ordering::Relaxed));
-        if !written_after || !config.membership().voter_ids().any(|v| v == me) {
+        // The joint membership of this node's own removal may reach it after it recorded
+        // its leave; it still lists the node as a voter. A re-admission ends in a single one.
+        let single = config.membership().get_joint_config().len() == 1;
+        if !written_after || !single || !config.membership().voter_ids().any(|v| v == me) {
             return false;
         }
         if let Err(e) = self.identity.remove(LEFT_KEY) {
@@ -725,7 +728,17 @@ impl Replica {
                     Some(leader) if ids.contains(&leader) || leader == 0 => {
                         Err(format!("the log's last known leader is {name}"))
                     }
-                    Some(leader) => self.remove_through(leader, *id).await,
+                    Some(leader) => {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        match tokio::time::timeout(left, self.remove_through(leader, *id)).await {
+                            Ok(done) => done,
+                            Err(_) => Err(format!(
+                                "the change did not commit within {} s, so the log may have \
+                                 no majority; it may still take effect once it has one",
+                                REMOVE_WAIT.as_secs()
+                            )),
+                        }
+                    }
                     None => Err("the log has no leader".into()),
                 };
                 match attempt {
