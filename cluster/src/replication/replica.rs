@@ -434,7 +434,19 @@ impl Replica {
                 "the other voters have every entry",
             )
             .await;
-        self.elect_among(&others).await;
+        // Past its lease, this node grants its own vote to one candidate, which makes a
+        // majority of up to three voters: one election, with no rival candidates. Otherwise
+        // (or with more voters) the others elect among themselves.
+        let single = voters.len() <= 3 && self.leads_past_lease();
+        match others.iter().max() {
+            Some(target) if single => {
+                if let Err(e) = ask(log, *target, Request::Elect).await {
+                    tracing::debug!(log = %log, raft_id = target, error = %e, "the voter meant to take over did not start an election");
+                    self.elect_among(&others).await;
+                }
+            }
+            _ => self.elect_among(&others).await,
+        }
         let moved = self.led_by_another().await;
         release_writes(log, me);
         if moved {
@@ -552,6 +564,8 @@ impl Replica {
     /// left, with itself as a voter, and each election it tried would raise its term; the
     /// leader that added it back would then meet that higher term and step down.
     pub fn gate_elections(&self, alive: &BTreeSet<RaftNodeId>) {
+        // Called every 200 ms for every log: it also starts the count of the leader's lease.
+        self.leads_past_lease();
         let voters = voters(&self.raft);
         let me = self.settings.raft_id;
         if self.left.load(Ordering::Relaxed) && !self.voter_again() {

@@ -412,13 +412,37 @@ async fn leaving_leader_is_replaced() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leader_kept_as_voter_still_hands_over() {
+async fn new_leader_kept_as_voter_hands_over() {
+    kept_voter_hands_over("floor-test", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_leader_kept_as_voter_hands_over() {
+    kept_voter_hands_over("settled-floor-test", true).await;
+}
+
+/// A leader that must stay a voter leaves: another voter takes over. With `settled`, the
+/// leader has led past its lease first, so one candidate wins with its vote; otherwise the
+/// others elect among themselves.
+async fn kept_voter_hands_over(log: &str, settled: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let replicas = start_endpoint_replicas(dir.path(), "floor-test").await;
+    let replicas = start_endpoint_replicas(dir.path(), log).await;
     let rafts: Vec<&Raft> = replicas.values().map(|(r, _)| r.raft()).collect();
     let leader = wait_for_leader(&rafts, None).await;
     let (old, _) = &replicas[&leader];
     old.raft().client_write(Command(vec![0])).await.unwrap();
+    let mut past_lease = old.leads_past_lease();
+    for _ in 0..100 {
+        if !settled || past_lease {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        past_lease = old.leads_past_lease();
+    }
+    assert_eq!(
+        past_lease, settled,
+        "node {leader} led past its lease: {past_lease}"
+    );
 
     // Three voters must stay, so the leader cannot leave, but another voter takes over.
     let refused = old.leave(None, 3).await.unwrap_err();
