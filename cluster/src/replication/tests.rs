@@ -365,7 +365,7 @@ async fn leader_hands_leadership_to_a_chosen_voter() {
     }
 }
 
-/// Waits until a node other than `leader` leads, and returns it with the voters it sees.
+/// Waits until a node other than `leader` leads, and returns it with its voters.
 async fn next_leader(
     replicas: &BTreeMap<RaftNodeId, (super::Replica, Arc<ListApplier>)>,
     leader: RaftNodeId,
@@ -465,7 +465,7 @@ async fn kept_voter_hands_over(log: &str, settled: bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_that_left_starts_no_elections_after_a_restart() {
+async fn restarted_leaver_starts_no_elections() {
     let dir = tempfile::tempdir().unwrap();
     let mut replicas = start_endpoint_replicas(dir.path(), "left-test").await;
     let rafts: Vec<&Raft> = replicas.values().map(|(r, _)| r.raft()).collect();
@@ -511,8 +511,8 @@ async fn node_that_left_starts_no_elections_after_a_restart() {
         "term {own_term} after the restart, {term} before"
     );
 
-    // The leader makes it a voter again (as add_live_members does once the node's leave is
-    // 15 s old); it keeps leading, and the node may elect again.
+    // The leader makes it a voter again, as add_live_members does 15 s after the leave. The
+    // leader keeps leading, and the node may elect again.
     let (leading, _) = &replicas[&leader];
     let node = BasicNode::new(format!("node-{leaver}"));
     leading
