@@ -693,7 +693,11 @@ impl Replica {
                     self.step_down(&voters).await;
                     anyhow::bail!(e);
                 }
-                self.hand_over(&voters).await;
+                // The voters after the change, the replacement among them: whichever of
+                // them leads next must know not to add this node back while it stops.
+                let mut remaining = super::transport::voters(&self.raft);
+                remaining.extend(voters.iter().copied().filter(|v| *v != id));
+                self.hand_over(&remaining).await;
             }
             Some(leader) => ask(
                 log,
