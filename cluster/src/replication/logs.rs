@@ -434,23 +434,25 @@ impl ReplicatedLogs {
         let mut staying = Vec::new();
         for (shard, log) in self.by_shard() {
             // A shard's log takes the next node of the shard's order without this one.
+            let status = log.replica.status();
             let replacement = shard.and_then(|shard| {
-                let voters = log.replica.status().voters;
                 let name = self
                     .replica_set(shard, &others)
                     .into_iter()
-                    .find(|name| !voters.contains(name))?;
-                alive.iter().find(|(n, _)| *n == name).map(|(_, id)| *id)
+                    .find(|name| !status.voters.contains(name))?;
+                alive.iter().find(|(n, _)| *n == name).cloned()
             });
             let replica = Arc::clone(&log.replica);
             let keep = self.replication;
-            // The leader refuses a leave that would keep fewer than `keep` voters (see
-            // `Replica::leave`). This node's view of the voters decides that up front, so
-            // in such a log the node only hands leadership over.
-            let status = replica.status();
+            // The leader refuses a leave that would keep fewer than `keep` voters, and takes
+            // a replacement only if it is a learner already (see `Replica::leave`). This
+            // node's view of the log decides that up front, so in such a log the node only
+            // hands leadership over.
+            let learner = replacement
+                .as_ref()
+                .is_some_and(|(name, _)| status.learners.contains(name));
             let voting = status.voters.iter().any(|v| v == replica.node_name());
-            let remaining =
-                status.voters.len().saturating_sub(1) + usize::from(replacement.is_some());
+            let remaining = status.voters.len().saturating_sub(1) + usize::from(learner);
             if voting && status.voters.len() > 1 && remaining < keep {
                 staying.push(replica.name().to_owned());
                 leaving.spawn(async move {
@@ -459,6 +461,7 @@ impl ReplicatedLogs {
                 });
                 continue;
             }
+            let replacement = replacement.map(|(_, id)| id);
             leaving.spawn(async move {
                 replica
                     .leave(replacement, keep)
