@@ -652,12 +652,12 @@ impl Admin {
 
 impl Admin {
     /// Removes a node lost for good from every replicated log (see
-    /// `ReplicatedLogs::remove_member`), and answers with the logs it was removed from.
+    /// `ReplicatedLogs::remove_member`), and responds with the logs it was removed from.
     async fn remove_node(&self, name: &str) -> HttpResponse {
         let (Some(cluster), Some(logs)) = (&self.cluster, &self.logs) else {
             return HttpResponse::Conflict().body("this node does not run in a cluster\n");
         };
-        // Any member that answers heartbeats counts, whatever its layout.
+        // Any member that sends heartbeats counts, whatever its layout.
         let alive: Vec<(String, u64)> = cluster
             .members()
             .into_iter()

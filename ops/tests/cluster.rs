@@ -1256,7 +1256,7 @@ async fn operator_removes_a_lost_node() {
             .iter()
             .all(|v| v.voters.contains(&"node-c".to_owned()))
     );
-    // A name that no log knows, a typo for instance, is an error too.
+    // A name that is in no log, a typo for instance, is an error too.
     let unknown = remove_node(&nodes["node-a"], "node-x");
     assert!(!unknown.status.success());
     let stderr = String::from_utf8_lossy(&unknown.stderr);

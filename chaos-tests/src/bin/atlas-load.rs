@@ -573,8 +573,8 @@ async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
         rejoined,
         "{leader} did not vote in every log within 90 s of its restart"
     );
-    // Leadership of the shards that placement gives the restarted node moves back to it; the
-    // kill below starts once that is over, from the same state as before the leave.
+    // Leadership of the shards that placement gives the restarted node moves back to it.
+    // The kill below starts once that is over, from the same state as before the leave.
     let since = Instant::now();
     let settled = wait_until(Duration::from_secs(90), || {
         log_views(everyone[0]).is_some_and(|views| {

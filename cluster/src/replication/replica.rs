@@ -94,7 +94,7 @@ pub struct Replica {
     elections: AtomicBool,
     /// The term in which this node leads the log, and when it first saw itself lead in it.
     leading_since: Mutex<Option<(u64, Instant)>>,
-    /// Where this node records that it left the log (see [`Replica::gate_elections`]).
+    /// Tree in which this node records that it left the log (see [`Replica::gate_elections`]).
     identity: sled::Tree,
     /// Whether this node left the log and has not voted in it again since.
     left: AtomicBool,
@@ -390,6 +390,10 @@ impl Replica {
     /// of a higher id, and some candidate wins within a round or two of requests. If no one
     /// wins (a lagging log, a lost message), the candidates elect as usual when their
     /// timeouts run out.
+    ///
+    /// NOTE: a replacement voter added in the same change may still count its lease on the
+    /// leaver and reject votes; an attack on five nodes saw 1.3 to 4.5 s without a leader in
+    /// 5 of about 60 handovers, against 0.2 to 0.3 s in the others.
     async fn elect_among(&self, others: &[RaftNodeId]) {
         let log = &self.settings.log;
         let mut others = others.to_vec();
@@ -419,21 +423,9 @@ impl Replica {
         let me = self.settings.raft_id;
         let others: Vec<RaftNodeId> = voters.iter().copied().filter(|v| *v != me).collect();
         hold_writes(log, me, Instant::now() + HANDOVER_HOLD);
-        let _ = self
-            .raft
-            .wait(Some(HANDOVER_CATCH_UP))
-            .metrics(
-                |m| {
-                    let replication = m.replication.as_ref();
-                    others.iter().all(|other| {
-                        replication
-                            .and_then(|r| r.get(other))
-                            .is_some_and(|id| id.map(|id| id.index) == m.last_log_index)
-                    })
-                },
-                "the other voters have every entry",
-            )
-            .await;
+        // A lagging voter may still win with the others' votes, so the handover goes on.
+        let _ = self.wait_until_caught_up(&others).await;
+
         // Past its lease, this node grants its own vote to one candidate, which makes a
         // majority of up to three voters: one election, with no rival candidates. Otherwise
         // (or with more voters) the others elect among themselves.
@@ -447,6 +439,7 @@ impl Replica {
             }
             _ => self.elect_among(&others).await,
         }
+
         let moved = self.led_by_another().await;
         release_writes(log, me);
         if moved {
@@ -461,7 +454,7 @@ impl Replica {
     /// lease on its own vote ends an election timeout after it was elected, and from then on
     /// it grants its vote to a candidate of a higher term whose log is at least as long as
     /// its own. So the leader keeps new writes waiting (for at most [`HANDOVER_HOLD`]), waits until
-    /// `target` has every entry, and asks it to start an election. With the target's own
+    /// `target` has every entry, and requests an election from it. With the target's own
     /// vote, the leader's makes a majority of up to 3 voters, so logs with more voters are
     /// left alone: their other followers refuse votes during their lease on the leader.
     /// Call it only once [`Replica::leads_past_lease`] says so.
@@ -478,18 +471,7 @@ impl Replica {
         }
         let log = &self.settings.log;
         hold_writes(log, me, Instant::now() + HANDOVER_HOLD);
-        let caught_up = self
-            .raft
-            .wait(Some(HANDOVER_CATCH_UP))
-            .metrics(
-                |m| {
-                    let matched = m.replication.as_ref().and_then(|r| r.get(&target));
-                    matched.is_some_and(|id| id.map(|id| id.index) == m.last_log_index)
-                },
-                "the voter taking over has every entry",
-            )
-            .await
-            .is_ok();
+        let caught_up = self.wait_until_caught_up(&[target]).await;
         let moved = caught_up
             && match ask(log, target, Request::Elect).await {
                 Ok(()) => self.led_by_another().await,
@@ -500,6 +482,26 @@ impl Replica {
             };
         release_writes(log, me);
         moved
+    }
+
+    /// Waits up to [`HANDOVER_CATCH_UP`] until each of `voters` has every entry of this
+    /// node, the leader, and returns whether they all have.
+    async fn wait_until_caught_up(&self, voters: &[RaftNodeId]) -> bool {
+        self.raft
+            .wait(Some(HANDOVER_CATCH_UP))
+            .metrics(
+                |m| {
+                    let replication = m.replication.as_ref();
+                    voters.iter().all(|voter| {
+                        replication
+                            .and_then(|r| r.get(voter))
+                            .is_some_and(|id| id.map(|id| id.index) == m.last_log_index)
+                    })
+                },
+                "the voters taking over have every entry",
+            )
+            .await
+            .is_ok()
     }
 
     /// Waits up to [`HANDOVER_HOLD`] until another node leads the log, and returns whether
@@ -561,7 +563,7 @@ impl Replica {
     ///
     /// A node that left the log (with SIGTERM) starts no elections either until a leader
     /// makes it a voter again. Restarted, it still has the membership from before it
-    /// left, with itself as a voter, and each election it tried would raise its term; the
+    /// left, with itself as a voter, so each election it tried would raise its term. The
     /// leader that added it back would then meet that higher term and step down.
     pub fn gate_elections(&self, alive: &BTreeSet<RaftNodeId>) {
         // Called every 200 ms for every log: it also starts the count of the leader's lease.
@@ -672,7 +674,7 @@ impl Replica {
 
     /// Takes this node out of the log's voters before it stops for good, so that the others
     /// no longer count on it for a majority. A leader removes itself and has the others
-    /// elect at once; a follower asks the leader. A leader that stays a voter (see below)
+    /// elect at once; a follower sends the request to the leader. A leader that stays a voter (see below)
     /// still has the others elect a leader before it stops. `replacement`, a learner,
     /// becomes a voter in the same change. The node stays a voter when the log would keep
     /// fewer than `keep` voters. It becomes a voter again when it comes back after

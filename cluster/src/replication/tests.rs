@@ -360,6 +360,11 @@ async fn leader_hands_leadership_to_a_chosen_voter() {
     }
     // A node that does not lead hands nothing over.
     assert!(!old.transfer_leadership(leader).await);
+    stop_replicas(&replicas).await;
+}
+
+/// Stops every replica of `replicas` and its endpoint.
+async fn stop_replicas(replicas: &BTreeMap<RaftNodeId, (super::Replica, Arc<ListApplier>)>) {
     for (replica, _) in replicas.values() {
         replica.stop().await;
     }
@@ -406,9 +411,7 @@ async fn leaving_leader_is_replaced() {
             assert_eq!(applier.commands(), [vec![0], vec![1]]);
         }
     }
-    for (replica, _) in replicas.values() {
-        replica.stop().await;
-    }
+    stop_replicas(&replicas).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -459,9 +462,7 @@ async fn kept_voter_hands_over(log: &str, settled: bool) {
         wait_for_applied(applier, 2).await;
         assert_eq!(applier.commands(), [vec![0], vec![1]]);
     }
-    for (replica, _) in replicas.values() {
-        replica.stop().await;
-    }
+    stop_replicas(&replicas).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -478,7 +479,7 @@ async fn restarted_leaver_starts_no_elections() {
         .await
         .unwrap();
 
-    // The follower leaves and stops, then restarts from its database, which still holds
+    // The follower leaves and stops, then restarts from its database, which still has
     // the membership from before it left, with itself as a voter.
     let (gone, _) = replicas.remove(&leaver).unwrap();
     gone.leave(None, 1).await.unwrap();
@@ -541,7 +542,5 @@ async fn restarted_leaver_starts_no_elections() {
     }
     assert!(again, "the node never counted itself a voter again");
     back.stop().await;
-    for (replica, _) in replicas.values() {
-        replica.stop().await;
-    }
+    stop_replicas(&replicas).await;
 }

@@ -417,11 +417,11 @@ fn invalid<E: std::error::Error>(detail: String) -> RPCError<RaftNodeId, BasicNo
 /// First pause of a leader's replication to a replica it could not reach.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 
-/// Longest pause between attempts to replicate to a replica that stays unreachable.
+/// Maximum pause between attempts to replicate to a replica that stays unreachable.
 const LAST_BACKOFF: Duration = Duration::from_secs(4);
 
 impl RaftNetwork<TypeConfig> for ClusterLink {
-    /// Pauses between attempts to reach a replica that did not answer: 0.5 s, then twice as
+    /// Returns the pauses between attempts to reach a replica that did not reply: 0.5 s, then twice as
     /// long each time up to 4 s. openraft's default retries every 0.5 s for as long as the
     /// replica is down, logging a warning and an error each time, in every log it votes in;
     /// a dead member of the directory log stays a voter until it returns.
