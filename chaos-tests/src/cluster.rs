@@ -88,6 +88,41 @@ pub fn free_port() -> u16 {
         .expect("binding a free port on 127.0.0.1")
 }
 
+/// A test that panics leaves its cluster directory (node logs, data) in place for a look,
+/// says where it is, and prints the end of each node's log, which is all a CI run keeps.
+impl Drop for ClusterFixture {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        self.dir.disable_cleanup(true);
+        eprintln!(
+            "the cluster directory stays for inspection: {}",
+            self.dir.path().display()
+        );
+        let Ok(entries) = std::fs::read_dir(self.dir.path()) else {
+            return;
+        };
+        let mut logs: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        logs.sort();
+        for log in logs {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_ON_FAILURE)..];
+            eprintln!("--- last {} lines of {}", tail.len(), log.display());
+            for line in tail {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// Lines of each node's log that a failed test prints.
+const LOG_TAIL_ON_FAILURE: usize = 60;
+
 /// Returns the first port of the kernel's ephemeral range, read from Linux's `/proc`.
 fn ephemeral_start() -> Option<u16> {
     let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
