@@ -5,11 +5,13 @@
 //! (remote actor references, presence by node) while sessions keep calling the same methods.
 
 mod forward;
+mod links;
 mod membership;
 mod placement;
 mod presence;
 pub mod replication;
 mod router;
+pub mod tls;
 
 pub use forward::{ForwardHandler, Forwarder, ForwarderMsg, GroupOwners};
 pub use membership::{

@@ -9,14 +9,15 @@
 //! the failure timeout as dead, and dials seeds and known members it is not hearing from,
 //! with exponential backoff and jitter. A dead member that is heard again is alive again.
 //!
-//! NOTE: ractor_cluster does not tie a peer's certificate to the node name it declares, so a
-//! node holding any certificate of the cluster CA can pose under another name.
+//! Atlas runs the TLS side of the links itself (see [`crate::links`]), so that a peer must
+//! declare the name its certificate was made for: ractor_cluster does not tie the two.
 
+use crate::links::{NameCheck, PeerCertificates};
 use ractor::{Actor, ActorProcessingErr, ActorRef, pg};
 use ractor_cluster::node::NodeConnectionMode;
 use ractor_cluster::{
     IncomingEncryptionMode, NodeEventSubscription, NodeServer, NodeServerMessage,
-    RactorClusterMessage, client_connect_enc,
+    RactorClusterMessage,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -169,6 +170,7 @@ struct Dial {
 struct MembershipState {
     settings: ClusterSettings,
     server: ActorRef<NodeServerMessage>,
+    certificates: PeerCertificates,
     members: HashMap<String, Member>,
     dials: Arc<Mutex<HashMap<SocketAddr, Dial>>>,
     view: MembershipView,
@@ -391,11 +393,11 @@ impl MembershipState {
             let server = self.server.clone();
             let connector = tokio_rustls::TlsConnector::from(Arc::clone(&self.settings.client_tls));
             let dials = Arc::clone(&self.dials);
+            let certificates = self.certificates.clone();
             tokio::spawn(async move {
-                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
                 let result = tokio::time::timeout(
                     DIAL_TIMEOUT,
-                    client_connect_enc(&server, addr, connector, name),
+                    crate::links::dial(&server, addr, connector, &certificates),
                 )
                 .await;
                 match result {
@@ -473,28 +475,53 @@ impl Cluster {
         settings: ClusterSettings,
         observer: Arc<dyn MembershipObserver>,
     ) -> anyhow::Result<Self> {
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&settings.server_tls));
+        // Bound before anything starts, so that a taken port fails the start.
+        let listener = tokio::net::TcpListener::bind(settings.listen)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot listen for cluster links on {}: {e}; pick another --cluster-listen",
+                    settings.listen
+                )
+            })?;
+        // ractor_cluster's own listener gets an unused loopback port and refuses every
+        // client: links arrive through `listener` (see `crate::links`).
+        let unused = crate::links::refuse_all(&settings.server_tls)
+            .map_err(|e| anyhow::anyhow!("cannot set up the internal cluster listener: {e}"))?;
+        let unused = tokio_rustls::TlsAcceptor::from(unused);
         let node_server = NodeServer::new(
-            settings.listen.port(),
+            0,
             settings.cookie.clone(),
             settings.node_name.clone(),
             settings.advertise.ip().to_string(),
-            Some(IncomingEncryptionMode::Tls(acceptor)),
+            Some(IncomingEncryptionMode::Tls(unused)),
             // Transitive mode would dial learned peers without TLS; membership dials them.
             Some(NodeConnectionMode::Isolated),
         )
-        .with_listen_addr(settings.listen.ip());
+        .with_listen_addr(std::net::Ipv4Addr::LOCALHOST.into());
         let (server, _) = Actor::spawn(None, node_server, ()).await?;
+        let certificates = PeerCertificates::default();
         server.cast(NodeServerMessage::SubscribeToEvents {
             id: "atlas-session-log".into(),
-            subscription: Box::new(SessionEvents::default()),
+            subscription: Box::new(SessionEvents {
+                authenticated: Mutex::default(),
+                certificates: certificates.clone(),
+            }),
         })?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&settings.server_tls));
+        tokio::spawn(crate::links::accept(
+            listener,
+            acceptor,
+            server.clone(),
+            certificates.clone(),
+        ));
         let view: MembershipView = Arc::default();
         let node_name = settings.node_name.clone();
         let formed = Arc::clone(&settings.formed);
         let cluster_id = Arc::clone(&settings.cluster_id);
         let state = MembershipState {
             server: server.clone(),
+            certificates,
             members: HashMap::new(),
             dials: Arc::default(),
             view: Arc::clone(&view),
@@ -552,10 +579,11 @@ impl Cluster {
     }
 }
 
-/// Tracks which node sessions authenticated, to log those that closed before.
-#[derive(Default)]
+/// Tracks which node sessions authenticated, to log those that closed before, and stops
+/// those whose peer declares a name other than its certificate's.
 struct SessionEvents {
     authenticated: Mutex<HashSet<ractor::ActorId>>,
+    certificates: PeerCertificates,
 }
 
 impl NodeEventSubscription for SessionEvents {
@@ -567,6 +595,7 @@ impl NodeEventSubscription for SessionEvents {
         &self,
         session: ractor_cluster::node::NodeServerSessionInformation,
     ) {
+        self.certificates.forget(&session.peer_addr);
         let id = session.actor.get_id();
         let was_authenticated = self
             .authenticated
@@ -579,8 +608,8 @@ impl NodeEventSubscription for SessionEvents {
             tracing::warn!(
                 peer = %session.peer_addr,
                 "cluster session closed before authenticating: a wrong cookie, a failed TLS \
-                 handshake on the peer's side, or a duplicate link that ractor_cluster dropped \
-                 (its log line above gives the reason)"
+                 handshake on the peer's side, a name other than its certificate's, or a \
+                 duplicate link that ractor_cluster dropped (the log line above gives the reason)"
             );
         }
     }
@@ -589,9 +618,35 @@ impl NodeEventSubscription for SessionEvents {
         &self,
         session: ractor_cluster::node::NodeServerSessionInformation,
     ) {
-        self.authenticated
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(session.actor.get_id());
+        let declared = session
+            .peer_name
+            .as_ref()
+            .map_or("", |name| name.name.as_str());
+        match self.certificates.check(&session.peer_addr, declared) {
+            NameCheck::Matches => {
+                self.authenticated
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(session.actor.get_id());
+            }
+            NameCheck::Differs {
+                declared,
+                certificate,
+            } => {
+                tracing::error!(
+                    peer = %session.peer_addr,
+                    declared = %declared,
+                    certificate = %certificate,
+                    "cluster peer refused: it declares a node name other than the one its \
+                     certificate was made for; give each node the certificate of its own name \
+                     (`atlas cert node NAME`)"
+                );
+                session.actor.stop(Some("name_not_in_certificate".into()));
+            }
+            NameCheck::Unknown => {
+                tracing::error!(peer = %session.peer_addr, declared = %declared, "cluster peer refused: its link did not come through the node's TLS listener");
+                session.actor.stop(Some("no_certificate".into()));
+            }
+        }
     }
 }

@@ -8,7 +8,6 @@
 
 mod admin;
 mod certs;
-mod cluster_tls;
 mod config;
 mod demo;
 mod node;

@@ -1,7 +1,7 @@
 //! Starting and stopping one node: storage, actors, gateway and metrics listener.
 
 use crate::config::NodeConfig;
-use crate::{cluster_tls, tls};
+use crate::tls;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::Context;
 use atlas_actors::{
@@ -535,7 +535,7 @@ async fn start_cluster(
             "cluster_listen needs cluster_ca, cluster_cert, cluster_key and cluster_cookie"
         );
     };
-    let tls = cluster_tls::load_for(&config.node_name, ca, cert, key)?;
+    let tls = atlas_cluster::tls::load_for(&config.node_name, ca, cert, key)?;
     let observer = Arc::new(MembershipMetrics::register(registry)?);
     let settings = ClusterSettings {
         node_name: config.node_name.clone(),

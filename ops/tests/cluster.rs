@@ -130,8 +130,8 @@ async fn nodes_join_detect_failures_and_rejoin() {
     assert!(resumed, "after SIGCONT: {:?}", states(&node_a));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn foreign_ca_and_wrong_cookie_are_refused() {
+/// Starts node-a and node-b, joined through node-a, and waits until node-a sees both alive.
+async fn two_nodes() -> (ClusterFixture, NodeSpec, NodeProcess, NodeProcess) {
     let fixture = fixture();
     let a = fixture.spec("node-a", &[]).unwrap();
     let b = fixture.spec("node-b", &[a.port]).unwrap();
@@ -139,6 +139,13 @@ async fn foreign_ca_and_wrong_cookie_are_refused() {
     let node_b = fixture.start(&b).unwrap();
     let pair = ["node-a", "node-b"];
     assert!(wait_until(CONVERGE, || alive(&node_a, &pair)).await);
+    (fixture, a, node_a, node_b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_ca_and_wrong_cookie_are_refused() {
+    let (fixture, a, node_a, node_b) = two_nodes().await;
+    let pair = ["node-a", "node-b"];
 
     // A node whose certificate comes from another CA.
     let rogue_ca = fixture.path("rogue-ca");
@@ -164,7 +171,7 @@ async fn foreign_ca_and_wrong_cookie_are_refused() {
     // listener logs; node-a's own verifier would reject the rogue's certificate next.
     let refused = wait_until(CONVERGE, || {
         let log = fixture.log("node-a");
-        (log.contains("Error establishing secure socket")
+        (log.contains("cluster peer refused: the TLS handshake failed")
             || log.contains("not from the cluster CA"))
             && log.contains("closed before authenticating")
     })
@@ -175,6 +182,72 @@ async fn foreign_ca_and_wrong_cookie_are_refused() {
     assert!(!members.contains_key("stranger"), "{members:?}");
     assert!(alive(&node_a, &pair), "{:?}", states(&node_a));
     assert!(alive(&node_b, &pair), "{:?}", states(&node_b));
+}
+
+/// Membership events of the in-process peer, which the test does not need.
+struct Unobserved;
+
+impl atlas_cluster::MembershipObserver for Unobserved {
+    fn changed(&self, _event: &'static str, _member: &str) {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_declaring_another_name_than_its_certificate_is_refused() {
+    let (fixture, a, node_a, node_b) = two_nodes().await;
+    let pair = ["node-a", "node-b"];
+
+    // A peer run in this process with a valid certificate made for node-x, the right cookie,
+    // and the name node-z. The `atlas` binary refuses such a start, so the test builds it.
+    fixture.certificate("node-x", &fixture.path("ca")).unwrap();
+    let certs = fixture.path("certs");
+    let tls = atlas_cluster::tls::load_for(
+        "node-x",
+        &fixture.path("ca").join("ca.pem"),
+        &certs.join("node-x.pem"),
+        &certs.join("node-x-key.pem"),
+    )
+    .unwrap();
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let settings = atlas_cluster::ClusterSettings {
+        node_name: "node-z".into(),
+        raft_id: 77,
+        listen,
+        advertise: listen,
+        seeds: vec![format!("127.0.0.1:{}", a.port).parse().unwrap()],
+        cookie: COOKIE.into(),
+        server_tls: tls.server,
+        client_tls: tls.client,
+        heartbeat_interval: Duration::from_millis(200),
+        failure_timeout: Duration::from_millis(1500),
+        formed: Default::default(),
+        cluster_id: Default::default(),
+        layout: Default::default(),
+    };
+    let posing = atlas_cluster::Cluster::start(settings, std::sync::Arc::new(Unobserved))
+        .await
+        .unwrap();
+
+    // node-a stops the session once ractor_cluster authenticated it, and says why.
+    let refused = wait_until(CONVERGE, || {
+        let log = fixture.log("node-a");
+        log.contains("declares a node name other than the one its certificate was made for")
+            && log.contains("declared=node-z")
+            && log.contains("certificate=node-x")
+    })
+    .await;
+    assert!(refused, "node-a log:\n{}", fixture.log("node-a"));
+    // Heartbeats sent before the stop could make node-z look alive for a moment; it must not
+    // stay a member that is alive.
+    let gone = wait_until(CONVERGE, || {
+        states(&node_a)
+            .get("node-z")
+            .is_none_or(|state| state != "alive")
+    })
+    .await;
+    assert!(gone, "{:?}", states(&node_a));
+    assert!(wait_until(CONVERGE, || alive(&node_a, &pair)).await);
+    assert!(wait_until(CONVERGE, || alive(&node_b, &pair)).await);
+    posing.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

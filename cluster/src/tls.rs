@@ -36,7 +36,17 @@ fn certificates(path: &Path, what: &str) -> anyhow::Result<Vec<CertificateDer<'s
 /// Returns the common name of the first certificate in `chain`.
 fn common_name(chain: &[CertificateDer<'_>]) -> anyhow::Result<String> {
     let first = chain.first().context("the certificate chain is empty")?;
-    let (_, parsed) = x509_parser::parse_x509_certificate(first.as_ref())
+    certificate_common_name(first)
+}
+
+/// Returns the common name of a peer's certificate, which the TLS handshake checked against
+/// the cluster CA, or `None` if it has none.
+pub(crate) fn peer_common_name(certificate: &CertificateDer<'_>) -> Option<String> {
+    certificate_common_name(certificate).ok()
+}
+
+fn certificate_common_name(certificate: &CertificateDer<'_>) -> anyhow::Result<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref())
         .map_err(|e| anyhow::anyhow!("the certificate does not parse: {e}"))?;
     let name = parsed
         .subject()

@@ -1,0 +1,294 @@
+//! The TLS side of node-to-node links, run by Atlas rather than by ractor_cluster, so that
+//! each link's peer certificate is known: a peer must declare the node name that its
+//! certificate was made for.
+//!
+//! Atlas accepts and dials the TCP connections, runs the mutual TLS 1.3 handshake, records the
+//! common name of the peer's certificate under a label unique to the link, and hands the
+//! encrypted stream to ractor_cluster's `NodeServer`, which runs its cookie authentication
+//! on it. Once ractor_cluster has authenticated a session, [`PeerCertificates::check`]
+//! compares the name that the peer declared with the recorded one and stops the session when
+//! they differ. ractor_cluster's own listener still runs, as its `NodeServer` always starts
+//! one, but on a loopback port that no node dials and with a TLS configuration that refuses
+//! every client.
+
+use crate::tls::peer_common_name;
+use ractor::ActorRef;
+use ractor_cluster::{ClusterBidiStream, NodeServerMessage};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Time an incoming link has to complete its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The common names of the certificates of the open links, by link label. ractor_cluster
+/// reports a link's label as the session's peer address.
+#[derive(Clone, Default)]
+pub(crate) struct PeerCertificates {
+    names: Arc<Mutex<HashMap<String, String>>>,
+    next_link: Arc<AtomicU64>,
+}
+
+/// Outcome of [`PeerCertificates::check`] for a session that ractor_cluster authenticated.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum NameCheck {
+    /// The declared name is the certificate's.
+    Matches,
+    /// The peer declared `declared`, but its certificate was made for `certificate`.
+    Differs {
+        declared: String,
+        certificate: String,
+    },
+    /// No certificate is recorded for the link, so it did not come through Atlas's TLS.
+    Unknown,
+}
+
+impl PeerCertificates {
+    /// Records the common name of a new link's peer certificate and returns the link's label.
+    fn record(&self, peer: SocketAddr, common_name: String) -> String {
+        let link = self.next_link.fetch_add(1, Ordering::Relaxed);
+        let label = format!("{peer} (link {link})");
+        self.lock().insert(label.clone(), common_name);
+        label
+    }
+
+    /// Forgets the link labelled `label`, once its session closed.
+    pub(crate) fn forget(&self, label: &str) {
+        self.lock().remove(label);
+    }
+
+    /// Compares the node name a peer declared on the link labelled `label`,
+    /// `name@host` as ractor_cluster carries it, with its certificate's common name.
+    pub(crate) fn check(&self, label: &str, declared: &str) -> NameCheck {
+        let declared = declared.split('@').next().unwrap_or(declared);
+        match self.lock().get(label) {
+            None => NameCheck::Unknown,
+            Some(certificate) if certificate == declared => NameCheck::Matches,
+            Some(certificate) => NameCheck::Differs {
+                declared: declared.to_owned(),
+                certificate: certificate.clone(),
+            },
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.names.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// An encrypted link, as ractor_cluster takes it.
+struct Link<S> {
+    stream: S,
+    label: String,
+}
+
+impl<S> ClusterBidiStream for Link<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    fn split(self: Box<Self>) -> (ractor_cluster::BoxRead, ractor_cluster::BoxWrite) {
+        let (read, write) = tokio::io::split(self.stream);
+        (Box::new(read), Box::new(write))
+    }
+
+    fn peer_label(&self) -> Option<String> {
+        Some(self.label.clone())
+    }
+}
+
+/// Accepts node-to-node links on `listener` until the node server stops: each connection
+/// that completes the handshake, with a client certificate of the cluster CA, goes to
+/// `server` as an incoming session.
+pub(crate) async fn accept(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    server: ActorRef<NodeServerMessage>,
+    certificates: PeerCertificates,
+) {
+    loop {
+        let (socket, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a cluster connection failed; accepting the next");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if server.get_status() > ractor::ActorStatus::Running {
+            return;
+        }
+        let acceptor = acceptor.clone();
+        let server = server.clone();
+        let certificates = certificates.clone();
+        tokio::spawn(async move {
+            let _ = socket.set_nodelay(true);
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket))
+                .await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::warn!(%peer, error = %e, "cluster peer refused: the TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%peer, timeout_s = HANDSHAKE_TIMEOUT.as_secs(), "cluster peer refused: no TLS handshake in time");
+                    return;
+                }
+            };
+            let Some(name) = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(peer_common_name)
+            else {
+                tracing::warn!(%peer, "cluster peer refused: its certificate has no common name");
+                return;
+            };
+            let label = certificates.record(peer, name);
+            let link = Box::new(Link { stream, label });
+            if server
+                .cast(NodeServerMessage::ConnectionOpenedExternal {
+                    stream: link,
+                    is_server: true,
+                })
+                .is_err()
+            {
+                tracing::debug!(%peer, "the node server stopped; dropping an incoming cluster link");
+            }
+        });
+    }
+}
+
+/// Dials `addr`, runs the TLS handshake with `connector` and hands the link to `server` as
+/// an outgoing session.
+pub(crate) async fn dial(
+    server: &ActorRef<NodeServerMessage>,
+    addr: SocketAddr,
+    connector: tokio_rustls::TlsConnector,
+    certificates: &PeerCertificates,
+) -> Result<(), String> {
+    let socket = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    let _ = socket.set_nodelay(true);
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let stream = connector
+        .connect(name, socket)
+        .await
+        .map_err(|e| format!("the TLS handshake failed: {e}"))?;
+    let common_name = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(peer_common_name)
+        .ok_or("the peer's certificate has no common name")?;
+    let label = certificates.record(addr, common_name);
+    server
+        .cast(NodeServerMessage::ConnectionOpenedExternal {
+            stream: Box::new(Link { stream, label }),
+            is_server: false,
+        })
+        .map_err(|e| format!("the node server stopped: {e}"))
+}
+
+/// A TLS configuration for ractor_cluster's own listener that refuses every client, with
+/// the certificate of `server_tls`.
+pub(crate) fn refuse_all(
+    server_tls: &rustls::ServerConfig,
+) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(RefuseAll))
+        .with_cert_resolver(Arc::clone(&server_tls.cert_resolver));
+    Ok(Arc::new(config))
+}
+
+fn internal_listener_refusal() -> rustls::Error {
+    rustls::Error::General("cluster links go to the node's cluster address".into())
+}
+
+/// A client certificate verifier that accepts nothing.
+#[derive(Debug)]
+struct RefuseAll;
+
+impl rustls::server::danger::ClientCertVerifier for RefuseAll {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        tracing::warn!("a connection reached the unused internal cluster listener; refused");
+        Err(internal_listener_refusal())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls::pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(internal_listener_refusal())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::aws_lc_rs::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn declared_name_must_be_the_certificates() {
+        let certificates = PeerCertificates::default();
+        let peer: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let label = certificates.record(peer, "node-b".into());
+        assert_eq!(
+            certificates.check(&label, "node-b@127.0.0.1"),
+            NameCheck::Matches
+        );
+        assert_eq!(
+            certificates.check(&label, "node-a@127.0.0.1"),
+            NameCheck::Differs {
+                declared: "node-a".into(),
+                certificate: "node-b".into(),
+            }
+        );
+        // Two links from one address have their own labels.
+        let other = certificates.record(peer, "node-c".into());
+        assert_ne!(label, other);
+        assert_eq!(
+            certificates.check(&other, "node-c@127.0.0.1"),
+            NameCheck::Matches
+        );
+        certificates.forget(&label);
+        assert_eq!(
+            certificates.check(&label, "node-b@127.0.0.1"),
+            NameCheck::Unknown
+        );
+    }
+}
