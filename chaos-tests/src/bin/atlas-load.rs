@@ -334,6 +334,9 @@ fn msg_id() -> ClientMsgId {
     ClientMsgId(id)
 }
 
+/// Longest wait for the pushes of the saturation phase to end before the latency phase.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
 async fn measure(
     args: &LoadArgs,
     mut devices: Vec<Device>,
@@ -398,6 +401,24 @@ async fn measure(
     eprintln!(
         "   {:.0} sends/s, {:.0} deliveries/s, {} errors",
         report.sends_per_sec, report.deliveries_per_sec, report.errors
+    );
+
+    // The latency phase starts from a quiet node: pushes of the saturation phase that are
+    // still queued (on a cluster, followers applying its entries) would delay its sends.
+    let drain = Instant::now();
+    let mut seen = deliveries.load(Ordering::Relaxed);
+    let mut quiet_since = Instant::now();
+    while quiet_since.elapsed() < Duration::from_secs(1) && drain.elapsed() < DRAIN_LIMIT {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = deliveries.load(Ordering::Relaxed);
+        if now != seen {
+            seen = now;
+            quiet_since = Instant::now();
+        }
+    }
+    eprintln!(
+        "   pushes settled {:.1} s after the saturation phase",
+        drain.elapsed().as_secs_f64()
     );
 
     report.half_rate = report.sends_per_sec / 2.0;
