@@ -43,7 +43,10 @@ pub enum LoginError {
     #[error("no key package available for device {0}")]
     NoKeyPackage(DeviceId),
     /// The device was revoked or replaced by a key rotation.
-    #[error("device {0} is revoked; log in with a current device key")]
+    #[error(
+        "device {0} is revoked or was replaced by a key rotation, so its key cannot be used \
+         again; use a current device key, or a new one"
+    )]
     Revoked(DeviceId),
     /// A revocation or rotation names a device of another account.
     #[error("device {0} does not belong to this account")]

@@ -105,23 +105,33 @@ pub async fn audit(
         checked: 0,
     };
     if let Some(head) = auditor.head.clone() {
+        let state_error = |detail: String| AuditError::State {
+            path: options
+                .state_file
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            detail,
+        };
         // A saved head signed by a key this node never published belongs to another node with
         // the same server name, or is older than the node's key grace period.
         auditor.refresh_jwks().await?;
         if auditor.jwks.find(&head.kid).is_none() {
-            return Err(AuditError::State {
-                path: options
-                    .state_file
-                    .as_deref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-                detail: format!(
-                    "the saved head is signed by key {:?}, which this node does not publish: the \
-                     file belongs to another node, or the key left the JWKS after its grace \
-                     period; start a new state file",
-                    head.kid
-                ),
-            });
+            return Err(state_error(format!(
+                "the saved head is signed by key {:?}, which this node does not publish: the \
+                 file belongs to another node, or the key left the JWKS after its grace \
+                 period; start a new state file",
+                head.kid
+            )));
+        }
+        // The file is only as good as the signature it kept: a damaged head is no evidence.
+        if let Err(e) = head.verify(&auditor.jwks, crate::now_ms()) {
+            return Err(state_error(format!(
+                "the saved head of size {} does not verify ({e}): the file is damaged, so it is \
+                 no evidence against the node; restore it from a backup or start a new state \
+                 file",
+                head.size
+            )));
         }
         progress(&format!(
             "resuming from the saved head of size {} (root {})",

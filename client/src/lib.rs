@@ -614,6 +614,18 @@ impl Client {
         }
         head.verify(&self.kt.jwks, now_ms())
             .map_err(|e| kt::proof_error("tree head rejected", &e))?;
+        // The kept head counts as evidence only while its signature holds: a head damaged in
+        // the state file would accuse an honest server.
+        if let Some(seen) = &self.kt.latest
+            && let Err(e) = seen.verify(&self.kt.jwks, now_ms())
+        {
+            return Err(ClientError::KeyTransparency(format!(
+                "the tree head of size {} kept in the client state does not verify ({e}): the \
+                 state is damaged, so it proves nothing about the server; restore the state \
+                 directory from a backup",
+                seen.size
+            )));
+        }
         let Some(seen) = self.kt.latest.clone() else {
             self.kt.latest = Some(head.clone());
             return self.save();

@@ -279,7 +279,7 @@ impl Connection {
                     Outbound::Close(code) => {
                         let reason = CloseReason {
                             code: actix_ws::CloseCode::Other(code.as_u16()),
-                            description: Some("closed by server".into()),
+                            description: Some(close_reason(code).0.into()),
                         };
                         let _ = writer_session.close(Some(reason)).await;
                         break;
@@ -334,7 +334,7 @@ impl Connection {
                             self.respond(&queue, 0, body);
                             invalid += 1;
                             if invalid >= self.state.settings.max_invalid_frames {
-                                break self.close(CloseCode::ProtocolViolation, "too many invalid frames", "protocol").await;
+                                break self.close_after_queued(&queue, CloseCode::ProtocolViolation).await;
                             }
                             continue;
                         }
@@ -353,7 +353,7 @@ impl Connection {
                             self.respond(&queue, id, decode_error_body(&error));
                             invalid += 1;
                             if invalid >= self.state.settings.max_invalid_frames {
-                                break self.close(CloseCode::ProtocolViolation, "too many invalid frames", "protocol").await;
+                                break self.close_after_queued(&queue, CloseCode::ProtocolViolation).await;
                             }
                         }
                     }
@@ -719,16 +719,24 @@ impl Connection {
     }
 
     async fn close_code(&mut self, code: CloseCode) -> Ended {
-        let (why, label) = match code {
-            CloseCode::SlowConsumer => (
-                "outbound queue full, resync from your cursor",
-                "slow_consumer",
-            ),
-            CloseCode::Replaced => ("device logged in on another connection", "replaced"),
-            CloseCode::GoingAway => ("server shutting down", "shutdown"),
-            _ => ("closed by server", "server"),
-        };
+        let (why, label) = close_reason(code);
         self.close(code, why, label).await
+    }
+
+    /// Closes with `code` once the frames queued before are sent, so that the client gets
+    /// the error frames that led to the close. Gives up after the same 2 s as
+    /// [`Self::close`].
+    async fn close_after_queued(&mut self, queue: &SessionHandle, code: CloseCode) -> Ended {
+        queue.close_after_queued(code);
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while !queue.is_closed() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        Ended {
+            label: close_reason(code).1,
+        }
     }
 
     async fn close(&mut self, code: CloseCode, why: &str, label: &'static str) -> Ended {
@@ -744,6 +752,22 @@ impl Connection {
         )
         .await;
         Ended { label }
+    }
+}
+
+/// Returns the close reason sent with `code` after login, and the label of the metric that
+/// counts it.
+fn close_reason(code: CloseCode) -> (&'static str, &'static str) {
+    match code {
+        CloseCode::SlowConsumer => (
+            "outbound queue full, resync from your cursor",
+            "slow_consumer",
+        ),
+        CloseCode::Replaced => ("device logged in on another connection", "replaced"),
+        CloseCode::GoingAway => ("server shutting down", "shutdown"),
+        CloseCode::ProtocolViolation => ("too many invalid frames", "protocol"),
+        CloseCode::AuthFailed => ("device revoked", "revoked"),
+        _ => ("closed by server", "server"),
     }
 }
 

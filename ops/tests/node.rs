@@ -419,6 +419,21 @@ async fn bad_frames_get_typed_errors_and_write_nothing() {
     assert_eq!(head_of(alice, &group).await, head);
 }
 
+/// Opens a raw connection to the node and returns it with its challenge's server name and
+/// nonce.
+async fn open_raw(setup: &Setup) -> (RawConnection, String, Vec<u8>) {
+    let (conn, challenge) = RawConnection::open(&setup.node.url(), &setup.trust())
+        .await
+        .unwrap();
+    let ServerBody::Challenge {
+        nonce, server_name, ..
+    } = challenge
+    else {
+        panic!("no challenge")
+    };
+    (conn, server_name, nonce)
+}
+
 fn login_body(key: &SigningKey, account: &str, server_name: &str, nonce: &[u8]) -> ClientBody {
     ClientBody::Login {
         account: account.to_owned(),
@@ -431,19 +446,43 @@ fn login_body(key: &SigningKey, account: &str, server_name: &str, nonce: &[u8]) 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_of_invalid_frames_gets_every_error_before_4003() {
+    let setup = Setup::new(&[]);
+    let key = SigningKey::generate(&mut rand::rngs::OsRng);
+    let (mut conn, server_name, nonce) = open_raw(&setup).await;
+    let login = login_body(&key, "burst", &server_name, &nonce);
+    assert!(matches!(
+        conn.request(login).await.unwrap(),
+        ServerBody::LoggedIn { .. }
+    ));
+
+    // The node's default allows 16 invalid frames in a row; all 16 arrive back to back.
+    for _ in 0..16 {
+        conn.send_raw(vec![0xc1, 0x00, 0xff]).await.unwrap();
+    }
+    let mut errors = 0;
+    while let Ok(Some(frame)) =
+        tokio::time::timeout(Duration::from_secs(10), conn.next_push()).await
+    {
+        match frame {
+            ServerBody::Error { code, .. } => {
+                assert_eq!(code, ErrorCode::MalformedFrame);
+                errors += 1;
+            }
+            other => panic!("expected an error frame, got {other:?}"),
+        }
+    }
+    assert_eq!(errors, 16, "error frames before the close");
+    let close = conn.wait_closed(Duration::from_secs(10)).await.flatten();
+    assert_eq!(close.map(|c| c.0), Some(4003));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_or_wrong_login_signature_is_refused() {
     let setup = Setup::new(&[]);
     let key = SigningKey::generate(&mut rand::rngs::OsRng);
 
-    let (first, challenge) = RawConnection::open(&setup.node.url(), &setup.trust())
-        .await
-        .unwrap();
-    let ServerBody::Challenge {
-        nonce, server_name, ..
-    } = challenge
-    else {
-        panic!("no challenge")
-    };
+    let (first, server_name, nonce) = open_raw(&setup).await;
     let login = login_body(&key, "dora", &server_name, &nonce);
     assert!(matches!(
         first.request(login.clone()).await.unwrap(),
@@ -471,15 +510,7 @@ async fn replayed_or_wrong_login_signature_is_refused() {
     );
 
     // A signature by another key than the one presented.
-    let (third, challenge) = RawConnection::open(&setup.node.url(), &setup.trust())
-        .await
-        .unwrap();
-    let ServerBody::Challenge {
-        nonce, server_name, ..
-    } = challenge
-    else {
-        panic!("no challenge")
-    };
+    let (third, server_name, nonce) = open_raw(&setup).await;
     let other = SigningKey::generate(&mut rand::rngs::OsRng);
     let ClientBody::Login { signature, .. } = login_body(&other, "dora", &server_name, &nonce)
     else {

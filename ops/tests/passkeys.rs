@@ -843,6 +843,18 @@ async fn receipt_over_http_verifies() {
         .await
         .unwrap();
     assert_eq!(response.status().as_u16(), 401);
+
+    // A sequence number beyond u64 is a bad request, with the JSON error body.
+    let beyond = format!(
+        "/v1/receipts/{}/18446744073709551616",
+        hex::encode(group.as_bytes())
+    );
+    let response = alice_session
+        .send(Method::GET, &beyond, None::<&()>, true)
+        .await
+        .unwrap();
+    let (status, error, _) = status_and_error(response).await;
+    assert_eq!((status, error.as_str()), (400, "invalid_request"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

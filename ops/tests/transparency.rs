@@ -347,6 +347,53 @@ async fn rollback_is_caught_by_client_and_auditor() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_saved_head_accuses_no_one() {
+    let node = Node::start();
+    drop(node.client("alice", "alice").await);
+    let mut bob = node.client("bob", "bob").await;
+    bob.check_head(&latest_head(&node).await).await.unwrap();
+    let kept = bob.kt_latest_head().unwrap().clone();
+    let audit_state = node.dir.path().join("audit-head.json");
+    assert_eq!(node.audit(Some(audit_state.clone())).await.unwrap(), 2);
+    bob.disconnect();
+    drop(bob);
+
+    // One byte of the root changes in the auditor's file: the head no longer verifies, and
+    // the auditor says the file is damaged instead of reporting a fork.
+    let mut saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&audit_state).unwrap()).unwrap();
+    let first = saved["head"]["root"][0].as_u64().unwrap();
+    saved["head"]["root"][0] = (first ^ 1).into();
+    std::fs::write(&audit_state, serde_json::to_vec(&saved).unwrap()).unwrap();
+    let audit_err = node.audit(Some(audit_state)).await.unwrap_err();
+    assert!(
+        matches!(&audit_err, AuditError::State { detail, .. } if detail.contains("does not verify")),
+        "{audit_err}"
+    );
+
+    // The same damage to bob's saved head: his client refuses to go on with a damaged state
+    // and records no violation against the server.
+    let state_file = node.dir.path().join("bob").join("client-state.msgpack");
+    let mut state = std::fs::read(&state_file).unwrap();
+    let at = state
+        .windows(kept.root.len())
+        .position(|w| w == kept.root)
+        .expect("the kept root is in the client state");
+    state[at] ^= 1;
+    std::fs::write(&state_file, state).unwrap();
+    let mut reopened = Client::open(&node.dir.path().join("bob"), "bob").unwrap();
+    let err = reopened
+        .connect(&node.url(), &node.trust())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::KeyTransparency(detail) if detail.contains("damaged")),
+        "{err}"
+    );
+    assert!(reopened.kt_violation().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forked_log_is_caught_by_client_and_auditor() {
     let mut node = Node::start();
     drop(node.client("alice", "alice").await);

@@ -167,7 +167,7 @@ pub enum CloseCode {
     TooBig,
     /// 1013: too many connections are waiting to log in; retry later.
     TryAgainLater,
-    /// 4001: login failed or did not arrive in time.
+    /// 4001: login failed or did not arrive in time, or the logged-in device was revoked.
     AuthFailed,
     /// 4002: the peer missed keepalive pings.
     KeepaliveTimeout,

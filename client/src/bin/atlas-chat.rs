@@ -328,12 +328,20 @@ async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
             }
         })
         .map_err(|e| {
-            let hint = if matches!(e, audit::AuditError::Connect(_)) {
-                "check that the node is running, that --server is its address and that the \
-                 trust options match its certificate"
-            } else {
-                "an inconsistent log is evidence of a misbehaving node: keep the output and \
-                 the --audit-state file"
+            let hint = match e {
+                audit::AuditError::Connect(_) => {
+                    "check that the node is running, that --server is its address and that \
+                     the trust options match its certificate"
+                }
+                audit::AuditError::State { .. } => {
+                    "the --audit-state file could not be used, which says nothing about the \
+                     node: do what the message says, or give a new file"
+                }
+                audit::AuditError::Options(_) => "change the options the message names",
+                _ => {
+                    "an inconsistent log is evidence of a misbehaving node: keep the output and \
+                     the --audit-state file"
+                }
             };
             CliError::new(format!("audit of {} failed: {e}", server.url)).hint(hint)
         });

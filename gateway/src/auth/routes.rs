@@ -26,8 +26,13 @@ pub(crate) fn configure(config: &mut web::ServiceConfig) {
     let json = web::JsonConfig::default()
         .limit(MAX_BODY_BYTES)
         .error_handler(|e, _| AuthError::InvalidRequest(format!("request body: {e}")).into());
+    // A path segment that does not parse (a sequence number beyond u64) gets the JSON error
+    // of every other bad request, not actix-web's plain-text 404.
+    let path = web::PathConfig::default()
+        .error_handler(|e, _| AuthError::InvalidRequest(format!("request path: {e}")).into());
     config
         .app_data(json)
+        .app_data(path)
         .route(
             "/v1/passkeys/register/start",
             web::post().to(register_start),
