@@ -25,6 +25,14 @@ use tokio::net::{TcpListener, TcpStream};
 /// Time an incoming link has to complete its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Incoming TLS handshakes in progress at once. A cluster has a few nodes, each dialling at
+/// most once per address at a time; connections beyond this are closed at once, so a flood of
+/// stalled handshakes costs at most this many tasks.
+const MAX_HANDSHAKES: usize = 64;
+
+/// Least time between two warnings about handshakes refused at [`MAX_HANDSHAKES`].
+const REFUSAL_WARNING_PAUSE: Duration = Duration::from_secs(10);
+
 /// The common names of the certificates of the open links, by link label. ractor_cluster
 /// reports a link's label as the session's peer address.
 #[derive(Clone, Default)]
@@ -109,6 +117,9 @@ pub(crate) async fn accept(
     server: ActorRef<NodeServerMessage>,
     certificates: PeerCertificates,
 ) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let mut refused = 0u64;
+    let mut last_warning: Option<std::time::Instant> = None;
     loop {
         let (socket, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -121,14 +132,23 @@ pub(crate) async fn accept(
         if server.get_status() > ractor::ActorStatus::Running {
             return;
         }
+        let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
+            refused += 1;
+            if last_warning.is_none_or(|at| at.elapsed() >= REFUSAL_WARNING_PAUSE) {
+                tracing::warn!(%peer, refused, limit = MAX_HANDSHAKES, "cluster connections closed: too many TLS handshakes in progress");
+                last_warning = Some(std::time::Instant::now());
+                refused = 0;
+            }
+            continue;
+        };
         let acceptor = acceptor.clone();
         let server = server.clone();
         let certificates = certificates.clone();
         tokio::spawn(async move {
             let _ = socket.set_nodelay(true);
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket))
-                .await
-            {
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await;
+            drop(permit);
+            let stream = match handshake {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {
                     tracing::warn!(%peer, error = %e, "cluster peer refused: the TLS handshake failed");

@@ -184,6 +184,42 @@ async fn foreign_ca_and_wrong_cookie_are_refused() {
     assert!(alive(&node_b, &pair), "{:?}", states(&node_b));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_handshakes_do_not_stop_the_cluster_port() {
+    let (fixture, a, node_a, node_b) = two_nodes().await;
+    let pair = ["node-a", "node-b"];
+
+    // 100 connections to node-a's cluster port that never start TLS: beyond the handshakes
+    // the node runs at once, the rest are closed at once and reported.
+    let mut stalled = Vec::new();
+    for _ in 0..100 {
+        let socket = tokio::net::TcpStream::connect(("127.0.0.1", a.port))
+            .await
+            .unwrap();
+        stalled.push(socket);
+    }
+    let refused = wait_until(CONVERGE, || {
+        fixture
+            .log("node-a")
+            .contains("too many TLS handshakes in progress")
+    })
+    .await;
+    assert!(refused, "node-a log:\n{}", fixture.log("node-a"));
+    // The link between node-a and node-b, open before, keeps working.
+    for node in [&node_a, &node_b] {
+        let linked = wait_until(CONVERGE, || alive(node, &pair)).await;
+        assert!(linked, "{:?}", states(node));
+    }
+
+    // Once the stalled handshakes time out, a new node joins through the same port.
+    drop(stalled);
+    let c = fixture.spec("node-c", &[a.port]).unwrap();
+    let _node_c = fixture.start(&c).unwrap();
+    let all = ["node-a", "node-b", "node-c"];
+    let joined = wait_until(CONVERGE, || alive(&node_a, &all)).await;
+    assert!(joined, "{:?}", states(&node_a));
+}
+
 /// Membership events of the in-process peer, which the test does not need.
 struct Unobserved;
 
