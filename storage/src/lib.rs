@@ -212,10 +212,12 @@ impl Store {
         };
         let mut meta: GroupMeta = decode(&meta, "group meta", group)?;
         // Application messages do not rewrite the meta record (see `append`), so the newest
-        // log entry gives the last sequence number.
+        // log entry gives the last sequence number. Retention may have removed every entry;
+        // then the first number it left is the next one, as `next_seq` expects.
         if let Some(newest) = self.newest_seq(group)? {
             meta.last_seq = meta.last_seq.max(newest);
         }
+        meta.last_seq = meta.last_seq.max(meta.first_seq.saturating_sub(1));
         let state =
             self.groups
                 .get(keys::group_state(group))?

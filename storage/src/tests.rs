@@ -708,6 +708,38 @@ async fn refresh_expiry_and_pruning() {
     );
 }
 
+#[tokio::test]
+async fn group_whose_entries_were_all_removed_continues_after_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.create_group(&group(), &meta(0), b"state").unwrap();
+    // Application messages leave the meta record at last_seq 0.
+    store
+        .apply(&Change::AppendBatch {
+            group: group(),
+            items: vec![item(1, 1), item(2, 2), item(3, 3)],
+        })
+        .unwrap();
+    store
+        .apply(&Change::Prune {
+            group: group(),
+            through_seq: 3,
+        })
+        .unwrap();
+    assert!(store.read_log(&group(), 0, 10).unwrap().is_empty());
+
+    // An actor that loads the group now must number its next entry 4, the one storage takes.
+    let (loaded, _) = store.load_group(&group()).unwrap().unwrap();
+    assert_eq!((loaded.first_seq, loaded.last_seq), (4, 3));
+    store
+        .apply(&Change::AppendBatch {
+            group: group(),
+            items: vec![item(loaded.last_seq + 1, 4)],
+        })
+        .unwrap();
+    assert_eq!(store.entry(&group(), 4).unwrap().unwrap().seq, 4);
+}
+
 fn item(seq: u64, msg: u8) -> AppendItem {
     AppendItem {
         entry: entry(seq, msg),
