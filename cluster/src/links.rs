@@ -33,6 +33,42 @@ const MAX_HANDSHAKES: usize = 64;
 /// Least time between two warnings about handshakes refused at [`MAX_HANDSHAKES`].
 const REFUSAL_WARNING_PAUSE: Duration = Duration::from_secs(10);
 
+/// Least time between two warnings about failed handshakes, so that a flood of bad
+/// connections costs a line a second, with the count of those not logged.
+const FAILURE_WARNING_PAUSE: Duration = Duration::from_secs(1);
+
+/// Lets a warning through at most once per pause and counts the ones held back.
+struct WarningLimit {
+    pause: Duration,
+    state: Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl WarningLimit {
+    fn new(pause: Duration) -> Self {
+        Self {
+            pause,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// Returns how many warnings were held back since the last one if this one may be
+    /// written, `None` if it is held back too.
+    fn admit(&self) -> Option<u64> {
+        self.admit_at(std::time::Instant::now())
+    }
+
+    fn admit_at(&self, now: std::time::Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, held) = &mut *state;
+        if last.is_some_and(|at| now.saturating_duration_since(at) < self.pause) {
+            *held += 1;
+            return None;
+        }
+        *last = Some(now);
+        Some(std::mem::take(held))
+    }
+}
+
 /// The common names of the certificates of the open links, by link label. ractor_cluster
 /// reports a link's label as the session's peer address.
 #[derive(Clone, Default)]
@@ -118,8 +154,8 @@ pub(crate) async fn accept(
     certificates: PeerCertificates,
 ) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-    let mut refused = 0u64;
-    let mut last_warning: Option<std::time::Instant> = None;
+    let busy = WarningLimit::new(REFUSAL_WARNING_PAUSE);
+    let failures = Arc::new(WarningLimit::new(FAILURE_WARNING_PAUSE));
     loop {
         let (socket, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -133,17 +169,15 @@ pub(crate) async fn accept(
             return;
         }
         let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
-            refused += 1;
-            if last_warning.is_none_or(|at| at.elapsed() >= REFUSAL_WARNING_PAUSE) {
-                tracing::warn!(%peer, refused, limit = MAX_HANDSHAKES, "cluster connections closed: too many TLS handshakes in progress");
-                last_warning = Some(std::time::Instant::now());
-                refused = 0;
+            if let Some(held) = busy.admit() {
+                tracing::warn!(%peer, also_closed = held, limit = MAX_HANDSHAKES, "cluster connections closed: too many TLS handshakes in progress");
             }
             continue;
         };
         let acceptor = acceptor.clone();
         let server = server.clone();
         let certificates = certificates.clone();
+        let failures = Arc::clone(&failures);
         tokio::spawn(async move {
             let _ = socket.set_nodelay(true);
             let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await;
@@ -151,11 +185,15 @@ pub(crate) async fn accept(
             let stream = match handshake {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {
-                    tracing::warn!(%peer, error = %e, "cluster peer refused: the TLS handshake failed");
+                    if let Some(held) = failures.admit() {
+                        tracing::warn!(%peer, error = %e, not_logged = held, "cluster peer refused: the TLS handshake failed");
+                    }
                     return;
                 }
                 Err(_) => {
-                    tracing::warn!(%peer, timeout_s = HANDSHAKE_TIMEOUT.as_secs(), "cluster peer refused: no TLS handshake in time");
+                    if let Some(held) = failures.admit() {
+                        tracing::warn!(%peer, timeout_s = HANDSHAKE_TIMEOUT.as_secs(), not_logged = held, "cluster peer refused: no TLS handshake in time");
+                    }
                     return;
                 }
             };
@@ -281,6 +319,17 @@ impl rustls::server::danger::ClientCertVerifier for RefuseAll {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn warnings_pass_once_per_pause_with_the_count_held_back() {
+        let limit = WarningLimit::new(Duration::from_secs(1));
+        let start = std::time::Instant::now();
+        assert_eq!(limit.admit_at(start), Some(0));
+        assert_eq!(limit.admit_at(start + Duration::from_millis(10)), None);
+        assert_eq!(limit.admit_at(start + Duration::from_millis(900)), None);
+        assert_eq!(limit.admit_at(start + Duration::from_secs(1)), Some(2));
+        assert_eq!(limit.admit_at(start + Duration::from_millis(1500)), None);
+    }
 
     #[test]
     fn declared_name_must_be_the_certificates() {
