@@ -88,8 +88,8 @@ pub fn free_port() -> u16 {
         .expect("binding a free port on 127.0.0.1")
 }
 
-/// A test that panics leaves its cluster directory (node logs, data) in place for a look,
-/// says where it is, and prints the end of each node's log, which is all a CI run keeps.
+/// Keeps the cluster directory (node logs, data) of a test that panics, prints its path, and
+/// prints the end of each node's log, because a CI run keeps only its output.
 impl Drop for ClusterFixture {
     fn drop(&mut self) {
         if !std::thread::panicking() {

@@ -2,14 +2,14 @@
 //! each link's peer certificate is known: a peer must declare the node name that its
 //! certificate was made for.
 //!
-//! Atlas accepts and dials the TCP connections, runs the mutual TLS 1.3 handshake, records the
-//! common name of the peer's certificate under a label unique to the link, and hands the
-//! encrypted stream to ractor_cluster's `NodeServer`, which runs its cookie authentication
-//! on it. Once ractor_cluster has authenticated a session, [`PeerCertificates::check`]
-//! compares the name that the peer declared with the recorded one and stops the session when
-//! they differ. ractor_cluster's own listener still runs, as its `NodeServer` always starts
-//! one, but on a loopback port that no node dials and with a TLS configuration that refuses
-//! every client.
+//! Atlas accepts and dials the TCP connections and runs the mutual TLS 1.3 handshake. It
+//! records the common name of the peer's certificate under a label unique to the link. Then
+//! it hands the encrypted stream to ractor_cluster's `NodeServer`, which runs its cookie
+//! authentication on it. Once ractor_cluster has authenticated a session,
+//! [`PeerCertificates::check`] compares the declared name with the recorded one, and the
+//! session is stopped when they differ. ractor_cluster's `NodeServer` always starts its own
+//! listener, so that listener runs on a loopback port that no node dials, with a TLS
+//! configuration that rejects every client.
 
 use crate::tls::peer_common_name;
 use ractor::ActorRef;
@@ -25,19 +25,19 @@ use tokio::net::{TcpListener, TcpStream};
 /// Time an incoming link has to complete its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Incoming TLS handshakes in progress at once. A cluster has a few nodes, each dialling at
-/// most once per address at a time; connections beyond this are closed at once, so a flood of
+/// Maximum incoming TLS handshakes in progress at once. A cluster's few nodes each dial an
+/// address at most once at a time. Connections beyond this are closed at once, so a flood of
 /// stalled handshakes costs at most this many tasks.
 const MAX_HANDSHAKES: usize = 64;
 
-/// Least time between two warnings about handshakes refused at [`MAX_HANDSHAKES`].
-const REFUSAL_WARNING_PAUSE: Duration = Duration::from_secs(10);
+/// Minimum time between two warnings about connections closed at [`MAX_HANDSHAKES`].
+const BUSY_WARNING_PAUSE: Duration = Duration::from_secs(10);
 
-/// Least time between two warnings about failed handshakes, so that a flood of bad
-/// connections costs a line a second, with the count of those not logged.
+/// Minimum time between two warnings about failed handshakes, so that a flood of bad
+/// connections costs one line a second, with the count of those not logged.
 const FAILURE_WARNING_PAUSE: Duration = Duration::from_secs(1);
 
-/// Lets a warning through at most once per pause and counts the ones held back.
+/// A rate limit for one kind of warning: one per pause, with a count of the ones held back.
 struct WarningLimit {
     pause: Duration,
     state: Mutex<(Option<std::time::Instant>, u64)>,
@@ -154,7 +154,7 @@ pub(crate) async fn accept(
     certificates: PeerCertificates,
 ) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-    let busy = WarningLimit::new(REFUSAL_WARNING_PAUSE);
+    let busy = WarningLimit::new(BUSY_WARNING_PAUSE);
     let failures = Arc::new(WarningLimit::new(FAILURE_WARNING_PAUSE));
     loop {
         let (socket, peer) = match listener.accept().await {
@@ -197,13 +197,7 @@ pub(crate) async fn accept(
                     return;
                 }
             };
-            let Some(name) = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .and_then(peer_common_name)
-            else {
+            let Some(name) = link_common_name(stream.get_ref().1) else {
                 tracing::warn!(%peer, "cluster peer refused: its certificate has no common name");
                 return;
             };
@@ -239,13 +233,8 @@ pub(crate) async fn dial(
         .connect(name, socket)
         .await
         .map_err(|e| format!("the TLS handshake failed: {e}"))?;
-    let common_name = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .and_then(peer_common_name)
-        .ok_or("the peer's certificate has no common name")?;
+    let common_name =
+        link_common_name(stream.get_ref().1).ok_or("the peer's certificate has no common name")?;
     let label = certificates.record(addr, common_name);
     server
         .cast(NodeServerMessage::ConnectionOpenedExternal {
@@ -255,28 +244,33 @@ pub(crate) async fn dial(
         .map_err(|e| format!("the node server stopped: {e}"))
 }
 
-/// A TLS configuration for ractor_cluster's own listener that refuses every client, with
-/// the certificate of `server_tls`.
-pub(crate) fn refuse_all(
+/// Returns the common name of the certificate the peer presented on a TLS link.
+fn link_common_name(link: &rustls::CommonState) -> Option<String> {
+    peer_common_name(link.peer_certificates()?.first()?)
+}
+
+/// Builds the TLS configuration of ractor_cluster's own listener: the certificate of
+/// `server_tls`, and a client verifier that rejects every client.
+pub(crate) fn reject_all_clients(
     server_tls: &rustls::ServerConfig,
 ) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(RefuseAll))
+        .with_client_cert_verifier(Arc::new(RejectAll))
         .with_cert_resolver(Arc::clone(&server_tls.cert_resolver));
     Ok(Arc::new(config))
 }
 
-fn internal_listener_refusal() -> rustls::Error {
+fn internal_listener_error() -> rustls::Error {
     rustls::Error::General("cluster links go to the node's cluster address".into())
 }
 
-/// A client certificate verifier that accepts nothing.
+/// A client certificate verifier that rejects every certificate.
 #[derive(Debug)]
-struct RefuseAll;
+struct RejectAll;
 
-impl rustls::server::danger::ClientCertVerifier for RefuseAll {
+impl rustls::server::danger::ClientCertVerifier for RejectAll {
     fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
         &[]
     }
@@ -287,8 +281,10 @@ impl rustls::server::danger::ClientCertVerifier for RefuseAll {
         _intermediates: &[rustls::pki_types::CertificateDer<'_>],
         _now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
-        tracing::warn!("a connection reached the unused internal cluster listener; refused");
-        Err(internal_listener_refusal())
+        tracing::warn!(
+            "a connection reached the unused internal cluster listener and was rejected"
+        );
+        Err(internal_listener_error())
     }
 
     fn verify_tls12_signature(
@@ -297,7 +293,7 @@ impl rustls::server::danger::ClientCertVerifier for RefuseAll {
         _cert: &rustls::pki_types::CertificateDer<'_>,
         _dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Err(internal_listener_refusal())
+        Err(internal_listener_error())
     }
 
     fn verify_tls13_signature(
@@ -321,7 +317,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn warnings_pass_once_per_pause_with_the_count_held_back() {
+    fn warning_limit_counts_held_back() {
         let limit = WarningLimit::new(Duration::from_secs(1));
         let start = std::time::Instant::now();
         assert_eq!(limit.admit_at(start), Some(0));

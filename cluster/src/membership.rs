@@ -484,9 +484,9 @@ impl Cluster {
                     settings.listen
                 )
             })?;
-        // ractor_cluster's own listener gets an unused loopback port and refuses every
-        // client: links arrive through `listener` (see `crate::links`).
-        let unused = crate::links::refuse_all(&settings.server_tls)
+        // ractor_cluster's own listener gets an unused loopback port and rejects every
+        // client, because links arrive through `listener` (see `crate::links`).
+        let unused = crate::links::reject_all_clients(&settings.server_tls)
             .map_err(|e| anyhow::anyhow!("cannot set up the internal cluster listener: {e}"))?;
         let unused = tokio_rustls::TlsAcceptor::from(unused);
         let node_server = NodeServer::new(

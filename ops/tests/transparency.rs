@@ -352,14 +352,14 @@ async fn damaged_saved_head_accuses_no_one() {
     drop(node.client("alice", "alice").await);
     let mut bob = node.client("bob", "bob").await;
     bob.check_head(&latest_head(&node).await).await.unwrap();
-    let kept = bob.kt_latest_head().unwrap().clone();
+    let kept_head = bob.kt_latest_head().unwrap().clone();
     let audit_state = node.dir.path().join("audit-head.json");
     assert_eq!(node.audit(Some(audit_state.clone())).await.unwrap(), 2);
     bob.disconnect();
     drop(bob);
 
     // One byte of the root changes in the auditor's file: the head no longer verifies, and
-    // the auditor says the file is damaged instead of reporting a fork.
+    // the auditor reports a damaged file instead of a fork.
     let mut saved: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&audit_state).unwrap()).unwrap();
     let first = saved["head"]["root"][0].as_u64().unwrap();
@@ -376,8 +376,8 @@ async fn damaged_saved_head_accuses_no_one() {
     let state_file = node.dir.path().join("bob").join("client-state.msgpack");
     let mut state = std::fs::read(&state_file).unwrap();
     let at = state
-        .windows(kept.root.len())
-        .position(|w| w == kept.root)
+        .windows(kept_head.root.len())
+        .position(|w| w == kept_head.root)
         .expect("the kept root is in the client state");
     state[at] ^= 1;
     std::fs::write(&state_file, state).unwrap();

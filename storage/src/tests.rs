@@ -709,7 +709,7 @@ async fn refresh_expiry_and_pruning() {
 }
 
 #[tokio::test]
-async fn group_whose_entries_were_all_removed_continues_after_them() {
+async fn fully_pruned_group_keeps_numbering() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     store.create_group(&group(), &meta(0), b"state").unwrap();

@@ -159,12 +159,7 @@ async fn run_all(args: LoadArgs) -> anyhow::Result<()> {
     eprintln!("node data in {}", node_dir.path().display());
 
     eprintln!("== atlas: starting node {}", args.atlas_bin.display());
-    let config = load_node_config(node_dir.path())?;
-    let node = NodeProcess::start(
-        &args.atlas_bin,
-        &node_dir.path().join("node"),
-        &["--config", &config],
-    )?;
+    let node = start_measured_node(&args.atlas_bin, node_dir.path())?;
     let trust = ServerTrust::fingerprint(&node.fingerprint)?;
     let target = Target {
         url: node.url(),
@@ -334,7 +329,7 @@ fn msg_id() -> ClientMsgId {
     ClientMsgId(id)
 }
 
-/// Longest wait for the pushes of the saturation phase to end before the latency phase.
+/// Maximum wait for the pushes of the saturation phase to end before the latency phase.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 async fn measure(
@@ -538,12 +533,7 @@ async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
         let node_dir = tempfile::Builder::new()
             .prefix("atlas-load-node")
             .tempdir_in(&load.data_parent)?;
-        let config = load_node_config(node_dir.path())?;
-        let node = NodeProcess::start(
-            &load.atlas_bin,
-            &node_dir.path().join("node"),
-            &["--config", &config],
-        )?;
+        let node = start_measured_node(&load.atlas_bin, node_dir.path())?;
         let target = Target {
             url: node.url(),
             trust: ServerTrust::fingerprint(&node.fingerprint)?,
@@ -1118,12 +1108,13 @@ mod baseline {
     }
 }
 
-/// Writes the settings of the measured node into `dir` and returns the file's path. They are
-/// the defaults, except that every generated connection comes from 127.0.0.1: the node lets
-/// one client network hold a tenth of the DPoP replay cache, so the cache is made large
-/// enough for the 11,000 logins of a run to fit in that tenth.
-fn load_node_config(dir: &Path) -> anyhow::Result<String> {
-    let path = dir.join("load-node.toml");
-    std::fs::write(&path, "dpop_replay_capacity = 1000000\n")?;
-    Ok(path.display().to_string())
+/// Starts the single node to measure, with its config file and data directory under `dir`.
+/// Its settings are the defaults except the DPoP replay cache. One client network may hold a
+/// tenth of that cache, and every generated connection comes from 127.0.0.1, so the cache is
+/// made large enough for the 11,000 logins of a run to fit in that tenth.
+fn start_measured_node(binary: &Path, dir: &Path) -> anyhow::Result<NodeProcess> {
+    let config = dir.join("load-node.toml");
+    std::fs::write(&config, "dpop_replay_capacity = 1000000\n")?;
+    let config = config.display().to_string();
+    NodeProcess::start(binary, &dir.join("node"), &["--config", &config])
 }

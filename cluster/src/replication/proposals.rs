@@ -41,7 +41,7 @@ struct Proposed {
     more: Vec<Change>,
 }
 
-/// Most appends that one entry of a log carries (see [`AppendQueue`]).
+/// Maximum number of appends that one entry of a log carries (see [`AppendQueue`]).
 const APPENDS_PER_ENTRY: usize = 64;
 
 /// The result of applying a [`Proposed`] change, as the log returns it to the proposer.
@@ -230,9 +230,10 @@ impl ClusterReplicator {
         Some(shard_of(key, count).0 as usize)
     }
 
-    /// Queues `change`, an append, for the log of shard key `key`.
-    fn queue_append(&self, key: &[u8], change: Change) -> Proposal {
-        let queue = &self.appends[self.shard_index(key).map_or(0, |shard| shard + 1)];
+    /// Queues `change`, an append, for the log of shard `shard` (the directory log's queue
+    /// when there are no shard logs).
+    fn queue_append(&self, shard: Option<usize>, change: Change) -> Proposal {
+        let queue = &self.appends[shard.map_or(0, |shard| shard + 1)];
         let (done, result) = tokio::sync::oneshot::channel();
         let sent = queue.changes.send((change, done));
         let log = queue.log.clone();
@@ -258,8 +259,8 @@ type QueuedAppend = (
 );
 
 /// The appends of one log waiting to be written. One task per log writes them in as few
-/// entries as it can: while it writes an entry, the appends proposed meanwhile wait and go
-/// together into the next one, up to [`APPENDS_PER_ENTRY`]; an append proposed to an idle
+/// entries as it can. While it writes an entry, the appends proposed meanwhile wait and go
+/// together into the next one, up to [`APPENDS_PER_ENTRY`]. An append proposed to an idle
 /// log goes out at once. Entries keep the order of the proposals, so the appends of a group
 /// stay in order. Fewer, larger entries cost the leader and every replica fewer log writes,
 /// commits and applied-index updates than one entry per append.
@@ -328,7 +329,7 @@ async fn write_appends(
     }
 }
 
-/// The failure of a write, for each of the appends it carried.
+/// Returns the failure of a write as the error of one of the appends it carried.
 fn copy_failure(e: &StorageError) -> StorageError {
     match e {
         StorageError::Unavailable(detail) => StorageError::Unavailable(detail.clone()),
@@ -339,11 +340,11 @@ fn copy_failure(e: &StorageError) -> StorageError {
 impl Replicator for ClusterReplicator {
     fn propose(&self, change: Change) -> Proposal {
         // Appends go through the log's queue and return once committed. Their group actor
-        // keeps the state they lead to in memory, so it needs no copy applied here; readers
+        // keeps the state they lead to in memory, so they need no copy applied here. Readers
         // on this node wait with a read barrier instead.
         if let Change::AppendBatch { group, .. } = &change {
-            let key = group.as_bytes().to_vec();
-            return self.queue_append(&key, change);
+            let shard = self.shard_index(group.as_bytes());
+            return self.queue_append(shard, change);
         }
         let LogHandle { raft, name: log } = match change.shard_key() {
             Some(key) => self.shard_log(key).clone(),
