@@ -5,9 +5,14 @@
 //! Atlas accepts and dials the TCP connections and runs the mutual TLS 1.3 handshake. It
 //! records the common name of the peer's certificate under a label unique to the link. Then
 //! it hands the encrypted stream to ractor_cluster's `NodeServer`, which runs its cookie
-//! authentication on it. Once ractor_cluster has authenticated a session,
-//! [`PeerCertificates::check`] compares the declared name with the recorded one, and the
-//! session is stopped when they differ. ractor_cluster's `NodeServer` always starts its own
+//! authentication on it.
+//!
+//! The declared name is checked twice. On an incoming link, the dialling peer's first frame
+//! declares its name; Atlas reads that frame itself and closes the link when the name is not
+//! the certificate's. ractor_cluster never receives the claim, so it cannot drop a live
+//! member's session in favour of it. On an outgoing link the peer's name comes later in the exchange,
+//! so once ractor_cluster has authenticated a session, [`PeerCertificates::check`] compares
+//! the declared name with the recorded one, and the session is stopped when they differ. ractor_cluster's `NodeServer` always starts its own
 //! listener, so that listener runs on a loopback port that no node dials, with a TLS
 //! configuration that rejects every client.
 
@@ -16,10 +21,12 @@ use ractor::ActorRef;
 use ractor_cluster::{ClusterBidiStream, NodeServerMessage};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Time an incoming link has to complete its TLS handshake.
@@ -29,6 +36,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// address at most once at a time. Connections beyond this are closed at once, so a flood of
 /// stalled handshakes costs at most this many tasks.
 const MAX_HANDSHAKES: usize = 64;
+
+/// Largest first frame accepted on an incoming link. The name message that opens
+/// ractor_cluster's exchange takes well under 1 KiB.
+const MAX_FIRST_FRAME: u64 = 16 * 1024;
 
 /// Minimum time between two warnings about connections closed at [`MAX_HANDSHAKES`].
 const BUSY_WARNING_PAUSE: Duration = Duration::from_secs(10);
@@ -108,7 +119,7 @@ impl PeerCertificates {
     /// Compares the node name a peer declared on the link labelled `label`,
     /// `name@host` as ractor_cluster carries it, with its certificate's common name.
     pub(crate) fn check(&self, label: &str, declared: &str) -> NameCheck {
-        let declared = declared.split('@').next().unwrap_or(declared);
+        let declared = node_name(declared);
         match self.lock().get(label) {
             None => NameCheck::Unknown,
             Some(certificate) if certificate == declared => NameCheck::Matches,
@@ -121,6 +132,113 @@ impl PeerCertificates {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
         self.names.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Returns the node name of `declared`, written `name@host` by ractor_cluster.
+fn node_name(declared: &str) -> &str {
+    declared.split('@').next().unwrap_or(declared)
+}
+
+/// The fields of ractor_cluster's first frame on a link that the name check reads.
+/// ractor_cluster 0.16 sends each message as a big-endian u64 length and a protobuf
+/// `NetworkMessage`. Its field 1 is an `AuthenticationMessage`, whose field 1 is the dialling
+/// node's `NameMessage`, whose field 1 is the name as `name@host`. Decoding skips every other
+/// field.
+#[derive(Clone, PartialEq, prost::Message)]
+struct FirstFrame {
+    #[prost(message, optional, tag = "1")]
+    auth: Option<FirstFrameAuth>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct FirstFrameAuth {
+    #[prost(message, optional, tag = "1")]
+    name: Option<FirstFrameName>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct FirstFrameName {
+    #[prost(string, tag = "1")]
+    name: String,
+}
+
+/// Reads the first frame of an incoming link. Returns its bytes, length prefix included, and
+/// the node name it declares, or the reason it cannot be the name message of ractor_cluster.
+async fn read_first_frame<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Result<(Vec<u8>, String), String> {
+    let length = stream
+        .read_u64()
+        .await
+        .map_err(|e| format!("reading its first frame failed: {e}"))?;
+    if length > MAX_FIRST_FRAME {
+        return Err(format!(
+            "its first frame has {length} bytes, more than the {MAX_FIRST_FRAME} allowed for a \
+             name message"
+        ));
+    }
+    // At most MAX_FIRST_FRAME, so the length fits a usize.
+    let mut frame = vec![0; 8 + length as usize];
+    frame[..8].copy_from_slice(&length.to_be_bytes());
+    stream
+        .read_exact(&mut frame[8..])
+        .await
+        .map_err(|e| format!("reading its first frame failed: {e}"))?;
+    let declared = <FirstFrame as prost::Message>::decode(&frame[8..])
+        .ok()
+        .and_then(|first| first.auth?.name)
+        .map(|name| name.name)
+        .filter(|name| !name.is_empty())
+        .ok_or("its first frame is not a node name message")?;
+    Ok((frame, declared))
+}
+
+/// A stream whose reads return `prefix` first, then what `inner` reads. It gives back to
+/// ractor_cluster the first frame that the name check read.
+struct Replay<S> {
+    prefix: Vec<u8>,
+    consumed: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.consumed < this.prefix.len() {
+            let rest = &this.prefix[this.consumed..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.consumed += n;
+            if this.consumed == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.consumed = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -180,9 +298,10 @@ pub(crate) async fn accept(
         let failures = Arc::clone(&failures);
         tokio::spawn(async move {
             let _ = socket.set_nodelay(true);
-            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await;
-            drop(permit);
-            let stream = match handshake {
+            // The handshake and the first frame share one deadline and one permit.
+            let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+            let handshake = tokio::time::timeout_at(deadline, acceptor.accept(socket)).await;
+            let mut stream = match handshake {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {
                     if let Some(held) = failures.admit() {
@@ -201,7 +320,43 @@ pub(crate) async fn accept(
                 tracing::warn!(%peer, "cluster peer refused: its certificate has no common name");
                 return;
             };
+            let first = tokio::time::timeout_at(deadline, read_first_frame(&mut stream)).await;
+            drop(permit);
+            let (frame, declared) = match first {
+                Ok(Ok(first)) => first,
+                Ok(Err(reason)) => {
+                    if let Some(held) = failures.admit() {
+                        tracing::warn!(%peer, certificate = %name, not_logged = held, "cluster peer refused: {reason}");
+                    }
+                    return;
+                }
+                Err(_) => {
+                    if let Some(held) = failures.admit() {
+                        tracing::warn!(%peer, certificate = %name, timeout_s = HANDSHAKE_TIMEOUT.as_secs(), not_logged = held, "cluster peer refused: timed out waiting for the frame with its node name");
+                    }
+                    return;
+                }
+            };
+            if node_name(&declared) != name {
+                if let Some(held) = failures.admit() {
+                    tracing::error!(
+                        %peer,
+                        declared = %node_name(&declared),
+                        certificate = %name,
+                        not_logged = held,
+                        "cluster peer refused before its session started: it declares a node \
+                         name other than the one its certificate was made for; give each node \
+                         the certificate of its own name (`atlas cert node NAME`)"
+                    );
+                }
+                return;
+            }
             let label = certificates.record(peer, name);
+            let stream = Replay {
+                prefix: frame,
+                consumed: 0,
+                inner: stream,
+            };
             let link = Box::new(Link { stream, label });
             if server
                 .cast(NodeServerMessage::ConnectionOpenedExternal {
@@ -325,6 +480,74 @@ mod tests {
         assert_eq!(limit.admit_at(start + Duration::from_millis(900)), None);
         assert_eq!(limit.admit_at(start + Duration::from_secs(1)), Some(2));
         assert_eq!(limit.admit_at(start + Duration::from_millis(1500)), None);
+    }
+
+    /// ractor_cluster's own first frame on a link it dials, read by `read_first_frame`: the
+    /// check depends on ractor_cluster's wire format, so this fails if an upgrade changes it.
+    #[tokio::test]
+    async fn first_frame_gives_declared_name() {
+        let server = ractor_cluster::NodeServer::new(
+            0,
+            "cookie".into(),
+            "node-q".into(),
+            "127.0.0.1".into(),
+            None,
+            None,
+        )
+        .with_listen_addr(std::net::Ipv4Addr::LOCALHOST.into());
+        let (server, handle) = ractor::Actor::spawn(None, server, ()).await.unwrap();
+        let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
+        server
+            .cast(NodeServerMessage::ConnectionOpenedExternal {
+                stream: Box::new(Link {
+                    stream: ours,
+                    label: "test link".into(),
+                }),
+                is_server: false,
+            })
+            .unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(10), read_first_frame(&mut theirs));
+        let (frame, declared) = read.await.unwrap().unwrap();
+        assert_eq!(node_name(&declared), "node-q", "declared {declared:?}");
+        assert_eq!(
+            frame.len(),
+            8 + u64::from_be_bytes(frame[..8].try_into().unwrap()) as usize
+        );
+
+        // The replayed stream gives the same frame back first, then the rest.
+        let mut replay = Replay {
+            prefix: frame.clone(),
+            consumed: 0,
+            inner: &b"after"[..],
+        };
+        let mut everything = Vec::new();
+        replay.read_to_end(&mut everything).await.unwrap();
+        assert_eq!(&everything[..frame.len()], &frame[..]);
+        assert_eq!(&everything[frame.len()..], b"after");
+        server.stop(None);
+        handle.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn first_frame_rejects_other_frames() {
+        let mut too_long = &(MAX_FIRST_FRAME + 1).to_be_bytes()[..];
+        let refused = read_first_frame(&mut too_long).await.unwrap_err();
+        assert!(refused.contains("more than the"), "{refused}");
+
+        // A well-formed frame whose message is not a name message.
+        let mut other = 3u64.to_be_bytes().to_vec();
+        other.extend_from_slice(&[0x18, 0x01, 0x00]);
+        let refused = read_first_frame(&mut &other[..]).await.unwrap_err();
+        assert!(refused.contains("not a node name message"), "{refused}");
+
+        // A frame cut short.
+        let mut short = 10u64.to_be_bytes().to_vec();
+        short.extend_from_slice(b"abc");
+        let refused = read_first_frame(&mut &short[..]).await.unwrap_err();
+        assert!(
+            refused.contains("reading its first frame failed"),
+            "{refused}"
+        );
     }
 
     #[test]
