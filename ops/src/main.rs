@@ -227,8 +227,11 @@ fn init_tracing(default_level: &str, format: LogFormat) {
         LogFormat::Text => layer.boxed(),
         LogFormat::Json => layer.json().boxed(),
     };
+    // The limit passes on the env filter's level, so that `tracing` and `log` reject events
+    // below it before any filter runs.
+    let limit = openraft_log_limit(filter.max_level_hint());
     tracing_subscriber::registry()
-        .with(layer.with_filter(filter).with_filter(openraft_log_limit()))
+        .with(layer.with_filter(filter).with_filter(limit))
         .init();
 }
 
@@ -240,7 +243,10 @@ const OPENRAFT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// replication to it and writes a warning and an error each time, and every read barrier
 /// logs an error for it (with 17 logs on three nodes, dozens a second). Elections log
 /// several lines per vote. The membership log already says which node is down.
-fn openraft_log_limit<S>() -> impl tracing_subscriber::layer::Filter<S> {
+/// `max_level` is the most verbose level that the filters after it let through.
+fn openraft_log_limit<S>(
+    max_level: Option<tracing::level_filters::LevelFilter>,
+) -> impl tracing_subscriber::layer::Filter<S> {
     use std::collections::HashMap;
     use std::sync::Mutex;
     use tracing::callsite::Identifier;
@@ -271,4 +277,31 @@ fn openraft_log_limit<S>() -> impl tracing_subscriber::layer::Filter<S> {
             Interest::always()
         }
     })
+    .with_max_level_hint(max_level.unwrap_or(tracing::level_filters::LevelFilter::TRACE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Events below the filter's level must be rejected by the cheap level checks of `tracing`
+    /// and `log`, before any filter runs: sled, rustls and openraft emit many of them.
+    #[test]
+    fn tracing_sets_global_max_levels() {
+        let expected = tracing_subscriber::EnvFilter::try_from_env("ATLAS_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+            .max_level_hint()
+            .expect("an env filter without span directives has a level");
+        init_tracing("info", LogFormat::Text);
+        assert_eq!(tracing::level_filters::LevelFilter::current(), expected);
+        let expected_log = match expected.into_level() {
+            None => log::LevelFilter::Off,
+            Some(tracing::Level::ERROR) => log::LevelFilter::Error,
+            Some(tracing::Level::WARN) => log::LevelFilter::Warn,
+            Some(tracing::Level::INFO) => log::LevelFilter::Info,
+            Some(tracing::Level::DEBUG) => log::LevelFilter::Debug,
+            Some(tracing::Level::TRACE) => log::LevelFilter::Trace,
+        };
+        assert_eq!(log::max_level(), expected_log);
+    }
 }
