@@ -19,7 +19,7 @@ struct Flushed {
 
 /// Handle owned by the stores; dropping the last one stops the flusher task after a final
 /// flush, which releases the database.
-pub(crate) struct Flusher {
+pub struct Flusher {
     shared: Arc<Shared>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -34,7 +34,8 @@ struct Shared {
 }
 
 impl Flusher {
-    pub(crate) fn start(db: sled::Db) -> Arc<Self> {
+    /// Starts the flusher task of `db`; it must run inside a Tokio runtime.
+    pub fn start(db: sled::Db) -> Arc<Self> {
         let shared = Arc::new(Shared {
             issued: AtomicU64::new(0),
             wake: Notify::new(),
@@ -67,7 +68,9 @@ impl Flusher {
             .unwrap_or_else(|p| p.into_inner()) = Some(observer);
     }
 
-    pub(crate) async fn wait(&self) -> Result<(), StorageError> {
+    /// Waits until every write applied to the database before this call is on disk. Calls
+    /// that overlap share one flush. After a failed flush, every call fails.
+    pub async fn wait(&self) -> Result<(), StorageError> {
         self.shared.wait().await
     }
 }

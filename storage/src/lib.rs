@@ -37,7 +37,7 @@ pub use records::{DeviceRecord, GroupMeta, KeyPackageRecord};
 pub use transparency::{DirectoryChange, KeyEventOutcome, MAX_DEVICES_PER_ACCOUNT};
 
 use atlas_protocol::{ClientMsgId, DeviceId, GroupId, LogEntry, WelcomeEntry};
-use flusher::Flusher;
+pub use flusher::Flusher;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::path::Path;
@@ -143,6 +143,11 @@ impl Store {
     /// replicated logs of the cluster).
     pub fn sled_db(&self) -> &sled::Db {
         &self.db
+    }
+
+    /// Returns the group-commit flusher of the database, for other writers of it.
+    pub fn flusher(&self) -> Arc<Flusher> {
+        Arc::clone(&self.flusher)
     }
 
     /// Sets a function called with the duration of every flush, for metrics.

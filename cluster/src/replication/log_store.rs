@@ -1,7 +1,7 @@
 //! The raft log in sled: entries under their index (big-endian, so in order), and the vote,
 //! the purge point and the committed id in a metadata tree.
 
-use super::{RaftNodeId, TypeConfig, any, encode};
+use super::{LogDisk, RaftNodeId, TypeConfig, any, encode};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, RaftLogReader, StorageError, StorageIOError, Vote};
 use std::fmt::Debug;
@@ -16,14 +16,16 @@ const COMMITTED_KEY: &[u8] = b"committed";
 pub struct SledLogStore {
     entries: sled::Tree,
     meta: sled::Tree,
+    disk: LogDisk,
 }
 
 impl SledLogStore {
-    /// Opens the log named `name` in `db`.
-    pub fn open(db: &sled::Db, name: &str) -> sled::Result<Self> {
+    /// Opens the log named `name` in `disk`.
+    pub fn open(disk: &LogDisk, name: &str) -> sled::Result<Self> {
         Ok(Self {
-            entries: db.open_tree(format!("raft-log-{name}"))?,
-            meta: db.open_tree(format!("raft-meta-{name}"))?,
+            entries: disk.db.open_tree(format!("raft-log-{name}"))?,
+            meta: disk.db.open_tree(format!("raft-meta-{name}"))?,
+            disk: disk.clone(),
         })
     }
 
@@ -49,7 +51,7 @@ impl SledLogStore {
         self.meta
             .insert(key, encode(value))
             .map_err(|e| failed(any(e)))?;
-        super::flush(&self.meta).await.map_err(|e| failed(any(e)))?;
+        self.disk.flush().await.map_err(|e| failed(any(e)))?;
         Ok(())
     }
 
@@ -153,7 +155,7 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
             .map_err(|e| StorageIOError::write_logs(any(e)))?;
         // openraft counts the entries as stored only after the callback: that is after the
         // fsync, so an acknowledged entry survives a crash.
-        let flushed = super::flush(&self.entries).await;
+        let flushed = self.disk.flush().await;
         let result = flushed.map(|_| ()).map_err(std::io::Error::other);
         let failed = result.as_ref().err().map(ToString::to_string);
         callback.log_io_completed(result);
@@ -175,7 +177,8 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         self.entries
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(any(e)))?;
-        super::flush(&self.entries)
+        self.disk
+            .flush()
             .await
             .map_err(|e| StorageIOError::write_logs(any(e)))?;
         Ok(())

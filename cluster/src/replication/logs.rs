@@ -13,7 +13,7 @@
 
 use super::proposals::LogHandle;
 use super::{
-    AppliedHook, ClusterReplicator, RaftNodeId, Replica, ReplicaSettings, ReplicaStatus,
+    AppliedHook, ClusterReplicator, LogDisk, RaftNodeId, Replica, ReplicaSettings, ReplicaStatus,
     SharedState,
 };
 use crate::placement::{NodeName, ShardId, replicas, shard_of};
@@ -74,6 +74,8 @@ pub struct ReplicatedLogs {
 impl ReplicatedLogs {
     /// Starts this node's replica of every log, each applying to `store`.
     pub async fn start(settings: LogSettings, store: &Store) -> anyhow::Result<Self> {
+        let disk = LogDisk::of_store(store);
+        let disk = &disk;
         let start = |log: String, part: SharedPart| {
             let settings = ReplicaSettings {
                 log: log.clone(),
@@ -86,7 +88,7 @@ impl ReplicatedLogs {
                     &log,
                     part,
                 )?);
-                let replica = Replica::start(settings, store.sled_db(), state.clone())
+                let replica = Replica::start(settings, disk, state.clone())
                     .await
                     .map_err(|e| e.context(format!("cannot start the replicated log {log}")))?;
                 anyhow::Ok(Log {

@@ -23,14 +23,17 @@ mod tests;
 mod transport;
 
 pub use log_store::SledLogStore;
+
 pub use logs::{DIRECTORY_LOG, LogSettings, ReplicatedLogs, shard_log};
 pub use proposals::{AppliedHook, ClusterReplicator, LogHandle, ShardStartHook, SharedState};
 pub use replica::{Replica, ReplicaSettings, ReplicaStatus, node_identity};
 pub use state_machine::SledStateMachine;
 
+use atlas_storage::Flusher;
 use serde::{Deserialize, Serialize};
 use std::error::Error;
 use std::io::Cursor;
+use std::sync::Arc;
 
 /// A command of the replicated log, opaque to the replication layer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,19 +78,34 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     rmp_serde::to_vec_named(value).expect("replication record serializes")
 }
 
-/// Writes everything `tree`'s database holds in memory to disk, on a blocking thread of
-/// Tokio.
-///
-/// NOTE: not sled's `flush_async`, which runs the flush on sled's own small thread pool: its
-/// threads then wait for buffer writes that sled queues on the same pool. With many logs
-/// flushing at once, every pool thread waits, the writes never run, and the node hangs.
-async fn flush(tree: &sled::Tree) -> sled::Result<usize> {
-    let tree = tree.clone();
-    match tokio::task::spawn_blocking(move || tree.flush()).await {
-        Ok(flushed) => flushed,
-        Err(e) => Err(sled::Error::Io(std::io::Error::other(format!(
-            "the flush task failed: {e}"
-        )))),
+/// The sled database that contains a node's raft logs and their state machines, with the
+/// group-commit flusher that makes their writes durable. The logs of a node share one flusher,
+/// so appends to several logs at once share an fsync.
+#[derive(Clone)]
+pub struct LogDisk {
+    db: sled::Db,
+    flusher: Arc<Flusher>,
+}
+
+impl LogDisk {
+    /// Creates the log disk of `db` and `flusher`, which must be the flusher of `db`.
+    pub fn new(db: sled::Db, flusher: Arc<Flusher>) -> Self {
+        Self { db, flusher }
+    }
+
+    /// Creates the log disk of `store`'s database and flusher, shared with the store's own writes.
+    pub fn of_store(store: &atlas_storage::Store) -> Self {
+        Self::new(store.sled_db().clone(), store.flusher())
+    }
+
+    /// Waits until every write made to the database before this call is on disk.
+    ///
+    /// NOTE: not sled's `flush_async`, which runs the flush on sled's own small thread pool:
+    /// its threads then wait for buffer writes that sled queues on the same pool. With many
+    /// logs flushing at once, every pool thread waits, the writes never run, and the node
+    /// hangs. The flusher calls the blocking flush on a blocking thread of Tokio.
+    async fn flush(&self) -> Result<(), atlas_storage::StorageError> {
+        self.flusher.wait().await
     }
 }
 

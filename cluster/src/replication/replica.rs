@@ -5,7 +5,7 @@ use super::transport::{
     ClusterNetwork, Departures, EndpointArgs, LEAVE_HOLD, RaftEndpoint, RaftEndpointMsg, Request,
     ask, hold_writes, release_writes, remove_voter, voters,
 };
-use super::{Applier, Raft, RaftNodeId, SledLogStore, SledStateMachine};
+use super::{Applier, LogDisk, Raft, RaftNodeId, SledLogStore, SledStateMachine};
 use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
 use ractor::{Actor, ActorRef};
 use serde::Serialize;
@@ -143,10 +143,10 @@ async fn announce_commits(raft: Raft) {
 }
 
 impl Replica {
-    /// Opens the log's storage in `db` and starts the replica and its endpoint.
+    /// Opens the log's storage in `disk` and starts the replica and its endpoint.
     pub async fn start(
         settings: ReplicaSettings,
-        db: &sled::Db,
+        disk: &LogDisk,
         applier: Arc<dyn Applier>,
     ) -> anyhow::Result<Self> {
         let id = settings.raft_id;
@@ -160,8 +160,8 @@ impl Replica {
             ..Config::default()
         }
         .validate()?;
-        let log = SledLogStore::open(db, &settings.log)?;
-        let machine = SledStateMachine::open(db, &settings.log, applier)?;
+        let log = SledLogStore::open(disk, &settings.log)?;
+        let machine = SledStateMachine::open(disk, &settings.log, applier)?;
         let network = ClusterNetwork {
             log: settings.log.clone(),
         };
@@ -179,7 +179,9 @@ impl Replica {
         )
         .await?;
         let announcer = tokio::spawn(announce_commits(raft.clone()));
-        let identity = db.open_tree(format!("raft-identity-{}", settings.log))?;
+        let identity = disk
+            .db
+            .open_tree(format!("raft-identity-{}", settings.log))?;
         let left_at = identity
             .get(LEFT_KEY)?
             .map(|raw| <[u8; 8]>::try_from(raw.as_ref()).map(u64::from_be_bytes))

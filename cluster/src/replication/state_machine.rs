@@ -1,7 +1,7 @@
 //! The state machine side of a replicated log: hands committed commands to the [`Applier`],
 //! and keeps in sled the last applied log id, the membership and the latest snapshot.
 
-use super::{Applier, CommandResult, RaftNodeId, TypeConfig, any, encode};
+use super::{Applier, CommandResult, LogDisk, RaftNodeId, TypeConfig, any, encode};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError,
@@ -32,6 +32,7 @@ struct StoredSnapshot {
 /// State machine of one replicated log.
 pub struct SledStateMachine {
     tree: sled::Tree,
+    disk: LogDisk,
     applier: Arc<dyn Applier>,
     applied: Applied,
     /// Snapshots built by this replica so far, for unique snapshot ids.
@@ -42,8 +43,8 @@ impl SledStateMachine {
     /// Opens the state machine of the log named `name` in `db`, whose commands go to
     /// `applier`. A stored snapshot is not given to the applier again: it must keep its own
     /// state across restarts, up to the last applied index.
-    pub fn open(db: &sled::Db, name: &str, applier: Arc<dyn Applier>) -> sled::Result<Self> {
-        let tree = db.open_tree(format!("raft-sm-{name}"))?;
+    pub fn open(disk: &LogDisk, name: &str, applier: Arc<dyn Applier>) -> sled::Result<Self> {
+        let tree = disk.db.open_tree(format!("raft-sm-{name}"))?;
         let applied = match tree.get(APPLIED_KEY)? {
             Some(raw) => rmp_serde::from_slice(&raw).map_err(|e| {
                 sled::Error::Unsupported(format!("state machine record of {name}: {e}"))
@@ -52,6 +53,7 @@ impl SledStateMachine {
         };
         Ok(Self {
             tree,
+            disk: disk.clone(),
             applier,
             applied,
             built: 0,
@@ -69,7 +71,8 @@ impl SledStateMachine {
         self.tree
             .insert(APPLIED_KEY, encode(&self.applied))
             .map_err(|e| StorageIOError::write_state_machine(any(e)))?;
-        super::flush(&self.tree)
+        self.disk
+            .flush()
             .await
             .map_err(|e| StorageIOError::write_state_machine(any(e)))?;
         Ok(())
@@ -83,7 +86,8 @@ impl SledStateMachine {
         self.tree
             .insert(SNAPSHOT_KEY, encode(snapshot))
             .map_err(|e| StorageIOError::write_snapshot(signature.clone(), any(e)))?;
-        super::flush(&self.tree)
+        self.disk
+            .flush()
             .await
             .map_err(|e| StorageIOError::write_snapshot(signature, any(e)))?;
         Ok(())
@@ -94,6 +98,7 @@ impl SledStateMachine {
 /// while it runs cannot leak into a snapshot that claims an earlier index.
 pub struct SnapshotBuilder {
     tree: sled::Tree,
+    disk: LogDisk,
     snapshot: StoredSnapshot,
     /// Reason the applier could not serialize its state, if it failed.
     failure: Option<String>,
@@ -112,7 +117,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         self.tree
             .insert(SNAPSHOT_KEY, encode(&self.snapshot))
             .map_err(|e| StorageIOError::write_snapshot(signature.clone(), any(e)))?;
-        super::flush(&self.tree)
+        self.disk
+            .flush()
             .await
             .map_err(|e| StorageIOError::write_snapshot(signature, any(e)))?;
         Ok(Snapshot {
@@ -178,6 +184,7 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
         };
         SnapshotBuilder {
             tree: self.tree.clone(),
+            disk: self.disk.clone(),
             failure,
             snapshot: StoredSnapshot {
                 meta: SnapshotMeta {

@@ -44,6 +44,25 @@ impl Applier for ListApplier {
     }
 }
 
+/// Opens a sled database in `dir` with its own flusher. Must run inside a Tokio runtime.
+/// A replica stopped just before may still hold the database: its flusher task releases it
+/// once it has seen the last handle dropped, so the open is retried for a while.
+fn disk_in(dir: &std::path::Path) -> LogDisk {
+    let mut attempts = 0;
+    let db = loop {
+        match sled::open(dir) {
+            Ok(db) => break db,
+            Err(e) if attempts < 100 => {
+                attempts += 1;
+                eprintln!("{} is still in use ({e}); retrying", dir.display());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("cannot open {}: {e}", dir.display()),
+        }
+    };
+    LogDisk::new(db.clone(), Flusher::start(db))
+}
+
 struct Builder;
 
 impl StoreBuilder<TypeConfig, SledLogStore, SledStateMachine, tempfile::TempDir> for Builder {
@@ -51,10 +70,10 @@ impl StoreBuilder<TypeConfig, SledLogStore, SledStateMachine, tempfile::TempDir>
         &self,
     ) -> Result<(tempfile::TempDir, SledLogStore, SledStateMachine), StorageError<RaftNodeId>> {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let log = SledLogStore::open(&db, "suite").unwrap();
+        let disk = disk_in(dir.path());
+        let log = SledLogStore::open(&disk, "suite").unwrap();
         let machine =
-            SledStateMachine::open(&db, "suite", Arc::new(ListApplier::default())).unwrap();
+            SledStateMachine::open(&disk, "suite", Arc::new(ListApplier::default())).unwrap();
         Ok((dir, log, machine))
     }
 }
@@ -164,9 +183,9 @@ async fn start_replica(
         election_timeout_max: 600,
         ..Config::default()
     };
-    let db = sled::open(dir.join(id.to_string())).unwrap();
-    let log = SledLogStore::open(&db, "shard-0").unwrap();
-    let machine = SledStateMachine::open(&db, "shard-0", applier.clone()).unwrap();
+    let disk = disk_in(&dir.join(id.to_string()));
+    let log = SledLogStore::open(&disk, "shard-0").unwrap();
+    let machine = SledStateMachine::open(&disk, "shard-0", applier.clone()).unwrap();
     let raft = Raft::new(
         id,
         Arc::new(config.validate().unwrap()),
@@ -292,9 +311,9 @@ async fn start_endpoint_replicas(
             election_timeout: Duration::from_millis(300),
             snapshot_every: 10_000,
         };
-        let db = sled::open(dir.join(id.to_string())).unwrap();
+        let disk = disk_in(&dir.join(id.to_string()));
         let applier = Arc::new(ListApplier::default());
-        let replica = super::Replica::start(settings, &db, applier.clone())
+        let replica = super::Replica::start(settings, &disk, applier.clone())
             .await
             .unwrap();
         replicas.insert(id, (replica, applier));
@@ -494,9 +513,9 @@ async fn restarted_leaver_starts_no_elections() {
         election_timeout: Duration::from_millis(300),
         snapshot_every: 10_000,
     };
-    let db = sled::open(dir.path().join(leaver.to_string())).unwrap();
+    let disk = disk_in(&dir.path().join(leaver.to_string()));
     let applier = Arc::new(ListApplier::default());
-    let back = super::Replica::start(settings, &db, applier.clone())
+    let back = super::Replica::start(settings, &disk, applier.clone())
         .await
         .unwrap();
     // Every member looks alive, which alone would let it elect. Over ten of its election
