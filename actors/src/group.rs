@@ -54,6 +54,7 @@ pub enum GroupMsg {
         sender: DeviceId,
         msg_id: ClientMsgId,
         submission: Submission,
+        signing: ReceiptSigning,
         reply: RpcReplyPort<Result<Accepted, GroupError>>,
     },
     /// Read entries after `after` for a member device.
@@ -149,10 +150,17 @@ pub struct GroupState {
 /// Attempts of a submission that lost its sequence number to another node's append.
 const CONFLICT_ATTEMPTS: usize = 3;
 
+/// A submitter's reply port, its acknowledgement, and the signer of its receipt.
+type Reply = (
+    RpcReplyPort<Result<Accepted, GroupError>>,
+    Unsigned,
+    ReceiptSigning,
+);
+
 /// An accepted entry waiting for durability before its acknowledgement and pushes go out.
 struct Pending {
     /// The submitter's reply port and acknowledgement; none for entries of other nodes.
-    reply: Option<(RpcReplyPort<Result<Accepted, GroupError>>, Unsigned)>,
+    reply: Option<Reply>,
     /// In a cluster, the entry for the committer to write, batched with the entries queued
     /// next to it; none when it is written already or is not new.
     append: Option<AppendItem>,
@@ -221,6 +229,7 @@ impl Actor for GroupSession {
                 sender,
                 msg_id,
                 submission,
+                signing,
                 reply,
             } => {
                 state.last_request = Instant::now();
@@ -229,7 +238,7 @@ impl Actor for GroupSession {
                         // The original may still wait for its flush, so the retry's reply goes
                         // through the committer, after that flush and never before the original.
                         let pending = Pending {
-                            reply: Some((reply, accepted)),
+                            reply: Some((reply, accepted, signing)),
                             append: None,
                             push: None,
                             welcomes: Vec::new(),
@@ -238,7 +247,7 @@ impl Actor for GroupSession {
                     }
                     Ok(Outcome::Stored(parts)) => {
                         let pending = Pending {
-                            reply: Some((reply, parts.accepted)),
+                            reply: Some((reply, parts.accepted, signing)),
                             append: parts.append,
                             push: parts.push,
                             welcomes: parts.welcomes,
@@ -312,6 +321,16 @@ impl Actor for GroupSession {
     }
 }
 
+/// The signer of the receipt of an accepted submission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiptSigning {
+    /// This node: its reply goes to the client.
+    Sign,
+    /// The node that forwarded the submission, with its own key, whose JWKS its client
+    /// fetched. The reply carries an empty receipt, which that node replaces.
+    ByForwarder,
+}
+
 enum Outcome {
     Duplicate(Unsigned),
     Stored(Box<PendingParts>),
@@ -326,10 +345,16 @@ struct Unsigned {
 }
 
 impl Unsigned {
-    fn sign(self, keyring: &Keyring) -> Result<Accepted, GroupError> {
-        let receipt = keyring
-            .sign_receipt(&self.fields)
-            .map_err(|e| GroupError::Internal(format!("signing a receipt failed: {e}")))?;
+    fn sign(self, keyring: &Keyring, signing: ReceiptSigning) -> Result<Accepted, GroupError> {
+        let receipt = match signing {
+            ReceiptSigning::Sign => keyring
+                .sign_receipt(&self.fields)
+                .map_err(|e| GroupError::Internal(format!("signing a receipt failed: {e}")))?,
+            ReceiptSigning::ByForwarder => Receipt {
+                signature_input: String::new(),
+                signature: String::new(),
+            },
+        };
         Ok(Accepted {
             group: self.fields.group,
             seq: self.fields.seq,
@@ -353,7 +378,7 @@ impl GroupState {
     /// Hands an accepted entry to the committer, which acknowledges it once it is durable.
     async fn commit(&self, pending: Pending) {
         if let Err(e) = self.committer.send(pending).await
-            && let Some((reply, _)) = e.0.reply
+            && let Some((reply, _, _)) = e.0.reply
         {
             let _ = reply.send(Err(GroupError::Unavailable));
         }
@@ -861,8 +886,8 @@ impl Committer {
                     Ok(()) => {
                         // Signing after the flush keeps it off the actor's path; the receipt
                         // only states facts that are already durable.
-                        if let Some((reply, accepted)) = pending.reply {
-                            let _ = reply.send(accepted.sign(&self.keyring));
+                        if let Some((reply, accepted, signing)) = pending.reply {
+                            let _ = reply.send(accepted.sign(&self.keyring, signing));
                         }
                         if let Some((devices, frame)) = pending.push {
                             self.deliver.push(&devices, frame);
@@ -872,7 +897,7 @@ impl Committer {
                         }
                     }
                     Err(failure) => {
-                        if let Some((reply, _)) = pending.reply {
+                        if let Some((reply, _, _)) = pending.reply {
                             let _ = reply.send(Err(failure.error()));
                         }
                     }

@@ -12,7 +12,9 @@ mod supervisor;
 pub mod transparency;
 
 pub use directory::{Directory, LoginError};
-pub use group::{GroupArgs, GroupMsg, GroupSession, GroupSettings, Submission, SyncPage};
+pub use group::{
+    GroupArgs, GroupMsg, GroupSession, GroupSettings, ReceiptSigning, Submission, SyncPage,
+};
 pub use keyring::{Keyring, KeyringError};
 pub use metrics::ActorMetrics;
 pub use supervisor::{GroupSupervisor, SupervisorArgs, SupervisorMsg};

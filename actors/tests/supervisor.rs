@@ -3,7 +3,7 @@
 
 use atlas_actors::{
     ActorMetrics, Deliver, GroupError, GroupMsg, GroupSettings, GroupSupervisor, Keyring,
-    Submission, SupervisorArgs, SupervisorMsg, create_group,
+    ReceiptSigning, Submission, SupervisorArgs, SupervisorMsg, create_group,
 };
 use atlas_protocol::{Accepted, ClientMsgId, DeviceId, GroupId};
 use atlas_storage::Store;
@@ -106,6 +106,7 @@ async fn submit(f: &Fixture, id: u8) -> Result<Accepted, GroupError> {
     };
     let sender = f.device;
     ractor::call!(actor, |reply| GroupMsg::Submit {
+        signing: ReceiptSigning::Sign,
         sender,
         msg_id: ClientMsgId([id; 16]),
         submission,
@@ -185,6 +186,7 @@ async fn non_member_submission_is_refused_and_not_stored() {
         message: f.message.clone(),
     };
     let result = ractor::call!(actor, |reply| GroupMsg::Submit {
+        signing: ReceiptSigning::Sign,
         sender: DeviceId::from_bytes([9; 16]),
         msg_id: ClientMsgId([3; 16]),
         submission,
@@ -294,6 +296,7 @@ async fn retry_is_answered_after_the_original() {
     let submit_with = |id: u8| {
         let (tx, rx) = ractor::concurrency::oneshot();
         let message = GroupMsg::Submit {
+            signing: ReceiptSigning::Sign,
             sender: f.device,
             msg_id: ClientMsgId([id; 16]),
             submission: Submission::Application {

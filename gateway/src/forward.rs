@@ -4,6 +4,7 @@
 
 use crate::GatewayState;
 use crate::session::{group_error_body, group_request_here};
+use atlas_actors::ReceiptSigning;
 use atlas_cluster::GroupOwners;
 use atlas_protocol::receipts::ReceiptFields;
 use atlas_protocol::{Accepted, ClientBody, DeviceId, ErrorCode, LogEntry, ServerBody};
@@ -126,10 +127,14 @@ async fn applied_entry(state: &GatewayState, accepted: &Accepted) -> Result<LogE
 /// [`Forwarded`], and the reply is the encoded [`ServerBody`].
 pub async fn serve_forwarded(state: Arc<GatewayState>, bytes: Vec<u8>) -> Vec<u8> {
     let reply = match rmp_serde::from_slice::<Forwarded>(&bytes) {
-        Ok(Forwarded { sender, body }) => match group_request_here(&state, sender, body).await {
-            Ok(reply) => reply,
-            Err(e) => group_error_body(&state, &e),
-        },
+        Ok(Forwarded { sender, body }) => {
+            // The forwarding node signs the receipt again with its own key, so it is not
+            // signed here.
+            match group_request_here(&state, sender, body, ReceiptSigning::ByForwarder).await {
+                Ok(reply) => reply,
+                Err(e) => group_error_body(&state, &e),
+            }
+        }
         Err(e) => {
             tracing::warn!(error = %e, "undecodable request forwarded by another node");
             crate::session::error_body(

@@ -6,7 +6,7 @@
 
 use crate::GatewayState;
 use actix_ws::{CloseReason, Item, Message, MessageStream, ProtocolError, Session};
-use atlas_actors::{GroupError, GroupMsg, LoginError, Submission};
+use atlas_actors::{GroupError, GroupMsg, LoginError, ReceiptSigning, Submission};
 use atlas_cluster::{Outbound, Presence, SessionHandle};
 use atlas_protocol::{
     ClientBody, CloseCode, DecodeError, DeviceInfo, ErrorCode, MAX_FRAME_BYTES,
@@ -849,7 +849,7 @@ async fn group_request(
             }
         }
     }
-    group_request_here(state, sender, body).await
+    group_request_here(state, sender, body, ReceiptSigning::Sign).await
 }
 
 /// Handles a group request on this node.
@@ -857,6 +857,7 @@ pub(crate) async fn group_request_here(
     state: &GatewayState,
     sender: atlas_protocol::DeviceId,
     body: ClientBody,
+    signing: ReceiptSigning,
 ) -> Result<ServerBody, GroupError> {
     match body {
         ClientBody::Commit {
@@ -873,7 +874,7 @@ pub(crate) async fn group_request_here(
                 commit,
                 welcome: welcome.map(|w| w.into_vec()),
             };
-            submit(state, &group, sender, msg_id, submission).await
+            submit(state, &group, sender, msg_id, submission, signing).await
         }
         ClientBody::Send {
             group,
@@ -882,7 +883,7 @@ pub(crate) async fn group_request_here(
         } => {
             check_group_and_size(&group, message.len())?;
             let submission = Submission::Application { message };
-            submit(state, &group, sender, msg_id, submission).await
+            submit(state, &group, sender, msg_id, submission, signing).await
         }
         ClientBody::Sync {
             group,
@@ -949,12 +950,14 @@ async fn submit(
     sender: atlas_protocol::DeviceId,
     msg_id: atlas_protocol::ClientMsgId,
     submission: Submission,
+    signing: ReceiptSigning,
 ) -> Result<ServerBody, GroupError> {
     let request = |submission: Submission| {
         state.router.request(group, |reply| GroupMsg::Submit {
             sender,
             msg_id,
             submission,
+            signing,
             reply,
         })
     };
