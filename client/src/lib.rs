@@ -480,7 +480,7 @@ impl Client {
             .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
             .max_past_epochs(MAX_PAST_EPOCHS)
             .build();
-        let group = MlsGroup::new_with_group_id(
+        let mut group = MlsGroup::new_with_group_id(
             &self.provider,
             &self.signer,
             &config,
@@ -492,18 +492,27 @@ impl Client {
             .export_group_info(self.provider.crypto(), &self.signer, true)
             .map_err(mls)?;
         let info = info.tls_serialize_detached().map_err(mls)?;
-        self.groups
-            .insert(group_id.as_bytes().to_vec(), GroupLocal::default());
-        self.save()?;
-        match self
+        let created = self
             .request(ClientBody::CreateGroup {
                 group: group_id.clone(),
                 group_info: info,
             })
-            .await?
-        {
-            ServerBody::GroupCreated { .. } => Ok(group_id),
-            other => Err(unexpected("create_group", other)),
+            .await;
+        if let Ok(ServerBody::GroupCreated { .. }) = created {
+            self.groups
+                .insert(group_id.as_bytes().to_vec(), GroupLocal::default());
+            self.save()?;
+            return Ok(group_id);
+        }
+        // The server did not confirm the group, so this client forgets it: a group known only
+        // here would fail every later sync with `group_not_found`.
+        // NOTE: when the outcome is unknown (the node stopped answering), the node may have
+        // stored the group anyway. It then has this device as its only member and no client.
+        group.delete(self.provider.storage()).map_err(mls)?;
+        self.save()?;
+        match created {
+            Ok(other) => Err(unexpected("create_group", other)),
+            Err(e) => Err(e),
         }
     }
 

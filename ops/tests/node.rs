@@ -1098,6 +1098,32 @@ async fn request_after_node_death_fails_fast() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_group_creation_keeps_no_group() {
+    let setup = Setup::new(&[]);
+    let mut alice = setup.client("alice").await;
+    let kept = alice.create_group("kept").await.unwrap();
+    let trust = setup.trust();
+    let Setup { dir, node } = setup;
+    node.kill9().unwrap();
+    assert!(
+        alice.wait_closed(Duration::from_secs(10)).await.is_some(),
+        "no end of connection seen"
+    );
+    let refused = alice.create_group("lost").await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(alice.groups(), vec![kept.clone()]);
+
+    // A group that the node never confirmed would fail every sync with `group_not_found`.
+    drop(alice);
+    let node = NodeProcess::start(Path::new(BIN), &dir.path().join("node"), &[]).unwrap();
+    let mut alice = Client::open(&dir.path().join("alice"), "alice").unwrap();
+    alice.connect(&node.url(), &trust).await.unwrap();
+    assert_eq!(alice.groups(), vec![kept.clone()]);
+    alice.sync().await.unwrap();
+    alice.send(&kept, "still here").await.unwrap();
+}
+
 #[test]
 fn demo_passes() {
     let output = std::process::Command::new(BIN)
