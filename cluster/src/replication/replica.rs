@@ -92,6 +92,9 @@ pub struct Replica {
     announcer: tokio::task::JoinHandle<()>,
     /// Whether this node may start elections (see [`Replica::gate_elections`]).
     elections: AtomicBool,
+    /// Whether this node counted a majority of the log's voters alive at the last
+    /// [`Replica::gate_elections`]; true until the first.
+    majority_alive: AtomicBool,
     /// The term in which this node leads the log, and when it first saw itself lead in it.
     leading_since: Mutex<Option<(u64, Instant)>>,
     /// Tree in which this node records that it left the log (see [`Replica::gate_elections`]).
@@ -204,6 +207,7 @@ impl Replica {
             departures,
             announcer,
             elections: AtomicBool::new(!left),
+            majority_alive: AtomicBool::new(true),
             leading_since: Mutex::new(None),
             identity,
             left: AtomicBool::new(left),
@@ -544,15 +548,19 @@ impl Replica {
     }
 
     /// Returns whether this node is on the side of a majority of the log's voters: it leads and a
-    /// majority acknowledged it within `lease`, or it follows a known leader. A node cut off
-    /// with a minority soon becomes a candidate with no leader, and then this is false.
+    /// majority acknowledged it within `lease`, or it follows a known leader and counts a
+    /// majority of the voters alive. A follower cut off with a minority starts no elections
+    /// (see [`Replica::gate_elections`]), so it keeps the leader it last heard of, and only
+    /// the count of live voters tells it apart.
     pub fn in_majority(&self, lease: Duration) -> bool {
         let metrics = self.raft.metrics().borrow().clone();
         match metrics.state {
             ServerState::Leader => metrics
                 .millis_since_quorum_ack
                 .is_some_and(|ms| u128::from(ms) <= lease.as_millis()),
-            ServerState::Follower => metrics.current_leader.is_some(),
+            ServerState::Follower => {
+                metrics.current_leader.is_some() && self.majority_alive.load(Ordering::Relaxed)
+            }
             _ => false,
         }
     }
@@ -572,14 +580,15 @@ impl Replica {
         self.leads_past_lease();
         let voters = voters(&self.raft);
         let me = self.settings.raft_id;
-        if self.left.load(Ordering::Relaxed) && !self.voter_again() {
-            return;
-        }
         let reachable = voters
             .iter()
             .filter(|v| **v == me || alive.contains(v))
             .count();
         let allowed = voters.is_empty() || 2 * reachable > voters.len();
+        self.majority_alive.store(allowed, Ordering::Relaxed);
+        if self.left.load(Ordering::Relaxed) && !self.voter_again() {
+            return;
+        }
         if self.elections.swap(allowed, Ordering::Relaxed) != allowed {
             self.raft.runtime_config().elect(allowed);
             if allowed {
