@@ -1018,6 +1018,32 @@ async fn node_name_must_match_certificate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_dir_of_another_node_is_refused() {
+    let fixture = fixture();
+    let a = fixture.spec("node-a", &[]).unwrap();
+    let node_a = fixture.start(&a).unwrap();
+    let status = node_a.terminate(CONVERGE).unwrap();
+    assert!(status.success(), "{status}");
+
+    // node-b, with its own name and certificate, on node-a's data directory.
+    let b = fixture.spec("node-b", &[]).unwrap();
+    let output = run_until_exit(&fixture.path("node-a"), &fixture.cluster_flags(&b))
+        .await
+        .expect("a node on another node's data directory kept running");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("this data directory belongs to node \"node-a\""),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--node-name node-a"), "{stderr}");
+
+    // node-a itself still starts on it.
+    let node_a = fixture.start(&a).unwrap();
+    assert!(wait_until(CONVERGE, || alive(&node_a, &["node-a"])).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_with_other_layout_stops() {
     let fixture = fixture();
     let (specs, nodes) = fixture.start_cluster(2, CONVERGE).await.unwrap();

@@ -26,8 +26,27 @@ fn name_based_id(name: &str) -> RaftNodeId {
 /// under the same name, is a new member rather than an old voter with an empty log, which
 /// raft cannot survive. A database that holds raft state from a version that derived the id
 /// from the name keeps that id.
+///
+/// The database also records the node name of its first start, and a start under another
+/// name fails: a copy of another node's data directory would otherwise join under that
+/// node's id, and the cluster would count one member twice.
 pub fn node_identity(db: &sled::Db, log: &str, name: &str) -> anyhow::Result<RaftNodeId> {
     let tree = db.open_tree(format!("raft-identity-{log}"))?;
+    match tree.get(b"name")? {
+        Some(stored) if stored.as_ref() != name.as_bytes() => {
+            let stored = String::from_utf8_lossy(&stored);
+            anyhow::bail!(
+                "this data directory belongs to node {stored:?}, but this node is named \
+                 {name:?}; give each node its own data directory, or start this one with \
+                 --node-name {stored}"
+            );
+        }
+        Some(_) => {}
+        None => {
+            tree.insert(b"name", name.as_bytes())?;
+            tree.flush()?;
+        }
+    }
     if let Some(raw) = tree.get(b"id")? {
         let bytes = <[u8; 8]>::try_from(raw.as_ref())
             .map_err(|_| anyhow::anyhow!("stored raft id of log {log} is not 8 bytes"))?;
