@@ -177,7 +177,14 @@ struct MembershipState {
     observer: Arc<dyn MembershipObserver>,
     /// Nodes of other clusters already reported, with their cluster id.
     foreign: HashSet<(String, u64)>,
+    /// Start of the time in which this node, which has seeds, heard from no member, and the
+    /// time of the last warning about it.
+    alone: Option<(Instant, Instant)>,
 }
+
+/// Failure timeouts that a node with seeds may hear from no member before it warns, and
+/// between warnings (30 s with the default timeout of 3 s).
+const ALONE_WARNING_TIMEOUTS: u32 = 10;
 
 struct Membership;
 
@@ -210,6 +217,7 @@ impl Actor for Membership {
             MembershipMsg::Tick => {
                 state.send_heartbeats(&myself);
                 state.detect_failures();
+                state.warn_if_alone();
                 state.dial();
             }
         }
@@ -355,6 +363,29 @@ impl MembershipState {
                 self.observer.changed("dead", name);
             }
         }
+    }
+
+    /// Warns every [`ALONE_WARNING_TIMEOUTS`] failure timeouts while this node has seeds but
+    /// hears from no member. The failed dials themselves are logged at the info level only.
+    fn warn_if_alone(&mut self) {
+        if self.settings.seeds.is_empty() || self.members.values().any(|m| m.alive) {
+            self.alone = None;
+            return;
+        }
+        let now = Instant::now();
+        let (since, warned) = self.alone.get_or_insert((now, now));
+        if now.duration_since(*warned) < self.settings.failure_timeout * ALONE_WARNING_TIMEOUTS {
+            return;
+        }
+        *warned = now;
+        let seeds: Vec<String> = self.settings.seeds.iter().map(|s| s.to_string()).collect();
+        tracing::warn!(
+            seeds = %seeds.join(","),
+            alone_s = now.duration_since(*since).as_secs(),
+            "no cluster member reachable yet, so this node has joined no cluster; check that \
+             the seed addresses are right and that their nodes run with this cluster's CA and \
+             cookie"
+        );
     }
 
     /// Dials seeds and members this node is not hearing from. An address has at most one dial
@@ -524,6 +555,7 @@ impl Cluster {
             certificates,
             members: HashMap::new(),
             dials: Arc::default(),
+            alone: None,
             view: Arc::clone(&view),
             observer,
             settings,

@@ -1018,6 +1018,27 @@ async fn node_name_must_match_certificate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_seeds_are_warned_about() {
+    let fixture = fixture().with_timing(100, 500);
+    // Nothing listens on the seed's port.
+    let a = fixture.spec("node-a", &[free_port()]).unwrap();
+    let _node_a = fixture.start(&a).unwrap();
+    let warning = |log: String| {
+        log.lines()
+            .find(|line| line.contains("no cluster member reachable yet"))
+            .map(str::to_owned)
+    };
+    let warned = wait_until(CONVERGE, || warning(fixture.log("node-a")).is_some()).await;
+    assert!(warned, "{}", fixture.log("node-a"));
+    let line = warning(fixture.log("node-a")).unwrap();
+    assert!(line.contains(" WARN "), "{line}");
+    assert!(
+        line.contains(&format!("seeds=127.0.0.1:{}", a.seeds[0])),
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_dir_of_another_node_is_refused() {
     let fixture = fixture();
     let a = fixture.spec("node-a", &[]).unwrap();

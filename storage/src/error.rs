@@ -6,9 +6,16 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StorageError {
-    /// The database could not be opened; check the path, its permissions and free space.
-    #[error("cannot open storage at {path}: {source}")]
-    Open { path: String, source: sled::Error },
+    /// The database could not be opened; `detail` gives sled's error and what to check.
+    #[error("cannot open storage at {path}: {detail}")]
+    Open { path: String, detail: String },
+    /// Another process holds the database's lock.
+    #[error(
+        "cannot open storage at {path}: another process uses it, most likely an atlas node \
+         started with the same data directory; stop that process, or give this node a data \
+         directory of its own"
+    )]
+    InUse { path: String },
     /// The data directory was written by another storage format version; migrate it or start
     /// with an empty directory.
     #[error(
@@ -65,11 +72,24 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    pub(crate) fn open(path: &Path, source: sled::Error) -> Self {
-        Self::Open {
-            path: path.display().to_string(),
-            source,
-        }
+    pub(crate) fn open(path: &Path, error: sled::Error) -> Self {
+        let path = path.display().to_string();
+        let detail = match error {
+            // sled reports a held lock as an error of kind `Other` with this message.
+            sled::Error::Io(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.to_string().contains("could not acquire lock") =>
+            {
+                return Self::InUse { path };
+            }
+            sled::Error::Corruption { .. } => format!(
+                "{error}; the database is damaged: restore the data directory from a backup, or, \
+                 on a node of a cluster, empty it and start the node with --seeds so that it \
+                 copies the data from the others"
+            ),
+            other => format!("{other}; check the path, its permissions and free space"),
+        };
+        Self::Open { path, detail }
     }
 }
 

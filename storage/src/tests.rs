@@ -109,6 +109,17 @@ async fn format_version_mismatch_is_refused() {
 }
 
 #[tokio::test]
+async fn second_open_reports_directory_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = Store::open(dir.path()).unwrap();
+    let err = Store::open(dir.path())
+        .err()
+        .expect("second open must fail");
+    assert!(matches!(err, StorageError::InUse { .. }), "{err:?}");
+    assert!(err.to_string().contains("another process uses it"), "{err}");
+}
+
+#[tokio::test]
 async fn corrupt_log_entry_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
