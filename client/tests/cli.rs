@@ -706,3 +706,67 @@ fn signup_and_passkey_enroll() {
     let err = String::from_utf8_lossy(&cloned.stderr);
     assert!(err.contains("passkey_rejected"), "{err}");
 }
+
+#[test]
+fn send_moves_to_another_cluster_node() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let fixture = atlas_chaos::cluster::ClusterFixture::new(&node_binary(), None)
+        .unwrap()
+        .with_timing(200, 1500);
+    let (_, mut nodes) = runtime
+        .block_on(fixture.start_cluster(3, Duration::from_secs(60)))
+        .unwrap();
+    let names = ["node-a", "node-b", "node-c"];
+    let servers: Vec<String> = names.iter().map(|n| nodes[*n].url()).collect();
+    let fingerprints: Vec<String> = names
+        .iter()
+        .map(|n| nodes[*n].fingerprint.clone())
+        .collect();
+    let chat = |account: &str, args: &[&str]| {
+        let mut command = bare_chat();
+        command
+            .arg("--state")
+            .arg(fixture.path(account))
+            .args(["--account", account])
+            .args(["--server", &servers.join(",")])
+            .args(["--fingerprint", &fingerprints.join(",")])
+            .args(args);
+        run(&mut command, "")
+    };
+    let chat_ok = |account: &str, args: &[&str]| {
+        let output = chat(account, args);
+        assert_success(&output, account, args);
+        stdout(&output)
+    };
+
+    chat_ok("alice", &["register"]);
+    chat_ok("bob", &["register"]);
+    let group = chat_ok("alice", &["create-group", "team"])
+        .trim()
+        .to_owned();
+    chat_ok("alice", &["add", &group, "bob"]);
+    chat_ok("alice", &["send", &group, "before"]);
+
+    // The first node of the list dies; the same commands go to the next one.
+    nodes.remove("node-a").unwrap().kill9().unwrap();
+    let sent = chat_ok("alice", &["send", &group, "after"]);
+    assert!(has_message(&sent, &group, "alice", "after"), "{sent}");
+    let synced = chat_ok("bob", &["sync"]);
+    assert!(has_message(&synced, &group, "alice", "before"), "{synced}");
+    assert!(has_message(&synced, &group, "alice", "after"), "{synced}");
+
+    // One fingerprint for three nodes verifies one node at most.
+    let mut command = bare_chat();
+    command
+        .arg("--state")
+        .arg(fixture.path("alice"))
+        .args(["--account", "alice", "--server", &servers.join(",")])
+        .args(["--fingerprint", &fingerprints[1], "sync"]);
+    let output = run(&mut command, "");
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("--server names 3 nodes but --fingerprint has 1 fingerprints"),
+        "{}",
+        stderr(&output)
+    );
+}

@@ -11,7 +11,8 @@
 
 use atlas_client::accounts::AccountSession;
 use atlas_client::{
-    Client, ClientError, EnrollmentRequest, Event, RawConnection, Received, ServerTrust, audit,
+    Client, ClientError, EnrollmentRequest, Event, NodeAddress, RawConnection, Received,
+    ServerTrust, audit,
 };
 use atlas_protocol::receipts::SignedReceipt;
 use atlas_protocol::transparency::Jwks;
@@ -102,7 +103,10 @@ struct Cli {
     #[arg(long, env = "ATLAS_CHAT_ACCOUNT", value_name = "NAME", global = true)]
     account: Option<String>,
 
-    /// WebSocket URL of the node.
+    /// WebSocket URL of the node. Several nodes of one cluster may be given, separated by
+    /// commas: a command connects to the first that accepts, and a send moves to another
+    /// node when its node fails. Their certificates then verify with --ca, or with one
+    /// --fingerprint per node, in the same order.
     #[arg(
         long,
         env = "ATLAS_CHAT_SERVER",
@@ -112,7 +116,8 @@ struct Cli {
     )]
     server: String,
 
-    /// SHA-256 fingerprint of the server certificate in hex, as `atlas node` prints it.
+    /// SHA-256 fingerprint of the server certificate in hex, as `atlas node` prints it. With
+    /// several nodes in --server, one per node, separated by commas in the same order.
     #[arg(
         long,
         env = "ATLAS_CHAT_FINGERPRINT",
@@ -526,8 +531,11 @@ enum TrustChoice {
 
 /// The node to connect to and how to verify it.
 struct Server {
+    /// The first node of `--server`, the only one for commands that use one node.
     url: String,
     trust: ServerTrust,
+    /// The other nodes of `--server`, in order, each with its trust.
+    others: Vec<NodeAddress>,
 }
 
 impl Options {
@@ -553,16 +561,23 @@ impl Options {
         Self::server_of(&self.server, self.trust.clone())
     }
 
-    fn server_of(url: &str, trust: TrustChoice) -> Result<Server, CliError> {
-        if !url.starts_with("wss://") {
-            return Err(CliError::new(format!(
-                "invalid server URL {url:?}: the node accepts TLS connections only"
-            ))
-            .hint(format!(
-                "pass a wss:// URL such as --server {DEFAULT_SERVER}"
-            )));
+    fn server_of(urls: &str, trust: TrustChoice) -> Result<Server, CliError> {
+        let mut urls = urls.split(',').map(str::trim);
+        let url = urls.next().unwrap_or_default();
+        let others: Vec<String> = urls.map(str::to_owned).collect();
+        for url in std::iter::once(url).chain(others.iter().map(String::as_str)) {
+            if !url.starts_with("wss://") {
+                return Err(CliError::new(format!(
+                    "invalid server URL {url:?}: the node accepts TLS connections only"
+                ))
+                .hint(format!(
+                    "pass a wss:// URL such as --server {DEFAULT_SERVER}, or several separated \
+                     by commas"
+                )));
+            }
         }
-        let trust = match &trust {
+        let count = 1 + others.len();
+        let trusts: Vec<ServerTrust> = match &trust {
             TrustChoice::Missing => {
                 return Err(CliError::new(
                     "no server trust option is set, so the server cannot be verified",
@@ -582,12 +597,29 @@ impl Options {
                      ATLAS_CHAT_FINGERPRINT and ATLAS_CHAT_CA",
                 ));
             }
-            TrustChoice::Fingerprint(text) => ServerTrust::fingerprint(text).map_err(|e| {
-                CliError::new(format!("invalid --fingerprint: {e}")).hint(
-                    "pass the 64 hex digits that `atlas node` prints after \
-                     'certificate sha256 fingerprint:'",
-                )
-            })?,
+            TrustChoice::Fingerprint(text) => {
+                let fingerprints: Vec<&str> = text.split(',').map(str::trim).collect();
+                if fingerprints.len() != count {
+                    return Err(CliError::new(format!(
+                        "--server names {count} nodes but --fingerprint has {} fingerprints",
+                        fingerprints.len()
+                    ))
+                    .hint(
+                        "pass one fingerprint per node, separated by commas in the order of \
+                         --server, or --ca with the CA that issued the nodes' certificates",
+                    ));
+                }
+                let mut trusts = Vec::with_capacity(count);
+                for fingerprint in fingerprints {
+                    trusts.push(ServerTrust::fingerprint(fingerprint).map_err(|e| {
+                        CliError::new(format!("invalid --fingerprint {fingerprint:?}: {e}")).hint(
+                            "pass the 64 hex digits that `atlas node` prints after \
+                             'certificate sha256 fingerprint:'",
+                        )
+                    })?);
+                }
+                trusts
+            }
             TrustChoice::CaFile(path) => {
                 if !path.is_file() {
                     return Err(CliError::new(format!(
@@ -598,12 +630,22 @@ impl Options {
                         "pass --ca with the PEM file of the CA that issued the server certificate",
                     ));
                 }
-                ServerTrust::CaFile(path.clone())
+                vec![ServerTrust::CaFile(path.clone()); count]
             }
         };
+        let mut trusts = trusts.into_iter();
+        let trust = trusts
+            .next()
+            .expect("one trust per node, and at least one node");
+        let others = others
+            .into_iter()
+            .zip(trusts)
+            .map(|(url, trust)| NodeAddress { url, trust })
+            .collect();
         Ok(Server {
             url: url.to_owned(),
             trust,
+            others,
         })
     }
 }
@@ -1001,6 +1043,9 @@ fn account_list(accounts: &[String]) -> String {
 struct Chat {
     client: Client,
     _lock: File,
+    /// True once connected with several nodes: sends then move to another node when theirs
+    /// fails.
+    failover: bool,
 }
 
 impl Chat {
@@ -1047,6 +1092,7 @@ impl Chat {
         Ok(Self {
             client,
             _lock: lock,
+            failover: false,
         })
     }
 
@@ -1056,6 +1102,25 @@ impl Chat {
 
     /// Connects and logs in. Returns true if this login registered the device.
     async fn connect(&mut self, server: &Server) -> Result<bool, CliError> {
+        if !server.others.is_empty() {
+            let first = NodeAddress {
+                url: server.url.clone(),
+                trust: server.trust.clone(),
+            };
+            let nodes: Vec<NodeAddress> = std::iter::once(first)
+                .chain(server.others.iter().cloned())
+                .collect();
+            let index = self.client.connect_any(&nodes).await.map_err(|e| {
+                let action = format!("connecting to any of {} nodes", nodes.len());
+                sdk_error(&action, e).hint(
+                    "check that the nodes run, that --server lists their addresses and that \
+                     --ca is the CA of their certificates",
+                )
+            })?;
+            eprintln!("connected to {}", nodes[index].url);
+            self.failover = true;
+            return Ok(true);
+        }
         let action = format!("connecting to {} as {}", server.url, self.account());
         self.client
             .connect(&server.url, &server.trust)
@@ -1238,11 +1303,12 @@ impl Chat {
         }
         self.catch_up(group).await?;
         let before = self.client.cursor(group).unwrap_or(0);
-        let seq = self
-            .client
-            .send(group, text)
-            .await
-            .map_err(|e| sdk_error(&format!("sending to group {group}"), e))?;
+        let sent = if self.failover {
+            self.client.send_reliably(group, text).await
+        } else {
+            self.client.send(group, text).await
+        };
+        let seq = sent.map_err(|e| sdk_error(&format!("sending to group {group}"), e))?;
         self.print_missed(group, before, seq);
         outln!("{}", message_line(group, seq, self.account(), text));
         Ok(())
