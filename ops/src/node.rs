@@ -49,6 +49,9 @@ pub struct RunningNode {
 
 /// Starts a node; must run inside an actix system.
 pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
+    // Read before anything is written to the data directory, so that a wrong certificate
+    // path leaves no new data directory behind.
+    let cluster_tls = cluster_tls(config)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     // The storage error already names the path and the cause.
@@ -82,7 +85,12 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     // Known before the first heartbeat arrives, so that nodes of another cluster are ignored
     // from the start.
     let cluster_id = store.shard_log_start()?.map_or(0, |start| start.cluster);
-    let cluster = start_cluster(config, &registry, raft_id, cluster_id).await?;
+    let cluster = match cluster_tls {
+        Some((listen, tls)) => {
+            Some(start_cluster(config, &registry, raft_id, cluster_id, listen, tls).await?)
+        }
+        None => None,
+    };
     let replicated = match &cluster {
         Some(cluster) => {
             Some(start_replicated_logs(config, &store, Arc::clone(cluster), raft_id).await?)
@@ -515,27 +523,38 @@ impl WriteGate for MajorityGate {
 }
 
 /// Starts the cluster side when a cluster listener is configured.
+/// Returns the cluster address and the loaded cluster certificates when a cluster listener
+/// is configured.
+fn cluster_tls(
+    config: &NodeConfig,
+) -> anyhow::Result<Option<(SocketAddr, atlas_cluster::tls::ClusterTls)>> {
+    let Some(listen) = config.cluster_listen else {
+        return Ok(None);
+    };
+    // `NodeConfig::validate` checked that these are set with `cluster_listen`.
+    let (Some(ca), Some(cert), Some(key)) = (
+        &config.cluster_ca,
+        &config.cluster_cert,
+        &config.cluster_key,
+    ) else {
+        anyhow::bail!("cluster_listen needs cluster_ca, cluster_cert and cluster_key");
+    };
+    let tls = atlas_cluster::tls::load_for(&config.node_name, ca, cert, key)?;
+    Ok(Some((listen, tls)))
+}
+
+/// Starts the cluster side on `listen` with the certificates of `tls`.
 async fn start_cluster(
     config: &NodeConfig,
     registry: &Registry,
     raft_id: u64,
     cluster_id: u64,
-) -> anyhow::Result<Option<Arc<Cluster>>> {
-    let Some(listen) = config.cluster_listen else {
-        return Ok(None);
+    listen: SocketAddr,
+    tls: atlas_cluster::tls::ClusterTls,
+) -> anyhow::Result<Arc<Cluster>> {
+    let Some(cookie) = &config.cluster_cookie else {
+        anyhow::bail!("cluster_listen needs cluster_cookie");
     };
-    // `NodeConfig::validate` checked that these are set with `cluster_listen`.
-    let (Some(ca), Some(cert), Some(key), Some(cookie)) = (
-        &config.cluster_ca,
-        &config.cluster_cert,
-        &config.cluster_key,
-        &config.cluster_cookie,
-    ) else {
-        anyhow::bail!(
-            "cluster_listen needs cluster_ca, cluster_cert, cluster_key and cluster_cookie"
-        );
-    };
-    let tls = atlas_cluster::tls::load_for(&config.node_name, ca, cert, key)?;
     let observer = Arc::new(MembershipMetrics::register(registry)?);
     let settings = ClusterSettings {
         node_name: config.node_name.clone(),
@@ -559,7 +578,7 @@ async fn start_cluster(
         .await
         .with_context(|| format!("cannot start the cluster listener on {listen}"))?;
     tracing::info!(node = %config.node_name, %listen, seeds = config.seeds.len(), "cluster listener started");
-    Ok(Some(Arc::new(cluster)))
+    Ok(Arc::new(cluster))
 }
 
 /// Membership changes as Prometheus counters.

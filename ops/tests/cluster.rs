@@ -1039,6 +1039,23 @@ async fn unreachable_seeds_are_warned_about() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_certificate_leaves_no_data_dir() {
+    let fixture = fixture();
+    let spec = fixture.spec("node-a", &[]).unwrap();
+    let mut flags = fixture.cluster_flags(&spec);
+    let cert = flags.iter().position(|f| f == "--cluster-cert").unwrap() + 1;
+    flags[cert] = fixture.path("missing.pem").display().to_string();
+    let data = fixture.path("never-made");
+    let output = run_until_exit(&data, &flags)
+        .await
+        .expect("a node without its certificate file kept running");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("missing.pem"), "{stderr}");
+    assert!(!data.exists(), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_dir_of_another_node_is_refused() {
     let fixture = fixture();
     let a = fixture.spec("node-a", &[]).unwrap();
