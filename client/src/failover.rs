@@ -19,6 +19,16 @@ const SEND_DEADLINE: Duration = Duration::from_secs(30);
 /// Pause between two rounds over every node.
 const ROUND_PAUSE: Duration = Duration::from_millis(250);
 
+/// Time a node of a list of several gets to accept a connection and send its login
+/// challenge before the next one is tried. The kernel accepts TCP connections for a paused
+/// process (SIGSTOP), which then never replies. A live node replies within milliseconds.
+const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Time one attempt of [`Client::send_reliably`] may take, with several nodes to try, before
+/// the next node is tried. Shorter than [`SEND_DEADLINE`], so a node that stopped replying
+/// leaves time for others.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Client {
     /// Connects to one of `nodes`, trying them in turn from the one used last, and remembers
     /// the list for [`Client::fail_over`]. Returns the index of the node connected.
@@ -61,7 +71,19 @@ impl Client {
         for step in 0..count {
             let index = (first + step) % count;
             let node = self.nodes[index].clone();
-            match self.connect(&node.url, &node.trust).await {
+            let connected = if count > 1 {
+                tokio::time::timeout(NODE_CONNECT_TIMEOUT, self.connect(&node.url, &node.trust))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(ClientError::Connect(format!(
+                            "no login challenge within {} s",
+                            NODE_CONNECT_TIMEOUT.as_secs()
+                        )))
+                    })
+            } else {
+                self.connect(&node.url, &node.trust).await
+            };
+            match connected {
                 Ok(_) => {
                     self.node_index = index;
                     return Ok(index);
@@ -85,7 +107,21 @@ impl Client {
         let deadline = Instant::now() + SEND_DEADLINE;
         let mut attempts = 0;
         loop {
-            let failure = match self.send_with_id(group, text, msg_id).await {
+            // Cancelling an attempt is safe: the text stays recorded as unacknowledged, and the
+            // next attempt uses the same message id, so the node stores the message once.
+            let attempt = if self.nodes.len() > 1 {
+                tokio::time::timeout(ATTEMPT_TIMEOUT, self.send_with_id(group, text, msg_id))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(ClientError::Connect(format!(
+                            "the node did not acknowledge within {} s",
+                            ATTEMPT_TIMEOUT.as_secs()
+                        )))
+                    })
+            } else {
+                self.send_with_id(group, text, msg_id).await
+            };
+            let failure = match attempt {
                 Ok(seq) => return Ok(seq),
                 Err(e) if retriable(&e) => e,
                 Err(e) => return Err(e),

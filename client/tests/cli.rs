@@ -747,13 +747,24 @@ fn send_moves_to_another_cluster_node() {
     chat_ok("alice", &["add", &group, "bob"]);
     chat_ok("alice", &["send", &group, "before"]);
 
-    // The first node of the list dies; the same commands go to the next one.
+    // The first node of the list is paused: it accepts connections but never answers. The
+    // same commands go to the next node.
+    nodes["node-a"].signal("STOP").unwrap();
+    let sent = chat_ok("alice", &["send", &group, "while paused"]);
+    assert!(
+        has_message(&sent, &group, "alice", "while paused"),
+        "{sent}"
+    );
+
+    // Then it dies.
+    nodes["node-a"].signal("CONT").unwrap();
     nodes.remove("node-a").unwrap().kill9().unwrap();
     let sent = chat_ok("alice", &["send", &group, "after"]);
     assert!(has_message(&sent, &group, "alice", "after"), "{sent}");
     let synced = chat_ok("bob", &["sync"]);
-    assert!(has_message(&synced, &group, "alice", "before"), "{synced}");
-    assert!(has_message(&synced, &group, "alice", "after"), "{synced}");
+    for text in ["before", "while paused", "after"] {
+        assert!(has_message(&synced, &group, "alice", text), "{synced}");
+    }
 
     // One fingerprint for three nodes verifies one node at most.
     let mut command = bare_chat();

@@ -1039,6 +1039,29 @@ async fn unreachable_seeds_are_warned_about() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reliable_send_leaves_a_paused_node() {
+    let fixture = fixture();
+    let (_, nodes) = fixture.start_cluster(3, CONVERGE).await.unwrap();
+    let (mut alice, mut bob, group) =
+        alice_and_bob(&fixture, &nodes["node-a"], &nodes["node-c"], "paused").await;
+    let list: Vec<_> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|n| address(&nodes[*n]))
+        .collect();
+    assert_eq!(alice.connect_any(&list).await.unwrap(), 0);
+
+    // node-a, which alice uses, accepts connections but never answers. Each request there
+    // would wait out the SDK's request timeout, as long as the whole send may take.
+    nodes["node-a"].signal("STOP").unwrap();
+    let sent = alice.send_reliably(&group, "while paused").await;
+    nodes["node-a"].signal("CONT").unwrap();
+    sent.unwrap();
+    assert_ne!(alice.current_node().unwrap().url, list[0].url);
+    bob.sync().await.unwrap();
+    assert_eq!(messages(&bob, &group), vec!["while paused".to_owned()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_certificate_leaves_no_data_dir() {
     let fixture = fixture();
     let spec = fixture.spec("node-a", &[]).unwrap();
