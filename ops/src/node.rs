@@ -9,7 +9,7 @@ use atlas_actors::{
     SupervisorArgs, SupervisorMsg,
 };
 use atlas_cluster::replication::{
-    DIRECTORY_LOG, LogSettings, ReplicaSettings, ReplicatedLogs, node_identity,
+    DIRECTORY_LOG, LogSettings, ReplicaSettings, ReplicatedLogs, ReplicationCheck, node_identity,
 };
 use atlas_cluster::{
     Cluster, ClusterSettings, ForwardHandler, GroupOwners, Layout, MemberState, MemberView,
@@ -353,7 +353,15 @@ async fn start_replicated_logs(
         start_alone_after: 2 * Duration::from_millis(config.failure_timeout_ms),
     };
     let logs = Arc::new(ReplicatedLogs::start(settings, store).await?);
-    store.set_replicator(Arc::new(logs.replicator()));
+    // Changes and reads fail at once while this node is cut off, instead of waiting for
+    // openraft to give up with its own message.
+    let lease = Duration::from_millis(config.failure_timeout_ms);
+    let gate_logs = Arc::clone(&logs);
+    let check: ReplicationCheck = Arc::new(move || {
+        (!gate_logs.in_majority(lease))
+            .then(|| "this node cannot reach a majority of the cluster".to_owned())
+    });
+    store.set_replicator(Arc::new(logs.replicator().with_check(check)));
     let sync_logs = Arc::clone(&logs);
     let sync_cluster = Arc::clone(&cluster);
     // Membership changes wait for commits, so they run apart from the election gate, which

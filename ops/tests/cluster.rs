@@ -473,9 +473,18 @@ async fn minority_refuses_writes_until_healed() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // A first login, which registers a device, and a read that confirms the latest changes
+    // with a majority fail the same way, at once.
+    let mut newcomer = atlas_client::Client::open(&fixture.path("carol-state"), "carol").unwrap();
+    let login = newcomer.connect(&cut.url(), &trust).await;
+    let lookup = client.lookup_devices("alice").await;
     for node in &others {
         node.signal("CONT").unwrap();
     }
+    let login = login.expect_err("a device registered on a node cut off with a minority");
+    assert!(login.to_string().contains("cannot reach a majority"), "{login}");
+    let lookup = lookup.expect_err("a lookup confirmed on a node cut off with a minority");
+    assert!(lookup.to_string().contains("cannot reach a majority"), "{lookup}");
     let texts: Vec<String> = refusals.iter().map(|e| e.to_string()).collect();
     assert!(refusals.iter().any(cut_off), "refusals: {texts:?}");
     for refusal in &refusals {

@@ -25,7 +25,9 @@ mod transport;
 pub use log_store::SledLogStore;
 
 pub use logs::{DIRECTORY_LOG, LogSettings, ReplicatedLogs, shard_log};
-pub use proposals::{AppliedHook, ClusterReplicator, LogHandle, ShardStartHook, SharedState};
+pub use proposals::{
+    AppliedHook, ClusterReplicator, LogHandle, ReplicationCheck, ShardStartHook, SharedState,
+};
 pub use replica::{Replica, ReplicaSettings, ReplicaStatus, node_identity};
 pub use state_machine::SledStateMachine;
 

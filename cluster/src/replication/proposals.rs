@@ -193,12 +193,18 @@ pub struct LogHandle {
 /// a client that reads from this node next reads its own write.
 pub struct ClusterReplicator {
     node: RaftNodeId,
+    /// Returns why this node may not write or confirm reads now, if it may not.
+    check: Option<ReplicationCheck>,
     directory: LogHandle,
     /// The log of each shard, by shard number.
     shards: Vec<LogHandle>,
     /// The appends waiting for the directory log, then for each shard's log.
     appends: Vec<AppendQueue>,
 }
+
+/// A check made before each proposal and read barrier: the reason this node may not write
+/// or confirm reads now, or `None`.
+pub type ReplicationCheck = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 impl ClusterReplicator {
     /// Creates the proposer and starts a task per log that writes its appends (see
@@ -210,10 +216,23 @@ impl ClusterReplicator {
             .collect();
         Self {
             node,
+            check: None,
             directory,
             shards,
             appends,
         }
+    }
+
+    /// Makes every proposal and read barrier fail at once with `StorageError::Unavailable`
+    /// while `check` returns a reason, instead of waiting for openraft to give up.
+    pub fn with_check(mut self, check: ReplicationCheck) -> Self {
+        self.check = Some(check);
+        self
+    }
+
+    fn refusal(&self) -> Option<StorageError> {
+        let reason = self.check.as_ref()?()?;
+        Some(StorageError::Unavailable(reason))
     }
 
     /// Returns the log that carries the changes of shard key `key` (a group or device id).
@@ -339,6 +358,13 @@ fn copy_failure(e: &StorageError) -> StorageError {
 
 impl Replicator for ClusterReplicator {
     fn propose(&self, change: Change) -> Proposal {
+        // The shard logs start before any client writes, from a node that may not have
+        // heard from every voter yet.
+        if !matches!(change, Change::StartShardLogs(_))
+            && let Some(refused) = self.refusal()
+        {
+            return Box::pin(async move { Err(refused) });
+        }
         // Appends go through the log's queue and return once committed. Their group actor
         // keeps the state they lead to in memory, so they need no copy applied here. Readers
         // on this node wait with a read barrier instead.
@@ -371,6 +397,9 @@ impl Replicator for ClusterReplicator {
     }
 
     fn barrier(&self, scope: ReadScope) -> Barrier {
+        if let Some(refused) = self.refusal() {
+            return Box::pin(async move { Err(refused) });
+        }
         let logs: Vec<LogHandle> = match &scope {
             ReadScope::Directory => vec![self.directory.clone()],
             ReadScope::Group(group) => vec![self.shard_log(group.as_bytes()).clone()],
