@@ -62,6 +62,21 @@ pub enum AuditError {
     Options(String),
 }
 
+impl AuditError {
+    /// Returns whether the error is evidence against the node: a rejected head or entry, an
+    /// inconsistent log, or an entry without valid authorisation. The others (no connection,
+    /// an unusable state file, bad options) are no evidence about the node's log.
+    pub fn is_evidence(&self) -> bool {
+        match self {
+            Self::BadHead { .. }
+            | Self::Inconsistent { .. }
+            | Self::BadEntry { .. }
+            | Self::Authorization(_) => true,
+            Self::Connect(_) | Self::State { .. } | Self::Options(_) => false,
+        }
+    }
+}
+
 /// The audit state file: the last verified head of one node, named by the server name its
 /// login challenge carries.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -412,4 +427,37 @@ fn save_state(
     let json = serde_json::to_vec_pretty(&saved).map_err(|e| state_error(e.to_string()))?;
     std::fs::write(&tmp, json).map_err(|e| state_error(e.to_string()))?;
     std::fs::rename(&tmp, path).map_err(|e| state_error(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evidence_excludes_operational_errors() {
+        let evidence = [
+            AuditError::BadHead {
+                size: 3,
+                reason: "bad signature".into(),
+            },
+            AuditError::BadEntry {
+                index: 2,
+                reason: "leaf hash differs".into(),
+            },
+        ];
+        for error in &evidence {
+            assert!(error.is_evidence(), "{error}");
+        }
+        let operational = [
+            AuditError::Connect(ClientError::NotConnected),
+            AuditError::State {
+                path: "audit.json".into(),
+                detail: "unreadable".into(),
+            },
+            AuditError::Options("--from 0 with --audit-state".into()),
+        ];
+        for error in &operational {
+            assert!(!error.is_evidence(), "{error}");
+        }
+    }
 }

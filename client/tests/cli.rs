@@ -781,3 +781,30 @@ fn send_moves_to_another_cluster_node() {
         stderr(&output)
     );
 }
+
+#[test]
+fn audit_without_node_exits_with_status_one() {
+    // A port that nothing listens on: status 1 says the audit could not run, not that it
+    // found evidence against the node (status 3).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("wss://localhost:{port}/v1/ws");
+    let mut command = bare_chat();
+    command.args([
+        "--server",
+        &url,
+        "--fingerprint",
+        WRONG_FINGERPRINT,
+        "audit",
+    ]);
+    let output = run(&mut command, "");
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("cannot talk to the node"),
+        "{}",
+        stderr(&output)
+    );
+}

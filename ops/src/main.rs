@@ -105,7 +105,8 @@ enum CertCommand {
         /// Directory for the node files.
         #[arg(long, default_value = ".")]
         out: std::path::PathBuf,
-        /// Extra DNS names or IP addresses of the node (repeatable).
+        /// DNS names or IP addresses of the node (repeatable). Given names replace the
+        /// defaults, so repeat `localhost` and `127.0.0.1` to keep them.
         #[arg(long = "host", default_values_t = ["localhost".to_owned(), "127.0.0.1".to_owned()])]
         hosts: Vec<String>,
     },

@@ -482,9 +482,15 @@ async fn minority_refuses_writes_until_healed() {
         node.signal("CONT").unwrap();
     }
     let login = login.expect_err("a device registered on a node cut off with a minority");
-    assert!(login.to_string().contains("cannot reach a majority"), "{login}");
+    assert!(
+        login.to_string().contains("cannot reach a majority"),
+        "{login}"
+    );
     let lookup = lookup.expect_err("a lookup confirmed on a node cut off with a minority");
-    assert!(lookup.to_string().contains("cannot reach a majority"), "{lookup}");
+    assert!(
+        lookup.to_string().contains("cannot reach a majority"),
+        "{lookup}"
+    );
     let texts: Vec<String> = refusals.iter().map(|e| e.to_string()).collect();
     assert!(refusals.iter().any(cut_off), "refusals: {texts:?}");
     for refusal in &refusals {

@@ -286,7 +286,7 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             e.print();
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code)
         }
     }
 }
@@ -333,6 +333,11 @@ async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
             }
         })
         .map_err(|e| {
+            let exit_code = if e.is_evidence() {
+                EVIDENCE_EXIT_CODE
+            } else {
+                1
+            };
             let hint = match e {
                 audit::AuditError::Connect(_) => {
                     "check that the node is running, that --server is its address and that \
@@ -348,7 +353,10 @@ async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
                      the --audit-state file"
                 }
             };
-            CliError::new(format!("audit of {} failed: {e}", server.url)).hint(hint)
+            let mut error =
+                CliError::new(format!("audit of {} failed: {e}", server.url)).hint(hint);
+            error.exit_code = exit_code;
+            error
         });
     }
     if let Command::VerifyReceipt {
@@ -673,7 +681,14 @@ struct CliError {
     /// True when the connection or the state directory can no longer be used, which ends an
     /// `interactive` session.
     fatal: bool,
+    /// Exit status of the process: 1, or [`EVIDENCE_EXIT_CODE`] for an audit that found
+    /// evidence against the node.
+    exit_code: u8,
 }
+
+/// Exit status of `audit` when it found a log inconsistency or a bad entry, so that scripts
+/// can tell it apart from a lost connection (status 1).
+const EVIDENCE_EXIT_CODE: u8 = 3;
 
 impl CliError {
     fn new(message: impl Into<String>) -> Self {
@@ -681,6 +696,7 @@ impl CliError {
             message: message.into(),
             hint: None,
             fatal: false,
+            exit_code: 1,
         }
     }
 
@@ -741,6 +757,7 @@ fn sdk_error(action: &str, error: ClientError) -> CliError {
         message: format!("{action} failed: {detail}"),
         hint,
         fatal,
+        exit_code: 1,
     }
 }
 
