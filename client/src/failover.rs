@@ -21,7 +21,8 @@ const ROUND_PAUSE: Duration = Duration::from_millis(250);
 
 /// Time a node of a list of several gets to accept a connection and send its login
 /// challenge before the next one is tried. The kernel accepts TCP connections for a paused
-/// process (SIGSTOP), which then never replies. A live node replies within milliseconds.
+/// process (SIGSTOP), which then never replies. A live node usually replies within
+/// milliseconds.
 const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Time one attempt of [`Client::send_reliably`] may take, with several nodes to try, before
@@ -71,19 +72,13 @@ impl Client {
         for step in 0..count {
             let index = (first + step) % count;
             let node = self.nodes[index].clone();
-            let connected = if count > 1 {
-                tokio::time::timeout(NODE_CONNECT_TIMEOUT, self.connect(&node.url, &node.trust))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(ClientError::Connect(format!(
-                            "no login challenge within {} s",
-                            NODE_CONNECT_TIMEOUT.as_secs()
-                        )))
-                    })
-            } else {
-                self.connect(&node.url, &node.trust).await
-            };
-            match connected {
+            let limit = (count > 1).then_some(NODE_CONNECT_TIMEOUT);
+            let connected = bounded(
+                limit,
+                "no login challenge",
+                self.connect(&node.url, &node.trust),
+            );
+            match connected.await {
                 Ok(_) => {
                     self.node_index = index;
                     return Ok(index);
@@ -109,19 +104,13 @@ impl Client {
         loop {
             // Cancelling an attempt is safe: the text stays recorded as unacknowledged, and the
             // next attempt uses the same message id, so the node stores the message once.
-            let attempt = if self.nodes.len() > 1 {
-                tokio::time::timeout(ATTEMPT_TIMEOUT, self.send_with_id(group, text, msg_id))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(ClientError::Connect(format!(
-                            "the node did not acknowledge within {} s",
-                            ATTEMPT_TIMEOUT.as_secs()
-                        )))
-                    })
-            } else {
-                self.send_with_id(group, text, msg_id).await
-            };
-            let failure = match attempt {
+            let limit = (self.nodes.len() > 1).then_some(ATTEMPT_TIMEOUT);
+            let attempt = bounded(
+                limit,
+                "no acknowledgement",
+                self.send_with_id(group, text, msg_id),
+            );
+            let failure = match attempt.await {
                 Ok(seq) => return Ok(seq),
                 Err(e) if retriable(&e) => e,
                 Err(e) => return Err(e),
@@ -144,6 +133,26 @@ impl Client {
             }
         }
     }
+}
+
+/// Runs `future`, for at most `limit` when one is given. A timeout fails with a
+/// `ClientError::Connect` that starts with `missing`.
+async fn bounded<T>(
+    limit: Option<Duration>,
+    missing: &str,
+    future: impl Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    let Some(limit) = limit else {
+        return future.await;
+    };
+    tokio::time::timeout(limit, future)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ClientError::Connect(format!(
+                "{missing} within {} s",
+                limit.as_secs()
+            )))
+        })
 }
 
 /// Returns whether a failed send may succeed on another node or later.

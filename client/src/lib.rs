@@ -506,7 +506,7 @@ impl Client {
         }
         // The server did not confirm the group, so this client forgets it: a group known only
         // here would fail every later sync with `group_not_found`.
-        // NOTE: when the outcome is unknown (the node stopped answering), the node may have
+        // NOTE: when the outcome is unknown (the node stopped replying), the node may have
         // stored the group anyway. It then has this device as its only member and no client.
         group.delete(self.provider.storage()).map_err(mls)?;
         self.save()?;

@@ -747,7 +747,7 @@ fn send_moves_to_another_cluster_node() {
     chat_ok("alice", &["add", &group, "bob"]);
     chat_ok("alice", &["send", &group, "before"]);
 
-    // The first node of the list is paused: it accepts connections but never answers. The
+    // The first node of the list is paused: it accepts connections but never replies. The
     // same commands go to the next node.
     nodes["node-a"].signal("STOP").unwrap();
     let sent = chat_ok("alice", &["send", &group, "while paused"]);
@@ -784,7 +784,7 @@ fn send_moves_to_another_cluster_node() {
 
 #[test]
 fn audit_without_node_exits_with_status_one() {
-    // A port that nothing listens on: status 1 says the audit could not run, not that it
+    // A port that nothing listens on: status 1 means the audit could not run, not that it
     // found evidence against the node (status 3).
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -355,12 +355,11 @@ async fn start_replicated_logs(
     let logs = Arc::new(ReplicatedLogs::start(settings, store).await?);
     // Changes and reads fail at once while this node is cut off, instead of waiting for
     // openraft to give up with its own message.
-    let lease = Duration::from_millis(config.failure_timeout_ms);
-    let gate_logs = Arc::clone(&logs);
-    let check: ReplicationCheck = Arc::new(move || {
-        (!gate_logs.in_majority(lease))
-            .then(|| "this node cannot reach a majority of the cluster".to_owned())
-    });
+    let gate = MajorityGate {
+        logs: Arc::clone(&logs),
+        lease: Duration::from_millis(config.failure_timeout_ms),
+    };
+    let check: ReplicationCheck = Arc::new(move || gate.cut_off().then(|| CUT_OFF.to_owned()));
     store.set_replicator(Arc::new(logs.replicator().with_check(check)));
     let sync_logs = Arc::clone(&logs);
     let sync_cluster = Arc::clone(&cluster);
@@ -520,17 +519,23 @@ struct MajorityGate {
     lease: Duration,
 }
 
-impl WriteGate for MajorityGate {
-    fn refusal(&self) -> Option<String> {
-        (!self.logs.in_majority(self.lease)).then(|| {
-            "this node cannot reach a majority of the cluster, so it accepts no writes; \
-             retry later or on another node"
-                .to_owned()
-        })
+/// Reason given while [`MajorityGate::cut_off`] is true.
+const CUT_OFF: &str = "this node cannot reach a majority of the cluster";
+
+impl MajorityGate {
+    /// Returns whether this node is cut off from a majority of the directory log's voters.
+    fn cut_off(&self) -> bool {
+        !self.logs.in_majority(self.lease)
     }
 }
 
-/// Starts the cluster side when a cluster listener is configured.
+impl WriteGate for MajorityGate {
+    fn refusal(&self) -> Option<String> {
+        self.cut_off()
+            .then(|| format!("{CUT_OFF}, so it accepts no writes; retry later or on another node"))
+    }
+}
+
 /// Returns the cluster address and the loaded cluster certificates when a cluster listener
 /// is configured.
 fn cluster_tls(

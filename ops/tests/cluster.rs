@@ -276,7 +276,7 @@ async fn peer_claiming_a_member_name_is_refused_before_its_session() {
         .unwrap();
 
     // node-a reads the name from the link's first frame and closes the link before
-    // ractor_cluster sees it, and logs both names.
+    // ractor_cluster receives it, and logs both names.
     let refused = |log: &str| {
         log.lines()
             .filter(|line| {
@@ -1065,7 +1065,7 @@ async fn reliable_send_leaves_a_paused_node() {
         .collect();
     assert_eq!(alice.connect_any(&list).await.unwrap(), 0);
 
-    // node-a, which alice uses, accepts connections but never answers. Each request there
+    // node-a, which alice uses, accepts connections but never replies. Each request there
     // would wait out the SDK's request timeout, as long as the whole send may take.
     nodes["node-a"].signal("STOP").unwrap();
     let sent = alice.send_reliably(&group, "while paused").await;

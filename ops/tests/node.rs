@@ -1102,7 +1102,7 @@ async fn request_after_node_death_fails_fast() {
 async fn failed_group_creation_keeps_no_group() {
     let setup = Setup::new(&[]);
     let mut alice = setup.client("alice").await;
-    let kept = alice.create_group("kept").await.unwrap();
+    let confirmed = alice.create_group("confirmed").await.unwrap();
     let trust = setup.trust();
     let Setup { dir, node } = setup;
     node.kill9().unwrap();
@@ -1112,16 +1112,16 @@ async fn failed_group_creation_keeps_no_group() {
     );
     let refused = alice.create_group("lost").await;
     assert!(refused.is_err(), "{refused:?}");
-    assert_eq!(alice.groups(), vec![kept.clone()]);
+    assert_eq!(alice.groups(), vec![confirmed.clone()]);
 
     // A group that the node never confirmed would fail every sync with `group_not_found`.
     drop(alice);
     let node = NodeProcess::start(Path::new(BIN), &dir.path().join("node"), &[]).unwrap();
     let mut alice = Client::open(&dir.path().join("alice"), "alice").unwrap();
     alice.connect(&node.url(), &trust).await.unwrap();
-    assert_eq!(alice.groups(), vec![kept.clone()]);
+    assert_eq!(alice.groups(), vec![confirmed.clone()]);
     alice.sync().await.unwrap();
-    alice.send(&kept, "still here").await.unwrap();
+    alice.send(&confirmed, "still here").await.unwrap();
 }
 
 #[test]

@@ -569,8 +569,8 @@ impl Replica {
     /// Returns whether this node is on the side of a majority of the log's voters: it leads and a
     /// majority acknowledged it within `lease`, or it follows a known leader and counts a
     /// majority of the voters alive. A follower cut off with a minority starts no elections
-    /// (see [`Replica::gate_elections`]), so it keeps the leader it last heard of, and only
-    /// the count of live voters tells it apart.
+    /// (see [`Replica::gate_elections`]) and keeps the leader it last heard of, so only the
+    /// count of live voters shows that it is cut off.
     pub fn in_majority(&self, lease: Duration) -> bool {
         let metrics = self.raft.metrics().borrow().clone();
         match metrics.state {
