@@ -11,6 +11,7 @@
 //! Refresh tokens live in the `tokens` tree: `R` + SHA-256 of the token maps to a
 //! [`RefreshRecord`], `F` + family id to a [`TokenFamily`]. A token is stored only as its hash.
 
+use crate::atomic::WriteSet;
 use crate::transparency::{account_devices_prefix, account_prefix};
 use crate::{StorageError, Store, decode, encode};
 use serde::{Deserialize, Serialize};
@@ -131,17 +132,17 @@ impl Store {
         if taken {
             return Err(StorageError::AccountTaken(record.account.clone()));
         }
-        let mut batch = sled::Batch::default();
+        let mut batch = WriteSet::new(&self.kt);
         self.stage_credentials(&mut batch, None, record)?;
         batch.insert(account_key(&record.account), encode(record));
-        self.kt.apply_batch(batch)?;
+        self.atomic.apply(batch)?;
         Ok(())
     }
 
     /// Adds the credential index changes from `before` to `after` to `batch`.
     fn stage_credentials(
         &self,
-        batch: &mut sled::Batch,
+        batch: &mut WriteSet,
         before: Option<&AccountRecord>,
         after: &AccountRecord,
     ) -> Result<(), StorageError> {
@@ -197,10 +198,10 @@ impl Store {
             .ok_or_else(|| StorageError::UnknownAccount(account.to_owned()))?;
         let mut record = before.clone();
         change(&mut record)?;
-        let mut batch = sled::Batch::default();
+        let mut batch = WriteSet::new(&self.kt);
         self.stage_credentials(&mut batch, Some(&before), &record)?;
         batch.insert(account_key(account), encode(&record));
-        self.kt.apply_batch(batch).map_err(StorageError::from)?;
+        self.atomic.apply(batch)?;
         Ok(record)
     }
 
@@ -221,10 +222,10 @@ impl Store {
                 before.account
             )));
         }
-        let mut batch = sled::Batch::default();
+        let mut batch = WriteSet::new(&self.kt);
         self.stage_credentials(&mut batch, Some(before), after)?;
         batch.insert(account_key(&after.account), encode(after));
-        self.kt.apply_batch(batch)?;
+        self.atomic.apply(batch)?;
         Ok(after.clone())
     }
 
@@ -236,10 +237,10 @@ impl Store {
         family: &TokenFamily,
     ) -> Result<(), StorageError> {
         let _tokens = self.lock_tokens()?;
-        let mut batch = sled::Batch::default();
+        let mut batch = WriteSet::new(&self.tokens);
         batch.insert(family_key(&record.family), encode(family));
         batch.insert(refresh_key(hash), encode(record));
-        self.tokens.apply_batch(batch)?;
+        self.atomic.apply(batch)?;
         Ok(())
     }
 
@@ -297,10 +298,10 @@ impl Store {
         }
         let next = make_next(&record);
         record.spent_ms = Some(now_ms);
-        let mut batch = sled::Batch::default();
+        let mut batch = WriteSet::new(&self.tokens);
         batch.insert(refresh_key(hash), encode(&record));
         batch.insert(refresh_key(next_hash), encode(&next));
-        self.tokens.apply_batch(batch)?;
+        self.atomic.apply(batch)?;
         Ok(RefreshOutcome::Rotated(next))
     }
 

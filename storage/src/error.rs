@@ -2,7 +2,8 @@ use atlas_protocol::{DeviceId, GroupId};
 use std::path::Path;
 
 /// Failures of the storage layer. None of them leaves a partial write behind: every change is
-/// one sled batch or transaction.
+/// one atomic write set (completed at the next open if an I/O error cut it short) or one sled
+/// transaction.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StorageError {

@@ -4,12 +4,13 @@
 //! - `meta`: the storage format version.
 //! - `groups`: everything that must change atomically with a group's log, under key prefixes:
 //!   `m` group meta (epoch, sequence range), `s` MLS public group state, `l` log entries,
-//!   `d` de-duplication ids, `w` Welcomes waiting for a device. One sled batch covers an
-//!   accepted message, so a crash leaves all of it or none of it.
+//!   `d` de-duplication ids, `w` Welcomes waiting for a device. One write set (see the
+//!   `atomic` module) covers an accepted message, so a crash leaves all of it or none of it.
 //! - `directory`: devices, the account index, the key transparency log and its signed tree
-//!   heads, in one tree so that a key event and its directory change are one batch (see
+//!   heads, in one tree so that a key event and its directory change are one write set (see
 //!   [`transparency`]).
 //! - `key_packages`, `cursors`.
+//! - `redo`: write sets in progress (see the `atomic` module); empty after a clean stop.
 //! - `signing_keys`: the node's signing keys, sealed by the caller before they get here.
 //! - `tokens`: refresh tokens and their families (see [`accounts`]).
 //!
@@ -17,6 +18,7 @@
 //! writers (group commit): callers acknowledge nothing before it returns `Ok`.
 
 mod accounts;
+mod atomic;
 mod changes;
 mod error;
 mod flusher;
@@ -37,6 +39,7 @@ pub use records::{DeviceRecord, GroupMeta, KeyPackageRecord};
 pub use transparency::{DirectoryChange, KeyEventOutcome, MAX_DEVICES_PER_ACCOUNT};
 
 use atlas_protocol::{ClientMsgId, DeviceId, GroupId, LogEntry, WelcomeEntry};
+use atomic::{AtomicWriter, WriteSet};
 pub use flusher::Flusher;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -67,6 +70,8 @@ pub struct Store {
     /// Size of the key transparency log; held while appending, so appends are serialised.
     kt_size: Arc<Mutex<u64>>,
     flusher: Arc<Flusher>,
+    /// Makes the writes of one change all or nothing.
+    atomic: Arc<AtomicWriter>,
     /// Orders changes in the cluster's replicated logs; unset on a single node.
     replicator: Arc<std::sync::OnceLock<Arc<dyn Replicator>>>,
 }
@@ -116,8 +121,17 @@ impl Store {
                 db.flush()?;
             }
         }
+        // Before anything reads: completes the writes a crash interrupted.
+        let (atomic, completed) = AtomicWriter::open(&db)?;
+        if completed > 0 {
+            tracing::warn!(
+                completed,
+                "completed writes that the last run of this data directory left half done"
+            );
+        }
         let kt = db.open_tree("directory")?;
         let store = Self {
+            atomic: Arc::new(atomic),
             kt_size: Arc::new(Mutex::new(transparency::stored_size(&kt)?)),
             kt,
             signing_keys: db.open_tree("signing_keys")?,
@@ -265,15 +279,15 @@ impl Store {
         public_state: Option<&[u8]>,
         welcomes: &[(DeviceId, WelcomeEntry)],
     ) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
+        let mut batch = WriteSet::new(&self.groups);
         stage_append(&mut batch, group, entry, meta, public_state, welcomes);
-        self.groups.apply_batch(batch)?;
+        self.atomic.apply(batch)?;
         Ok(())
     }
 
-    /// Appends several entries of one group in one sled batch, each as [`Store::append`].
+    /// Appends several entries of one group in one write set, each as [`Store::append`].
     pub fn append_batch(&self, group: &GroupId, items: &[AppendItem]) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
+        let mut batch = WriteSet::new(&self.groups);
         for item in items {
             stage_append(
                 &mut batch,
@@ -284,7 +298,7 @@ impl Store {
                 &item.welcomes,
             );
         }
-        self.groups.apply_batch(batch)?;
+        self.atomic.apply(batch)?;
         Ok(())
     }
 
@@ -339,7 +353,7 @@ impl Store {
         through_seq: u64,
         meta: &GroupMeta,
     ) -> Result<usize, StorageError> {
-        let mut batch = sled::Batch::default();
+        let mut batch = WriteSet::new(&self.groups);
         let mut removed = 0;
         for item in self
             .groups
@@ -352,7 +366,7 @@ impl Store {
             removed += 1;
         }
         batch.insert(keys::group_meta(group), encode(meta));
-        self.groups.apply_batch(batch)?;
+        self.atomic.apply(batch)?;
         Ok(removed)
     }
 
@@ -429,14 +443,14 @@ impl Store {
         one_time: &[KeyPackageRecord],
         last_resort: Option<&KeyPackageRecord>,
     ) -> Result<u32, StorageError> {
-        let mut batch = sled::Batch::default();
+        let mut batch = WriteSet::new(&self.key_packages);
         for record in one_time {
             batch.insert(keys::key_package(device, &record.hash_ref), encode(record));
         }
         if let Some(record) = last_resort {
             batch.insert(keys::last_resort(device), encode(record));
         }
-        self.key_packages.apply_batch(batch)?;
+        self.atomic.apply(batch)?;
         Ok(self
             .key_packages
             .scan_prefix(keys::key_package_prefix(device))
@@ -502,7 +516,7 @@ impl Store {
 
     /// Deletes every stored KeyPackage of a device, one-time and last-resort.
     pub fn remove_key_packages(&self, device: &DeviceId) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
+        let mut batch = WriteSet::new(&self.key_packages);
         for item in self
             .key_packages
             .scan_prefix(keys::key_package_prefix(device))
@@ -511,7 +525,7 @@ impl Store {
             batch.remove(key);
         }
         batch.remove(keys::last_resort(device).as_slice());
-        self.key_packages.apply_batch(batch)?;
+        self.atomic.apply(batch)?;
         Ok(())
     }
 
@@ -553,7 +567,7 @@ impl Store {
 
 /// Adds the writes of one appended entry to `batch`.
 fn stage_append(
-    batch: &mut sled::Batch,
+    batch: &mut WriteSet,
     group: &GroupId,
     entry: &LogEntry,
     meta: Option<&GroupMeta>,

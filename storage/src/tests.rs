@@ -1004,3 +1004,131 @@ async fn shard_log_start_is_recorded_once() {
         .unwrap();
     assert_eq!(other.shard_log_start().unwrap(), Some(start));
 }
+
+fn set_key(set: u64, part: u64) -> Vec<u8> {
+    let mut key = b"crash-test-".to_vec();
+    key.extend_from_slice(&set.to_be_bytes());
+    key.extend_from_slice(&part.to_be_bytes());
+    key
+}
+
+#[tokio::test]
+async fn interrupted_write_set_is_completed_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store.groups.insert(b"old", b"gone soon").unwrap();
+        let mut set = WriteSet::new(&store.groups);
+        set.insert(&b"first"[..], &b"one"[..]);
+        set.remove(&b"old"[..]);
+        set.insert(&b"second"[..], &b"two"[..]);
+        // As a crash right after the redo record was written would leave the database.
+        store.atomic.record_only(&set).unwrap();
+        assert_eq!(store.groups.get(b"first").unwrap(), None);
+        store.close().await.unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.groups.get(b"first").unwrap().unwrap(), &b"one"[..]);
+    assert_eq!(store.groups.get(b"second").unwrap().unwrap(), &b"two"[..]);
+    assert_eq!(store.groups.get(b"old").unwrap(), None);
+    assert!(store.db.open_tree("redo").unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn damaged_redo_record_is_refused_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        let mut set = WriteSet::new(&store.groups);
+        set.insert(&b"first"[..], &b"one"[..]);
+        set.insert(&b"second"[..], &b"two"[..]);
+        store.atomic.record_only(&set).unwrap();
+        let redo = store.db.open_tree("redo").unwrap();
+        let (id, raw) = redo.iter().next().unwrap().unwrap();
+        redo.insert(id, &raw[..raw.len() - 1]).unwrap();
+        store.close().await.unwrap();
+    }
+    let err = Store::open(dir.path()).err().expect("open must fail");
+    assert!(matches!(err, StorageError::Corrupt { .. }), "{err:?}");
+    assert!(err.to_string().contains("redo record"), "{err}");
+}
+
+/// Set by [`killed_writer_leaves_whole_write_sets`] for the copy of itself that it kills.
+const CRASH_WRITER_DIR: &str = "ATLAS_TEST_CRASH_WRITER_DIR";
+const CRASH_WRITER_FIRST: &str = "ATLAS_TEST_CRASH_WRITER_FIRST";
+/// Writes in each write set of the crash test. A set is about 2 KiB with its values, so sets
+/// often straddle the end of one of sled's log buffers.
+const CRASH_SET_WRITES: u64 = 8;
+
+/// Run as a child process: writes numbered write sets until it is killed.
+fn write_sets_until_killed(dir: &std::ffi::OsStr) -> ! {
+    let first: u64 = std::env::var(CRASH_WRITER_FIRST).unwrap().parse().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let _guard = runtime.enter();
+    let store = Store::open(Path::new(dir)).unwrap();
+    for set in first.. {
+        let mut writes = WriteSet::new(&store.groups);
+        for part in 0..CRASH_SET_WRITES {
+            writes.insert(set_key(set, part), vec![part as u8; 256]);
+        }
+        store.atomic.apply(writes).unwrap();
+        if (set - first) % 1000 == 999 {
+            println!("written {}", set - first + 1);
+        }
+    }
+    unreachable!("the writer runs until it is killed")
+}
+
+#[tokio::test]
+async fn killed_writer_leaves_whole_write_sets() {
+    use std::io::BufRead;
+    if let Some(dir) = std::env::var_os(CRASH_WRITER_DIR) {
+        write_sets_until_killed(&dir);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rounds = 4;
+    for round in 0..rounds {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "tests::killed_writer_leaves_whole_write_sets",
+                "--exact",
+                "--nocapture",
+            ])
+            .env(CRASH_WRITER_DIR, dir.path())
+            .env(CRASH_WRITER_FIRST, (round * 1_000_000).to_string())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Killed once it has written several of sled's 512 KiB log buffers, without a flush.
+        let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut written = 0;
+        for line in lines {
+            let line = line.unwrap();
+            if let Some(n) = line.strip_prefix("written ") {
+                written = n.parse().unwrap();
+                if written >= 3000 {
+                    break;
+                }
+            }
+        }
+        assert!(written >= 3000, "the writer stopped after {written} sets");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let mut whole = 0;
+    for round in 0..rounds {
+        for set in round * 1_000_000..round * 1_000_000 + 100_000 {
+            let present: Vec<bool> = (0..CRASH_SET_WRITES)
+                .map(|part| store.groups.contains_key(set_key(set, part)).unwrap())
+                .collect();
+            assert!(
+                present.iter().all(|p| *p) || present.iter().all(|p| !p),
+                "set {set} was kept in part: {present:?}"
+            );
+            whole += u64::from(present[0]);
+        }
+    }
+    assert!(whole > 0, "no write set survived the kills");
+    assert!(store.db.open_tree("redo").unwrap().is_empty());
+}

@@ -11,9 +11,10 @@
 //! - `t` + size (u64 BE): signed tree heads.
 //!
 //! Every directory change is a key event: appends are serialised by one mutex that holds the log
-//! size, and each append and its directory change are one sled batch, so a crash keeps both or
-//! neither. Reads of device records happen under the mutex, so no transaction is needed.
+//! size, and each append and its directory change are one write set (see the `atomic`
+//! module), so a crash keeps both or neither. Reads of device records happen under the mutex, so no transaction is needed.
 
+use crate::atomic::WriteSet;
 use crate::{DeviceRecord, StorageError, Store, decode, encode};
 use atlas_protocol::DeviceId;
 use atlas_protocol::transparency::{KeyEvent, SignedTreeHead};
@@ -22,7 +23,7 @@ use tlog_tiles::tlog::{self, Hash, HashReader};
 /// Maximum number of active devices of one account.
 pub const MAX_DEVICES_PER_ACCOUNT: usize = 64;
 
-/// A directory change that a key event records. It is applied in the same batch as the
+/// A directory change that a key event records. It is applied in the same write set as the
 /// append, so the directory never shows a key the log does not contain.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum DirectoryChange {
@@ -206,7 +207,7 @@ pub(crate) fn stored_size(kt: &sled::Tree) -> Result<u64, StorageError> {
 }
 
 impl Store {
-    /// Appends `event` as the next log entry and applies `change` in the same sled batch.
+    /// Appends `event` as the next log entry and applies `change` in the same write set.
     /// Nothing is written when the change is refused.
     pub fn append_key_event(
         &self,
@@ -221,7 +222,7 @@ impl Store {
         let index = *size;
         let hashes = tlog::stored_hashes(index, &leaf, &TreeReader(&self.kt))
             .map_err(|e| tree_error("hashes of the last entries", e))?;
-        let mut batch = sled::Batch::default();
+        let mut batch = WriteSet::new(&self.kt);
         let device = match self.stage_change(&mut batch, change, index) {
             Ok(device) => device,
             Err(Refusal::Existing(record)) => {
@@ -231,7 +232,7 @@ impl Store {
         };
         batch.insert(&entry_key(index), EntryRecord::encode(&hashes, &leaf));
         batch.insert(account_key(&event.account, index), &[]);
-        self.kt.apply_batch(batch)?;
+        self.atomic.apply(batch)?;
         *size = index + 1;
         Ok(KeyEventOutcome::Appended { index, device })
     }
@@ -266,7 +267,7 @@ impl Store {
     /// Adds the inserts of a new device to `batch`, or refuses a key already registered.
     fn stage_new_device(
         &self,
-        batch: &mut sled::Batch,
+        batch: &mut WriteSet,
         record: &DeviceRecord,
         index: u64,
     ) -> Result<DeviceRecord, Refusal> {
@@ -297,7 +298,7 @@ impl Store {
     /// Runs under the append mutex, so the devices it reads cannot change before the batch.
     fn stage_change(
         &self,
-        batch: &mut sled::Batch,
+        batch: &mut WriteSet,
         change: &DirectoryChange,
         index: u64,
     ) -> Result<DeviceRecord, Refusal> {

@@ -99,7 +99,8 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
             .last()
             .map_err(|e| StorageIOError::read_logs(any(e)))?
         {
-            Some((_, raw)) => Some(Self::decode_entry(&raw)?.log_id),
+            // Entries that a crash during a purge left behind are older than the purge point.
+            Some((_, raw)) => Some(Self::decode_entry(&raw)?.log_id).max(last_purged_log_id),
             None => last_purged_log_id,
         };
         Ok(LogState {
@@ -146,13 +147,15 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let mut batch = sled::Batch::default();
+        // Plain inserts in index order rather than one sled batch, which costs two log buffer
+        // writes (see `atlas_storage`'s `atomic` module). sled recovers its log as a prefix, so
+        // a crash keeps the first entries of the call without a gap, and openraft has counted
+        // none of them as stored yet.
         for entry in entries {
-            batch.insert(&index_key(entry.log_id.index), encode(&entry));
+            self.entries
+                .insert(index_key(entry.log_id.index), encode(&entry))
+                .map_err(|e| StorageIOError::write_logs(any(e)))?;
         }
-        self.entries
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(any(e)))?;
         // openraft counts the entries as stored only after the callback: that is after the
         // fsync, so an acknowledged entry survives a crash.
         let flushed = self.disk.flush().await;
@@ -169,14 +172,13 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         &mut self,
         log_id: LogId<RaftNodeId>,
     ) -> Result<(), StorageError<RaftNodeId>> {
-        let mut batch = sled::Batch::default();
-        for item in self.entries.range(index_key(log_id.index)..) {
+        // Newest first: a crash half-way leaves a shorter log without a gap.
+        for item in self.entries.range(index_key(log_id.index)..).rev() {
             let (key, _) = item.map_err(|e| StorageIOError::write_logs(any(e)))?;
-            batch.remove(key);
+            self.entries
+                .remove(key)
+                .map_err(|e| StorageIOError::write_logs(any(e)))?;
         }
-        self.entries
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(any(e)))?;
         self.disk
             .flush()
             .await
@@ -189,14 +191,13 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         // purged rather than a gap.
         self.write_meta(PURGED_KEY, &log_id, StorageIOError::write_logs)
             .await?;
-        let mut batch = sled::Batch::default();
+        // Oldest first: a crash half-way leaves purged entries at the front, without a gap.
         for item in self.entries.range(..=index_key(log_id.index)) {
             let (key, _) = item.map_err(|e| StorageIOError::write_logs(any(e)))?;
-            batch.remove(key);
+            self.entries
+                .remove(key)
+                .map_err(|e| StorageIOError::write_logs(any(e)))?;
         }
-        self.entries
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(any(e)))?;
         Ok(())
     }
 }
