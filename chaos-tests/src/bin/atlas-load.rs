@@ -578,6 +578,12 @@ async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
         leave.failed,
         leave.acknowledged
     );
+    for (at, error) in &leave.failures {
+        eprintln!(
+            "   send failed {:.2} s after the SIGTERM: {error}",
+            at.as_secs_f64()
+        );
+    }
     let spec = specs
         .iter()
         .find(|s| s.name == leader)
@@ -697,6 +703,8 @@ struct Leave {
     longest_gap: Duration,
     failed: u64,
     acknowledged: u64,
+    /// The first failed sends: time since the SIGTERM and the error.
+    failures: Vec<(Duration, String)>,
 }
 
 /// Sends SIGTERM to `node` and keeps sending from the probes, one send at a time, until the
@@ -711,6 +719,7 @@ async fn measure_leave(node: NodeProcess, probe: &[&Device]) -> anyhow::Result<L
         longest_gap: Duration::ZERO,
         failed: 0,
         acknowledged: 0,
+        failures: Vec::new(),
     };
     for device in probe.iter().cycle() {
         if started.elapsed() > Duration::from_secs(90) {
@@ -721,12 +730,18 @@ async fn measure_leave(node: NodeProcess, probe: &[&Device]) -> anyhow::Result<L
             anyhow::ensure!(status.success(), "the leaving node exited with {status}");
             exited_at = Some(Instant::now());
         }
-        if send_once(device).await.is_ok() {
+        let sent = send_once(device).await;
+        if sent.is_ok() {
             let now = Instant::now();
             leave.longest_gap = leave.longest_gap.max(now - last_ack);
             last_ack = now;
             leave.acknowledged += 1;
         } else {
+            if let Err(e) = sent
+                && leave.failures.len() < 5
+            {
+                leave.failures.push((started.elapsed(), format!("{e:#}")));
+            }
             leave.failed += 1;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
