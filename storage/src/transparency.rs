@@ -271,7 +271,18 @@ impl Store {
         record: &DeviceRecord,
         index: u64,
     ) -> Result<DeviceRecord, Refusal> {
-        if let Some(existing) = self.read_device(&record.device)? {
+        let existing = self.read_device(&record.device)?;
+        Self::stage_device(batch, record, index, existing)
+    }
+
+    /// Adds the inserts of a new device to `batch`, given the stored record of its key.
+    fn stage_device(
+        batch: &mut WriteSet,
+        record: &DeviceRecord,
+        index: u64,
+        existing: Option<DeviceRecord>,
+    ) -> Result<DeviceRecord, Refusal> {
+        if let Some(existing) = existing {
             if existing.account != record.account {
                 return Err(StorageError::DeviceOwnedElsewhere {
                     device: record.device,
@@ -304,9 +315,10 @@ impl Store {
     ) -> Result<DeviceRecord, Refusal> {
         match change {
             DirectoryChange::Register(record) => {
-                if self.read_device(&record.device)?.is_some() {
+                let existing = self.read_device(&record.device)?;
+                if existing.is_some() {
                     // A key that is already registered is refused, or reported as registered.
-                    return self.stage_new_device(batch, record, index);
+                    return Self::stage_device(batch, record, index, existing);
                 }
                 // A passkey account without devices yet is taken too.
                 if self
@@ -318,7 +330,7 @@ impl Store {
                 {
                     return Err(StorageError::AccountTaken(record.account.clone()).into());
                 }
-                self.stage_new_device(batch, record, index)
+                Self::stage_device(batch, record, index, None)
             }
             DirectoryChange::Enroll { signer, record } => {
                 self.active_signer(signer, &record.account)?;
