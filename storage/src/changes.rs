@@ -630,7 +630,7 @@ impl Store {
                 });
             }
         }
-        let mut size = self.lock_directory()?;
+        let mut tail = self.lock_directory()?;
         for (name, pairs) in snapshot.trees {
             let tree = self.db.open_tree(&name)?;
             let mut batch = sled::Batch::default();
@@ -645,7 +645,7 @@ impl Store {
             }
             tree.apply_batch(batch)?;
         }
-        *size = transparency::stored_size(&self.kt)?;
+        *tail = transparency::LogTail::new(transparency::stored_size(&self.kt)?);
         Ok(())
     }
 }

@@ -67,8 +67,9 @@ pub struct Store {
     tokens: sled::Tree,
     /// Serialises refresh token rotations.
     tokens_lock: Arc<Mutex<()>>,
-    /// Size of the key transparency log; held while appending, so appends are serialised.
-    kt_size: Arc<Mutex<u64>>,
+    /// Size and newest subtree hashes of the key transparency log; held while appending, so
+    /// appends are serialised.
+    kt_tail: Arc<Mutex<transparency::LogTail>>,
     flusher: Arc<Flusher>,
     /// Makes the writes of one change all or nothing.
     atomic: Arc<AtomicWriter>,
@@ -132,7 +133,9 @@ impl Store {
         let kt = db.open_tree("directory")?;
         let store = Self {
             atomic: Arc::new(atomic),
-            kt_size: Arc::new(Mutex::new(transparency::stored_size(&kt)?)),
+            kt_tail: Arc::new(Mutex::new(transparency::LogTail::new(
+                transparency::stored_size(&kt)?,
+            ))),
             kt,
             signing_keys: db.open_tree("signing_keys")?,
             tokens: db.open_tree("tokens")?,

@@ -162,20 +162,69 @@ impl<'a> EntryRecord<'a> {
     }
 }
 
-/// Reads stored tree hashes from the entry records.
-struct TreeReader<'a>(&'a sled::Tree);
+/// The end of the log as the appends see it, behind the append mutex.
+#[derive(Default)]
+pub(crate) struct LogTail {
+    /// Number of entries.
+    size: u64,
+    /// For each level, the stored index and hash of the newest complete subtree of that level:
+    /// the hashes the next append needs (see [`LogTail::record`]). Empty after an open.
+    frontier: Vec<(u64, Hash)>,
+}
+
+impl LogTail {
+    pub(crate) fn new(size: u64) -> Self {
+        Self {
+            size,
+            frontier: Vec::new(),
+        }
+    }
+
+    /// Records the hashes that the append of entry `index` stored, level 0 first.
+    ///
+    /// Entry n needs the hash of subtree `(n >> level) - 1` of each level below the number
+    /// of its trailing one bits. That subtree is the newest complete one of its level before
+    /// entry n, so it is in the frontier once the appends since the open completed it.
+    fn record(&mut self, index: u64, hashes: &[Hash]) {
+        for (level, hash) in hashes.iter().enumerate() {
+            let stored = tlog::stored_hash_index(level as u8, index >> level);
+            match self.frontier.get_mut(level) {
+                Some(slot) => *slot = (stored, *hash),
+                None => self.frontier.push((stored, *hash)),
+            }
+        }
+    }
+}
+
+/// Reads stored tree hashes from the entry records, or from `frontier` where it has them.
+struct TreeReader<'a> {
+    tree: &'a sled::Tree,
+    frontier: &'a [(u64, Hash)],
+}
+
+impl<'a> TreeReader<'a> {
+    fn new(tree: &'a sled::Tree) -> Self {
+        Self {
+            tree,
+            frontier: &[],
+        }
+    }
+}
 
 impl HashReader for TreeReader<'_> {
     fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog::Error> {
         indexes
             .iter()
             .map(|&i| {
+                if let Some((_, hash)) = self.frontier.iter().find(|(stored, _)| *stored == i) {
+                    return Ok(*hash);
+                }
                 // The hash of the subtree n at `level` was stored by the append of the
                 // subtree's last leaf, at position `level` of that entry's hashes.
                 let (level, n) = tlog::split_stored_hash_index(i);
                 let leaf = ((n + 1) << level) - 1;
                 let raw = self
-                    .0
+                    .tree
                     .get(entry_key(leaf))
                     .map_err(|e| tlog::Error::InvalidInput(format!("storage read failed: {e}")))?
                     .ok_or(tlog::Error::IndexesNotInTree)?;
@@ -215,12 +264,13 @@ impl Store {
         change: &DirectoryChange,
     ) -> Result<KeyEventOutcome, StorageError> {
         let leaf = event.to_leaf();
-        let mut size = self
-            .kt_size
-            .lock()
-            .map_err(|_| StorageError::FlushFailed("key transparency lock poisoned".into()))?;
-        let index = *size;
-        let hashes = tlog::stored_hashes(index, &leaf, &TreeReader(&self.kt))
+        let mut tail = self.lock_directory()?;
+        let index = tail.size;
+        let reader = TreeReader {
+            tree: &self.kt,
+            frontier: &tail.frontier,
+        };
+        let hashes = tlog::stored_hashes(index, &leaf, &reader)
             .map_err(|e| tree_error("hashes of the last entries", e))?;
         let mut batch = WriteSet::new(&self.kt);
         let device = match self.stage_change(&mut batch, change, index) {
@@ -233,7 +283,8 @@ impl Store {
         batch.insert(&entry_key(index), EntryRecord::encode(&hashes, &leaf));
         batch.insert(account_key(&event.account, index), &[]);
         self.atomic.apply(batch)?;
-        *size = index + 1;
+        tail.size = index + 1;
+        tail.record(index, &hashes);
         Ok(KeyEventOutcome::Appended { index, device })
     }
 
@@ -387,8 +438,10 @@ impl Store {
 
     /// Takes the lock that serialises appends to the key transparency log and other writes
     /// to the directory that must see them.
-    pub(crate) fn lock_directory(&self) -> Result<std::sync::MutexGuard<'_, u64>, StorageError> {
-        self.kt_size
+    pub(crate) fn lock_directory(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, LogTail>, StorageError> {
+        self.kt_tail
             .lock()
             .map_err(|_| StorageError::FlushFailed("key transparency lock poisoned".into()))
     }
@@ -396,7 +449,7 @@ impl Store {
     /// Number of entries in the key transparency log.
     pub fn kt_size(&self) -> u64 {
         // A poisoned lock still holds the last size that was written.
-        *self.kt_size.lock().unwrap_or_else(|p| p.into_inner())
+        self.kt_tail.lock().unwrap_or_else(|p| p.into_inner()).size
     }
 
     /// Reads entry `index` and checks it against its stored leaf hash.
@@ -422,14 +475,14 @@ impl Store {
 
     /// Root hash of the tree of the first `size` entries.
     pub fn kt_root(&self, size: u64) -> Result<[u8; 32], StorageError> {
-        tlog::tree_hash(size, &TreeReader(&self.kt))
+        tlog::tree_hash(size, &TreeReader::new(&self.kt))
             .map(|h| h.0)
             .map_err(|e| tree_error(&format!("root of size {size}"), e))
     }
 
     /// Audit path of entry `index` in the tree of `size` entries, leaf side first.
     pub fn kt_inclusion(&self, index: u64, size: u64) -> Result<Vec<Hash>, StorageError> {
-        tlog::prove_record(size, index, &TreeReader(&self.kt))
+        tlog::prove_record(size, index, &TreeReader::new(&self.kt))
             .map_err(|e| tree_error(&format!("proof of entry {index} in size {size}"), e))
     }
 
@@ -438,7 +491,7 @@ impl Store {
         if from == to {
             return Ok(Vec::new());
         }
-        tlog::prove_tree(to, from, &TreeReader(&self.kt))
+        tlog::prove_tree(to, from, &TreeReader::new(&self.kt))
             .map_err(|e| tree_error(&format!("consistency from {from} to {to}"), e))
     }
 
