@@ -10,11 +10,11 @@ use atlas_storage::{DeviceRecord, ReadScope};
 /// Serves a request that reads only public key transparency data.
 pub(crate) async fn public_request(state: &GatewayState, body: ClientBody) -> ServerBody {
     let kt = &state.kt;
-    // A lookup must show devices registered through any node of a cluster before it.
-    if matches!(
-        body,
-        ClientBody::KtLookup { .. } | ClientBody::KtHistory { .. }
-    ) && let Err(e) = state.store.read_barrier(ReadScope::Directory).await
+    // Heads and proofs must cover every entry any node's head covered, because clients
+    // record a smaller head that a lagging node cannot prove as a rolled-back log. Lookups
+    // must also show devices registered through any node.
+    if !matches!(body, ClientBody::Ping | ClientBody::Jwks)
+        && let Err(e) = state.store.read_barrier(ReadScope::Directory).await
     {
         return crate::session::barrier_error_body(&e);
     }
@@ -64,6 +64,10 @@ pub(crate) async fn claim(state: &GatewayState, target: DeviceId) -> ServerBody 
         Ok(claimed) => claimed,
         Err(e) => return crate::session::login_error_body(state, &e),
     };
+    // The head must cover every entry a head of another node covered (see `public_request`).
+    if let Err(e) = state.store.read_barrier(ReadScope::Directory).await {
+        return crate::session::barrier_error_body(&e);
+    }
     // The head waits for a flush that also covers the claim's removal of a one-time package.
     let head = match state.kt.head().await {
         Ok(head) => head,

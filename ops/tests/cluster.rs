@@ -531,6 +531,84 @@ async fn minority_refuses_writes_until_healed() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_node_presents_no_stale_tree_head() {
+    let fixture = fixture();
+    let a = fixture.spec("node-a", &[]).unwrap();
+    let b = fixture.spec("node-b", &[a.port]).unwrap();
+    let c = fixture.spec("node-c", &[a.port]).unwrap();
+    let (node_a, node_b, node_c) = (
+        fixture.start(&a).unwrap(),
+        fixture.start(&b).unwrap(),
+        fixture.start(&c).unwrap(),
+    );
+    let all = ["node-a", "node-b", "node-c"];
+    let everyone = [&node_a, &node_b, &node_c];
+    let formed = wait_until(CONVERGE, || agreed_leaders(&everyone, &all).is_some()).await;
+    assert!(formed, "the replicated logs did not form");
+    // The node that falls behind follows the directory's log, so the others keep its leader.
+    let directory_leader = agreed_leaders(&everyone, &all).unwrap()[0].clone();
+    let index = all.iter().position(|n| *n != directory_leader).unwrap();
+    let lagging = everyone[index];
+    let others: Vec<&NodeProcess> = (0..3)
+        .filter(|i| *i != index)
+        .map(|i| everyone[i])
+        .collect();
+
+    // dave's device is known to every node before one of them falls behind.
+    let mut dave = client_on(&fixture, "dave", others[0]).await;
+    let lag = address(lagging);
+    let caught_up = wait_until(CONVERGE, || logs_caught_up(&everyone)).await;
+    assert!(caught_up, "the nodes did not apply the same entries");
+    let reached = {
+        let mut reached = false;
+        let deadline = std::time::Instant::now() + CONVERGE;
+        while !reached && std::time::Instant::now() < deadline {
+            reached = dave.connect(&lag.url, &lag.trust).await.is_ok();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        reached
+    };
+    assert!(reached, "dave could not log in on the node to pause");
+
+    // While that node is paused, erin registers elsewhere and dave verifies the larger head.
+    lagging.signal("STOP").unwrap();
+    let home = address(others[0]);
+    dave.connect(&home.url, &home.trust).await.unwrap();
+    let _erin = client_on(&fixture, "erin", others[0]).await;
+    dave.lookup_devices("erin").await.unwrap();
+    let seen = dave.kt_latest_head().unwrap().size;
+
+    // It resumes alone, behind the head dave saw, and cannot catch up.
+    for node in &others {
+        node.signal("STOP").unwrap();
+    }
+    lagging.signal("CONT").unwrap();
+    let stale = dave.connect(&lag.url, &lag.trust).await;
+    for node in &others {
+        node.signal("CONT").unwrap();
+    }
+    let error = stale.expect_err("a node cut off cannot confirm the latest head");
+    assert!(
+        !matches!(error, atlas_client::ClientError::Security(_)),
+        "an honest node that lags was taken for a rolled-back log: {error}"
+    );
+    assert_eq!(dave.kt_violation(), None);
+
+    // Once healed, it presents a head at least as large as the one dave saw.
+    let mut healed = Err(error);
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while healed.is_err() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        healed = dave.connect(&lag.url, &lag.trust).await;
+    }
+    if let Err(e) = healed {
+        panic!("dave could not connect to the lagging node after healing: {e}");
+    }
+    assert_eq!(dave.kt_violation(), None);
+    assert!(dave.kt_latest_head().unwrap().size >= seen);
+}
+
 fn address(node: &NodeProcess) -> atlas_client::NodeAddress {
     atlas_client::NodeAddress {
         url: node.url(),
