@@ -1197,7 +1197,14 @@ impl Client {
             other => return Err(unexpected("welcomes", other)),
         };
         for welcome in welcomes {
-            out.extend(self.join(welcome)?);
+            // One Welcome that cannot be processed must not keep this device out of others.
+            let group = welcome.group.clone();
+            match self.join(welcome) {
+                Ok(joined) => out.extend(joined),
+                Err(e) => {
+                    tracing::warn!(%group, error = %e, "skipped a Welcome that could not be processed; a member can add this device again")
+                }
+            }
         }
         for group in self.groups() {
             out.extend(self.sync_group(&group).await?);
@@ -1224,6 +1231,15 @@ impl Client {
             .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
             .max_past_epochs(MAX_PAST_EPOCHS)
             .build();
+        // A device added again after its removal joins anew under the same group id, where
+        // openmls still keeps the state it was removed with.
+        let earlier = self.groups.get(welcome.group.as_bytes()).cloned();
+        if earlier.is_some() {
+            let id = openmls::group::GroupId::from_slice(welcome.group.as_bytes());
+            if let Some(mut old) = MlsGroup::load(self.provider.storage(), &id).map_err(mls)? {
+                old.delete(self.provider.storage()).map_err(mls)?;
+            }
+        }
         let staged =
             StagedWelcome::new_from_welcome(&self.provider, &config, w, None).map_err(mls)?;
         let group = staged.into_group(&self.provider).map_err(mls)?;
@@ -1232,8 +1248,14 @@ impl Client {
                 "Welcome is for another group than announced".into(),
             ));
         }
+        // The messages and receipts from before the removal stay readable.
         let local = GroupLocal {
             cursor: welcome.seq,
+            transcript: earlier
+                .as_ref()
+                .map(|g| g.transcript.clone())
+                .unwrap_or_default(),
+            receipts: earlier.map(|g| g.receipts).unwrap_or_default(),
             ..GroupLocal::default()
         };
         self.groups.insert(welcome.group.as_bytes().to_vec(), local);

@@ -275,6 +275,38 @@ async fn non_member_and_removed_member_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_member_added_again_rejoins() {
+    let setup = Setup::new(&[]);
+    let (mut clients, group) = setup.group(&["alice", "bob"]).await;
+    clients[0].send(&group, "first").await.unwrap();
+    clients[1].sync().await.unwrap();
+    clients[0].remove_members(&group, &["bob"]).await.unwrap();
+    clients[1].sync().await.unwrap();
+    assert!(!clients[1].groups().contains(&group));
+
+    // Bob is added again, and alice creates another group with him meanwhile.
+    clients[0].add_members(&group, &["bob"]).await.unwrap();
+    let other = clients[0].create_group("other").await.unwrap();
+    clients[0].add_members(&other, &["bob"]).await.unwrap();
+    clients[0].send(&group, "welcome back").await.unwrap();
+    clients[1].sync().await.unwrap();
+    assert!(clients[1].groups().contains(&group));
+    assert!(clients[1].groups().contains(&other));
+    assert_eq!(
+        texts(&clients[1], &group),
+        vec![pair("alice", "first"), pair("alice", "welcome back")]
+    );
+
+    // He can write in the group again, and alice reads it.
+    clients[1].send(&group, "glad to be back").await.unwrap();
+    clients[0].sync().await.unwrap();
+    assert_eq!(
+        texts(&clients[0], &group).last(),
+        Some(&pair("bob", "glad to be back"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_epoch_commit_is_refused_with_current_epoch() {
     let setup = Setup::new(&[]);
     let (mut clients, group) = setup.group(&["alice", "bob"]).await;

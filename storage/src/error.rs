@@ -73,6 +73,19 @@ pub enum StorageError {
 }
 
 impl StorageError {
+    /// Describes a panic of sled while opening the database at `path`. sled 0.34 panics on
+    /// some damaged files instead of reporting them (seen with a file cut inside a segment).
+    pub(crate) fn open_panicked(path: &Path, message: &str) -> Self {
+        Self::Open {
+            path: path.display().to_string(),
+            detail: format!(
+                "sled failed while reading it ({message}); the database is damaged: restore \
+                 the data directory from a backup, or, on a node of a cluster, empty it and \
+                 start the node with --seeds so that it copies the data from the others"
+            ),
+        }
+    }
+
     pub(crate) fn open(path: &Path, error: sled::Error) -> Self {
         let path = path.display().to_string();
         let detail = match error {

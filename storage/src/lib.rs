@@ -84,15 +84,25 @@ impl Store {
         // sled starts an empty database (and rewrites the file) when it cannot read an existing
         // one, so remember whether there was data before opening and refuse to run empty.
         let had_data = std::fs::metadata(dir.join("db")).is_ok_and(|m| m.len() > 0);
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
             // Bounds the page cache, the main part of a node's memory besides connections.
             .cache_capacity(CACHE_BYTES)
             // Durability comes from explicit flushes; sled's own timer flush is turned off.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| StorageError::open(dir, e))?;
+            .flush_every_ms(None);
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+        let db = match opened {
+            Ok(result) => result.map_err(|e| StorageError::open(dir, e))?,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|m| (*m).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".to_owned());
+                return Err(StorageError::open_panicked(dir, &message));
+            }
+        };
         let meta = db.open_tree("meta")?;
         match meta.get(FORMAT_KEY)? {
             Some(raw) => {
