@@ -1,5 +1,5 @@
 //! Connections to a cluster: a client knows several nodes, moves to another one when its node
-//! fails, and retries a send there under the same message id.
+//! fails, and retries a send (under the same message id) or a read of a group there.
 
 use crate::{Client, ClientError, ServerTrust, new_msg_id};
 use atlas_protocol::{ErrorCode, GroupId};
@@ -126,6 +126,39 @@ impl Client {
             if self.nodes.is_empty() {
                 tokio::time::sleep(ROUND_PAUSE).await;
                 continue;
+            }
+            if let Err(e) = self.fail_over().await {
+                tracing::debug!(error = %e, "no node to fail over to yet");
+                tokio::time::sleep(ROUND_PAUSE).await;
+            }
+        }
+    }
+}
+
+impl Client {
+    /// Reads one group's log as [`Client::sync_group`] does. With several nodes given to
+    /// [`Client::connect_any`], a node that cannot serve the read (lost connection, timeout,
+    /// `unavailable`) is left for the next one, until the same deadline as a reliable send.
+    pub async fn sync_group_reliably(
+        &mut self,
+        group: &GroupId,
+    ) -> Result<Vec<crate::Received>, ClientError> {
+        let deadline = Instant::now() + SEND_DEADLINE;
+        let mut attempts = 0;
+        loop {
+            let limit = (self.nodes.len() > 1).then_some(ATTEMPT_TIMEOUT);
+            let failure = match bounded(limit, "no answer", self.sync_group(group)).await {
+                Ok(events) => return Ok(events),
+                Err(e) if retriable(&e) && self.nodes.len() > 1 => e,
+                Err(e) => return Err(e),
+            };
+            attempts += 1;
+            if Instant::now() >= deadline {
+                return Err(failure);
+            }
+            tracing::debug!(attempts, error = %failure, "read failed; trying another node");
+            if attempts % self.nodes.len() == 0 {
+                tokio::time::sleep(ROUND_PAUSE).await;
             }
             if let Err(e) = self.fail_over().await {
                 tracing::debug!(error = %e, "no node to fail over to yet");

@@ -1132,7 +1132,7 @@ async fn unreachable_seeds_are_warned_about() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reliable_send_leaves_a_paused_node() {
+async fn reliable_send_and_read_leave_a_paused_node() {
     let fixture = fixture();
     let (_, nodes) = fixture.start_cluster(3, CONVERGE).await.unwrap();
     let (mut alice, mut bob, group) =
@@ -1152,6 +1152,21 @@ async fn reliable_send_leaves_a_paused_node() {
     assert_ne!(alice.current_node().unwrap().url, list[0].url);
     bob.sync().await.unwrap();
     assert_eq!(messages(&bob, &group), vec!["while paused".to_owned()]);
+
+    // A read of the group leaves a paused node the same way.
+    bob.send(&group, "reply").await.unwrap();
+    let current = alice.current_node().unwrap().url.clone();
+    let paused = list.iter().position(|n| n.url == current).unwrap();
+    let name = ["node-a", "node-b", "node-c"][paused];
+    nodes[name].signal("STOP").unwrap();
+    let read = alice.sync_group_reliably(&group).await;
+    nodes[name].signal("CONT").unwrap();
+    read.unwrap();
+    assert_ne!(alice.current_node().unwrap().url, current);
+    assert_eq!(
+        messages(&alice, &group),
+        vec!["while paused".to_owned(), "reply".to_owned()]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

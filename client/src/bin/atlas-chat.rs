@@ -1182,11 +1182,12 @@ impl Chat {
     /// commit too but does not return what it read.
     async fn catch_up(&mut self, group: &GroupId) -> Result<(), CliError> {
         self.require_group(group)?;
-        let events = self
-            .client
-            .sync_group(group)
-            .await
-            .map_err(|e| sdk_error(&format!("reading group {group}"), e))?;
+        let read = if self.failover {
+            self.client.sync_group_reliably(group).await
+        } else {
+            self.client.sync_group(group).await
+        };
+        let events = read.map_err(|e| sdk_error(&format!("reading group {group}"), e))?;
         self.print_events(&events);
         self.require_group(group)
     }
