@@ -1520,7 +1520,19 @@ async fn clusters_with_two_histories_stay_apart() {
     );
     alice.disconnect();
     let home = address(&nodes["node-b"]);
-    alice.connect(&home.url, &home.trust).await.unwrap();
+    // A login reads the key transparency head, which waits until node-b counts a majority
+    // of the directory's voters alive again.
+    let mut connected = Err(atlas_client::ClientError::NotConnected);
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while connected.is_err() && std::time::Instant::now() < deadline {
+        connected = alice.connect(&home.url, &home.trust).await;
+        if connected.is_err() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    if let Err(e) = connected {
+        panic!("alice could not log in on node-b: {e}");
+    }
     alice.send_reliably(&group, "after").await.unwrap();
     assert_eq!(messages(&alice, &group), ["before", "after"]);
     assert!(
