@@ -1498,7 +1498,10 @@ impl Client {
             };
             match push {
                 ServerBody::Push { group, entry } => {
-                    let Some(cursor) = self.cursor(&group) else {
+                    // A device removed from the group reads nothing more of it until a Welcome
+                    // adds it again.
+                    let removed = self.groups.get(group.as_bytes()).is_some_and(|g| g.removed);
+                    let Some(cursor) = self.cursor(&group).filter(|_| !removed) else {
                         continue;
                     };
                     if entry.seq == cursor + 1 {
@@ -1513,8 +1516,15 @@ impl Client {
                 }
                 ServerBody::WelcomePush(welcome) => {
                     let group = welcome.group.clone();
-                    out.extend(self.join(welcome)?);
-                    out.extend(self.sync_group(&group).await?);
+                    match self.join(welcome) {
+                        Ok(joined) => {
+                            out.extend(joined);
+                            out.extend(self.sync_group(&group).await?);
+                        }
+                        Err(e) => {
+                            tracing::warn!(%group, error = %e, "skipped a Welcome that could not be processed; a member can add this device again")
+                        }
+                    }
                 }
                 _ => {}
             }
