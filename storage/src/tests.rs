@@ -147,6 +147,30 @@ async fn database_cut_inside_a_segment_is_an_error() {
 }
 
 #[tokio::test]
+async fn lost_writes_before_a_clean_stop_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store.create_group(&group(), &meta(0), b"state").unwrap();
+        store.close().await.unwrap();
+    }
+    // A clean stop and a reopen agree.
+    Store::open(dir.path()).unwrap().close().await.unwrap();
+    // As if sled had recovered its log only up to before the last stop.
+    {
+        let db = sled::open(dir.path()).unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert(STOPS_KEY, &1u64.to_be_bytes())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let err = Store::open(dir.path()).err().expect("open must fail");
+    assert!(matches!(err, StorageError::Corrupt { .. }), "{err:?}");
+    assert!(err.to_string().contains("lost writes"), "{err}");
+}
+
+#[tokio::test]
 async fn second_open_reports_directory_in_use() {
     let dir = tempfile::tempdir().unwrap();
     let _first = Store::open(dir.path()).unwrap();
