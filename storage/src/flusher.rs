@@ -2,6 +2,7 @@
 //! previous flush, so many groups share each fsync.
 
 use crate::StorageError;
+use crate::marks::Marks;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,6 +37,12 @@ struct Shared {
 impl Flusher {
     /// Starts the flusher task of `db`; it must run inside a Tokio runtime.
     pub fn start(db: sled::Db) -> Arc<Self> {
+        Self::start_marking(db, None)
+    }
+
+    /// Starts the flusher task of `db`, which also writes `marks` with a flush at most once
+    /// per `MARK_INTERVAL`.
+    pub(crate) fn start_marking(db: sled::Db, marks: Option<Arc<Marks>>) -> Arc<Self> {
         let shared = Arc::new(Shared {
             issued: AtomicU64::new(0),
             wake: Notify::new(),
@@ -43,7 +50,7 @@ impl Flusher {
             flushed: watch::Sender::new(Flushed::default()),
             observer: Mutex::new(None),
         });
-        let task = tokio::spawn(Arc::clone(&shared).run(db));
+        let task = tokio::spawn(Arc::clone(&shared).run(db, marks));
         Arc::new(Self {
             shared,
             task: Mutex::new(Some(task)),
@@ -97,7 +104,7 @@ impl Shared {
         }
     }
 
-    async fn run(self: Arc<Self>, db: sled::Db) {
+    async fn run(self: Arc<Self>, db: sled::Db, marks: Option<Arc<Marks>>) {
         loop {
             self.wake.notified().await;
             let closing = self.closed.load(Ordering::Acquire);
@@ -112,7 +119,19 @@ impl Shared {
             }
             let started = Instant::now();
             let db = db.clone();
-            let result = tokio::task::spawn_blocking(move || db.flush()).await;
+            let marks = marks.clone().filter(|m| m.due());
+            let result = tokio::task::spawn_blocking(move || {
+                let mark = marks.as_ref().map(|m| m.stage()).transpose();
+                let flushed = db.flush()?;
+                // A mark that cannot be recorded only leaves the previous one in place.
+                if let (Ok(Some(mark)), Some(marks)) = (mark, &marks)
+                    && let Err(e) = marks.record(mark)
+                {
+                    tracing::warn!(error = %e, "could not record a durability mark");
+                }
+                Ok::<_, sled::Error>(flushed)
+            })
+            .await;
             if let Some(observe) = self
                 .observer
                 .lock()

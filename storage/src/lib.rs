@@ -23,6 +23,7 @@ mod changes;
 mod error;
 mod flusher;
 mod keys;
+mod marks;
 mod records;
 pub mod transparency;
 
@@ -52,12 +53,6 @@ pub const FORMAT_VERSION: u32 = 2;
 
 const FORMAT_KEY: &[u8] = b"format_version";
 
-/// Key in `meta` of the number of clean stops, written by the last flush of [`Store::close`].
-const STOPS_KEY: &[u8] = b"clean_stops";
-
-/// File beside the database with the same number, written once that flush is done.
-const STOPS_FILE: &str = "clean-stops";
-
 /// sled page cache size in bytes.
 const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
@@ -65,8 +60,8 @@ const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
-    /// Directory of the database.
-    dir: Arc<std::path::PathBuf>,
+    /// Durability marks of the database (see the `marks` module).
+    marks: Arc<marks::Marks>,
     groups: sled::Tree,
     key_packages: sled::Tree,
     cursors: sled::Tree,
@@ -140,7 +135,7 @@ impl Store {
                 db.flush()?;
             }
         }
-        check_clean_stops(dir, &meta)?;
+        let marks = Arc::new(marks::Marks::open(dir, meta)?);
         // Before anything reads: completes the writes a crash interrupted.
         let (atomic, completed) = AtomicWriter::open(&db)?;
         if completed > 0 {
@@ -162,8 +157,8 @@ impl Store {
             groups: db.open_tree("groups")?,
             key_packages: db.open_tree("key_packages")?,
             cursors: db.open_tree("cursors")?,
-            flusher: Flusher::start(db.clone()),
-            dir: Arc::new(dir.to_path_buf()),
+            flusher: Flusher::start_marking(db.clone(), Some(Arc::clone(&marks))),
+            marks,
             replicator: Arc::default(),
             db,
         };
@@ -201,17 +196,15 @@ impl Store {
     /// Flushes everything and stops the flusher task. Other clones of this store must be
     /// dropped too before the directory can be opened again.
     ///
-    /// The last flush also counts a clean stop in the database and, once it is done, in a file
-    /// beside it (see `check_clean_stops`).
+    /// The last flush also writes a durability mark (see the `marks` module), so a database
+    /// that later loses any write made before the stop is refused.
     pub async fn close(&self) -> Result<(), StorageError> {
         let db = self.db.clone();
-        let dir = self.dir.clone();
+        let marks = Arc::clone(&self.marks);
         tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
-            let meta = db.open_tree("meta")?;
-            let stops = read_stops(&meta)?.unwrap_or(0) + 1;
-            meta.insert(STOPS_KEY, &stops.to_be_bytes())?;
+            let mark = marks.stage()?;
             db.flush()?;
-            write_stops_file(&dir, stops)
+            marks.record(mark)
         })
         .await
         .map_err(|e| StorageError::FlushFailed(e.to_string()))??;
@@ -637,78 +630,6 @@ pub(crate) fn decode<T: DeserializeOwned>(
         what: format!("{what} of {owner}"),
         detail: e.to_string(),
     })
-}
-
-fn read_stops(meta: &sled::Tree) -> Result<Option<u64>, StorageError> {
-    let Some(raw) = meta.get(STOPS_KEY)? else {
-        return Ok(None);
-    };
-    let bytes = <[u8; 8]>::try_from(raw.as_ref()).map_err(|_| StorageError::Corrupt {
-        what: "count of clean stops".into(),
-        detail: format!("{} bytes instead of 8", raw.len()),
-    })?;
-    Ok(Some(u64::from_be_bytes(bytes)))
-}
-
-fn write_stops_file(dir: &Path, stops: u64) -> Result<(), StorageError> {
-    let failed = |e: std::io::Error| {
-        StorageError::FlushFailed(format!(
-            "writing {} failed: {e}",
-            dir.join(STOPS_FILE).display()
-        ))
-    };
-    let temporary = dir.join(format!("{STOPS_FILE}.new"));
-    let mut file = std::fs::File::create(&temporary).map_err(failed)?;
-    std::io::Write::write_all(&mut file, format!("{stops}\n").as_bytes()).map_err(failed)?;
-    file.sync_all().map_err(failed)?;
-    std::fs::rename(&temporary, dir.join(STOPS_FILE)).map_err(failed)?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(failed)?;
-    Ok(())
-}
-
-/// Refuses a database that lost writes it had on disk at its last clean stop.
-///
-/// sled recovers its log only up to the first record it cannot read, and logs only a WARN
-/// line. A file damaged that way (bytes written over its start) started without the last
-/// acknowledged entries of a group, whose numbers then went to new messages. The count
-/// of clean stops is the last record of each stop, so a database that lost anything written
-/// before it has a lower count than the file beside it.
-///
-/// NOTE: this detects a loss only of writes made before the last clean stop; after a crash
-/// (kill -9, power loss) the writes since that stop are not covered.
-fn check_clean_stops(dir: &Path, meta: &sled::Tree) -> Result<(), StorageError> {
-    let path = dir.join(STOPS_FILE);
-    let recorded = match std::fs::read_to_string(&path) {
-        Ok(text) => text
-            .trim()
-            .parse::<u64>()
-            .map_err(|e| StorageError::Corrupt {
-                what: path.display().to_string(),
-                detail: format!("{e}; it should hold one number"),
-            })?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => {
-            return Err(StorageError::Open {
-                path: path.display().to_string(),
-                detail: format!("{e}; check its permissions"),
-            });
-        }
-    };
-    let stored = read_stops(meta)?.unwrap_or(0);
-    if stored < recorded {
-        return Err(StorageError::Corrupt {
-            what: format!("storage in {}", dir.display()),
-            detail: format!(
-                "the database has lost writes: it counts {stored} clean stops, but {} \
-                 records {recorded}; restore the data directory from a backup, or, on a node \
-                 of a cluster, empty it and start the node with --seeds",
-                path.display()
-            ),
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]

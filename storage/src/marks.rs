@@ -1,0 +1,128 @@
+//! Durability marks: a number written into the database before a flush and, once the flush
+//! is done, into the file `durable-mark` beside it.
+//!
+//! sled recovers its log only up to the first record it cannot read, and logs only a WARN
+//! line. A file damaged that way (bytes written over its start) started without the last
+//! acknowledged entries of a group, whose numbers then went to new messages. A mark is
+//! written after the writes its flush covers, and sled keeps a prefix of its log. So a
+//! database that lost any of those writes lost the mark too, and [`Marks::open`] refuses it
+//! because the database's number is lower than the file's.
+//!
+//! NOTE: the flusher writes a mark at most once per [`MARK_INTERVAL`], and every clean stop
+//! writes one. Writes made after the last mark before a crash are not covered.
+
+use crate::StorageError;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Key in `meta` of the latest mark.
+const MARK_KEY: &[u8] = b"durable_mark";
+
+/// File beside the database with the latest mark whose flush is done.
+const MARK_FILE: &str = "durable-mark";
+
+/// Time between two marks of the flusher.
+pub(crate) const MARK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The durability marks of one database.
+pub(crate) struct Marks {
+    dir: PathBuf,
+    meta: sled::Tree,
+    /// The latest mark staged, and when a mark was last recorded in the file.
+    state: Mutex<(u64, Option<Instant>)>,
+}
+
+impl Marks {
+    /// Checks the database's mark against the file's and returns the marks of `dir`.
+    pub(crate) fn open(dir: &Path, meta: sled::Tree) -> Result<Self, StorageError> {
+        let stored = read_mark(&meta)?;
+        let path = dir.join(MARK_FILE);
+        let recorded = match std::fs::read_to_string(&path) {
+            Ok(text) => Some(
+                text.trim()
+                    .parse::<u64>()
+                    .map_err(|e| StorageError::Corrupt {
+                        what: path.display().to_string(),
+                        detail: format!("{e}; the file should contain one number"),
+                    })?,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(StorageError::Open {
+                    path: path.display().to_string(),
+                    detail: format!("{e}; check its permissions"),
+                });
+            }
+        };
+        if let Some(recorded) = recorded
+            && stored < recorded
+        {
+            return Err(StorageError::Corrupt {
+                what: format!("storage in {}", dir.display()),
+                detail: format!(
+                    "the database has lost writes that were on disk: its durability mark is \
+                     {stored}, but {} records {recorded}; restore the data directory from a \
+                     backup, or, on a node of a cluster, empty it and start the node with \
+                     --seeds",
+                    path.display()
+                ),
+            });
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            meta,
+            state: Mutex::new((stored, None)),
+        })
+    }
+
+    /// Returns whether the flusher should write a mark with its next flush.
+    pub(crate) fn due(&self) -> bool {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.1.is_none_or(|at| at.elapsed() >= MARK_INTERVAL)
+    }
+
+    /// Writes the next mark into the database (not yet flushed) and returns it.
+    pub(crate) fn stage(&self) -> Result<u64, StorageError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.0 += 1;
+        self.meta.insert(MARK_KEY, &state.0.to_be_bytes())?;
+        Ok(state.0)
+    }
+
+    /// Records `mark` in the file once a flush that covers it is done. Blocks on two fsyncs.
+    pub(crate) fn record(&self, mark: u64) -> Result<(), StorageError> {
+        let path = self.dir.join(MARK_FILE);
+        let failed = |e: std::io::Error| {
+            StorageError::FlushFailed(format!("writing {} failed: {e}", path.display()))
+        };
+        let temporary = self.dir.join(format!("{MARK_FILE}.new"));
+        let mut file = std::fs::File::create(&temporary).map_err(failed)?;
+        std::io::Write::write_all(&mut file, format!("{mark}\n").as_bytes()).map_err(failed)?;
+        file.sync_all().map_err(failed)?;
+        std::fs::rename(&temporary, &path).map_err(failed)?;
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(failed)?;
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.1 = Some(Instant::now());
+        Ok(())
+    }
+}
+
+fn read_mark(meta: &sled::Tree) -> Result<u64, StorageError> {
+    let Some(raw) = meta.get(MARK_KEY)? else {
+        return Ok(0);
+    };
+    let bytes = <[u8; 8]>::try_from(raw.as_ref()).map_err(|_| StorageError::Corrupt {
+        what: "durability mark".into(),
+        detail: format!("{} bytes instead of 8", raw.len()),
+    })?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+/// Sets the database's mark to `mark`, as a database that lost writes would have it.
+#[cfg(test)]
+pub(crate) fn set_stored_mark(meta: &sled::Tree, mark: u64) {
+    meta.insert(MARK_KEY, &mark.to_be_bytes()).unwrap();
+}
