@@ -421,27 +421,11 @@ async fn cluster_log_elects_leader_after_kill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn minority_refuses_writes_until_healed() {
     let fixture = fixture();
-    let a = fixture.spec("node-a", &[]).unwrap();
-    let b = fixture.spec("node-b", &[a.port]).unwrap();
-    let c = fixture.spec("node-c", &[a.port]).unwrap();
-    let (node_a, node_b, node_c) = (
-        fixture.start(&a).unwrap(),
-        fixture.start(&b).unwrap(),
-        fixture.start(&c).unwrap(),
-    );
-    let all = ["node-a", "node-b", "node-c"];
-    let everyone = [&node_a, &node_b, &node_c];
-    let formed = wait_until(CONVERGE, || agreed_leaders(&everyone, &all).is_some()).await;
-    assert!(formed, "the replicated logs did not form");
     // The node to cut off follows the directory's log: a follower keeps the leader it last
     // heard of, so only its count of live voters shows it is cut off.
-    let directory_leader = agreed_leaders(&everyone, &all).unwrap()[0].clone();
-    let index = all.iter().position(|n| *n != directory_leader).unwrap();
-    let cut = everyone[index];
-    let others: Vec<&NodeProcess> = (0..3)
-        .filter(|i| *i != index)
-        .map(|i| everyone[i])
-        .collect();
+    let (nodes, index) = three_nodes_and_a_directory_follower(&fixture).await;
+    let cut = &nodes[index];
+    let others = all_but(&nodes, index);
 
     // A client of the node to cut off writes while the cluster is whole.
     let trust = atlas_client::ServerTrust::fingerprint(&cut.fingerprint).unwrap();
@@ -534,26 +518,11 @@ async fn minority_refuses_writes_until_healed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_node_presents_no_stale_tree_head() {
     let fixture = fixture();
-    let a = fixture.spec("node-a", &[]).unwrap();
-    let b = fixture.spec("node-b", &[a.port]).unwrap();
-    let c = fixture.spec("node-c", &[a.port]).unwrap();
-    let (node_a, node_b, node_c) = (
-        fixture.start(&a).unwrap(),
-        fixture.start(&b).unwrap(),
-        fixture.start(&c).unwrap(),
-    );
-    let all = ["node-a", "node-b", "node-c"];
-    let everyone = [&node_a, &node_b, &node_c];
-    let formed = wait_until(CONVERGE, || agreed_leaders(&everyone, &all).is_some()).await;
-    assert!(formed, "the replicated logs did not form");
     // The node that falls behind follows the directory's log, so the others keep its leader.
-    let directory_leader = agreed_leaders(&everyone, &all).unwrap()[0].clone();
-    let index = all.iter().position(|n| *n != directory_leader).unwrap();
-    let lagging = everyone[index];
-    let others: Vec<&NodeProcess> = (0..3)
-        .filter(|i| *i != index)
-        .map(|i| everyone[i])
-        .collect();
+    let (nodes, index) = three_nodes_and_a_directory_follower(&fixture).await;
+    let lagging = &nodes[index];
+    let others = all_but(&nodes, index);
+    let everyone: Vec<&NodeProcess> = nodes.iter().collect();
 
     // dave's device is known to every node before one of them falls behind.
     let mut dave = client_on(&fixture, "dave", others[0]).await;
@@ -607,6 +576,38 @@ async fn lagging_node_presents_no_stale_tree_head() {
     }
     assert_eq!(dave.kt_violation(), None);
     assert!(dave.kt_latest_head().unwrap().size >= seen);
+}
+
+/// Starts node-a, node-b and node-c, waits until they agree on the leader of every log, and
+/// returns them with the index of one that follows the directory's log.
+async fn three_nodes_and_a_directory_follower(
+    fixture: &ClusterFixture,
+) -> ([NodeProcess; 3], usize) {
+    let a = fixture.spec("node-a", &[]).unwrap();
+    let b = fixture.spec("node-b", &[a.port]).unwrap();
+    let c = fixture.spec("node-c", &[a.port]).unwrap();
+    let nodes = [
+        fixture.start(&a).unwrap(),
+        fixture.start(&b).unwrap(),
+        fixture.start(&c).unwrap(),
+    ];
+    let all = ["node-a", "node-b", "node-c"];
+    let everyone: Vec<&NodeProcess> = nodes.iter().collect();
+    let formed = wait_until(CONVERGE, || agreed_leaders(&everyone, &all).is_some()).await;
+    assert!(formed, "the replicated logs did not form");
+    let directory_leader = agreed_leaders(&everyone, &all).unwrap()[0].clone();
+    let index = all.iter().position(|n| *n != directory_leader).unwrap();
+    (nodes, index)
+}
+
+/// Returns every node of `nodes` but the one at `index`.
+fn all_but(nodes: &[NodeProcess], index: usize) -> Vec<&NodeProcess> {
+    nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != index)
+        .map(|(_, node)| node)
+        .collect()
 }
 
 fn address(node: &NodeProcess) -> atlas_client::NodeAddress {
