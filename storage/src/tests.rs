@@ -108,28 +108,18 @@ async fn format_version_mismatch_is_refused() {
     );
 }
 
-/// Set by [`database_cut_inside_a_segment_is_an_error`] for the copy of itself that opens the
-/// damaged databases.
-const CUT_DATABASE_DIR: &str = "ATLAS_TEST_CUT_DATABASE_DIR";
+/// Set by [`database_cut_inside_a_segment_is_an_error`] for the copy of itself that builds and
+/// opens the damaged databases.
+const CUT_DATABASE_CHILD: &str = "ATLAS_TEST_CUT_DATABASE_CHILD";
 
 #[tokio::test]
 async fn database_cut_inside_a_segment_is_an_error() {
     // sled's panics while opening leave its shared threads and the files' locks in a state
-    // that breaks other tests of the same process, so a child process opens the cut copies.
-    if let Some(dir) = std::env::var_os(CUT_DATABASE_DIR) {
-        open_cut_copies(Path::new(&dir));
+    // that breaks other tests of the same process, so a child process builds the databases
+    // and opens the cut copies.
+    if std::env::var_os(CUT_DATABASE_CHILD).is_some() {
+        open_cut_databases().await;
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let store = Store::open(dir.path()).unwrap();
-        store.create_group(&group(), &meta(0), b"state").unwrap();
-        for seq in 1..=3000 {
-            let mut entry = entry(seq, seq as u8);
-            entry.payload = vec![seq as u8; 1000];
-            store.append(&group(), &entry, None, None, &[]).unwrap();
-        }
-        store.close().await.unwrap();
     }
     let output = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
@@ -137,7 +127,7 @@ async fn database_cut_inside_a_segment_is_an_error() {
             "--exact",
             "--nocapture",
         ])
-        .env(CUT_DATABASE_DIR, dir.path())
+        .env(CUT_DATABASE_CHILD, "1")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -148,15 +138,38 @@ async fn database_cut_inside_a_segment_is_an_error() {
     );
     assert!(
         stdout.contains("cut opened with an error after a sled panic"),
-        "no cut made sled panic, so the test checks nothing new: {stdout}"
+        "no cut of any database made sled panic, so the test checks nothing new: {stdout}"
     );
 }
 
-/// Run as a child process: opens copies of the database in `dir` cut at many points, and
-/// panics on any outcome other than a store, a damaged-database error or a corruption error.
-/// Must run inside the test's Tokio runtime, which the stores' flushers need.
-fn open_cut_copies(dir: &Path) {
+/// Builds databases and opens copies of each cut at many points, in the child process.
+/// Panics on any outcome other than a store, a damaged-database error or a corruption error.
+/// Which cuts make sled panic depends on the timing of its flushes, so databases of other
+/// entry sizes follow until one cut does.
+async fn open_cut_databases() {
+    for (attempt, payload_len) in [1000, 700, 1500, 400, 2200].into_iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.create_group(&group(), &meta(0), b"state").unwrap();
+        for seq in 1..=3_000_000 / payload_len as u64 {
+            let mut entry = entry(seq, seq as u8);
+            entry.payload = vec![seq as u8; payload_len];
+            store.append(&group(), &entry, None, None, &[]).unwrap();
+        }
+        store.close().await.unwrap();
+        let panics = open_cut_copies(dir.path());
+        println!("database {attempt}: {panics} cuts made sled panic");
+        if panics > 0 {
+            return;
+        }
+    }
+}
+
+/// Opens copies of the database in `dir` cut at many points; returns how many of them made
+/// sled panic.
+fn open_cut_copies(dir: &Path) -> usize {
     let whole = std::fs::read(dir.join("db")).unwrap();
+    let mut panics = 0;
     // sled 0.34 panics while opening some of these files. A panic leaves the file locked in
     // this process, so each cut gets a directory of its own.
     for cut in (1..whole.len() / 65_536).map(|i| i * 65_536 + 4096) {
@@ -167,6 +180,7 @@ fn open_cut_copies(dir: &Path) {
             Err(StorageError::Open { detail, .. }) if detail.contains("sled failed") => {
                 assert!(detail.contains("restore"), "cut at {cut}: {detail}");
                 println!("cut opened with an error after a sled panic: {cut}");
+                panics += 1;
             }
             Err(e) => assert!(
                 matches!(e, StorageError::Open { .. } | StorageError::Corrupt { .. }),
@@ -174,6 +188,7 @@ fn open_cut_copies(dir: &Path) {
             ),
         }
     }
+    panics
 }
 
 #[tokio::test]
