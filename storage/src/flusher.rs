@@ -40,8 +40,7 @@ impl Flusher {
         Self::start_marking(db, None)
     }
 
-    /// Starts the flusher task of `db`, which also writes `marks` with a flush at most once
-    /// per `MARK_INTERVAL`.
+    /// Starts the flusher task of `db`, which also writes `marks` with every flush.
     pub(crate) fn start_marking(db: sled::Db, marks: Option<Arc<Marks>>) -> Arc<Self> {
         let shared = Arc::new(Shared {
             issued: AtomicU64::new(0),
@@ -119,17 +118,16 @@ impl Shared {
             }
             let started = Instant::now();
             let db = db.clone();
-            let marks = marks.clone().filter(|m| m.due());
+            let marks = marks.clone();
             let result = tokio::task::spawn_blocking(move || {
-                let mark = marks.as_ref().map(|m| m.stage()).transpose();
-                let flushed = db.flush()?;
-                // A mark that cannot be recorded only leaves the previous one in place.
-                if let (Ok(Some(mark)), Some(marks)) = (mark, &marks)
-                    && let Err(e) = marks.record(mark)
-                {
-                    tracing::warn!(error = %e, "could not record a durability mark");
+                // The mark goes in after every write of the tickets up to `target`, and the file
+                // records it before any of their waiters is released.
+                let mark = marks.as_ref().map(|m| m.stage()).transpose()?;
+                db.flush()?;
+                if let (Some(mark), Some(marks)) = (mark, &marks) {
+                    marks.record(mark)?;
                 }
-                Ok::<_, sled::Error>(flushed)
+                Ok::<_, StorageError>(())
             })
             .await;
             if let Some(observe) = self
@@ -141,7 +139,7 @@ impl Shared {
                 observe(started.elapsed());
             }
             match result {
-                Ok(Ok(_)) => {
+                Ok(Ok(())) => {
                     self.flushed.send_modify(|f| f.through = target);
                     if closing {
                         return;
@@ -149,8 +147,11 @@ impl Shared {
                 }
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "storage flush failed; refusing further writes");
-                    self.flushed
-                        .send_modify(|f| f.failure = Some(e.to_string()));
+                    let reason = match e {
+                        StorageError::FlushFailed(reason) => reason,
+                        other => other.to_string(),
+                    };
+                    self.flushed.send_modify(|f| f.failure = Some(reason));
                     return;
                 }
                 Err(e) => {

@@ -1,20 +1,21 @@
-//! Durability marks: a number written into the database before a flush and, once the flush
-//! is done, into the file `durable-mark` beside it.
+//! Durability marks: a number written into the database before each flush and, once the
+//! flush is done, into the file `durable-mark` beside it.
 //!
 //! sled recovers its log only up to the first record it cannot read, and logs only a WARN
 //! line. A file damaged that way (bytes written over its start) started without the last
 //! acknowledged entries of a group, whose numbers then went to new messages. A mark is
 //! written after the writes its flush covers, and sled keeps a prefix of its log. So a
-//! database that lost any of those writes lost the mark too, and [`Marks::open`] refuses it
-//! because the database's number is lower than the file's.
+//! database that lost any acknowledged write lost the mark of that write's flush too, and
+//! [`Marks::open`] refuses it because the database's number is lower than the file's.
 //!
-//! NOTE: the flusher writes a mark at most once per [`MARK_INTERVAL`], and every clean stop
-//! writes one. Writes made after the last mark before a crash are not covered.
+//! NOTE: the file is rewritten in place (20 digits and a newline at offset 0) and synced
+//! with `fdatasync`, which relies on the disk writing those 21 bytes of one sector whole.
 
 use crate::StorageError;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 /// Key in `meta` of the latest mark.
 const MARK_KEY: &[u8] = b"durable_mark";
@@ -22,15 +23,14 @@ const MARK_KEY: &[u8] = b"durable_mark";
 /// File beside the database with the latest mark whose flush is done.
 const MARK_FILE: &str = "durable-mark";
 
-/// Time between two marks of the flusher.
-pub(crate) const MARK_INTERVAL: Duration = Duration::from_secs(1);
-
 /// The durability marks of one database.
 pub(crate) struct Marks {
     dir: PathBuf,
     meta: sled::Tree,
-    /// The latest mark staged, and when a mark was last recorded in the file.
-    state: Mutex<(u64, Option<Instant>)>,
+    /// The latest mark staged.
+    staged: Mutex<u64>,
+    /// The mark file, opened by the first [`Marks::record`].
+    file: Mutex<Option<File>>,
 }
 
 impl Marks {
@@ -72,40 +72,50 @@ impl Marks {
         Ok(Self {
             dir: dir.to_path_buf(),
             meta,
-            state: Mutex::new((stored, None)),
+            staged: Mutex::new(stored),
+            file: Mutex::new(None),
         })
-    }
-
-    /// Returns whether the flusher should write a mark with its next flush.
-    pub(crate) fn due(&self) -> bool {
-        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.1.is_none_or(|at| at.elapsed() >= MARK_INTERVAL)
     }
 
     /// Writes the next mark into the database (not yet flushed) and returns it.
     pub(crate) fn stage(&self) -> Result<u64, StorageError> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.0 += 1;
-        self.meta.insert(MARK_KEY, &state.0.to_be_bytes())?;
-        Ok(state.0)
+        let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
+        *staged += 1;
+        self.meta.insert(MARK_KEY, &staged.to_be_bytes())?;
+        Ok(*staged)
     }
 
-    /// Records `mark` in the file once a flush that covers it is done. Blocks on two fsyncs.
+    /// Records `mark` in the file once a flush that covers it is done. Blocks on one
+    /// `fdatasync`, and on a directory sync when it creates the file.
     pub(crate) fn record(&self, mark: u64) -> Result<(), StorageError> {
         let path = self.dir.join(MARK_FILE);
         let failed = |e: std::io::Error| {
             StorageError::FlushFailed(format!("writing {} failed: {e}", path.display()))
         };
-        let temporary = self.dir.join(format!("{MARK_FILE}.new"));
-        let mut file = std::fs::File::create(&temporary).map_err(failed)?;
-        std::io::Write::write_all(&mut file, format!("{mark}\n").as_bytes()).map_err(failed)?;
-        file.sync_all().map_err(failed)?;
-        std::fs::rename(&temporary, &path).map_err(failed)?;
-        std::fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
+        let mut slot = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let file = match slot.take() {
+            Some(file) => file,
+            None => {
+                let existed = path.exists();
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)
+                    .map_err(failed)?;
+                if !existed {
+                    File::open(&self.dir)
+                        .and_then(|d| d.sync_all())
+                        .map_err(failed)?;
+                }
+                file
+            }
+        };
+        // Fixed width, so a new mark always covers the whole previous one.
+        file.write_all_at(format!("{mark:020}\n").as_bytes(), 0)
             .map_err(failed)?;
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.1 = Some(Instant::now());
+        file.sync_data().map_err(failed)?;
+        *slot = Some(file);
         Ok(())
     }
 }
