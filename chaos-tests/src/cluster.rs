@@ -161,6 +161,13 @@ impl ClusterFixture {
         self
     }
 
+    /// Keeps the directory (node logs and data) after the fixture is dropped, and returns
+    /// its path.
+    pub fn keep(&mut self) -> PathBuf {
+        self.dir.disable_cleanup(true);
+        self.dir.path().to_owned()
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }

@@ -69,6 +69,9 @@ struct ClusterArgs {
     /// Number of nodes in the cluster.
     #[arg(long, default_value_t = 3)]
     nodes: usize,
+    /// Keep the cluster's directory, with each node's data and log, and print its path.
+    #[arg(long)]
+    keep_cluster_dir: bool,
 }
 
 #[derive(clap::Args, Clone)]
@@ -543,7 +546,13 @@ async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
     };
 
     eprintln!("== cluster: starting {} nodes", args.nodes);
-    let fixture = ClusterFixture::new(&load.atlas_bin, Some(&load.data_parent))?;
+    let mut fixture = ClusterFixture::new(&load.atlas_bin, Some(&load.data_parent))?;
+    if args.keep_cluster_dir {
+        eprintln!(
+            "   the cluster's directory stays after the run: {}",
+            fixture.keep().display()
+        );
+    }
     let (specs, mut nodes) = fixture
         .start_cluster(args.nodes, Duration::from_secs(60))
         .await?;
@@ -588,6 +597,9 @@ async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
         .iter()
         .find(|s| s.name == leader)
         .ok_or_else(|| anyhow::anyhow!("no spec for {leader}"))?;
+    // The restarted node writes a new log; the leaving node's log stays beside it.
+    let log = fixture.path(&format!("{leader}.log"));
+    std::fs::rename(&log, log.with_extension("leave.log"))?;
     nodes.insert(leader.clone(), fixture.start(spec)?);
     eprintln!("   {leader} restarted; waiting until it votes in every log again");
     let everyone: Vec<&NodeProcess> = nodes.values().collect();

@@ -165,7 +165,7 @@ pub(super) async fn remove_voter(
 
 impl Actor for RaftEndpoint {
     type Msg = RaftEndpointMsg;
-    type State = (Raft, Departures);
+    type State = (Raft, Departures, Arc<str>);
     type Arguments = EndpointArgs;
 
     async fn pre_start(
@@ -174,22 +174,31 @@ impl Actor for RaftEndpoint {
         args: EndpointArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         pg::join(group(&args.log, args.node), vec![myself.get_cell()]);
-        Ok((args.raft, args.departures))
+        Ok((args.raft, args.departures, Arc::from(args.log.as_str())))
     }
 
     async fn handle(
         &self,
         _myself: ActorRef<Self::Msg>,
         message: Self::Msg,
-        (raft, departures): &mut Self::State,
+        (raft, departures, log): &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let RaftEndpointMsg::Call(bytes, reply) = message;
-        let (raft, departures) = (raft.clone(), Arc::clone(departures));
+        let (raft, departures, log) = (raft.clone(), Arc::clone(departures), Arc::clone(log));
         // Appends wait for an fsync; the actor keeps taking requests meanwhile.
         tokio::spawn(async move {
             let answer = match rmp_serde::from_slice::<Request>(&bytes) {
                 Ok(Request::Append(request)) => Reply::Append(raft.append_entries(request).await),
-                Ok(Request::Vote(request)) => Reply::Vote(raft.vote(request).await),
+                Ok(Request::Vote(request)) => {
+                    let summary = format!("{request}");
+                    let answer = raft.vote(request).await;
+                    if let Ok(response) = &answer
+                        && !response.vote_granted
+                    {
+                        tracing::info!(log = %log, request = %summary, vote = %response.vote, last = ?response.last_log_id, "vote request rejected");
+                    }
+                    Reply::Vote(answer)
+                }
                 Ok(Request::Snapshot(request)) => {
                     Reply::Snapshot(raft.install_snapshot(request).await)
                 }
@@ -201,6 +210,8 @@ impl Actor for RaftEndpoint {
                 }) => Reply::Done(remove_voter(&raft, &departures, node, replacement, keep).await),
                 Ok(Request::ReadIndex) => Reply::ReadIndex(read_index_here(&raft).await),
                 Ok(Request::Elect) => {
+                    let metrics = raft.metrics().borrow().clone();
+                    tracing::info!(log = %log, state = ?metrics.state, leader = ?metrics.current_leader, last = ?metrics.last_log_index, "starting an election on request");
                     Reply::Done(raft.trigger().elect().await.map_err(|e| e.to_string()))
                 }
                 Ok(Request::Departed(node)) => {
@@ -217,42 +228,90 @@ impl Actor for RaftEndpoint {
     }
 }
 
-/// Logs whose leader keeps new writes waiting while it hands leadership over, by log name and
-/// the leader's raft id, with the time the wait ends. Several nodes may run in one process in
-/// tests, hence the raft id.
-static HELD_WRITES: Mutex<Vec<(String, RaftNodeId, Instant)>> = Mutex::new(Vec::new());
+/// Writes of one log on one node: the end of a hold, while the leader hands leadership over,
+/// and the writes that passed the hold and have not returned.
+#[derive(Default)]
+struct WriteGate {
+    held_until: Option<Instant>,
+    in_flight: usize,
+}
+
+/// The write gates, by log name and the node's raft id. Several nodes may run in one process
+/// in tests, hence the raft id.
+static WRITE_GATES: Mutex<Vec<(String, RaftNodeId, WriteGate)>> = Mutex::new(Vec::new());
+
+/// Runs `change` on the gate of `log` on `node`, created if missing.
+fn with_gate<T>(log: &str, node: RaftNodeId, change: impl FnOnce(&mut WriteGate) -> T) -> T {
+    let mut gates = WRITE_GATES.lock().unwrap_or_else(|p| p.into_inner());
+    let index = match gates.iter().position(|(l, n, _)| l == log && *n == node) {
+        Some(index) => index,
+        None => {
+            gates.push((log.to_owned(), node, WriteGate::default()));
+            gates.len() - 1
+        }
+    };
+    change(&mut gates[index].2)
+}
 
 /// Holds the writes that reach this node's leader of `log` until `until` or until
 /// [`release_writes`], so that a follower taking over leadership has the whole log.
 pub(super) fn hold_writes(log: &str, node: RaftNodeId, until: Instant) {
-    if let Ok(mut held) = HELD_WRITES.lock() {
-        held.retain(|(l, n, _)| !(l == log && *n == node));
-        held.push((log.to_owned(), node, until));
-    }
+    with_gate(log, node, |gate| gate.held_until = Some(until));
 }
 
 /// Ends a hold of [`hold_writes`].
 pub(super) fn release_writes(log: &str, node: RaftNodeId) {
-    if let Ok(mut held) = HELD_WRITES.lock() {
-        held.retain(|(l, n, _)| !(l == log && *n == node));
+    with_gate(log, node, |gate| gate.held_until = None);
+}
+
+/// Waits until no write of `log` on `node` that passed the gate before a hold is still
+/// running, or until `deadline`, and returns whether none is. A write that passed the gate
+/// just before the hold may append its entry after the voter taking over caught up, and
+/// that voter then loses the election for lack of that entry.
+pub(super) async fn writes_settled(log: &str, node: RaftNodeId, deadline: Instant) -> bool {
+    loop {
+        if with_gate(log, node, |gate| gate.in_flight) == 0 {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
-/// Waits while writes to the log that `raft` runs are held on this node.
-async fn wait_while_held(raft: &Raft) {
+/// A write that passed the gate of its log; dropping it ends the write.
+struct GatePass<'a> {
+    log: &'a str,
+    node: RaftNodeId,
+}
+
+impl Drop for GatePass<'_> {
+    fn drop(&mut self) {
+        with_gate(self.log, self.node, |gate| {
+            gate.in_flight = gate.in_flight.saturating_sub(1);
+        });
+    }
+}
+
+/// Waits while writes to the log that `raft` runs are held on this node, then counts the
+/// write as running until the returned pass is dropped.
+async fn pass_gate(raft: &Raft) -> GatePass<'_> {
     let log = &raft.config().cluster_name;
     let node = raft.metrics().borrow().id;
     loop {
-        let until = HELD_WRITES.lock().ok().and_then(|held| {
-            held.iter()
-                .find(|(l, n, _)| l == log && *n == node)
-                .map(|(_, _, until)| *until)
+        let held_until = with_gate(log, node, |gate| match gate.held_until {
+            Some(until) if until > Instant::now() => Some(until),
+            _ => {
+                gate.in_flight += 1;
+                None
+            }
         });
-        match until {
-            Some(until) if until > Instant::now() => {
+        match held_until {
+            Some(until) => {
                 tokio::time::sleep(Duration::from_millis(5).min(until - Instant::now())).await;
             }
-            _ => return,
+            None => return GatePass { log, node },
         }
     }
 }
@@ -264,8 +323,9 @@ pub(super) async fn write_here(
     raft: &Raft,
     command: Command,
 ) -> Result<(u64, CommandResult), WriteRefused> {
-    wait_while_held(raft).await;
+    let pass = pass_gate(raft).await;
     let written = tokio::time::timeout(WRITE_TIMEOUT, raft.client_write(command)).await;
+    drop(pass);
     match written {
         Ok(Ok(response)) => Ok((response.log_id.index, response.data)),
         Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
@@ -481,5 +541,30 @@ impl RaftNetwork<TypeConfig> for ClusterLink {
             Reply::Invalid(detail) => Err(invalid(detail)),
             _ => Err(invalid("wrong reply to vote".into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod gate_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn handover_waits_for_writes_past_the_gate() {
+        let (log, node) = ("gate-test", 7);
+        // A write passed the gate just before the hold, as `pass_gate` counts it.
+        with_gate(log, node, |gate| gate.in_flight += 1);
+        let pass = GatePass { log, node };
+        hold_writes(log, node, Instant::now() + Duration::from_secs(60));
+
+        let soon = Instant::now() + Duration::from_millis(20);
+        assert!(!writes_settled(log, node, soon).await, "a write still runs");
+        drop(pass);
+        let soon = Instant::now() + Duration::from_millis(20);
+        assert!(writes_settled(log, node, soon).await, "no write runs");
+
+        // The hold lasts until it is released.
+        assert!(with_gate(log, node, |gate| gate.held_until.is_some()));
+        release_writes(log, node);
+        assert_eq!(with_gate(log, node, |gate| gate.held_until), None);
     }
 }
