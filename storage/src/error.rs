@@ -76,6 +76,11 @@ impl StorageError {
     /// Describes a panic of sled while opening the database at `path`. sled 0.34 panics on
     /// some damaged files instead of reporting them (seen with a file cut inside a segment).
     pub(crate) fn open_panicked(path: &Path, message: &str) -> Self {
+        Self::open_failed_reading(path, message)
+    }
+
+    /// Returns the error of a database that opened but failed a read at start with `message`.
+    pub(crate) fn open_failed_reading(path: &Path, message: &str) -> Self {
         Self::Open {
             path: path.display().to_string(),
             detail: format!(

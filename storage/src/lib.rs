@@ -106,6 +106,19 @@ impl Store {
                 return Err(StorageError::open_panicked(dir, &message));
             }
         };
+        // sled reads most of the file lazily, so damage it did not see while opening shows up
+        // as an I/O error of the first reads below.
+        Self::open_trees(dir, db, had_data).map_err(|e| match e {
+            StorageError::Io(e @ sled::Error::Corruption { .. }) => {
+                StorageError::open_failed_reading(dir, &e.to_string())
+            }
+            other => other,
+        })
+    }
+
+    /// Checks the format version and the durability marks of the database that `open` opened,
+    /// completes interrupted write sets and opens the trees.
+    fn open_trees(dir: &Path, db: sled::Db, had_data: bool) -> Result<Self, StorageError> {
         let meta = db.open_tree("meta")?;
         match meta.get(FORMAT_KEY)? {
             Some(raw) => {
@@ -354,18 +367,51 @@ impl Store {
     }
 
     /// Reads up to `limit` entries with sequence numbers above `after`, in order.
+    ///
+    /// Fails with [`StorageError::Corrupt`] when an entry is missing: the numbers from the
+    /// first one that retention kept up to the newest stored one have no gaps. sled can lose
+    /// part of a damaged tree without an error, so that a scan ends early or skips entries
+    /// that exist.
+    ///
+    /// NOTE: a snapshot installed on a node of a cluster replaces the group's entries while
+    /// reads go on, and a read during it may fail this way although nothing is lost.
     pub fn read_log(
         &self,
         group: &GroupId,
         after: u64,
         limit: usize,
     ) -> Result<Vec<LogEntry>, StorageError> {
+        // Appends only add entries, so every entry up to the newest one found before the scan
+        // must be in it.
+        let newest = self.newest_seq(group)?.unwrap_or(0);
         let start = keys::log(group, after.saturating_add(1));
         let end = keys::log_end(group);
         let mut out = Vec::new();
         for item in self.groups.range(start..end).take(limit) {
             let (_, raw) = item?;
-            out.push(decode(&raw, "log entry", group)?);
+            out.push(decode::<LogEntry>(&raw, "log entry", group)?);
+        }
+        // Retention writes the group's new first number before it removes entries, so a first
+        // number read after the scan covers every removal that the scan saw.
+        let first_seq = match self.groups.get(keys::group_meta(group))? {
+            Some(raw) => decode::<GroupMeta>(&raw, "group meta", group)?.first_seq,
+            None => 0,
+        };
+        let mut expected = after.saturating_add(1).max(first_seq);
+        for entry in &out {
+            if entry.seq < expected {
+                continue;
+            }
+            if entry.seq > newest {
+                break;
+            }
+            if entry.seq != expected {
+                return Err(missing_entry(group, expected, newest));
+            }
+            expected += 1;
+        }
+        if out.len() < limit && expected <= newest {
+            return Err(missing_entry(group, expected, newest));
         }
         Ok(out)
     }
@@ -380,6 +426,8 @@ impl Store {
         meta: &GroupMeta,
     ) -> Result<usize, StorageError> {
         let mut batch = WriteSet::new(&self.groups);
+        // The new first number goes in before the removals, as `read_log` expects.
+        batch.insert(keys::group_meta(group), encode(meta));
         let mut removed = 0;
         for item in self
             .groups
@@ -391,7 +439,6 @@ impl Store {
             batch.remove(keys::dedupe(group, &entry.sender, &entry.msg_id));
             removed += 1;
         }
-        batch.insert(keys::group_meta(group), encode(meta));
         self.atomic.apply(batch)?;
         Ok(removed)
     }
@@ -592,6 +639,19 @@ impl Store {
 }
 
 /// Adds the writes of one appended entry to `batch`.
+/// Returns the error of a log read that found entry `missing` absent below the newest entry
+/// `newest`.
+fn missing_entry(group: &GroupId, missing: u64, newest: u64) -> StorageError {
+    StorageError::Corrupt {
+        what: format!("log of group {group}"),
+        detail: format!(
+            "entry {missing} is missing although the log reaches entry {newest}; the database \
+             is damaged: restore the data directory from a backup, or, on a node of a \
+             cluster, empty it and start the node with --seeds"
+        ),
+    }
+}
+
 fn stage_append(
     batch: &mut WriteSet,
     group: &GroupId,

@@ -55,9 +55,26 @@ impl Marks {
                 });
             }
         };
-        if let Some(recorded) = recorded
-            && stored < recorded
-        {
+        let Some(recorded) = recorded else {
+            // The file is written at the first open, before any mark, so a database with a
+            // mark and no file lost the file: without it, lost writes would go unnoticed.
+            if stored > 0 {
+                return Err(StorageError::Corrupt {
+                    what: format!("storage in {}", dir.display()),
+                    detail: format!(
+                        "the database has durability mark {stored}, but {} is missing, so \
+                         writes the database may have lost cannot be detected; restore the \
+                         data directory from a backup, or, if only the file was removed and \
+                         the database is known to be whole, write {stored} into it",
+                        path.display()
+                    ),
+                });
+            }
+            let marks = Self::with_mark(dir, meta, stored);
+            marks.record(stored)?;
+            return Ok(marks);
+        };
+        if stored < recorded {
             return Err(StorageError::Corrupt {
                 what: format!("storage in {}", dir.display()),
                 detail: format!(
@@ -69,12 +86,16 @@ impl Marks {
                 ),
             });
         }
-        Ok(Self {
+        Ok(Self::with_mark(dir, meta, stored))
+    }
+
+    fn with_mark(dir: &Path, meta: sled::Tree, stored: u64) -> Self {
+        Self {
             dir: dir.to_path_buf(),
             meta,
             staged: Mutex::new(stored),
             file: Mutex::new(None),
-        })
+        }
     }
 
     /// Writes the next mark into the database (not yet flushed) and returns it.

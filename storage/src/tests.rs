@@ -54,13 +54,7 @@ async fn appended_entries_read_back_in_order_after_reopen() {
     let (m, state) = store.load_group(&group()).unwrap().unwrap();
     assert_eq!(m.last_seq, 5);
     assert_eq!(state, b"state");
-    let seqs: Vec<u64> = store
-        .read_log(&group(), 2, 10)
-        .unwrap()
-        .iter()
-        .map(|e| e.seq)
-        .collect();
-    assert_eq!(seqs, vec![3, 4, 5]);
+    assert_eq!(read_seqs(&store, 2), [3, 4, 5]);
     assert_eq!(
         store
             .dedupe(
@@ -224,6 +218,22 @@ async fn lost_writes_behind_a_durability_mark_are_refused() {
     let err = Store::open(dir.path()).err().expect("open must fail");
     assert!(matches!(err, StorageError::Corrupt { .. }), "{err:?}");
     assert!(err.to_string().contains("lost writes"), "{err}");
+
+    // Without the file, a lost write could not be detected, so the database is refused too.
+    std::fs::remove_file(&mark_file).unwrap();
+    let err = Store::open(dir.path()).err().expect("open must fail");
+    assert!(matches!(err, StorageError::Corrupt { .. }), "{err:?}");
+    assert!(err.to_string().contains("is missing"), "{err}");
+    // Writing the database's mark back into the file, as the error message suggests, opens it again.
+    std::fs::write(&mark_file, format!("{}\n", recorded - 1)).unwrap();
+    Store::open(dir.path()).unwrap().close().await.unwrap();
+}
+
+#[tokio::test]
+async fn new_database_gets_a_mark_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let _store = Store::open(dir.path()).unwrap();
+    assert_eq!(recorded_mark(&dir.path().join("durable-mark")), 0);
 }
 
 fn recorded_mark(file: &Path) -> u64 {
@@ -252,6 +262,53 @@ async fn corrupt_log_entry_is_an_error() {
         .unwrap();
     let err = store.read_log(&group(), 0, 10).unwrap_err();
     assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
+}
+
+/// Opens a store in `dir` with the test group and its entries 1 to `count`.
+fn store_with_entries(dir: &Path, count: u64) -> Store {
+    let store = Store::open(dir).unwrap();
+    store.create_group(&group(), &meta(0), b"state").unwrap();
+    for seq in 1..=count {
+        store
+            .append(&group(), &entry(seq, seq as u8), None, None, &[])
+            .unwrap();
+    }
+    store
+}
+
+#[tokio::test]
+async fn missing_log_entry_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_entries(dir.path(), 5);
+    // As if sled had lost one entry of a damaged tree.
+    store.groups.remove(keys::log(&group(), 3)).unwrap();
+
+    for after in [0, 2] {
+        let err = store.read_log(&group(), after, 10).unwrap_err();
+        assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("entry 3 is missing"), "{err}");
+    }
+    // Reads that end before the gap, or start after it, are whole.
+    assert_eq!(store.read_log(&group(), 0, 2).unwrap().len(), 2);
+    assert_eq!(store.read_log(&group(), 3, 10).unwrap().len(), 2);
+    // Entries removed by retention are no gap.
+    store
+        .prune(
+            &group(),
+            3,
+            &GroupMeta {
+                first_seq: 4,
+                ..meta(5)
+            },
+        )
+        .unwrap();
+    assert_eq!(read_seqs(&store, 0), [4, 5]);
+}
+
+/// Returns the sequence numbers of the test group's entries after `after`, at most 10.
+fn read_seqs(store: &Store, after: u64) -> Vec<u64> {
+    let entries = store.read_log(&group(), after, 10).unwrap();
+    entries.iter().map(|e| e.seq).collect()
 }
 
 #[tokio::test]
@@ -650,13 +707,7 @@ async fn corrupt_key_log_entry_is_detected() {
 #[tokio::test]
 async fn last_seq_comes_from_the_log_when_meta_was_not_rewritten() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    store.create_group(&group(), &meta(0), b"s").unwrap();
-    for seq in 1..=3 {
-        store
-            .append(&group(), &entry(seq, seq as u8), None, None, &[])
-            .unwrap();
-    }
+    let store = store_with_entries(dir.path(), 3);
     assert_eq!(store.load_group(&group()).unwrap().unwrap().0.last_seq, 3);
 }
 
