@@ -46,7 +46,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Storage format version written on first open; a mismatch is refused by [`Store::open`].
 pub const FORMAT_VERSION: u32 = 2;
@@ -55,6 +55,9 @@ const FORMAT_KEY: &[u8] = b"format_version";
 
 /// sled page cache size in bytes.
 const CACHE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// Time `Store::open` retries, at most, while the database's lock is held.
+const LOCK_WAIT: Duration = Duration::from_secs(1);
 
 /// A handle to the node's sled database. Cheap to clone.
 #[derive(Clone)]
@@ -94,7 +97,21 @@ impl Store {
             .cache_capacity(CACHE_BYTES)
             // Durability comes from explicit flushes; sled's own timer flush is turned off.
             .flush_every_ms(None);
-        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+        let started = Instant::now();
+        let opened = loop {
+            let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+            let Ok(Err(e)) = opened else {
+                break opened;
+            };
+            match StorageError::open(dir, e) {
+                // A store dropped in this process keeps the lock until sled's background
+                // writes of it end, which can take a moment on a busy machine.
+                StorageError::InUse { .. } if started.elapsed() < LOCK_WAIT => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => return Err(other),
+            }
+        };
         let db = match opened {
             Ok(result) => result.map_err(|e| StorageError::open(dir, e))?,
             Err(panic) => {
