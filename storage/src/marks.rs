@@ -6,7 +6,7 @@
 //! acknowledged entries of a group, whose numbers then went to new messages. A mark is
 //! written after the writes its flush covers, and sled keeps a prefix of its log. So a
 //! database that lost any acknowledged write lost the mark of that write's flush too, and
-//! [`Marks::open`] refuses it because the database's number is lower than the file's.
+//! [`Marks::open`] rejects it because the database's number is lower than the file's.
 //!
 //! NOTE: the file is rewritten in place (20 digits and a newline at offset 0) and synced
 //! with `fdatasync`, which relies on the disk writing those 21 bytes of one sector whole.

@@ -448,16 +448,15 @@ impl Replica {
     /// get up to [`HANDOVER_CATCH_UP`] to receive every entry, so that any of them can win.
     /// A handover that no voter won is tried again, up to [`HANDOVER_ATTEMPTS`] times: once
     /// this node stops, the others wait out their election timeouts, and their elections
-    /// without its vote took 6 to 7 s in benchmark runs.
+    /// without its vote took about 7 s in one benchmark run.
     async fn step_down(&self, voters: &BTreeSet<RaftNodeId>) {
         let log = &self.settings.log;
         let me = self.settings.raft_id;
         let others: Vec<RaftNodeId> = voters.iter().copied().filter(|v| *v != me).collect();
         for attempt in 1..=HANDOVER_ATTEMPTS {
             hold_writes(log, me, Instant::now() + HANDOVER_HOLD);
-            let settled = writes_settled(log, me, Instant::now() + HANDOVER_CATCH_UP).await;
             // A lagging voter may still win with the others' votes, so the handover goes on.
-            let caught_up = settled && self.wait_until_caught_up(&others).await;
+            let caught_up = self.wait_until_caught_up(&others).await;
 
             // Past its lease, this node grants its own vote to one candidate, which makes a
             // majority of up to three voters: one election, with no rival candidates.
@@ -509,8 +508,7 @@ impl Replica {
         }
         let log = &self.settings.log;
         hold_writes(log, me, Instant::now() + HANDOVER_HOLD);
-        let caught_up = writes_settled(log, me, Instant::now() + HANDOVER_CATCH_UP).await
-            && self.wait_until_caught_up(&[target]).await;
+        let caught_up = self.wait_until_caught_up(&[target]).await;
         let moved = caught_up
             && match ask(log, target, Request::Elect).await {
                 Ok(()) => self.led_by_another().await,
@@ -523,9 +521,14 @@ impl Replica {
         moved
     }
 
-    /// Waits up to [`HANDOVER_CATCH_UP`] until each of `voters` has every entry of this
-    /// node, the leader, and returns whether they all have.
+    /// Waits until the writes that passed the hold before it have returned, then up to
+    /// [`HANDOVER_CATCH_UP`] until each of `voters` has every entry of this node, the leader.
+    /// Returns whether both happened. Call it once writes are held.
     async fn wait_until_caught_up(&self, voters: &[RaftNodeId]) -> bool {
+        let (log, me) = (&self.settings.log, self.settings.raft_id);
+        if !writes_settled(log, me, Instant::now() + HANDOVER_CATCH_UP).await {
+            return false;
+        }
         self.raft
             .wait(Some(HANDOVER_CATCH_UP))
             .metrics(
