@@ -1,7 +1,7 @@
 //! Connections to a cluster: a client knows several nodes, moves to another one when its node
 //! fails, and retries a send (under the same message id) or a read of a group there.
 
-use crate::{Client, ClientError, ServerTrust, new_msg_id};
+use crate::{Client, ClientError, Received, ServerTrust, new_msg_id};
 use atlas_protocol::{ErrorCode, GroupId};
 use std::time::{Duration, Instant};
 
@@ -54,6 +54,10 @@ impl Client {
     /// Leaves the current node and connects to the next one of the list given to
     /// [`Client::connect_any`] that accepts, then syncs every group from its cursor. Returns
     /// the index of the node connected.
+    ///
+    /// The events that sync reads advance the cursors, so no later read returns them again.
+    /// They wait in the client until [`Client::take_missed`], [`Client::sync`] or, for
+    /// one group, [`Client::sync_group`] returns them.
     pub async fn fail_over(&mut self) -> Result<usize, ClientError> {
         if self.nodes.is_empty() {
             return Err(ClientError::Config(
@@ -62,8 +66,17 @@ impl Client {
         }
         self.disconnect();
         let index = self.connect_from(self.node_index + 1).await?;
-        self.sync().await?;
+        let events = self.sync().await?;
+        self.missed = events;
         Ok(index)
+    }
+
+    /// Returns the events that the sync of a failover read (messages and membership changes
+    /// of every group, and groups joined), in the order read, and forgets them. A failover
+    /// happens inside [`Client::send_reliably`] and [`Client::sync_group_reliably`]; call
+    /// this after them to show what arrived meanwhile.
+    pub fn take_missed(&mut self) -> Vec<Received> {
+        std::mem::take(&mut self.missed)
     }
 
     async fn connect_from(&mut self, first: usize) -> Result<usize, ClientError> {
@@ -139,10 +152,12 @@ impl Client {
     /// Reads one group's log as [`Client::sync_group`] does. With several nodes given to
     /// [`Client::connect_any`], a node that cannot serve the read (lost connection, timeout,
     /// `unavailable`) is left for the next one, until the same deadline as a reliable send.
+    /// The group's events that a failover read come first (see [`Client::sync_group`]); those
+    /// of other groups wait for [`Client::take_missed`].
     pub async fn sync_group_reliably(
         &mut self,
         group: &GroupId,
-    ) -> Result<Vec<crate::Received>, ClientError> {
+    ) -> Result<Vec<Received>, ClientError> {
         let deadline = Instant::now() + SEND_DEADLINE;
         let mut attempts = 0;
         loop {

@@ -111,6 +111,12 @@ pub enum ClientError {
     /// The server's response did not have the expected form.
     #[error("invalid response: {0}")]
     Protocol(String),
+    /// The server's log of a group contradicts what this device already read from it: it
+    /// ends before this device's cursor, or it acknowledged a message under a position where
+    /// this device read another entry. The node lost acknowledged writes (a restored backup,
+    /// a damaged disk). Nothing read before is changed.
+    #[error("the server's log contradicts this device: {0}")]
+    LogConflict(String),
 }
 
 impl ClientError {
@@ -185,6 +191,8 @@ pub struct Client {
     /// The cluster's nodes given to [`Client::connect_any`], and the one used last.
     nodes: Vec<NodeAddress>,
     node_index: usize,
+    /// Events that the sync of a failover read and no call has returned yet.
+    missed: Vec<Received>,
 }
 
 impl Client {
@@ -231,6 +239,7 @@ impl Client {
             dpop: DpopState::default(),
             nodes: Vec::new(),
             node_index: 0,
+            missed: Vec::new(),
         };
         client.save()?;
         Ok(client)
@@ -1149,6 +1158,7 @@ impl Client {
                         .get_mut(group.as_bytes())
                         .is_some_and(|g| g.unacknowledged.remove(&msg_id.0).is_none());
                     if !recorded {
+                        self.check_own_position(group, accepted.seq, msg_id, text)?;
                         self.record_own(group, accepted.seq, Some(text.to_owned()));
                     }
                     self.save()?;
@@ -1178,6 +1188,40 @@ impl Client {
         )))
     }
 
+    /// Fails with [`ClientError::LogConflict`] when the server acknowledged the message `text`
+    /// at a position this device has read already, unless the entry read there is this
+    /// message (a retry whose original a sync met). The text then stays unacknowledged, so a
+    /// sync that finds the message elsewhere still records it.
+    fn check_own_position(
+        &mut self,
+        group: &GroupId,
+        seq: u64,
+        msg_id: ClientMsgId,
+        text: &str,
+    ) -> Result<(), ClientError> {
+        let Some(local) = self.groups.get_mut(group.as_bytes()) else {
+            return Ok(());
+        };
+        if seq > local.cursor {
+            return Ok(());
+        }
+        let read = local
+            .transcript
+            .binary_search_by_key(&seq, |(s, _, _)| *s)
+            .ok()
+            .map(|i| &local.transcript[i]);
+        if read.is_some_and(|(_, account, read)| *account == self.account && read == text) {
+            return Ok(());
+        }
+        let cursor = local.cursor;
+        local.unacknowledged.insert(msg_id.0, text.to_owned());
+        self.save()?;
+        Err(ClientError::LogConflict(format!(
+            "the server acknowledged a message to group {group} as entry {seq}, but this device \
+             already read another entry {seq} there (it has read up to entry {cursor})"
+        )))
+    }
+
     fn record_own(&mut self, group: &GroupId, seq: u64, text: Option<String>) {
         let local = self.groups.entry(group.as_bytes().to_vec()).or_default();
         if seq == local.cursor + 1 {
@@ -1189,9 +1233,24 @@ impl Client {
     }
 
     /// Joins groups from pending Welcomes, then reads every group's log from its cursor.
-    /// Returns the events in log order per group.
+    /// Returns the events in log order per group, after those that a failover read before
+    /// (see [`Client::take_missed`]).
+    ///
+    /// When a read fails part way, the cursors have moved past the events read before it, so
+    /// the client keeps them and the next call returns them first.
     pub async fn sync(&mut self) -> Result<Vec<Received>, ClientError> {
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.missed);
+        match self.sync_into(&mut out).await {
+            Ok(()) => Ok(out),
+            Err(e) => {
+                out.append(&mut self.missed);
+                self.missed = out;
+                Err(e)
+            }
+        }
+    }
+
+    async fn sync_into(&mut self, out: &mut Vec<Received>) -> Result<(), ClientError> {
         let welcomes = match self.request(ClientBody::Welcomes).await? {
             ServerBody::Welcomes { welcomes } => welcomes,
             other => return Err(unexpected("welcomes", other)),
@@ -1209,7 +1268,7 @@ impl Client {
         for group in self.groups() {
             out.extend(self.sync_group(&group).await?);
         }
-        Ok(out)
+        Ok(())
     }
 
     fn join(&mut self, welcome: WelcomeEntry) -> Result<Option<Received>, ClientError> {
@@ -1270,14 +1329,36 @@ impl Client {
     }
 
     /// Reads one group's log from the cursor to the head, processes it and acknowledges it.
+    /// The group's events that an earlier read moved the cursor past without returning them
+    /// (a failover's sync, a read that failed part way) come first.
+    ///
+    /// Fails with [`ClientError::LogConflict`] when the server's log ends before the cursor
+    /// or skips an entry it still holds.
     pub async fn sync_group(&mut self, group: &GroupId) -> Result<Vec<Received>, ClientError> {
-        let mut out = Vec::new();
+        let (mut out, others) = std::mem::take(&mut self.missed)
+            .into_iter()
+            .partition::<Vec<_>, _>(|r| &r.group == group);
+        self.missed = others;
+        match self.sync_group_into(group, &mut out).await {
+            Ok(()) => Ok(out),
+            Err(e) => {
+                self.missed.append(&mut out);
+                Err(e)
+            }
+        }
+    }
+
+    async fn sync_group_into(
+        &mut self,
+        group: &GroupId,
+        out: &mut Vec<Received>,
+    ) -> Result<(), ClientError> {
         loop {
             let Some(local) = self.groups.get(group.as_bytes()) else {
                 return Err(ClientError::UnknownGroup(group.to_string()));
             };
             if local.removed {
-                return Ok(out);
+                return Ok(());
             }
             let after = local.cursor;
             let body = ClientBody::Sync {
@@ -1285,15 +1366,39 @@ impl Client {
                 after,
                 limit: 200,
             };
-            let (entries, head) = match self.request(body).await {
-                Ok(ServerBody::Entries { entries, head, .. }) => (entries, head),
+            let (entries, head, first_available) = match self.request(body).await {
+                Ok(ServerBody::Entries {
+                    entries,
+                    head,
+                    first_available,
+                    ..
+                }) => (entries, head, first_available),
                 Ok(other) => return Err(unexpected("sync", other)),
                 Err(e) if e.code() == Some(ErrorCode::NotMember) => {
                     self.mark_removed(group)?;
-                    return Ok(out);
+                    return Ok(());
                 }
                 Err(e) => return Err(e),
             };
+            if head < after {
+                return Err(ClientError::LogConflict(format!(
+                    "the server's log of group {group} ends at entry {head}, but this device \
+                     has read up to entry {after}"
+                )));
+            }
+            // Entries below `first_available` were removed by retention; the rest must follow
+            // one another.
+            let first = (after + 1).max(first_available);
+            let read = entries.iter().filter(|e| e.seq > after);
+            for (entry, expected) in read.zip(first..) {
+                if entry.seq != expected {
+                    return Err(ClientError::LogConflict(format!(
+                        "the server's log of group {group} skips from entry {} to entry {}",
+                        expected - 1,
+                        entry.seq
+                    )));
+                }
+            }
             let count = entries.len();
             for entry in entries {
                 out.extend(self.process_entry(group, entry)?);
@@ -1307,7 +1412,7 @@ impl Client {
                 .await?;
             }
             if count == 0 || cursor >= head {
-                return Ok(out);
+                return Ok(());
             }
         }
     }
@@ -1486,15 +1591,33 @@ impl Client {
 
     /// Processes pushes that arrive within `wait`: new entries in order (syncing over gaps)
     /// and Welcomes. Returns what was received.
+    ///
+    /// Like [`Client::sync`], it returns first the events an earlier read moved the cursors
+    /// past, and a failure keeps the events processed before it for the next read.
     pub async fn receive(&mut self, wait: Duration) -> Result<Vec<Received>, ClientError> {
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.missed);
+        match self.receive_into(wait, &mut out).await {
+            Ok(()) => Ok(out),
+            Err(e) => {
+                out.append(&mut self.missed);
+                self.missed = out;
+                Err(e)
+            }
+        }
+    }
+
+    async fn receive_into(
+        &mut self,
+        wait: Duration,
+        out: &mut Vec<Received>,
+    ) -> Result<(), ClientError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let conn = self.conn.as_mut().ok_or(ClientError::NotConnected)?;
             let push = match tokio::time::timeout_at(deadline, conn.pushes.recv()).await {
                 Ok(Some(push)) => push,
                 Ok(None) => return Err(ClientError::Disconnected(conn.close_info())),
-                Err(_) => return Ok(out),
+                Err(_) => return Ok(()),
             };
             match push {
                 ServerBody::Push { group, entry } => {

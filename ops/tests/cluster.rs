@@ -1138,11 +1138,15 @@ async fn reliable_send_and_read_leave_a_paused_node() {
     let (_, nodes) = fixture.start_cluster(3, CONVERGE).await.unwrap();
     let (mut alice, mut bob, group) =
         alice_and_bob(&fixture, &nodes["node-a"], &nodes["node-c"], "paused").await;
+    let other = alice.create_group("other").await.unwrap();
+    alice.add_members(&other, &["bob"]).await.unwrap();
+    bob.sync().await.unwrap();
     let list: Vec<_> = ["node-a", "node-b", "node-c"]
         .iter()
         .map(|n| address(&nodes[*n]))
         .collect();
     assert_eq!(alice.connect_any(&list).await.unwrap(), 0);
+    bob.send(&other, "elsewhere").await.unwrap();
 
     // node-a, which alice uses, accepts connections but never replies. Each request there
     // would wait out the SDK's request timeout, as long as the whole send may take.
@@ -1154,7 +1158,23 @@ async fn reliable_send_and_read_leave_a_paused_node() {
     bob.sync().await.unwrap();
     assert_eq!(messages(&bob, &group), vec!["while paused".to_owned()]);
 
-    // A read of the group leaves a paused node the same way.
+    // The failover read bob's message in the other group and moved alice's cursor past it.
+    // The client returns it once.
+    let missed: Vec<_> = alice
+        .take_missed()
+        .into_iter()
+        .filter(|r| r.group == other)
+        .map(|r| r.event)
+        .collect();
+    assert_eq!(
+        missed,
+        vec![atlas_client::Event::Message("elsewhere".into())]
+    );
+    assert!(alice.take_missed().is_empty());
+    assert!(alice.sync().await.unwrap().is_empty());
+
+    // A read of the group leaves a paused node the same way. It returns the group's entries
+    // that the failover read.
     bob.send(&group, "reply").await.unwrap();
     let current = alice.current_node().unwrap().url.clone();
     let paused = list.iter().position(|n| n.url == current).unwrap();
@@ -1162,7 +1182,8 @@ async fn reliable_send_and_read_leave_a_paused_node() {
     nodes[name].signal("STOP").unwrap();
     let read = alice.sync_group_reliably(&group).await;
     nodes[name].signal("CONT").unwrap();
-    read.unwrap();
+    let read: Vec<_> = read.unwrap().into_iter().map(|r| r.event).collect();
+    assert_eq!(read, vec![atlas_client::Event::Message("reply".into())]);
     assert_ne!(alice.current_node().unwrap().url, current);
     assert_eq!(
         messages(&alice, &group),

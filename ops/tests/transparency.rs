@@ -1,5 +1,6 @@
 //! Key transparency against a real node process: lookups with proofs, revocation, key
 //! rotation, signing key rotation, and forks and rollbacks caught by the SDK and the auditor.
+//! The SDK also catches a group's log that was rolled back.
 
 use atlas_chaos::NodeProcess;
 use atlas_client::audit::{AuditError, AuditOptions, audit};
@@ -344,6 +345,56 @@ async fn rollback_is_caught_by_client_and_auditor() {
         matches!(audit_err, AuditError::Inconsistent { .. }),
         "{audit_err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_log_rollback_is_caught() {
+    let mut node = Node::start();
+    let mut alice = node.client("alice", "alice").await;
+    let mut bob = node.client("bob", "bob").await;
+    bob.publish_key_packages(1).await.unwrap();
+    let group = alice.create_group("restored").await.unwrap();
+    alice.add_members(&group, &["bob"]).await.unwrap();
+    bob.sync().await.unwrap();
+    drop((alice, bob));
+    node.stop();
+    let snapshot = node.snapshot("before-message");
+    node.restart();
+
+    let mut alice = node.client("alice", "alice").await;
+    let seq = alice.send(&group, "read by bob").await.unwrap();
+    let mut bob = node.client("bob", "bob").await;
+    bob.sync().await.unwrap();
+    assert_eq!(bob.cursor(&group), Some(seq));
+    drop((alice, bob));
+
+    // The node comes back without the message. No device was registered meanwhile, so its
+    // key log matches what the clients saw, and only the group's log shows the loss.
+    node.stop();
+    node.restore(&snapshot);
+    node.restart();
+    let mut bob = node.client("bob", "bob").await;
+    let err = bob.sync_group(&group).await.unwrap_err();
+    let ClientError::LogConflict(detail) = &err else {
+        panic!("expected a log conflict, got {err}");
+    };
+    assert!(
+        detail.contains(&format!("ends at entry {}", seq - 1)),
+        "{detail}"
+    );
+
+    // The node hands bob's next message the position where bob read alice's.
+    let err = bob.send(&group, "from bob").await.unwrap_err();
+    let ClientError::LogConflict(detail) = &err else {
+        panic!("expected a log conflict, got {err}");
+    };
+    assert!(detail.contains(&format!("as entry {seq}")), "{detail}");
+    let transcript = bob.transcript(&group);
+    assert_eq!(
+        transcript,
+        vec![(seq, "alice".to_owned(), "read by bob".to_owned())]
+    );
+    assert_eq!(bob.cursor(&group), Some(seq));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -751,6 +751,14 @@ fn sdk_error(action: &str, error: ClientError) -> CliError {
                     .to_owned(),
             ),
         ),
+        ClientError::LogConflict(_) => (
+            error.to_string(),
+            Some(
+                "the node lost messages it had acknowledged (a restored backup or a damaged \
+                 disk); report this to its operator. This device keeps everything it read"
+                    .to_owned(),
+            ),
+        ),
         _ => (error.to_string(), None),
     };
     CliError {
@@ -1187,9 +1195,28 @@ impl Chat {
         } else {
             self.client.sync_group(group).await
         };
+        self.print_taken_missed(group, 0);
         let events = read.map_err(|e| sdk_error(&format!("reading group {group}"), e))?;
         self.print_events(&events);
         self.require_group(group)
+    }
+
+    /// Prints what a failover's sync read in every group, other than this device's own entry
+    /// `own_seq` of `group`, and returns the sequence numbers printed for `group`. That sync
+    /// moves the cursors, so neither [`Self::print_missed`] nor a later `sync` shows them.
+    fn print_taken_missed(&mut self, group: &GroupId, own_seq: u64) -> Vec<u64> {
+        let missed = self.client.take_missed();
+        let mut printed = Vec::new();
+        for received in &missed {
+            if &received.group == group {
+                if received.seq == own_seq {
+                    continue;
+                }
+                printed.push(received.seq);
+            }
+            outln!("{}", event_line(received, self.account()));
+        }
+        printed
     }
 
     /// Prints the messages that an SDK call stored in the transcript after `after`, other than
@@ -1198,9 +1225,9 @@ impl Chat {
     ///
     /// NOTE: membership changes read that way are not in the transcript, so they are not
     /// printed. `atlas-chat groups` shows the resulting members.
-    fn print_missed(&self, group: &GroupId, after: u64, own_seq: u64) {
+    fn print_missed(&self, group: &GroupId, after: u64, own_seq: u64, printed: &[u64]) {
         for (seq, account, text) in self.client.transcript(group) {
-            if seq > after && seq != own_seq {
+            if seq > after && seq != own_seq && !printed.contains(&seq) {
                 outln!("{}", message_line(group, seq, &account, &text));
             }
         }
@@ -1244,7 +1271,7 @@ impl Chat {
                 error
             }
         })?;
-        self.print_missed(group, before, seq);
+        self.print_missed(group, before, seq, &[]);
         let notice = membership_notice(self.account(), &accounts, &[]);
         outln!("{}", notice_line(group, seq, &notice));
         Ok(())
@@ -1306,7 +1333,7 @@ impl Chat {
                     e,
                 )
             })?;
-        self.print_missed(group, before, seq);
+        self.print_missed(group, before, seq, &[]);
         let notice = membership_notice(self.account(), &[], &accounts);
         outln!("{}", notice_line(group, seq, &notice));
         Ok(())
@@ -1326,8 +1353,10 @@ impl Chat {
         } else {
             self.client.send(group, text).await
         };
+        // What a failover read is shown even when the send failed in the end.
+        let printed = self.print_taken_missed(group, *sent.as_ref().unwrap_or(&0));
         let seq = sent.map_err(|e| sdk_error(&format!("sending to group {group}"), e))?;
-        self.print_missed(group, before, seq);
+        self.print_missed(group, before, seq, &printed);
         outln!("{}", message_line(group, seq, self.account(), text));
         Ok(())
     }
