@@ -516,6 +516,75 @@ async fn minority_refuses_writes_until_healed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumed_node_deposes_no_leader() {
+    let fixture = fixture();
+    let (nodes, index) = three_nodes_and_a_directory_follower(&fixture).await;
+    let names = ["node-a", "node-b", "node-c"];
+    let everyone: Vec<&NodeProcess> = nodes.iter().collect();
+    let paused = names[index];
+    let others = all_but(&nodes, index);
+
+    // Leaders follow placement first, so that the only handovers left are those back to the
+    // paused node once it returns.
+    let placed = wait_until(2 * CONVERGE, || {
+        agreed_leaders(&everyone, &names).is_some()
+            && log_views(everyone[0]).is_some_and(|views| {
+                views
+                    .iter()
+                    .skip(1)
+                    .all(|v| v.preferred.is_some() && v.leader == v.preferred)
+            })
+    })
+    .await;
+    assert!(placed, "the shard logs' leaders did not follow placement");
+    let preferred: Vec<Option<String>> = log_views(everyone[0])
+        .unwrap()
+        .into_iter()
+        .map(|v| v.preferred)
+        .collect();
+    // A follower closes its elections once it hears its leader, at its next check (every
+    // 200 ms). The shard logs have just started.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Paused for well over its election timeouts, the node finds every election timer run
+    // out when it resumes. The two others elect leaders for the logs it led meanwhile.
+    nodes[index].signal("STOP").unwrap();
+    let took_over = wait_until(CONVERGE, || {
+        agreed_leaders(&others, &names).is_some_and(|leaders| leaders.iter().all(|l| l != paused))
+    })
+    .await;
+    if !took_over {
+        nodes[index].signal("CONT").unwrap();
+    }
+    assert!(
+        took_over,
+        "the others did not take over the logs {paused} led"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = log_views(others[0]).unwrap();
+    nodes[index].signal("CONT").unwrap();
+
+    let back = wait_until(CONVERGE, || others.iter().all(|n| alive(n, &[paused]))).await;
+    assert!(back, "{paused} was not heard again");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = log_views(others[0]).unwrap();
+    // A log that does not hand its leadership back to the paused node keeps its leader and
+    // term: the node raised no term when it resumed.
+    for (i, (was, now)) in before.iter().zip(&after).enumerate() {
+        if preferred[i].as_deref() == Some(paused) {
+            continue;
+        }
+        assert_eq!(
+            (was.term, &was.leader),
+            (now.term, &now.leader),
+            "log {i} changed its term or leader after {paused} resumed"
+        );
+    }
+    let log = fixture.log(paused);
+    assert!(log.contains("did not run for a while"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_node_presents_no_stale_tree_head() {
     let fixture = fixture();
     // The node that falls behind follows the directory's log, so the others keep its leader.

@@ -20,8 +20,8 @@ use crate::placement::{NodeName, ShardId, replicas, shard_of};
 use atlas_storage::{Change, ShardLogStart, SharedPart, StorageError, Store};
 use openraft::{BasicNode, ServerState};
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Name of the directory's log. Earlier versions carried everything in it.
@@ -69,7 +69,17 @@ pub struct ReplicatedLogs {
     start_alone_after: Duration,
     /// Turn counter of [`ReplicatedLogs::balance_leaders`].
     balance_turn: AtomicU32,
+    /// The last call of [`ReplicatedLogs::gate_elections`], and the end of the quiet time
+    /// after a pause it saw.
+    gate_runs: Mutex<(Option<Instant>, Option<Instant>)>,
+    /// The upper bound of the election timeout: the quiet time after a pause.
+    quiet_after_pause: Duration,
 }
+
+/// A gap between two calls of [`ReplicatedLogs::gate_elections`] longer than this means
+/// that the node did not run meanwhile (SIGSTOP, a stalled VM or a starved process). The
+/// calls come every 200 ms.
+const PAUSE_GAP: Duration = Duration::from_secs(1);
 
 impl ReplicatedLogs {
     /// Starts this node's replica of every log, each applying to `store`.
@@ -133,6 +143,8 @@ impl ReplicatedLogs {
             replication: settings.replication.max(1),
             start_alone_after: settings.start_alone_after,
             balance_turn: AtomicU32::new(0),
+            gate_runs: Mutex::new((None, None)),
+            quiet_after_pause: 2 * settings.replica.election_timeout,
         })
     }
 
@@ -370,12 +382,35 @@ impl ReplicatedLogs {
     }
 
     /// Lets this node start elections in a log only while it counts a majority of the log's
-    /// voters alive (see [`Replica::gate_elections`]).
+    /// voters alive and hears no leader (see [`Replica::gate_elections`]). Call it every
+    /// 200 ms. After a gap of more than [`PAUSE_GAP`] between two calls, elections stay
+    /// closed for the upper bound of the election timeout. The failure detector and the
+    /// times of the leaders' last appends are stale after a pause, and by then the leaders'
+    /// appends have arrived again.
     pub fn gate_elections(&self, alive: &[(String, RaftNodeId)]) {
         let alive: std::collections::BTreeSet<RaftNodeId> =
             alive.iter().map(|(_, id)| *id).collect();
+        let now = Instant::now();
+        let quiet = match self.gate_runs.lock() {
+            Ok(mut runs) => {
+                let (last, quiet_until) = &mut *runs;
+                if let Some(gap) = last.map(|at| now.saturating_duration_since(at))
+                    && gap > PAUSE_GAP
+                {
+                    tracing::warn!(
+                        gap_ms = gap.as_millis() as u64,
+                        "this node did not run for a while (paused or starved); it starts no \
+                         elections until it has heard from the leaders again"
+                    );
+                    *quiet_until = Some(now + self.quiet_after_pause);
+                }
+                *last = Some(now);
+                quiet_until.is_some_and(|until| now < until)
+            }
+            Err(_) => false,
+        };
         for log in self.all() {
-            log.replica.gate_elections(&alive);
+            log.replica.gate_elections(&alive, quiet);
         }
     }
 

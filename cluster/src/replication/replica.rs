@@ -2,8 +2,9 @@
 //! endpoint actor, and the task that makes live cluster members voters.
 
 use super::transport::{
-    ClusterNetwork, Departures, EndpointArgs, LEAVE_HOLD, RaftEndpoint, RaftEndpointMsg, Request,
-    ask, hold_writes, release_writes, remove_voter, voters, writes_settled,
+    ClusterNetwork, Departures, EndpointArgs, LEAVE_HOLD, LeaderContact, RaftEndpoint,
+    RaftEndpointMsg, Request, ask, hold_writes, release_writes, remove_voter, voters,
+    writes_settled,
 };
 use super::{Applier, LogDisk, Raft, RaftNodeId, SledLogStore, SledStateMachine};
 use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
@@ -109,6 +110,8 @@ pub struct Replica {
     endpoint: ActorRef<RaftEndpointMsg>,
     departures: Departures,
     announcer: tokio::task::JoinHandle<()>,
+    /// When this node last heard from a leader of the log.
+    contact: LeaderContact,
     /// Whether this node may start elections (see [`Replica::gate_elections`]).
     elections: AtomicBool,
     /// Whether this node counted a majority of the log's voters alive at the last
@@ -192,6 +195,7 @@ impl Replica {
         };
         let raft = Raft::new(id, Arc::new(config), network, log, machine).await?;
         let departures = Departures::default();
+        let contact = LeaderContact::default();
         let (endpoint, _) = Actor::spawn(
             None,
             RaftEndpoint,
@@ -200,6 +204,7 @@ impl Replica {
                 node: id,
                 raft: raft.clone(),
                 departures: Arc::clone(&departures),
+                contact: contact.clone(),
             },
         )
         .await?;
@@ -228,6 +233,7 @@ impl Replica {
             endpoint,
             departures,
             announcer,
+            contact,
             elections: AtomicBool::new(!left),
             majority_alive: AtomicBool::new(true),
             leading_since: Mutex::new(None),
@@ -602,16 +608,25 @@ impl Replica {
     }
 
     /// Lets this node start elections only while it counts a majority of the log's voters
-    /// alive. `alive` contains the raft ids of the live members, and this node counts as
-    /// alive. A node cut off with a minority cannot win an election, but each one it tries
-    /// raises its term. Once the partition heals, that higher term would depose the
-    /// majority's leader, and with a log per shard such elections on every log flood the links.
+    /// alive, has heard from no leader for an election timeout, and `quiet` is false.
+    /// `alive` contains the raft ids of the live members, and this node counts as alive.
+    ///
+    /// A node cut off with a minority cannot win an election, but each one it tries raises
+    /// its term. Once the partition heals, that higher term would depose the majority's
+    /// leader, and with a log per shard such elections on every log flood the links.
+    ///
+    /// Elections stay closed while a leader is heard, so that a node that resumes after a
+    /// pause (SIGSTOP, a stalled VM) finds them closed. openraft checks its own election
+    /// timer first after a pause, and it has run out then. Without the closed gate, the
+    /// node raised its term in every log before its failure detector saw the pause, and
+    /// deposed healthy leaders. openraft 0.9 has no pre-vote. The caller passes `quiet` for
+    /// a while after it saw such a pause, until the leaders' appends arrive again.
     ///
     /// A node that left the log (with SIGTERM) starts no elections either until a leader
     /// makes it a voter again. Restarted, it still has the membership from before it
     /// left, with itself as a voter, so each election it tried would raise its term. The
     /// leader that added it back would then meet that higher term and step down.
-    pub fn gate_elections(&self, alive: &BTreeSet<RaftNodeId>) {
+    pub fn gate_elections(&self, alive: &BTreeSet<RaftNodeId>, quiet: bool) {
         // Called every 200 ms for every log: it also starts the count of the leader's lease.
         self.leads_past_lease();
         let voters = voters(&self.raft);
@@ -620,19 +635,28 @@ impl Replica {
             .iter()
             .filter(|v| **v == me || alive.contains(v))
             .count();
-        let allowed = voters.is_empty() || 2 * reachable > voters.len();
-        self.majority_alive.store(allowed, Ordering::Relaxed);
-        if self.left.load(Ordering::Relaxed) && !self.voter_again() {
-            return;
-        }
-        if self.elections.swap(allowed, Ordering::Relaxed) != allowed {
-            self.raft.runtime_config().elect(allowed);
-            if allowed {
+        let majority = voters.is_empty() || 2 * reachable > voters.len();
+        if self.majority_alive.swap(majority, Ordering::Relaxed) != majority {
+            if majority {
                 tracing::info!(log = %self.settings.log, "a majority of the voters is alive again; elections resume");
             } else {
                 tracing::warn!(log = %self.settings.log, reachable, voters = voters.len(), "fewer than a majority of the voters are alive; this node starts no elections");
             }
         }
+        if self.left.load(Ordering::Relaxed) && !self.voter_again() {
+            return;
+        }
+        let leader_active = self.contact.within(self.settings.election_timeout);
+        let allowed = majority && !leader_active && !quiet;
+        if self.elections.swap(allowed, Ordering::Relaxed) != allowed {
+            self.raft.runtime_config().elect(allowed);
+        }
+    }
+
+    /// Returns whether the last [`Replica::gate_elections`] let this node start elections.
+    #[cfg(test)]
+    pub(crate) fn elections_open(&self) -> bool {
+        self.elections.load(Ordering::Relaxed)
     }
 
     /// Returns whether this node, which left the log, is a voter again in a single (not

@@ -382,6 +382,56 @@ async fn leader_hands_leadership_to_a_chosen_voter() {
     stop_replicas(&replicas).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn election_gate_closed_while_leader_heard() {
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = start_endpoint_replicas(dir.path(), "gate-test").await;
+    let rafts: Vec<&Raft> = replicas.values().map(|(r, _)| r.raft()).collect();
+    let leader = wait_for_leader(&rafts, None).await;
+    let everyone = BTreeSet::from([1, 2, 3]);
+    let followers: Vec<RaftNodeId> = replicas
+        .keys()
+        .copied()
+        .filter(|id| *id != leader)
+        .collect();
+
+    // Heartbeats arrive every 100 ms, well within the 300 ms election timeout.
+    for _ in 0..5 {
+        for id in &followers {
+            replicas[id].0.gate_elections(&everyone, false);
+            assert!(!replicas[id].0.elections_open(), "node {id} hears {leader}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Without the leader, the gate opens after an election timeout, and a follower wins.
+    replicas[&leader].0.stop().await;
+    let mut opened = false;
+    for _ in 0..40 {
+        replicas[&followers[0]].0.gate_elections(&everyone, false);
+        replicas[&followers[1]].0.gate_elections(&everyone, false);
+        if replicas[&followers[0]].0.elections_open() {
+            opened = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(opened, "the gate of node {} stayed closed", followers[0]);
+
+    // Quiet after a pause closes it again, whatever the leader does.
+    replicas[&followers[0]].0.gate_elections(&everyone, true);
+    assert!(!replicas[&followers[0]].0.elections_open());
+    for id in &followers {
+        replicas[id].0.gate_elections(&everyone, false);
+    }
+    let rest: Vec<&Raft> = followers.iter().map(|id| replicas[id].0.raft()).collect();
+    let next = wait_for_leader(&rest, Some(leader)).await;
+    assert_ne!(next, leader);
+    for id in &followers {
+        replicas[id].0.stop().await;
+    }
+}
+
 /// Stops every replica of `replicas` and its endpoint.
 async fn stop_replicas(replicas: &BTreeMap<RaftNodeId, (super::Replica, Arc<ListApplier>)>) {
     for (replica, _) in replicas.values() {
@@ -522,7 +572,7 @@ async fn restarted_leaver_starts_no_elections() {
     // timeouts its term stays where it was.
     let everyone = BTreeSet::from([1, 2, 3]);
     for _ in 0..20 {
-        back.gate_elections(&everyone);
+        back.gate_elections(&everyone, false);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let own_term = back.raft().metrics().borrow().current_term;
@@ -552,7 +602,7 @@ async fn restarted_leaver_starts_no_elections() {
     assert!(voters.contains(&leaver), "{voters:?}");
     let mut again = false;
     for _ in 0..100 {
-        back.gate_elections(&everyone);
+        back.gate_elections(&everyone, false);
         if !back.has_left() {
             again = true;
             break;

@@ -101,6 +101,29 @@ pub(super) struct EndpointArgs {
     pub node: RaftNodeId,
     pub raft: Raft,
     pub departures: Departures,
+    pub contact: LeaderContact,
+}
+
+/// The time this node last accepted an append from a leader of the log (entries, or an empty
+/// one as a heartbeat). An append that a higher vote of this node rejects does not count.
+#[derive(Clone, Default)]
+pub(super) struct LeaderContact(Arc<Mutex<Option<Instant>>>);
+
+impl LeaderContact {
+    fn record(&self) {
+        if let Ok(mut at) = self.0.lock() {
+            *at = Some(Instant::now());
+        }
+    }
+
+    /// Returns whether a leader's append arrived within the last `period`.
+    pub(super) fn within(&self, period: Duration) -> bool {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|at| *at)
+            .is_some_and(|at| at.elapsed() < period)
+    }
 }
 
 /// Nodes that left the log, with the time they left. The leader does not make them voters
@@ -165,7 +188,7 @@ pub(super) async fn remove_voter(
 
 impl Actor for RaftEndpoint {
     type Msg = RaftEndpointMsg;
-    type State = (Raft, Departures, Arc<str>);
+    type State = (Raft, Departures, Arc<str>, LeaderContact);
     type Arguments = EndpointArgs;
 
     async fn pre_start(
@@ -174,21 +197,35 @@ impl Actor for RaftEndpoint {
         args: EndpointArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         pg::join(group(&args.log, args.node), vec![myself.get_cell()]);
-        Ok((args.raft, args.departures, Arc::from(args.log.as_str())))
+        Ok((
+            args.raft,
+            args.departures,
+            Arc::from(args.log.as_str()),
+            args.contact,
+        ))
     }
 
     async fn handle(
         &self,
         _myself: ActorRef<Self::Msg>,
         message: Self::Msg,
-        (raft, departures, log): &mut Self::State,
+        (raft, departures, log, contact): &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let RaftEndpointMsg::Call(bytes, reply) = message;
         let (raft, departures, log) = (raft.clone(), Arc::clone(departures), Arc::clone(log));
+        let contact = contact.clone();
         // Appends wait for an fsync; the actor keeps taking requests meanwhile.
         tokio::spawn(async move {
             let answer = match rmp_serde::from_slice::<Request>(&bytes) {
-                Ok(Request::Append(request)) => Reply::Append(raft.append_entries(request).await),
+                Ok(Request::Append(request)) => {
+                    let answer = raft.append_entries(request).await;
+                    if let Ok(response) = &answer
+                        && !matches!(response, AppendEntriesResponse::HigherVote(_))
+                    {
+                        contact.record();
+                    }
+                    Reply::Append(answer)
+                }
                 Ok(Request::Vote(request)) => {
                     let summary = format!("{request}");
                     let answer = raft.vote(request).await;
