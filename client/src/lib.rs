@@ -36,6 +36,7 @@ use openmls_rust_crypto::OpenMlsRustCrypto;
 use openmls_traits::OpenMlsProvider;
 use openmls_traits::signatures::Signer;
 use rand::RngCore;
+use sha2::{Digest as _, Sha256};
 use state::{GroupLocal, SavedState};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -112,9 +113,10 @@ pub enum ClientError {
     #[error("invalid response: {0}")]
     Protocol(String),
     /// The server's log of a group contradicts what this device already read from it: it
-    /// ends before this device's cursor, or it acknowledged a message under a position where
-    /// this device read another entry. The node lost acknowledged writes (a restored backup,
-    /// a damaged disk). Nothing read before is changed.
+    /// ends before this device's cursor, has another entry under it, skips an entry, or
+    /// acknowledged a message under a position where this device read another entry. The
+    /// node lost acknowledged writes (a restored backup, a damaged disk). Nothing read before
+    /// is changed, and the device reads and writes the group no more.
     #[error("the server's log contradicts this device: {0}")]
     LogConflict(String),
 }
@@ -1062,6 +1064,7 @@ impl Client {
             let msg_id = new_msg_id();
             self.save()?;
             let digest = content_digest(&commit);
+            let stored = entry_digest(&msg_id, &commit);
             let body = ClientBody::Commit {
                 group: group.clone(),
                 msg_id,
@@ -1073,7 +1076,7 @@ impl Client {
                     mls_group
                         .merge_pending_commit(&self.provider)
                         .map_err(mls)?;
-                    self.record_own(group, accepted.seq, None);
+                    self.record_own(group, accepted.seq, None, stored);
                     self.save()?;
                     self.keep_receipt(&accepted, digest).await?;
                     return Ok(accepted.seq);
@@ -1138,6 +1141,7 @@ impl Client {
         text: &str,
         msg_id: ClientMsgId,
     ) -> Result<u64, ClientError> {
+        self.check_no_conflict(group)?;
         for _ in 0..MAX_EPOCH_RETRIES {
             let message = self.encrypt_unsaved(group, text)?;
             if let Some(local) = self.groups.get_mut(group.as_bytes()) {
@@ -1145,6 +1149,7 @@ impl Client {
             }
             self.save()?;
             let digest = content_digest(&message);
+            let stored = entry_digest(&msg_id, &message);
             let body = ClientBody::Send {
                 group: group.clone(),
                 msg_id,
@@ -1159,7 +1164,7 @@ impl Client {
                         .is_some_and(|g| g.unacknowledged.remove(&msg_id.0).is_none());
                     if !recorded {
                         self.check_own_position(group, accepted.seq, msg_id, text)?;
-                        self.record_own(group, accepted.seq, Some(text.to_owned()));
+                        self.record_own(group, accepted.seq, Some(text.to_owned()), stored);
                     }
                     self.save()?;
                     self.keep_receipt(&accepted, digest).await?;
@@ -1215,17 +1220,48 @@ impl Client {
         }
         let cursor = local.cursor;
         local.unacknowledged.insert(msg_id.0, text.to_owned());
-        self.save()?;
-        Err(ClientError::LogConflict(format!(
-            "the server acknowledged a message to group {group} as entry {seq}, but this device \
-             already read another entry {seq} there (it has read up to entry {cursor})"
-        )))
+        Err(self.log_conflict(
+            group,
+            format!(
+                "the server acknowledged a message to group {group} as entry {seq}, but this \
+                 device already read another entry {seq} there (it has read up to entry {cursor})"
+            ),
+        ))
     }
 
-    fn record_own(&mut self, group: &GroupId, seq: u64, text: Option<String>) {
+    /// Records that the server's log of `group` contradicts this device, as `detail`
+    /// describes, and returns the error to report. From then on the device refuses to read or write the
+    /// group through the server (see [`Client::check_no_conflict`]).
+    fn log_conflict(&mut self, group: &GroupId, detail: String) -> ClientError {
+        if let Some(local) = self.groups.get_mut(group.as_bytes()) {
+            local.conflict = Some(detail.clone());
+        }
+        match self.save() {
+            Ok(()) => ClientError::LogConflict(detail),
+            Err(e) => e,
+        }
+    }
+
+    /// Fails with the recorded [`ClientError::LogConflict`] if the server's log of `group`
+    /// contradicted this device before.
+    fn check_no_conflict(&self, group: &GroupId) -> Result<(), ClientError> {
+        match self
+            .groups
+            .get(group.as_bytes())
+            .and_then(|g| g.conflict.as_ref())
+        {
+            Some(detail) => Err(ClientError::LogConflict(detail.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Records this device's own entry `seq`, acknowledged by the server, with its digest
+    /// ([`entry_digest`]).
+    fn record_own(&mut self, group: &GroupId, seq: u64, text: Option<String>, digest: [u8; 32]) {
         let local = self.groups.entry(group.as_bytes().to_vec()).or_default();
         if seq == local.cursor + 1 {
             local.cursor = seq;
+            local.last_read = Some((seq, digest));
             local.record(seq, &self.account, text);
         } else if seq > local.cursor {
             local.own.insert(seq, text);
@@ -1266,6 +1302,11 @@ impl Client {
             }
         }
         for group in self.groups() {
+            // Reported when it was found; the other groups go on.
+            if self.check_no_conflict(&group).is_err() {
+                tracing::warn!(%group, "not reading the group: the server's log contradicted this device");
+                continue;
+            }
             out.extend(self.sync_group(&group).await?);
         }
         Ok(())
@@ -1353,6 +1394,10 @@ impl Client {
         group: &GroupId,
         out: &mut Vec<Received>,
     ) -> Result<(), ClientError> {
+        // The first page starts at the entry under the cursor, to check that the server still
+        // has the entry this device read there.
+        let mut verify = true;
+        self.check_no_conflict(group)?;
         loop {
             let Some(local) = self.groups.get(group.as_bytes()) else {
                 return Err(ClientError::UnknownGroup(group.to_string()));
@@ -1361,9 +1406,14 @@ impl Client {
                 return Ok(());
             }
             let after = local.cursor;
+            let read_there = local
+                .last_read
+                .filter(|(seq, _)| verify && *seq == after && after > 0)
+                .map(|(_, digest)| digest);
+            verify = false;
             let body = ClientBody::Sync {
                 group: group.clone(),
-                after,
+                after: after - u64::from(read_there.is_some()),
                 limit: 200,
             };
             let (entries, head, first_available) = match self.request(body).await {
@@ -1381,10 +1431,39 @@ impl Client {
                 Err(e) => return Err(e),
             };
             if head < after {
-                return Err(ClientError::LogConflict(format!(
-                    "the server's log of group {group} ends at entry {head}, but this device \
+                return Err(self.log_conflict(
+                    group,
+                    format!(
+                        "the server's log of group {group} ends at entry {head}, but this device \
                      has read up to entry {after}"
-                )));
+                    ),
+                ));
+            }
+            if let Some(digest) = read_there
+                && first_available <= after
+            {
+                match entries.first() {
+                    Some(entry) if entry.seq == after => {
+                        if entry_digest(&entry.msg_id, &entry.payload) != digest {
+                            return Err(self.log_conflict(
+                                group,
+                                format!(
+                                    "entry {after} of group {group} on the server is not the one \
+                                 this device read there"
+                                ),
+                            ));
+                        }
+                    }
+                    _ => {
+                        return Err(self.log_conflict(
+                            group,
+                            format!(
+                                "the server did not return entry {after} of group {group}, which \
+                             this device read"
+                            ),
+                        ));
+                    }
+                }
             }
             // Entries below `first_available` were removed by retention; the rest must follow
             // one another.
@@ -1392,14 +1471,17 @@ impl Client {
             let read = entries.iter().filter(|e| e.seq > after);
             for (entry, expected) in read.zip(first..) {
                 if entry.seq != expected {
-                    return Err(ClientError::LogConflict(format!(
-                        "the server's log of group {group} skips from entry {} to entry {}",
-                        expected - 1,
-                        entry.seq
-                    )));
+                    return Err(self.log_conflict(
+                        group,
+                        format!(
+                            "the server's log of group {group} skips from entry {} to entry {}",
+                            expected - 1,
+                            entry.seq
+                        ),
+                    ));
                 }
             }
-            let count = entries.len();
+            let count = entries.iter().filter(|e| e.seq > after).count();
             for entry in entries {
                 out.extend(self.process_entry(group, entry)?);
             }
@@ -1438,6 +1520,7 @@ impl Client {
         if entry.seq <= local.cursor {
             return Ok(None);
         }
+        local.last_read = Some((entry.seq, entry_digest(&entry.msg_id, &entry.payload)));
         // MLS cannot decrypt our own messages: the text comes from the entry recorded at its
         // acknowledgement, or, when the acknowledgement never arrived (crash or lost
         // connection), from the unacknowledged list. An own commit never merged is lost.
@@ -1788,4 +1871,13 @@ impl RawConnection {
             .ok()?
             .clone()
     }
+}
+
+/// Returns the digest by which a client recognises a log entry it read: SHA-256 over the
+/// client message id and the MLS message.
+pub(crate) fn entry_digest(msg_id: &ClientMsgId, payload: &[u8]) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    hash.update(msg_id.0);
+    hash.update(payload);
+    hash.finalize().into()
 }

@@ -32,6 +32,14 @@ pub(crate) struct GroupLocal {
     /// Verified receipts of this device's own entries, by sequence number.
     #[serde(default)]
     pub(crate) receipts: BTreeMap<u64, SignedReceipt>,
+    /// Sequence number and digest ([`crate::entry_digest`]) of the last entry this device
+    /// read or sent. A sync from that entry checks that the server still has it.
+    #[serde(default)]
+    pub(crate) last_read: Option<(u64, [u8; 32])>,
+    /// The description of how the server's log of the group contradicted this device. Once
+    /// set, the device neither reads nor writes the group through the server.
+    #[serde(default)]
+    pub(crate) conflict: Option<String>,
 }
 
 impl GroupLocal {

@@ -371,32 +371,79 @@ pub(crate) async fn accept(
     }
 }
 
-/// Dials `addr`, runs the TLS handshake with `connector` and hands the link to `server` as
+/// An address this node dials, with the name its peer should present and those it may not.
+pub(crate) struct DialedPeer {
+    pub addr: SocketAddr,
+    /// The member last heard at this address; `None` for a seed no member announced.
+    pub expected: Option<String>,
+    /// Names of the members heard recently (at other addresses, since live members are not
+    /// dialled), this node's own included.
+    pub live_names: Arc<std::collections::HashSet<String>>,
+}
+
+/// Failure of a dial.
+#[derive(Debug)]
+pub(crate) enum DialError {
+    /// No TLS link came up (connection refused, failed handshake, stopped node server).
+    Failed(String),
+    /// The peer's certificate names another node than the address may have.
+    Refused(String),
+}
+
+/// Dials `peer`, runs the TLS handshake with `connector` and hands the link to `server` as
 /// an outgoing session.
+///
+/// The link is refused before ractor_cluster receives it when the peer's certificate names
+/// another member than the one last heard at the address, or a member heard at another
+/// address. ractor_cluster keeps one session per name, so such a link would displace the
+/// live member's session. Its own name check on dialled links comes only after
+/// authentication.
 pub(crate) async fn dial(
     server: &ActorRef<NodeServerMessage>,
-    addr: SocketAddr,
+    peer: &DialedPeer,
     connector: tokio_rustls::TlsConnector,
     certificates: &PeerCertificates,
-) -> Result<(), String> {
+) -> Result<(), DialError> {
+    let addr = peer.addr;
     let socket = TcpStream::connect(addr)
         .await
-        .map_err(|e| format!("cannot connect: {e}"))?;
+        .map_err(|e| DialError::Failed(format!("cannot connect: {e}")))?;
     let _ = socket.set_nodelay(true);
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
     let stream = connector
         .connect(name, socket)
         .await
-        .map_err(|e| format!("the TLS handshake failed: {e}"))?;
-    let common_name =
-        link_common_name(stream.get_ref().1).ok_or("the peer's certificate has no common name")?;
+        .map_err(|e| DialError::Failed(format!("the TLS handshake failed: {e}")))?;
+    let common_name = link_common_name(stream.get_ref().1).ok_or_else(|| {
+        DialError::Refused("the peer's certificate has no common name".to_owned())
+    })?;
+    check_dialed_name(peer, &common_name).map_err(DialError::Refused)?;
     let label = certificates.record(addr, common_name);
     server
         .cast(NodeServerMessage::ConnectionOpenedExternal {
             stream: Box::new(Link { stream, label }),
             is_server: false,
         })
-        .map_err(|e| format!("the node server stopped: {e}"))
+        .map_err(|e| DialError::Failed(format!("the node server stopped: {e}")))
+}
+
+/// Returns why a dialled peer presenting a certificate for `common_name` is refused, if it is.
+fn check_dialed_name(peer: &DialedPeer, common_name: &str) -> Result<(), String> {
+    if let Some(expected) = &peer.expected
+        && expected != common_name
+    {
+        return Err(format!(
+            "the peer presents the certificate of {common_name}, but {expected} was the \
+             member at this address"
+        ));
+    }
+    if peer.live_names.contains(common_name) {
+        return Err(format!(
+            "the peer presents the certificate of {common_name}, a node heard at another \
+             address; two processes hold that certificate"
+        ));
+    }
+    Ok(())
 }
 
 /// Returns the common name of the certificate the peer presented on a TLS link.
@@ -548,6 +595,24 @@ mod tests {
             refused.contains("reading its first frame failed"),
             "{refused}"
         );
+    }
+
+    #[test]
+    fn dialed_peer_must_hold_the_address_name() {
+        let peer = |expected: Option<&str>| DialedPeer {
+            addr: "127.0.0.1:7003".parse().unwrap(),
+            expected: expected.map(str::to_owned),
+            live_names: Arc::new(["node-a", "node-b"].map(str::to_owned).into()),
+        };
+        assert_eq!(check_dialed_name(&peer(Some("node-c")), "node-c"), Ok(()));
+        // A seed that no member announced may be any node that is not heard elsewhere.
+        assert_eq!(check_dialed_name(&peer(None), "node-d"), Ok(()));
+        let other = check_dialed_name(&peer(Some("node-c")), "node-d").unwrap_err();
+        assert!(other.contains("node-c was the member"), "{other}");
+        let live = check_dialed_name(&peer(None), "node-b").unwrap_err();
+        assert!(live.contains("heard at another address"), "{live}");
+        let own = check_dialed_name(&peer(Some("node-a")), "node-a").unwrap_err();
+        assert!(own.contains("heard at another address"), "{own}");
     }
 
     #[test]

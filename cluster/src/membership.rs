@@ -405,6 +405,28 @@ impl MembershipState {
                 .filter_map(|m| m.addr.parse::<SocketAddr>().ok()),
         );
         targets.retain(|a| !alive.contains(a) && *a != self.settings.advertise);
+        // A dialled peer must present the certificate of the member last heard at its
+        // address, and not that of a member heard elsewhere (see `links::dial`).
+        let mut expected: HashMap<SocketAddr, (Option<Instant>, String)> = HashMap::new();
+        for (name, member) in &self.members {
+            let Ok(addr) = member.addr.parse() else {
+                continue;
+            };
+            let latest = expected
+                .get(&addr)
+                .is_none_or(|(heard, _)| member.last_heard > *heard);
+            if latest {
+                expected.insert(addr, (member.last_heard, name.clone()));
+            }
+        }
+        let mut live_names: HashSet<String> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.alive)
+            .map(|(name, _)| name.clone())
+            .collect();
+        live_names.insert(self.settings.node_name.clone());
+        let live_names = Arc::new(live_names);
         let now = Instant::now();
         let mut dials = self.dials.lock().unwrap_or_else(|p| p.into_inner());
         for addr in targets {
@@ -425,15 +447,23 @@ impl MembershipState {
             let connector = tokio_rustls::TlsConnector::from(Arc::clone(&self.settings.client_tls));
             let dials = Arc::clone(&self.dials);
             let certificates = self.certificates.clone();
+            let peer = crate::links::DialedPeer {
+                addr,
+                expected: expected.get(&addr).map(|(_, name)| name.clone()),
+                live_names: Arc::clone(&live_names),
+            };
             tokio::spawn(async move {
                 let result = tokio::time::timeout(
                     DIAL_TIMEOUT,
-                    crate::links::dial(&server, addr, connector, &certificates),
+                    crate::links::dial(&server, &peer, connector, &certificates),
                 )
                 .await;
                 match result {
                     Ok(Ok(())) => tracing::debug!(%addr, "cluster link opened"),
-                    Ok(Err(e)) => {
+                    Ok(Err(crate::links::DialError::Refused(e))) => {
+                        tracing::warn!(%addr, error = %e, "cluster peer refused before its session started; dialling it again later")
+                    }
+                    Ok(Err(crate::links::DialError::Failed(e))) => {
                         tracing::info!(%addr, error = %e, "cannot reach cluster peer, will retry")
                     }
                     Err(_) => {

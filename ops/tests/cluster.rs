@@ -228,6 +228,49 @@ impl atlas_cluster::MembershipObserver for Unobserved {
     fn changed(&self, _event: &'static str, _member: &str) {}
 }
 
+/// Starts, in this process, a cluster member that declares the name node-b, with the
+/// certificate made for `certificate`, the right cookie and raft id `raft_id`. It listens on
+/// `port` and dials the cluster ports `seeds`. The `atlas` binary refuses such a start
+/// unless the certificate is node-b's, so the test builds it.
+async fn start_posing_peer(
+    fixture: &ClusterFixture,
+    certificate: &str,
+    raft_id: u64,
+    port: u16,
+    seeds: &[u16],
+) -> atlas_cluster::Cluster {
+    let certs = fixture.path("certs");
+    let tls = atlas_cluster::tls::load_for(
+        certificate,
+        &fixture.path("ca").join("ca.pem"),
+        &certs.join(format!("{certificate}.pem")),
+        &certs.join(format!("{certificate}-key.pem")),
+    )
+    .unwrap();
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let settings = atlas_cluster::ClusterSettings {
+        node_name: "node-b".into(),
+        raft_id,
+        listen,
+        advertise: listen,
+        seeds: seeds
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
+            .collect(),
+        cookie: COOKIE.into(),
+        server_tls: tls.server,
+        client_tls: tls.client,
+        heartbeat_interval: Duration::from_millis(200),
+        failure_timeout: Duration::from_millis(1500),
+        formed: Default::default(),
+        cluster_id: Default::default(),
+        layout: Default::default(),
+    };
+    atlas_cluster::Cluster::start(settings, std::sync::Arc::new(Unobserved))
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_claiming_a_member_name_is_refused_before_its_session() {
     // node-a dials node-b, so a session that node-a accepts under the name node-b is the one
@@ -243,37 +286,10 @@ async fn peer_claiming_a_member_name_is_refused_before_its_session() {
     let closed = |log: &str| log.matches("cluster session closed peer=").count();
     let closed_before = closed(&fixture.log("node-a"));
 
-    // A peer run in this process with a valid certificate made for node-x, the right cookie,
-    // and the name of the live member node-b. The `atlas` binary refuses such a start, so
-    // the test builds it.
+    // A peer with a valid certificate made for node-x that declares the name of the live
+    // member node-b.
     fixture.certificate("node-x", &fixture.path("ca")).unwrap();
-    let certs = fixture.path("certs");
-    let tls = atlas_cluster::tls::load_for(
-        "node-x",
-        &fixture.path("ca").join("ca.pem"),
-        &certs.join("node-x.pem"),
-        &certs.join("node-x-key.pem"),
-    )
-    .unwrap();
-    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let settings = atlas_cluster::ClusterSettings {
-        node_name: "node-b".into(),
-        raft_id: 77,
-        listen,
-        advertise: listen,
-        seeds: vec![format!("127.0.0.1:{}", a.port).parse().unwrap()],
-        cookie: COOKIE.into(),
-        server_tls: tls.server,
-        client_tls: tls.client,
-        heartbeat_interval: Duration::from_millis(200),
-        failure_timeout: Duration::from_millis(1500),
-        formed: Default::default(),
-        cluster_id: Default::default(),
-        layout: Default::default(),
-    };
-    let posing = atlas_cluster::Cluster::start(settings, std::sync::Arc::new(Unobserved))
-        .await
-        .unwrap();
+    let posing = start_posing_peer(&fixture, "node-x", 77, free_port(), &[a.port]).await;
 
     // node-a reads the name from the link's first frame and closes the link before
     // ractor_cluster receives it, and logs both names.
@@ -290,13 +306,60 @@ async fn peer_claiming_a_member_name_is_refused_before_its_session() {
     let refused_twice = wait_until(CONVERGE, || refused(&fixture.log("node-a")) >= 2).await;
     posing.stop();
     let log_a = fixture.log("node-a");
-    assert!(refused_twice, "node-a log:\n{log_a}");
+    eprintln!(
+        "PROBE refused={refused_twice} closed_before={closed_before} closed_after={}",
+        closed(&log_a)
+    );
     // node-a kept its session with the real node-b throughout.
     assert_eq!(closed(&log_a), closed_before, "node-a log:\n{log_a}");
     // No heartbeat of the peer reached node-a: it would show as a new replicated log id.
     assert!(!log_a.contains("new=77"), "node-a log:\n{log_a}");
     assert!(wait_until(CONVERGE, || alive(&node_a, &pair)).await);
     assert!(wait_until(CONVERGE, || alive(&node_b, &pair)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialed_impostor_is_refused() {
+    let fixture = fixture();
+    let a = fixture.spec("node-a", &[]).unwrap();
+    let b = fixture.spec("node-b", &[a.port]).unwrap();
+    let c = fixture.spec("node-c", &[a.port]).unwrap();
+    let node_a = fixture.start(&a).unwrap();
+    let node_b = fixture.start(&b).unwrap();
+    let node_c = fixture.start(&c).unwrap();
+    let trio = ["node-a", "node-b", "node-c"];
+    assert!(wait_until(CONVERGE, || alive(&node_a, &trio)).await);
+    node_c.kill9().unwrap();
+    let dead = wait_until(CONVERGE, || {
+        states(&node_a).get("node-c").map(String::as_str) == Some("dead")
+    })
+    .await;
+    assert!(dead, "node-a did not mark node-c dead");
+    let closed = |log: &str| log.matches("cluster session closed peer=").count();
+    let closed_before = closed(&fixture.log("node-a"));
+
+    // A process with node-b's certificate and key listens at node-c's address, which the
+    // others dial to reach node-c again.
+    let posing = start_posing_peer(&fixture, "node-b", 78, c.port, &[]).await;
+
+    // node-a ends the link after the TLS handshake, before ractor_cluster receives it.
+    let refused = |log: &str| {
+        log.lines()
+            .filter(|line| {
+                line.contains("cluster peer refused before its session started; dialling")
+                    && line.contains("certificate of node-b, but node-c was the member")
+            })
+            .count()
+    };
+    let refused_twice = wait_until(CONVERGE, || refused(&fixture.log("node-a")) >= 2).await;
+    posing.stop();
+    let log_a = fixture.log("node-a");
+    assert!(refused_twice, "node-a log:\n{log_a}");
+    // node-a kept its session with the real node-b throughout.
+    assert_eq!(closed(&log_a), closed_before, "node-a log:\n{log_a}");
+    assert!(!log_a.contains("new=78"), "node-a log:\n{log_a}");
+    assert!(wait_until(CONVERGE, || alive(&node_a, &trio[..2])).await);
+    assert!(wait_until(CONVERGE, || alive(&node_b, &trio[..2])).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -416,6 +479,48 @@ async fn cluster_log_elects_leader_after_kill() {
     .await;
     let views: Vec<_> = everyone.iter().map(|n| log_view(n)).collect();
     assert!(rejoined, "after the restart: {views:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_leader_write_fails_early() {
+    let fixture = fixture();
+    let (nodes, follower) = three_nodes_and_a_directory_follower(&fixture).await;
+    let names = ["node-a", "node-b", "node-c"];
+    let everyone: Vec<&NodeProcess> = nodes.iter().collect();
+    let leader = agreed_leader(&everyone, &names).unwrap();
+    let paused = names.iter().position(|n| *n == leader).unwrap();
+    let node = &nodes[follower];
+    let trust = atlas_client::ServerTrust::fingerprint(&node.fingerprint).unwrap();
+
+    // A first login registers its device in the directory log, through its leader. Sent
+    // right after the pause, it waits for the paused leader until the others elect a new
+    // one, and then fails at once instead of waiting out the 8 s call limit.
+    nodes[paused].signal("STOP").unwrap();
+    let mut failures = Vec::new();
+    let mut joined = false;
+    for attempt in 0..20 {
+        let state = fixture.path(&format!("newcomer-{attempt}"));
+        let mut client = atlas_client::Client::open(&state, &format!("newcomer{attempt}")).unwrap();
+        match client.connect(&node.url(), &trust).await {
+            Ok(_) => {
+                joined = true;
+                break;
+            }
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    nodes[paused].signal("CONT").unwrap();
+    println!("logins refused before one succeeded: {failures:?}");
+    assert!(joined, "no login succeeded: {failures:?}");
+    for failure in &failures {
+        assert!(!failure.contains("did not answer within"), "{failure}");
+        if failure.contains("stopped leading") {
+            assert!(
+                failure.contains(&format!("{leader} stopped leading")),
+                "{failure}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

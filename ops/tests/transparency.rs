@@ -347,54 +347,76 @@ async fn rollback_is_caught_by_client_and_auditor() {
     );
 }
 
+/// Returns the detail of a [`ClientError::LogConflict`], and panics on anything else.
+fn conflict<T>(result: Result<T, ClientError>) -> String {
+    match result {
+        Err(ClientError::LogConflict(detail)) => detail,
+        Err(e) => panic!("expected a log conflict, got {e}"),
+        Ok(_) => panic!("expected a log conflict, got success"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_log_rollback_is_caught() {
     let mut node = Node::start();
     let mut alice = node.client("alice", "alice").await;
     let mut bob = node.client("bob", "bob").await;
+    let mut carol = node.client("carol", "carol").await;
     bob.publish_key_packages(1).await.unwrap();
+    carol.publish_key_packages(1).await.unwrap();
     let group = alice.create_group("restored").await.unwrap();
-    alice.add_members(&group, &["bob"]).await.unwrap();
+    alice.add_members(&group, &["bob", "carol"]).await.unwrap();
     bob.sync().await.unwrap();
-    drop((alice, bob));
+    carol.sync().await.unwrap();
+    drop((alice, bob, carol));
     node.stop();
     let snapshot = node.snapshot("before-message");
     node.restart();
 
     let mut alice = node.client("alice", "alice").await;
-    let seq = alice.send(&group, "read by bob").await.unwrap();
-    let mut bob = node.client("bob", "bob").await;
-    bob.sync().await.unwrap();
-    assert_eq!(bob.cursor(&group), Some(seq));
-    drop((alice, bob));
+    let seq = alice.send(&group, "read by all").await.unwrap();
+    for name in ["bob", "carol"] {
+        let mut member = node.client(name, name).await;
+        member.sync().await.unwrap();
+        assert_eq!(member.cursor(&group), Some(seq));
+    }
+    drop(alice);
 
     // The node comes back without the message. No device was registered meanwhile, so its
     // key log matches what the clients saw, and only the group's log shows the loss.
     node.stop();
     node.restore(&snapshot);
     node.restart();
-    let mut bob = node.client("bob", "bob").await;
-    let err = bob.sync_group(&group).await.unwrap_err();
-    let ClientError::LogConflict(detail) = &err else {
-        panic!("expected a log conflict, got {err}");
-    };
-    assert!(
-        detail.contains(&format!("ends at entry {}", seq - 1)),
-        "{detail}"
-    );
+    let read = vec![(seq, "alice".to_owned(), "read by all".to_owned())];
 
-    // The node hands bob's next message the position where bob read alice's.
-    let err = bob.send(&group, "from bob").await.unwrap_err();
-    let ClientError::LogConflict(detail) = &err else {
-        panic!("expected a log conflict, got {err}");
-    };
-    assert!(detail.contains(&format!("as entry {seq}")), "{detail}");
-    let transcript = bob.transcript(&group);
-    assert_eq!(
-        transcript,
-        vec![(seq, "alice".to_owned(), "read by bob".to_owned())]
+    // The log ends before bob's cursor. Once found, the conflict stays: bob's send is
+    // refused before it reaches the node.
+    let mut bob = node.client("bob", "bob").await;
+    let ends = conflict(bob.sync_group(&group).await);
+    assert!(
+        ends.contains(&format!("ends at entry {}", seq - 1)),
+        "{ends}"
     );
-    assert_eq!(bob.cursor(&group), Some(seq));
+    let refused = conflict(bob.send(&group, "from bob").await);
+    assert_eq!(refused, ends);
+    assert_eq!(bob.transcript(&group), read);
+
+    // The node hands alice's next message the position of her first.
+    let mut alice = node.client("alice", "alice").await;
+    let taken = conflict(alice.send(&group, "after the restore").await);
+    assert!(taken.contains(&format!("as entry {seq}")), "{taken}");
+
+    // Now the log reaches carol's cursor again, with another entry there.
+    let mut carol = node.client("carol", "carol").await;
+    let other = conflict(carol.sync_group(&group).await);
+    assert!(other.contains("is not the one this device read"), "{other}");
+    assert_eq!(carol.transcript(&group), read);
+    assert_eq!(carol.cursor(&group), Some(seq));
+    // A full sync leaves the group out, and the conflict outlives the process.
+    assert!(carol.sync().await.unwrap().is_empty());
+    drop(carol);
+    let mut reopened = node.client("carol", "carol").await;
+    assert_eq!(conflict(reopened.sync_group(&group).await), other);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

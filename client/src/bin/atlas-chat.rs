@@ -755,7 +755,8 @@ fn sdk_error(action: &str, error: ClientError) -> CliError {
             error.to_string(),
             Some(
                 "the node lost messages it had acknowledged (a restored backup or a damaged \
-                 disk); report this to its operator. This device keeps everything it read"
+                 disk); report this to its operator. This device keeps everything it read, \
+                 and reads and writes this group no more"
                     .to_owned(),
             ),
         ),

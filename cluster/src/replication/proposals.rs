@@ -448,7 +448,11 @@ async fn read_index(raft: &Raft, log: &str) -> Result<u64, StorageError> {
         if leader == raft_id_of(raft) {
             read_index_here(raft).await
         } else {
-            read_index_from(log, leader).await
+            tokio::select! {
+                biased;
+                result = read_index_from(log, leader) => result,
+                refused = replaced(raft, leader) => refused,
+            }
         }
     })
     .await
@@ -514,7 +518,11 @@ async fn write(
             if leader == raft_id_of(raft) {
                 write_here(raft, command).await
             } else {
-                forward_write(log, leader, command).await
+                tokio::select! {
+                    biased;
+                    result = forward_write(log, leader, command) => result,
+                    refused = replaced(raft, leader) => refused,
+                }
             }
         }
     })
@@ -532,6 +540,45 @@ async fn known_leader(raft: &Raft) -> Option<RaftNodeId> {
         .ok()
         .and_then(|m| m.current_leader)
 }
+
+/// Fails once this node hears of a new leader of the log, other than `leader` and than the
+/// one it knew at the call, so that a request forwarded to `leader` (paused, or cut off
+/// with a minority) stops waiting for its answer then. Waits at most [`REPLACED_WAIT`],
+/// longer than such a request may take.
+///
+/// A forwarded write that stops waiting this way has an unknown outcome, as one that timed
+/// out: `leader` may have replicated it before the others elected a new leader.
+async fn replaced<T>(raft: &Raft, leader: RaftNodeId) -> Result<T, WriteRefused> {
+    let known = raft.metrics().borrow().current_leader;
+    let waited = raft
+        .wait(Some(REPLACED_WAIT))
+        .metrics(
+            |m| {
+                m.current_leader
+                    .is_some_and(|l| l != leader && Some(l) != known)
+            },
+            "another leader",
+        )
+        .await;
+    let Ok(metrics) = waited else {
+        return std::future::pending().await;
+    };
+    let name = |id: RaftNodeId| {
+        metrics
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map_or_else(|| format!("raft node {id}"), |node| node.addr.clone())
+    };
+    let next = metrics.current_leader.map_or_else(String::new, name);
+    Err(WriteRefused::Failed(format!(
+        "{} stopped leading the log (now {next}) while the request waited for its answer",
+        name(leader)
+    )))
+}
+
+/// The longest [`replaced`] waits: more than a forwarded request's own time limit.
+const REPLACED_WAIT: Duration = Duration::from_secs(10);
 
 fn raft_id_of(raft: &Raft) -> RaftNodeId {
     raft.metrics().borrow().id
