@@ -494,7 +494,7 @@ async fn paused_leader_write_fails_early() {
 
     // A first login registers its device in the directory log, through its leader. Sent
     // right after the pause, it waits for the paused leader until the others elect a new
-    // one, and then fails at once instead of waiting out the 8 s call limit.
+    // one, and fails 1 s later instead of waiting out the 8 s call limit.
     nodes[paused].signal("STOP").unwrap();
     let mut failures = Vec::new();
     let mut joined = false;

@@ -541,10 +541,12 @@ async fn known_leader(raft: &Raft) -> Option<RaftNodeId> {
         .and_then(|m| m.current_leader)
 }
 
-/// Fails once this node hears of a new leader of the log, other than `leader` and than the
-/// one it knew at the call, so that a request forwarded to `leader` (paused, or cut off
-/// with a minority) stops waiting for its answer then. Waits at most [`REPLACED_WAIT`],
-/// longer than such a request may take.
+/// Fails [`REPLACED_GRACE`] after this node hears of a new leader of the log, other than
+/// `leader` and than the one it knew at the call, so that a request forwarded to `leader`
+/// (paused, or cut off with a minority) stops waiting for its answer then. A `leader` that
+/// runs answers within the grace: after a handover it refuses the writes it held as no
+/// longer the leader, and they go to the new one. Waits at most [`REPLACED_WAIT`], longer
+/// than such a request may take.
 ///
 /// A forwarded write that stops waiting this way has an unknown outcome, as one that timed
 /// out: `leader` may have replicated it before the others elected a new leader.
@@ -563,6 +565,7 @@ async fn replaced<T>(raft: &Raft, leader: RaftNodeId) -> Result<T, WriteRefused>
     let Ok(metrics) = waited else {
         return std::future::pending().await;
     };
+    tokio::time::sleep(REPLACED_GRACE).await;
     let name = |id: RaftNodeId| {
         metrics
             .membership_config
@@ -579,6 +582,10 @@ async fn replaced<T>(raft: &Raft, leader: RaftNodeId) -> Result<T, WriteRefused>
 
 /// The longest [`replaced`] waits: more than a forwarded request's own time limit.
 const REPLACED_WAIT: Duration = Duration::from_secs(10);
+
+/// The time [`replaced`] leaves the old leader to answer once a new one is known: the
+/// longest a handover holds writes (1 s).
+const REPLACED_GRACE: Duration = Duration::from_secs(1);
 
 fn raft_id_of(raft: &Raft) -> RaftNodeId {
     raft.metrics().borrow().id
