@@ -1396,6 +1396,8 @@ impl Client {
     ) -> Result<(), ClientError> {
         // The first page starts at the entry under the cursor, to check that the server still
         // has the entry this device read there.
+        // NOTE: only that entry is compared. After the cursor moved over own entries that were
+        // acknowledged ahead of it, the digest is of an older entry and the check is skipped.
         let mut verify = true;
         self.check_no_conflict(group)?;
         loop {
