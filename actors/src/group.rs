@@ -662,14 +662,14 @@ impl GroupState {
     fn mls_error(&self) -> impl Fn(MlsError) -> GroupError + '_ {
         |e| match e {
             MlsError::WrongEpoch { current, .. } => GroupError::StaleEpoch { current },
-            MlsError::NotMember(d) => GroupError::NotMember(d),
+            MlsError::NotMember(d) => GroupError::NotMember(d, self.mls.epoch()),
             other => GroupError::Mls(other),
         }
     }
 
     fn sync(&self, device: &DeviceId, after: u64, limit: usize) -> Result<SyncPage, GroupError> {
         if !self.mls.is_member(device) {
-            return Err(GroupError::NotMember(*device));
+            return Err(GroupError::NotMember(*device, self.mls.epoch()));
         }
         let mut entries = self.store.read_log(&self.group, after, limit)?;
         // Keep the response frame under the frame limit; one entry always fits, because MLS
@@ -696,7 +696,7 @@ impl GroupState {
     /// no receipt any more.
     fn receipt(&self, device: &DeviceId, seq: u64) -> Result<(ReceiptFields, Receipt), GroupError> {
         if !self.mls.is_member(device) {
-            return Err(GroupError::NotMember(*device));
+            return Err(GroupError::NotMember(*device, self.mls.epoch()));
         }
         let entry = self.store.entry(&self.group, seq)?.ok_or_else(|| {
             GroupError::Invalid(
@@ -720,7 +720,7 @@ impl GroupState {
 
     async fn ack(&self, device: &DeviceId, seq: u64) -> Result<u64, GroupError> {
         if !self.mls.is_member(device) {
-            return Err(GroupError::NotMember(*device));
+            return Err(GroupError::NotMember(*device, self.mls.epoch()));
         }
         let change = Change::Acknowledge {
             device: *device,

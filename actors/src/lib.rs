@@ -79,9 +79,11 @@ pub enum GroupError {
     /// The group already exists.
     #[error("group {0} already exists")]
     Exists(String),
-    /// The device is not in the group's roster.
-    #[error("device {0} is not a member of the group")]
-    NotMember(DeviceId),
+    /// The device is not in the group's roster at the group's current epoch (the second
+    /// field). The error frame carries the epoch. A client can then tell a removal it has not
+    /// read yet from a server that lost commits it read.
+    #[error("device {0} is not a member of the group at epoch {1}")]
+    NotMember(DeviceId, u64),
     /// The message was for an old or future epoch; process the log and retry.
     #[error("message is not for the current epoch {current}")]
     StaleEpoch { current: u64 },
@@ -112,7 +114,7 @@ impl GroupError {
         match self {
             Self::NotFound(_) => ErrorCode::GroupNotFound,
             Self::Exists(_) => ErrorCode::GroupExists,
-            Self::NotMember(_) => ErrorCode::NotMember,
+            Self::NotMember(..) => ErrorCode::NotMember,
             Self::StaleEpoch { .. } => ErrorCode::StaleEpoch,
             Self::Mls(_) => ErrorCode::InvalidMlsMessage,
             Self::Storage(StorageError::Unavailable(_)) => ErrorCode::Unavailable,

@@ -194,7 +194,7 @@ async fn non_member_submission_is_refused_and_not_stored() {
     })
     .unwrap();
     assert!(
-        matches!(result, Err(GroupError::NotMember(_))),
+        matches!(result, Err(GroupError::NotMember(..))),
         "{result:?}"
     );
     assert_eq!(submit(&f, 4).await.unwrap().seq, 1);

@@ -1220,7 +1220,7 @@ impl Client {
         }
         let cursor = local.cursor;
         local.unacknowledged.insert(msg_id.0, text.to_owned());
-        Err(self.log_conflict(
+        Err(self.record_conflict(
             group,
             format!(
                 "the server acknowledged a message to group {group} as entry {seq}, but this \
@@ -1232,7 +1232,7 @@ impl Client {
     /// Records that the server's log of `group` contradicts this device, as `detail`
     /// describes, and returns the error to report. From then on the device refuses to read or write the
     /// group through the server (see [`Client::check_no_conflict`]).
-    fn log_conflict(&mut self, group: &GroupId, detail: String) -> ClientError {
+    fn record_conflict(&mut self, group: &GroupId, detail: String) -> ClientError {
         if let Some(local) = self.groups.get_mut(group.as_bytes()) {
             local.conflict = Some(detail.clone());
         }
@@ -1240,6 +1240,14 @@ impl Client {
             Ok(()) => ClientError::LogConflict(detail),
             Err(e) => e,
         }
+    }
+
+    /// Returns how the server's log of `group` contradicted this device, if it did. The device
+    /// then no longer reads or writes the group (see [`ClientError::LogConflict`]).
+    pub fn log_conflict(&self, group: &GroupId) -> Option<&str> {
+        self.groups
+            .get(group.as_bytes())
+            .and_then(|g| g.conflict.as_deref())
     }
 
     /// Fails with the recorded [`ClientError::LogConflict`] if the server's log of `group`
@@ -1426,14 +1434,30 @@ impl Client {
                     ..
                 }) => (entries, head, first_available),
                 Ok(other) => return Err(unexpected("sync", other)),
-                Err(e) if e.code() == Some(ErrorCode::NotMember) => {
+                Err(ClientError::Server {
+                    code: ErrorCode::NotMember,
+                    epoch,
+                    ..
+                }) => {
+                    // A removal moves the group to a later epoch than this device's. A server
+                    // at this device's epoch or an earlier one lost the commits that added it.
+                    let mine = self.load_group(group)?.epoch().as_u64();
+                    if let Some(theirs) = epoch.filter(|e| *e <= mine) {
+                        return Err(self.record_conflict(
+                            group,
+                            format!(
+                                "the server's group {group} is at epoch {theirs} without this \
+                                 device, but this device is a member at epoch {mine}"
+                            ),
+                        ));
+                    }
                     self.mark_removed(group)?;
                     return Ok(());
                 }
                 Err(e) => return Err(e),
             };
             if head < after {
-                return Err(self.log_conflict(
+                return Err(self.record_conflict(
                     group,
                     format!(
                         "the server's log of group {group} ends at entry {head}, but this device \
@@ -1447,7 +1471,7 @@ impl Client {
                 match entries.first() {
                     Some(entry) if entry.seq == after => {
                         if entry_digest(&entry.msg_id, &entry.payload) != digest {
-                            return Err(self.log_conflict(
+                            return Err(self.record_conflict(
                                 group,
                                 format!(
                                     "entry {after} of group {group} on the server is not the one \
@@ -1457,7 +1481,7 @@ impl Client {
                         }
                     }
                     _ => {
-                        return Err(self.log_conflict(
+                        return Err(self.record_conflict(
                             group,
                             format!(
                                 "the server did not return entry {after} of group {group}, which \
@@ -1473,7 +1497,7 @@ impl Client {
             let read = entries.iter().filter(|e| e.seq > after);
             for (entry, expected) in read.zip(first..) {
                 if entry.seq != expected {
-                    return Err(self.log_conflict(
+                    return Err(self.record_conflict(
                         group,
                         format!(
                             "the server's log of group {group} skips from entry {} to entry {}",

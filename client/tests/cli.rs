@@ -808,3 +808,82 @@ fn audit_without_node_exits_with_status_one() {
         stderr(&output)
     );
 }
+
+/// Runs `atlas-chat` for `account` against `node`, with its state directory in `dir`.
+fn chat_on(dir: &Path, node: &NodeProcess, account: &str, args: &[&str]) -> Output {
+    let mut command = bare_chat();
+    command
+        .arg("--state")
+        .arg(dir.join(account))
+        .args(["--account", account])
+        .args(["--server", &node.url()])
+        .args(["--fingerprint", &node.fingerprint])
+        .args(args);
+    run(&mut command, "")
+}
+
+/// Copies the directory `from` to `to` with `cp -a`.
+fn copy_tree(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "cp -a {} {}",
+        from.display(),
+        to.display()
+    );
+}
+
+#[test]
+fn rolled_back_group_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node");
+    let start = || NodeProcess::start(&node_binary(), &data, &[]).unwrap();
+    let ok = |node: &NodeProcess, account: &str, args: &[&str]| {
+        let output = chat_on(dir.path(), node, account, args);
+        assert_success(&output, account, args);
+        stdout(&output)
+    };
+    let mut node = start();
+    ok(&node, "alice", &["register"]);
+    ok(&node, "bob", &["register", "--key-packages", "3"]);
+    let group = ok(&node, "alice", &["create-group", "team"])
+        .trim()
+        .to_owned();
+    ok(&node, "alice", &["add", &group, "bob"]);
+    ok(&node, "bob", &["sync"]);
+    node.terminate(TIMEOUT).unwrap();
+    copy_tree(&data, &dir.path().join("copy"));
+
+    node = start();
+    ok(&node, "alice", &["send", &group, "lost later"]);
+    ok(&node, "bob", &["sync"]);
+    node.terminate(TIMEOUT).unwrap();
+    std::fs::remove_dir_all(&data).unwrap();
+    copy_tree(&dir.path().join("copy"), &data);
+    node = start();
+
+    // The first sync finds the conflict; later ones leave the group out, and still fail.
+    let first = chat_on(dir.path(), &node, "bob", &["sync"]);
+    assert_eq!(first.status.code(), Some(1), "{}", stderr(&first));
+    assert!(
+        stderr(&first).contains("ends at entry"),
+        "{}",
+        stderr(&first)
+    );
+    let again = chat_on(dir.path(), &node, "bob", &["sync"]);
+    assert_eq!(again.status.code(), Some(1), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("not read, because the server's log contradicts this device"),
+        "{}",
+        stderr(&again)
+    );
+    let groups = ok(&node, "bob", &["groups"]);
+    assert!(groups.contains("[log conflict: not read]"), "{groups}");
+    let history = ok(&node, "bob", &["history", &group]);
+    assert!(history.contains("alice: lost later"), "{history}");
+}

@@ -1026,7 +1026,7 @@ pub(crate) fn group_error_body(_state: &GatewayState, error: &GroupError) -> Ser
         other => tracing::debug!(error = %other, "group request rejected"),
     }
     let epoch = match error {
-        GroupError::StaleEpoch { current } => Some(*current),
+        GroupError::StaleEpoch { current } | GroupError::NotMember(_, current) => Some(*current),
         _ => None,
     };
     ServerBody::Error {

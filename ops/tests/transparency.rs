@@ -412,11 +412,43 @@ async fn group_log_rollback_is_caught() {
     assert!(other.contains("is not the one this device read"), "{other}");
     assert_eq!(carol.transcript(&group), read);
     assert_eq!(carol.cursor(&group), Some(seq));
+    assert_eq!(carol.log_conflict(&group), Some(other.as_str()));
     // A full sync leaves the group out, and the conflict outlives the process.
     assert!(carol.sync().await.unwrap().is_empty());
     drop(carol);
     let mut reopened = node.client("carol", "carol").await;
     assert_eq!(conflict(reopened.sync_group(&group).await), other);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_membership_is_a_conflict() {
+    let mut node = Node::start();
+    let mut alice = node.client("alice", "alice").await;
+    let mut dave = node.client("dave", "dave").await;
+    dave.publish_key_packages(1).await.unwrap();
+    let group = alice.create_group("restored").await.unwrap();
+    drop((alice, dave));
+    node.stop();
+    let snapshot = node.snapshot("before-add");
+    node.restart();
+
+    let mut alice = node.client("alice", "alice").await;
+    alice.add_members(&group, &["dave"]).await.unwrap();
+    let mut dave = node.client("dave", "dave").await;
+    dave.sync().await.unwrap();
+    assert!(dave.groups().contains(&group));
+    drop((alice, dave));
+
+    // The node loses the commit that added dave. It reports that dave is no member, at an
+    // epoch before his own: a conflict, not a removal he has yet to read.
+    node.stop();
+    node.restore(&snapshot);
+    node.restart();
+    let mut dave = node.client("dave", "dave").await;
+    let lost = conflict(dave.sync_group(&group).await);
+    assert!(lost.contains("without this device"), "{lost}");
+    assert!(dave.groups().contains(&group));
+    assert_eq!(dave.log_conflict(&group), Some(lost.as_str()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

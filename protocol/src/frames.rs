@@ -259,7 +259,8 @@ pub enum ServerBody {
     Error {
         code: ErrorCode,
         message: String,
-        /// The group's current epoch, set with [`ErrorCode::StaleEpoch`].
+        /// The group's current epoch, set with [`ErrorCode::StaleEpoch`] and
+        /// [`ErrorCode::NotMember`].
         epoch: Option<u64>,
     },
     /// A new entry in a group this device belongs to (`id` 0).

@@ -410,7 +410,7 @@ async fn run(cli: Cli, matches: &ArgMatches) -> Result<(), CliError> {
             let mut chat = Chat::open_existing(&options)?;
             chat.connect(&server).await?;
             chat.sync().await?;
-            Ok(())
+            chat.require_no_conflicts()
         }
         Command::Groups => {
             let chat = Chat::open_existing(&options)?;
@@ -1400,6 +1400,32 @@ impl Chat {
 
     /// Prints one line per group: id, cursor, members and the id as text, with `current`
     /// marked. Returns the number of groups.
+    /// Fails when the server's log of a group contradicted this device (the SDK's sync leaves
+    /// such groups out), naming each group and what contradicted it.
+    fn require_no_conflicts(&self) -> Result<(), CliError> {
+        let conflicts: Vec<String> = self
+            .client
+            .groups()
+            .iter()
+            .filter_map(|g| {
+                self.client
+                    .log_conflict(g)
+                    .map(|c| format!("group {g}: {c}"))
+            })
+            .collect();
+        if conflicts.is_empty() {
+            return Ok(());
+        }
+        Err(CliError::new(format!(
+            "not read, because the server's log contradicts this device: {}",
+            conflicts.join("; ")
+        ))
+        .hint(
+            "the node lost messages it had acknowledged (a restored backup or a damaged disk); \
+             report this to its operator. This device keeps everything it read",
+        ))
+    }
+
     fn print_groups(&self, current: Option<&GroupId>) -> usize {
         let groups = self.client.groups();
         for group in &groups {
@@ -1409,7 +1435,9 @@ impl Chat {
                 Err(e) => format!("unknown ({e})"),
             };
             let text = escape_controls(&String::from_utf8_lossy(group.as_bytes()));
-            let marker = if current == Some(group) {
+            let marker = if self.client.log_conflict(group).is_some() {
+                " [log conflict: not read]"
+            } else if current == Some(group) {
                 " [current]"
             } else {
                 ""

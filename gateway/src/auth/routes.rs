@@ -573,7 +573,7 @@ async fn receipt(
         }
     }
     Err(match last_error {
-        Some(GroupError::NotMember(_)) | None => AuthError::Forbidden(format!(
+        Some(GroupError::NotMember(..)) | None => AuthError::Forbidden(format!(
             "no device of account {:?} is a member of group {group}",
             claims.sub
         )),
