@@ -307,3 +307,16 @@ fn with_log_tail(error: anyhow::Error, log: &Path) -> anyhow::Error {
         log.display()
     )
 }
+
+/// Copies the directory `from` to `to` with `cp -a`, which keeps file modes and times, as an
+/// operator's backup would.
+pub fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let status = Command::new("cp").arg("-a").arg(from).arg(to).status()?;
+    anyhow::ensure!(
+        status.success(),
+        "cp -a {} {} failed with {status}",
+        from.display(),
+        to.display()
+    );
+    Ok(())
+}

@@ -1,7 +1,7 @@
 //! End-to-end tests of the `atlas-chat` binary: a real `atlas node` process, and the CLI run as
 //! separate processes the way a user runs it.
 
-use atlas_chaos::NodeProcess;
+use atlas_chaos::{NodeProcess, copy_dir};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -822,22 +822,6 @@ fn chat_on(dir: &Path, node: &NodeProcess, account: &str, args: &[&str]) -> Outp
     run(&mut command, "")
 }
 
-/// Copies the directory `from` to `to` with `cp -a`.
-fn copy_tree(from: &Path, to: &Path) {
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "cp -a {} {}",
-        from.display(),
-        to.display()
-    );
-}
-
 #[test]
 fn rolled_back_group_is_reported() {
     let dir = tempfile::tempdir().unwrap();
@@ -857,14 +841,14 @@ fn rolled_back_group_is_reported() {
     ok(&node, "alice", &["add", &group, "bob"]);
     ok(&node, "bob", &["sync"]);
     node.terminate(TIMEOUT).unwrap();
-    copy_tree(&data, &dir.path().join("copy"));
+    copy_dir(&data, &dir.path().join("copy")).unwrap();
 
     node = start();
     ok(&node, "alice", &["send", &group, "lost later"]);
     ok(&node, "bob", &["sync"]);
     node.terminate(TIMEOUT).unwrap();
     std::fs::remove_dir_all(&data).unwrap();
-    copy_tree(&dir.path().join("copy"), &data);
+    copy_dir(&dir.path().join("copy"), &data).unwrap();
     node = start();
 
     // The first sync finds the conflict; later ones leave the group out, and still fail.

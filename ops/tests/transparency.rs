@@ -2,7 +2,7 @@
 //! rotation, signing key rotation, and forks and rollbacks caught by the SDK and the auditor.
 //! The SDK also catches a group's log that was rolled back.
 
-use atlas_chaos::NodeProcess;
+use atlas_chaos::{NodeProcess, copy_dir};
 use atlas_client::audit::{AuditError, AuditOptions, audit};
 use atlas_client::{Client, ClientError, RawConnection, ServerTrust, ViolationKind};
 use atlas_protocol::transparency::{KeyEventKind, SignedTreeHead, key_event_statement};
@@ -61,14 +61,14 @@ impl Node {
     /// Copies the stopped node's data directory to `name` inside the test directory.
     fn snapshot(&self, name: &str) -> PathBuf {
         let target = self.dir.path().join(name);
-        copy_dir(&self.data(), &target);
+        copy_dir(&self.data(), &target).unwrap();
         target
     }
 
     /// Replaces the stopped node's data directory with a snapshot.
     fn restore(&self, snapshot: &Path) {
         std::fs::remove_dir_all(self.data()).unwrap();
-        copy_dir(snapshot, &self.data());
+        copy_dir(snapshot, &self.data()).unwrap();
     }
 
     async fn client(&self, name: &str, account: &str) -> Client {
@@ -98,21 +98,6 @@ impl Node {
             .await
             .map(|report| report.entries_checked)
     }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "cp -a {} {}",
-        from.display(),
-        to.display()
-    );
 }
 
 async fn latest_head(node: &Node) -> SignedTreeHead {
