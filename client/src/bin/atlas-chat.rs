@@ -802,8 +802,8 @@ fn server_error_hint(code: ErrorCode) -> Option<&'static str> {
             "send a shorter message: one MLS message may be at most 204,800 bytes"
         }
         ErrorCode::Unavailable => {
-            "the server is busy, shutting down or cut off from its cluster; retry later. A \
-             cluster node may still store a message it answered with this: run `atlas-chat \
+            "the server is busy, shutting down or cut off from its cluster; retry later. If \
+             this was a send, a cluster node may still store the message: run `atlas-chat \
              sync` before sending the same text again"
         }
         ErrorCode::StorageFailure | ErrorCode::Internal => {
