@@ -72,7 +72,7 @@ impl Client {
     }
 
     /// Returns the events that the sync of a failover read (messages and membership changes
-    /// of every group, and groups joined), in the order read, and forgets them. A failover
+    /// of every group, and groups joined), in the order read, and clears them. A failover
     /// happens inside [`Client::send_reliably`] and [`Client::sync_group_reliably`]; call
     /// this after them to show what arrived meanwhile.
     pub fn take_missed(&mut self) -> Vec<Received> {

@@ -112,7 +112,7 @@ pub enum ClientError {
     /// The server's response did not have the expected form.
     #[error("invalid response: {0}")]
     Protocol(String),
-    /// The server's log of a group contradicts what this device already read from it: it
+    /// The server's log of a group contradicts what this device already read from it. It
     /// ends before this device's cursor, has another entry under it, skips an entry, or
     /// acknowledged a message under a position where this device read another entry. The
     /// node lost acknowledged writes (a restored backup, a damaged disk). Nothing read before

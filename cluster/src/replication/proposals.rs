@@ -543,8 +543,8 @@ async fn known_leader(raft: &Raft) -> Option<RaftNodeId> {
 
 /// Fails [`REPLACED_GRACE`] after this node hears of a new leader of the log, other than
 /// `leader` and than the one it knew at the call, so that a request forwarded to `leader`
-/// (paused, or cut off with a minority) stops waiting for its answer then. A `leader` that
-/// runs answers within the grace: after a handover it refuses the writes it held as no
+/// (paused, or cut off with a minority) stops waiting for its reply then. A `leader` that
+/// runs replies within the grace: after a handover it rejects the writes it held as no
 /// longer the leader, and they go to the new one. Waits at most [`REPLACED_WAIT`], longer
 /// than such a request may take.
 ///
@@ -583,8 +583,8 @@ async fn replaced<T>(raft: &Raft, leader: RaftNodeId) -> Result<T, WriteRefused>
 /// The longest [`replaced`] waits: more than a forwarded request's own time limit.
 const REPLACED_WAIT: Duration = Duration::from_secs(10);
 
-/// The time [`replaced`] leaves the old leader to answer once a new one is known: the
-/// longest a handover holds writes (1 s).
+/// The time [`replaced`] leaves the old leader to reply once a new one is known. It equals
+/// the longest time a handover keeps writes waiting (1 s).
 const REPLACED_GRACE: Duration = Duration::from_secs(1);
 
 fn raft_id_of(raft: &Raft) -> RaftNodeId {
