@@ -1273,6 +1273,7 @@ impl Client {
             local.record(seq, &self.account, text);
         } else if seq > local.cursor {
             local.own.insert(seq, text);
+            local.own_digests.insert(seq, digest);
         }
     }
 
@@ -1404,8 +1405,6 @@ impl Client {
     ) -> Result<(), ClientError> {
         // The first page starts at the entry under the cursor, to check that the server still
         // has the entry this device read there.
-        // NOTE: only that entry is compared. After the cursor moved over own entries that were
-        // acknowledged ahead of it, the digest is of an older entry and the check is skipped.
         let mut verify = true;
         self.check_no_conflict(group)?;
         loop {
@@ -1544,8 +1543,23 @@ impl Client {
             .get_mut(group.as_bytes())
             .ok_or_else(|| ClientError::UnknownGroup(group.to_string()))?;
         if entry.seq <= local.cursor {
+            // The cursor may have moved over this device's own entries, acknowledged ahead of
+            // it, without reading them; the last of them must be the one the server holds.
+            if let Some((seq, own)) = local.last_read
+                && seq == entry.seq
+                && own != entry_digest(&entry.msg_id, &entry.payload)
+            {
+                return Err(self.record_conflict(
+                    group,
+                    format!(
+                        "the server acknowledged a message of this device to group {group} as \
+                         entry {seq}, but its log holds another entry there"
+                    ),
+                ));
+            }
             return Ok(None);
         }
+        local.own_digests.remove(&entry.seq);
         local.last_read = Some((entry.seq, entry_digest(&entry.msg_id, &entry.payload)));
         // MLS cannot decrypt our own messages: the text comes from the entry recorded at its
         // acknowledgement, or, when the acknowledgement never arrived (crash or lost

@@ -40,6 +40,11 @@ pub(crate) struct GroupLocal {
     /// set, the device neither reads nor writes the group through the server.
     #[serde(default)]
     pub(crate) conflict: Option<String>,
+    /// Digests ([`crate::entry_digest`]) of the entries in `own`, by sequence number, so that
+    /// the cursor moving over them keeps `last_read` exact and a sync that meets one checks
+    /// that the server still holds this device's message there.
+    #[serde(default)]
+    pub(crate) own_digests: BTreeMap<u64, [u8; 32]>,
 }
 
 impl GroupLocal {
@@ -54,6 +59,12 @@ impl GroupLocal {
     pub(crate) fn take_own_entries(&mut self, account: &str) {
         while let Some(text) = self.own.remove(&(self.cursor + 1)) {
             self.cursor += 1;
+            // States written before the digests were kept have none: the next sync then
+            // compares nothing at the cursor.
+            self.last_read = self
+                .own_digests
+                .remove(&self.cursor)
+                .map(|digest| (self.cursor, digest));
             self.record(self.cursor, account, text);
         }
     }

@@ -6,7 +6,7 @@ use atlas_chaos::{NodeProcess, copy_dir};
 use atlas_client::audit::{AuditError, AuditOptions, audit};
 use atlas_client::{Client, ClientError, RawConnection, ServerTrust, ViolationKind};
 use atlas_protocol::transparency::{KeyEventKind, SignedTreeHead, key_event_statement};
-use atlas_protocol::{ClientBody, DeviceId, ErrorCode, ServerBody, login_transcript};
+use atlas_protocol::{ClientBody, DeviceId, ErrorCode, GroupId, ServerBody, login_transcript};
 use ed25519_dalek::{Signer as _, SigningKey};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -341,18 +341,24 @@ fn conflict<T>(result: Result<T, ClientError>) -> String {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn group_log_rollback_is_caught() {
-    let mut node = Node::start();
+/// Creates group `name` of alice with bob and carol, who have joined it.
+async fn three_members(node: &Node, name: &str) -> (Client, Client, Client, GroupId) {
     let mut alice = node.client("alice", "alice").await;
     let mut bob = node.client("bob", "bob").await;
     let mut carol = node.client("carol", "carol").await;
     bob.publish_key_packages(1).await.unwrap();
     carol.publish_key_packages(1).await.unwrap();
-    let group = alice.create_group("restored").await.unwrap();
+    let group = alice.create_group(name).await.unwrap();
     alice.add_members(&group, &["bob", "carol"]).await.unwrap();
     bob.sync().await.unwrap();
     carol.sync().await.unwrap();
+    (alice, bob, carol, group)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_log_rollback_is_caught() {
+    let mut node = Node::start();
+    let (mut alice, mut bob, mut carol, group) = three_members(&node, "restored").await;
     drop((alice, bob, carol));
     node.stop();
     let snapshot = node.snapshot("before-message");
@@ -403,6 +409,45 @@ async fn group_log_rollback_is_caught() {
     drop(carol);
     let mut reopened = node.client("carol", "carol").await;
     assert_eq!(conflict(reopened.sync_group(&group).await), other);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_entry_acknowledged_ahead_is_checked() {
+    let mut node = Node::start();
+    let (mut alice, mut bob, mut carol, group) = three_members(&node, "ahead").await;
+    let behind = bob.send(&group, "from bob").await.unwrap();
+    drop((alice, bob, carol));
+    node.stop();
+    let snapshot = node.snapshot("after-bob");
+    node.restart();
+
+    // Alice has not read bob's message, so her own is acknowledged ahead of her cursor.
+    let mut alice = node.client("alice", "alice").await;
+    let own = alice.send(&group, "from alice").await.unwrap();
+    assert_eq!(own, behind + 1);
+    assert_eq!(alice.cursor(&group), Some(behind - 1));
+    drop(alice);
+
+    // The node loses alice's message, and carol's takes its position.
+    node.stop();
+    node.restore(&snapshot);
+    node.restart();
+    let mut carol = node.client("carol", "carol").await;
+    assert_eq!(carol.send(&group, "from carol").await.unwrap(), own);
+
+    // Alice's sync reads bob's message, moves her cursor over her own entry, then meets
+    // carol's there.
+    let mut alice = node.client("alice", "alice").await;
+    let detail = conflict(alice.sync_group(&group).await);
+    assert!(
+        detail.contains(&format!("as entry {own}, but its log holds another entry")),
+        "{detail}"
+    );
+    let transcript = alice.transcript(&group);
+    assert!(
+        !transcript.iter().any(|(_, _, text)| text == "from carol"),
+        "{transcript:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

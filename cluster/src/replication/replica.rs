@@ -117,6 +117,9 @@ pub struct Replica {
     /// Whether this node counted a majority of the log's voters alive at the last
     /// [`Replica::gate_elections`]; true until the first.
     majority_alive: AtomicBool,
+    /// Since when this node counts a majority of the voters alive: the start of the replica,
+    /// or the last time the count rose back to a majority.
+    majority_since: Mutex<Instant>,
     /// The term in which this node leads the log, and when it first saw itself lead in it.
     leading_since: Mutex<Option<(u64, Instant)>>,
     /// Tree in which this node records that it left the log (see [`Replica::gate_elections`]).
@@ -236,6 +239,7 @@ impl Replica {
             contact,
             elections: AtomicBool::new(!left),
             majority_alive: AtomicBool::new(true),
+            majority_since: Mutex::new(Instant::now()),
             leading_since: Mutex::new(None),
             identity,
             left: AtomicBool::new(left),
@@ -611,6 +615,12 @@ impl Replica {
     /// alive, has heard from no leader for an election timeout, and `quiet` is false.
     /// `alive` contains the raft ids of the live members, and this node counts as alive.
     ///
+    /// The election timeout also runs from when the node started, or last came back to a
+    /// majority, so that a leader has that long to reach it first. Otherwise a node paused
+    /// (or starved) before it heard the leader of a log would resume with its elections open,
+    /// and openraft, whose timer has run out by then, would depose that leader at once. A
+    /// log whose only voter is this node has no leader to wait for.
+    ///
     /// A node cut off with a minority cannot win an election, but each one it tries raises
     /// its term. Once the partition heals, that higher term would depose the majority's
     /// leader, and with a log per shard such elections on every log flood the links.
@@ -638,6 +648,9 @@ impl Replica {
         let majority = voters.is_empty() || 2 * reachable > voters.len();
         if self.majority_alive.swap(majority, Ordering::Relaxed) != majority {
             if majority {
+                if let Ok(mut since) = self.majority_since.lock() {
+                    *since = Instant::now();
+                }
                 tracing::info!(log = %self.settings.log, "a majority of the voters is alive again; elections resume");
             } else {
                 tracing::warn!(log = %self.settings.log, reachable, voters = voters.len(), "fewer than a majority of the voters are alive; this node starts no elections");
@@ -646,8 +659,15 @@ impl Replica {
         if self.left.load(Ordering::Relaxed) && !self.voter_again() {
             return;
         }
-        let leader_active = self.contact.within(self.settings.election_timeout);
-        let allowed = majority && !leader_active && !quiet;
+        let timeout = self.settings.election_timeout;
+        let leader_active = self.contact.within(timeout);
+        let alone = voters.len() == 1 && voters.contains(&me);
+        let settling = !alone
+            && self
+                .majority_since
+                .lock()
+                .is_ok_and(|since| since.elapsed() < timeout);
+        let allowed = majority && !leader_active && !settling && !quiet;
         if self.elections.swap(allowed, Ordering::Relaxed) != allowed {
             self.raft.runtime_config().elect(allowed);
         }

@@ -294,6 +294,28 @@ async fn commands_survive_leader_loss() {
     }
 }
 
+/// Starts replica `id` of `log` with its database in `dir` (new or kept from an earlier start)
+/// and its raft endpoint actor, with a 100 ms heartbeat and a 300 ms election timeout.
+async fn start_endpoint_replica(
+    dir: &std::path::Path,
+    log: &str,
+    id: RaftNodeId,
+    applier: Arc<ListApplier>,
+) -> super::Replica {
+    let settings = ReplicaSettings {
+        log: log.into(),
+        node_name: format!("node-{id}"),
+        raft_id: id,
+        heartbeat: Duration::from_millis(100),
+        election_timeout: Duration::from_millis(300),
+        snapshot_every: 10_000,
+    };
+    let disk = disk_in(&dir.join(id.to_string()));
+    super::Replica::start(settings, &disk, applier)
+        .await
+        .unwrap()
+}
+
 /// Starts three [`super::Replica`]s of one log in this process, each with its own sled
 /// database and raft endpoint actor. Their calls go through ractor's process groups, as
 /// between nodes, only without the network.
@@ -303,19 +325,8 @@ async fn start_endpoint_replicas(
 ) -> BTreeMap<RaftNodeId, (super::Replica, Arc<ListApplier>)> {
     let mut replicas = BTreeMap::new();
     for id in 1..=3u64 {
-        let settings = ReplicaSettings {
-            log: log.into(),
-            node_name: format!("node-{id}"),
-            raft_id: id,
-            heartbeat: Duration::from_millis(100),
-            election_timeout: Duration::from_millis(300),
-            snapshot_every: 10_000,
-        };
-        let disk = disk_in(&dir.join(id.to_string()));
         let applier = Arc::new(ListApplier::default());
-        let replica = super::Replica::start(settings, &disk, applier.clone())
-            .await
-            .unwrap();
+        let replica = start_endpoint_replica(dir, log, id, applier.clone()).await;
         replicas.insert(id, (replica, applier));
     }
     let members: BTreeMap<RaftNodeId, BasicNode> = (1..=3u64)
@@ -430,6 +441,43 @@ async fn election_gate_closed_while_leader_heard() {
     for id in &followers {
         replicas[id].0.stop().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_voter_gives_leaders_an_election_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut replicas = start_endpoint_replicas(dir.path(), "settle-test").await;
+    let rafts: Vec<&Raft> = replicas.values().map(|(r, _)| r.raft()).collect();
+    let leader = wait_for_leader(&rafts, None).await;
+    let follower = (1..=3u64).find(|id| *id != leader).unwrap();
+
+    // The follower restarts while no leader runs, so no append can reach it: only the time
+    // since its start keeps its elections closed.
+    let (gone, _) = replicas.remove(&follower).unwrap();
+    gone.stop().await;
+    drop(gone);
+    stop_replicas(&replicas).await;
+    let applier = Arc::new(ListApplier::default());
+    let back = start_endpoint_replica(dir.path(), "settle-test", follower, applier).await;
+    let everyone = BTreeSet::from([1, 2, 3]);
+    back.gate_elections(&everyone, false);
+    assert!(
+        !back.elections_open(),
+        "elections open right after the start, before any leader could be heard"
+    );
+
+    // Once an election timeout has passed with no leader heard, they open.
+    let mut opened = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        back.gate_elections(&everyone, false);
+        if back.elections_open() {
+            opened = true;
+            break;
+        }
+    }
+    assert!(opened, "elections stayed closed with no leader to hear");
+    back.stop().await;
 }
 
 /// Stops every replica of `replicas` and its endpoint.
@@ -555,19 +603,8 @@ async fn restarted_leaver_starts_no_elections() {
     gone.stop().await;
     drop(gone);
     let term = replicas[&leader].0.raft().metrics().borrow().current_term;
-    let settings = ReplicaSettings {
-        log: "left-test".into(),
-        node_name: format!("node-{leaver}"),
-        raft_id: leaver,
-        heartbeat: Duration::from_millis(100),
-        election_timeout: Duration::from_millis(300),
-        snapshot_every: 10_000,
-    };
-    let disk = disk_in(&dir.path().join(leaver.to_string()));
     let applier = Arc::new(ListApplier::default());
-    let back = super::Replica::start(settings, &disk, applier.clone())
-        .await
-        .unwrap();
+    let back = start_endpoint_replica(dir.path(), "left-test", leaver, applier).await;
     // Every member looks alive, which alone would let it elect. Over ten of its election
     // timeouts its term stays where it was.
     let everyone = BTreeSet::from([1, 2, 3]);
