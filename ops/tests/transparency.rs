@@ -358,7 +358,7 @@ async fn three_members(node: &Node, name: &str) -> (Client, Client, Client, Grou
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_log_rollback_is_caught() {
     let mut node = Node::start();
-    let (mut alice, mut bob, mut carol, group) = three_members(&node, "restored").await;
+    let (alice, bob, carol, group) = three_members(&node, "restored").await;
     drop((alice, bob, carol));
     node.stop();
     let snapshot = node.snapshot("before-message");
@@ -414,7 +414,7 @@ async fn group_log_rollback_is_caught() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_entry_acknowledged_ahead_is_checked() {
     let mut node = Node::start();
-    let (mut alice, mut bob, mut carol, group) = three_members(&node, "ahead").await;
+    let (alice, mut bob, carol, group) = three_members(&node, "ahead").await;
     let behind = bob.send(&group, "from bob").await.unwrap();
     drop((alice, bob, carol));
     node.stop();
