@@ -8,7 +8,7 @@
 use crate::group::now_ms;
 use atlas_protocol::receipts::{Receipt, ReceiptError, ReceiptFields};
 use atlas_protocol::transparency::{Jwk, Jwks, SignedTreeHead};
-use atlas_storage::{StorageError, Store};
+use atlas_storage::{NodeKey, StorageError, Store};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chacha20poly1305::aead::{Aead, Payload};
@@ -307,6 +307,24 @@ impl Keyring {
             .iter()
             .find(|k| k.kid == kid && k.retired_ms.is_none_or(|r| r.saturating_add(grace) >= now))
             .map(|k| k.public)
+    }
+
+    /// Returns the published keys as the directory keeps them for the other nodes of a
+    /// cluster (see [`atlas_storage::Change::PublishNodeKeys`]), each retired one with the
+    /// end of its grace period.
+    pub fn published(&self) -> Vec<NodeKey> {
+        let now = now_ms();
+        let grace = self.grace.as_millis() as u64;
+        self.state()
+            .published
+            .iter()
+            .filter(|k| k.retired_ms.is_none_or(|r| r.saturating_add(grace) >= now))
+            .map(|k| NodeKey {
+                kid: k.kid.clone(),
+                public: k.public.to_bytes(),
+                until_ms: k.retired_ms.map(|r| r.saturating_add(grace)),
+            })
+            .collect()
     }
 
     /// Returns the published keys: the current one and those retired less than the grace

@@ -2,13 +2,14 @@
 //! histories with inclusion proofs, consistency proofs and pages of entries for auditors.
 
 use crate::group::now_ms;
-use crate::keyring::Keyring;
+use crate::keyring::{Keyring, thumbprint};
 use atlas_protocol::ErrorCode;
 use atlas_protocol::transparency::{
-    ConsistencyProof, Jwks, MAX_KT_ENTRIES, MAX_KT_PAGE_BYTES, ProvenEntry, SignedTreeHead,
+    ConsistencyProof, Jwk, Jwks, MAX_KT_ENTRIES, MAX_KT_PAGE_BYTES, ProvenEntry, SignedTreeHead,
     wire_path,
 };
 use atlas_storage::{StorageError, Store};
+use ed25519_dalek::VerifyingKey;
 use std::sync::Arc;
 
 /// Failure of a key transparency request.
@@ -75,9 +76,35 @@ impl KeyTransparency {
         })
     }
 
-    /// Returns the published signing keys.
+    /// Returns the published signing keys: this node's, and in a cluster those that the
+    /// other nodes published through the directory, so that a receipt or tree head of any
+    /// node verifies against the JWKS of every node.
     pub fn jwks(&self) -> Jwks {
-        self.keyring.jwks()
+        let mut jwks = self.keyring.jwks();
+        let nodes = match self.store.node_keys() {
+            Ok(nodes) => nodes,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the signing keys of the other nodes; the JWKS lists this node's keys only");
+                return jwks;
+            }
+        };
+        let now = now_ms();
+        for (node, keys) in nodes {
+            for key in keys {
+                if key.until_ms.is_some_and(|until| until < now) || jwks.find(&key.kid).is_some() {
+                    continue;
+                }
+                match VerifyingKey::from_bytes(&key.public) {
+                    Ok(public) if thumbprint(&public) == key.kid => {
+                        jwks.keys.push(Jwk::ed25519(&key.kid, &public));
+                    }
+                    _ => {
+                        tracing::warn!(%node, kid = %key.kid, "a published signing key of another node is not a valid Ed25519 key with that key id; leaving it out of the JWKS");
+                    }
+                }
+            }
+        }
+        jwks
     }
 
     /// Returns the keyring that signs tree heads.

@@ -243,13 +243,29 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         .with_context(|| format!("cannot listen for metrics on {}", config.metrics_listen))?;
     let handles = (gateway.handle(), metrics_server.handle());
     let tasks = vec![tokio::spawn(gateway), tokio::spawn(metrics_server)];
-    let key_tasks = tokio::spawn(key_maintenance(
+    let maintenance = key_maintenance(
         kt,
         store.clone(),
         Duration::from_secs(config.tree_head_interval_secs),
         Duration::from_secs(config.signing_key_rotation_secs),
         shutdown.subscribe(),
-    ));
+    );
+    let publisher = store.is_replicated().then(|| {
+        publish_node_keys(
+            Arc::clone(&keyring),
+            store.clone(),
+            config.node_name.clone(),
+            shutdown.subscribe(),
+        )
+    });
+    let key_tasks = tokio::spawn(async move {
+        match publisher {
+            Some(publisher) => {
+                tokio::join!(maintenance, publisher);
+            }
+            None => maintenance.await,
+        }
+    });
     tracing::info!(%addr, %metrics_addr, data_dir = %config.data_dir.display(), "node started");
     Ok(RunningNode {
         addr,
@@ -806,6 +822,57 @@ async fn key_maintenance(
                 Ok(Ok(count)) => tracing::debug!(count, "deleted expired refresh tokens"),
                 Ok(Err(e)) => tracing::error!(error = %e, "deleting expired refresh tokens failed"),
                 Err(e) => tracing::error!(error = %e, "refresh token cleanup task failed"),
+            }
+        }
+    }
+}
+
+/// Time between two checks that the directory contains this node's current signing keys.
+const KEY_PUBLISH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Keeps this node's public signing keys in the directory, which every node of the cluster
+/// replicates, so that each node's JWKS lists them: receipts and tree heads that this node
+/// signs then verify against the JWKS of any node. Checks every [`KEY_PUBLISH_INTERVAL`] and
+/// writes only when the keys changed (a start, a rotation, a key past its grace period).
+async fn publish_node_keys(
+    keyring: Arc<Keyring>,
+    store: Store,
+    node: String,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(KEY_PUBLISH_INTERVAL);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let keys = keyring.published();
+        let stored = match store.node_keys() {
+            Ok(nodes) => nodes.into_iter().find(|(name, _)| *name == node),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the signing keys this node published; checking again in 5 s");
+                continue;
+            }
+        };
+        if stored.is_some_and(|(_, stored)| stored == keys) {
+            continue;
+        }
+        let change = Change::PublishNodeKeys {
+            node: node.clone(),
+            keys: keys.clone(),
+        };
+        match store.write(change).await {
+            Ok(_) => {
+                failing = false;
+                let kids: Vec<&str> = keys.iter().map(|k| k.kid.as_str()).collect();
+                tracing::info!(?kids, "published this node's signing keys to the cluster");
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "publishing this node's signing keys to the cluster failed; the other nodes' JWKS lack them until a retry, every 5 s, succeeds");
+                }
+                failing = true;
             }
         }
     }

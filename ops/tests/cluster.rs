@@ -1855,3 +1855,89 @@ async fn operator_removes_a_lost_node() {
     bob.sync().await.unwrap();
     assert_eq!(messages(&bob, &group), ["before", "after"]);
 }
+
+/// Returns the key id that a receipt's signature names.
+fn receipt_kid(receipt: &atlas_protocol::receipts::SignedReceipt) -> String {
+    let input = &receipt.receipt.signature_input;
+    input
+        .split("keyid=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the receipt names its key")
+        .to_owned()
+}
+
+/// Fetches the JWKS of `node` until it lists every key of `kids`, for at most [`CONVERGE`].
+/// Returns the last JWKS fetched.
+async fn jwks_listing(node: &NodeProcess, kids: &[&str]) -> atlas_protocol::transparency::Jwks {
+    let trust = atlas_client::ServerTrust::fingerprint(&node.fingerprint).unwrap();
+    let deadline = std::time::Instant::now() + CONVERGE;
+    loop {
+        let (conn, _) = atlas_client::RawConnection::open(&node.url(), &trust)
+            .await
+            .unwrap();
+        let jwks = match conn
+            .request(atlas_protocol::ClientBody::Jwks)
+            .await
+            .unwrap()
+        {
+            atlas_protocol::ServerBody::Jwks(jwks) => jwks,
+            other => panic!("expected the JWKS, got {other:?}"),
+        };
+        if kids.iter().all(|kid| jwks.find(kid).is_some()) || std::time::Instant::now() > deadline {
+            return jwks;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_verify_against_every_nodes_jwks() {
+    let fixture = fixture();
+    let (_specs, nodes) = fixture.start_cluster(3, CONVERGE).await.unwrap();
+    let (mut alice, _bob, group) =
+        alice_and_bob(&fixture, &nodes["node-a"], &nodes["node-b"], "receipts").await;
+    let first = alice.send(&group, "signed by node-a").await.unwrap();
+    let first_kid = receipt_kid(alice.receipt(&group, first).unwrap());
+
+    // node-a rotates its key: the next receipt names the new key, and the old one stays
+    // published for its grace period.
+    let body = nodes["node-a"].admin_post("/admin/keys/rotate").unwrap();
+    assert!(body.contains("kid"), "{body}");
+    let second = alice
+        .send(&group, "signed after the rotation")
+        .await
+        .unwrap();
+    let second_kid = receipt_kid(alice.receipt(&group, second).unwrap());
+    assert_ne!(first_kid, second_kid);
+
+    for name in ["node-a", "node-b", "node-c"] {
+        let jwks = jwks_listing(&nodes[name], &[&first_kid, &second_kid]).await;
+        for seq in [first, second] {
+            let receipt = alice.receipt(&group, seq).unwrap();
+            assert_eq!(
+                receipt.verify(&jwks),
+                Ok(()),
+                "receipt of entry {seq} against the JWKS of {name}"
+            );
+        }
+    }
+
+    // Each node lists the keys of the others too.
+    let own: Vec<String> = ["node-b", "node-c"]
+        .iter()
+        .map(|name| {
+            let body = nodes[*name].admin_get("/admin/jwks").unwrap();
+            let jwks: atlas_protocol::transparency::Jwks = serde_json::from_str(&body).unwrap();
+            assert_eq!(jwks.keys.len(), 1, "{name}: {body}");
+            jwks.keys[0].kid.clone()
+        })
+        .collect();
+    let own: Vec<&str> = own.iter().map(String::as_str).collect();
+    for name in ["node-a", "node-b", "node-c"] {
+        let jwks = jwks_listing(&nodes[name], &own).await;
+        for kid in &own {
+            assert!(jwks.find(kid).is_some(), "{name} does not list {kid}");
+        }
+    }
+}

@@ -86,6 +86,22 @@ pub enum Change {
     /// Records how a cluster's shard logs start, rejected with a conflict when they were
     /// started already.
     StartShardLogs(ShardLogStart),
+    /// Replaces the public signing keys of node `node`, so that every node of the
+    /// cluster serves them in its JWKS.
+    PublishNodeKeys { node: String, keys: Vec<NodeKey> },
+}
+
+/// A public signing key of a node, as the directory keeps it for the other nodes' JWKS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeKey {
+    /// Key id, the RFC 7638 thumbprint of the key.
+    pub kid: String,
+    /// The Ed25519 public key.
+    #[serde(with = "serde_bytes")]
+    pub public: [u8; 32],
+    /// Time, in milliseconds since the Unix epoch, after which the key is no longer
+    /// published; `None` while it is the node's current key.
+    pub until_ms: Option<u64>,
 }
 
 /// How a cluster's shard logs started: every node must run the same number of them.
@@ -124,7 +140,8 @@ impl Change {
             Self::KeyEvent { .. }
             | Self::CreateAccount(_)
             | Self::ReplaceAccount { .. }
-            | Self::StartShardLogs(_) => None,
+            | Self::StartShardLogs(_)
+            | Self::PublishNodeKeys { .. } => None,
         }
     }
 
@@ -143,6 +160,7 @@ impl Change {
             Self::CreateAccount(_) => "create_account",
             Self::ReplaceAccount { .. } => "replace_account",
             Self::StartShardLogs(_) => "start_shard_logs",
+            Self::PublishNodeKeys { .. } => "publish_node_keys",
         }
     }
 }
@@ -310,6 +328,17 @@ const SHARD_TREES: [&str; 3] = ["groups", "cursors", "key_packages"];
 /// Key prefix of signed tree heads in the directory tree: node-local, kept out of snapshots.
 const TREE_HEAD_TAG: u8 = b't';
 
+/// Key prefix of the records of [`Change::PublishNodeKeys`] in the directory tree, followed
+/// by the node's name.
+const NODE_KEYS_TAG: u8 = b'N';
+
+fn node_keys_key(node: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + node.len());
+    key.push(NODE_KEYS_TAG);
+    key.extend_from_slice(node.as_bytes());
+    key
+}
+
 /// Key of the record of [`Change::StartShardLogs`] in the directory tree.
 const SHARD_LOGS_KEY: &[u8] = b"Sshard-logs";
 
@@ -456,7 +485,24 @@ impl Store {
                 self.kt.insert(SHARD_LOGS_KEY, encode(start))?;
                 Ok(Outcome::Done)
             }
+            Change::PublishNodeKeys { node, keys } => {
+                self.kt.insert(node_keys_key(node), encode(keys))?;
+                Ok(Outcome::Done)
+            }
         }
+    }
+
+    /// Returns the signing keys that each node of the cluster published, by node name (see
+    /// [`Change::PublishNodeKeys`]), expired ones included.
+    pub fn node_keys(&self) -> Result<Vec<(String, Vec<NodeKey>)>, StorageError> {
+        let mut out = Vec::new();
+        for item in self.kt.scan_prefix([NODE_KEYS_TAG]) {
+            let (key, raw) = item?;
+            let node = String::from_utf8_lossy(&key[1..]).into_owned();
+            let keys = decode(&raw, "published signing keys", &node)?;
+            out.push((node, keys));
+        }
+        Ok(out)
     }
 
     /// Returns how the cluster's shard logs started, or `None` before they started (see

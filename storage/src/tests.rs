@@ -1080,6 +1080,17 @@ async fn snapshot_of_a_part_replaces_only_that_part() {
         .put_key_packages(&in_shard, &[], Some(&last_resort_of(in_shard)))
         .unwrap();
     source.create_account(&account_record("erin")).unwrap();
+    let node_keys = vec![NodeKey {
+        kid: "kid-of-node-a".into(),
+        public: [3; 32],
+        until_ms: Some(5),
+    }];
+    source
+        .apply(&Change::PublishNodeKeys {
+            node: "node-a".into(),
+            keys: node_keys.clone(),
+        })
+        .unwrap();
     let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
     let source_head = SignedTreeHead::sign(3, source.kt_root(3).unwrap(), 1, "k", &key);
     source.put_tree_head(&source_head).unwrap();
@@ -1136,6 +1147,10 @@ async fn snapshot_of_a_part_replaces_only_that_part() {
     assert_eq!(target.account_devices("dana").unwrap().len(), 3);
     assert!(target.account_devices("fred").unwrap().is_empty());
     assert!(target.account("erin").unwrap().is_some());
+    assert_eq!(
+        target.node_keys().unwrap(),
+        vec![("node-a".to_owned(), node_keys)]
+    );
     assert_eq!(target.kt_size(), 3);
     assert_eq!(target.kt_root(3).unwrap(), source.kt_root(3).unwrap());
     assert_eq!(target.latest_tree_head().unwrap(), Some(target_head));
