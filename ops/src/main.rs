@@ -46,6 +46,10 @@ enum Command {
         /// The node's metrics and admin listener.
         #[arg(long, env = "ATLAS_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
         admin: std::net::SocketAddr,
+        /// Print only the shard that carries this group (its id in hexadecimal, as
+        /// `atlas-chat groups` lists it), with the shard's replicas and log.
+        #[arg(long)]
+        group: Option<String>,
     },
     /// Remove a node lost for good (its disk gone, or retired while down) from every
     /// replicated log, through the admin endpoint of a running member. Refused while the
@@ -142,8 +146,14 @@ fn main() -> std::process::ExitCode {
                 out.join(format!("{name}-key.pem")).display()
             );
         }),
-        Command::Status { admin } => {
-            admin::request(admin, "GET", "/admin/cluster").map(|body| print_body(&body))
+        Command::Status { admin, group } => {
+            let path = match group.as_deref().map(node::parse_group_id) {
+                Some(Ok(group)) => Ok(format!("/admin/cluster/group/{group}")),
+                Some(Err(message)) => Err(anyhow::anyhow!("{}", message.trim_end())),
+                None => Ok("/admin/cluster".to_owned()),
+            };
+            path.and_then(|path| admin::request(admin, "GET", &path))
+                .map(|body| print_body(&body))
         }
         Command::RemoveNode { name, admin } => {
             let path = format!("/admin/cluster/remove/{name}");

@@ -13,12 +13,12 @@ use atlas_cluster::replication::{
 };
 use atlas_cluster::{
     Cluster, ClusterSettings, ForwardHandler, GroupOwners, Layout, MemberState, MemberView,
-    MembershipObserver, NodeName, Presence, Router, ShardId, replicas,
+    MembershipObserver, NodeName, Presence, Router, ShardId, replicas, shard_of,
 };
 use atlas_gateway::auth::AuthSettings;
 use atlas_gateway::{GatewayMetrics, GatewayState, SessionSettings, WriteGate};
 use atlas_protocol::CloseCode;
-use atlas_protocol::LogEntry;
+use atlas_protocol::{GroupId, LogEntry};
 use atlas_storage::{Change, Store};
 use prometheus::{Encoder, Histogram, HistogramOpts, Registry, TextEncoder};
 use ractor::{Actor, ActorRef};
@@ -122,7 +122,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         // group's actor on this node.
         let supervisor = supervisor.clone();
         logs.set_hook(Arc::new(move |change| {
-            let replicated = |group: &atlas_protocol::GroupId, entry: &LogEntry, welcomes: &[_]| {
+            let replicated = |group: &GroupId, entry: &LogEntry, welcomes: &[_]| {
                 let _ = supervisor.send_message(SupervisorMsg::Replicated {
                     group: group.clone(),
                     entry: entry.clone(),
@@ -647,8 +647,9 @@ struct Admin {
 }
 
 impl Admin {
-    /// Returns the cluster status: members and the shard placement over the live ones.
-    fn status(&self) -> serde_json::Value {
+    /// Returns the cluster status: members and the shard placement over the live ones. With
+    /// `group`, returns only the shard that carries the group, with its replicas and log.
+    fn status(&self, group: Option<&GroupId>) -> serde_json::Value {
         let members = match &self.cluster {
             Some(cluster) => cluster.members(),
             None => vec![MemberView {
@@ -687,6 +688,14 @@ impl Admin {
                 })
             })
             .collect();
+        if let Some(group) = group {
+            let shard = shard_of(group.as_bytes(), self.shards);
+            return serde_json::json!({
+                "node": self.node_name,
+                "group": group.to_string(),
+                "shard": shards[shard.0 as usize],
+            });
+        }
         serde_json::json!({
             "node": self.node_name,
             "clustered": self.cluster.is_some(),
@@ -827,6 +836,14 @@ async fn key_maintenance(
     }
 }
 
+/// Parses a group id in the hexadecimal form that `atlas-chat groups` and the logs print.
+pub(crate) fn parse_group_id(text: &str) -> Result<GroupId, String> {
+    let bytes = hex::decode(text).map_err(|e| {
+        format!("invalid group id {text:?} ({e}): use an id that `atlas-chat groups` lists\n")
+    })?;
+    GroupId::new(bytes).map_err(|e| format!("invalid group id {text:?}: {e}\n"))
+}
+
 /// Time between two checks that the directory contains this node's current signing keys.
 const KEY_PUBLISH_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -897,8 +914,19 @@ fn metrics_server(
             .route(
                 "/admin/cluster",
                 web::get().to(|admin: web::Data<Admin>| async move {
-                    HttpResponse::Ok().json(admin.status())
+                    HttpResponse::Ok().json(admin.status(None))
                 }),
+            )
+            .route(
+                "/admin/cluster/group/{id}",
+                web::get().to(
+                    |admin: web::Data<Admin>, id: web::Path<String>| async move {
+                        match parse_group_id(&id) {
+                            Ok(group) => HttpResponse::Ok().json(admin.status(Some(&group))),
+                            Err(message) => HttpResponse::BadRequest().body(message),
+                        }
+                    },
+                ),
             )
             .route(
                 "/admin/cluster/remove/{name}",

@@ -1767,17 +1767,18 @@ fn shard_index(group: &atlas_protocol::GroupId, shards: usize) -> usize {
     atlas_cluster::shard_of(group.as_bytes(), u32::try_from(shards).unwrap()).0 as usize
 }
 
-/// Runs `atlas remove-node NAME` against a node's admin listener.
-fn remove_node(node: &NodeProcess, name: &str) -> std::process::Output {
+/// Runs the `atlas` command `args` against a node's admin listener.
+fn atlas_admin(node: &NodeProcess, args: &[&str]) -> std::process::Output {
     std::process::Command::new(BIN)
-        .args([
-            "remove-node",
-            name,
-            "--admin",
-            &node.metrics_addr.to_string(),
-        ])
+        .args(args)
+        .args(["--admin", &node.metrics_addr.to_string()])
         .output()
         .unwrap()
+}
+
+/// Runs `atlas remove-node NAME` against a node's admin listener.
+fn remove_node(node: &NodeProcess, name: &str) -> std::process::Output {
+    atlas_admin(node, &["remove-node", name])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1940,4 +1941,44 @@ async fn receipts_verify_against_every_nodes_jwks() {
             assert!(jwks.find(kid).is_some(), "{name} does not list {kid}");
         }
     }
+}
+
+/// Runs `atlas status --group GROUP` against a node's admin listener.
+fn group_status(node: &NodeProcess, group: &str) -> std::process::Output {
+    atlas_admin(node, &["status", "--group", group])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_names_the_shard_of_a_group() {
+    let fixture = fixture();
+    let (_specs, nodes) = fixture.start_cluster(3, CONVERGE).await.unwrap();
+    let mut alice = client_on(&fixture, "alice", &nodes["node-a"]).await;
+    let group = alice.create_group("placed").await.unwrap();
+    let full: serde_json::Value =
+        serde_json::from_str(&nodes["node-b"].admin_get("/admin/cluster").unwrap()).unwrap();
+    let shards = full["shards"].as_array().unwrap().len();
+
+    let output = group_status(&nodes["node-b"], &group.to_string());
+    assert!(output.status.success(), "{output:?}");
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(status["group"], group.to_string());
+    let shard = &status["shard"];
+    assert_eq!(shard["shard"], shard_index(&group, shards));
+    assert_eq!(shard["replicas"].as_array().unwrap().len(), 3, "{shard}");
+    // The shard's log leader is the node that owns the group's actor.
+    let leader = shard["log"]["leader"].as_str().unwrap_or_default();
+    assert!(
+        ["node-a", "node-b", "node-c"].contains(&leader),
+        "no leader in {shard}"
+    );
+
+    // The command rejects an id that is not hexadecimal before any request, and the node's
+    // endpoint rejects one too.
+    let bad = group_status(&nodes["node-b"], "not-hex");
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("invalid group id \"not-hex\""), "{stderr}");
+    let rejected = nodes["node-b"].admin_get("/admin/cluster/group/zz");
+    let message = format!("{rejected:?}");
+    assert!(message.contains("400 Bad Request"), "{message}");
 }
