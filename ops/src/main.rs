@@ -61,6 +61,22 @@ enum Command {
         #[arg(long, env = "ATLAS_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
         admin: std::net::SocketAddr,
     },
+    /// Make a stopped node the only voter of every replicated log, after the other voters
+    /// were lost for good (their disks gone). Unsafe: writes that only the lost voters had
+    /// are gone. Run it on the survivor whose logs reach furthest, start that node, then
+    /// start the other nodes with empty data directories. Without --force, prints what it
+    /// would change and changes nothing.
+    Recover {
+        /// The stopped node's data directory.
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+        /// The node's name, as it runs with --node-name.
+        #[arg(long, default_value = "node-1")]
+        node_name: String,
+        /// Change the logs.
+        #[arg(long)]
+        force: bool,
+    },
     /// Manage the signing keys of a running node through its admin endpoint.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -165,6 +181,11 @@ fn main() -> std::process::ExitCode {
         Command::Keys(KeysCommand::List { admin }) => {
             admin::request(admin, "GET", "/admin/jwks").map(|body| print_body(&body))
         }
+        Command::Recover {
+            data_dir,
+            node_name,
+            force,
+        } => block_on(recover(data_dir, node_name, force)),
         Command::Demo { verbose } => {
             init_tracing(if verbose { "info" } else { "warn" }, LogFormat::Text);
             block_on(demo::run())
@@ -213,6 +234,62 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 
 /// Runs `future` in an actix system on a multi-threaded Tokio runtime: actors and storage use
 /// that runtime, HTTP workers run their own threads.
+/// Runs `atlas recover` (see [`Command::Recover`]).
+async fn recover(data_dir: std::path::PathBuf, name: String, force: bool) -> anyhow::Result<()> {
+    // The node keeps its database under `storage`, as `atlas node` opens it.
+    let storage = data_dir.join("storage");
+    anyhow::ensure!(
+        storage.join("db").is_file(),
+        "{} contains no node database (no storage/db): pass the --data-dir of a node",
+        data_dir.display()
+    );
+    let store = atlas_storage::Store::open(&storage).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open {}: {e}; stop the node first",
+            storage.display()
+        )
+    })?;
+
+    let db = store.sled_db().clone();
+    let recovered = tokio::task::spawn_blocking(move || {
+        atlas_cluster::replication::make_sole_voter(&db, &name, force)
+    })
+    .await??;
+    store.close().await?;
+
+    if recovered.is_empty() {
+        println!(
+            "no replicated log in {}: nothing to change",
+            data_dir.display()
+        );
+        return Ok(());
+    }
+    for log in &recovered {
+        println!(
+            "log {}: {} voters before; {} the only voter with entry {} of term {}",
+            log.log,
+            log.voters_before.len(),
+            if force {
+                "this node is now"
+            } else {
+                "this node would be"
+            },
+            log.index,
+            log.term
+        );
+    }
+
+    if force {
+        println!(
+            "start this node now, then the other nodes with empty data directories; its leaders \
+             make them voters again"
+        );
+    } else {
+        println!("nothing changed: run again with --force to change the logs");
+    }
+    Ok(())
+}
+
 fn block_on<F: Future<Output = anyhow::Result<()>>>(future: F) -> anyhow::Result<()> {
     actix_web::rt::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()

@@ -250,10 +250,11 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         Duration::from_secs(config.signing_key_rotation_secs),
         shutdown.subscribe(),
     );
-    let publisher = store.is_replicated().then(|| {
+    let publisher = replicated.as_ref().map(|(logs, _)| {
         publish_node_keys(
             Arc::clone(&keyring),
             store.clone(),
+            Arc::clone(logs),
             config.node_name.clone(),
             shutdown.subscribe(),
         )
@@ -854,6 +855,7 @@ const KEY_PUBLISH_INTERVAL: Duration = Duration::from_secs(5);
 async fn publish_node_keys(
     keyring: Arc<Keyring>,
     store: Store,
+    logs: Arc<ReplicatedLogs>,
     node: String,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -863,6 +865,10 @@ async fn publish_node_keys(
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
+        }
+        // A node that has not joined the directory log yet cannot write to it.
+        if !logs.directory_formed() {
+            continue;
         }
         let keys = keyring.published();
         let stored = match store.node_keys() {

@@ -1982,3 +1982,90 @@ async fn status_names_the_shard_of_a_group() {
     let message = format!("{rejected:?}");
     assert!(message.contains("400 Bad Request"), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survivor_recovers_logs_after_losing_the_majority() {
+    let fixture = fixture();
+    let (specs, mut nodes) = fixture.start_cluster(3, CONVERGE).await.unwrap();
+    let (mut alice, bob, group) =
+        alice_and_bob(&fixture, &nodes["node-a"], &nodes["node-b"], "recovered").await;
+    drop(bob);
+    let before: Vec<String> = (0..5).map(|i| format!("before the loss {i}")).collect();
+    for text in &before {
+        alice.send_reliably(&group, text).await.unwrap();
+    }
+    let everyone: Vec<&NodeProcess> = nodes.values().collect();
+    assert!(wait_until(CONVERGE, || logs_caught_up(&everyone)).await);
+    let logs = log_views(&nodes["node-a"]).unwrap().len();
+    drop(alice);
+
+    // node-b and node-c are lost with their disks; node-a alone has no majority in any log.
+    for name in ["node-b", "node-c"] {
+        nodes.remove(name).unwrap().kill9().unwrap();
+        std::fs::remove_dir_all(fixture.path(name)).unwrap();
+    }
+    nodes.remove("node-a").unwrap().kill9().unwrap();
+    let data = fixture.path("node-a");
+    let recover = |dir: &Path, force: bool| {
+        let mut command = std::process::Command::new(BIN);
+        command.args(["recover", "--node-name", "node-a", "--data-dir"]);
+        command.arg(dir);
+        if force {
+            command.arg("--force");
+        }
+        command.output().unwrap()
+    };
+    let wiped = recover(&fixture.path("node-b"), true);
+    assert!(!wiped.status.success());
+    let stderr = String::from_utf8_lossy(&wiped.stderr);
+    assert!(stderr.contains("contains no node database"), "{stderr}");
+
+    // Without --force the command only reports what it would do, then does exactly that.
+    let dry = recover(&data, false);
+    assert!(dry.status.success(), "{dry:?}");
+    let planned = String::from_utf8_lossy(&dry.stdout).into_owned();
+    assert!(planned.contains("nothing changed"), "{planned}");
+    let forced = recover(&data, true);
+    assert!(forced.status.success(), "{forced:?}");
+    let done = String::from_utf8_lossy(&forced.stdout).into_owned();
+    let log_lines = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|line| line.starts_with("log "))
+            .map(|line| line.replace("would be", "is now"))
+            .collect()
+    };
+    assert_eq!(log_lines(&planned), log_lines(&done));
+    let changed = done.matches("is now the only voter").count();
+    assert_eq!(changed, logs, "{done}");
+
+    // node-a leads every log alone, and the nodes that return with empty disks become
+    // voters again.
+    nodes.insert("node-a".into(), fixture.start(&specs[0]).unwrap());
+    nodes.insert("node-b".into(), fixture.start(&specs[1]).unwrap());
+    nodes.insert("node-c".into(), fixture.start(&specs[2]).unwrap());
+    let everyone: Vec<&NodeProcess> = nodes.values().collect();
+    let all = ["node-a", "node-b", "node-c"];
+    let formed = wait_until(2 * CONVERGE, || agreed_leaders(&everyone, &all).is_some()).await;
+    let views: Vec<_> = everyone.iter().map(|n| log_views(n)).collect();
+    assert!(
+        formed,
+        "the logs did not take the returning nodes back: {views:?}"
+    );
+    let running = recover(&data, true);
+    assert!(!running.status.success());
+    let stderr = String::from_utf8_lossy(&running.stderr);
+    assert!(stderr.contains("stop the node first"), "{stderr}");
+
+    // Every acknowledged message is still there, read through a node that lost its disk, and
+    // the group takes new messages.
+    let mut alice = client_on(&fixture, "alice", &nodes["node-a"]).await;
+    let mut bob = client_on(&fixture, "bob", &nodes["node-c"]).await;
+    alice
+        .send_reliably(&group, "after the recovery")
+        .await
+        .unwrap();
+    bob.sync().await.unwrap();
+    let mut expected = before.clone();
+    expected.push("after the recovery".to_owned());
+    assert_eq!(messages(&bob, &group), expected);
+}

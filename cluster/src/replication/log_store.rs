@@ -7,8 +7,8 @@ use openraft::{Entry, LogId, RaftLogReader, StorageError, StorageIOError, Vote};
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 
-const VOTE_KEY: &[u8] = b"vote";
-const PURGED_KEY: &[u8] = b"purged";
+pub(super) const VOTE_KEY: &[u8] = b"vote";
+pub(super) const PURGED_KEY: &[u8] = b"purged";
 const COMMITTED_KEY: &[u8] = b"committed";
 
 /// The raft log of one replicated log, in two sled trees.
@@ -60,7 +60,7 @@ impl SledLogStore {
     }
 }
 
-fn index_key(index: u64) -> [u8; 8] {
+pub(super) fn index_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
 

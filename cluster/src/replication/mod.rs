@@ -16,6 +16,7 @@
 mod log_store;
 mod logs;
 mod proposals;
+mod recover;
 mod replica;
 mod state_machine;
 #[cfg(test)]
@@ -28,6 +29,7 @@ pub use logs::{DIRECTORY_LOG, LogSettings, ReplicatedLogs, shard_log};
 pub use proposals::{
     AppliedHook, ClusterReplicator, LogHandle, ReplicationCheck, ShardStartHook, SharedState,
 };
+pub use recover::{RecoveredLog, make_sole_voter};
 pub use replica::{Replica, ReplicaSettings, ReplicaStatus, node_identity};
 pub use state_machine::SledStateMachine;
 

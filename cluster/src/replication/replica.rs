@@ -132,7 +132,7 @@ pub struct Replica {
 }
 
 /// Key of the record that this node left the log, in its identity tree.
-const LEFT_KEY: &[u8] = b"left";
+pub(super) const LEFT_KEY: &[u8] = b"left";
 
 /// Time a leader keeps new writes waiting, at most, while it hands leadership over.
 const HANDOVER_HOLD: Duration = Duration::from_secs(1);
