@@ -4,6 +4,7 @@
 
 use crate::{NodeProcess, wait_until};
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -25,11 +26,32 @@ pub struct ClusterFixture {
 #[derive(Debug, Clone)]
 pub struct NodeSpec {
     pub name: String,
-    /// Port of the cluster listener on 127.0.0.1.
+    /// Address of the cluster listener: 127.0.0.1, or the node's address in its network
+    /// namespace (see [`crate::netns`]).
+    pub host: IpAddr,
+    /// Port of the cluster listener.
     pub port: u16,
-    pub seeds: Vec<u16>,
+    /// Cluster listeners of the seeds.
+    pub seeds: Vec<SocketAddr>,
     pub ca_dir: PathBuf,
     pub cookie: String,
+    /// Network namespace to run the node in, if any.
+    pub namespace: Option<String>,
+}
+
+impl NodeSpec {
+    /// Returns the address of the node's cluster listener, for other nodes' seeds.
+    pub fn cluster_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.host, self.port)
+    }
+}
+
+/// Returns the cluster listeners on 127.0.0.1 at `ports`.
+pub fn loopback(ports: &[u16]) -> Vec<SocketAddr> {
+    ports
+        .iter()
+        .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+        .collect()
 }
 
 /// A node's view of one replicated log, from `GET /admin/cluster`.
@@ -185,17 +207,20 @@ impl ClusterFixture {
 
     /// Creates a node certificate named `name` from the CA in `ca_dir`, in `certs/`.
     pub fn certificate(&self, name: &str, ca_dir: &Path) -> anyhow::Result<()> {
+        self.certificate_for(name, ca_dir, &[])
+    }
+
+    /// Creates a node certificate like [`ClusterFixture::certificate`], valid for `hosts`
+    /// (DNS names or IP addresses) instead of the default localhost and 127.0.0.1.
+    fn certificate_for(&self, name: &str, ca_dir: &Path, hosts: &[String]) -> anyhow::Result<()> {
         let out = self.path("certs");
         std::fs::create_dir_all(&out)?;
-        self.run(&[
-            "cert",
-            "node",
-            name,
-            "--ca-dir",
-            &ca_dir.display().to_string(),
-            "--out",
-            &out.display().to_string(),
-        ])
+        let (ca_dir, out) = (ca_dir.display().to_string(), out.display().to_string());
+        let mut args = vec!["cert", "node", name, "--ca-dir", &ca_dir, "--out", &out];
+        for host in hosts {
+            args.extend(["--host", host.as_str()]);
+        }
+        self.run(&args)
     }
 
     /// Creates the certificate of a node named `name` that joins through `seeds` (cluster
@@ -204,10 +229,35 @@ impl ClusterFixture {
         self.certificate(name, &self.path("ca"))?;
         Ok(NodeSpec {
             name: name.into(),
+            host: IpAddr::from([127, 0, 0, 1]),
             port: free_port(),
-            seeds: seeds.to_vec(),
+            seeds: loopback(seeds),
             ca_dir: self.path("ca"),
             cookie: COOKIE.into(),
+            namespace: None,
+        })
+    }
+
+    /// Creates the certificate of a node named `name` that runs in `network` (its own
+    /// namespace and address) and joins through `seeds`, and returns its settings. Nodes in
+    /// separate namespaces may share a port number; each uses 7000.
+    pub fn spec_in(
+        &self,
+        network: &crate::netns::Network,
+        name: &str,
+        seeds: &[&NodeSpec],
+    ) -> anyhow::Result<NodeSpec> {
+        let host = network.address(name)?;
+        let hosts = [host.to_string(), "localhost".into(), "127.0.0.1".into()];
+        self.certificate_for(name, &self.path("ca"), &hosts)?;
+        Ok(NodeSpec {
+            name: name.into(),
+            host,
+            port: 7000,
+            seeds: seeds.iter().map(|s| s.cluster_addr()).collect(),
+            ca_dir: self.path("ca"),
+            cookie: COOKIE.into(),
+            namespace: Some(network.namespace(name)?),
         })
     }
 
@@ -218,7 +268,7 @@ impl ClusterFixture {
             "--node-name".to_owned(),
             spec.name.clone(),
             "--cluster-listen".into(),
-            format!("127.0.0.1:{}", spec.port),
+            spec.cluster_addr().to_string(),
             "--cluster-cookie".into(),
             spec.cookie.clone(),
             "--cluster-ca".into(),
@@ -244,11 +294,7 @@ impl ClusterFixture {
         }
         args.extend(self.extra.iter().cloned());
         if !spec.seeds.is_empty() {
-            let seeds: Vec<String> = spec
-                .seeds
-                .iter()
-                .map(|p| format!("127.0.0.1:{p}"))
-                .collect();
+            let seeds: Vec<String> = spec.seeds.iter().map(ToString::to_string).collect();
             args.extend(["--seeds".into(), seeds.join(",")]);
         }
         args
@@ -260,7 +306,16 @@ impl ClusterFixture {
         let args = self.cluster_flags(spec);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let log = self.path(&format!("{}.log", spec.name));
-        NodeProcess::start_logged(&self.binary, &self.path(&spec.name), &args, &log)
+        match &spec.namespace {
+            Some(namespace) => NodeProcess::start_logged_in(
+                namespace,
+                &self.binary,
+                &self.path(&spec.name),
+                &args,
+                &log,
+            ),
+            None => NodeProcess::start_logged(&self.binary, &self.path(&spec.name), &args, &log),
+        }
     }
 
     /// Returns the log a node wrote so far (empty if none).

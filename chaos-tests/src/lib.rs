@@ -3,6 +3,7 @@
 //! gracefully or with SIGKILL.
 
 pub mod cluster;
+pub mod netns;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -17,6 +18,53 @@ pub struct NodeProcess {
     pub metrics_addr: SocketAddr,
     pub fingerprint: String,
     pub data_dir: PathBuf,
+    /// The network namespace the node runs in, if any; its listeners are reached from there.
+    pub namespace: Option<String>,
+}
+
+/// Runs `task` on a new thread that has entered the network namespace `namespace` (as
+/// `ip netns` names it), so that the sockets it opens belong to that namespace.
+pub fn in_namespace<T: Send + 'static>(
+    namespace: &str,
+    task: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/var/run/netns/{namespace}");
+    let thread = std::thread::spawn(move || {
+        let file = std::fs::File::open(&path)
+            .map_err(|e| anyhow::anyhow!("cannot open the network namespace {path}: {e}"))?;
+        // SAFETY: setns only reads the descriptor, which `file` keeps open for the call, and
+        // changes the namespace of this thread alone.
+        let status = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        anyhow::ensure!(
+            status == 0,
+            "cannot enter the network namespace {path}: {}",
+            std::io::Error::last_os_error()
+        );
+        task()
+    });
+    thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread in network namespace {namespace} panicked"))?
+}
+
+/// Sends an HTTP request with an empty body to the admin listener at `addr` and returns the
+/// body of a 200 response.
+fn admin_request_to(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("response to {method} {path} is not HTTP"))?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{method} {path}: {head}");
+    Ok(body.to_owned())
 }
 
 fn with_open_registration<'a>(extra: &[&'a str]) -> Vec<&'a str> {
@@ -45,12 +93,41 @@ impl NodeProcess {
         extra: &[&str],
         log: &Path,
     ) -> anyhow::Result<Self> {
+        Self::start_logged_through(Command::new(binary), data_dir, extra, log)
+    }
+
+    /// Like [`NodeProcess::start_logged`], inside the network namespace `namespace` (see
+    /// [`netns`]). Its listeners are on the namespace's own 127.0.0.1, which only programs
+    /// run in that namespace reach.
+    pub fn start_logged_in(
+        namespace: &str,
+        binary: &Path,
+        data_dir: &Path,
+        extra: &[&str],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", namespace]).arg(binary);
+        let mut node = Self::start_logged_through(command, data_dir, extra, log)?;
+        node.namespace = Some(namespace.to_owned());
+        Ok(node)
+    }
+
+    /// Starts `atlas node` through `command` with open registration, its log in `log`.
+    fn start_logged_through(
+        command: Command,
+        data_dir: &Path,
+        extra: &[&str],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let file = std::fs::File::create(log)?;
-        Self::start_with_stderr(
-            binary,
+        let filter = std::env::var("ATLAS_LOG").unwrap_or_else(|_| "warn".into());
+        Self::spawn_command(
+            command,
             data_dir,
             &with_open_registration(extra),
             Stdio::from(file),
+            &filter,
         )
         .map_err(|e| with_log_tail(e, log))
     }
@@ -98,7 +175,19 @@ impl NodeProcess {
         stderr: Stdio,
         log_filter: &str,
     ) -> anyhow::Result<Self> {
-        let mut child = Command::new(binary)
+        Self::spawn_command(Command::new(binary), data_dir, extra, stderr, log_filter)
+    }
+
+    /// Runs `atlas node` through `command` (the binary, or a program that runs it, such as
+    /// `ip netns exec`, which keeps the process id).
+    fn spawn_command(
+        mut command: Command,
+        data_dir: &Path,
+        extra: &[&str],
+        stderr: Stdio,
+        log_filter: &str,
+    ) -> anyhow::Result<Self> {
+        let mut child = command
             .arg("node")
             .arg("--data-dir")
             .arg(data_dir)
@@ -156,6 +245,7 @@ impl NodeProcess {
             metrics_addr: metrics.unwrap_or_else(|| unreachable!("loop ends only once set")),
             fingerprint: fingerprint.unwrap_or_else(|| unreachable!("loop ends only once set")),
             data_dir: data_dir.to_owned(),
+            namespace: None,
         })
     }
 
@@ -197,20 +287,13 @@ impl NodeProcess {
     }
 
     fn admin_request(&self, method: &str, path: &str) -> anyhow::Result<String> {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(self.metrics_addr)?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            stream,
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let (head, body) = response
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| anyhow::anyhow!("response to {method} {path} is not HTTP"))?;
-        anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{method} {path}: {head}");
-        Ok(body.to_owned())
+        match &self.namespace {
+            Some(namespace) => {
+                let (addr, method, path) = (self.metrics_addr, method.to_owned(), path.to_owned());
+                in_namespace(namespace, move || admin_request_to(addr, &method, &path))
+            }
+            None => admin_request_to(self.metrics_addr, method, path),
+        }
     }
 
     /// Sends SIGKILL and waits for the process to end.
@@ -251,16 +334,7 @@ impl NodeProcess {
 
     /// Fetches the node's Prometheus metrics text over plain HTTP.
     pub fn metrics(&self) -> anyhow::Result<String> {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(self.metrics_addr)?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        Ok(response)
+        self.admin_get("/metrics")
     }
 
     /// Returns the value of a metric sample line starting with `name_and_labels`, or 0 if absent.
@@ -279,6 +353,23 @@ impl Drop for NodeProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Checks that `read`, the messages of a group as a member read them, contains every message
+/// of `acknowledged` once and in that order, and no message twice. Messages whose send failed
+/// may be in it: a failed send may still have been stored, but at most once.
+pub fn assert_acknowledged_once(read: &[String], acknowledged: &[String]) {
+    let mut only_acknowledged = read.to_vec();
+    only_acknowledged.retain(|m| acknowledged.contains(m));
+    assert_eq!(only_acknowledged, acknowledged, "{read:?}");
+    let mut distinct = read.to_vec();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        read.len(),
+        "a message appears twice: {read:?}"
+    );
 }
 
 /// Polls `condition` every 50 ms until it is true or `timeout` passes, and returns whether it

@@ -871,3 +871,154 @@ fn rolled_back_group_is_reported() {
     let history = ok(&node, "bob", &["history", &group]);
     assert!(history.contains("alice: lost later"), "{history}");
 }
+
+/// Returns the lines `SEQ ACCOUNT: TEXT` that `atlas-chat history` printed, as the sequence
+/// number and `ACCOUNT: TEXT`.
+fn history_lines(output: &str) -> Vec<(u64, String)> {
+    output
+        .lines()
+        .filter_map(|line| {
+            let (seq, message) = line.split_once(' ')?;
+            Some((seq.parse().ok()?, message.to_owned()))
+        })
+        .collect()
+}
+
+#[test]
+fn partitioned_minority_refuses_while_the_majority_serves() {
+    use atlas_chaos::cluster::{ClusterFixture, agreed_leaders};
+    use atlas_chaos::netns::Network;
+
+    let names = ["node-a", "node-b", "node-c"];
+    let network = match Network::create(&names) {
+        Ok(network) => network,
+        Err(e) => {
+            println!("SKIPPED: network namespaces are not available here: {e}");
+            return;
+        }
+    };
+    let fixture = ClusterFixture::new(&node_binary(), None)
+        .unwrap()
+        .with_timing(200, 1500);
+    let a = fixture.spec_in(&network, "node-a", &[]).unwrap();
+    let b = fixture.spec_in(&network, "node-b", &[&a]).unwrap();
+    let c = fixture.spec_in(&network, "node-c", &[&a]).unwrap();
+    let mut nodes = std::collections::BTreeMap::new();
+    for spec in [&a, &b, &c] {
+        nodes.insert(spec.name.clone(), fixture.start(spec).unwrap());
+    }
+    let formed = |nodes: &std::collections::BTreeMap<String, NodeProcess>| {
+        let everyone: Vec<&NodeProcess> = nodes.values().collect();
+        let deadline = Instant::now() + TIMEOUT;
+        while Instant::now() < deadline {
+            if agreed_leaders(&everyone, &names).is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        false
+    };
+    assert!(formed(&nodes), "the cluster did not form across namespaces");
+
+    // Each client runs in the namespace of its node and reaches only that node.
+    let chat = |node: &str, account: &str, args: &[&str]| {
+        let mut command = network.command(node, Path::new(CHAT)).unwrap();
+        for variable in CHAT_VARIABLES {
+            command.env_remove(variable);
+        }
+        command
+            .arg("--state")
+            .arg(fixture.path(account))
+            .args(["--account", account])
+            .args(["--server", &nodes[node].url()])
+            .args(["--fingerprint", &nodes[node].fingerprint])
+            .args(args);
+        run(&mut command, "")
+    };
+    let chat_ok = |node: &str, account: &str, args: &[&str]| {
+        let output = chat(node, account, args);
+        assert_success(&output, account, args);
+        stdout(&output)
+    };
+    chat_ok("node-a", "alice", &["register"]);
+    chat_ok("node-c", "bob", &["register"]);
+    let group = chat_ok("node-a", "alice", &["create-group", "split"])
+        .trim()
+        .to_owned();
+    chat_ok("node-a", "alice", &["add", &group, "bob"]);
+    chat_ok("node-a", "alice", &["send", &group, "before"]);
+    let synced = chat_ok("node-c", "bob", &["sync"]);
+    assert!(has_message(&synced, &group, "alice", "before"), "{synced}");
+
+    // node-c loses its link; every process keeps running.
+    network.cut("node-c").unwrap();
+    let mut acknowledged = vec!["alice: before".to_owned()];
+    let mut refusals = Vec::new();
+    let deadline = Instant::now() + TIMEOUT;
+    let mut attempt = 0;
+    while Instant::now() < deadline
+        && !(acknowledged.len() >= 4
+            && refusals
+                .iter()
+                .any(|r: &String| r.contains("cannot reach a majority")))
+    {
+        attempt += 1;
+        // The majority side keeps taking messages, after an election if node-c led the log.
+        let text = format!("majority {attempt}");
+        if chat("node-a", "alice", &["send", &group, &text])
+            .status
+            .success()
+        {
+            acknowledged.push(format!("alice: {text}"));
+        }
+        // The minority side refuses them with a clear error.
+        let text = format!("minority {attempt}");
+        let output = chat("node-c", "bob", &["send", &group, &text]);
+        assert!(
+            !output.status.success(),
+            "node-c acknowledged a message while cut off: {}",
+            stdout(&output)
+        );
+        refusals.push(stderr(&output));
+    }
+    assert!(
+        acknowledged.len() >= 4,
+        "the majority side took too few messages: {acknowledged:?}"
+    );
+    assert!(
+        refusals
+            .iter()
+            .any(|r| r.contains("cannot reach a majority")),
+        "{refusals:?}"
+    );
+
+    // After healing, node-c serves again. Both members read one order, with every
+    // acknowledged message once; a refused one may have been stored, but at most once.
+    network.heal("node-c").unwrap();
+    assert!(formed(&nodes), "the cluster did not heal");
+    let deadline = Instant::now() + TIMEOUT;
+    while !chat("node-c", "bob", &["send", &group, "after"])
+        .status
+        .success()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "node-c still refuses writes after healing"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    acknowledged.push("bob: after".to_owned());
+    chat_ok("node-c", "bob", &["sync"]);
+    chat_ok("node-a", "alice", &["sync"]);
+    let bob_history = history_lines(&chat_ok("node-c", "bob", &["history", &group]));
+    let alice_history = history_lines(&chat_ok("node-a", "alice", &["history", &group]));
+    assert_eq!(bob_history, alice_history);
+    let bob_read: Vec<String> = bob_history.into_iter().map(|(_, m)| m).collect();
+    atlas_chaos::assert_acknowledged_once(&bob_read, &acknowledged);
+
+    // The nodes end before their namespaces.
+    for (_, node) in std::mem::take(&mut nodes) {
+        node.kill9().unwrap();
+    }
+    drop(network);
+}
