@@ -243,12 +243,8 @@ async fn recover(data_dir: std::path::PathBuf, name: String, force: bool) -> any
         "{} contains no node database (no storage/db): pass the --data-dir of a node",
         data_dir.display()
     );
-    let store = atlas_storage::Store::open(&storage).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot open {}: {e}; stop the node first",
-            storage.display()
-        )
-    })?;
+    let store = atlas_storage::Store::open(&storage)
+        .map_err(|e| anyhow::anyhow!("{e}; if the node runs, stop the node first"))?;
 
     let db = store.sled_db().clone();
     let recovered = tokio::task::spawn_blocking(move || {
@@ -265,6 +261,10 @@ async fn recover(data_dir: std::path::PathBuf, name: String, force: bool) -> any
         return Ok(());
     }
     for log in &recovered {
+        if !log.changed {
+            println!("log {}: this node is the only voter already", log.log);
+            continue;
+        }
         println!(
             "log {}: {} voters before; {} the only voter with entry {} of term {}",
             log.log,

@@ -839,19 +839,31 @@ async fn key_maintenance(
 
 /// Parses a group id in the hexadecimal form that `atlas-chat groups` and the logs print.
 pub(crate) fn parse_group_id(text: &str) -> Result<GroupId, String> {
+    // An id far longer than any valid one is shown by its start and length only.
+    let shown = match text.char_indices().nth(64) {
+        Some((end, _)) => format!(
+            "{:?}... ({} characters)",
+            &text[..end],
+            text.chars().count()
+        ),
+        None => format!("{text:?}"),
+    };
     let bytes = hex::decode(text).map_err(|e| {
-        format!("invalid group id {text:?} ({e}): use an id that `atlas-chat groups` lists\n")
+        format!("invalid group id {shown} ({e}): use an id that `atlas-chat groups` lists\n")
     })?;
-    GroupId::new(bytes).map_err(|e| format!("invalid group id {text:?}: {e}\n"))
+    GroupId::new(bytes).map_err(|e| format!("invalid group id {shown}: {e}\n"))
 }
 
-/// Time between two checks that the directory contains this node's current signing keys.
-const KEY_PUBLISH_INTERVAL: Duration = Duration::from_secs(5);
+/// Time between two checks that the directory contains this node's current signing keys. A
+/// receipt signed with a new key verifies against the other nodes' JWKS once it is published,
+/// so this bounds that wait after a rotation. Each check reads one local record.
+const KEY_PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Keeps this node's public signing keys in the directory, which every node of the cluster
 /// replicates, so that each node's JWKS lists them: receipts and tree heads that this node
 /// signs then verify against the JWKS of any node. Checks every [`KEY_PUBLISH_INTERVAL`] and
-/// writes only when the keys changed (a start, a rotation, a key past its grace period).
+/// writes only when one of its keys is missing or differs (a first start, a start after the
+/// data directory was lost, a rotation, which sets the end of the old key's grace period).
 async fn publish_node_keys(
     keyring: Arc<Keyring>,
     store: Store,
@@ -874,11 +886,11 @@ async fn publish_node_keys(
         let stored = match store.node_keys() {
             Ok(nodes) => nodes.into_iter().find(|(name, _)| *name == node),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read the signing keys this node published; checking again in 5 s");
+                tracing::warn!(error = %e, "cannot read the signing keys this node published; checking again in 1 s");
                 continue;
             }
         };
-        if stored.is_some_and(|(_, stored)| stored == keys) {
+        if stored.is_some_and(|(_, stored)| keys.iter().all(|key| stored.contains(key))) {
             continue;
         }
         let change = Change::PublishNodeKeys {
@@ -893,7 +905,7 @@ async fn publish_node_keys(
             }
             Err(e) => {
                 if !failing {
-                    tracing::warn!(error = %e, "publishing this node's signing keys to the cluster failed; the other nodes' JWKS lack them until a retry, every 5 s, succeeds");
+                    tracing::warn!(error = %e, "publishing this node's signing keys to the cluster failed; the other nodes' JWKS lack them until a retry, every second, succeeds");
                 }
                 failing = true;
             }

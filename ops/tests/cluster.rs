@@ -2033,6 +2033,15 @@ async fn survivor_recovers_logs_after_losing_the_majority() {
     assert_eq!(log_lines(&planned), log_lines(&done));
     let changed = done.matches("is now the only voter").count();
     assert_eq!(changed, logs, "{done}");
+    // A second run finds nothing to change.
+    let again = recover(&data, true);
+    assert!(again.status.success(), "{again:?}");
+    let unchanged = String::from_utf8_lossy(&again.stdout).into_owned();
+    assert_eq!(
+        unchanged.matches("the only voter already").count(),
+        logs,
+        "{unchanged}"
+    );
 
     // node-a leads every log alone, and the nodes that return with empty disks become
     // voters again.

@@ -86,8 +86,9 @@ pub enum Change {
     /// Records how a cluster's shard logs start, rejected with a conflict when they were
     /// started already.
     StartShardLogs(ShardLogStart),
-    /// Replaces the public signing keys of node `node`, so that every node of the
-    /// cluster serves them in its JWKS.
+    /// Publishes the public signing keys of node `node`, so that every node of the cluster
+    /// serves them in its JWKS. A key with the kid of a published one replaces it; the
+    /// node's other published keys stay.
     PublishNodeKeys { node: String, keys: Vec<NodeKey> },
 }
 
@@ -486,7 +487,15 @@ impl Store {
                 Ok(Outcome::Done)
             }
             Change::PublishNodeKeys { node, keys } => {
-                self.kt.insert(node_keys_key(node), encode(keys))?;
+                // Keys published before stay: a node that lost its data directory comes back
+                // under its name with new keys, and its earlier receipts must still verify.
+                let mut merged: Vec<NodeKey> = match self.kt.get(node_keys_key(node))? {
+                    Some(raw) => decode(&raw, "published signing keys", node)?,
+                    None => Vec::new(),
+                };
+                merged.retain(|old| keys.iter().all(|new| new.kid != old.kid));
+                merged.extend(keys.iter().cloned());
+                self.kt.insert(node_keys_key(node), encode(&merged))?;
                 Ok(Outcome::Done)
             }
         }

@@ -1364,3 +1364,38 @@ async fn killed_writer_leaves_whole_write_sets() {
     assert!(whole > 0, "no write set survived the kills");
     assert!(store.db.open_tree("redo").unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn published_node_keys_accumulate() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let key = |kid: &str, until_ms: Option<u64>| NodeKey {
+        kid: kid.into(),
+        public: [kid.len() as u8; 32],
+        until_ms,
+    };
+    let publish = |keys: Vec<NodeKey>| {
+        store
+            .apply(&Change::PublishNodeKeys {
+                node: "node-a".into(),
+                keys,
+            })
+            .unwrap();
+    };
+    publish(vec![key("first", None)]);
+    // The node comes back with an empty data directory and a new key: the first one stays.
+    publish(vec![key("second", None)]);
+    // A rotation retires the second key, which is published again with its end.
+    publish(vec![key("second", Some(9)), key("third", None)]);
+    assert_eq!(
+        store.node_keys().unwrap(),
+        vec![(
+            "node-a".to_owned(),
+            vec![
+                key("first", None),
+                key("second", Some(9)),
+                key("third", None)
+            ]
+        )]
+    );
+}

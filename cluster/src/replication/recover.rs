@@ -22,6 +22,8 @@ pub struct RecoveredLog {
     pub index: u64,
     /// Term of that entry; the node's first election after it starts is one term later.
     pub term: u64,
+    /// False when the node was the only voter already: nothing was appended.
+    pub changed: bool,
 }
 
 /// Appends to every replicated log in `db` (a stopped node's database) a membership in which
@@ -124,13 +126,15 @@ fn recover_log(
         }
     }
 
+    let alone = voters_before.len() == 1 && voters_before.contains(&me);
     let recovered = RecoveredLog {
         log: log.to_owned(),
         voters_before,
         index,
         term,
+        changed: !alone,
     };
-    if !apply {
+    if !apply || alone {
         return Ok(Some(recovered));
     }
     let nodes = BTreeMap::from([(me, BasicNode::new(name))]);
