@@ -669,9 +669,11 @@ impl NodeEventSubscription for SessionEvents {
         } else {
             tracing::warn!(
                 peer = %session.peer_addr,
-                "cluster session closed before authenticating: a wrong cookie, a failed TLS \
-                 handshake on the peer's side, a name other than its certificate's, or a \
-                 duplicate link that ractor_cluster dropped (the log line above gives the reason)"
+                "cluster session closed before authenticating: a second link to a peer that \
+                 ractor_cluster dropped (common for a while after a pause or a partition ends), \
+                 a wrong cookie, a failed TLS handshake on the peer's side, or a name other \
+                 than its certificate's; the log line above gives the reason, and only a \
+                 peer that never becomes a member points to a wrong cookie"
             );
         }
     }
