@@ -551,21 +551,29 @@ async fn known_leader(raft: &Raft) -> Option<RaftNodeId> {
 /// A forwarded write that stops waiting this way has an unknown outcome, as one that timed
 /// out: `leader` may have replicated it before the others elected a new leader.
 async fn replaced<T>(raft: &Raft, leader: RaftNodeId) -> Result<T, WriteRefused> {
-    let known = raft.metrics().borrow().current_leader;
-    let waited = raft
-        .wait(Some(REPLACED_WAIT))
-        .metrics(
-            |m| {
-                m.current_leader
-                    .is_some_and(|l| l != leader && Some(l) != known)
-            },
-            "another leader",
-        )
-        .await;
-    let Ok(metrics) = waited else {
-        return std::future::pending().await;
-    };
+    // The metrics change with every applied entry, and every waiting request wakes up then.
+    // Each wake-up only reads the leader: openraft's own `wait` clones the whole metrics and
+    // sets a new timer each time, which under load cost a clone per request per entry.
+    let mut changes = raft.metrics();
+    let known = changes.borrow().current_leader;
+    let deadline = tokio::time::sleep(REPLACED_WAIT);
+    tokio::pin!(deadline);
+    loop {
+        let current = changes.borrow_and_update().current_leader;
+        if current.is_some_and(|l| l != leader && Some(l) != known) {
+            break;
+        }
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+            () = &mut deadline => return std::future::pending().await,
+        }
+    }
     tokio::time::sleep(REPLACED_GRACE).await;
+    let metrics = raft.metrics().borrow().clone();
     let name = |id: RaftNodeId| {
         metrics
             .membership_config
