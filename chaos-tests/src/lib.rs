@@ -355,9 +355,9 @@ impl Drop for NodeProcess {
     }
 }
 
-/// Checks that `read`, the messages of a group as a member read them, contains every message
-/// of `acknowledged` once and in that order, and no message twice. Messages whose send failed
-/// may be in it: a failed send may still have been stored, but at most once.
+/// Asserts that `read`, a group's messages as a member read them, contains every message of
+/// `acknowledged` in that order and no message twice. Other messages may be in it, because a
+/// send that failed may still have been stored.
 pub fn assert_acknowledged_once(read: &[String], acknowledged: &[String]) {
     let mut only_acknowledged = read.to_vec();
     only_acknowledged.retain(|m| acknowledged.contains(m));

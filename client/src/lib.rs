@@ -1543,8 +1543,8 @@ impl Client {
             .get_mut(group.as_bytes())
             .ok_or_else(|| ClientError::UnknownGroup(group.to_string()))?;
         if entry.seq <= local.cursor {
-            // The cursor may have moved over this device's own entries, acknowledged ahead of
-            // it, without reading them; the last of them must be the one the server holds.
+            // The cursor may have moved over own entries acknowledged ahead of it without
+            // reading them. The last of them must be the entry the server has there.
             if let Some((seq, own)) = local.last_read
                 && seq == entry.seq
                 && own != entry_digest(&entry.msg_id, &entry.payload)

@@ -40,9 +40,8 @@ pub(crate) struct GroupLocal {
     /// set, the device neither reads nor writes the group through the server.
     #[serde(default)]
     pub(crate) conflict: Option<String>,
-    /// Digests ([`crate::entry_digest`]) of the entries in `own`, by sequence number, so that
-    /// the cursor moving over them keeps `last_read` exact and a sync that meets one checks
-    /// that the server still holds this device's message there.
+    /// Digests ([`crate::entry_digest`]) of the entries in `own`, by sequence number. When the
+    /// cursor moves over one, `last_read` names it, so a sync checks the server's entry there.
     #[serde(default)]
     pub(crate) own_digests: BTreeMap<u64, [u8; 32]>,
 }

@@ -953,12 +953,12 @@ fn partitioned_minority_refuses_while_the_majority_serves() {
     // node-c loses its link; every process keeps running.
     network.cut("node-c").unwrap();
     let mut acknowledged = vec!["alice: before".to_owned()];
-    let mut refusals = Vec::new();
+    let mut rejections = Vec::new();
     let deadline = Instant::now() + TIMEOUT;
     let mut attempt = 0;
     while Instant::now() < deadline
         && !(acknowledged.len() >= 4
-            && refusals
+            && rejections
                 .iter()
                 .any(|r: &String| r.contains("cannot reach a majority")))
     {
@@ -979,17 +979,17 @@ fn partitioned_minority_refuses_while_the_majority_serves() {
             "node-c acknowledged a message while cut off: {}",
             stdout(&output)
         );
-        refusals.push(stderr(&output));
+        rejections.push(stderr(&output));
     }
     assert!(
         acknowledged.len() >= 4,
         "the majority side took too few messages: {acknowledged:?}"
     );
     assert!(
-        refusals
+        rejections
             .iter()
             .any(|r| r.contains("cannot reach a majority")),
-        "{refusals:?}"
+        "{rejections:?}"
     );
 
     // After healing, node-c serves again. Both members read one order, with every

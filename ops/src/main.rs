@@ -232,8 +232,6 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `future` in an actix system on a multi-threaded Tokio runtime: actors and storage use
-/// that runtime, HTTP workers run their own threads.
 /// Runs `atlas recover` (see [`Command::Recover`]).
 async fn recover(data_dir: std::path::PathBuf, name: String, force: bool) -> anyhow::Result<()> {
     // The node keeps its database under `storage`, as `atlas node` opens it.
@@ -290,6 +288,8 @@ async fn recover(data_dir: std::path::PathBuf, name: String, force: bool) -> any
     Ok(())
 }
 
+/// Runs `future` in an actix system on a multi-threaded Tokio runtime: actors and storage use
+/// that runtime, HTTP workers run their own threads.
 fn block_on<F: Future<Output = anyhow::Result<()>>>(future: F) -> anyhow::Result<()> {
     actix_web::rt::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()

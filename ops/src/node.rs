@@ -679,24 +679,22 @@ impl Admin {
             }
             None => (None, Vec::new()),
         };
-        let shards: Vec<serde_json::Value> = (0..self.shards)
-            .map(|shard| {
-                let replicas = replicas(ShardId(shard), &live, self.replication as usize);
-                serde_json::json!({
-                    "shard": shard,
-                    "replicas": replicas.iter().map(|n| n.0.clone()).collect::<Vec<_>>(),
-                    "log": shard_logs.get(shard as usize),
-                })
+        let shard_view = |shard: u32| {
+            let replicas = replicas(ShardId(shard), &live, self.replication as usize);
+            serde_json::json!({
+                "shard": shard,
+                "replicas": replicas.iter().map(|n| n.0.clone()).collect::<Vec<_>>(),
+                "log": shard_logs.get(shard as usize),
             })
-            .collect();
+        };
         if let Some(group) = group {
-            let shard = shard_of(group.as_bytes(), self.shards);
             return serde_json::json!({
                 "node": self.node_name,
                 "group": group.to_string(),
-                "shard": shards[shard.0 as usize],
+                "shard": shard_view(shard_of(group.as_bytes(), self.shards).0),
             });
         }
+        let shards: Vec<serde_json::Value> = (0..self.shards).map(shard_view).collect();
         serde_json::json!({
             "node": self.node_name,
             "clustered": self.cluster.is_some(),
@@ -839,19 +837,19 @@ async fn key_maintenance(
 
 /// Parses a group id in the hexadecimal form that `atlas-chat groups` and the logs print.
 pub(crate) fn parse_group_id(text: &str) -> Result<GroupId, String> {
-    // An id far longer than any valid one is shown by its start and length only.
-    let shown = match text.char_indices().nth(64) {
-        Some((end, _)) => format!(
-            "{:?}... ({} characters)",
-            &text[..end],
-            text.chars().count()
+    const HINT: &str = "use an id that `atlas-chat groups` lists";
+    GroupId::from_hex(text).map_err(|e| match e {
+        // The length error comes first, so a long id is not quoted back.
+        atlas_protocol::IdError::GroupIdLength(_) => {
+            format!(
+                "invalid group id of {} characters: {e}; {HINT}\n",
+                text.len()
+            )
+        }
+        _ => format!(
+            "invalid group id {text:?}: expected hexadecimal digits, two per byte; {HINT}\n"
         ),
-        None => format!("{text:?}"),
-    };
-    let bytes = hex::decode(text).map_err(|e| {
-        format!("invalid group id {shown} ({e}): use an id that `atlas-chat groups` lists\n")
-    })?;
-    GroupId::new(bytes).map_err(|e| format!("invalid group id {shown}: {e}\n"))
+    })
 }
 
 /// Time between two checks that the directory contains this node's current signing keys. A

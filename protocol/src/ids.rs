@@ -34,6 +34,28 @@ impl GroupId {
         Ok(Self(bytes))
     }
 
+    /// Parses the hex form printed by [`fmt::Display`]. The length is checked first, so an
+    /// error quotes no more than twice [`GroupId::MAX_LEN`] characters.
+    pub fn from_hex(text: &str) -> Result<Self, IdError> {
+        if text.is_empty() || text.len() > 2 * Self::MAX_LEN {
+            return Err(IdError::GroupIdLength(text.len().div_ceil(2)));
+        }
+        if !text.len().is_multiple_of(2) {
+            return Err(IdError::Hex(text.to_owned()));
+        }
+        let bytes = text
+            .as_bytes()
+            .chunks(2)
+            .map(|pair| {
+                std::str::from_utf8(pair)
+                    .ok()
+                    .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+                    .ok_or_else(|| IdError::Hex(text.to_owned()))
+            })
+            .collect::<Result<Vec<u8>, IdError>>()?;
+        Self::new(bytes)
+    }
+
     /// Checks the length of an id that arrived through deserialization, which bypasses
     /// [`GroupId::new`].
     pub fn validate(&self) -> Result<(), IdError> {
@@ -122,5 +144,32 @@ impl DeviceId {
         let mut id = [0u8; 16];
         id.copy_from_slice(&digest[..16]);
         Self(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_id_hex_round_trip() {
+        let group = GroupId::new(vec![0, 0xab, 0xff]).unwrap();
+        assert_eq!(GroupId::from_hex(&group.to_string()), Ok(group));
+        assert_eq!(
+            GroupId::from_hex("00ABff"),
+            GroupId::new(vec![0, 0xab, 0xff])
+        );
+    }
+
+    #[test]
+    fn group_id_hex_errors() {
+        assert_eq!(GroupId::from_hex(""), Err(IdError::GroupIdLength(0)));
+        assert_eq!(
+            GroupId::from_hex(&"a".repeat(10_000)),
+            Err(IdError::GroupIdLength(5_000))
+        );
+        assert_eq!(GroupId::from_hex("abc"), Err(IdError::Hex("abc".into())));
+        assert_eq!(GroupId::from_hex("zz"), Err(IdError::Hex("zz".into())));
+        assert_eq!(GroupId::from_hex("é0"), Err(IdError::Hex("é0".into())));
     }
 }

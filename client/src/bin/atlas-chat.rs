@@ -964,10 +964,8 @@ fn parse_device_id(text: &str) -> Result<DeviceId, String> {
 
 /// Parses a group id in the hex form that `GroupId`'s `Display` prints.
 fn parse_group_id(text: &str) -> Result<GroupId, String> {
-    let bytes = hex::decode(text).map_err(|e| {
-        format!("not a hex group id ({e}); use an id that `atlas-chat groups` lists")
-    })?;
-    GroupId::new(bytes).map_err(|e| e.to_string())
+    GroupId::from_hex(text)
+        .map_err(|e| format!("not a hex group id ({e}); use an id that `atlas-chat groups` lists"))
 }
 
 // ---------------------------------------------------------------------------------------------
