@@ -120,6 +120,10 @@ pub(crate) type MembershipView = Arc<RwLock<BTreeMap<String, MemberView>>>;
 pub trait MembershipObserver: Send + Sync + 'static {
     /// Called when a member becomes alive (`joined` or `rejoined`) or dead.
     fn changed(&self, event: &'static str, member: &str);
+
+    /// Called when a member becomes alive, with the cluster address it announced, so that the
+    /// node can keep the addresses of its peers (see `atlas recover`).
+    fn alive_at(&self, _member: &str, _addr: &str) {}
 }
 
 /// Heartbeat payload, MessagePack-encoded.
@@ -294,6 +298,7 @@ impl MembershipState {
         if let Some(event) = event {
             tracing::info!(member = %heartbeat.name, addr = %heartbeat.addr, event, "cluster member alive");
             self.observer.changed(event, &heartbeat.name);
+            self.observer.alive_at(&heartbeat.name, &heartbeat.addr);
         }
         if let Ok(addr) = heartbeat.addr.parse()
             && let Some(dial) = self

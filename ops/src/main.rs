@@ -65,7 +65,8 @@ enum Command {
     /// were lost for good (their disks gone). Unsafe: writes that only the lost voters had
     /// are gone. Run it on the survivor whose logs reach furthest, start that node, then
     /// start the other nodes with empty data directories. Without --force, prints what it
-    /// would change and changes nothing.
+    /// would change and changes nothing. Rejected while a peer that the node heard from
+    /// still accepts connections at its cluster address.
     Recover {
         /// The stopped node's data directory.
         #[arg(long)]
@@ -76,6 +77,11 @@ enum Command {
         /// Change the logs.
         #[arg(long)]
         force: bool,
+        /// Do not dial the cluster addresses of the node's peers first. Only for addresses
+        /// that now belong to other programs: a peer that still runs with its logs makes
+        /// the recovered logs fork.
+        #[arg(long)]
+        skip_peer_check: bool,
     },
     /// Manage the signing keys of a running node through its admin endpoint.
     #[command(subcommand)]
@@ -185,7 +191,8 @@ fn main() -> std::process::ExitCode {
             data_dir,
             node_name,
             force,
-        } => block_on(recover(data_dir, node_name, force)),
+            skip_peer_check,
+        } => block_on(recover(data_dir, node_name, force, !skip_peer_check)),
         Command::Demo { verbose } => {
             init_tracing(if verbose { "info" } else { "warn" }, LogFormat::Text);
             block_on(demo::run())
@@ -233,7 +240,12 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 }
 
 /// Runs `atlas recover` (see [`Command::Recover`]).
-async fn recover(data_dir: std::path::PathBuf, name: String, force: bool) -> anyhow::Result<()> {
+async fn recover(
+    data_dir: std::path::PathBuf,
+    name: String,
+    force: bool,
+    check_peers: bool,
+) -> anyhow::Result<()> {
     // The node keeps its database under `storage`, as `atlas node` opens it.
     let storage = data_dir.join("storage");
     anyhow::ensure!(
@@ -243,6 +255,24 @@ async fn recover(data_dir: std::path::PathBuf, name: String, force: bool) -> any
     );
     let store = atlas_storage::Store::open(&storage)
         .map_err(|e| anyhow::anyhow!("{e}; if the node runs, stop the node first"))?;
+
+    if check_peers {
+        let peers = atlas_cluster::replication::known_peers(store.sled_db())?;
+        let live = live_peers(&name, &peers).await;
+        if !live.is_empty() {
+            let list = live.join(", ");
+            if force {
+                store.close().await?;
+                anyhow::bail!(
+                    "recovery rejected: {list} accepted a connection, so it may still run with \
+                     its logs, and recovering would fork every log it votes in. Stop it for \
+                     good, or empty its data directory before it starts again. If the address \
+                     now belongs to another program, pass --skip-peer-check"
+                );
+            }
+            println!("warning: {list} accepted a connection; --force would reject the recovery");
+        }
+    }
 
     let db = store.sled_db().clone();
     let recovered = tokio::task::spawn_blocking(move || {
@@ -286,6 +316,49 @@ async fn recover(data_dir: std::path::PathBuf, name: String, force: bool) -> any
         println!("nothing changed: run again with --force to change the logs");
     }
     Ok(())
+}
+
+/// Time to wait for a peer's cluster listener to accept a connection.
+const PEER_DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Dials the cluster address of every peer in `peers` (name, address) other than `own`, all at
+/// once, and returns the peers that accepted, as "NAME at ADDRESS". Prints the peers it
+/// dialled, and those whose address cannot be read.
+async fn live_peers(own: &str, peers: &[(String, String)]) -> Vec<String> {
+    let others: Vec<&(String, String)> = peers.iter().filter(|(name, _)| name != own).collect();
+    if others.is_empty() {
+        println!("no peer address recorded: no peer to check");
+        return Vec::new();
+    }
+    let mut dials = tokio::task::JoinSet::new();
+    for (name, addr) in &others {
+        let socket = match addr.parse::<std::net::SocketAddr>() {
+            Ok(socket) => socket,
+            Err(e) => {
+                println!(
+                    "peer {name}: recorded address {addr:?} is not host:port ({e}); not checked"
+                );
+                continue;
+            }
+        };
+        let label = format!("{name} at {addr}");
+        dials.spawn(async move {
+            let dial = tokio::net::TcpStream::connect(socket);
+            let accepted = matches!(
+                tokio::time::timeout(PEER_DIAL_TIMEOUT, dial).await,
+                Ok(Ok(_))
+            );
+            accepted.then_some(label)
+        });
+    }
+    let mut live: Vec<String> = dials.join_all().await.into_iter().flatten().collect();
+    live.sort();
+    println!(
+        "dialled {} peer(s) at their cluster addresses: {} accepted",
+        others.len(),
+        live.len()
+    );
+    live
 }
 
 /// Runs `future` in an actix system on a multi-threaded Tokio runtime: actors and storage use

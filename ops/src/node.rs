@@ -87,7 +87,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     let cluster_id = store.shard_log_start()?.map_or(0, |start| start.cluster);
     let cluster = match cluster_tls {
         Some((listen, tls)) => {
-            Some(start_cluster(config, &registry, raft_id, cluster_id, listen, tls).await?)
+            Some(start_cluster(config, &store, &registry, raft_id, cluster_id, listen, tls).await?)
         }
         None => None,
     };
@@ -576,6 +576,7 @@ fn cluster_tls(
 /// Starts the cluster side on `listen` with the certificates of `tls`.
 async fn start_cluster(
     config: &NodeConfig,
+    store: &Store,
     registry: &Registry,
     raft_id: u64,
     cluster_id: u64,
@@ -585,7 +586,7 @@ async fn start_cluster(
     let Some(cookie) = &config.cluster_cookie else {
         anyhow::bail!("cluster_listen needs cluster_cookie");
     };
-    let observer = Arc::new(MembershipMetrics::register(registry)?);
+    let observer = Arc::new(MembershipMetrics::register(registry, store.clone())?);
     let settings = ClusterSettings {
         node_name: config.node_name.clone(),
         raft_id,
@@ -611,13 +612,15 @@ async fn start_cluster(
     Ok(Arc::new(cluster))
 }
 
-/// Membership changes as Prometheus counters.
+/// Membership changes as Prometheus counters, and the addresses of live peers kept in the
+/// node's database for `atlas recover`.
 struct MembershipMetrics {
     changes: prometheus::IntCounterVec,
+    store: Store,
 }
 
 impl MembershipMetrics {
-    fn register(registry: &Registry) -> prometheus::Result<Self> {
+    fn register(registry: &Registry, store: Store) -> prometheus::Result<Self> {
         let changes = prometheus::IntCounterVec::new(
             prometheus::Opts::new(
                 "atlas_cluster_membership_changes_total",
@@ -626,13 +629,20 @@ impl MembershipMetrics {
             &["event"],
         )?;
         registry.register(Box::new(changes.clone()))?;
-        Ok(Self { changes })
+        Ok(Self { changes, store })
     }
 }
 
 impl MembershipObserver for MembershipMetrics {
     fn changed(&self, event: &'static str, _member: &str) {
         self.changes.with_label_values(&[event]).inc();
+    }
+
+    fn alive_at(&self, member: &str, addr: &str) {
+        if let Err(e) = atlas_cluster::replication::record_peer(self.store.sled_db(), member, addr)
+        {
+            tracing::warn!(%member, %addr, error = %e, "cannot record the address of a cluster member; `atlas recover` will not check it");
+        }
     }
 }
 

@@ -1995,12 +1995,6 @@ async fn survivor_recovers_logs_after_losing_the_majority() {
     let logs = log_views(&nodes["node-a"]).unwrap().len();
     drop(alice);
 
-    // node-b and node-c are lost with their disks; node-a alone has no majority in any log.
-    for name in ["node-b", "node-c"] {
-        nodes.remove(name).unwrap().kill9().unwrap();
-        std::fs::remove_dir_all(fixture.path(name)).unwrap();
-    }
-    nodes.remove("node-a").unwrap().kill9().unwrap();
     let data = fixture.path("node-a");
     let recover = |dir: &Path, force: bool| {
         let mut command = std::process::Command::new(BIN);
@@ -2011,6 +2005,29 @@ async fn survivor_recovers_logs_after_losing_the_majority() {
         }
         command.output().unwrap()
     };
+
+    // While its peers still run, the command rejects the recovery and changes nothing.
+    nodes.remove("node-a").unwrap().kill9().unwrap();
+    let premature = recover(&data, true);
+    assert!(!premature.status.success(), "{premature:?}");
+    let stderr = String::from_utf8_lossy(&premature.stderr);
+    for peer in [
+        "node-b at 127.0.0.1:",
+        "node-c at 127.0.0.1:",
+        "recovery rejected",
+    ] {
+        assert!(stderr.contains(peer), "{stderr}");
+    }
+    let warned = recover(&data, false);
+    let warning = String::from_utf8_lossy(&warned.stdout);
+    assert!(warning.contains("--force would reject"), "{warning}");
+    assert!(!warning.contains("the only voter already"), "{warning}");
+
+    // node-b and node-c are lost with their disks; node-a alone has no majority in any log.
+    for name in ["node-b", "node-c"] {
+        nodes.remove(name).unwrap().kill9().unwrap();
+        std::fs::remove_dir_all(fixture.path(name)).unwrap();
+    }
     let wiped = recover(&fixture.path("node-b"), true);
     assert!(!wiped.status.success());
     let stderr = String::from_utf8_lossy(&wiped.stderr);
@@ -2031,6 +2048,10 @@ async fn survivor_recovers_logs_after_losing_the_majority() {
             .collect()
     };
     assert_eq!(log_lines(&planned), log_lines(&done));
+    assert!(
+        done.contains("dialled 2 peer(s) at their cluster addresses: 0 accepted"),
+        "{done}"
+    );
     let changed = done.matches("is now the only voter").count();
     assert_eq!(changed, logs, "{done}");
     // A second run finds nothing to change.

@@ -11,6 +11,35 @@ use super::{RaftNodeId, TypeConfig, encode};
 use openraft::{BasicNode, CommittedLeaderId, Entry, EntryPayload, LogId, Membership, Vote};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// Tree of the cluster addresses this node heard its peers announce, by node name.
+const PEERS_TREE: &str = "cluster-peers";
+
+/// Records that the member `name` announced the cluster address `addr`, replacing the
+/// address recorded before. [`known_peers`] reads them back while the node is stopped.
+pub fn record_peer(db: &sled::Db, name: &str, addr: &str) -> sled::Result<()> {
+    let peers = db.open_tree(PEERS_TREE)?;
+    if peers.get(name)?.as_deref() != Some(addr.as_bytes()) {
+        peers.insert(name, addr)?;
+    }
+    Ok(())
+}
+
+/// Returns every peer this node has heard from, with the cluster address it last announced,
+/// sorted by name.
+pub fn known_peers(db: &sled::Db) -> sled::Result<Vec<(String, String)>> {
+    let peers = db.open_tree(PEERS_TREE)?;
+    peers
+        .iter()
+        .map(|item| {
+            let (name, addr) = item?;
+            Ok((
+                String::from_utf8_lossy(&name).into_owned(),
+                String::from_utf8_lossy(&addr).into_owned(),
+            ))
+        })
+        .collect()
+}
+
 /// The change that [`make_sole_voter`] made, or would make, to one log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecoveredLog {
