@@ -90,6 +90,37 @@ impl ed25519_dalek::Signer<ed25519_dalek::Signature> for FastSigner {
     }
 }
 
+/// A generated signing key that is not in the keyring yet (see [`Keyring::rotate_to`]).
+pub struct NextKey {
+    kid: String,
+    key: SigningKey,
+}
+
+impl NextKey {
+    /// Generates a key from the operating system's random numbers.
+    pub fn generate() -> Self {
+        let key = SigningKey::generate(&mut rand::rngs::OsRng);
+        Self {
+            kid: thumbprint(&key.verifying_key()),
+            key,
+        }
+    }
+
+    /// Key id of the key.
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// Returns the public key as the directory publishes it, with no end of validity.
+    pub fn published(&self) -> NodeKey {
+        NodeKey {
+            kid: self.kid.clone(),
+            public: self.key.verifying_key().to_bytes(),
+            until_ms: None,
+        }
+    }
+}
+
 /// The node's signing keys.
 pub struct Keyring {
     store: Store,
@@ -225,9 +256,15 @@ impl Keyring {
     /// Creates a new current key and retires the previous one, which stays in the JWKS for the
     /// grace period. Returns the new key id.
     pub fn rotate(&self) -> Result<String, KeyringError> {
+        self.rotate_to(NextKey::generate())
+    }
+
+    /// Makes `next` the current key and retires the previous one, which stays in the JWKS for
+    /// the grace period. Returns the new key id. In a cluster, publish `next` first (see
+    /// [`NextKey::published`]) so that the other nodes' JWKS list it before it signs.
+    pub fn rotate_to(&self, next: NextKey) -> Result<String, KeyringError> {
         let now = now_ms();
-        let key = SigningKey::generate(&mut rand::rngs::OsRng);
-        let kid = thumbprint(&key.verifying_key());
+        let NextKey { kid, key } = next;
         let fast = FastSigner::new(&kid, &key)?;
         self.save_new(&kid, &key, now)?;
         let mut state = self.state_mut();

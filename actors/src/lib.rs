@@ -15,7 +15,7 @@ pub use directory::{Directory, LoginError};
 pub use group::{
     GroupArgs, GroupMsg, GroupSession, GroupSettings, ReceiptSigning, Submission, SyncPage,
 };
-pub use keyring::{Keyring, KeyringError};
+pub use keyring::{Keyring, KeyringError, NextKey};
 pub use metrics::ActorMetrics;
 pub use supervisor::{GroupSupervisor, SupervisorArgs, SupervisorMsg};
 pub use transparency::{KeyTransparency, KtError};

@@ -63,7 +63,12 @@ fn admin_request_to(addr: SocketAddr, method: &str, path: &str) -> anyhow::Resul
     let (head, body) = response
         .split_once("\r\n\r\n")
         .ok_or_else(|| anyhow::anyhow!("response to {method} {path} is not HTTP"))?;
-    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{method} {path}: {head}");
+    let status = head.lines().next().unwrap_or_default();
+    anyhow::ensure!(
+        status.starts_with("HTTP/1.1 200"),
+        "{method} {path}: {status}: {}",
+        body.trim()
+    );
     Ok(body.to_owned())
 }
 

@@ -7,6 +7,27 @@ use atlas_actors::directory::valid_account;
 use atlas_protocol::{ClientBody, DeviceId, ErrorCode, ServerBody};
 use atlas_storage::{DeviceRecord, ReadScope};
 
+/// Maximum wait of a JWKS request for this node to apply the directory's committed changes.
+const JWKS_BARRIER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Returns the JWKS once this node has applied every change the directory committed before
+/// the call, so that it lists a key that another node published before signing with it
+/// (a rotation). Without a majority it serves the keys it has after [`JWKS_BARRIER_WAIT`].
+pub(crate) async fn current_jwks(state: &GatewayState) -> atlas_protocol::transparency::Jwks {
+    let barrier = state.store.read_barrier(ReadScope::Directory);
+    match tokio::time::timeout(JWKS_BARRIER_WAIT, barrier).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "serving the JWKS without the directory's latest changes")
+        }
+        Err(_) => tracing::debug!(
+            wait_ms = JWKS_BARRIER_WAIT.as_millis() as u64,
+            "serving the JWKS without the directory's latest changes: the read barrier timed out"
+        ),
+    }
+    state.kt.jwks()
+}
+
 /// Serves a request that reads only public key transparency data.
 pub(crate) async fn public_request(state: &GatewayState, body: ClientBody) -> ServerBody {
     let kt = &state.kt;
@@ -20,7 +41,7 @@ pub(crate) async fn public_request(state: &GatewayState, body: ClientBody) -> Se
     }
     let result = match body {
         ClientBody::Ping => Ok(ServerBody::Pong),
-        ClientBody::Jwks => Ok(ServerBody::Jwks(kt.jwks())),
+        ClientBody::Jwks => Ok(ServerBody::Jwks(current_jwks(state).await)),
         ClientBody::KtHead => kt.head().await.map(ServerBody::KtHead),
         ClientBody::KtLookup { account } | ClientBody::KtHistory { account, .. }
             if !valid_account(&account) =>

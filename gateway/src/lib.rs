@@ -233,7 +233,7 @@ async fn jwks(state: web::Data<GatewayState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/jwk-set+json")
         .insert_header(("Cache-Control", "public, max-age=300"))
-        .json(state.kt.jwks())
+        .json(keys::current_jwks(&state).await)
 }
 
 async fn websocket(

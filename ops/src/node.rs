@@ -5,7 +5,7 @@ use crate::tls;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::Context;
 use atlas_actors::{
-    ActorMetrics, Directory, GroupSettings, GroupSupervisor, KeyTransparency, Keyring,
+    ActorMetrics, Directory, GroupSettings, GroupSupervisor, KeyTransparency, Keyring, NextKey,
     SupervisorArgs, SupervisorMsg,
 };
 use atlas_cluster::replication::{
@@ -231,8 +231,17 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     };
     let (gateway, addr) = atlas_gateway::bind(state, listener, tls_config, workers)
         .with_context(|| format!("cannot serve TLS on {}", config.listen))?;
+    let rotation = KeyRotation {
+        keyring: Arc::clone(&keyring),
+        publish: replicated.as_ref().map(|(logs, _)| KeyPublication {
+            store: store.clone(),
+            logs: Arc::clone(logs),
+            node: config.node_name.clone(),
+        }),
+    };
     let admin = Admin {
         keyring: Arc::clone(&keyring),
+        rotation: rotation.clone(),
         cluster: cluster.clone(),
         logs: replicated.as_ref().map(|(logs, _)| Arc::clone(logs)),
         node_name: config.node_name.clone(),
@@ -245,6 +254,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     let tasks = vec![tokio::spawn(gateway), tokio::spawn(metrics_server)];
     let maintenance = key_maintenance(
         kt,
+        rotation,
         store.clone(),
         Duration::from_secs(config.tree_head_interval_secs),
         Duration::from_secs(config.signing_key_rotation_secs),
@@ -650,6 +660,7 @@ impl MembershipObserver for MembershipMetrics {
 #[derive(Clone)]
 struct Admin {
     keyring: Arc<Keyring>,
+    rotation: KeyRotation,
     cluster: Option<Arc<Cluster>>,
     logs: Option<Arc<ReplicatedLogs>>,
     node_name: String,
@@ -807,9 +818,10 @@ const REFRESH_PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 /// it is older than `rotation`, and deletes expired refresh tokens every hour.
 async fn key_maintenance(
     kt: Arc<KeyTransparency>,
+    rotation: KeyRotation,
     store: Store,
     head_interval: Duration,
-    rotation: Duration,
+    rotation_age: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(head_interval);
@@ -824,10 +836,10 @@ async fn key_maintenance(
         }
         let keyring = kt.keyring();
         let age_ms = atlas_actors::now_ms().saturating_sub(keyring.current_created_ms());
-        if u128::from(age_ms) >= rotation.as_millis()
-            && let Err(e) = keyring.rotate()
+        if u128::from(age_ms) >= rotation_age.as_millis()
+            && let Err(e) = rotation.rotate().await
         {
-            tracing::error!(error = %e, "scheduled signing key rotation failed");
+            tracing::error!(error = %format!("{e:#}"), "scheduled signing key rotation failed; retrying at the next tree head interval");
         }
         if last_prune.elapsed() >= REFRESH_PRUNE_INTERVAL {
             last_prune = std::time::Instant::now();
@@ -862,9 +874,52 @@ pub(crate) fn parse_group_id(text: &str) -> Result<GroupId, String> {
     })
 }
 
-/// Time between two checks that the directory contains this node's current signing keys. A
-/// receipt signed with a new key verifies against the other nodes' JWKS once it is published,
-/// so this bounds that wait after a rotation. Each check reads one local record.
+/// Rotation of the node's signing key, which in a cluster publishes the new key first.
+#[derive(Clone)]
+struct KeyRotation {
+    keyring: Arc<Keyring>,
+    /// Directory to publish the new key to; `None` on a node that runs alone.
+    publish: Option<KeyPublication>,
+}
+
+/// The directory that a cluster node publishes its signing keys to.
+#[derive(Clone)]
+struct KeyPublication {
+    store: Store,
+    logs: Arc<ReplicatedLogs>,
+    node: String,
+}
+
+impl KeyRotation {
+    /// Replaces the current signing key with a new one and returns its key id. In a cluster
+    /// whose directory log has formed, the new public key is committed to the directory
+    /// before it signs anything, so a receipt it signs verifies against any node's JWKS
+    /// fetched afterwards. If that write fails, the current key stays in use.
+    async fn rotate(&self) -> anyhow::Result<String> {
+        let next = NextKey::generate();
+        if let Some(publish) = &self.publish
+            && publish.logs.directory_formed()
+        {
+            let change = Change::PublishNodeKeys {
+                node: publish.node.clone(),
+                keys: vec![next.published()],
+            };
+            publish.store.write(change).await.with_context(|| {
+                format!(
+                    "publishing the new signing key {} to the cluster failed, so the current \
+                     key stays in use; retry once the node reaches a majority",
+                    next.kid()
+                )
+            })?;
+        }
+        Ok(self.keyring.rotate_to(next)?)
+    }
+}
+
+/// Time between two checks that the directory contains this node's current signing keys. It
+/// bounds how long after its first start, or after its directory log formed, a node's
+/// receipts fail against the other nodes' JWKS. A rotation publishes its key itself (see
+/// [`KeyRotation::rotate`]). Each check reads one local record.
 const KEY_PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Keeps this node's public signing keys in the directory, which every node of the cluster
@@ -970,12 +1025,13 @@ fn metrics_server(
             )
             .route(
                 "/admin/keys/rotate",
-                web::post().to(|keyring: web::Data<Keyring>| async move {
-                    match keyring.rotate() {
+                web::post().to(|admin: web::Data<Admin>| async move {
+                    match admin.rotation.rotate().await {
                         Ok(kid) => HttpResponse::Ok().json(serde_json::json!({ "kid": kid })),
                         Err(e) => {
-                            tracing::error!(error = %e, "signing key rotation failed");
-                            HttpResponse::InternalServerError().body(e.to_string())
+                            let message = format!("{e:#}");
+                            tracing::error!(error = %message, "signing key rotation failed");
+                            HttpResponse::InternalServerError().body(message)
                         }
                     }
                 }),

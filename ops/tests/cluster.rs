@@ -571,9 +571,22 @@ async fn minority_refuses_writes_until_healed() {
     let mut newcomer = atlas_client::Client::open(&fixture.path("carol-state"), "carol").unwrap();
     let login = newcomer.connect(&cut.url(), &trust).await;
     let lookup = client.lookup_devices("alice").await;
+    // A rotation cannot publish its new key, so the node keeps signing with the current one.
+    let own_keys = |node: &NodeProcess| node.admin_get("/admin/jwks").unwrap();
+    let keys_before = own_keys(cut);
+    let rotation = cut.admin_post("/admin/keys/rotate");
+    let keys_after = own_keys(cut);
     for node in &others {
         node.signal("CONT").unwrap();
     }
+    let rotation = rotation.expect_err("a rotation on a node cut off with a minority");
+    assert!(
+        rotation
+            .to_string()
+            .contains("the current key stays in use"),
+        "{rotation}"
+    );
+    assert_eq!(keys_before, keys_after);
     let login = login.expect_err("a device registered on a node cut off with a minority");
     assert!(
         login.to_string().contains("cannot reach a majority"),
@@ -1867,24 +1880,29 @@ fn receipt_kid(receipt: &atlas_protocol::receipts::SignedReceipt) -> String {
 /// Fetches the JWKS of `node` until it lists every key of `kids`, for at most [`CONVERGE`].
 /// Returns the last JWKS fetched.
 async fn jwks_listing(node: &NodeProcess, kids: &[&str]) -> atlas_protocol::transparency::Jwks {
-    let trust = atlas_client::ServerTrust::fingerprint(&node.fingerprint).unwrap();
     let deadline = std::time::Instant::now() + CONVERGE;
     loop {
-        let (conn, _) = atlas_client::RawConnection::open(&node.url(), &trust)
-            .await
-            .unwrap();
-        let jwks = match conn
-            .request(atlas_protocol::ClientBody::Jwks)
-            .await
-            .unwrap()
-        {
-            atlas_protocol::ServerBody::Jwks(jwks) => jwks,
-            other => panic!("expected the JWKS, got {other:?}"),
-        };
+        let jwks = fetch_jwks(node).await;
         if kids.iter().all(|kid| jwks.find(kid).is_some()) || std::time::Instant::now() > deadline {
             return jwks;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Fetches a node's JWKS once, over a client connection.
+async fn fetch_jwks(node: &NodeProcess) -> atlas_protocol::transparency::Jwks {
+    let trust = atlas_client::ServerTrust::fingerprint(&node.fingerprint).unwrap();
+    let (conn, _) = atlas_client::RawConnection::open(&node.url(), &trust)
+        .await
+        .unwrap();
+    match conn
+        .request(atlas_protocol::ClientBody::Jwks)
+        .await
+        .unwrap()
+    {
+        atlas_protocol::ServerBody::Jwks(jwks) => jwks,
+        other => panic!("expected the JWKS, got {other:?}"),
     }
 }
 
@@ -1907,6 +1925,16 @@ async fn receipts_verify_against_every_nodes_jwks() {
         .unwrap();
     let second_kid = receipt_kid(alice.receipt(&group, second).unwrap());
     assert_ne!(first_kid, second_kid);
+
+    // The rotation published the new key before it signed: the first JWKS each node serves
+    // afterwards lists it.
+    for name in ["node-b", "node-c"] {
+        let jwks = fetch_jwks(&nodes[name]).await;
+        assert!(
+            jwks.find(&second_kid).is_some(),
+            "{name} does not list the new key of node-a: {jwks:?}"
+        );
+    }
 
     for name in ["node-a", "node-b", "node-c"] {
         let jwks = jwks_listing(&nodes[name], &[&first_kid, &second_kid]).await;
