@@ -295,6 +295,11 @@ impl Keyring {
         Ok(kid)
     }
 
+    /// Time a retired key stays published.
+    pub fn grace(&self) -> Duration {
+        self.grace
+    }
+
     /// Key id of the current signing key.
     pub fn current_kid(&self) -> String {
         self.state().current_kid.clone()

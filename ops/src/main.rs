@@ -246,6 +246,16 @@ async fn recover(
     force: bool,
     check_peers: bool,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        data_dir.is_dir(),
+        "--data-dir {} {}: pass the data directory of a stopped node",
+        data_dir.display(),
+        if data_dir.exists() {
+            "is not a directory"
+        } else {
+            "does not exist"
+        }
+    );
     // The node keeps its database under `storage`, as `atlas node` opens it.
     let storage = data_dir.join("storage");
     anyhow::ensure!(
@@ -256,6 +266,11 @@ async fn recover(
     let store = atlas_storage::Store::open(&storage)
         .map_err(|e| anyhow::anyhow!("{e}; if the node runs, stop the node first"))?;
 
+    // The name is checked before any peer is dialled, so a wrong name is reported as such.
+    if let Err(e) = atlas_cluster::replication::recovery_identity(store.sled_db(), &name) {
+        store.close().await?;
+        return Err(e);
+    }
     if check_peers {
         let peers = atlas_cluster::replication::known_peers(store.sled_db())?;
         let live = live_peers(&name, &peers).await;
@@ -264,13 +279,17 @@ async fn recover(
             if force {
                 store.close().await?;
                 anyhow::bail!(
-                    "recovery rejected: {list} accepted a connection, so it may still run with \
-                     its logs, and recovering would fork every log it votes in. Stop it for \
-                     good, or empty its data directory before it starts again. If the address \
-                     now belongs to another program, pass --skip-peer-check"
+                    "recovery rejected: peers still accept connections at their cluster \
+                     addresses: {list}. A peer that still runs with its logs would fork every \
+                     log it votes in: stop each such peer for good, or empty its data \
+                     directory before it starts again. If an address now belongs to another \
+                     program, pass --skip-peer-check"
                 );
             }
-            println!("warning: {list} accepted a connection; --force would reject the recovery");
+            println!(
+                "warning: peers still accept connections at their cluster addresses: {list}; \
+                 --force would reject the recovery"
+            );
         }
     }
 

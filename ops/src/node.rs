@@ -19,9 +19,10 @@ use atlas_gateway::auth::AuthSettings;
 use atlas_gateway::{GatewayMetrics, GatewayState, SessionSettings, WriteGate};
 use atlas_protocol::CloseCode;
 use atlas_protocol::{GroupId, LogEntry};
-use atlas_storage::{Change, Store};
+use atlas_storage::{Change, NodeKey, Store};
 use prometheus::{Encoder, Histogram, HistogramOpts, Registry, TextEncoder};
 use ractor::{Actor, ActorRef};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -238,6 +239,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
             logs: Arc::clone(logs),
             node: config.node_name.clone(),
         }),
+        abandoned: Arc::default(),
     };
     let admin = Admin {
         keyring: Arc::clone(&keyring),
@@ -252,6 +254,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         .with_context(|| format!("cannot listen for metrics on {}", config.metrics_listen))?;
     let handles = (gateway.handle(), metrics_server.handle());
     let tasks = vec![tokio::spawn(gateway), tokio::spawn(metrics_server)];
+    let abandoned = Arc::clone(&rotation.abandoned);
     let maintenance = key_maintenance(
         kt,
         rotation,
@@ -263,6 +266,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     let publisher = replicated.as_ref().map(|(logs, _)| {
         publish_node_keys(
             Arc::clone(&keyring),
+            Arc::clone(&abandoned),
             store.clone(),
             Arc::clone(logs),
             config.node_name.clone(),
@@ -839,7 +843,7 @@ async fn key_maintenance(
         if u128::from(age_ms) >= rotation_age.as_millis()
             && let Err(e) = rotation.rotate().await
         {
-            tracing::error!(error = %format!("{e:#}"), "scheduled signing key rotation failed; retrying at the next tree head interval");
+            tracing::error!(error = %e, "scheduled signing key rotation failed; retrying at the next tree head interval");
         }
         if last_prune.elapsed() >= REFRESH_PRUNE_INTERVAL {
             last_prune = std::time::Instant::now();
@@ -880,6 +884,9 @@ struct KeyRotation {
     keyring: Arc<Keyring>,
     /// Directory to publish the new key to; `None` on a node that runs alone.
     publish: Option<KeyPublication>,
+    /// Key ids of rotations whose publication failed. Such a write may still commit, so
+    /// [`publish_node_keys`] withdraws these keys if the directory lists them.
+    abandoned: Arc<std::sync::Mutex<HashSet<String>>>,
 }
 
 /// The directory that a cluster node publishes its signing keys to.
@@ -895,7 +902,7 @@ impl KeyRotation {
     /// whose directory log has formed, the new public key is committed to the directory
     /// before it signs anything, so a receipt it signs verifies against any node's JWKS
     /// fetched afterwards. If that write fails, the current key stays in use.
-    async fn rotate(&self) -> anyhow::Result<String> {
+    async fn rotate(&self) -> Result<String, RotationError> {
         let next = NextKey::generate();
         if let Some(publish) = &self.publish
             && publish.logs.directory_formed()
@@ -904,15 +911,39 @@ impl KeyRotation {
                 node: publish.node.clone(),
                 keys: vec![next.published()],
             };
-            publish.store.write(change).await.with_context(|| {
-                format!(
-                    "publishing the new signing key {} to the cluster failed, so the current \
-                     key stays in use; retry once the node reaches a majority",
+            if let Err(e) = publish.store.write(change).await {
+                self.abandoned
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(next.kid().to_owned());
+                return Err(RotationError::Unpublished(format!(
+                    "publishing the new signing key {} to the cluster did not complete, so the \
+                     current key stays in use: {e}. If the write took effect after all, the \
+                     node withdraws that key from the JWKS within a second. Retry the rotation \
+                     in a few seconds",
                     next.kid()
-                )
-            })?;
+                )));
+            }
         }
-        Ok(self.keyring.rotate_to(next)?)
+        self.keyring.rotate_to(next).map_err(RotationError::Keyring)
+    }
+}
+
+/// Failure of [`KeyRotation::rotate`].
+#[derive(Debug)]
+enum RotationError {
+    /// The new key could not be published to the cluster; the node may retry later.
+    Unpublished(String),
+    /// The keyring could not store the new key.
+    Keyring(atlas_actors::KeyringError),
+}
+
+impl std::fmt::Display for RotationError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unpublished(message) => f.write_str(message),
+            Self::Keyring(e) => write!(f, "storing the new signing key failed: {e}"),
+        }
     }
 }
 
@@ -925,10 +956,11 @@ const KEY_PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 /// Keeps this node's public signing keys in the directory, which every node of the cluster
 /// replicates, so that each node's JWKS lists them: receipts and tree heads that this node
 /// signs then verify against the JWKS of any node. Checks every [`KEY_PUBLISH_INTERVAL`] and
-/// writes only when one of its keys is missing or differs (a first start, a start after the
-/// data directory was lost, a rotation, which sets the end of the old key's grace period).
+/// writes only what [`node_key_changes`] finds: keys missing or different (a first start, a
+/// start after the data directory was lost, a rotation) and keys to withdraw.
 async fn publish_node_keys(
     keyring: Arc<Keyring>,
+    abandoned: Arc<std::sync::Mutex<HashSet<String>>>,
     store: Store,
     logs: Arc<ReplicatedLogs>,
     node: String,
@@ -945,25 +977,38 @@ async fn publish_node_keys(
         if !logs.directory_formed() {
             continue;
         }
-        let keys = keyring.published();
         let stored = match store.node_keys() {
-            Ok(nodes) => nodes.into_iter().find(|(name, _)| *name == node),
+            Ok(nodes) => nodes
+                .into_iter()
+                .find(|(name, _)| *name == node)
+                .map(|(_, keys)| keys)
+                .unwrap_or_default(),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the signing keys this node published; checking again in 1 s");
                 continue;
             }
         };
-        if stored.is_some_and(|(_, stored)| keys.iter().all(|key| stored.contains(key))) {
+        let changes = {
+            let abandoned = abandoned.lock().unwrap_or_else(|p| p.into_inner());
+            node_key_changes(
+                &keyring.published(),
+                &stored,
+                &abandoned,
+                atlas_actors::now_ms(),
+                keyring.grace(),
+            )
+        };
+        if changes.is_empty() {
             continue;
         }
+        let kids: Vec<String> = changes.iter().map(|k| k.kid.clone()).collect();
         let change = Change::PublishNodeKeys {
             node: node.clone(),
-            keys: keys.clone(),
+            keys: changes,
         };
         match store.write(change).await {
             Ok(_) => {
                 failing = false;
-                let kids: Vec<&str> = keys.iter().map(|k| k.kid.as_str()).collect();
                 tracing::info!(?kids, "published this node's signing keys to the cluster");
             }
             Err(e) => {
@@ -974,6 +1019,42 @@ async fn publish_node_keys(
             }
         }
     }
+}
+
+/// Returns the published keys of this node that the directory must change, given the keys
+/// the keyring publishes (`in_keyring`) and those the directory lists for the node (`stored`):
+/// - a key of the keyring that the directory lacks, or lists with another end of validity;
+/// - a stored key that the keyring does not hold and that has no end. A key of an
+///   `abandoned` rotation never signed anything, so it ends `now`. Any other (a key of the
+///   node before it lost its data directory) ends after the `grace` period, as a retired
+///   key does.
+fn node_key_changes(
+    in_keyring: &[NodeKey],
+    stored: &[NodeKey],
+    abandoned: &HashSet<String>,
+    now: u64,
+    grace: Duration,
+) -> Vec<NodeKey> {
+    let mut changes: Vec<NodeKey> = in_keyring
+        .iter()
+        .filter(|key| !stored.contains(key))
+        .cloned()
+        .collect();
+    for old in stored {
+        if old.until_ms.is_some() || in_keyring.iter().any(|key| key.kid == old.kid) {
+            continue;
+        }
+        let until = if abandoned.contains(&old.kid) {
+            now
+        } else {
+            now.saturating_add(grace.as_millis() as u64)
+        };
+        changes.push(NodeKey {
+            until_ms: Some(until),
+            ..old.clone()
+        });
+    }
+    changes
 }
 
 /// Serves `/metrics` and, for operators on the same host, the admin endpoints
@@ -1029,9 +1110,15 @@ fn metrics_server(
                     match admin.rotation.rotate().await {
                         Ok(kid) => HttpResponse::Ok().json(serde_json::json!({ "kid": kid })),
                         Err(e) => {
-                            let message = format!("{e:#}");
-                            tracing::error!(error = %message, "signing key rotation failed");
-                            HttpResponse::InternalServerError().body(message)
+                            tracing::error!(error = %e, "signing key rotation failed");
+                            match e {
+                                RotationError::Unpublished(_) => {
+                                    HttpResponse::ServiceUnavailable().body(e.to_string())
+                                }
+                                RotationError::Keyring(_) => {
+                                    HttpResponse::InternalServerError().body(e.to_string())
+                                }
+                            }
                         }
                     }
                 }),
@@ -1103,5 +1190,50 @@ impl RunningNode {
             .context("final storage flush failed")?;
         tracing::info!("storage flushed, node stopped");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(kid: &str, until_ms: Option<u64>) -> NodeKey {
+        NodeKey {
+            kid: kid.to_owned(),
+            public: [kid.len() as u8; 32],
+            until_ms,
+        }
+    }
+
+    const NOW: u64 = 1_000_000;
+    const GRACE: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn key_changes_publish_missing_and_changed_keys() {
+        let none = HashSet::new();
+        let in_keyring = [key("current", None), key("retired", Some(NOW + 5))];
+        assert!(node_key_changes(&in_keyring, &in_keyring, &none, NOW, GRACE).is_empty());
+
+        let stored = [key("retired", None)];
+        let changes = node_key_changes(&in_keyring, &stored, &none, NOW, GRACE);
+        assert_eq!(changes, in_keyring.to_vec());
+    }
+
+    #[test]
+    fn key_changes_withdraw_keys_not_in_keyring() {
+        let in_keyring = [key("current", None)];
+        let stored = [
+            key("current", None),
+            key("abandoned", None),
+            key("earlier", None),
+            key("ended", Some(NOW - 1)),
+        ];
+        let abandoned = HashSet::from(["abandoned".to_owned()]);
+        let changes = node_key_changes(&in_keyring, &stored, &abandoned, NOW, GRACE);
+        let grace_end = NOW + GRACE.as_millis() as u64;
+        assert_eq!(
+            changes,
+            vec![key("abandoned", Some(NOW)), key("earlier", Some(grace_end))]
+        );
     }
 }

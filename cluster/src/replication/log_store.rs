@@ -126,8 +126,16 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         &mut self,
         committed: Option<LogId<RaftNodeId>>,
     ) -> Result<(), StorageError<RaftNodeId>> {
-        self.write_meta(COMMITTED_KEY, &committed, StorageIOError::write)
-            .await
+        // No fsync: openraft calls this before every apply, in the loop that also takes
+        // appends and acknowledgements, so a wait here stalled the log once per commit. The
+        // committed id only lets a restarted node apply entries before it hears its leader.
+        // sled recovers a prefix of its writes, and this write comes after those of the
+        // entries it covers and before their state machine writes, so a recovered id never
+        // runs ahead of the log or behind the state machine.
+        self.meta
+            .insert(COMMITTED_KEY, encode(&committed))
+            .map_err(|e| StorageIOError::write(any(e)))?;
+        Ok(())
     }
 
     async fn read_committed(

@@ -29,7 +29,7 @@ pub use logs::{DIRECTORY_LOG, LogSettings, ReplicatedLogs, shard_log};
 pub use proposals::{
     AppliedHook, ClusterReplicator, LogHandle, ReplicationCheck, ShardStartHook, SharedState,
 };
-pub use recover::{RecoveredLog, known_peers, make_sole_voter, record_peer};
+pub use recover::{RecoveredLog, known_peers, make_sole_voter, record_peer, recovery_identity};
 pub use replica::{Replica, ReplicaSettings, ReplicaStatus, node_identity};
 pub use state_machine::SledStateMachine;
 

@@ -483,6 +483,11 @@ where
                     named = next.filter(|next| *next != leader);
                     format!("leadership moved (new leader: {next:?})")
                 }
+                // Nothing was sent, so nothing was written: wait for the next leader.
+                Err(WriteRefused::Unsent { leader }) => format!(
+                    "no link to the leader {}, which may be down, and no other leader yet",
+                    node_name(raft, leader)
+                ),
                 Err(WriteRefused::Failed(detail)) if retry_failed => detail,
                 // The outcome of a failed write is unknown: it may still commit. The caller
                 // decides whether to retry, which changes guarded by sequence numbers, client
@@ -573,19 +578,23 @@ async fn replaced<T>(raft: &Raft, leader: RaftNodeId) -> Result<T, WriteRefused>
         }
     }
     tokio::time::sleep(REPLACED_GRACE).await;
-    let metrics = raft.metrics().borrow().clone();
-    let name = |id: RaftNodeId| {
-        metrics
-            .membership_config
-            .membership()
-            .get_node(&id)
-            .map_or_else(|| format!("raft node {id}"), |node| node.addr.clone())
-    };
-    let next = metrics.current_leader.map_or_else(String::new, name);
+    let current = raft.metrics().borrow().current_leader;
+    let next = current.map_or_else(String::new, |id| node_name(raft, id));
     Err(WriteRefused::Failed(format!(
         "{} stopped leading the log (now {next}) while the request waited for its answer",
-        name(leader)
+        node_name(raft, leader)
     )))
+}
+
+/// Returns the name of the node with raft id `id` in the log's membership, or the id.
+fn node_name(raft: &Raft, id: RaftNodeId) -> String {
+    let metrics = raft.metrics();
+    let metrics = metrics.borrow();
+    metrics
+        .membership_config
+        .membership()
+        .get_node(&id)
+        .map_or_else(|| format!("raft node {id}"), |node| node.addr.clone())
 }
 
 /// The longest [`replaced`] waits: more than a forwarded request's own time limit.

@@ -65,6 +65,27 @@ pub fn make_sole_voter(
     name: &str,
     apply: bool,
 ) -> anyhow::Result<Vec<RecoveredLog>> {
+    let me = recovery_identity(db, name)?;
+    let mut logs: Vec<String> = db
+        .tree_names()
+        .iter()
+        .filter_map(|tree| tree.strip_prefix(b"raft-meta-"))
+        .map(|log| String::from_utf8_lossy(log).into_owned())
+        .collect();
+    logs.sort();
+    let mut recovered = Vec::new();
+    for log in logs {
+        if let Some(done) = recover_log(db, &log, me, name, apply)? {
+            recovered.push(done);
+        }
+    }
+    db.flush()?;
+    Ok(recovered)
+}
+
+/// Returns the raft id of the node whose database is `db`, after checking that the node
+/// ran in a cluster and is named `name`.
+pub fn recovery_identity(db: &sled::Db, name: &str) -> anyhow::Result<RaftNodeId> {
     let identity = db.open_tree(format!("raft-identity-{}", super::DIRECTORY_LOG))?;
     let me = match identity.get(b"id")? {
         Some(raw) => u64::from_be_bytes(<[u8; 8]>::try_from(raw.as_ref()).map_err(|_| {
@@ -85,21 +106,7 @@ pub fn make_sole_voter(
             String::from_utf8_lossy(&stored)
         );
     }
-    let mut logs: Vec<String> = db
-        .tree_names()
-        .iter()
-        .filter_map(|tree| tree.strip_prefix(b"raft-meta-"))
-        .map(|log| String::from_utf8_lossy(log).into_owned())
-        .collect();
-    logs.sort();
-    let mut recovered = Vec::new();
-    for log in logs {
-        if let Some(done) = recover_log(db, &log, me, name, apply)? {
-            recovered.push(done);
-        }
-    }
-    db.flush()?;
-    Ok(recovered)
+    Ok(me)
 }
 
 fn recover_log(

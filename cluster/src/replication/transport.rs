@@ -90,6 +90,10 @@ pub(super) enum WriteRefused {
     NotLeader { leader: Option<RaftNodeId> },
     /// Writing failed, for example because the leader lost its majority.
     Failed(String),
+    /// The request never left this node because it has no link to the leader, which is
+    /// usually dead: nothing was written, so the request may follow the next leader. Made
+    /// on the requesting node only.
+    Unsent { leader: RaftNodeId },
 }
 
 /// The actor that hands raft requests from other nodes to the local replica.
@@ -398,6 +402,9 @@ pub(super) async fn read_index_here(raft: &Raft) -> Result<u64, WriteRefused> {
 
 /// Asks the leader `leader` for the index a linearizable read must wait for.
 pub(super) async fn read_index_from(log: &str, leader: RaftNodeId) -> Result<u64, WriteRefused> {
+    if !linked(log, leader) {
+        return Err(WriteRefused::Unsent { leader });
+    }
     match call_endpoint(log, leader, &Request::ReadIndex).await {
         Ok(Reply::ReadIndex(result)) => result,
         Ok(_) => Err(WriteRefused::Failed(
@@ -405,6 +412,11 @@ pub(super) async fn read_index_from(log: &str, leader: RaftNodeId) -> Result<u64
         )),
         Err(e) => Err(WriteRefused::Failed(e)),
     }
+}
+
+/// Returns whether this node has a link to the endpoint of `node` in the log named `log`.
+fn linked(log: &str, node: RaftNodeId) -> bool {
+    !pg::get_members(&group(log, node)).is_empty()
 }
 
 /// Sends `request` to the endpoint of `node` in the log named `log`, and decodes the reply
@@ -459,6 +471,9 @@ pub(super) async fn forward_write(
     leader: RaftNodeId,
     command: Command,
 ) -> Result<(u64, CommandResult), WriteRefused> {
+    if !linked(log, leader) {
+        return Err(WriteRefused::Unsent { leader });
+    }
     match call_endpoint(log, leader, &Request::Write(command)).await {
         Ok(Reply::Write(result)) => result,
         Ok(_) => Err(WriteRefused::Failed("wrong reply to a write".into())),
