@@ -343,10 +343,15 @@ fn node_keys_key(node: &str) -> Vec<u8> {
 /// Key of the record of [`Change::StartShardLogs`] in the directory tree.
 const SHARD_LOGS_KEY: &[u8] = b"Sshard-logs";
 
-#[derive(Serialize, Deserialize)]
-struct Snapshot {
-    trees: Vec<(String, Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>)>,
-}
+/// Start of a snapshot made by [`Store::export_shared_to`], with its format version.
+const SNAPSHOT_MAGIC: &[u8; 8] = b"ATLSNAP2";
+
+/// Tag of the record that ends a snapshot: the number of records, then the SHA-256 of every
+/// byte before the tag.
+const SNAPSHOT_END: u8 = 0xff;
+
+/// Records written or removed per sled batch while a snapshot is imported.
+const IMPORT_BATCH: usize = 1_000;
 
 impl Store {
     /// Makes [`Store::write`] go through `replicator`. Set once, before the node serves.
@@ -645,62 +650,310 @@ impl Store {
         }
     }
 
-    /// Serializes one part of the shared state, for a snapshot of the replicated log that
-    /// carries it. The whole part is held in memory.
+    /// Returns a snapshot of one part of the shared state, in memory (see
+    /// [`Store::export_shared_to`]).
     pub fn export_shared(&self, part: &SharedPart) -> Result<Vec<u8>, StorageError> {
-        let mut trees = Vec::new();
+        let mut out = Vec::new();
+        self.export_shared_to(part, &mut out)?;
+        Ok(out)
+    }
+
+    /// Writes a snapshot of one part of the shared state to `out`, one record at a time, and
+    /// returns the number of records.
+    ///
+    /// The format starts with [`SNAPSHOT_MAGIC`], the number of the part's trees and each
+    /// tree's name (with a one-byte length). Each record follows as the index of its tree
+    /// (one byte), its key and its value (each with a u32 big-endian length). The end is
+    /// [`SNAPSHOT_END`], the record count (u64 big-endian) and the SHA-256 of every byte
+    /// before the end tag.
+    pub fn export_shared_to(
+        &self,
+        part: &SharedPart,
+        out: &mut dyn std::io::Write,
+    ) -> Result<u64, StorageError> {
+        let mut out = HashingWriter::new(out);
+        out.write(SNAPSHOT_MAGIC)?;
+        out.write(&[part.trees().len() as u8])?;
         for name in part.trees() {
+            out.write(&[name.len() as u8])?;
+            out.write(name.as_bytes())?;
+        }
+        let mut count = 0u64;
+        for (index, name) in part.trees().iter().enumerate() {
             let tree = self.db.open_tree(name)?;
-            let mut pairs = Vec::new();
             for item in tree.iter() {
                 let (key, value) = item?;
-                if part.holds(name, &key) {
-                    pairs.push((
-                        serde_bytes::ByteBuf::from(key.to_vec()),
-                        serde_bytes::ByteBuf::from(value.to_vec()),
-                    ));
+                if !part.holds(name, &key) {
+                    continue;
                 }
+                out.write(&[index as u8])?;
+                for bytes in [&key, &value] {
+                    let len = u32::try_from(bytes.len()).map_err(|_| StorageError::Corrupt {
+                        what: format!("record of tree {name}"),
+                        detail: format!("{} bytes do not fit a snapshot record", bytes.len()),
+                    })?;
+                    out.write(&len.to_be_bytes())?;
+                    out.write(bytes)?;
+                }
+                count += 1;
             }
-            trees.push(((*name).to_owned(), pairs));
         }
-        Ok(encode(&Snapshot { trees }))
+        let digest = out.digest();
+        let inner = out.into_inner()?;
+        let mut end = vec![SNAPSHOT_END];
+        end.extend_from_slice(&count.to_be_bytes());
+        end.extend_from_slice(&digest);
+        inner.write_all(&end).map_err(snapshot_io)?;
+        inner.flush().map_err(snapshot_io)?;
+        Ok(count)
     }
 
     /// Replaces one part of the shared state with a snapshot of it made by
     /// [`Store::export_shared`]. Records outside the part stay as they are.
     pub fn import_shared(&self, part: &SharedPart, bytes: &[u8]) -> Result<(), StorageError> {
-        let snapshot: Snapshot = decode(bytes, "snapshot", &"the replicated log")?;
-        // Checked in full first, so that a bad snapshot changes nothing.
-        for (name, pairs) in &snapshot.trees {
-            if !part.trees().contains(&name.as_str()) {
-                return Err(StorageError::Corrupt {
-                    what: "snapshot".into(),
-                    detail: format!("unknown tree {name:?}"),
-                });
-            }
-            if pairs.iter().any(|(key, _)| !part.holds(name, key)) {
+        self.import_shared_from(part, &mut std::io::Cursor::new(bytes))
+    }
+
+    /// Replaces one part of the shared state with the snapshot that `input` contains, made by
+    /// [`Store::export_shared_to`]. Records outside the part stay as they are. The snapshot
+    /// is read twice: a first pass checks it in full (its records, their trees and part, the
+    /// count and the checksum), so that a bad snapshot changes nothing.
+    ///
+    /// NOTE: the second pass writes in batches, so a crash during it leaves the part half
+    /// replaced. The caller must import the snapshot again before it uses the part (the
+    /// replicated log's state machine records a marker for that).
+    pub fn import_shared_from<R: std::io::Read + std::io::Seek>(
+        &self,
+        part: &SharedPart,
+        input: &mut R,
+    ) -> Result<(), StorageError> {
+        let trees = part.trees();
+        input.rewind().map_err(snapshot_io)?;
+        let mut reader = SnapshotReader::new(&mut *input, trees)?;
+        while let Some((index, key, _)) = reader.next()? {
+            let name = trees[index];
+            if !part.holds(name, &key) {
                 return Err(StorageError::Corrupt {
                     what: "snapshot".into(),
                     detail: format!("a record of tree {name:?} lies outside the snapshot's part"),
                 });
             }
         }
+
+        input.rewind().map_err(snapshot_io)?;
+        let mut reader = SnapshotReader::new(&mut *input, trees)?;
         let mut tail = self.lock_directory()?;
-        for (name, pairs) in snapshot.trees {
-            let tree = self.db.open_tree(&name)?;
+        for name in trees {
+            let tree = self.db.open_tree(name)?;
             let mut batch = sled::Batch::default();
+            let mut pending = 0;
             for item in tree.iter() {
                 let (key, _) = item?;
-                if part.holds(&name, &key) {
+                if part.holds(name, &key) {
                     batch.remove(key);
+                    pending += 1;
+                    if pending == IMPORT_BATCH {
+                        tree.apply_batch(std::mem::take(&mut batch))?;
+                        pending = 0;
+                    }
                 }
-            }
-            for (key, value) in pairs {
-                batch.insert(key.into_vec(), value.into_vec());
             }
             tree.apply_batch(batch)?;
         }
+        let mut batch = sled::Batch::default();
+        let mut batch_tree: Option<usize> = None;
+        let mut pending = 0;
+        while let Some((index, key, value)) = reader.next()? {
+            if batch_tree.is_some_and(|t| t != index) || pending == IMPORT_BATCH {
+                if let Some(t) = batch_tree {
+                    self.db
+                        .open_tree(trees[t])?
+                        .apply_batch(std::mem::take(&mut batch))?;
+                }
+                pending = 0;
+            }
+            batch_tree = Some(index);
+            batch.insert(key, value);
+            pending += 1;
+        }
+        if let Some(t) = batch_tree {
+            self.db.open_tree(trees[t])?.apply_batch(batch)?;
+        }
         *tail = transparency::LogTail::new(transparency::stored_size(&self.kt)?);
         Ok(())
+    }
+}
+
+/// Wraps an I/O error of reading or writing a snapshot.
+fn snapshot_io(e: std::io::Error) -> StorageError {
+    StorageError::Corrupt {
+        what: "snapshot".into(),
+        detail: format!("reading or writing it failed: {e}"),
+    }
+}
+
+/// A writer that hashes what it writes, for the checksum at the end of a snapshot.
+struct HashingWriter<'a> {
+    inner: std::io::BufWriter<&'a mut dyn std::io::Write>,
+    hash: sha2::Sha256,
+}
+
+impl<'a> HashingWriter<'a> {
+    fn new(inner: &'a mut dyn std::io::Write) -> Self {
+        Self {
+            inner: std::io::BufWriter::new(inner),
+            hash: sha2::Sha256::default(),
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
+        use sha2::Digest;
+        use std::io::Write;
+        self.hash.update(bytes);
+        self.inner.write_all(bytes).map_err(snapshot_io)
+    }
+
+    fn digest(&self) -> [u8; 32] {
+        use sha2::Digest;
+        self.hash.clone().finalize().into()
+    }
+
+    fn into_inner(self) -> Result<&'a mut dyn std::io::Write, StorageError> {
+        self.inner
+            .into_inner()
+            .map_err(|e| snapshot_io(e.into_error()))
+    }
+}
+
+/// Reads the records of a snapshot made by [`Store::export_shared_to`], checking each tree
+/// index against the part's trees, and at the end the record count and the checksum.
+struct SnapshotReader<R> {
+    input: std::io::BufReader<R>,
+    hash: sha2::Sha256,
+    count: u64,
+    trees: usize,
+}
+
+impl<R: std::io::Read> SnapshotReader<R> {
+    /// Starts reading a snapshot, which must name the trees `trees` of the part to import.
+    fn new(input: R, trees: &[&str]) -> Result<Self, StorageError> {
+        let mut reader = Self {
+            input: std::io::BufReader::new(input),
+            hash: sha2::Sha256::default(),
+            count: 0,
+            trees: trees.len(),
+        };
+        let mut magic = [0u8; 8];
+        reader.read_hashed(&mut magic)?;
+        if &magic != SNAPSHOT_MAGIC {
+            return Err(corrupt_snapshot(format!(
+                "it starts with {magic:02x?}, not the format mark {SNAPSHOT_MAGIC:02x?}"
+            )));
+        }
+        let mut count = [0u8; 1];
+        reader.read_hashed(&mut count)?;
+        let mut named = Vec::new();
+        for _ in 0..count[0] {
+            let mut len = [0u8; 1];
+            reader.read_hashed(&mut len)?;
+            let mut name = vec![0u8; usize::from(len[0])];
+            reader.read_hashed(&mut name)?;
+            named.push(String::from_utf8_lossy(&name).into_owned());
+        }
+        if named != trees {
+            return Err(corrupt_snapshot(format!(
+                "it contains the trees {named:?}, but the part to replace has {trees:?}"
+            )));
+        }
+        Ok(reader)
+    }
+
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), StorageError> {
+        use std::io::Read;
+        self.input.read_exact(buf).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => corrupt_snapshot(format!(
+                "it ends after {} records, without its end",
+                self.count
+            )),
+            _ => snapshot_io(e),
+        })
+    }
+
+    fn read_hashed(&mut self, buf: &mut [u8]) -> Result<(), StorageError> {
+        use sha2::Digest;
+        self.read_exact(buf)?;
+        self.hash.update(&*buf);
+        Ok(())
+    }
+
+    fn read_bytes(&mut self) -> Result<Vec<u8>, StorageError> {
+        use sha2::Digest;
+        use std::io::Read;
+        let mut len = [0u8; 4];
+        self.read_hashed(&mut len)?;
+        let len = u32::from_be_bytes(len);
+        // Grows with the bytes read, so a damaged length cannot allocate gigabytes at once.
+        let mut bytes = Vec::new();
+        (&mut self.input)
+            .take(u64::from(len))
+            .read_to_end(&mut bytes)
+            .map_err(snapshot_io)?;
+        if bytes.len() != len as usize {
+            return Err(corrupt_snapshot(format!(
+                "it ends inside record {}, without its end",
+                self.count + 1
+            )));
+        }
+        self.hash.update(&bytes);
+        Ok(bytes)
+    }
+
+    /// Returns the next record as (tree index, key, value), or `None` once the end record
+    /// was read and matched.
+    #[allow(clippy::type_complexity)]
+    fn next(&mut self) -> Result<Option<(usize, Vec<u8>, Vec<u8>)>, StorageError> {
+        use sha2::Digest;
+        let mut tag = [0u8; 1];
+        self.read_exact(&mut tag)?;
+        if tag[0] == SNAPSHOT_END {
+            let digest: [u8; 32] = self.hash.clone().finalize().into();
+            let mut count = [0u8; 8];
+            self.read_exact(&mut count)?;
+            let mut stored = [0u8; 32];
+            self.read_exact(&mut stored)?;
+            let count = u64::from_be_bytes(count);
+            if count != self.count {
+                return Err(corrupt_snapshot(format!(
+                    "its end names {count} records, but it contains {}",
+                    self.count
+                )));
+            }
+            if stored != digest {
+                return Err(corrupt_snapshot(
+                    "its checksum does not match its records".into(),
+                ));
+            }
+            return Ok(None);
+        }
+        self.hash.update(tag);
+        let index = usize::from(tag[0]);
+        if index >= self.trees {
+            return Err(corrupt_snapshot(format!(
+                "record {} names tree {index}, but the part has {} trees",
+                self.count + 1,
+                self.trees
+            )));
+        }
+        let key = self.read_bytes()?;
+        let value = self.read_bytes()?;
+        self.count += 1;
+        Ok(Some((index, key, value)))
+    }
+}
+
+fn corrupt_snapshot(detail: String) -> StorageError {
+    StorageError::Corrupt {
+        what: "snapshot".into(),
+        detail,
     }
 }

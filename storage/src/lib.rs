@@ -63,6 +63,8 @@ const LOCK_WAIT: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    /// Directory of the database files.
+    dir: Arc<std::path::PathBuf>,
     /// Durability marks of the database (see the `marks` module).
     marks: Arc<marks::Marks>,
     groups: sled::Tree,
@@ -191,6 +193,7 @@ impl Store {
             marks,
             replicator: Arc::default(),
             db,
+            dir: Arc::new(dir.to_path_buf()),
         };
         Ok(store)
     }
@@ -199,6 +202,11 @@ impl Store {
         self.tokens_lock
             .lock()
             .map_err(|_| StorageError::FlushFailed("refresh token lock poisoned".into()))
+    }
+
+    /// Returns the directory of the database files.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Returns the sled database, for components that keep their own trees in it (the

@@ -1160,22 +1160,82 @@ async fn snapshot_of_a_part_replaces_only_that_part() {
 }
 
 #[tokio::test]
-async fn snapshot_of_unknown_tree_is_refused() {
+async fn snapshot_of_other_part_is_rejected() {
+    let source_dir = tempfile::tempdir().unwrap();
+    let source = Store::open(source_dir.path()).unwrap();
+    source.create_group(&group(), &meta(0), b"state").unwrap();
+    let shard = source.export_shared(&shard_part()).unwrap();
+    let directory = source.export_shared(&SharedPart::Directory).unwrap();
+
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    let result = store.import_shared(&SharedPart::Directory, &snapshot_naming("signing_keys"));
+    let result = store.import_shared(&SharedPart::Directory, &shard);
     assert!(
-        matches!(&result, Err(StorageError::Corrupt { detail, .. }) if detail.contains("signing_keys")),
+        matches!(&result, Err(StorageError::Corrupt { detail, .. }) if detail.contains("key_packages")),
         "{result:?}"
     );
-    // The group and KeyPackage trees belong to the shard parts, not to the directory's.
-    for tree in ["groups", "key_packages"] {
-        let result = store.import_shared(&SharedPart::Directory, &snapshot_naming(tree));
+    let result = store.import_shared(&shard_part(), &directory);
+    assert!(
+        matches!(&result, Err(StorageError::Corrupt { detail, .. }) if detail.contains("directory")),
+        "{result:?}"
+    );
+    assert!(store.load_group(&group()).unwrap().is_none());
+}
+
+#[tokio::test]
+async fn damaged_snapshot_changes_nothing() {
+    let source_dir = tempfile::tempdir().unwrap();
+    let source = Store::open(source_dir.path()).unwrap();
+    source
+        .create_group(&group(), &meta(0), b"new state")
+        .unwrap();
+    let snapshot = source.export_shared(&shard_part()).unwrap();
+
+    let target_dir = tempfile::tempdir().unwrap();
+    let target = Store::open(target_dir.path()).unwrap();
+    target
+        .create_group(&group(), &meta(0), b"old state")
+        .unwrap();
+    let mut flipped = snapshot.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 1;
+    let mut foreign = snapshot.clone();
+    foreign[0] = b'X';
+    let cases: [(&str, &[u8], &str); 4] = [
+        (
+            "truncated",
+            &snapshot[..snapshot.len() - 1],
+            "without its end",
+        ),
+        (
+            "cut after a record",
+            &snapshot[..snapshot.len() - 41],
+            "without its end",
+        ),
+        ("flipped", &flipped, "checksum"),
+        ("foreign", &foreign, "format mark"),
+    ];
+    for (case, bytes, expected) in cases {
+        let result = target.import_shared(&shard_part(), bytes);
         assert!(
-            matches!(&result, Err(StorageError::Corrupt { detail, .. }) if detail.contains(tree)),
-            "{tree}: {result:?}"
+            matches!(&result, Err(StorageError::Corrupt { detail, .. }) if detail.contains(expected)),
+            "{case}: {result:?}"
         );
+        let (_, state) = target.load_group(&group()).unwrap().unwrap();
+        assert_eq!(state, b"old state", "{case}");
     }
+
+    // The same snapshot through a file replaces the group.
+    let mut file = tempfile::tempfile().unwrap();
+    let records = source.export_shared_to(&shard_part(), &mut file).unwrap();
+    assert!(records > 0);
+    let mut written = Vec::new();
+    std::io::Seek::rewind(&mut file).unwrap();
+    std::io::Read::read_to_end(&mut file, &mut written).unwrap();
+    assert_eq!(written, snapshot);
+    target.import_shared_from(&shard_part(), &mut file).unwrap();
+    let (_, state) = target.load_group(&group()).unwrap().unwrap();
+    assert_eq!(state, b"new state");
 }
 
 #[tokio::test]
@@ -1197,13 +1257,6 @@ async fn snapshot_record_outside_its_part_is_refused() {
     );
     assert!(target.load_group(&elsewhere).unwrap().is_none());
     assert!(target.load_group(&group()).unwrap().is_some());
-}
-
-/// Encodes an empty snapshot of the tree named `tree`, in the format of `export_shared`.
-fn snapshot_naming(tree: &str) -> Vec<u8> {
-    type Pairs = Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>;
-    let trees: Vec<(String, Pairs)> = vec![(tree.to_owned(), Vec::new())];
-    rmp_serde::to_vec_named(&std::collections::BTreeMap::from([("trees", trees)])).unwrap()
 }
 
 #[tokio::test]

@@ -36,7 +36,6 @@ pub use state_machine::SledStateMachine;
 use atlas_storage::Flusher;
 use serde::{Deserialize, Serialize};
 use std::error::Error;
-use std::io::Cursor;
 use std::sync::Arc;
 
 /// A command of the replicated log, opaque to the replication layer.
@@ -48,10 +47,12 @@ pub struct Command(#[serde(with = "serde_bytes")] pub Vec<u8>);
 pub struct CommandResult(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
 openraft::declare_raft_types!(
-    /// Types of Atlas's replicated logs.
+    /// Types of Atlas's replicated logs. A snapshot is a file, so that neither building,
+    /// sending nor installing one keeps a whole part of the state in memory.
     pub TypeConfig:
         D = Command,
         R = CommandResult,
+        SnapshotData = tokio::fs::File,
 );
 
 /// Node id within one replicated log.
@@ -70,11 +71,16 @@ pub trait Applier: Send + Sync + 'static {
     /// must treat an index it has seen as already applied.
     fn apply(&self, index: u64, command: &[u8]) -> Vec<u8>;
 
-    /// Serializes the applier's whole state, for a snapshot.
-    fn snapshot(&self) -> Result<Vec<u8>, String>;
+    /// Writes the applier's whole state to `out`, for a snapshot.
+    fn snapshot(&self, out: &mut std::fs::File) -> Result<(), String>;
 
-    /// Replaces the applier's state with a snapshot made by [`Applier::snapshot`].
-    fn restore(&self, snapshot: &[u8]) -> Result<(), String>;
+    /// Replaces the applier's state with a snapshot made by [`Applier::snapshot`], which
+    /// `input` contains from its start. A damaged snapshot must be found before anything
+    /// changes: the state machine treats an error as a snapshot that changed nothing.
+    ///
+    /// NOTE: a write that fails half-way (sled's own I/O error) leaves the state half
+    /// replaced; only a crash, not an error, makes the state machine import it again.
+    fn restore(&self, input: &mut std::fs::File) -> Result<(), String>;
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -89,17 +95,29 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 pub struct LogDisk {
     db: sled::Db,
     flusher: Arc<Flusher>,
+    /// Directory of the snapshot files, one subdirectory per log.
+    snapshots: std::path::PathBuf,
 }
 
 impl LogDisk {
-    /// Creates the log disk of `db` and `flusher`, which must be the flusher of `db`.
-    pub fn new(db: sled::Db, flusher: Arc<Flusher>) -> Self {
-        Self { db, flusher }
+    /// Creates the log disk of `db` and `flusher`, which must be the flusher of `db`, with
+    /// the snapshot files under `snapshots`.
+    pub fn new(db: sled::Db, flusher: Arc<Flusher>, snapshots: std::path::PathBuf) -> Self {
+        Self {
+            db,
+            flusher,
+            snapshots,
+        }
     }
 
-    /// Creates the log disk of `store`'s database and flusher, shared with the store's own writes.
+    /// Creates the log disk of `store`'s database and flusher, shared with the store's own
+    /// writes, with the snapshot files in the `snapshots` directory next to the database.
     pub fn of_store(store: &atlas_storage::Store) -> Self {
-        Self::new(store.sled_db().clone(), store.flusher())
+        Self::new(
+            store.sled_db().clone(),
+            store.flusher(),
+            store.dir().join("snapshots"),
+        )
     }
 
     /// Waits until every write made to the database before this call is on disk.

@@ -168,15 +168,16 @@ impl Applier for SharedState {
         result
     }
 
-    fn snapshot(&self) -> Result<Vec<u8>, String> {
+    fn snapshot(&self, out: &mut std::fs::File) -> Result<(), String> {
         self.store
-            .export_shared(&self.part)
+            .export_shared_to(&self.part, out)
+            .map(|_| ())
             .map_err(|e| e.to_string())
     }
 
-    fn restore(&self, snapshot: &[u8]) -> Result<(), String> {
+    fn restore(&self, input: &mut std::fs::File) -> Result<(), String> {
         self.store
-            .import_shared(&self.part, snapshot)
+            .import_shared_from(&self.part, input)
             .map_err(|e| e.to_string())
     }
 }

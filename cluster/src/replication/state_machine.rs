@@ -8,11 +8,13 @@ use openraft::{
     StorageIOError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
-use std::io::Cursor;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 const APPLIED_KEY: &[u8] = b"applied";
 const SNAPSHOT_KEY: &[u8] = b"snapshot";
+/// Marks a snapshot whose import into the applier began and has not ended.
+const INSTALLING_KEY: &[u8] = b"installing";
 
 /// Progress of the state machine, written after every applied batch.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -21,12 +23,36 @@ struct Applied {
     membership: StoredMembership<RaftNodeId, BasicNode>,
 }
 
-/// The latest snapshot with its metadata.
+/// The latest snapshot: its metadata and the name of its file in the log's snapshot
+/// directory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<RaftNodeId, BasicNode>,
+    file: String,
+}
+
+/// A snapshot as versions before snapshot files stored it: its data inside the record.
+#[derive(Deserialize)]
+struct InlineSnapshot {
+    meta: SnapshotMeta<RaftNodeId, BasicNode>,
     #[serde(with = "serde_bytes")]
     data: Vec<u8>,
+}
+
+/// Returns a file name for the snapshot with id `id`, made by `origin` (`built` or
+/// `installed`): the id's letters, digits and dashes, with any other character as `_`.
+fn snapshot_file_name(origin: &str, id: &str) -> String {
+    let id: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{origin}-{id}.snap")
 }
 
 /// State machine of one replicated log.
@@ -35,29 +61,130 @@ pub struct SledStateMachine {
     disk: LogDisk,
     applier: Arc<dyn Applier>,
     applied: Applied,
+    /// Directory of this log's snapshot files.
+    dir: PathBuf,
     /// Snapshots built by this replica so far, for unique snapshot ids.
     built: u64,
+    /// File that the snapshot being received goes to.
+    receiving: Option<PathBuf>,
 }
 
 impl SledStateMachine {
-    /// Opens the state machine of the log named `name` in `db`, whose commands go to
+    /// Opens the state machine of the log named `name` in `disk`, whose commands go to
     /// `applier`. A stored snapshot is not given to the applier again: it must keep its own
-    /// state across restarts, up to the last applied index.
+    /// state across restarts, up to the last applied index. A snapshot whose import a crash
+    /// interrupted is imported again first.
     pub fn open(disk: &LogDisk, name: &str, applier: Arc<dyn Applier>) -> sled::Result<Self> {
         let tree = disk.db.open_tree(format!("raft-sm-{name}"))?;
+        let damaged = |what: &str, e: &dyn std::fmt::Display| {
+            sled::Error::Unsupported(format!("{what} of log {name}: {e}"))
+        };
         let applied = match tree.get(APPLIED_KEY)? {
-            Some(raw) => rmp_serde::from_slice(&raw).map_err(|e| {
-                sled::Error::Unsupported(format!("state machine record of {name}: {e}"))
-            })?,
+            Some(raw) => {
+                rmp_serde::from_slice(&raw).map_err(|e| damaged("state machine record", &e))?
+            }
             None => Applied::default(),
         };
-        Ok(Self {
+        let dir = disk.snapshots.join(name);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| damaged(&format!("snapshot directory {}", dir.display()), &e))?;
+        let mut machine = Self {
             tree,
             disk: disk.clone(),
             applier,
             applied,
+            dir,
             built: 0,
-        })
+            receiving: None,
+        };
+        machine
+            .finish_install()
+            .map_err(|e| damaged("interrupted snapshot install", &e))?;
+        machine
+            .migrate_inline()
+            .map_err(|e| damaged("stored snapshot", &e))?;
+        machine.remove_other_files(true);
+        Ok(machine)
+    }
+
+    /// Imports again a snapshot whose import was interrupted, and records it as applied.
+    fn finish_install(&mut self) -> Result<(), String> {
+        let Some(raw) = self.tree.get(INSTALLING_KEY).map_err(|e| e.to_string())? else {
+            return Ok(());
+        };
+        let stored: StoredSnapshot = rmp_serde::from_slice(&raw).map_err(|e| e.to_string())?;
+        let path = self.dir.join(&stored.file);
+        tracing::warn!(snapshot = %stored.meta.snapshot_id, file = %path.display(), "importing again a snapshot whose import a crash interrupted");
+        let mut file = std::fs::File::open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        self.applier.restore(&mut file)?;
+        self.applied = Applied {
+            last_applied: stored.meta.last_log_id,
+            membership: stored.meta.last_membership.clone(),
+        };
+        self.tree
+            .insert(SNAPSHOT_KEY, encode(&stored))
+            .and_then(|_| self.tree.insert(APPLIED_KEY, encode(&self.applied)))
+            .and_then(|_| self.tree.remove(INSTALLING_KEY))
+            .and_then(|_| self.disk.db.flush())
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Moves a snapshot that an earlier version kept inside its record to a file.
+    fn migrate_inline(&mut self) -> Result<(), String> {
+        let Some(raw) = self.tree.get(SNAPSHOT_KEY).map_err(|e| e.to_string())? else {
+            return Ok(());
+        };
+        if rmp_serde::from_slice::<StoredSnapshot>(&raw).is_ok() {
+            return Ok(());
+        }
+        let inline: InlineSnapshot = rmp_serde::from_slice(&raw).map_err(|e| e.to_string())?;
+        let file = snapshot_file_name("built", &inline.meta.snapshot_id);
+        self.write_file(&file, |out| {
+            std::io::Write::write_all(out, &inline.data).map_err(|e| e.to_string())
+        })?;
+        let stored = StoredSnapshot {
+            meta: inline.meta,
+            file,
+        };
+        self.tree
+            .insert(SNAPSHOT_KEY, encode(&stored))
+            .and_then(|_| self.disk.db.flush())
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Writes the file `name` in the snapshot directory with `fill`, through a temporary
+    /// name, and makes it durable.
+    fn write_file(
+        &self,
+        name: &str,
+        fill: impl FnOnce(&mut std::fs::File) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let building = self.dir.join(format!("{name}.building"));
+        let mut file = std::fs::File::create(&building)
+            .map_err(|e| format!("cannot create {}: {e}", building.display()))?;
+        fill(&mut file)?;
+        file.sync_all()
+            .map_err(|e| format!("cannot sync {}: {e}", building.display()))?;
+        self.place(&building, name)
+    }
+
+    /// Renames `from` to `name` in the snapshot directory and syncs the directory.
+    fn place(&self, from: &Path, name: &str) -> Result<(), String> {
+        let to = self.dir.join(name);
+        std::fs::rename(from, &to)
+            .map_err(|e| format!("cannot rename {} to {}: {e}", from.display(), to.display()))?;
+        std::fs::File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|e| format!("cannot sync {}: {e}", self.dir.display()))
+    }
+
+    /// Removes the snapshot files other than the current snapshot's, and with `unfinished`
+    /// also files of snapshots that were being built or received. Failures are logged only.
+    fn remove_other_files(&self, unfinished: bool) {
+        remove_snapshot_files(&self.tree, &self.dir, unfinished);
     }
 
     fn record_applied(&self) -> Result<(), StorageError<RaftNodeId>> {
@@ -66,41 +193,60 @@ impl SledStateMachine {
             .map_err(|e| StorageIOError::write_state_machine(any(e)))?;
         Ok(())
     }
+}
 
-    async fn persist_applied(&self) -> Result<(), StorageError<RaftNodeId>> {
-        self.tree
-            .insert(APPLIED_KEY, encode(&self.applied))
-            .map_err(|e| StorageIOError::write_state_machine(any(e)))?;
-        self.disk
-            .flush()
-            .await
-            .map_err(|e| StorageIOError::write_state_machine(any(e)))?;
-        Ok(())
+/// Removes the files in `dir` other than that of the snapshot recorded in `tree` (and of
+/// one being installed), and with `unfinished` also `.building` and `.part` files.
+fn remove_snapshot_files(tree: &sled::Tree, dir: &Path, unfinished: bool) {
+    let mut keep = Vec::new();
+    for key in [SNAPSHOT_KEY, INSTALLING_KEY] {
+        if let Ok(Some(raw)) = tree.get(key)
+            && let Ok(stored) = rmp_serde::from_slice::<StoredSnapshot>(&raw)
+        {
+            keep.push(stored.file);
+        }
     }
-
-    async fn store_snapshot(
-        &self,
-        snapshot: &StoredSnapshot,
-    ) -> Result<(), StorageError<RaftNodeId>> {
-        let signature = Some(snapshot.meta.signature());
-        self.tree
-            .insert(SNAPSHOT_KEY, encode(snapshot))
-            .map_err(|e| StorageIOError::write_snapshot(signature.clone(), any(e)))?;
-        self.disk
-            .flush()
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(signature, any(e)))?;
-        Ok(())
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot list the snapshot files to remove old ones");
+            return;
+        }
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let finished = name.ends_with(".snap");
+        if keep.contains(&name) || (!finished && !unfinished) {
+            continue;
+        }
+        if let Err(e) = std::fs::remove_file(entry.path()) {
+            tracing::warn!(file = %entry.path().display(), error = %e, "cannot remove an old snapshot file");
+        }
     }
 }
 
-/// Builds a snapshot from state captured when the builder was made, so that commands applied
-/// while it runs cannot leak into a snapshot that claims an earlier index.
+/// Opens the snapshot file `path` for openraft.
+async fn open_snapshot_file(path: &Path) -> Result<tokio::fs::File, StorageError<RaftNodeId>> {
+    tokio::fs::File::open(path).await.map_err(|e| {
+        StorageIOError::read_snapshot(
+            None,
+            any(std::io::Error::new(
+                e.kind(),
+                format!("snapshot file {}: {e}", path.display()),
+            )),
+        )
+        .into()
+    })
+}
+
+/// Builds a snapshot whose file was written when the builder was made, so that commands
+/// applied while it runs cannot leak into a snapshot that claims an earlier index.
 pub struct SnapshotBuilder {
     tree: sled::Tree,
     disk: LogDisk,
+    dir: PathBuf,
     snapshot: StoredSnapshot,
-    /// Reason the applier could not serialize its state, if it failed.
+    /// Reason the snapshot file could not be written, if it failed.
     failure: Option<String>,
 }
 
@@ -121,9 +267,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .flush()
             .await
             .map_err(|e| StorageIOError::write_snapshot(signature, any(e)))?;
+        remove_snapshot_files(&self.tree, &self.dir, false);
         Ok(Snapshot {
             meta: self.snapshot.meta.clone(),
-            snapshot: Box::new(Cursor::new(self.snapshot.data.clone())),
+            snapshot: Box::new(open_snapshot_file(&self.dir.join(&self.snapshot.file)).await?),
         })
     }
 }
@@ -178,13 +325,15 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
             Some(id) => format!("{}-{}-{}", id.leader_id, id.index, self.built),
             None => format!("none-{}", self.built),
         };
-        let (data, failure) = match self.applier.snapshot() {
-            Ok(data) => (data, None),
-            Err(e) => (Vec::new(), Some(e)),
-        };
+        // The file is written here, in the state machine's own task, so no command is
+        // applied while the applier exports its state.
+        let file = snapshot_file_name("built", &snapshot_id);
+        let applier = Arc::clone(&self.applier);
+        let failure = self.write_file(&file, |out| applier.snapshot(out)).err();
         SnapshotBuilder {
             tree: self.tree.clone(),
             disk: self.disk.clone(),
+            dir: self.dir.clone(),
             failure,
             snapshot: StoredSnapshot {
                 meta: SnapshotMeta {
@@ -192,36 +341,91 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
                     last_membership: self.applied.membership.clone(),
                     snapshot_id,
                 },
-                data,
+                file,
             },
         }
     }
 
     async fn begin_receiving_snapshot(
         &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<RaftNodeId>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    ) -> Result<Box<tokio::fs::File>, StorageError<RaftNodeId>> {
+        self.built += 1;
+        let path = self.dir.join(format!("receiving-{}.part", self.built));
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .await
+            .map_err(|e| {
+                StorageIOError::write_snapshot(
+                    None,
+                    any(std::io::Error::new(
+                        e.kind(),
+                        format!("cannot create {}: {e}", path.display()),
+                    )),
+                )
+            })?;
+        self.receiving = Some(path);
+        Ok(Box::new(file))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<RaftNodeId, BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError<RaftNodeId>> {
-        let data = snapshot.into_inner();
-        self.applier.restore(&data).map_err(|e| {
-            StorageIOError::read_snapshot(Some(meta.signature()), any(std::io::Error::other(e)))
-        })?;
+        let signature = Some(meta.signature());
+        let failed = |e: String| -> StorageError<RaftNodeId> {
+            StorageIOError::write_snapshot(signature.clone(), any(std::io::Error::other(e))).into()
+        };
+        let Some(received) = self.receiving.take() else {
+            return Err(failed("no snapshot is being received".into()));
+        };
+        let mut file = *snapshot;
+        tokio::io::AsyncWriteExt::flush(&mut file)
+            .await
+            .map_err(|e| failed(format!("cannot write {}: {e}", received.display())))?;
+        let mut file = file.into_std().await;
+        file.sync_all()
+            .map_err(|e| failed(format!("cannot sync {}: {e}", received.display())))?;
+        let name = snapshot_file_name("installed", &meta.snapshot_id);
+        self.place(&received, &name).map_err(failed)?;
+
+        // From the marker on, a crash leaves the import to be done again at the next open.
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            file: name,
+        };
+        self.tree
+            .insert(INSTALLING_KEY, encode(&stored))
+            .map_err(|e| failed(e.to_string()))?;
+        self.disk.flush().await.map_err(|e| failed(e.to_string()))?;
+        if let Err(e) = std::io::Seek::rewind(&mut file)
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.applier.restore(&mut file))
+        {
+            // The applier checks a snapshot in full before it changes anything.
+            let _ = self.tree.remove(INSTALLING_KEY);
+            return Err(StorageIOError::read_snapshot(
+                Some(meta.signature()),
+                any(std::io::Error::other(e)),
+            )
+            .into());
+        }
         self.applied = Applied {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
         };
-        self.store_snapshot(&StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        })
-        .await?;
-        self.persist_applied().await
+        self.tree
+            .insert(SNAPSHOT_KEY, encode(&stored))
+            .and_then(|_| self.tree.insert(APPLIED_KEY, encode(&self.applied)))
+            .and_then(|_| self.tree.remove(INSTALLING_KEY))
+            .map_err(|e| failed(e.to_string()))?;
+        self.disk.flush().await.map_err(|e| failed(e.to_string()))?;
+        self.remove_other_files(false);
+        Ok(())
     }
 
     async fn get_current_snapshot(
@@ -236,9 +440,139 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
         };
         let stored: StoredSnapshot =
             rmp_serde::from_slice(&raw).map_err(|e| StorageIOError::read_snapshot(None, any(e)))?;
+        let file = open_snapshot_file(&self.dir.join(&stored.file)).await?;
         Ok(Some(Snapshot {
             meta: stored.meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
+            snapshot: Box::new(file),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::Command;
+    use openraft::{CommittedLeaderId, RaftSnapshotBuilder};
+    use std::sync::Mutex;
+
+    /// An applier whose state is the bytes of the commands it applied, one after the other.
+    #[derive(Default)]
+    struct BytesApplier(Mutex<Vec<u8>>);
+
+    impl Applier for BytesApplier {
+        fn apply(&self, _index: u64, command: &[u8]) -> Vec<u8> {
+            self.0.lock().unwrap().extend_from_slice(command);
+            Vec::new()
+        }
+
+        fn snapshot(&self, out: &mut std::fs::File) -> Result<(), String> {
+            std::io::Write::write_all(out, &self.0.lock().unwrap()).map_err(|e| e.to_string())
+        }
+
+        fn restore(&self, input: &mut std::fs::File) -> Result<(), String> {
+            let mut state = Vec::new();
+            std::io::Read::read_to_end(input, &mut state).map_err(|e| e.to_string())?;
+            *self.0.lock().unwrap() = state;
+            Ok(())
+        }
+    }
+
+    fn disk_in(dir: &Path) -> LogDisk {
+        let db = sled::open(dir.join("db")).unwrap();
+        LogDisk::new(
+            db.clone(),
+            atlas_storage::Flusher::start(db),
+            dir.join("snapshots"),
+        )
+    }
+
+    /// Returns a state machine whose applier applied `commands`, with a snapshot of them.
+    async fn machine_with_snapshot(
+        dir: &Path,
+        commands: &[&[u8]],
+    ) -> (SledStateMachine, Snapshot<TypeConfig>) {
+        let applier = Arc::new(BytesApplier::default());
+        let mut machine = SledStateMachine::open(&disk_in(dir), "shard-0", applier).unwrap();
+        let entries: Vec<Entry<TypeConfig>> = commands
+            .iter()
+            .enumerate()
+            .map(|(i, command)| Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, 1), i as u64 + 1),
+                payload: EntryPayload::Normal(Command(command.to_vec())),
+            })
+            .collect();
+        machine.apply(entries).await.unwrap();
+        let mut builder = machine.get_snapshot_builder().await;
+        let snapshot = builder.build_snapshot().await.unwrap();
+        (machine, snapshot)
+    }
+
+    #[tokio::test]
+    async fn snapshot_file_installs_on_another_replica() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut source, mut snapshot) =
+            machine_with_snapshot(&dir.path().join("a"), &[b"one ", b"two"]).await;
+        assert_eq!(snapshot.meta.last_log_id.map(|id| id.index), Some(2));
+        // A second snapshot replaces the first one's file.
+        let mut builder = source.get_snapshot_builder().await;
+        builder.build_snapshot().await.unwrap();
+        let files = std::fs::read_dir(&source.dir).unwrap().count();
+        assert_eq!(files, 1);
+
+        let applier = Arc::new(BytesApplier::default());
+        let target_dir = dir.path().join("b");
+        let mut target =
+            SledStateMachine::open(&disk_in(&target_dir), "shard-0", applier.clone()).unwrap();
+        let mut receiving = target.begin_receiving_snapshot().await.unwrap();
+        tokio::io::copy(&mut snapshot.snapshot, &mut *receiving)
+            .await
+            .unwrap();
+        target
+            .install_snapshot(&snapshot.meta, receiving)
+            .await
+            .unwrap();
+        assert_eq!(*applier.0.lock().unwrap(), b"one two");
+        let (applied, _) = target.applied_state().await.unwrap();
+        assert_eq!(applied, snapshot.meta.last_log_id);
+        let current = target.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta, snapshot.meta);
+    }
+
+    #[tokio::test]
+    async fn interrupted_install_is_completed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_source, mut snapshot) =
+            machine_with_snapshot(&dir.path().join("a"), &[b"kept"]).await;
+
+        // A crash after the marker and before the end of the import: the file is in place,
+        // the marker recorded, and the applier's state and applied index are old.
+        let disk = disk_in(&dir.path().join("b"));
+        {
+            let applier = Arc::new(BytesApplier::default());
+            let target = SledStateMachine::open(&disk, "shard-0", applier).unwrap();
+            let name = snapshot_file_name("installed", &snapshot.meta.snapshot_id);
+            let mut file = tokio::fs::File::create(target.dir.join(&name))
+                .await
+                .unwrap();
+            tokio::io::copy(&mut snapshot.snapshot, &mut file)
+                .await
+                .unwrap();
+            let stored = StoredSnapshot {
+                meta: snapshot.meta.clone(),
+                file: name,
+            };
+            target.tree.insert(INSTALLING_KEY, encode(&stored)).unwrap();
+            target.disk.db.flush().unwrap();
+        }
+
+        // The state machine opens again on the same database, as after a restart.
+        let applier = Arc::new(BytesApplier::default());
+        let mut target = SledStateMachine::open(&disk, "shard-0", applier.clone()).unwrap();
+        assert_eq!(*applier.0.lock().unwrap(), b"kept");
+        let (applied, _) = target.applied_state().await.unwrap();
+        assert_eq!(applied, snapshot.meta.last_log_id);
+        assert!(target.tree.get(INSTALLING_KEY).unwrap().is_none());
+        let current = target.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta, snapshot.meta);
     }
 }

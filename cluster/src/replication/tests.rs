@@ -33,12 +33,13 @@ impl Applier for ListApplier {
         applied.len().to_be_bytes().to_vec()
     }
 
-    fn snapshot(&self) -> Result<Vec<u8>, String> {
-        Ok(rmp_serde::to_vec(&*self.applied.lock().unwrap()).unwrap())
+    fn snapshot(&self, out: &mut std::fs::File) -> Result<(), String> {
+        let bytes = rmp_serde::to_vec(&*self.applied.lock().unwrap()).unwrap();
+        std::io::Write::write_all(out, &bytes).map_err(|e| e.to_string())
     }
 
-    fn restore(&self, snapshot: &[u8]) -> Result<(), String> {
-        let restored = rmp_serde::from_slice(snapshot).map_err(|e| e.to_string())?;
+    fn restore(&self, input: &mut std::fs::File) -> Result<(), String> {
+        let restored = rmp_serde::from_read(input).map_err(|e| e.to_string())?;
         *self.applied.lock().unwrap() = restored;
         Ok(())
     }
@@ -60,7 +61,7 @@ fn disk_in(dir: &std::path::Path) -> LogDisk {
             Err(e) => panic!("cannot open {}: {e}", dir.display()),
         }
     };
-    LogDisk::new(db.clone(), Flusher::start(db))
+    LogDisk::new(db.clone(), Flusher::start(db), dir.join("snapshots"))
 }
 
 struct Builder;
