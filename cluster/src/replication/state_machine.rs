@@ -114,9 +114,20 @@ impl SledStateMachine {
         };
         let stored: StoredSnapshot = rmp_serde::from_slice(&raw).map_err(|e| e.to_string())?;
         let path = self.dir.join(&stored.file);
+        let mut file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            // The marker is written before the file takes its name: the import never began.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::warn!(snapshot = %stored.meta.snapshot_id, "a crash ended a snapshot install before its import began; the leader sends it again");
+                self.tree
+                    .remove(INSTALLING_KEY)
+                    .and_then(|_| self.disk.db.flush())
+                    .map_err(|e| e.to_string())?;
+                return Ok(());
+            }
+            Err(e) => return Err(format!("cannot open {}: {e}", path.display())),
+        };
         tracing::warn!(snapshot = %stored.meta.snapshot_id, file = %path.display(), "importing again a snapshot whose import a crash interrupted");
-        let mut file = std::fs::File::open(&path)
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         self.applier.restore(&mut file)?;
         self.applied = Applied {
             last_applied: stored.meta.last_log_id,
@@ -267,7 +278,6 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .flush()
             .await
             .map_err(|e| StorageIOError::write_snapshot(signature, any(e)))?;
-        remove_snapshot_files(&self.tree, &self.dir, false);
         Ok(Snapshot {
             meta: self.snapshot.meta.clone(),
             snapshot: Box::new(open_snapshot_file(&self.dir.join(&self.snapshot.file)).await?),
@@ -325,8 +335,10 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
             Some(id) => format!("{}-{}-{}", id.leader_id, id.index, self.built),
             None => format!("none-{}", self.built),
         };
-        // The file is written here, in the state machine's own task, so no command is
-        // applied while the applier exports its state.
+        // Files are removed and written here, in the state machine's own task, so no command
+        // is applied while the applier exports its state, and no install runs meanwhile. The
+        // file of the snapshot recorded last stays until the next one is recorded.
+        self.remove_other_files(false);
         let file = snapshot_file_name("built", &snapshot_id);
         let applier = Arc::clone(&self.applier);
         let failure = self.write_file(&file, |out| applier.snapshot(out)).err();
@@ -390,18 +402,18 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
         let mut file = file.into_std().await;
         file.sync_all()
             .map_err(|e| failed(format!("cannot sync {}: {e}", received.display())))?;
-        let name = snapshot_file_name("installed", &meta.snapshot_id);
-        self.place(&received, &name).map_err(failed)?;
-
         // From the marker on, a crash leaves the import to be done again at the next open.
+        // The marker goes first, so a file it names exists unless the import never started.
+        let name = snapshot_file_name("installed", &meta.snapshot_id);
         let stored = StoredSnapshot {
             meta: meta.clone(),
-            file: name,
+            file: name.clone(),
         };
         self.tree
             .insert(INSTALLING_KEY, encode(&stored))
             .map_err(|e| failed(e.to_string()))?;
         self.disk.flush().await.map_err(|e| failed(e.to_string()))?;
+        self.place(&received, &name).map_err(failed)?;
         if let Err(e) = std::io::Seek::rewind(&mut file)
             .map_err(|e| e.to_string())
             .and_then(|()| self.applier.restore(&mut file))
@@ -513,11 +525,16 @@ mod tests {
         let (mut source, mut snapshot) =
             machine_with_snapshot(&dir.path().join("a"), &[b"one ", b"two"]).await;
         assert_eq!(snapshot.meta.last_log_id.map(|id| id.index), Some(2));
-        // A second snapshot replaces the first one's file.
-        let mut builder = source.get_snapshot_builder().await;
-        builder.build_snapshot().await.unwrap();
+        // Building a snapshot removes the files older than the last recorded one.
+        let first = snapshot_file_name("built", &snapshot.meta.snapshot_id);
+        assert!(source.dir.join(&first).is_file());
+        for _ in 0..2 {
+            let mut builder = source.get_snapshot_builder().await;
+            builder.build_snapshot().await.unwrap();
+        }
+        assert!(!source.dir.join(&first).exists());
         let files = std::fs::read_dir(&source.dir).unwrap().count();
-        assert_eq!(files, 1);
+        assert_eq!(files, 2);
 
         let applier = Arc::new(BytesApplier::default());
         let target_dir = dir.path().join("b");
@@ -574,5 +591,28 @@ mod tests {
         assert!(target.tree.get(INSTALLING_KEY).unwrap().is_none());
         let current = target.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(current.meta, snapshot.meta);
+    }
+
+    #[tokio::test]
+    async fn install_marker_without_its_file_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_source, snapshot) = machine_with_snapshot(&dir.path().join("a"), &[b"sent"]).await;
+        let disk = disk_in(&dir.path().join("b"));
+        {
+            let applier = Arc::new(BytesApplier::default());
+            let target = SledStateMachine::open(&disk, "shard-0", applier).unwrap();
+            let stored = StoredSnapshot {
+                meta: snapshot.meta.clone(),
+                file: snapshot_file_name("installed", &snapshot.meta.snapshot_id),
+            };
+            target.tree.insert(INSTALLING_KEY, encode(&stored)).unwrap();
+        }
+
+        let applier = Arc::new(BytesApplier::default());
+        let mut target = SledStateMachine::open(&disk, "shard-0", applier.clone()).unwrap();
+        assert!(applier.0.lock().unwrap().is_empty());
+        assert!(target.tree.get(INSTALLING_KEY).unwrap().is_none());
+        let (applied, _) = target.applied_state().await.unwrap();
+        assert_eq!(applied, None);
     }
 }
