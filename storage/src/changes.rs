@@ -714,21 +714,16 @@ impl Store {
         self.import_shared_from(part, &mut std::io::Cursor::new(bytes))
     }
 
-    /// Replaces one part of the shared state with the snapshot that `input` contains, made by
-    /// [`Store::export_shared_to`]. Records outside the part stay as they are. The snapshot
-    /// is read twice: a first pass checks it in full (its records, their trees and part, the
-    /// count and the checksum), so that a bad snapshot changes nothing.
-    ///
-    /// NOTE: the second pass writes in batches, so a crash during it leaves the part half
-    /// replaced. The caller must import the snapshot again before it uses the part (the
-    /// replicated log's state machine records a marker for that).
-    pub fn import_shared_from<R: std::io::Read + std::io::Seek>(
+    /// Checks in full the snapshot of `part` that `input` contains from its current position,
+    /// as [`Store::import_shared_from`] does before it changes anything: its trees, each
+    /// record's part, the record count and the checksum. Leaves `input` where it started.
+    pub fn check_shared<R: std::io::Read + std::io::Seek>(
         &self,
         part: &SharedPart,
         input: &mut R,
     ) -> Result<(), StorageError> {
+        let start = input.stream_position().map_err(snapshot_io)?;
         let trees = part.trees();
-        input.rewind().map_err(snapshot_io)?;
         let mut reader = SnapshotReader::new(&mut *input, trees)?;
         while let Some((index, key, _)) = reader.next()? {
             let name = trees[index];
@@ -739,8 +734,27 @@ impl Store {
                 });
             }
         }
+        input
+            .seek(std::io::SeekFrom::Start(start))
+            .map_err(snapshot_io)?;
+        Ok(())
+    }
 
-        input.rewind().map_err(snapshot_io)?;
+    /// Replaces one part of the shared state with the snapshot that `input` contains from its
+    /// current position, made by [`Store::export_shared_to`]. Records outside the part stay
+    /// as they are. A first pass checks the snapshot in full ([`Store::check_shared`]), so
+    /// that a bad snapshot changes nothing.
+    ///
+    /// NOTE: the second pass writes in batches, so a crash during it leaves the part half
+    /// replaced. The caller must import the snapshot again before it uses the part (the
+    /// replicated log's state machine records a marker for that).
+    pub fn import_shared_from<R: std::io::Read + std::io::Seek>(
+        &self,
+        part: &SharedPart,
+        input: &mut R,
+    ) -> Result<(), StorageError> {
+        self.check_shared(part, input)?;
+        let trees = part.trees();
         let mut reader = SnapshotReader::new(&mut *input, trees)?;
         let mut tail = self.lock_directory()?;
         for name in trees {

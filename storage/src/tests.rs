@@ -1233,6 +1233,8 @@ async fn damaged_snapshot_changes_nothing() {
     std::io::Seek::rewind(&mut file).unwrap();
     std::io::Read::read_to_end(&mut file, &mut written).unwrap();
     assert_eq!(written, snapshot);
+    std::io::Seek::rewind(&mut file).unwrap();
+    target.check_shared(&shard_part(), &mut file).unwrap();
     target.import_shared_from(&shard_part(), &mut file).unwrap();
     let (_, state) = target.load_group(&group()).unwrap().unwrap();
     assert_eq!(state, b"new state");

@@ -74,8 +74,13 @@ pub trait Applier: Send + Sync + 'static {
     /// Writes the applier's whole state to `out`, for a snapshot.
     fn snapshot(&self, out: &mut std::fs::File) -> Result<(), String>;
 
+    /// Checks a snapshot made by [`Applier::snapshot`], which `input` contains from its
+    /// current position, as far as the applier can without applying it; leaves `input` at
+    /// that position.
+    fn check(&self, input: &mut std::fs::File) -> Result<(), String>;
+
     /// Replaces the applier's state with a snapshot made by [`Applier::snapshot`], which
-    /// `input` contains from its start. A damaged snapshot must be found before anything
+    /// `input` contains from its current position. A damaged snapshot must be found before anything
     /// changes: the state machine treats an error as a snapshot that changed nothing.
     ///
     /// NOTE: a write that fails half-way (sled's own I/O error) leaves the state half

@@ -175,6 +175,12 @@ impl Applier for SharedState {
             .map_err(|e| e.to_string())
     }
 
+    fn check(&self, input: &mut std::fs::File) -> Result<(), String> {
+        self.store
+            .check_shared(&self.part, input)
+            .map_err(|e| e.to_string())
+    }
+
     fn restore(&self, input: &mut std::fs::File) -> Result<(), String> {
         self.store
             .import_shared_from(&self.part, input)

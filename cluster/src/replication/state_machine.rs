@@ -8,6 +8,7 @@ use openraft::{
     StorageIOError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -53,6 +54,60 @@ fn snapshot_file_name(origin: &str, id: &str) -> String {
         })
         .collect();
     format!("{origin}-{id}.snap")
+}
+
+/// Start of every snapshot file, before the snapshot's metadata and the applier's data.
+const FILE_MAGIC: &[u8; 8] = b"ATLRAFT1";
+
+/// Largest metadata a snapshot file's header may name, in bytes.
+const MAX_HEADER: u32 = 1 << 20;
+
+/// Writes the header of a snapshot file: [`FILE_MAGIC`], then `meta` with a u32 big-endian
+/// length. The applier's data follows.
+fn write_header(
+    out: &mut std::fs::File,
+    meta: &SnapshotMeta<RaftNodeId, BasicNode>,
+) -> Result<(), String> {
+    let meta = encode(meta);
+    let mut header = FILE_MAGIC.to_vec();
+    header.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+    header.extend_from_slice(&meta);
+    std::io::Write::write_all(out, &header).map_err(|e| format!("cannot write: {e}"))
+}
+
+/// Reads the header of a snapshot file from its start, checks that it names the snapshot
+/// `expected`, and leaves the file at the applier's data.
+fn read_header(
+    file: &mut std::fs::File,
+    expected: &SnapshotMeta<RaftNodeId, BasicNode>,
+) -> Result<(), String> {
+    use std::io::{Read, Seek};
+    file.rewind().map_err(|e| format!("cannot read: {e}"))?;
+    let mut start = [0u8; 12];
+    file.read_exact(&mut start)
+        .map_err(|e| format!("cannot read its header: {e}"))?;
+    if &start[..8] != FILE_MAGIC {
+        return Err("it does not start with the snapshot file mark".into());
+    }
+    let len = u32::from_be_bytes([start[8], start[9], start[10], start[11]]);
+    if len > MAX_HEADER {
+        return Err(format!("its header claims {len} bytes"));
+    }
+    let mut raw = vec![0u8; len as usize];
+    file.read_exact(&mut raw)
+        .map_err(|e| format!("cannot read its header: {e}"))?;
+    let found: SnapshotMeta<RaftNodeId, BasicNode> =
+        rmp_serde::from_slice(&raw).map_err(|e| format!("its header does not decode: {e}"))?;
+    if found != *expected {
+        return Err(format!(
+            "it contains snapshot {} (last entry {:?}), not {} (last entry {:?})",
+            found.snapshot_id,
+            found.last_log_id.map(|id| id.index),
+            expected.snapshot_id,
+            expected.last_log_id.map(|id| id.index)
+        ));
+    }
+    Ok(())
 }
 
 /// State machine of one replicated log.
@@ -128,7 +183,17 @@ impl SledStateMachine {
             Err(e) => return Err(format!("cannot open {}: {e}", path.display())),
         };
         tracing::warn!(snapshot = %stored.meta.snapshot_id, file = %path.display(), "importing again a snapshot whose import a crash interrupted");
-        self.applier.restore(&mut file)?;
+        read_header(&mut file, &stored.meta)
+            .and_then(|()| self.applier.restore(&mut file))
+            .map_err(|e| {
+                format!(
+                    "the snapshot file {} of an interrupted install cannot be imported again \
+                     ({e}), so this log's part of the state is half replaced. Stop the node, \
+                     empty its data directory and start it again: it rejoins as a new member \
+                     and catches up",
+                    path.display()
+                )
+            })?;
         self.applied = Applied {
             last_applied: stored.meta.last_log_id,
             membership: stored.meta.last_membership.clone(),
@@ -153,6 +218,7 @@ impl SledStateMachine {
         let inline: InlineSnapshot = rmp_serde::from_slice(&raw).map_err(|e| e.to_string())?;
         let file = snapshot_file_name("built", &inline.meta.snapshot_id);
         self.write_file(&file, |out| {
+            write_header(out, &inline.meta)?;
             std::io::Write::write_all(out, &inline.data).map_err(|e| e.to_string())
         })?;
         let stored = StoredSnapshot {
@@ -164,6 +230,19 @@ impl SledStateMachine {
             .and_then(|_| self.disk.db.flush())
             .map_err(|e| e.to_string())?;
         Ok(())
+    }
+
+    /// Opens the file of the snapshot `stored` and checks it in full: its header and the
+    /// applier's data. Returns it at its start, ready to send.
+    fn checked_file(&self, stored: &StoredSnapshot) -> Result<std::fs::File, String> {
+        let path = self.dir.join(&stored.file);
+        let mut file = std::fs::File::open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        read_header(&mut file, &stored.meta)
+            .and_then(|()| self.applier.check(&mut file))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        std::io::Seek::rewind(&mut file).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(file)
     }
 
     /// Writes the file `name` in the snapshot directory with `fill`, through a temporary
@@ -340,27 +419,37 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
         // file of the snapshot recorded last stays until the next one is recorded.
         self.remove_other_files(false);
         let file = snapshot_file_name("built", &snapshot_id);
+        let meta = SnapshotMeta {
+            last_log_id: last,
+            last_membership: self.applied.membership.clone(),
+            snapshot_id,
+        };
         let applier = Arc::clone(&self.applier);
-        let failure = self.write_file(&file, |out| applier.snapshot(out)).err();
+        let failure = self
+            .write_file(&file, |out| {
+                write_header(out, &meta)?;
+                applier.snapshot(out)
+            })
+            .err();
         SnapshotBuilder {
             tree: self.tree.clone(),
             disk: self.disk.clone(),
             dir: self.dir.clone(),
             failure,
-            snapshot: StoredSnapshot {
-                meta: SnapshotMeta {
-                    last_log_id: last,
-                    last_membership: self.applied.membership.clone(),
-                    snapshot_id,
-                },
-                file,
-            },
+            snapshot: StoredSnapshot { meta, file },
         }
     }
 
     async fn begin_receiving_snapshot(
         &mut self,
     ) -> Result<Box<tokio::fs::File>, StorageError<RaftNodeId>> {
+        // A transfer that ended without an install left its file behind.
+        if let Some(earlier) = self.receiving.take()
+            && let Err(e) = std::fs::remove_file(&earlier)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(file = %earlier.display(), error = %e, "cannot remove the file of an abandoned snapshot transfer");
+        }
         self.built += 1;
         let path = self.dir.join(format!("receiving-{}.part", self.built));
         let file = tokio::fs::OpenOptions::new()
@@ -402,6 +491,19 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
         let mut file = file.into_std().await;
         file.sync_all()
             .map_err(|e| failed(format!("cannot sync {}: {e}", received.display())))?;
+        // Checked in full before anything changes. openraft stops the log on this error,
+        // and a restart of the node starts it again without the file.
+        if let Err(e) = read_header(&mut file, meta).and_then(|()| self.applier.check(&mut file)) {
+            let _ = std::fs::remove_file(&received);
+            tracing::error!(snapshot = %meta.snapshot_id, error = %e, "rejected a damaged snapshot from the leader; this log stops until the node restarts");
+            return Err(StorageIOError::read_snapshot(
+                Some(meta.signature()),
+                any(std::io::Error::other(format!(
+                    "the received snapshot is damaged: {e}"
+                ))),
+            )
+            .into());
+        }
         // From the marker on, a crash leaves the import to be done again at the next open.
         // The marker goes first, so a file it names exists unless the import never started.
         let name = snapshot_file_name("installed", &meta.snapshot_id);
@@ -413,13 +515,26 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
             .insert(INSTALLING_KEY, encode(&stored))
             .map_err(|e| failed(e.to_string()))?;
         self.disk.flush().await.map_err(|e| failed(e.to_string()))?;
-        self.place(&received, &name).map_err(failed)?;
-        if let Err(e) = std::io::Seek::rewind(&mut file)
-            .map_err(|e| e.to_string())
-            .and_then(|()| self.applier.restore(&mut file))
+        // openraft hands back the file this node created for the transfer, unless a caller
+        // replaced it (as openraft's storage tests do): that one is copied instead.
+        let created = file.metadata().ok().zip(std::fs::metadata(&received).ok());
+        if created
+            .is_some_and(|(given, made)| given.ino() == made.ino() && given.dev() == made.dev())
         {
-            // The applier checks a snapshot in full before it changes anything.
-            let _ = self.tree.remove(INSTALLING_KEY);
+            self.place(&received, &name).map_err(failed)?;
+        } else {
+            std::io::Seek::rewind(&mut file).map_err(|e| failed(e.to_string()))?;
+            self.write_file(&name, |out| {
+                std::io::copy(&mut file, out)
+                    .map(|_| ())
+                    .map_err(|e| format!("cannot copy the received snapshot: {e}"))
+            })
+            .map_err(failed)?;
+            let _ = std::fs::remove_file(&received);
+        }
+        read_header(&mut file, meta).map_err(failed)?;
+        if let Err(e) = self.applier.restore(&mut file) {
+            // The marker stays: the next open imports the file again.
             return Err(StorageIOError::read_snapshot(
                 Some(meta.signature()),
                 any(std::io::Error::other(e)),
@@ -452,11 +567,20 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
         };
         let stored: StoredSnapshot =
             rmp_serde::from_slice(&raw).map_err(|e| StorageIOError::read_snapshot(None, any(e)))?;
-        let file = open_snapshot_file(&self.dir.join(&stored.file)).await?;
-        Ok(Some(Snapshot {
-            meta: stored.meta,
-            snapshot: Box::new(file),
-        }))
+        // Checked before it is sent or trusted: a damaged file would stop the log of the node
+        // that receives it. The applied state is newer than the snapshot, so a new snapshot
+        // of it replaces a damaged one.
+        match self.checked_file(&stored) {
+            Ok(file) => Ok(Some(Snapshot {
+                meta: stored.meta,
+                snapshot: Box::new(tokio::fs::File::from_std(file)),
+            })),
+            Err(e) => {
+                tracing::error!(snapshot = %stored.meta.snapshot_id, error = %e, "the latest snapshot file is damaged or missing; building a new snapshot from the applied state");
+                let mut builder = self.get_snapshot_builder().await;
+                builder.build_snapshot().await.map(Some)
+            }
+        }
     }
 }
 
@@ -479,6 +603,10 @@ mod tests {
 
         fn snapshot(&self, out: &mut std::fs::File) -> Result<(), String> {
             std::io::Write::write_all(out, &self.0.lock().unwrap()).map_err(|e| e.to_string())
+        }
+
+        fn check(&self, _input: &mut std::fs::File) -> Result<(), String> {
+            Ok(())
         }
 
         fn restore(&self, input: &mut std::fs::File) -> Result<(), String> {
@@ -614,5 +742,65 @@ mod tests {
         assert!(target.tree.get(INSTALLING_KEY).unwrap().is_none());
         let (applied, _) = target.applied_state().await.unwrap();
         assert_eq!(applied, None);
+    }
+
+    #[tokio::test]
+    async fn damaged_or_missing_file_is_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut machine, snapshot) = machine_with_snapshot(dir.path(), &[b"one ", b"two"]).await;
+        let path = machine
+            .dir
+            .join(snapshot_file_name("built", &snapshot.meta.snapshot_id));
+        type Damage = fn(&Path);
+        let damages: [(&str, Damage); 2] = [
+            ("overwritten", |path| {
+                std::fs::write(path, b"not a snapshot").unwrap()
+            }),
+            ("deleted", |path| std::fs::remove_file(path).unwrap()),
+        ];
+        let mut previous = snapshot.meta;
+        let mut path = path;
+        for (case, damage) in damages {
+            damage(&path);
+            let mut rebuilt = machine.get_current_snapshot().await.unwrap().unwrap();
+            assert_ne!(rebuilt.meta.snapshot_id, previous.snapshot_id, "{case}");
+            assert_eq!(rebuilt.meta.last_log_id, previous.last_log_id, "{case}");
+            let mut data = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut rebuilt.snapshot, &mut data)
+                .await
+                .unwrap();
+            assert!(data.ends_with(b"one two"), "{case}");
+            path = machine
+                .dir
+                .join(snapshot_file_name("built", &rebuilt.meta.snapshot_id));
+            previous = rebuilt.meta;
+        }
+    }
+
+    #[tokio::test]
+    async fn snapshot_of_another_index_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_old, mut stale) = machine_with_snapshot(&dir.path().join("a"), &[b"old"]).await;
+        let (_new, current) =
+            machine_with_snapshot(&dir.path().join("b"), &[b"old", b" new"]).await;
+
+        // The file of the older snapshot arrives under the newer snapshot's metadata.
+        let applier = Arc::new(BytesApplier::default());
+        let mut target =
+            SledStateMachine::open(&disk_in(&dir.path().join("c")), "shard-0", applier.clone())
+                .unwrap();
+        let mut receiving = target.begin_receiving_snapshot().await.unwrap();
+        tokio::io::copy(&mut stale.snapshot, &mut *receiving)
+            .await
+            .unwrap();
+        let result = target.install_snapshot(&current.meta, receiving).await;
+        let error = result.unwrap_err().to_string();
+        assert!(error.contains("damaged"), "{error}");
+        assert!(applier.0.lock().unwrap().is_empty());
+        assert!(target.tree.get(INSTALLING_KEY).unwrap().is_none());
+        let (applied, _) = target.applied_state().await.unwrap();
+        assert_eq!(applied, None);
+        let files = std::fs::read_dir(&target.dir).unwrap().count();
+        assert_eq!(files, 0);
     }
 }

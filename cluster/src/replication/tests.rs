@@ -38,6 +38,16 @@ impl Applier for ListApplier {
         std::io::Write::write_all(out, &bytes).map_err(|e| e.to_string())
     }
 
+    fn check(&self, input: &mut std::fs::File) -> Result<(), String> {
+        use std::io::Seek;
+        let start = input.stream_position().map_err(|e| e.to_string())?;
+        let parsed: Result<Vec<(u64, Vec<u8>)>, _> = rmp_serde::from_read(&mut *input);
+        input
+            .seek(std::io::SeekFrom::Start(start))
+            .map_err(|e| e.to_string())?;
+        parsed.map(|_| ()).map_err(|e| e.to_string())
+    }
+
     fn restore(&self, input: &mut std::fs::File) -> Result<(), String> {
         let restored = rmp_serde::from_read(input).map_err(|e| e.to_string())?;
         *self.applied.lock().unwrap() = restored;
