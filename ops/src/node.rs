@@ -407,10 +407,12 @@ async fn start_replicated_logs(
         }
     });
     let task_logs = Arc::clone(&logs);
+    let failure_timeout = Duration::from_millis(config.failure_timeout_ms);
     let mut first_start = config
         .seeds
         .is_empty()
-        .then(|| FirstStart::new(Duration::from_millis(config.failure_timeout_ms)));
+        .then(|| FirstStart::new(failure_timeout));
+    let mut unformed = (!config.seeds.is_empty()).then(|| UnformedWatch::new(failure_timeout));
     let members_task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(ELECTION_GATE_INTERVAL);
         let mut cluster_id = 0;
@@ -427,6 +429,9 @@ async fn start_replicated_logs(
                 && start.done(&task_logs, &members).await
             {
                 first_start = None;
+            }
+            if let Some(watch) = &mut unformed {
+                watch.check(task_logs.directory_formed(), &members);
             }
             let layout = layout_mismatch(&members);
             let alive = alive_of(members);
@@ -539,6 +544,60 @@ impl FirstStart {
             return false;
         }
         true
+    }
+}
+
+/// Warns a node started with seeds while neither it nor any member it reaches has a
+/// directory log. Only a node started without seeds starts a cluster, so such nodes wait for
+/// one forever.
+struct UnformedWatch {
+    /// Time the node has waited so far, from when it first reached a member.
+    since: Option<tokio::time::Instant>,
+    /// Wait before the first warning: as long as a node without seeds waits before it
+    /// starts a cluster.
+    wait: Duration,
+    last_warning: Option<tokio::time::Instant>,
+}
+
+/// Time between two warnings of [`UnformedWatch`].
+const UNFORMED_WARNING_EVERY: Duration = Duration::from_secs(30);
+
+impl UnformedWatch {
+    fn new(failure_timeout: Duration) -> Self {
+        Self {
+            since: None,
+            wait: atlas_cluster::bootstrap_wait(failure_timeout),
+            last_warning: None,
+        }
+    }
+
+    /// Checks the state after one membership round; `formed` is this node's directory log.
+    fn check(&mut self, formed: bool, members: &[MemberView]) {
+        let alive: Vec<&MemberView> = members
+            .iter()
+            .filter(|m| m.state == MemberState::Alive)
+            .collect();
+        if formed || alive.is_empty() || alive.iter().any(|m| m.formed) {
+            self.since = None;
+            return;
+        }
+        let since = *self.since.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() < self.wait
+            || self
+                .last_warning
+                .is_some_and(|at| at.elapsed() < UNFORMED_WARNING_EVERY)
+        {
+            return;
+        }
+        self.last_warning = Some(tokio::time::Instant::now());
+        let names: Vec<&str> = alive.iter().map(|m| m.name.as_str()).collect();
+        tracing::warn!(
+            members = %names.join(","),
+            waited_s = since.elapsed().as_secs(),
+            "neither this node nor the members it reaches belong to a cluster yet, and all \
+             were started with --seeds, so none starts one: start the first node of a new \
+             cluster without --seeds"
+        );
     }
 }
 

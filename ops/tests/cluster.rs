@@ -1306,16 +1306,38 @@ async fn unreachable_seeds_are_warned_about() {
     // Nothing listens on the seed's port.
     let a = fixture.spec("node-a", &[free_port()]).unwrap();
     let _node_a = fixture.start(&a).unwrap();
-    let warning = |log: String| {
-        log.lines()
-            .find(|line| line.contains("no cluster member reachable yet"))
-            .map(str::to_owned)
-    };
-    let warned = wait_until(CONVERGE, || warning(fixture.log("node-a")).is_some()).await;
-    assert!(warned, "{}", fixture.log("node-a"));
-    let line = warning(fixture.log("node-a")).unwrap();
+    let line = logged_line(&fixture, "node-a", "no cluster member reachable yet").await;
     assert!(line.contains(" WARN "), "{line}");
     assert!(line.contains(&format!("seeds={}", a.seeds[0])), "{line}");
+}
+
+/// Waits up to [`CONVERGE`] for a line of the log of `node` that contains `needle`, and
+/// returns it; panics with the log if none appears.
+async fn logged_line(fixture: &ClusterFixture, node: &str, needle: &str) -> String {
+    let find = || {
+        fixture
+            .log(node)
+            .lines()
+            .find(|line| line.contains(needle))
+            .map(str::to_owned)
+    };
+    let logged = wait_until(CONVERGE, || find().is_some()).await;
+    assert!(logged, "no line with {needle:?}: {}", fixture.log(node));
+    find().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_that_all_have_seeds_are_warned() {
+    let fixture = fixture();
+    // Each node names the other as its seed, so neither starts a cluster.
+    let mut b = fixture.spec("node-b", &[]).unwrap();
+    let a = fixture.spec("node-a", &[b.port]).unwrap();
+    b.seeds = loopback(&[a.port]);
+    let _node_a = fixture.start(&a).unwrap();
+    let _node_b = fixture.start(&b).unwrap();
+    let line = logged_line(&fixture, "node-a", "all were started with --seeds").await;
+    assert!(line.contains(" WARN "), "{line}");
+    assert!(line.contains("members=node-b"), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
