@@ -714,7 +714,7 @@ impl MembershipObserver for MembershipMetrics {
     fn alive_at(&self, member: &str, addr: &str) {
         if let Err(e) = atlas_cluster::replication::record_peer(self.store.sled_db(), member, addr)
         {
-            tracing::warn!(%member, %addr, error = %e, "cannot record the address of a cluster member; `atlas recover` will not check it");
+            tracing::warn!(%member, %addr, error = %e, "recording the address of a cluster member failed, so `atlas recover` will not check it");
         }
     }
 }
@@ -1043,7 +1043,7 @@ async fn publish_node_keys(
                 .map(|(_, keys)| keys)
                 .unwrap_or_default(),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read the signing keys this node published; checking again in 1 s");
+                tracing::warn!(error = %e, "reading the signing keys this node published failed; checking again in 1 s");
                 continue;
             }
         };

@@ -774,15 +774,17 @@ impl Store {
             }
             tree.apply_batch(batch)?;
         }
+        let handles = trees
+            .iter()
+            .map(|name| self.db.open_tree(name))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut batch = sled::Batch::default();
         let mut batch_tree: Option<usize> = None;
         let mut pending = 0;
         while let Some((index, key, value)) = reader.next()? {
             if batch_tree.is_some_and(|t| t != index) || pending == IMPORT_BATCH {
                 if let Some(t) = batch_tree {
-                    self.db
-                        .open_tree(trees[t])?
-                        .apply_batch(std::mem::take(&mut batch))?;
+                    handles[t].apply_batch(std::mem::take(&mut batch))?;
                 }
                 pending = 0;
             }
@@ -791,7 +793,7 @@ impl Store {
             pending += 1;
         }
         if let Some(t) = batch_tree {
-            self.db.open_tree(trees[t])?.apply_batch(batch)?;
+            handles[t].apply_batch(batch)?;
         }
         *tail = transparency::LogTail::new(transparency::stored_size(&self.kt)?);
         Ok(())

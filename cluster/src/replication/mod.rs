@@ -75,16 +75,16 @@ pub trait Applier: Send + Sync + 'static {
     fn snapshot(&self, out: &mut std::fs::File) -> Result<(), String>;
 
     /// Checks a snapshot made by [`Applier::snapshot`], which `input` contains from its
-    /// current position, as far as the applier can without applying it; leaves `input` at
-    /// that position.
+    /// current position, as far as possible without applying it. Leaves `input` at that
+    /// position.
     fn check(&self, input: &mut std::fs::File) -> Result<(), String>;
 
     /// Replaces the applier's state with a snapshot made by [`Applier::snapshot`], which
-    /// `input` contains from its current position. A damaged snapshot must be found before anything
-    /// changes: the state machine treats an error as a snapshot that changed nothing.
+    /// `input` contains from its current position. The state machine calls
+    /// [`Applier::check`] first, so an error here means a failed write.
     ///
-    /// NOTE: a write that fails half-way (sled's own I/O error) leaves the state half
-    /// replaced; only a crash, not an error, makes the state machine import it again.
+    /// NOTE: such a write may leave the state half replaced. The state machine then keeps its
+    /// install marker, so the next open imports the snapshot again.
     fn restore(&self, input: &mut std::fs::File) -> Result<(), String>;
 }
 

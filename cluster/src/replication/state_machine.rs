@@ -271,10 +271,35 @@ impl SledStateMachine {
             .map_err(|e| format!("cannot sync {}: {e}", self.dir.display()))
     }
 
-    /// Removes the snapshot files other than the current snapshot's, and with `unfinished`
-    /// also files of snapshots that were being built or received. Failures are logged only.
+    /// Removes the files in the snapshot directory other than those of the recorded snapshot
+    /// and of one being installed, and with `unfinished` also `.building` and `.part` files.
+    /// Failures are logged only.
     fn remove_other_files(&self, unfinished: bool) {
-        remove_snapshot_files(&self.tree, &self.dir, unfinished);
+        let mut keep = Vec::new();
+        for key in [SNAPSHOT_KEY, INSTALLING_KEY] {
+            if let Ok(Some(raw)) = self.tree.get(key)
+                && let Ok(stored) = rmp_serde::from_slice::<StoredSnapshot>(&raw)
+            {
+                keep.push(stored.file);
+            }
+        }
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "listing the snapshot files to remove old ones failed");
+                return;
+            }
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let finished = name.ends_with(".snap");
+            if keep.contains(&name) || (!finished && !unfinished) {
+                continue;
+            }
+            if let Err(e) = std::fs::remove_file(entry.path()) {
+                tracing::warn!(file = %entry.path().display(), error = %e, "removing an old snapshot file failed");
+            }
+        }
     }
 
     fn record_applied(&self) -> Result<(), StorageError<RaftNodeId>> {
@@ -282,36 +307,6 @@ impl SledStateMachine {
             .insert(APPLIED_KEY, encode(&self.applied))
             .map_err(|e| StorageIOError::write_state_machine(any(e)))?;
         Ok(())
-    }
-}
-
-/// Removes the files in `dir` other than that of the snapshot recorded in `tree` (and of
-/// one being installed), and with `unfinished` also `.building` and `.part` files.
-fn remove_snapshot_files(tree: &sled::Tree, dir: &Path, unfinished: bool) {
-    let mut keep = Vec::new();
-    for key in [SNAPSHOT_KEY, INSTALLING_KEY] {
-        if let Ok(Some(raw)) = tree.get(key)
-            && let Ok(stored) = rmp_serde::from_slice::<StoredSnapshot>(&raw)
-        {
-            keep.push(stored.file);
-        }
-    }
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot list the snapshot files to remove old ones");
-            return;
-        }
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let finished = name.ends_with(".snap");
-        if keep.contains(&name) || (!finished && !unfinished) {
-            continue;
-        }
-        if let Err(e) = std::fs::remove_file(entry.path()) {
-            tracing::warn!(file = %entry.path().display(), error = %e, "cannot remove an old snapshot file");
-        }
     }
 }
 
@@ -329,8 +324,8 @@ async fn open_snapshot_file(path: &Path) -> Result<tokio::fs::File, StorageError
     })
 }
 
-/// Builds a snapshot whose file was written when the builder was made, so that commands
-/// applied while it runs cannot leak into a snapshot that claims an earlier index.
+/// A snapshot whose file [`SledStateMachine::get_snapshot_builder`] wrote in the state
+/// machine's task, before any later command was applied. Building it only records the file.
 pub struct SnapshotBuilder {
     tree: sled::Tree,
     disk: LogDisk,
