@@ -9,7 +9,8 @@ use atlas_actors::{
     SupervisorArgs, SupervisorMsg,
 };
 use atlas_cluster::replication::{
-    DIRECTORY_LOG, LogSettings, ReplicaSettings, ReplicatedLogs, ReplicationCheck, node_identity,
+    AppendObserver, DIRECTORY_LOG, LogSettings, ReplicaSettings, ReplicatedLogs, ReplicationCheck,
+    node_identity,
 };
 use atlas_cluster::{
     Cluster, ClusterSettings, ForwardHandler, GroupOwners, Layout, MemberState, MemberView,
@@ -94,7 +95,11 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     };
     let replicated = match &cluster {
         Some(cluster) => {
-            Some(start_replicated_logs(config, &store, Arc::clone(cluster), raft_id).await?)
+            let observer = append_metrics(&registry)?;
+            Some(
+                start_replicated_logs(config, &store, Arc::clone(cluster), raft_id, observer)
+                    .await?,
+            )
         }
         None => None,
     };
@@ -356,6 +361,57 @@ const MEMBER_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// may start elections.
 const ELECTION_GATE_INTERVAL: Duration = Duration::from_millis(200);
 
+/// Registers the histograms of the replicated logs' appends (see
+/// `atlas_cluster::replication::AppendTimes`) and returns the function that records them. With
+/// the storage flush times, they show where a send's time goes between its group actor and
+/// its commit.
+fn append_metrics(registry: &Registry) -> prometheus::Result<AppendObserver> {
+    let seconds = vec![
+        0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    ];
+    let wait = Histogram::with_opts(
+        HistogramOpts::new(
+            "atlas_replication_append_wait_seconds",
+            "Time an append of group entries waited in its log's queue for the entry before it",
+        )
+        .buckets(seconds.clone()),
+    )?;
+    let write = Histogram::with_opts(
+        HistogramOpts::new(
+            "atlas_replication_append_write_seconds",
+            "Time from proposing an entry of appends to its commit on a majority of the log's \
+             voters and its apply on the leader (failed writes excluded)",
+        )
+        .buckets(seconds),
+    )?;
+    let size = Histogram::with_opts(
+        HistogramOpts::new(
+            "atlas_replication_appends_per_entry",
+            "Number of appends written together in one entry of a replicated log",
+        )
+        .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
+    )?;
+    let failed = prometheus::IntCounter::new(
+        "atlas_replication_append_write_failures_total",
+        "Entries of appends whose write failed",
+    )?;
+    registry.register(Box::new(wait.clone()))?;
+    registry.register(Box::new(write.clone()))?;
+    registry.register(Box::new(size.clone()))?;
+    registry.register(Box::new(failed.clone()))?;
+    Ok(Arc::new(move |times| {
+        for waited in times.waits {
+            wait.observe(waited.as_secs_f64());
+        }
+        size.observe(times.waits.len() as f64);
+        if times.failed {
+            failed.inc();
+        } else {
+            write.observe(times.write.as_secs_f64());
+        }
+    }))
+}
+
 /// Starts this node's replicas of the replicated logs, which carry every change to the shared
 /// state (one log per shard, one for the directory), and makes the store write through them.
 /// Two tasks follow the membership: one gates elections and starts the logs, the other
@@ -365,6 +421,7 @@ async fn start_replicated_logs(
     store: &Store,
     cluster: Arc<Cluster>,
     node: u64,
+    append_observer: AppendObserver,
 ) -> anyhow::Result<(Arc<ReplicatedLogs>, Vec<tokio::task::JoinHandle<()>>)> {
     let election_timeout =
         Duration::from_millis(config.failure_timeout_ms / 3).max(Duration::from_millis(300));
@@ -391,7 +448,11 @@ async fn start_replicated_logs(
         lease: Duration::from_millis(config.failure_timeout_ms),
     };
     let check: ReplicationCheck = Arc::new(move || gate.cut_off().then(|| CUT_OFF.to_owned()));
-    store.set_replicator(Arc::new(logs.replicator().with_check(check)));
+    store.set_replicator(Arc::new(
+        logs.replicator()
+            .with_check(check)
+            .with_append_observer(append_observer),
+    ));
     let sync_logs = Arc::clone(&logs);
     let sync_cluster = Arc::clone(&cluster);
     // Membership changes wait for commits, so they run apart from the election gate, which

@@ -922,6 +922,23 @@ async fn chat_spans_nodes_and_survives_killing_the_leader() {
     // of the group's shard log while another member sends, resume it, and sync through it
     // at once.
     let leader = group_leader(&nodes.values().collect::<Vec<_>>(), &all, group.as_bytes()).unwrap();
+
+    // The group's owner wrote its messages through its shard log's append queue, whose
+    // metrics count the appends and time the writes. Each append carries one or more
+    // messages, and a message sent again may be written twice.
+    let owner = &nodes[&leader];
+    let appends = owner
+        .metric("atlas_replication_appends_per_entry_sum")
+        .unwrap();
+    let writes = owner
+        .metric("atlas_replication_append_write_seconds_count")
+        .unwrap();
+    assert!(
+        appends >= 1.0 && writes >= 1.0 && writes <= appends,
+        "{leader} counted {appends} appends in {writes} entries for {} messages",
+        acknowledged.len()
+    );
+
     let (reader, reader_home) = *homes.iter().find(|(_, home)| *home != leader).unwrap();
     let (writer, _) = *homes.iter().find(|(_, home)| *home != reader_home).unwrap();
     nodes[reader_home].signal("STOP").unwrap();
