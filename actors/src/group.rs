@@ -272,7 +272,10 @@ impl Actor for GroupSession {
                 reply,
             } => {
                 state.last_request = Instant::now();
-                let _ = reply.send(state.sync(&device, after, limit));
+                let page = state
+                    .follow_store()
+                    .and_then(|()| state.sync(&device, after, limit));
+                let _ = reply.send(page);
             }
             GroupMsg::Ack { device, seq, reply } => {
                 state.last_request = Instant::now();
@@ -421,6 +424,17 @@ impl GroupState {
             .map_err(|e| GroupError::Internal(format!("stored public state: {e}")))?;
         self.meta = meta;
         self.committed_seq = meta.last_seq;
+        Ok(())
+    }
+
+    /// Reloads the group when the store has entries that this actor has not seen. In a
+    /// cluster, a snapshot installed on this node writes a group's entries past its actor.
+    fn follow_store(&mut self) -> Result<(), GroupError> {
+        let stored = self.store.newest_seq(&self.group)?.unwrap_or(0);
+        if stored > self.meta.last_seq {
+            tracing::debug!(group_id = %self.group, stored, seen = self.meta.last_seq, "the store is ahead of the group's actor; reloading");
+            self.reload()?;
+        }
         Ok(())
     }
 
@@ -685,10 +699,15 @@ impl GroupState {
             })
             .unwrap_or(entries.len());
         entries.truncate(fits.max(1));
+        // Read from storage rather than `self.meta`, because in a cluster the prunes of other
+        // nodes and snapshots reach the store through the replicated log, past this actor. A
+        // stale number would report removed entries as available, and a device that read one
+        // of them would take the gap for lost messages.
+        let first_available = self.store.first_seq(&self.group)?;
         Ok(SyncPage {
             entries,
             head: self.committed_seq,
-            first_available: self.meta.first_seq,
+            first_available,
         })
     }
 

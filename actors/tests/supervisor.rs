@@ -30,6 +30,7 @@ impl Deliver for Recorder {
 struct Fixture {
     _dir: tempfile::TempDir,
     supervisor: ActorRef<SupervisorMsg>,
+    store: Store,
     group: GroupId,
     device: DeviceId,
     message: Vec<u8>,
@@ -75,7 +76,7 @@ async fn fixture(settings: GroupSettings) -> Fixture {
     let recorder = Arc::new(Recorder::default());
     let keyring = Keyring::open(store.clone(), &[9; 32], Duration::from_secs(3600)).unwrap();
     let args = SupervisorArgs {
-        store,
+        store: store.clone(),
         keyring: Arc::new(keyring),
         deliver: recorder.clone(),
         settings,
@@ -85,6 +86,7 @@ async fn fixture(settings: GroupSettings) -> Fixture {
     Fixture {
         _dir: dir,
         supervisor,
+        store,
         group,
         device,
         message,
@@ -242,6 +244,81 @@ async fn acknowledged_entries_are_removed_by_retention() {
     let seqs: Vec<u64> = page.entries.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, vec![3], "only the unacknowledged entry stays");
     assert_eq!(page.head, 3);
+}
+
+/// Sends a sync for `f.device` from sequence number `after` to the group's actor.
+async fn sync_page(f: &Fixture, after: u64) -> atlas_actors::SyncPage {
+    let device = f.device;
+    let actor = lookup(f).await;
+    ractor::call!(actor, |reply| GroupMsg::Sync {
+        device,
+        after,
+        limit: 10,
+        reply
+    })
+    .unwrap()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn prune_applied_from_elsewhere_shows_in_sync() {
+    let f = fixture(GroupSettings::default()).await;
+    for id in 1..=3 {
+        submit(&f, id).await.unwrap();
+    }
+    assert_eq!(sync_page(&f, 0).await.first_available, 1);
+
+    // On a node of a cluster, another node's prune reaches the store through the replicated
+    // log (or a snapshot), not through this node's actor, which stays loaded.
+    let prune = atlas_storage::Change::Prune {
+        group: f.group.clone(),
+        through_seq: 2,
+    };
+    f.store.apply(&prune).unwrap();
+
+    // A device that read up to 2 checks that entry 2 is returned again whenever the node
+    // reports it available, so a stale first number looks like a lost entry.
+    let page = sync_page(&f, 1).await;
+    let seqs: Vec<u64> = page.entries.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![3]);
+    assert_eq!(
+        page.first_available, 3,
+        "the actor reported a pruned entry as available"
+    );
+}
+
+#[tokio::test]
+async fn entries_stored_past_the_actor_show_in_sync() {
+    let f = fixture(GroupSettings::default()).await;
+    for id in 1..=3 {
+        submit(&f, id).await.unwrap();
+    }
+    assert_eq!(sync_page(&f, 0).await.head, 3);
+
+    // A snapshot installed on a node of a cluster writes entries into the store without
+    // passing them to the loaded actor.
+    let mut entry = f.store.entry(&f.group, 3).unwrap().unwrap();
+    entry.seq = 4;
+    entry.msg_id = ClientMsgId([40; 16]);
+    let append = atlas_storage::Change::AppendBatch {
+        group: f.group.clone(),
+        items: vec![atlas_storage::AppendItem {
+            entry,
+            meta: None,
+            public_state: None,
+            welcomes: Vec::new(),
+        }],
+    };
+    f.store.apply(&append).unwrap();
+
+    // A device that read entry 4 through another node must find it here too.
+    let page = sync_page(&f, 3).await;
+    let seqs: Vec<u64> = page.entries.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![4]);
+    assert_eq!(
+        page.head, 4,
+        "the actor reported a log that ends before entry 4"
+    );
 }
 
 #[tokio::test]

@@ -312,7 +312,7 @@ impl Store {
     }
 
     /// Returns the sequence number of a group's newest stored entry.
-    pub(crate) fn newest_seq(&self, group: &GroupId) -> Result<Option<u64>, StorageError> {
+    pub fn newest_seq(&self, group: &GroupId) -> Result<Option<u64>, StorageError> {
         let Some(item) = self
             .groups
             .range(keys::log(group, 0)..keys::log_end(group))
@@ -418,10 +418,7 @@ impl Store {
         }
         // Retention writes the group's new first number before it removes entries, so a first
         // number read after the scan covers every removal that the scan saw.
-        let first_seq = match self.groups.get(keys::group_meta(group))? {
-            Some(raw) => decode::<GroupMeta>(&raw, "group meta", group)?.first_seq,
-            None => 0,
-        };
+        let first_seq = self.first_seq(group)?;
         let mut expected = after.saturating_add(1).max(first_seq);
         for entry in &out {
             if entry.seq < expected {
@@ -439,6 +436,16 @@ impl Store {
             return Err(missing_entry(group, expected, newest));
         }
         Ok(out)
+    }
+
+    /// Returns the first sequence number of a group that retention kept, as stored (0 for a
+    /// group without a meta record). Read it after reading entries: retention stores the new
+    /// number before it removes any entry.
+    pub fn first_seq(&self, group: &GroupId) -> Result<u64, StorageError> {
+        Ok(match self.groups.get(keys::group_meta(group))? {
+            Some(raw) => decode::<GroupMeta>(&raw, "group meta", group)?.first_seq,
+            None => 0,
+        })
     }
 
     /// Removes log entries up to and including `through_seq` and their de-duplication ids,
