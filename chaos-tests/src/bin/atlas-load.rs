@@ -97,7 +97,8 @@ struct LoadArgs {
     /// Size of the plaintext of each message, in bytes.
     #[arg(long, default_value_t = 100)]
     message_bytes: usize,
-    /// Skip the baseline server.
+    /// Skip the baseline server, the broadcast server without storage, MLS or checks that
+    /// `all` compares Atlas with. `cluster` never starts it, and its one-node phase still runs.
     #[arg(long)]
     no_baseline: bool,
     /// Directory under which the node's data directory is created; it should be on the disk
