@@ -272,10 +272,7 @@ impl Actor for GroupSession {
                 reply,
             } => {
                 state.last_request = Instant::now();
-                let page = state
-                    .follow_store()
-                    .and_then(|()| state.sync(&device, after, limit));
-                let _ = reply.send(page);
+                let _ = reply.send(state.sync(&device, after, limit));
             }
             GroupMsg::Ack { device, seq, reply } => {
                 state.last_request = Instant::now();
@@ -424,17 +421,6 @@ impl GroupState {
             .map_err(|e| GroupError::Internal(format!("stored public state: {e}")))?;
         self.meta = meta;
         self.committed_seq = meta.last_seq;
-        Ok(())
-    }
-
-    /// Reloads the group when the store has entries that this actor has not seen. In a
-    /// cluster, a snapshot installed on this node writes a group's entries past its actor.
-    fn follow_store(&mut self) -> Result<(), GroupError> {
-        let stored = self.store.newest_seq(&self.group)?.unwrap_or(0);
-        if stored > self.meta.last_seq {
-            tracing::debug!(group_id = %self.group, stored, seen = self.meta.last_seq, "the store is ahead of the group's actor; reloading");
-            self.reload()?;
-        }
         Ok(())
     }
 
@@ -681,11 +667,23 @@ impl GroupState {
         }
     }
 
-    fn sync(&self, device: &DeviceId, after: u64, limit: usize) -> Result<SyncPage, GroupError> {
+    fn sync(
+        &mut self,
+        device: &DeviceId,
+        after: u64,
+        limit: usize,
+    ) -> Result<SyncPage, GroupError> {
+        let page = self.store.read_log_page(&self.group, after, limit)?;
+        // In a cluster, a snapshot installed on this node, like the prunes of other nodes,
+        // changes the stored log past this actor.
+        if page.newest_seq > self.meta.last_seq {
+            tracing::debug!(group_id = %self.group, stored = page.newest_seq, seen = self.meta.last_seq, "the store is ahead of the group's actor; reloading");
+            self.reload()?;
+        }
         if !self.mls.is_member(device) {
             return Err(GroupError::NotMember(*device, self.mls.epoch()));
         }
-        let mut entries = self.store.read_log(&self.group, after, limit)?;
+        let mut entries = page.entries;
         // Keep the response frame under the frame limit; one entry always fits, because MLS
         // messages are capped well below it.
         let mut budget = MAX_FRAME_BYTES - SYNC_FRAME_OVERHEAD;
@@ -699,15 +697,13 @@ impl GroupState {
             })
             .unwrap_or(entries.len());
         entries.truncate(fits.max(1));
-        // Read from storage rather than `self.meta`, because in a cluster the prunes of other
-        // nodes and snapshots reach the store through the replicated log, past this actor. A
-        // stale number would report removed entries as available, and a device that read one
-        // of them would take the gap for lost messages.
-        let first_available = self.store.first_seq(&self.group)?;
+        // The stored number rather than `self.meta`'s, which misses the changes past this
+        // actor. A stale number would report removed entries as available, and a device that
+        // read one of them would take the gap for lost messages.
         Ok(SyncPage {
             entries,
             head: self.committed_seq,
-            first_available,
+            first_available: page.first_seq,
         })
     }
 

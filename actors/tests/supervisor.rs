@@ -260,6 +260,10 @@ async fn sync_page(f: &Fixture, after: u64) -> atlas_actors::SyncPage {
     .unwrap()
 }
 
+fn entry_seqs(page: &atlas_actors::SyncPage) -> Vec<u64> {
+    page.entries.iter().map(|e| e.seq).collect()
+}
+
 #[tokio::test]
 async fn prune_applied_from_elsewhere_shows_in_sync() {
     let f = fixture(GroupSettings::default()).await;
@@ -279,8 +283,7 @@ async fn prune_applied_from_elsewhere_shows_in_sync() {
     // A device that read up to 2 checks that entry 2 is returned again whenever the node
     // reports it available, so a stale first number looks like a lost entry.
     let page = sync_page(&f, 1).await;
-    let seqs: Vec<u64> = page.entries.iter().map(|e| e.seq).collect();
-    assert_eq!(seqs, vec![3]);
+    assert_eq!(entry_seqs(&page), vec![3]);
     assert_eq!(
         page.first_available, 3,
         "the actor reported a pruned entry as available"
@@ -313,8 +316,7 @@ async fn entries_stored_past_the_actor_show_in_sync() {
 
     // A device that read entry 4 through another node must find it here too.
     let page = sync_page(&f, 3).await;
-    let seqs: Vec<u64> = page.entries.iter().map(|e| e.seq).collect();
-    assert_eq!(seqs, vec![4]);
+    assert_eq!(entry_seqs(&page), vec![4]);
     assert_eq!(
         page.head, 4,
         "the actor reported a log that ends before entry 4"

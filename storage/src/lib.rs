@@ -85,6 +85,18 @@ pub struct Store {
     replicator: Arc<std::sync::OnceLock<Arc<dyn Replicator>>>,
 }
 
+/// Entries of a group's log as [`Store::read_log_page`] reads them.
+#[derive(Debug)]
+pub struct LogPage {
+    pub entries: Vec<LogEntry>,
+    /// The first sequence number that retention kept, read after the entries, so it covers
+    /// every removal that the read saw.
+    pub first_seq: u64,
+    /// The sequence number of the newest stored entry (0 without any), read before the
+    /// entries.
+    pub newest_seq: u64,
+}
+
 impl Store {
     /// Opens or creates the database in `dir` and checks its format version. Must be called
     /// inside a Tokio runtime, which runs the group-commit flusher.
@@ -312,7 +324,7 @@ impl Store {
     }
 
     /// Returns the sequence number of a group's newest stored entry.
-    pub fn newest_seq(&self, group: &GroupId) -> Result<Option<u64>, StorageError> {
+    pub(crate) fn newest_seq(&self, group: &GroupId) -> Result<Option<u64>, StorageError> {
         let Some(item) = self
             .groups
             .range(keys::log(group, 0)..keys::log_end(group))
@@ -406,6 +418,16 @@ impl Store {
         after: u64,
         limit: usize,
     ) -> Result<Vec<LogEntry>, StorageError> {
+        Ok(self.read_log_page(group, after, limit)?.entries)
+    }
+
+    /// Reads entries as [`Store::read_log`] does, with the numbers that bound the stored log.
+    pub fn read_log_page(
+        &self,
+        group: &GroupId,
+        after: u64,
+        limit: usize,
+    ) -> Result<LogPage, StorageError> {
         // Appends only add entries, so every entry up to the newest one found before the scan
         // must be in it.
         let newest = self.newest_seq(group)?.unwrap_or(0);
@@ -435,13 +457,16 @@ impl Store {
         if out.len() < limit && expected <= newest {
             return Err(missing_entry(group, expected, newest));
         }
-        Ok(out)
+        Ok(LogPage {
+            entries: out,
+            first_seq,
+            newest_seq: newest,
+        })
     }
 
     /// Returns the first sequence number of a group that retention kept, as stored (0 for a
-    /// group without a meta record). Read it after reading entries: retention stores the new
-    /// number before it removes any entry.
-    pub fn first_seq(&self, group: &GroupId) -> Result<u64, StorageError> {
+    /// group without a meta record).
+    fn first_seq(&self, group: &GroupId) -> Result<u64, StorageError> {
         Ok(match self.groups.get(keys::group_meta(group))? {
             Some(raw) => decode::<GroupMeta>(&raw, "group meta", group)?.first_seq,
             None => 0,

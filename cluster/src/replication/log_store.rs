@@ -26,7 +26,7 @@ pub struct SledLogStore {
     entries: sled::Tree,
     meta: sled::Tree,
     disk: LogDisk,
-    /// Shared by the store and its readers.
+    /// The newest entries, shared by the store and its readers.
     recent: Arc<Mutex<RecentEntries>>,
 }
 
@@ -68,30 +68,33 @@ impl RecentEntries {
         }
     }
 
+    /// Returns the position of entry `index` among the kept ones, clamped to `0..=len`.
+    fn position(&self, index: u64) -> usize {
+        let len = self.entries.len();
+        match self.first_index() {
+            Some(first) => usize::try_from(index.saturating_sub(first)).map_or(len, |p| p.min(len)),
+            None => 0,
+        }
+    }
+
     /// Drops the kept entries from `index` on.
     fn truncate(&mut self, index: u64) {
-        while self
+        let from = self.position(index);
+        self.bytes -= self
             .entries
-            .back()
-            .is_some_and(|(e, _)| e.log_id.index >= index)
-        {
-            if let Some((_, size)) = self.entries.pop_back() {
-                self.bytes -= size;
-            }
-        }
+            .drain(from..)
+            .map(|(_, size)| size)
+            .sum::<usize>();
     }
 
     /// Drops the kept entries up to `index`.
     fn purge(&mut self, index: u64) {
-        while self
+        let to = self.position(index.saturating_add(1));
+        self.bytes -= self
             .entries
-            .front()
-            .is_some_and(|(e, _)| e.log_id.index <= index)
-        {
-            if let Some((_, size)) = self.entries.pop_front() {
-                self.bytes -= size;
-            }
-        }
+            .drain(..to)
+            .map(|(_, size)| size)
+            .sum::<usize>();
     }
 
     fn clear(&mut self) {

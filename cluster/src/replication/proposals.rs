@@ -63,7 +63,7 @@ pub struct AppendTimes<'a> {
     pub failed: bool,
 }
 
-/// Called once per entry that a log's append queue wrote (see [`AppendTimes`]).
+/// Function called once per entry that a log's append queue wrote (see [`AppendTimes`]).
 pub type AppendObserver = Arc<dyn Fn(&AppendTimes<'_>) + Send + Sync>;
 
 /// Called on every node when the directory log applies [`Change::StartShardLogs`].
@@ -321,9 +321,9 @@ type QueuedAppend = (
 /// stay in order. Fewer, larger entries cost the leader and every replica fewer log writes,
 /// commits and applied-index updates than one entry per append.
 ///
-/// NOTE: writing up to four entries at once was tried and measured worse: openraft 0.9 stores
-/// a log's entries one after another, each with its own flush, so at half load the entries
-/// carried 1.2 appends instead of 1.7 and each write took 85 ms instead of 38 ms
+/// NOTE: writing up to four entries at once was tried and measured worse. openraft 0.9 stores
+/// a log's entries one after another, each with its own flush. At half load the entries then
+/// carried 1.2 appends instead of 1.7, and each write took 85 ms instead of 38 ms
 /// (`docs/benchmarks.md`).
 struct AppendQueue {
     log: String,
@@ -373,6 +373,7 @@ async fn write_entry(
         waiting.push(done);
         waits.push(proposed_at.duration_since(queued_at));
     }
+
     let mut changes = changes.into_iter();
     let Some(change) = changes.next() else {
         return;
@@ -391,28 +392,37 @@ async fn write_entry(
             failed: written.is_err(),
         });
     }
-    let results: Vec<Result<Outcome, StorageError>> = match written {
-        Err(e) => waiting.iter().map(|_| Err(copy_failure(&e))).collect(),
+
+    let results = append_results(&log.name, written, single, waiting.len());
+    for (done, result) in waiting.into_iter().zip(results) {
+        // A proposer that stopped waiting no longer needs the result.
+        let _ = done.send(result);
+    }
+}
+
+/// Returns the result of each of the `count` appends that one entry of log `log` carried.
+fn append_results(
+    log: &str,
+    written: Result<(u64, CommandResult), StorageError>,
+    single: bool,
+    count: usize,
+) -> Vec<Result<Outcome, StorageError>> {
+    match written {
+        Err(e) => (0..count).map(|_| Err(copy_failure(&e))).collect(),
         Ok((index, result)) if single => vec![decode_applied(index, &result)],
         Ok((index, result)) => match rmp_serde::from_slice::<Vec<Applied>>(&result.0) {
-            Ok(applied) if applied.len() == waiting.len() => applied
+            Ok(applied) if applied.len() == count => applied
                 .into_iter()
                 .map(|a| a.map_err(StorageError::from))
                 .collect(),
-            _ => waiting
-                .iter()
+            _ => (0..count)
                 .map(|_| {
                     Err(StorageError::Replication(format!(
-                        "undecodable results of entry {index} of log {}",
-                        log.name
+                        "undecodable results of entry {index} of log {log}"
                     )))
                 })
                 .collect(),
         },
-    };
-    for (done, result) in waiting.into_iter().zip(results) {
-        // A proposer that stopped waiting no longer needs the result.
-        let _ = done.send(result);
     }
 }
 
