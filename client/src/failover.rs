@@ -204,7 +204,7 @@ async fn bounded<T>(
 }
 
 /// Returns whether a failed send may succeed on another node or later.
-fn retriable(error: &ClientError) -> bool {
+pub(crate) fn retriable(error: &ClientError) -> bool {
     match error {
         ClientError::Server { code, .. } => *code == ErrorCode::Unavailable,
         ClientError::Disconnected(_)

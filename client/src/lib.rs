@@ -38,7 +38,7 @@ use openmls_traits::signatures::Signer;
 use rand::RngCore;
 use sha2::{Digest as _, Sha256};
 use state::{GroupLocal, SavedState};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -195,6 +195,9 @@ pub struct Client {
     node_index: usize,
     /// Events that the sync of a failover read and no call has returned yet.
     missed: Vec<Received>,
+    /// Groups whose pushes showed entries past the cursor that no read has fetched yet,
+    /// because the read failed. The next [`Client::receive`] reads them first.
+    behind: BTreeSet<GroupId>,
 }
 
 impl Client {
@@ -242,6 +245,7 @@ impl Client {
             nodes: Vec::new(),
             node_index: 0,
             missed: Vec::new(),
+            behind: BTreeSet::new(),
         };
         client.save()?;
         Ok(client)
@@ -281,7 +285,7 @@ impl Client {
     /// duplicates, as this client's MLS state records them. The list is current only up to the
     /// client's cursor in the group.
     pub fn members(&self, group: &GroupId) -> Result<Vec<String>, ClientError> {
-        let accounts: std::collections::BTreeSet<String> = self
+        let accounts: BTreeSet<String> = self
             .load_group(group)?
             .members()
             .map(|m| String::from_utf8_lossy(m.credential.serialized_content()).into_owned())
@@ -1286,7 +1290,10 @@ impl Client {
     pub async fn sync(&mut self) -> Result<Vec<Received>, ClientError> {
         let mut out = std::mem::take(&mut self.missed);
         match self.sync_into(&mut out).await {
-            Ok(()) => Ok(out),
+            Ok(()) => {
+                self.behind.clear();
+                Ok(out)
+            }
             Err(e) => {
                 out.append(&mut self.missed);
                 self.missed = out;
@@ -1390,7 +1397,10 @@ impl Client {
             .partition::<Vec<_>, _>(|r| &r.group == group);
         self.missed = others;
         match self.sync_group_into(group, &mut out).await {
-            Ok(()) => Ok(out),
+            Ok(()) => {
+                self.behind.remove(group);
+                Ok(out)
+            }
             Err(e) => {
                 self.missed.append(&mut out);
                 Err(e)
@@ -1735,6 +1745,15 @@ impl Client {
         out: &mut Vec<Received>,
     ) -> Result<(), ClientError> {
         let deadline = tokio::time::Instant::now() + wait;
+        // The push that showed these groups' gaps is gone, so they are read before waiting.
+        while let Some(group) = self.behind.first().cloned() {
+            let read = self.sync_group(&group).await.inspect_err(|e| {
+                if !failover::retriable(e) {
+                    self.behind.remove(&group);
+                }
+            })?;
+            out.extend(read);
+        }
         loop {
             let conn = self.conn.as_mut().ok_or(ClientError::NotConnected)?;
             let push = match tokio::time::timeout_at(deadline, conn.pushes.recv()).await {
@@ -1757,7 +1776,12 @@ impl Client {
                             self.request(ClientBody::Ack { group, seq }).await?;
                         }
                     } else if entry.seq > cursor + 1 {
-                        out.extend(self.sync_group(&group).await?);
+                        let read = self.sync_group(&group).await.inspect_err(|e| {
+                            if failover::retriable(e) {
+                                self.behind.insert(group.clone());
+                            }
+                        })?;
+                        out.extend(read);
                     }
                 }
                 ServerBody::WelcomePush(welcome) => {

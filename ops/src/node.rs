@@ -126,10 +126,10 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     if let Some((logs, _)) = &replicated {
         // Entries that other nodes append reach the members connected here through the
         // group's actor on this node.
-        let supervisor = supervisor.clone();
+        let following = supervisor.clone();
         logs.set_hook(Arc::new(move |change| {
             let replicated = |group: &GroupId, entry: &LogEntry, welcomes: &[_]| {
-                let _ = supervisor.send_message(SupervisorMsg::Replicated {
+                let _ = following.send_message(SupervisorMsg::Replicated {
                     group: group.clone(),
                     entry: entry.clone(),
                     welcomes: welcomes.to_vec(),
@@ -148,6 +148,28 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
                     }
                 }
                 _ => {}
+            }
+        }));
+        // Entries that a snapshot brought were not applied one by one, so nothing pushed
+        // them. The newest entry of each such group goes out instead: a member whose cursor
+        // lies further back reads the gap with a sync, as after any missed push.
+        let supervisor = supervisor.clone();
+        let stored = store.clone();
+        logs.set_installed_hook(Arc::new(move |extended| {
+            for (group, seq) in extended {
+                match stored.entry(group, *seq) {
+                    Ok(Some(entry)) => {
+                        let _ = supervisor.send_message(SupervisorMsg::Replicated {
+                            group: group.clone(),
+                            entry,
+                            welcomes: Vec::new(),
+                        });
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(group_id = %group, seq, error = %e, "cannot read the newest entry of a group that a snapshot brought; its members get it at their next sync");
+                    }
+                }
             }
         }));
     }
@@ -1316,6 +1338,7 @@ impl RunningNode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use atlas_cluster::replication::AppendTimes;
 
     fn key(kid: &str, until_ms: Option<u64>) -> NodeKey {
         NodeKey {
@@ -1355,5 +1378,41 @@ mod tests {
             changes,
             vec![key("abandoned", Some(NOW)), key("earlier", Some(grace_end))]
         );
+    }
+
+    /// Returns the value of sample `name` in the text exposition of `registry`.
+    fn sample(registry: &Registry, name: &str) -> String {
+        let mut text = Vec::new();
+        TextEncoder::new()
+            .encode(&registry.gather(), &mut text)
+            .unwrap();
+        let text = String::from_utf8(text).unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
+            .to_owned()
+    }
+
+    #[test]
+    fn append_metrics_count_failed_writes_apart() {
+        let registry = Registry::new();
+        let observe = append_metrics(&registry).unwrap();
+        let waits = [Duration::from_millis(3), Duration::from_millis(4)];
+        observe(&AppendTimes {
+            waits: &waits,
+            write: Duration::from_millis(40),
+            failed: false,
+        });
+        observe(&AppendTimes {
+            waits: &waits[..1],
+            write: Duration::from_secs(5),
+            failed: true,
+        });
+
+        let count = |name| sample(&registry, name);
+        assert_eq!(count("atlas_replication_append_wait_seconds_count"), "3");
+        assert_eq!(count("atlas_replication_appends_per_entry_count"), "2");
+        assert_eq!(count("atlas_replication_append_write_seconds_count"), "1");
+        assert_eq!(count("atlas_replication_append_write_failures_total"), "1");
     }
 }

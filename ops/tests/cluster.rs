@@ -1139,8 +1139,65 @@ async fn new_node_catches_up_from_snapshot() {
     assert_eq!(messages(&alice, &group).last(), Some(&text));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_from_a_snapshot_reach_connected_members() {
+    // Snapshots every 10 entries, after which the older entries are removed.
+    let fixture = fixture().with_flags(&["--log-snapshot-entries", "10"]);
+    let (_, nodes) = fixture.start_cluster(3, CONVERGE).await.unwrap();
+    let (mut alice, mut bob, group) =
+        alice_and_bob(&fixture, &nodes["node-a"], &nodes["node-c"], "installed").await;
+    let applied_before = group_log_number(&nodes["node-c"], &group, "last_applied").unwrap();
+
+    // node-c, which bob is connected to, stops while alice sends through node-a. The sends go
+    // on until the others' latest snapshots hold every entry, so that node-c gets all of the
+    // messages from a snapshot and none as an entry applied after it.
+    nodes["node-c"].signal("STOP").unwrap();
+    let others = [("node-a", &nodes["node-a"]), ("node-b", &nodes["node-b"])];
+    let mut sent = Vec::new();
+    let mut covered = false;
+    while !covered && sent.len() < 80 {
+        let text = format!("while node-c was stopped {}", sent.len());
+        alice.send_reliably(&group, &text).await.unwrap();
+        sent.push(text);
+        covered = sent.len() >= 20
+            && wait_until(Duration::from_secs(2), || {
+                others.iter().all(|(_, node)| {
+                    let snapshot = group_log_number(node, &group, "snapshot");
+                    snapshot.is_some() && snapshot == group_log_number(node, &group, "last_applied")
+                })
+            })
+            .await;
+    }
+    nodes["node-c"].signal("CONT").unwrap();
+    assert!(
+        covered,
+        "no snapshot held the last of {} entries",
+        sent.len()
+    );
+    for (name, node) in others {
+        let purged = group_log_number(node, &group, "purged");
+        assert!(
+            purged.is_some_and(|p| p > applied_before),
+            "{name} kept entries after {applied_before}, which node-c applied: {purged:?}"
+        );
+    }
+
+    // bob only waits for pushes: one from node-c shows him the new entries, and he reads
+    // them. That read may fail while node-c finds the others again, and the next receive
+    // reads again.
+    let deadline = tokio::time::Instant::now() + CONVERGE;
+    while messages(&bob, &group) != sent && tokio::time::Instant::now() < deadline {
+        if let Err(e) = bob.receive(Duration::from_millis(500)).await {
+            eprintln!("bob's read after a push failed, trying again: {e}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert_eq!(messages(&bob, &group), sent);
+}
+
 /// Reads a number of a node's status of the log of `group`'s shard: `purged` (the last index
-/// removed after a snapshot) or `snapshot` (the last index of its latest snapshot).
+/// removed after a snapshot), `snapshot` (the last index of its latest snapshot) or
+/// `last_applied`.
 fn group_log_number(
     node: &NodeProcess,
     group: &atlas_protocol::GroupId,

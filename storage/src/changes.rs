@@ -21,6 +21,7 @@ use crate::{keys, transparency};
 use atlas_protocol::transparency::KeyEvent;
 use atlas_protocol::{DeviceId, GroupId, LogEntry, WelcomeEntry};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -709,8 +710,13 @@ impl Store {
     }
 
     /// Replaces one part of the shared state with a snapshot of it made by
-    /// [`Store::export_shared`]. Records outside the part stay as they are.
-    pub fn import_shared(&self, part: &SharedPart, bytes: &[u8]) -> Result<(), StorageError> {
+    /// [`Store::export_shared`]. Records outside the part stay as they are. Returns the
+    /// groups whose log the snapshot extended (see [`Store::import_shared_from`]).
+    pub fn import_shared(
+        &self,
+        part: &SharedPart,
+        bytes: &[u8],
+    ) -> Result<Vec<(GroupId, u64)>, StorageError> {
         self.import_shared_from(part, &mut std::io::Cursor::new(bytes))
     }
 
@@ -745,6 +751,9 @@ impl Store {
     /// as they are. A first pass checks the snapshot in full ([`Store::check_shared`]), so
     /// that a bad snapshot changes nothing.
     ///
+    /// Returns each group whose newest log entry after the import is newer than before it,
+    /// with that entry's sequence number, so that the caller can tell its members.
+    ///
     /// NOTE: the second pass writes in batches, so a crash during it leaves the part half
     /// replaced. The caller must import the snapshot again before it uses the part (the
     /// replicated log's state machine records a marker for that).
@@ -752,11 +761,12 @@ impl Store {
         &self,
         part: &SharedPart,
         input: &mut R,
-    ) -> Result<(), StorageError> {
+    ) -> Result<Vec<(GroupId, u64)>, StorageError> {
         self.check_shared(part, input)?;
         let trees = part.trees();
         let mut reader = SnapshotReader::new(&mut *input, trees)?;
         let mut tail = self.lock_directory()?;
+        let mut newest_before = NewestEntries::default();
         for name in trees {
             let tree = self.db.open_tree(name)?;
             let mut batch = sled::Batch::default();
@@ -764,6 +774,7 @@ impl Store {
             for item in tree.iter() {
                 let (key, _) = item?;
                 if part.holds(name, &key) {
+                    newest_before.see(name, &key);
                     batch.remove(key);
                     pending += 1;
                     if pending == IMPORT_BATCH {
@@ -781,7 +792,9 @@ impl Store {
         let mut batch = sled::Batch::default();
         let mut batch_tree: Option<usize> = None;
         let mut pending = 0;
+        let mut newest_after = NewestEntries::default();
         while let Some((index, key, value)) = reader.next()? {
+            newest_after.see(trees[index], &key);
             if batch_tree.is_some_and(|t| t != index) || pending == IMPORT_BATCH {
                 if let Some(t) = batch_tree {
                     handles[t].apply_batch(std::mem::take(&mut batch))?;
@@ -796,7 +809,36 @@ impl Store {
             handles[t].apply_batch(batch)?;
         }
         *tail = transparency::LogTail::new(transparency::stored_size(&self.kt)?);
-        Ok(())
+        Ok(newest_after.newer_than(&newest_before))
+    }
+}
+
+/// The newest log entry of each group among the records that an import reads.
+#[derive(Default)]
+struct NewestEntries(HashMap<Vec<u8>, u64>);
+
+impl NewestEntries {
+    /// Notes the record under `key` of tree `tree` if it is a log entry.
+    fn see(&mut self, tree: &str, key: &[u8]) {
+        if tree != "groups" {
+            return;
+        }
+        if let Some((group, seq)) = keys::log_entry_of(key) {
+            let newest = self.0.entry(group.to_vec()).or_default();
+            *newest = (*newest).max(seq);
+        }
+    }
+
+    /// Returns the groups whose newest entry here is newer than in `before`, in id order.
+    fn newer_than(self, before: &Self) -> Vec<(GroupId, u64)> {
+        let mut newer: Vec<(GroupId, u64)> = self
+            .0
+            .into_iter()
+            .filter(|(group, seq)| before.0.get(group).is_none_or(|old| seq > old))
+            .filter_map(|(group, seq)| Some((GroupId::new(group).ok()?, seq)))
+            .collect();
+        newer.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        newer
     }
 }
 

@@ -27,6 +27,18 @@ pub(crate) fn log(group: &GroupId, seq: u64) -> Vec<u8> {
     key
 }
 
+/// Splits a key of the `groups` tree into the group id and sequence number of a log entry,
+/// or returns `None` for a record of another kind.
+pub(crate) fn log_entry_of(key: &[u8]) -> Option<(&[u8], u64)> {
+    if key.first() != Some(&b'l') {
+        return None;
+    }
+    let len = usize::from(*key.get(1)?);
+    let id = key.get(2..2 + len)?;
+    let seq = key.get(2 + len..)?.try_into().ok()?;
+    Some((id, u64::from_be_bytes(seq)))
+}
+
 /// Exclusive upper bound of a group's log keys.
 pub(crate) fn log_end(group: &GroupId) -> Vec<u8> {
     let mut key = group_key(b'l', group, 9);

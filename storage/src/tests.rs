@@ -1117,7 +1117,12 @@ async fn snapshot_of_a_part_replaces_only_that_part() {
     let target_head = SignedTreeHead::sign(1, target.kt_root(1).unwrap(), 1, "t", &key);
     target.put_tree_head(&target_head).unwrap();
 
-    target.import_shared(&shard_part(), &groups).unwrap();
+    // The import names the group whose log it extended, with its newest entry. A second
+    // import of the same snapshot extends nothing.
+    let extended = target.import_shared(&shard_part(), &groups).unwrap();
+    assert_eq!(extended, vec![(group(), 2)]);
+    let again = target.import_shared(&shard_part(), &groups).unwrap();
+    assert!(again.is_empty(), "{again:?}");
     assert!(target.load_group(&elsewhere).unwrap().is_some());
     assert_eq!(target.load_group(&replaced).unwrap(), None);
     let (meta, state) = target.load_group(&group()).unwrap().unwrap();

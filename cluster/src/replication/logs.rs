@@ -13,8 +13,8 @@
 
 use super::proposals::LogHandle;
 use super::{
-    AppliedHook, ClusterReplicator, LogDisk, RaftNodeId, Replica, ReplicaSettings, ReplicaStatus,
-    SharedState,
+    AppliedHook, ClusterReplicator, InstalledHook, LogDisk, RaftNodeId, Replica, ReplicaSettings,
+    ReplicaStatus, SharedState,
 };
 use crate::placement::{NodeName, ShardId, replicas, shard_of};
 use atlas_storage::{Change, ShardLogStart, SharedPart, StorageError, Store};
@@ -260,6 +260,13 @@ impl ReplicatedLogs {
     pub fn set_hook(&self, hook: AppliedHook) {
         for log in self.all() {
             log.state.set_hook(Arc::clone(&hook));
+        }
+    }
+
+    /// Sets the function called after a snapshot from a leader extended group logs here.
+    pub fn set_installed_hook(&self, hook: InstalledHook) {
+        for log in self.all() {
+            log.state.set_installed_hook(Arc::clone(&hook));
         }
     }
 

@@ -27,8 +27,8 @@ pub use log_store::SledLogStore;
 
 pub use logs::{DIRECTORY_LOG, LogSettings, ReplicatedLogs, shard_log};
 pub use proposals::{
-    AppendObserver, AppendTimes, AppliedHook, ClusterReplicator, LogHandle, ReplicationCheck,
-    ShardStartHook, SharedState,
+    AppendObserver, AppendTimes, AppliedHook, ClusterReplicator, InstalledHook, LogHandle,
+    ReplicationCheck, ShardStartHook, SharedState,
 };
 pub use recover::{RecoveredLog, known_peers, make_sole_voter, record_peer, recovery_identity};
 pub use replica::{Replica, ReplicaSettings, ReplicaStatus, node_identity};

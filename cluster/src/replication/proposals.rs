@@ -10,6 +10,7 @@
 use super::transport::{WriteRefused, forward_write, read_index_from, read_index_here, write_here};
 use super::{Applier, Command, CommandResult, Raft, RaftNodeId, encode};
 use crate::placement::shard_of;
+use atlas_protocol::GroupId;
 use atlas_storage::{
     Barrier, Change, Outcome, Proposal, ReadScope, Refused, Replicator, ShardLogStart, SharedPart,
     StorageError, Store,
@@ -66,6 +67,11 @@ pub struct AppendTimes<'a> {
 /// Function called once per entry that a log's append queue wrote (see [`AppendTimes`]).
 pub type AppendObserver = Arc<dyn Fn(&AppendTimes<'_>) + Send + Sync>;
 
+/// Called on a node that installed a snapshot from the leader, with each group whose log the
+/// snapshot extended and the sequence number of the group's newest entry. The entries it
+/// carried were never applied here one by one, so the applied-change hook did not see them.
+pub type InstalledHook = Arc<dyn Fn(&[(GroupId, u64)]) + Send + Sync>;
+
 /// Called on every node when the directory log applies [`Change::StartShardLogs`].
 pub type ShardStartHook = Arc<dyn Fn(&ShardLogStart) + Send + Sync>;
 
@@ -79,6 +85,7 @@ pub struct SharedState {
     /// applied just before a crash is not applied twice.
     progress: sled::Tree,
     hook: OnceLock<AppliedHook>,
+    installed_hook: OnceLock<InstalledHook>,
     start_hook: OnceLock<ShardStartHook>,
 }
 
@@ -100,6 +107,7 @@ impl SharedState {
             part,
             progress,
             hook: OnceLock::new(),
+            installed_hook: OnceLock::new(),
             start_hook: OnceLock::new(),
         })
     }
@@ -109,6 +117,14 @@ impl SharedState {
     pub fn set_hook(&self, hook: AppliedHook) {
         if self.hook.set(hook).is_err() {
             tracing::warn!("the applied-change hook was set already; keeping the first");
+        }
+    }
+
+    /// Sets the function called after a snapshot from the leader extended group logs here
+    /// (see [`InstalledHook`]).
+    pub fn set_installed_hook(&self, hook: InstalledHook) {
+        if self.installed_hook.set(hook).is_err() {
+            tracing::warn!("the snapshot install hook was set already; keeping the first");
         }
     }
 
@@ -198,9 +214,16 @@ impl Applier for SharedState {
     }
 
     fn restore(&self, input: &mut std::fs::File) -> Result<(), String> {
-        self.store
+        let extended = self
+            .store
             .import_shared_from(&self.part, input)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        if !extended.is_empty()
+            && let Some(hook) = self.installed_hook.get()
+        {
+            hook(&extended);
+        }
+        Ok(())
     }
 }
 

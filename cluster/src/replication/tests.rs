@@ -661,3 +661,56 @@ async fn restarted_leaver_starts_no_elections() {
     back.stop().await;
     stop_replicas(&replicas).await;
 }
+
+/// Returns an append of no entries to group `group`, for a [`ClusterReplicator`] over
+/// replicas whose list applier stores it as any other command.
+fn empty_append(group: &str) -> atlas_storage::Change {
+    atlas_storage::Change::AppendBatch {
+        group: atlas_protocol::GroupId::new(group.as_bytes().to_vec()).unwrap(),
+        items: Vec::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_observer_reports_failed_writes() {
+    use atlas_storage::Replicator;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut replicas = start_endpoint_replicas(dir.path(), "observer-test").await;
+    let rafts: Vec<&Raft> = replicas.values().map(|(r, _)| r.raft()).collect();
+    let leader = wait_for_leader(&rafts, None).await;
+    let log = LogHandle {
+        raft: replicas[&leader].0.raft().clone(),
+        name: "observer-test".into(),
+    };
+    // Each report as (appends in the entry, whether its write failed).
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&reports);
+    let observer: AppendObserver = Arc::new(move |times: &AppendTimes<'_>| {
+        seen.lock().unwrap().push((times.waits.len(), times.failed));
+    });
+    let replicator = ClusterReplicator::new(leader, log, Vec::new()).with_append_observer(observer);
+
+    // The list applier's results are no append outcomes, so the proposal itself fails to
+    // decode them: only the write's report matters here.
+    let _ = replicator.propose(empty_append("committed")).await;
+    assert_eq!(*reports.lock().unwrap(), [(1, false)]);
+
+    // With both followers stopped the leader cannot commit, and the write times out.
+    let followers: Vec<RaftNodeId> = replicas
+        .keys()
+        .copied()
+        .filter(|id| *id != leader)
+        .collect();
+    for id in followers {
+        let (follower, _) = replicas.remove(&id).unwrap();
+        follower.stop().await;
+    }
+    let refused = replicator.propose(empty_append("uncommitted")).await;
+    assert!(
+        matches!(&refused, Err(atlas_storage::StorageError::Unavailable(detail)) if detail.contains("not committed")),
+        "{refused:?}"
+    );
+    assert_eq!(*reports.lock().unwrap(), [(1, false), (1, true)]);
+    stop_replicas(&replicas).await;
+}
