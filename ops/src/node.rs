@@ -150,22 +150,27 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
                 _ => {}
             }
         }));
-        // Entries that a snapshot brought were not applied one by one, so nothing pushed
-        // them. The newest entry of each such group goes out instead: a member whose cursor
-        // lies further back reads the gap with a sync, as after any missed push.
+        // Entries and Welcomes that a snapshot brought were not applied one by one, so
+        // nothing pushed them. The newest entry of each such group goes out instead, with
+        // the new Welcomes: a member whose cursor lies further back reads the gap with a
+        // sync, as after any missed push.
         let supervisor = supervisor.clone();
         let stored = store.clone();
-        logs.set_installed_hook(Arc::new(move |extended| {
-            for (group, seq) in extended {
-                match stored.entry(group, *seq) {
+        logs.set_installed_hook(Arc::new(move |news| {
+            for news in news {
+                let group = &news.group;
+                let seq = news.newest_seq;
+                match stored.entry(group, seq) {
                     Ok(Some(entry)) => {
                         let _ = supervisor.send_message(SupervisorMsg::Replicated {
                             group: group.clone(),
                             entry,
-                            welcomes: Vec::new(),
+                            welcomes: news.welcomes.clone(),
                         });
                     }
-                    Ok(None) => {}
+                    Ok(None) => {
+                        tracing::debug!(group_id = %group, seq, "no stored entry to push after a snapshot install");
+                    }
                     Err(e) => {
                         tracing::warn!(group_id = %group, seq, error = %e, "cannot read the newest entry of a group that a snapshot brought; its members get it at their next sync");
                     }

@@ -1146,16 +1146,29 @@ async fn entries_from_a_snapshot_reach_connected_members() {
     let (_, nodes) = fixture.start_cluster(3, CONVERGE).await.unwrap();
     let (mut alice, mut bob, group) =
         alice_and_bob(&fixture, &nodes["node-a"], &nodes["node-c"], "installed").await;
+    let mut carol = client_on(&fixture, "carol", &nodes["node-c"]).await;
+    carol.publish_key_packages(2).await.unwrap();
     let applied_before = group_log_number(&nodes["node-c"], &group, "last_applied").unwrap();
 
-    // node-c, which bob is connected to, stops while alice sends through node-a. The sends go
-    // on until the others' latest snapshots hold every entry, so that node-c gets all of the
-    // messages from a snapshot and none as an entry applied after it.
+    // node-c, which bob and carol are connected to, stops while alice sends through node-a
+    // and adds carol. The sends go on until the others' latest snapshots hold every entry, so
+    // that node-c gets the later messages and carol's Welcome from a snapshot and none as an
+    // entry applied after it. (Requests sent to node-c before its links timed out wait in
+    // its sockets, so it may apply the first few entries one by one when it resumes.)
     nodes["node-c"].signal("STOP").unwrap();
     let others = [("node-a", &nodes["node-a"]), ("node-b", &nodes["node-b"])];
     let mut sent = Vec::new();
     let mut covered = false;
     while !covered && sent.len() < 80 {
+        if sent.len() == 15 {
+            // A log that node-c led refuses writes until the others elect a new leader.
+            let deadline = tokio::time::Instant::now() + CONVERGE;
+            while let Err(e) = alice.add_members(&group, &["carol"]).await {
+                assert!(tokio::time::Instant::now() < deadline, "{e}");
+                eprintln!("adding carol failed, trying again: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
         let text = format!("while node-c was stopped {}", sent.len());
         alice.send_reliably(&group, &text).await.unwrap();
         sent.push(text);
@@ -1182,17 +1195,19 @@ async fn entries_from_a_snapshot_reach_connected_members() {
         );
     }
 
-    // bob only waits for pushes: one from node-c shows him the new entries, and he reads
-    // them. That read may fail while node-c finds the others again, and the next receive
-    // reads again.
-    let deadline = tokio::time::Instant::now() + CONVERGE;
-    while messages(&bob, &group) != sent && tokio::time::Instant::now() < deadline {
-        if let Err(e) = bob.receive(Duration::from_millis(500)).await {
-            eprintln!("bob's read after a push failed, trying again: {e}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+    // bob and carol only wait for pushes: one from node-c shows bob the new entries, and
+    // carol her Welcome, and each reads the group then. That read may fail while node-c finds
+    // the others again, and the next receive reads again.
+    for (client, expected) in [(&mut bob, &sent[..]), (&mut carol, &sent[15..])] {
+        let deadline = tokio::time::Instant::now() + CONVERGE;
+        while messages(client, &group) != expected && tokio::time::Instant::now() < deadline {
+            if let Err(e) = client.receive(Duration::from_millis(500)).await {
+                eprintln!("a read after a push failed, trying again: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
+        assert_eq!(messages(client, &group), expected);
     }
-    assert_eq!(messages(&bob, &group), sent);
 }
 
 /// Reads a number of a node's status of the log of `group`'s shard: `purged` (the last index

@@ -21,7 +21,7 @@ use crate::{keys, transparency};
 use atlas_protocol::transparency::KeyEvent;
 use atlas_protocol::{DeviceId, GroupId, LogEntry, WelcomeEntry};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 
@@ -710,13 +710,13 @@ impl Store {
     }
 
     /// Replaces one part of the shared state with a snapshot of it made by
-    /// [`Store::export_shared`]. Records outside the part stay as they are. Returns the
-    /// groups whose log the snapshot extended (see [`Store::import_shared_from`]).
+    /// [`Store::export_shared`]. Records outside the part stay as they are. Returns what the
+    /// snapshot brought to which group (see [`Store::import_shared_from`]).
     pub fn import_shared(
         &self,
         part: &SharedPart,
         bytes: &[u8],
-    ) -> Result<Vec<(GroupId, u64)>, StorageError> {
+    ) -> Result<Vec<ImportedNews>, StorageError> {
         self.import_shared_from(part, &mut std::io::Cursor::new(bytes))
     }
 
@@ -751,8 +751,8 @@ impl Store {
     /// as they are. A first pass checks the snapshot in full ([`Store::check_shared`]), so
     /// that a bad snapshot changes nothing.
     ///
-    /// Returns each group whose newest log entry after the import is newer than before it,
-    /// with that entry's sequence number, so that the caller can tell its members.
+    /// Returns each group whose newest log entry after the import is newer than before it, or
+    /// that got Welcomes it did not have, so that the caller can tell its members.
     ///
     /// NOTE: the second pass writes in batches, so a crash during it leaves the part half
     /// replaced. The caller must import the snapshot again before it uses the part (the
@@ -761,12 +761,12 @@ impl Store {
         &self,
         part: &SharedPart,
         input: &mut R,
-    ) -> Result<Vec<(GroupId, u64)>, StorageError> {
+    ) -> Result<Vec<ImportedNews>, StorageError> {
         self.check_shared(part, input)?;
         let trees = part.trees();
         let mut reader = SnapshotReader::new(&mut *input, trees)?;
         let mut tail = self.lock_directory()?;
-        let mut newest_before = NewestEntries::default();
+        let mut before = GroupNews::default();
         for name in trees {
             let tree = self.db.open_tree(name)?;
             let mut batch = sled::Batch::default();
@@ -774,7 +774,7 @@ impl Store {
             for item in tree.iter() {
                 let (key, _) = item?;
                 if part.holds(name, &key) {
-                    newest_before.see(name, &key);
+                    before.see(name, &key, None);
                     batch.remove(key);
                     pending += 1;
                     if pending == IMPORT_BATCH {
@@ -792,9 +792,9 @@ impl Store {
         let mut batch = sled::Batch::default();
         let mut batch_tree: Option<usize> = None;
         let mut pending = 0;
-        let mut newest_after = NewestEntries::default();
+        let mut after = GroupNews::default();
         while let Some((index, key, value)) = reader.next()? {
-            newest_after.see(trees[index], &key);
+            after.see(trees[index], &key, Some(&value));
             if batch_tree.is_some_and(|t| t != index) || pending == IMPORT_BATCH {
                 if let Some(t) = batch_tree {
                     handles[t].apply_batch(std::mem::take(&mut batch))?;
@@ -809,36 +809,77 @@ impl Store {
             handles[t].apply_batch(batch)?;
         }
         *tail = transparency::LogTail::new(transparency::stored_size(&self.kt)?);
-        Ok(newest_after.newer_than(&newest_before))
+        after.news_since(&before)
     }
 }
 
-/// The newest log entry of each group among the records that an import reads.
-#[derive(Default)]
-struct NewestEntries(HashMap<Vec<u8>, u64>);
+/// A group whose log a snapshot import extended, or that it gave new Welcomes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportedNews {
+    pub group: GroupId,
+    /// Sequence number of the group's newest stored entry after the import.
+    pub newest_seq: u64,
+    /// The Welcomes to the group that the import added, by device.
+    pub welcomes: Vec<(DeviceId, WelcomeEntry)>,
+}
 
-impl NewestEntries {
-    /// Notes the record under `key` of tree `tree` if it is a log entry.
-    fn see(&mut self, tree: &str, key: &[u8]) {
+/// The group records that an import reads: the newest log entry of each group, and the
+/// Welcomes by key.
+#[derive(Default)]
+struct GroupNews {
+    newest: HashMap<Vec<u8>, u64>,
+    welcomes: HashMap<Vec<u8>, Vec<u8>>,
+}
+
+impl GroupNews {
+    /// Notes the record `key` of tree `tree` if it is a log entry or a Welcome. `value` is
+    /// kept for Welcomes only, and only when given.
+    fn see(&mut self, tree: &str, key: &[u8], value: Option<&[u8]>) {
         if tree != "groups" {
             return;
         }
         if let Some((group, seq)) = keys::log_entry_of(key) {
-            let newest = self.0.entry(group.to_vec()).or_default();
+            let newest = self.newest.entry(group.to_vec()).or_default();
             *newest = (*newest).max(seq);
+        } else if key.first() == Some(&keys::WELCOME_TAG) {
+            self.welcomes
+                .insert(key.to_vec(), value.map(<[u8]>::to_vec).unwrap_or_default());
         }
     }
 
-    /// Returns the groups whose newest entry here is newer than in `before`, in id order.
-    fn newer_than(self, before: &Self) -> Vec<(GroupId, u64)> {
-        let mut newer: Vec<(GroupId, u64)> = self
-            .0
-            .into_iter()
-            .filter(|(group, seq)| before.0.get(group).is_none_or(|old| seq > old))
-            .filter_map(|(group, seq)| Some((GroupId::new(group).ok()?, seq)))
+    /// Returns, in group id order, the groups whose newest entry here is newer than in
+    /// `before`, and the groups of the Welcomes that `before` lacks.
+    fn news_since(self, before: &Self) -> Result<Vec<ImportedNews>, StorageError> {
+        let mut news: BTreeMap<Vec<u8>, Vec<(DeviceId, WelcomeEntry)>> = self
+            .newest
+            .iter()
+            .filter(|(group, seq)| before.newest.get(*group).is_none_or(|old| *seq > old))
+            .map(|(group, _)| (group.clone(), Vec::new()))
             .collect();
-        newer.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-        newer
+        for (key, value) in &self.welcomes {
+            if before.welcomes.contains_key(key) {
+                continue;
+            }
+            let device = keys::welcome_device_of(key).ok_or_else(|| StorageError::Corrupt {
+                what: "snapshot".into(),
+                detail: "a Welcome record with a short key".into(),
+            })?;
+            let welcome: WelcomeEntry = decode(value, "welcome", &device)?;
+            news.entry(welcome.group.as_bytes().to_vec())
+                .or_default()
+                .push((device, welcome));
+        }
+        news.into_iter()
+            .filter_map(|(group, welcomes)| {
+                let newest_seq = self.newest.get(&group).copied().unwrap_or(0);
+                let group = GroupId::new(group).ok()?;
+                Some(Ok(ImportedNews {
+                    group,
+                    newest_seq,
+                    welcomes,
+                }))
+            })
+            .collect()
     }
 }
 

@@ -53,8 +53,17 @@ pub(crate) fn dedupe(group: &GroupId, sender: &DeviceId, msg_id: &ClientMsgId) -
     key
 }
 
+/// First byte of the key of a Welcome in the `groups` tree.
+pub(crate) const WELCOME_TAG: u8 = b'w';
+
+/// Returns the device that a Welcome's key names.
+pub(crate) fn welcome_device_of(key: &[u8]) -> Option<DeviceId> {
+    let bytes: [u8; 16] = key.get(1..17)?.try_into().ok()?;
+    Some(DeviceId::from_bytes(bytes))
+}
+
 pub(crate) fn welcome_prefix(device: &DeviceId) -> Vec<u8> {
-    let mut key = vec![b'w'];
+    let mut key = vec![WELCOME_TAG];
     key.extend_from_slice(device.as_bytes());
     key
 }

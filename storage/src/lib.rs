@@ -32,8 +32,8 @@ pub use accounts::{
     TokenFamily,
 };
 pub use changes::{
-    AppendItem, Barrier, Change, NodeKey, Outcome, Proposal, ReadScope, Refused, Replicator,
-    ShardFilter, ShardLogStart, SharedPart,
+    AppendItem, Barrier, Change, ImportedNews, NodeKey, Outcome, Proposal, ReadScope, Refused,
+    Replicator, ShardFilter, ShardLogStart, SharedPart,
 };
 pub use error::StorageError;
 pub use records::{DeviceRecord, GroupMeta, KeyPackageRecord};

@@ -1058,10 +1058,18 @@ async fn snapshot_of_a_part_replaces_only_that_part() {
     let source_dir = tempfile::tempdir().unwrap();
     let source = Store::open(source_dir.path()).unwrap();
     source.create_group(&group(), &meta(0), b"state").unwrap();
+    let invited = DeviceId::from_bytes([8; 16]);
+    let welcome = WelcomeEntry {
+        group: group(),
+        seq: 2,
+        welcome: vec![4; 8],
+    };
+    let mut adds = item(2, 2);
+    adds.welcomes = vec![(invited, welcome.clone())];
     source
         .apply(&Change::AppendBatch {
             group: group(),
-            items: vec![item(1, 1), item(2, 2)],
+            items: vec![item(1, 1), adds],
         })
         .unwrap();
     let reader = DeviceId::from_bytes([7; 16]);
@@ -1117,10 +1125,15 @@ async fn snapshot_of_a_part_replaces_only_that_part() {
     let target_head = SignedTreeHead::sign(1, target.kt_root(1).unwrap(), 1, "t", &key);
     target.put_tree_head(&target_head).unwrap();
 
-    // The import names the group whose log it extended, with its newest entry. A second
-    // import of the same snapshot extends nothing.
-    let extended = target.import_shared(&shard_part(), &groups).unwrap();
-    assert_eq!(extended, vec![(group(), 2)]);
+    // The import names the group whose log it extended, with its newest entry and the
+    // Welcome it brought. A second import of the same snapshot brings nothing new.
+    let news = target.import_shared(&shard_part(), &groups).unwrap();
+    let expected = ImportedNews {
+        group: group(),
+        newest_seq: 2,
+        welcomes: vec![(invited, welcome)],
+    };
+    assert_eq!(news, vec![expected]);
     let again = target.import_shared(&shard_part(), &groups).unwrap();
     assert!(again.is_empty(), "{again:?}");
     assert!(target.load_group(&elsewhere).unwrap().is_some());

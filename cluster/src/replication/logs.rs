@@ -263,7 +263,8 @@ impl ReplicatedLogs {
         }
     }
 
-    /// Sets the function called after a snapshot from a leader extended group logs here.
+    /// Sets the function called after a snapshot from a leader brought entries or Welcomes of
+    /// groups here.
     pub fn set_installed_hook(&self, hook: InstalledHook) {
         for log in self.all() {
             log.state.set_installed_hook(Arc::clone(&hook));

@@ -10,10 +10,9 @@
 use super::transport::{WriteRefused, forward_write, read_index_from, read_index_here, write_here};
 use super::{Applier, Command, CommandResult, Raft, RaftNodeId, encode};
 use crate::placement::shard_of;
-use atlas_protocol::GroupId;
 use atlas_storage::{
-    Barrier, Change, Outcome, Proposal, ReadScope, Refused, Replicator, ShardLogStart, SharedPart,
-    StorageError, Store,
+    Barrier, Change, ImportedNews, Outcome, Proposal, ReadScope, Refused, Replicator,
+    ShardLogStart, SharedPart, StorageError, Store,
 };
 use serde::{Deserialize, Serialize};
 use std::future::Future;
@@ -68,9 +67,9 @@ pub struct AppendTimes<'a> {
 pub type AppendObserver = Arc<dyn Fn(&AppendTimes<'_>) + Send + Sync>;
 
 /// Called on a node that installed a snapshot from the leader, with each group whose log the
-/// snapshot extended and the sequence number of the group's newest entry. The entries it
-/// carried were never applied here one by one, so the applied-change hook did not see them.
-pub type InstalledHook = Arc<dyn Fn(&[(GroupId, u64)]) + Send + Sync>;
+/// snapshot extended or that it gave new Welcomes. The entries it carried were never applied
+/// here one by one, so the applied-change hook did not see them.
+pub type InstalledHook = Arc<dyn Fn(&[ImportedNews]) + Send + Sync>;
 
 /// Called on every node when the directory log applies [`Change::StartShardLogs`].
 pub type ShardStartHook = Arc<dyn Fn(&ShardLogStart) + Send + Sync>;
@@ -120,8 +119,8 @@ impl SharedState {
         }
     }
 
-    /// Sets the function called after a snapshot from the leader extended group logs here
-    /// (see [`InstalledHook`]).
+    /// Sets the function called after a snapshot from the leader brought entries or Welcomes
+    /// of groups here (see [`InstalledHook`]).
     pub fn set_installed_hook(&self, hook: InstalledHook) {
         if self.installed_hook.set(hook).is_err() {
             tracing::warn!("the snapshot install hook was set already; keeping the first");
@@ -214,14 +213,14 @@ impl Applier for SharedState {
     }
 
     fn restore(&self, input: &mut std::fs::File) -> Result<(), String> {
-        let extended = self
+        let news = self
             .store
             .import_shared_from(&self.part, input)
             .map_err(|e| e.to_string())?;
-        if !extended.is_empty()
+        if !news.is_empty()
             && let Some(hook) = self.installed_hook.get()
         {
-            hook(&extended);
+            hook(&news);
         }
         Ok(())
     }
