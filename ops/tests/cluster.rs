@@ -636,8 +636,14 @@ async fn minority_refuses_writes_until_healed() {
 
     // Every acknowledged message is in the log once, in order. A send refused with
     // `unavailable` may still have been committed (a request queued on a paused node), but
-    // at most once.
-    client.sync().await.unwrap();
+    // at most once. For a few seconds after the pause links may close and reopen, and the
+    // node may refuse the read once more, so it is retried then.
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while let Err(e) = client.sync().await {
+        let settling = e.code() == Some(atlas_protocol::ErrorCode::Unavailable);
+        assert!(settling && std::time::Instant::now() < deadline, "{e}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let transcript = messages(&client, &group);
     atlas_chaos::assert_acknowledged_once(&transcript, &acknowledged);
     assert!(
