@@ -101,6 +101,11 @@ pub struct ReplicaStatus {
     pub snapshot: Option<u64>,
     /// Index of the last entry this node removed from its log after a snapshot.
     pub purged: Option<u64>,
+    /// The error that stopped this node's replica of the log, if one did. openraft 0.9
+    /// stops a log until the node restarts on a storage error, such as a damaged snapshot
+    /// from the leader.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
 }
 
 /// A running replica.
@@ -760,6 +765,9 @@ impl Replica {
             last_applied: metrics.last_applied.map(|id| id.index),
             snapshot: metrics.snapshot.map(|id| id.index),
             purged: metrics.purged.map(|id| id.index),
+            stopped: metrics.running_state.err().map(|e| {
+                format!("{e}; the log runs again on this node after a restart of the node")
+            }),
         }
     }
 

@@ -714,3 +714,21 @@ async fn append_observer_reports_failed_writes() {
     assert_eq!(*reports.lock().unwrap(), [(1, false), (1, true)]);
     stop_replicas(&replicas).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_replica_says_so_in_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = start_endpoint_replicas(dir.path(), "stopped-test").await;
+    let rafts: Vec<&Raft> = replicas.values().map(|(r, _)| r.raft()).collect();
+    let leader = wait_for_leader(&rafts, None).await;
+    let follower = (1..=3u64).find(|id| *id != leader).unwrap();
+    assert_eq!(replicas[&follower].0.status().stopped, None);
+
+    replicas[&follower].0.stop().await;
+    let status = replicas[&follower].0.status();
+    assert_eq!(status.role, "shutdown");
+    let reason = status.stopped.unwrap_or_default();
+    assert!(reason.contains("restart"), "{reason:?}");
+    assert_eq!(replicas[&leader].0.status().stopped, None);
+    stop_replicas(&replicas).await;
+}
