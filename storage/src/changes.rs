@@ -809,7 +809,7 @@ impl Store {
             handles[t].apply_batch(batch)?;
         }
         *tail = transparency::LogTail::new(transparency::stored_size(&self.kt)?);
-        after.news_since(&before)
+        Ok(after.news_since(&before))
     }
 }
 
@@ -848,8 +848,9 @@ impl GroupNews {
     }
 
     /// Returns, in group id order, the groups whose newest entry here is newer than in
-    /// `before`, and the groups of the Welcomes that `before` lacks.
-    fn news_since(self, before: &Self) -> Result<Vec<ImportedNews>, StorageError> {
+    /// `before`, and the groups of the Welcomes that `before` lacks. The import is done by
+    /// then, so a Welcome that does not decode is left out with a warning, not an error.
+    fn news_since(self, before: &Self) -> Vec<ImportedNews> {
         let mut news: BTreeMap<Vec<u8>, Vec<(DeviceId, WelcomeEntry)>> = self
             .newest
             .iter()
@@ -860,24 +861,31 @@ impl GroupNews {
             if before.welcomes.contains_key(key) {
                 continue;
             }
-            let device = keys::welcome_device_of(key).ok_or_else(|| StorageError::Corrupt {
-                what: "snapshot".into(),
-                detail: "a Welcome record with a short key".into(),
-            })?;
-            let welcome: WelcomeEntry = decode(value, "welcome", &device)?;
-            news.entry(welcome.group.as_bytes().to_vec())
-                .or_default()
-                .push((device, welcome));
+            let Some(device) = keys::welcome_device_of(key) else {
+                tracing::warn!(
+                    "a snapshot brought a Welcome record with a short key; it is not pushed"
+                );
+                continue;
+            };
+            match decode::<WelcomeEntry>(value, "welcome", &device) {
+                Ok(welcome) => news
+                    .entry(welcome.group.as_bytes().to_vec())
+                    .or_default()
+                    .push((device, welcome)),
+                Err(e) => {
+                    tracing::warn!(device_id = %device, error = %e, "a snapshot brought a Welcome that does not decode; it is not pushed");
+                }
+            }
         }
         news.into_iter()
             .filter_map(|(group, welcomes)| {
                 let newest_seq = self.newest.get(&group).copied().unwrap_or(0);
                 let group = GroupId::new(group).ok()?;
-                Some(Ok(ImportedNews {
+                Some(ImportedNews {
                     group,
                     newest_seq,
                     welcomes,
-                }))
+                })
             })
             .collect()
     }
