@@ -756,15 +756,47 @@ fn send_moves_to_another_cluster_node() {
         "{sent}"
     );
 
-    // Then it dies.
+    // bob's interactive session connects to the first node that accepts, which then dies.
+    // The session moves to another node and prints every message, the one sent after the
+    // death included.
     nodes["node-a"].signal("CONT").unwrap();
-    nodes.remove("node-a").unwrap().kill9().unwrap();
+    let mut command = bare_chat();
+    command
+        .arg("--state")
+        .arg(fixture.path("bob"))
+        .args(["--account", "bob", "--server", &servers.join(",")])
+        .args(["--fingerprint", &fingerprints.join(","), "interactive"]);
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting atlas-chat interactive failed");
+    let mut stdin = child.stdin.take().unwrap();
+    let out = line_channel(child.stdout.take().unwrap());
+    let err = line_channel(child.stderr.take().unwrap());
+    let mut session = KillOnDrop(child);
+    let connected = wait_for_line(&err, |line| line.starts_with("connected to wss://"));
+    let url = connected
+        .last()
+        .unwrap()
+        .trim_start_matches("connected to ");
+    let victim = names[servers.iter().position(|s| s == url).unwrap()];
+    wait_for_line(&err, |line| line.contains("type a message"));
+    nodes.remove(victim).unwrap().kill9().unwrap();
+
     let sent = chat_ok("alice", &["send", &group, "after"]);
     assert!(has_message(&sent, &group, "alice", "after"), "{sent}");
-    let synced = chat_ok("bob", &["sync"]);
     for text in ["before", "while paused", "after"] {
-        assert!(has_message(&synced, &group, "alice", text), "{synced}");
+        wait_for_line(&out, |line| has_message(line, &group, "alice", text));
     }
+    stdin.write_all(b"/quit\n").unwrap();
+    let status = wait_with_timeout(&mut session.0);
+    assert!(status.success(), "interactive exited with {status}");
+    let lost = format!("lost the connection to {url}");
+    // The channel closes once the process has exited and its stderr is read to the end.
+    let notes: Vec<String> = err.iter().collect();
+    assert!(notes.iter().any(|l| l.starts_with(&lost)), "{notes:?}");
 
     // One fingerprint for three nodes verifies one node at most.
     let mut command = bare_chat();

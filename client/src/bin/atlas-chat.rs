@@ -1709,10 +1709,21 @@ async fn interactive(options: &Options, group: Option<GroupId>) -> Result<(), Cl
                 chat.print_events(&events);
                 chat.print_removals(&before, &events);
             }
+            Err(e) if chat.failover && matches!(e, ClientError::Disconnected(_)) => {
+                chat.move_on(e, &before).await?;
+            }
             Err(e) => {
-                let error = sdk_error("receiving messages", e);
+                let unavailable = e.code() == Some(ErrorCode::Unavailable);
+                let mut error = sdk_error("receiving messages", e);
                 if error.fatal {
                     return Err(error);
+                }
+                if unavailable {
+                    error.hint = Some(
+                        "the node may be catching up or finding its peers; this session reads \
+                         again in a moment"
+                            .into(),
+                    );
                 }
                 error.print();
             }
@@ -1748,6 +1759,28 @@ fn spawn_stdin_reader() -> mpsc::Receiver<std::io::Result<String>> {
 }
 
 impl Chat {
+    /// Moves an `interactive` session whose connection was `lost` to the next node of
+    /// `--server` that accepts, and prints what the failover's sync read. `before` lists the
+    /// groups before the read that failed. Fails when no node accepts.
+    async fn move_on(&mut self, lost: ClientError, before: &[GroupId]) -> Result<(), CliError> {
+        let node = self
+            .client
+            .current_node()
+            .map_or_else(|| "the node".to_owned(), |n| n.url.clone());
+        eprintln!("lost the connection to {node} ({lost}); connecting to another node");
+        self.client.fail_over().await.map_err(|e| {
+            sdk_error("connecting to another node", e)
+                .hint("check that a node of --server runs, then start the session again")
+        })?;
+        if let Some(now) = self.client.current_node() {
+            eprintln!("connected to {}", now.url);
+        }
+        let missed = self.client.take_missed();
+        self.print_events(&missed);
+        self.print_removals(before, &missed);
+        Ok(())
+    }
+
     /// Runs one `interactive` line: a `/` command, or a message for the current group.
     async fn handle_line(
         &mut self,
