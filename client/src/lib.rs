@@ -1329,10 +1329,13 @@ impl Client {
     }
 
     fn join(&mut self, welcome: WelcomeEntry) -> Result<Option<Received>, ClientError> {
+        // A device already in the group, or removed at or after the Welcome's commit, has
+        // used this Welcome: the server keeps it until the device acknowledges the group,
+        // which a removed device cannot do.
         if self
             .groups
             .get(welcome.group.as_bytes())
-            .is_some_and(|g| !g.removed)
+            .is_some_and(|g| !g.removed || g.cursor >= welcome.seq)
         {
             return Ok(None);
         }
@@ -1460,7 +1463,16 @@ impl Client {
                             ),
                         ));
                     }
+                    // The server refuses a removed device before it has read the commit
+                    // that removed it, so the event carries the cursor instead.
                     self.mark_removed(group)?;
+                    out.push(Received {
+                        group: group.clone(),
+                        seq: after,
+                        sender_account: String::new(),
+                        sender: self.device_id(),
+                        event: Event::Removed,
+                    });
                     return Ok(());
                 }
                 Err(e) => return Err(e),

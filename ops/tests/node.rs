@@ -2,7 +2,7 @@
 //! clients with openmls state.
 
 use atlas_chaos::{NodeProcess, wait_until};
-use atlas_client::{Client, RawConnection, ServerTrust};
+use atlas_client::{Client, Event, RawConnection, ServerTrust};
 use atlas_protocol::{
     ClientBody, ClientFrame, ClientMsgId, ErrorCode, GroupId, PROTOCOL_VERSION, ServerBody,
     encode_client, login_transcript,
@@ -303,6 +303,49 @@ async fn removed_member_added_again_rejoins() {
     assert_eq!(
         texts(&clients[0], &group).last(),
         Some(&pair("bob", "glad to be back"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_removed_before_first_sync_is_told() {
+    let setup = Setup::new(&[]);
+    let (mut clients, group) = setup.group(&["alice"]).await;
+    let mut bob = setup.client("bob").await;
+    bob.publish_key_packages(2).await.unwrap();
+    clients[0].add_members(&group, &["bob"]).await.unwrap();
+    clients[0].send(&group, "while bob was in").await.unwrap();
+    clients[0].remove_members(&group, &["bob"]).await.unwrap();
+
+    // bob's first sync joins, then learns that he was removed: the server lets no device
+    // that is not a member read the group, including what was sent while it was one.
+    let events: Vec<Event> = bob
+        .sync()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.event)
+        .collect();
+    assert_eq!(events, vec![Event::Joined, Event::Removed]);
+    assert!(!bob.groups().contains(&group));
+
+    // The Welcome stays on the server, spent: a later sync reads nothing and warns of no
+    // Welcome it could not process.
+    assert_eq!(bob.sync().await.unwrap(), Vec::new());
+    assert!(!bob.groups().contains(&group));
+
+    // Added again, bob joins with the new Welcome and reads from there.
+    clients[0].add_members(&group, &["bob"]).await.unwrap();
+    clients[0].send(&group, "back again").await.unwrap();
+    let events: Vec<Event> = bob
+        .sync()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.event)
+        .collect();
+    assert_eq!(
+        events,
+        vec![Event::Joined, Event::Message("back again".into())]
     );
 }
 
@@ -1222,7 +1265,7 @@ async fn replayed_ciphertext_does_not_stop_group() {
         );
         let skipped = received
             .iter()
-            .any(|r| r.seq == replay.seq && matches!(r.event, atlas_client::Event::Unreadable(_)));
+            .any(|r| r.seq == replay.seq && matches!(r.event, Event::Unreadable(_)));
         // Bob submitted the entry himself, so only the others read it as a message.
         if client.account() != "bob" {
             assert!(

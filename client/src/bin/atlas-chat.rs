@@ -1011,6 +1011,12 @@ fn event_line(received: &Received, me: &str) -> String {
     match &received.event {
         Event::Message(text) => message_line(group, *seq, sender_account, text),
         Event::Joined => notice_line(group, *seq, &format!("{me} joined the group")),
+        // Without a sender the server refused a read before this device read its removal.
+        Event::Removed if sender_account.is_empty() => notice_line(
+            group,
+            *seq,
+            &format!("{me} is no longer a member; the server rejected reading past this entry"),
+        ),
         Event::Removed => notice_line(
             group,
             *seq,
