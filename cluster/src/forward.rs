@@ -22,6 +22,14 @@ use std::time::Duration;
 /// Time an owner has to reply to a forwarded request, which waits for a commit on a majority.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often a forwarded request checks that its node still owns the group. A request with
+/// a reply sooner never checks.
+const OWNER_CHECK: Duration = Duration::from_millis(500);
+
+/// How long a forwarded request keeps waiting after its node stopped owning the group. It
+/// leaves an owner that runs time to finish a request it took before the change.
+const OWNER_CHANGE_GRACE: Duration = Duration::from_secs(1);
+
 /// Process group of the forwarder of the node named `node`.
 fn group(node: &str) -> String {
     format!("atlas.forward.{node}")
@@ -124,6 +132,51 @@ impl GroupOwners {
             None => replicas(shard, &live, 1).into_iter().next()?.0,
         };
         (owner != self.cluster.node_name()).then_some(owner)
+    }
+
+    /// Sends an encoded request for the group with id `group_id` to the forwarder of `node`,
+    /// its owner, and returns the encoded reply. Stops waiting [`OWNER_CHANGE_GRACE`] after
+    /// `node` stops owning the group (it is marked dead, or the group's shard log elected
+    /// another leader), so that the caller turns to the new owner instead of waiting out
+    /// [`FORWARD_TIMEOUT`] for a paused node. As after a timeout, whether `node` stored the
+    /// request is unknown. The group's sequence numbers and the client's message id keep a
+    /// second attempt from storing it twice.
+    pub async fn forward_for(
+        &self,
+        group_id: &[u8],
+        node: &str,
+        request: Vec<u8>,
+    ) -> Result<Vec<u8>, String> {
+        tokio::select! {
+            biased;
+            reply = self.forward(node, request) => reply,
+            moved = self.owner_moved(group_id, node) => Err(moved),
+        }
+    }
+
+    /// Returns once `node` has not owned the group with id `group_id` for
+    /// [`OWNER_CHANGE_GRACE`], checking every [`OWNER_CHECK`].
+    async fn owner_moved(&self, group_id: &[u8], node: &str) -> String {
+        let mut checks = tokio::time::interval(OWNER_CHECK);
+        // The first tick is immediate: the owner was just looked up.
+        checks.tick().await;
+        loop {
+            checks.tick().await;
+            if self.owner(group_id).as_deref() == Some(node) {
+                continue;
+            }
+            tokio::time::sleep(OWNER_CHANGE_GRACE).await;
+            match self.owner(group_id) {
+                Some(owner) if owner == node => continue,
+                now => {
+                    let now = now.unwrap_or_else(|| self.cluster.node_name().to_owned());
+                    return format!(
+                        "node {node} stopped owning the group (now {now}) while the request \
+                         waited for its answer"
+                    );
+                }
+            }
+        }
     }
 
     /// Sends an encoded request to the forwarder of `node` and returns its encoded reply.

@@ -35,7 +35,11 @@ pub(crate) async fn submit_at_owner(
         body: body.clone(),
     };
     let bytes = rmp_serde::to_vec_named(&request).map_err(|e| e.to_string())?;
-    let reply = owners.forward(owner, bytes).await?;
+    let group = match body {
+        ClientBody::Send { group, .. } | ClientBody::Commit { group, .. } => group.as_bytes(),
+        _ => &[],
+    };
+    let reply = owners.forward_for(group, owner, bytes).await?;
     let reply: ServerBody = rmp_serde::from_slice(&reply)
         .map_err(|e| format!("undecodable reply from node {owner}: {e}"))?;
     match reply {

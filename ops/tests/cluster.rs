@@ -548,6 +548,38 @@ async fn paused_leader_write_fails_early() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_leaves_a_paused_owner_for_the_new_one() {
+    let fixture = fixture();
+    let (_, nodes) = fixture.start_cluster(3, CONVERGE).await.unwrap();
+    let (alice, bob, group) =
+        alice_and_bob(&fixture, &nodes["node-a"], &nodes["node-b"], "owner").await;
+    let names = ["node-a", "node-b", "node-c"];
+    let everyone: Vec<&NodeProcess> = nodes.values().collect();
+    let mut owner = None;
+    wait_until(CONVERGE, || {
+        owner = group_leader(&everyone, &names, group.as_bytes());
+        owner.is_some()
+    })
+    .await;
+    let owner = owner.expect("no agreed leader of the group's shard");
+
+    // The sender is connected to a node that forwards the send to the group's owner, which
+    // is paused. Once the others elect a new leader of the shard, the forwarding node stops
+    // waiting for the paused one and stores the send through the new owner.
+    let (mut sender, via) = if owner == "node-a" {
+        (bob, "node-b")
+    } else {
+        (alice, "node-a")
+    };
+    nodes[owner.as_str()].signal("STOP").unwrap();
+    let sent = sender.send(&group, "while the owner was paused").await;
+    nodes[owner.as_str()].signal("CONT").unwrap();
+    sent.unwrap();
+    let line = logged_line(&fixture, via, "forwarding to the group's owner failed").await;
+    assert!(line.contains("stopped owning the group"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn minority_refuses_writes_until_healed() {
     let fixture = fixture();
     // The node to cut off follows the directory's log: a follower keeps the leader it last
