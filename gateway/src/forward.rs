@@ -21,8 +21,9 @@ struct Forwarded {
 }
 
 /// Forwards a send or commit of `sender` to the group's owner `owner` and returns its reply,
-/// with the receipt signed by this node. Fails when the owner cannot be reached or the
-/// accepted entry cannot be read here; the caller then handles the request itself.
+/// with the receipt signed by this node. Fails when the owner cannot be reached, answers
+/// `unavailable`, or the accepted entry cannot be read here; the caller then handles the
+/// request itself.
 pub(crate) async fn submit_at_owner(
     state: &GatewayState,
     owners: &GroupOwners,
@@ -52,7 +53,17 @@ pub(crate) async fn submit_at_owner(
             let signed = sign_here(state, accepted, sender, payload).await?;
             Ok(ServerBody::Accepted(signed))
         }
-        // An error reply from the owner, such as a stale epoch, goes to the client as it is.
+        // An owner that could not write the entry (it stopped, or lost its log's leader)
+        // leaves the request to this node, which writes through the log's current leader.
+        // Whether the owner's write went through is unknown, as after a timeout: the
+        // group's sequence numbers and the message id keep the entry from being stored twice.
+        ServerBody::Error {
+            code: ErrorCode::Unavailable,
+            message,
+            ..
+        } => Err(format!("node {owner} could not store it: {message}")),
+        // Any other error reply from the owner, such as a stale epoch, goes to the client as
+        // it is.
         other => Ok(other),
     }
 }
