@@ -236,13 +236,13 @@ pub struct NodeFlags {
     #[arg(long, env = "ATLAS_NODE_NAME")]
     pub node_name: Option<String>,
     /// Address of the node-to-node listener; enables clustering.
-    #[arg(long, env = "ATLAS_CLUSTER_LISTEN")]
+    #[arg(long, env = "ATLAS_CLUSTER_LISTEN", value_parser = parse_cluster_address)]
     pub cluster_listen: Option<SocketAddr>,
     /// Address other nodes dial to reach this one (default: --cluster-listen).
-    #[arg(long, env = "ATLAS_CLUSTER_ADVERTISE")]
+    #[arg(long, env = "ATLAS_CLUSTER_ADVERTISE", value_parser = parse_cluster_address)]
     pub cluster_advertise: Option<SocketAddr>,
-    /// Cluster addresses of nodes to join through, comma-separated.
-    #[arg(long, env = "ATLAS_SEEDS", value_delimiter = ',')]
+    /// Cluster addresses (IP:port) of nodes to join through, comma-separated.
+    #[arg(long, env = "ATLAS_SEEDS", value_delimiter = ',', value_parser = parse_cluster_address)]
     pub seeds: Option<Vec<SocketAddr>>,
     /// Shared secret of the cluster.
     #[arg(long, env = "ATLAS_CLUSTER_COOKIE", hide_env_values = true)]
@@ -502,6 +502,14 @@ impl NodeConfig {
                  `atlas cert ca` and `atlas cert node NAME`, and give every node the same cookie",
                 missing.join(", ")
             );
+            let advertised = self.cluster_advertise.or(self.cluster_listen);
+            if let Some(address) = advertised.filter(|a| a.ip().is_unspecified()) {
+                anyhow::bail!(
+                    "the cluster address other nodes dial would be {address}, which names no \
+                     host: set cluster_advertise (--cluster-advertise) to this node's IP \
+                     address and port"
+                );
+            }
             let cookie_len = self.cluster_cookie.as_ref().map_or(0, |c| c.0.len());
             anyhow::ensure!(
                 cookie_len >= MIN_COOKIE_BYTES,
@@ -540,6 +548,17 @@ impl NodeConfig {
     pub fn ping_interval(&self) -> Duration {
         Duration::from_secs(self.ping_interval_secs.max(1))
     }
+}
+
+/// Parses a cluster address, which must be an IP address and port: host names are not
+/// resolved.
+fn parse_cluster_address(text: &str) -> Result<SocketAddr, String> {
+    text.trim().parse().map_err(|_| {
+        format!(
+            "{text:?} is not an IP:port address; host names are not resolved, so give the \
+             node's IP address, such as 127.0.0.1:7001"
+        )
+    })
 }
 
 #[cfg(test)]
@@ -623,6 +642,35 @@ mod tests {
         let error = flags("short").resolve().unwrap_err().to_string();
         assert!(error.contains("cluster_cookie has 5 bytes"), "{error}");
         assert!(flags("a-cookie-of-24-bytes-ok!").resolve().is_ok());
+    }
+
+    #[test]
+    fn cluster_address_must_be_dialable_ip() {
+        let error = parse_cluster_address("localhost:7001").unwrap_err();
+        assert!(error.contains("host names are not resolved"), "{error}");
+        assert!(parse_cluster_address("127.0.0.1:7001").is_ok());
+
+        let flags = |listen: &str, advertise: Option<&str>| NodeFlags {
+            cluster_listen: Some(listen.parse().unwrap()),
+            cluster_advertise: advertise.map(|a| a.parse().unwrap()),
+            cluster_ca: Some("ca.pem".into()),
+            cluster_cert: Some("node.pem".into()),
+            cluster_key: Some("node-key.pem".into()),
+            cluster_cookie: Some("a-cookie-of-24-bytes-ok!".into()),
+            ..NodeFlags::default()
+        };
+        for (listen, advertise) in [
+            ("0.0.0.0:7001", None),
+            ("127.0.0.1:7001", Some("[::]:7001")),
+        ] {
+            let error = flags(listen, advertise).resolve().unwrap_err().to_string();
+            assert!(error.contains("set cluster_advertise"), "{error}");
+        }
+        assert!(
+            flags("0.0.0.0:7001", Some("10.0.0.5:7001"))
+                .resolve()
+                .is_ok()
+        );
     }
 
     #[test]
