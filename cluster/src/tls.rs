@@ -85,11 +85,21 @@ fn load(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<ClusterTls> {
     }
     let roots = Arc::new(roots);
     let chain = certificates(cert, "cluster certificate")?;
-    let key_pem = read_pem(key, "cluster key")?;
+    let key_path = key;
+    let key_pem = read_pem(key_path, "cluster key")?;
     let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .with_context(|| format!("invalid PEM in the cluster key {}", key.display()))?
-        .with_context(|| format!("no private key in {}", key.display()))?;
+        .with_context(|| format!("invalid PEM in the cluster key {}", key_path.display()))?
+        .with_context(|| format!("no private key in {}", key_path.display()))?;
 
+    let not_a_pair = || {
+        format!(
+            "the cluster certificate {} and key {} do not form a valid TLS identity: give the \
+             key made with that certificate (`atlas cert node` writes NAME.pem and \
+             NAME-key.pem)",
+            cert.display(),
+            key_path.display()
+        )
+    };
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots), Arc::clone(&provider))
@@ -100,13 +110,13 @@ fn load(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<ClusterTls> {
         .context("TLS 1.3 is not available in the crypto provider")?
         .with_client_cert_verifier(Arc::new(LoggingVerifier(verifier)))
         .with_single_cert(chain.clone(), key.clone_key())
-        .context("the cluster certificate and key do not form a valid TLS identity")?;
+        .with_context(not_a_pair)?;
     let client = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("TLS 1.3 is not available in the crypto provider")?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
-        .context("the cluster certificate and key do not form a valid TLS identity")?;
+        .with_context(not_a_pair)?;
     Ok(ClusterTls {
         server: Arc::new(server),
         client: Arc::new(client),

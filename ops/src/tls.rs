@@ -13,6 +13,8 @@ pub struct TlsIdentity {
     pub key: PrivateKeyDer<'static>,
     pub fingerprint: String,
     pub generated: bool,
+    /// The certificate and key files, for errors.
+    pub files: String,
 }
 
 /// Loads the configured certificate, or the development certificate under `data_dir/tls`,
@@ -55,6 +57,11 @@ pub fn load_identity(
         key,
         fingerprint,
         generated,
+        files: format!(
+            "certificate {} and key {}",
+            cert_path.display(),
+            key_path.display()
+        ),
     })
 }
 
@@ -97,7 +104,13 @@ pub fn server_config(identity: TlsIdentity) -> anyhow::Result<rustls::ServerConf
         .context("TLS 1.3 is not available in the crypto provider")?
         .with_no_client_auth()
         .with_single_cert(identity.chain, identity.key)
-        .context("certificate and key do not form a valid TLS identity")?;
+        .with_context(|| {
+            format!(
+                "the {} do not form a valid TLS identity: give the key made with that \
+                 certificate",
+                identity.files
+            )
+        })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }

@@ -1441,6 +1441,29 @@ async fn node_name_must_match_certificate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_of_another_certificate_is_named() {
+    let fixture = fixture();
+    let spec = fixture.spec("node-a", &[]).unwrap();
+    // node-b's certificate is made too, so that its key exists.
+    fixture.spec("node-b", &[]).unwrap();
+    let mut flags = fixture.cluster_flags(&spec);
+    let key = flags.iter().position(|f| f == "--cluster-key").unwrap() + 1;
+    flags[key] = flags[key].replace("node-a-key", "node-b-key");
+    let output = run_until_exit(&fixture.path("other-key"), &flags)
+        .await
+        .expect("a node whose key belongs to another certificate kept running");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    for part in [
+        "node-a.pem",
+        "node-b-key.pem",
+        "do not form a valid TLS identity",
+    ] {
+        assert!(stderr.contains(part), "{part}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_seeds_are_warned_about() {
     let fixture = fixture().with_timing(100, 500);
     // Nothing listens on the seed's port.
