@@ -256,22 +256,23 @@ pub struct NodeFlags {
     /// PEM private key of this node.
     #[arg(long, env = "ATLAS_CLUSTER_KEY")]
     pub cluster_key: Option<PathBuf>,
-    /// Milliseconds between heartbeats to the other members.
+    /// Milliseconds between heartbeats to the other members, 50 to 60,000 [default: 500].
     #[arg(long, env = "ATLAS_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
-    /// Milliseconds without a heartbeat after which a member is marked dead.
+    /// Milliseconds without a heartbeat after which a member is marked dead, 200 to 600,000
+    /// and at least twice the heartbeat [default: 3000].
     #[arg(long, env = "ATLAS_FAILURE_TIMEOUT_MS")]
     pub failure_timeout_ms: Option<u64>,
     /// Entries of each replicated log between two snapshots (each entry carries up to a few hundred
-    /// changes); older entries are then removed.
+    /// changes); older entries are then removed. 10 to 100,000,000 [default: 50000].
     #[arg(long, env = "ATLAS_LOG_SNAPSHOT_ENTRIES")]
     pub log_snapshot_entries: Option<u64>,
-    /// Number of shards, each with a replicated log of its own; every node of a cluster must
-    /// use the same number [default: 16].
+    /// Number of shards, each with a replicated log of its own, 1 to 256; every node of a
+    /// cluster must use the same number [default: 16].
     #[arg(long, env = "ATLAS_SHARDS")]
     pub shards: Option<u32>,
     /// Replicas of each shard in the placement, and voters that the shard logs wait for
-    /// before they start [default: 3].
+    /// before they start, 1 to 9 [default: 3].
     #[arg(long, env = "ATLAS_REPLICATION")]
     pub replication: Option<u32>,
     /// Register unknown device keys at login under any free account name (development and
