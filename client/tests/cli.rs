@@ -392,23 +392,35 @@ impl Drop for KillOnDrop {
     }
 }
 
-#[test]
-fn interactive_prints_pushes() {
-    let setup = Setup::new();
-    let group = setup.group(&["alice", "bob"]);
-
-    let mut child = setup
-        .chat("bob")
-        .args(["interactive", "--group", &group])
+/// Starts an `atlas-chat interactive` command with piped stdio. Returns its stdin, its
+/// stdout and stderr lines, and the process, killed on drop.
+fn start_session(
+    command: &mut Command,
+) -> (
+    std::process::ChildStdin,
+    mpsc::Receiver<String>,
+    mpsc::Receiver<String>,
+    KillOnDrop,
+) {
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting atlas-chat interactive failed");
-    let mut stdin = child.stdin.take().unwrap();
+    let stdin = child.stdin.take().unwrap();
     let out = line_channel(child.stdout.take().unwrap());
     let err = line_channel(child.stderr.take().unwrap());
-    let mut session = KillOnDrop(child);
+    (stdin, out, err, KillOnDrop(child))
+}
+
+#[test]
+fn interactive_prints_pushes() {
+    let setup = Setup::new();
+    let group = setup.group(&["alice", "bob"]);
+
+    let (mut stdin, out, err, mut session) =
+        start_session(setup.chat("bob").args(["interactive", "--group", &group]));
 
     // The session prints this after its first sync, so the next message arrives as a push.
     wait_for_line(&err, |line| line.starts_with("connected to"));
@@ -766,16 +778,7 @@ fn send_moves_to_another_cluster_node() {
         .arg(fixture.path("bob"))
         .args(["--account", "bob", "--server", &servers.join(",")])
         .args(["--fingerprint", &fingerprints.join(","), "interactive"]);
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting atlas-chat interactive failed");
-    let mut stdin = child.stdin.take().unwrap();
-    let out = line_channel(child.stdout.take().unwrap());
-    let err = line_channel(child.stderr.take().unwrap());
-    let mut session = KillOnDrop(child);
+    let (mut stdin, out, err, mut session) = start_session(&mut command);
     let connected = wait_for_line(&err, |line| line.starts_with("connected to wss://"));
     let url = connected
         .last()

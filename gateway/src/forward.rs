@@ -7,7 +7,7 @@ use crate::session::{group_error_body, group_request_here};
 use atlas_actors::ReceiptSigning;
 use atlas_cluster::GroupOwners;
 use atlas_protocol::receipts::ReceiptFields;
-use atlas_protocol::{Accepted, ClientBody, DeviceId, ErrorCode, LogEntry, ServerBody};
+use atlas_protocol::{Accepted, ClientBody, DeviceId, ErrorCode, GroupId, LogEntry, ServerBody};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,14 +20,15 @@ struct Forwarded {
     body: ClientBody,
 }
 
-/// Forwards a send or commit of `sender` to the group's owner `owner` and returns its reply,
-/// with the receipt signed by this node. Fails when the owner cannot be reached, answers
-/// `unavailable`, or the accepted entry cannot be read here; the caller then handles the
-/// request itself.
+/// Forwards a send or commit of `sender` to `owner`, the owner of `group`, and returns its
+/// reply, with the receipt signed by this node. Fails when the owner cannot be reached,
+/// replies with `unavailable`, or the accepted entry cannot be read here. The caller then
+/// handles the request itself.
 pub(crate) async fn submit_at_owner(
     state: &GatewayState,
     owners: &GroupOwners,
     owner: &str,
+    group: &GroupId,
     sender: DeviceId,
     body: &ClientBody,
 ) -> Result<ServerBody, String> {
@@ -36,11 +37,7 @@ pub(crate) async fn submit_at_owner(
         body: body.clone(),
     };
     let bytes = rmp_serde::to_vec_named(&request).map_err(|e| e.to_string())?;
-    let group = match body {
-        ClientBody::Send { group, .. } | ClientBody::Commit { group, .. } => group.as_bytes(),
-        _ => &[],
-    };
-    let reply = owners.forward_for(group, owner, bytes).await?;
+    let reply = owners.forward_for(group.as_bytes(), owner, bytes).await?;
     let reply: ServerBody = rmp_serde::from_slice(&reply)
         .map_err(|e| format!("undecodable reply from node {owner}: {e}"))?;
     match reply {

@@ -842,7 +842,7 @@ async fn group_request(
         && group.validate().is_ok()
         && let Some(owner) = owners.owner(group.as_bytes())
     {
-        match crate::forward::submit_at_owner(state, owners, &owner, sender, &body).await {
+        match crate::forward::submit_at_owner(state, owners, &owner, group, sender, &body).await {
             Ok(reply) => return Ok(reply),
             Err(e) => {
                 tracing::warn!(group_id = %group, owner, error = %e, "forwarding to the group's owner failed; validating here");

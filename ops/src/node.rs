@@ -157,22 +157,22 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         let supervisor = supervisor.clone();
         let stored = store.clone();
         logs.set_installed_hook(Arc::new(move |news| {
-            for news in news {
-                let group = &news.group;
-                let seq = news.newest_seq;
+            for imported in news {
+                let group = &imported.group;
+                let seq = imported.newest_seq;
                 match stored.entry(group, seq) {
                     Ok(Some(entry)) => {
                         let _ = supervisor.send_message(SupervisorMsg::Replicated {
                             group: group.clone(),
                             entry,
-                            welcomes: news.welcomes.clone(),
+                            welcomes: imported.welcomes.clone(),
                         });
                     }
                     Ok(None) => {
                         tracing::debug!(group_id = %group, seq, "no stored entry to push after a snapshot install");
                     }
                     Err(e) => {
-                        tracing::warn!(group_id = %group, seq, error = %e, "cannot read the newest entry of a group that a snapshot brought; its members get it at their next sync");
+                        tracing::warn!(group_id = %group, seq, error = %e, "reading the newest entry of a group that a snapshot brought failed; its members get it at their next sync");
                     }
                 }
             }

@@ -706,10 +706,10 @@ async fn append_observer_reports_failed_writes() {
         let (follower, _) = replicas.remove(&id).unwrap();
         follower.stop().await;
     }
-    let refused = replicator.propose(empty_append("uncommitted")).await;
+    let timed_out = replicator.propose(empty_append("uncommitted")).await;
     assert!(
-        matches!(&refused, Err(atlas_storage::StorageError::Unavailable(detail)) if detail.contains("not committed")),
-        "{refused:?}"
+        matches!(&timed_out, Err(atlas_storage::StorageError::Unavailable(detail)) if detail.contains("not committed")),
+        "{timed_out:?}"
     );
     assert_eq!(*reports.lock().unwrap(), [(1, false), (1, true)]);
     stop_replicas(&replicas).await;
