@@ -573,7 +573,10 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
             Err(e) => {
                 tracing::error!(snapshot = %stored.meta.snapshot_id, error = %e, "the latest snapshot file is damaged or missing; building a new snapshot from the applied state");
                 let mut builder = self.get_snapshot_builder().await;
-                builder.build_snapshot().await.map(Some)
+                let rebuilt = builder.build_snapshot().await?;
+                // The damaged file was the recorded one, so the build kept it.
+                self.remove_other_files(false);
+                Ok(Some(rebuilt))
             }
         }
     }
@@ -765,6 +768,11 @@ mod tests {
                 .await
                 .unwrap();
             assert!(data.ends_with(b"one two"), "{case}");
+            let files: Vec<_> = std::fs::read_dir(&machine.dir)
+                .unwrap()
+                .map(|entry| entry.unwrap().file_name())
+                .collect();
+            assert_eq!(files.len(), 1, "{case}: the damaged file stays: {files:?}");
             path = machine
                 .dir
                 .join(snapshot_file_name("built", &rebuilt.meta.snapshot_id));
