@@ -50,8 +50,6 @@ pub struct ClusterSettings {
     pub node_name: String,
     /// This node's id in the cluster's replicated logs, which changes with its data directory.
     pub raft_id: u64,
-    /// Address of the cluster listener.
-    pub listen: SocketAddr,
     /// Address other nodes dial to reach this node.
     pub advertise: SocketAddr,
     /// Nodes to join through.
@@ -536,20 +534,26 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts the node server and the membership actor.
+    /// Binds the listener for node-to-node links at `addr`. A node binds it before it
+    /// writes anything, so that a taken port stops the start with nothing left behind.
+    pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+        let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen for cluster links on {addr}: {e}; pick another --cluster-listen"
+            )
+        })?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    }
+
+    /// Starts the node server and the membership actor, taking links on `listener` (see
+    /// [`Cluster::bind`]).
     pub async fn start(
         settings: ClusterSettings,
+        listener: std::net::TcpListener,
         observer: Arc<dyn MembershipObserver>,
     ) -> anyhow::Result<Self> {
-        // Bound before anything starts, so that a taken port fails the start.
-        let listener = tokio::net::TcpListener::bind(settings.listen)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot listen for cluster links on {}: {e}; pick another --cluster-listen",
-                    settings.listen
-                )
-            })?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
         // ractor_cluster's own listener gets an unused loopback port and rejects every
         // client, because links arrive through `listener` (see `crate::links`).
         let unused = crate::links::reject_all_clients(&settings.server_tls)

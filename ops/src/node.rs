@@ -51,9 +51,18 @@ pub struct RunningNode {
 
 /// Starts a node; must run inside an actix system.
 pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
-    // Read before anything is written to the data directory, so that a wrong certificate
-    // path leaves no new data directory behind.
+    // Read and bound before anything is written to the data directory, so that a wrong
+    // certificate path or a taken port leaves no new data directory behind.
     let cluster_tls = cluster_tls(config)?;
+    let listener = std::net::TcpListener::bind(config.listen)
+        .with_context(|| format!("cannot listen on {}; pick another --listen", config.listen))?;
+    let metrics_listener =
+        std::net::TcpListener::bind(config.metrics_listen).with_context(|| {
+            format!(
+                "cannot listen for metrics on {}; pick another --metrics-listen",
+                config.metrics_listen
+            )
+        })?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     // The storage error already names the path and the cause.
@@ -88,8 +97,8 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     // from the start.
     let cluster_id = store.shard_log_start()?.map_or(0, |start| start.cluster);
     let cluster = match cluster_tls {
-        Some((listen, tls)) => {
-            Some(start_cluster(config, &store, &registry, raft_id, cluster_id, listen, tls).await?)
+        Some(links) => {
+            Some(start_cluster(config, &store, &registry, raft_id, cluster_id, links).await?)
         }
         None => None,
     };
@@ -189,8 +198,6 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     let generated_cert = identity.generated;
     let tls_config = tls::server_config(identity)?;
 
-    let listener = std::net::TcpListener::bind(config.listen)
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
     let port = listener.local_addr()?.port();
     let auth = atlas_gateway::auth::Auth::new(
         auth_settings(config, port)?,
@@ -282,7 +289,7 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         shards: config.shards,
         replication: config.replication,
     };
-    let (metrics_server, metrics_addr) = metrics_server(registry, admin, config.metrics_listen)
+    let (metrics_server, metrics_addr) = metrics_server(registry, admin, metrics_listener)
         .with_context(|| format!("cannot listen for metrics on {}", config.metrics_listen))?;
     let handles = (gateway.handle(), metrics_server.handle());
     let tasks = vec![tokio::spawn(gateway), tokio::spawn(metrics_server)];
@@ -716,9 +723,7 @@ impl WriteGate for MajorityGate {
 
 /// Returns the cluster address and the loaded cluster certificates when a cluster listener
 /// is configured.
-fn cluster_tls(
-    config: &NodeConfig,
-) -> anyhow::Result<Option<(SocketAddr, atlas_cluster::tls::ClusterTls)>> {
+fn cluster_tls(config: &NodeConfig) -> anyhow::Result<Option<ClusterLinks>> {
     let Some(listen) = config.cluster_listen else {
         return Ok(None);
     };
@@ -731,19 +736,35 @@ fn cluster_tls(
         anyhow::bail!("cluster_listen needs cluster_ca, cluster_cert and cluster_key");
     };
     let tls = atlas_cluster::tls::load_for(&config.node_name, ca, cert, key)?;
-    Ok(Some((listen, tls)))
+    let listener = Cluster::bind(listen)?;
+    Ok(Some(ClusterLinks {
+        listen,
+        listener,
+        tls,
+    }))
 }
 
-/// Starts the cluster side on `listen` with the certificates of `tls`.
+/// The cluster listener, bound, and the certificates of its links.
+struct ClusterLinks {
+    listen: SocketAddr,
+    listener: std::net::TcpListener,
+    tls: atlas_cluster::tls::ClusterTls,
+}
+
+/// Starts the cluster side on the listener of `links`.
 async fn start_cluster(
     config: &NodeConfig,
     store: &Store,
     registry: &Registry,
     raft_id: u64,
     cluster_id: u64,
-    listen: SocketAddr,
-    tls: atlas_cluster::tls::ClusterTls,
+    links: ClusterLinks,
 ) -> anyhow::Result<Arc<Cluster>> {
+    let ClusterLinks {
+        listen,
+        listener,
+        tls,
+    } = links;
     let Some(cookie) = &config.cluster_cookie else {
         anyhow::bail!("cluster_listen needs cluster_cookie");
     };
@@ -751,7 +772,6 @@ async fn start_cluster(
     let settings = ClusterSettings {
         node_name: config.node_name.clone(),
         raft_id,
-        listen,
         advertise: config.cluster_advertise.unwrap_or(listen),
         seeds: config.seeds.clone(),
         cookie: cookie.0.clone(),
@@ -766,7 +786,7 @@ async fn start_cluster(
             replication: config.replication,
         },
     };
-    let cluster = Cluster::start(settings, observer)
+    let cluster = Cluster::start(settings, listener, observer)
         .await
         .with_context(|| format!("cannot start the cluster listener on {listen}"))?;
     tracing::info!(node = %config.node_name, %listen, seeds = config.seeds.len(), "cluster listener started");
@@ -1210,7 +1230,7 @@ fn node_key_changes(
 fn metrics_server(
     registry: Registry,
     admin: Admin,
-    listen: SocketAddr,
+    listener: std::net::TcpListener,
 ) -> std::io::Result<(actix_web::dev::Server, SocketAddr)> {
     let registry = web::Data::new(registry);
     let keyring = web::Data::from(Arc::clone(&admin.keyring));
@@ -1285,10 +1305,12 @@ fn metrics_server(
     })
     .workers(1)
     .disable_signals()
-    .bind(listen)?;
-    let addr = server.addrs().first().copied().ok_or_else(|| {
-        std::io::Error::other(format!("metrics listener on {listen} reported no address"))
-    })?;
+    .listen(listener)?;
+    let addr = server
+        .addrs()
+        .first()
+        .copied()
+        .ok_or_else(|| std::io::Error::other("the metrics listener reported no address"))?;
     Ok((server.run(), addr))
 }
 

@@ -253,7 +253,6 @@ async fn start_posing_peer(
     let settings = atlas_cluster::ClusterSettings {
         node_name: "node-b".into(),
         raft_id,
-        listen,
         advertise: listen,
         seeds: seeds
             .iter()
@@ -268,7 +267,8 @@ async fn start_posing_peer(
         cluster_id: Default::default(),
         layout: Default::default(),
     };
-    atlas_cluster::Cluster::start(settings, std::sync::Arc::new(Unobserved))
+    let listener = atlas_cluster::Cluster::bind(listen).unwrap();
+    atlas_cluster::Cluster::start(settings, listener, std::sync::Arc::new(Unobserved))
         .await
         .unwrap()
 }
@@ -1584,6 +1584,33 @@ async fn missing_certificate_leaves_no_data_dir() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn taken_port_leaves_no_data_dir() {
+    let fixture = fixture();
+    let spec = fixture.spec("node-a", &[]).unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    for listener in ["--listen", "--metrics-listen", "--cluster-listen"] {
+        let mut flags = fixture.cluster_flags(&spec);
+        match flags.iter().position(|flag| flag == listener) {
+            Some(at) => flags[at + 1] = taken.clone(),
+            None => flags.extend([listener.to_owned(), taken.clone()]),
+        }
+        let data = fixture.path(&format!("never-made{listener}"));
+        let output = run_until_exit(&data, &flags)
+            .await
+            .expect("a node on a taken port kept running");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{listener}: {stderr}");
+        assert!(stderr.contains(&taken), "{listener}: {stderr}");
+        assert!(
+            stderr.contains(&format!("pick another {listener}")),
+            "{listener}: {stderr}"
+        );
+        assert!(!data.exists(), "{listener}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_dir_of_another_node_is_refused() {
     let fixture = fixture();
     let a = fixture.spec("node-a", &[]).unwrap();
@@ -1653,11 +1680,14 @@ async fn node_with_other_layout_stops() {
 /// Runs `atlas node` with its data in `data` and `flags`, and returns its output once it
 /// exits, or `None` if it still runs after [`CONVERGE`].
 async fn run_until_exit(data: &Path, flags: &[String]) -> Option<std::process::Output> {
-    let child = tokio::process::Command::new(BIN)
-        .arg("node")
-        .arg("--data-dir")
-        .arg(data)
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+    let mut child = tokio::process::Command::new(BIN);
+    child.arg("node").arg("--data-dir").arg(data);
+    for listener in ["--listen", "--metrics-listen"] {
+        if !flags.iter().any(|flag| flag == listener) {
+            child.args([listener, "127.0.0.1:0"]);
+        }
+    }
+    let child = child
         .args(flags)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
