@@ -150,6 +150,8 @@ pub enum MembershipMsg {
     Heartbeat(Vec<u8>),
     /// Periodic work: send heartbeats, detect failures, dial.
     Tick,
+    /// Drop the named member if it is not alive (see [`Cluster::forget`]).
+    Forget(String),
 }
 
 struct Member {
@@ -222,6 +224,7 @@ impl Actor for Membership {
                 state.warn_if_alone();
                 state.dial();
             }
+            MembershipMsg::Forget(name) => state.forget(&name),
         }
         state.publish();
         Ok(())
@@ -366,6 +369,33 @@ impl MembershipState {
                 self.observer.changed("dead", name);
             }
         }
+    }
+
+    /// Drops a member that is not alive: it leaves the member list and is dialled no more.
+    /// Heartbeats list only the members their sender hears, so no peer brings it back. If
+    /// the node starts again, it joins as any node does.
+    fn forget(&mut self, name: &str) {
+        if self.members.get(name).is_none_or(|member| member.alive) {
+            if self.members.contains_key(name) {
+                tracing::warn!(member = %name, "not forgetting a cluster member that is alive");
+            }
+            return;
+        }
+        let Some(member) = self.members.remove(name) else {
+            return;
+        };
+        let still_wanted = self.members.values().any(|m| m.addr == member.addr);
+        if let Ok(addr) = member.addr.parse::<SocketAddr>()
+            && !still_wanted
+            && !self.settings.seeds.contains(&addr)
+        {
+            self.dials
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&addr);
+        }
+        tracing::info!(member = %name, addr = %member.addr, "cluster member forgotten at an operator's request");
+        self.observer.changed("removed", name);
     }
 
     /// Warns every [`ALONE_WARNING_TIMEOUTS`] failure timeouts while this node has seeds but
@@ -641,6 +671,16 @@ impl Cluster {
             .values()
             .cloned()
             .collect()
+    }
+
+    /// Asks every reachable node, this one included, to drop `name` from its member list
+    /// unless it hears from it. A node that is cut off now keeps listing it as dead.
+    pub fn forget(&self, name: &str) {
+        for cell in pg::get_members(&MEMBERSHIP_GROUP.to_owned()) {
+            if let Err(e) = cell.send_message(MembershipMsg::Forget(name.to_owned())) {
+                tracing::debug!(error = %e, "sending a request to forget a member failed");
+            }
+        }
     }
 
     /// Stops the membership actor and the node server.

@@ -9,8 +9,8 @@ use atlas_actors::{
     SupervisorArgs, SupervisorMsg,
 };
 use atlas_cluster::replication::{
-    AppendObserver, DIRECTORY_LOG, LogSettings, ReplicaSettings, ReplicatedLogs, ReplicationCheck,
-    node_identity,
+    AppendObserver, DIRECTORY_LOG, LogSettings, RemoveError, ReplicaSettings, ReplicatedLogs,
+    ReplicationCheck, node_identity,
 };
 use atlas_cluster::{
     Cluster, ClusterSettings, ForwardHandler, GroupOwners, Layout, MemberState, MemberView,
@@ -912,9 +912,17 @@ impl Admin {
             .filter(|m| matches!(m.state, MemberState::Local | MemberState::Alive))
             .map(|m| (m.name, m.raft_id))
             .collect();
-        match logs.remove_member(name, &alive).await {
+        let listed = cluster.members().iter().any(|m| m.name == name);
+        let removed = match logs.remove_member(name, &alive).await {
+            // A node that never became a voter or a learner, such as one stopped for other
+            // shard settings, is only in the member lists.
+            Err(RemoveError::NotInLogs(_)) if listed => Ok(Vec::new()),
+            other => other,
+        };
+        match removed {
             Ok(removed) => {
-                tracing::warn!(node = %name, logs = removed.len(), "removed a node from the replicated logs at an operator's request");
+                tracing::warn!(node = %name, logs = removed.len(), "removed a node from the replicated logs and the member lists at an operator's request");
+                cluster.forget(name);
                 HttpResponse::Ok()
                     .json(serde_json::json!({ "node": name, "removed_from": removed }))
             }

@@ -57,6 +57,17 @@ struct Log {
     state: Arc<SharedState>,
 }
 
+/// Why [`ReplicatedLogs::remove_member`] removed nothing, or not everything.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveError {
+    #[error("{0} is alive; stop it first, or let it leave with SIGTERM")]
+    Alive(String),
+    #[error("no log has a member named {0}; `atlas status` lists the members")]
+    NotInLogs(String),
+    #[error("{error} (removed so far from: {removed:?})")]
+    Failed { error: String, removed: Vec<String> },
+}
+
 /// The node's replicas of the directory log and of every shard's log.
 pub struct ReplicatedLogs {
     node: RaftNodeId,
@@ -359,11 +370,9 @@ impl ReplicatedLogs {
         &self,
         name: &str,
         alive: &[(String, RaftNodeId)],
-    ) -> Result<Vec<String>, String> {
+    ) -> Result<Vec<String>, RemoveError> {
         if alive.iter().any(|(n, _)| n == name) {
-            return Err(format!(
-                "{name} is alive; stop it first, or let it leave with SIGTERM"
-            ));
+            return Err(RemoveError::Alive(name.to_owned()));
         }
         let known = self.all().any(|log| {
             let status = log.replica.status();
@@ -374,16 +383,19 @@ impl ReplicatedLogs {
                 .any(|n| n == name)
         });
         if !known {
-            return Err(format!(
-                "no log has a member named {name}; `atlas status` lists the members"
-            ));
+            return Err(RemoveError::NotInLogs(name.to_owned()));
         }
         let mut removed = Vec::new();
         for log in self.all() {
             match log.replica.remove_member(name).await {
                 Ok(0) => {}
                 Ok(_) => removed.push(log.replica.name().to_owned()),
-                Err(e) => return Err(format!("{e:#} (removed so far from: {removed:?})")),
+                Err(e) => {
+                    return Err(RemoveError::Failed {
+                        error: format!("{e:#}"),
+                        removed,
+                    });
+                }
             }
         }
         Ok(removed)

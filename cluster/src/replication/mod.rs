@@ -25,7 +25,7 @@ mod transport;
 
 pub use log_store::SledLogStore;
 
-pub use logs::{DIRECTORY_LOG, LogSettings, ReplicatedLogs, shard_log};
+pub use logs::{DIRECTORY_LOG, LogSettings, RemoveError, ReplicatedLogs, shard_log};
 pub use proposals::{
     AppendObserver, AppendTimes, AppliedHook, ClusterReplicator, InstalledHook, LogHandle,
     ReplicationCheck, ShardStartHook, SharedState,
