@@ -195,8 +195,9 @@ pub struct Client {
     node_index: usize,
     /// Events that the sync of a failover read and no call has returned yet.
     missed: Vec<Received>,
-    /// Groups whose pushes showed entries past the cursor that no read has fetched yet,
-    /// because the read failed. The next [`Client::receive`] reads them first.
+    /// Groups with entries after the cursor that no read has fetched yet, known from a push
+    /// whose read failed or from an own entry acknowledged past them. The next
+    /// [`Client::receive`] reads them first.
     behind: BTreeSet<GroupId>,
 }
 
@@ -1278,6 +1279,9 @@ impl Client {
         } else if seq > local.cursor {
             local.own.insert(seq, text);
             local.own_digests.insert(seq, digest);
+            // Entries of others came first. Their pushes may never come (a node that caught up
+            // from a snapshot pushes only the newest entry), so the next receive reads them.
+            self.behind.insert(group.clone());
         }
     }
 

@@ -133,6 +133,39 @@ async fn pushes_arrive_without_sync() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_send_past_unread_entries_reads_them() {
+    let setup = Setup::new(&[]);
+    let (mut clients, group) = setup.group(&["alice", "bob"]).await;
+    // Bob's new connection gets no pushes of what alice sent while he was away.
+    clients[1].disconnect();
+    clients[0].send(&group, "one").await.unwrap();
+    clients[0].send(&group, "two").await.unwrap();
+    clients[1]
+        .connect(&setup.node.url(), &setup.trust())
+        .await
+        .unwrap();
+    let seq = clients[1].send(&group, "three").await.unwrap();
+    assert_eq!(clients[1].cursor(&group), Some(seq - 3));
+
+    let received = clients[1]
+        .receive(Duration::from_millis(100))
+        .await
+        .unwrap();
+    // Its own entry is not returned again, only recorded.
+    let seqs: Vec<u64> = received.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [seq - 2, seq - 1]);
+    assert_eq!(clients[1].cursor(&group), Some(seq));
+    assert_eq!(
+        texts(&clients[1], &group),
+        [
+            pair("alice", "one"),
+            pair("alice", "two"),
+            pair("bob", "three")
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_member_catches_up_after_restart() {
     let setup = Setup::new(&[]);
     let (mut clients, group) = setup.group(&["alice", "bob"]).await;

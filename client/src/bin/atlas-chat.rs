@@ -1362,6 +1362,20 @@ impl Chat {
         let printed = self.print_taken_missed(group, *sent.as_ref().unwrap_or(&0));
         let seq = sent.map_err(|e| sdk_error(&format!("sending to group {group}"), e))?;
         self.print_missed(group, before, seq, &printed);
+        if self.client.cursor(group).is_some_and(|cursor| cursor < seq) {
+            // Others' entries came between the catch-up and this one: they print first, so
+            // that the lines keep the log's order. Should the read fail, the next one reads them.
+            match self.client.sync_group(group).await {
+                Ok(read) => {
+                    let earlier: Vec<_> = read.into_iter().filter(|r| r.seq != seq).collect();
+                    self.print_events(&earlier);
+                }
+                Err(e) => eprintln!(
+                    "cannot read the entries of group {group} before entry {seq} yet ({e}); \
+                     they follow with the next read"
+                ),
+            }
+        }
         outln!("{}", message_line(group, seq, self.account(), text));
         Ok(())
     }
