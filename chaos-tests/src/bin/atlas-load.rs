@@ -56,7 +56,8 @@ enum Command {
     All(LoadArgs),
     /// Run the saturation and latency workloads against one node and then against a
     /// cluster, with each group's devices spread over the cluster's nodes; then kill the
-    /// leader of a shard's log and time the first acknowledged send on its shards.
+    /// leader of a shard's log and time the first acknowledged send on its shards; then
+    /// measure one node again.
     Cluster(ClusterArgs),
     /// Run the baseline server (used by `all` as a child process).
     BaselineServer,
@@ -531,7 +532,8 @@ async fn measure(
 }
 
 /// Measures one node and then a cluster of `--nodes` nodes with the same workload, then the
-/// time from a SIGKILL of a shard log's leader to the first acknowledged send on its shards.
+/// time from a SIGKILL of a shard log's leader to the first acknowledged send on its shards,
+/// then one node again.
 async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.nodes >= 2, "--nodes must be at least 2");
     let load = LoadArgs {
@@ -546,19 +548,7 @@ async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
     );
 
     eprintln!("== one node: starting {}", load.atlas_bin.display());
-    let single = {
-        let dir = scratch_dir()?;
-        let node_dir = tempfile::Builder::new()
-            .prefix("atlas-load-node")
-            .tempdir_in(&load.data_parent)?;
-        let node = start_measured_node(&load.atlas_bin, node_dir.path())?;
-        let target = Target {
-            url: node.url(),
-            trust: ServerTrust::fingerprint(&node.fingerprint)?,
-        };
-        let devices = setup_atlas(&load, dir.path(), std::slice::from_ref(&target)).await?;
-        measure(&load, devices, &target.url, &target.trust, node.pid(), true).await?
-    };
+    let single = measure_one_node(&load).await?;
 
     eprintln!("== cluster: starting {} nodes", args.nodes);
     let mut fixture = ClusterFixture::new(&load.atlas_bin, Some(&load.data_parent))?;
@@ -680,8 +670,32 @@ async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
         "   first acknowledged send {:.2} s after killing {leader}",
         failover.as_secs_f64()
     );
-    print_cluster_report(&load, args.nodes, &single, &cluster, &leave, failover);
+    drop(nodes);
+    drop(fixture);
+
+    // The machine's speed drifts between minutes, so one node is measured again after the
+    // cluster, and the ratios compare the cluster with the mean of both one-node runs.
+    eprintln!("== one node again, after the cluster");
+    let single_after = measure_one_node(&load).await?;
+    let singles = [&single, &single_after];
+    print_cluster_report(&load, args.nodes, &singles, &cluster, &leave, failover);
     Ok(())
+}
+
+/// Starts one node with its data under `--data-parent`, loads it with the devices of `load`
+/// and measures it; the node stops when the measurement ends.
+async fn measure_one_node(load: &LoadArgs) -> anyhow::Result<Report> {
+    let dir = scratch_dir()?;
+    let node_dir = tempfile::Builder::new()
+        .prefix("atlas-load-node")
+        .tempdir_in(&load.data_parent)?;
+    let node = start_measured_node(&load.atlas_bin, node_dir.path())?;
+    let target = Target {
+        url: node.url(),
+        trust: ServerTrust::fingerprint(&node.fingerprint)?,
+    };
+    let devices = setup_atlas(load, dir.path(), std::slice::from_ref(&target)).await?;
+    measure(load, devices, &target.url, &target.trust, node.pid(), true).await
 }
 
 /// Picks a node that leads the shard of a probe group homed on another node, and returns
@@ -802,10 +816,12 @@ async fn probe_devices(
     Ok(probes)
 }
 
+/// Prints the cluster's figures against those of one node, measured before and after the
+/// cluster (`singles`); the ratio column divides by the mean of the one-node runs.
 fn print_cluster_report(
     args: &LoadArgs,
     nodes: usize,
-    single: &Report,
+    singles: &[&Report; 2],
     cluster: &Report,
     leave: &Leave,
     failover: Duration,
@@ -815,45 +831,36 @@ fn print_cluster_report(
          the cluster the members of each group are spread over {nodes} nodes.\n",
         args.devices, args.group_size, args.message_bytes, args.window, args.seconds
     );
-    println!("| metric | one node | {nodes} nodes | {nodes} nodes / one node |");
-    println!("| --- | --- | --- | --- |");
-    let row = |name: &str, one: f64, many: f64, unit: &str| {
+    println!(
+        "| metric | one node, before | one node, after | {nodes} nodes | {nodes} nodes / mean of \
+         one node |"
+    );
+    println!("| --- | --- | --- | --- | --- |");
+    let row = |name: &str, value: fn(&Report) -> f64, unit: &str| {
         let cell = |value: f64| format!("{value:.1} {unit}").trim_end().to_owned();
+        let [before, after] = singles.map(value);
+        let many = value(cluster);
         println!(
-            "| {name} | {} | {} | {:.2} |",
-            cell(one),
+            "| {name} | {} | {} | {} | {:.2} |",
+            cell(before),
+            cell(after),
             cell(many),
-            many / one
+            many / ((before + after) / 2.0)
         );
     };
     row(
         "acknowledged sends/s at saturation",
-        single.sends_per_sec,
-        cluster.sends_per_sec,
+        |r| r.sends_per_sec,
         "",
     );
-    row(
-        "deliveries/s at saturation",
-        single.deliveries_per_sec,
-        cluster.deliveries_per_sec,
-        "",
-    );
-    row(
-        "p50 send-to-ack at half load",
-        single.p50_ms,
-        cluster.p50_ms,
-        "ms",
-    );
-    row(
-        "p99 send-to-ack at half load",
-        single.p99_ms,
-        cluster.p99_ms,
-        "ms",
-    );
+    row("deliveries/s at saturation", |r| r.deliveries_per_sec, "");
+    row("p50 send-to-ack at half load", |r| r.p50_ms, "ms");
+    row("p99 send-to-ack at half load", |r| r.p99_ms, "ms");
     println!(
-        "\nErrors: {} on one node, {} in the cluster. First acknowledged send after SIGKILL of \
-         the leader: {:.2} s.",
-        single.errors,
+        "\nErrors: {} and {} on one node, {} in the cluster. First acknowledged send after \
+         SIGKILL of the leader: {:.2} s.",
+        singles[0].errors,
+        singles[1].errors,
         cluster.errors,
         failover.as_secs_f64()
     );
