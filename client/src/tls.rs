@@ -59,6 +59,13 @@ pub(crate) fn client_config(trust: &ServerTrust) -> Result<rustls::ClientConfig,
                     ))
                 })?;
             }
+            if roots.is_empty() {
+                return Err(ClientError::Config(format!(
+                    "CA file {} holds no PEM certificate; pass the cluster CA's certificate \
+                     (ca.pem of `atlas cert ca`)",
+                    path.display()
+                )));
+            }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
         ServerTrust::Fingerprint(pin) => builder

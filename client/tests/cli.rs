@@ -193,6 +193,24 @@ fn has_message(output: &str, group: &str, account: &str, text: &str) -> bool {
 }
 
 #[test]
+fn node_named_by_ip_gets_its_server_name_as_hint() {
+    let setup = Setup::new();
+    let url = setup.node.url();
+    let by_ip = url.replacen("localhost", "127.0.0.1", 1);
+    let mut command = bare_chat();
+    command
+        .arg("--state")
+        .arg(setup.state_dir("alice"))
+        .args(["--account", "alice", "--server", &by_ip])
+        .args(["--fingerprint", &setup.node.fingerprint, "register"]);
+    let output = run(&mut command, "");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("the DPoP proof is for"), "{stderr}");
+    assert!(stderr.contains(&format!("--server {url}")), "{stderr}");
+}
+
+#[test]
 fn message_reaches_added_member() {
     let setup = Setup::new();
     let registered = setup.run_ok("alice", &["register"]);

@@ -487,6 +487,24 @@ impl NodeConfig {
             "node_name {:?} is invalid: use 1 to 64 characters from a-z, A-Z, 0-9, '.', '_', '-'",
             self.node_name.chars().take(80).collect::<String>()
         );
+        let listeners = [
+            ("listen", Some(self.listen)),
+            ("metrics_listen", Some(self.metrics_listen)),
+            ("cluster_listen", self.cluster_listen),
+        ];
+        for (i, (name, address)) in listeners.iter().enumerate() {
+            let Some(address) = address.filter(|a| a.port() != 0) else {
+                continue;
+            };
+            if let Some((other, _)) = listeners[i + 1..]
+                .iter()
+                .find(|(_, other)| *other == Some(address))
+            {
+                anyhow::bail!(
+                    "{name} and {other} are both {address}: give each listener its own port"
+                );
+            }
+        }
         if self.cluster_listen.is_some() {
             let missing: Vec<&str> = [
                 ("cluster_cookie", self.cluster_cookie.is_none()),
@@ -672,6 +690,25 @@ mod tests {
                 .resolve()
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn listeners_need_their_own_ports() {
+        let flags = |listen: &str, metrics: &str| NodeFlags {
+            listen: Some(listen.parse().unwrap()),
+            metrics_listen: Some(metrics.parse().unwrap()),
+            ..NodeFlags::default()
+        };
+        let error = flags("127.0.0.1:7000", "127.0.0.1:7000")
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("listen and metrics_listen are both 127.0.0.1:7000"),
+            "{error}"
+        );
+        assert!(flags("127.0.0.1:0", "127.0.0.1:0").resolve().is_ok());
+        assert!(flags("127.0.0.1:7000", "127.0.0.1:7001").resolve().is_ok());
     }
 
     #[test]

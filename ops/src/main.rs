@@ -56,6 +56,7 @@ enum Command {
     /// node is alive; a node that stops with SIGTERM leaves by itself.
     RemoveNode {
         /// Name of the node to remove.
+        #[arg(value_parser = parse_node_name)]
         name: String,
         /// The metrics and admin listener of a running member.
         #[arg(long, env = "ATLAS_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
@@ -460,9 +461,34 @@ fn openraft_log_limit<S>(
     .with_max_level_hint(max_level.unwrap_or(tracing::level_filters::LevelFilter::TRACE))
 }
 
+/// Checks a node name given on the command line: 1 to 64 characters from a-z, A-Z, 0-9,
+/// '.', '_' and '-', as `atlas node --node-name` requires.
+fn parse_node_name(text: &str) -> Result<String, String> {
+    let valid = !text.is_empty()
+        && text.len() <= 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if valid {
+        Ok(text.to_owned())
+    } else {
+        Err("a node name has 1 to 64 characters from a-z, A-Z, 0-9, '.', '_' and '-'".into())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_names_are_checked() {
+        assert_eq!(parse_node_name("node-3").as_deref(), Ok("node-3"));
+        let long = "n".repeat(65);
+        for bad in ["", "../admin", "node 3", long.as_str()] {
+            let error = parse_node_name(bad).unwrap_err();
+            assert!(error.contains("1 to 64 characters"), "{bad:?}: {error}");
+        }
+    }
 
     /// Events below the filter's level must be rejected by the cheap level checks of `tracing`
     /// and `log`, before any filter runs: sled, rustls and openraft emit many of them.

@@ -54,6 +54,12 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
     // Read and bound before anything is written to the data directory, so that a wrong
     // certificate path or a taken port leaves no new data directory behind.
     let cluster_tls = cluster_tls(config)?;
+    // A generated client certificate lives in the data directory, so only given files are
+    // read here.
+    let given_tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(_), Some(_)) => Some(client_tls(config)?),
+        _ => None,
+    };
     let listener = std::net::TcpListener::bind(config.listen)
         .with_context(|| format!("cannot listen on {}; pick another --listen", config.listen))?;
     let metrics_listener =
@@ -188,15 +194,10 @@ pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
         }));
     }
 
-    let identity = tls::load_identity(
-        &config.data_dir,
-        config.tls_cert.as_deref(),
-        config.tls_key.as_deref(),
-        &config.server_name,
-    )?;
-    let fingerprint = identity.fingerprint.clone();
-    let generated_cert = identity.generated;
-    let tls_config = tls::server_config(identity)?;
+    let (fingerprint, generated_cert, tls_config) = match given_tls {
+        Some(loaded) => loaded,
+        None => client_tls(config)?,
+    };
 
     let port = listener.local_addr()?.port();
     let auth = atlas_gateway::auth::Auth::new(
@@ -719,6 +720,20 @@ impl WriteGate for MajorityGate {
         self.cut_off()
             .then(|| format!("{CUT_OFF}, so it accepts no writes; retry later or on another node"))
     }
+}
+
+/// Loads or generates the certificate of the client listener, and returns its fingerprint,
+/// whether it was generated, and the listener's TLS configuration.
+fn client_tls(config: &NodeConfig) -> anyhow::Result<(String, bool, rustls::ServerConfig)> {
+    let identity = tls::load_identity(
+        &config.data_dir,
+        config.tls_cert.as_deref(),
+        config.tls_key.as_deref(),
+        &config.server_name,
+    )?;
+    let fingerprint = identity.fingerprint.clone();
+    let generated = identity.generated;
+    Ok((fingerprint, generated, tls::server_config(identity)?))
 }
 
 /// Returns the cluster address and the loaded cluster certificates when a cluster listener

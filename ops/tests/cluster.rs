@@ -1579,17 +1579,38 @@ async fn reliable_send_and_read_leave_a_paused_node() {
 async fn missing_certificate_leaves_no_data_dir() {
     let fixture = fixture();
     let spec = fixture.spec("node-a", &[]).unwrap();
-    let mut flags = fixture.cluster_flags(&spec);
-    let cert = flags.iter().position(|f| f == "--cluster-cert").unwrap() + 1;
-    flags[cert] = fixture.path("missing.pem").display().to_string();
-    let data = fixture.path("never-made");
-    let output = run_until_exit(&data, &flags)
+    let missing = fixture.path("missing.pem").display().to_string();
+    let key = fixture.path("certs").join("node-a-key.pem");
+    for certificate in ["--cluster-cert", "--tls-cert"] {
+        let mut flags = fixture.cluster_flags(&spec);
+        set_flag(&mut flags, certificate, &missing);
+        if certificate == "--tls-cert" {
+            set_flag(&mut flags, "--tls-key", &key.display().to_string());
+        }
+        let stderr = exit_without_data_dir(&fixture, certificate, &flags).await;
+        assert!(stderr.contains("missing.pem"), "{certificate}: {stderr}");
+    }
+}
+
+/// Sets `flag` to `value` in `flags`, appended if it is not there.
+fn set_flag(flags: &mut Vec<String>, flag: &str, value: &str) {
+    match flags.iter().position(|f| f == flag) {
+        Some(at) => flags[at + 1] = value.to_owned(),
+        None => flags.extend([flag.to_owned(), value.to_owned()]),
+    }
+}
+
+/// Runs a node with `flags` that must fail at start, checks that it made no data directory,
+/// and returns its standard error. `case` names the run in messages.
+async fn exit_without_data_dir(fixture: &ClusterFixture, case: &str, flags: &[String]) -> String {
+    let data = fixture.path(&format!("never-made{case}"));
+    let output = run_until_exit(&data, flags)
         .await
-        .expect("a node without its certificate file kept running");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{stderr}");
-    assert!(stderr.contains("missing.pem"), "{stderr}");
-    assert!(!data.exists(), "{stderr}");
+        .unwrap_or_else(|| panic!("{case}: the node kept running"));
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "{case}: {stderr}");
+    assert!(!data.exists(), "{case}: {stderr}");
+    stderr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1600,22 +1621,13 @@ async fn taken_port_leaves_no_data_dir() {
     let taken = taken.local_addr().unwrap().to_string();
     for listener in ["--listen", "--metrics-listen", "--cluster-listen"] {
         let mut flags = fixture.cluster_flags(&spec);
-        match flags.iter().position(|flag| flag == listener) {
-            Some(at) => flags[at + 1] = taken.clone(),
-            None => flags.extend([listener.to_owned(), taken.clone()]),
-        }
-        let data = fixture.path(&format!("never-made{listener}"));
-        let output = run_until_exit(&data, &flags)
-            .await
-            .expect("a node on a taken port kept running");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{listener}: {stderr}");
+        set_flag(&mut flags, listener, &taken);
+        let stderr = exit_without_data_dir(&fixture, listener, &flags).await;
         assert!(stderr.contains(&taken), "{listener}: {stderr}");
         assert!(
             stderr.contains(&format!("pick another {listener}")),
             "{listener}: {stderr}"
         );
-        assert!(!data.exists(), "{listener}: {stderr}");
     }
 }
 
@@ -2084,6 +2096,14 @@ async fn operator_removes_a_lost_node() {
     let stderr = String::from_utf8_lossy(&unknown.stderr);
     assert!(
         stderr.contains("no log has a member named node-x"),
+        "{stderr}"
+    );
+    // An empty name never reaches the node.
+    let empty = remove_node(&nodes["node-a"], "");
+    assert!(!empty.status.success());
+    let stderr = String::from_utf8_lossy(&empty.stderr);
+    assert!(
+        stderr.contains("a node name has 1 to 64 characters"),
         "{stderr}"
     );
 

@@ -865,6 +865,17 @@ async fn server_is_verified_by_ca_file_or_fingerprint() {
     let wrong_pin = ServerTrust::Fingerprint([7; 32]);
     let err = client.connect(&node.url(), &wrong_pin).await.unwrap_err();
     assert!(err.to_string().contains("fingerprint"), "{err}");
+
+    // A CA file without a certificate, such as the CA's key, is named as such.
+    let err = client
+        .connect(&node.url(), &ServerTrust::CaFile(paths[2].clone()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, atlas_client::ClientError::Config(_)), "{err}");
+    assert!(
+        err.to_string().contains("holds no PEM certificate"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

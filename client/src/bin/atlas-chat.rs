@@ -609,8 +609,14 @@ impl Options {
                 let fingerprints: Vec<&str> = text.split(',').map(str::trim).collect();
                 if fingerprints.len() != count {
                     return Err(CliError::new(format!(
-                        "--server names {count} nodes but --fingerprint has {} fingerprints",
-                        fingerprints.len()
+                        "--server names {count} {} but --fingerprint has {} {}",
+                        if count == 1 { "node" } else { "nodes" },
+                        fingerprints.len(),
+                        if fingerprints.len() == 1 {
+                            "fingerprint"
+                        } else {
+                            "fingerprints"
+                        }
                     ))
                     .hint(
                         "pass one fingerprint per node, separated by commas in the order of \
@@ -760,6 +766,11 @@ fn sdk_error(action: &str, error: ClientError) -> CliError {
                     .to_owned(),
             ),
         ),
+        ClientError::Http(_) => {
+            let detail = error.to_string();
+            let hint = dpop_url_hint(&detail);
+            (detail, hint)
+        }
         _ => (error.to_string(), None),
     };
     CliError {
@@ -812,6 +823,19 @@ fn server_error_hint(code: ErrorCode) -> Option<&'static str> {
         _ => return None,
     };
     Some(hint)
+}
+
+/// Returns a hint for a DPoP proof refused because it names another URL than the node's:
+/// the node checks the URL under its own server name, whatever other names its certificate
+/// has.
+fn dpop_url_hint(detail: &str) -> Option<String> {
+    let (_, expected) = detail.split_once("but the request is ")?;
+    let expected = expected.split_whitespace().next()?;
+    let url = expected.replacen("https://", "wss://", 1);
+    Some(format!(
+        "name the node by its server name, as in --server {url}; other names in its \
+         certificate pass TLS but not the DPoP check"
+    ))
 }
 
 fn connect_hint(detail: &str) -> &'static str {
@@ -1210,18 +1234,27 @@ impl Chat {
     /// `own_seq` of `group`, and returns the sequence numbers printed for `group`. That sync
     /// moves the cursors, so neither [`Self::print_missed`] nor a later `sync` shows them.
     fn print_taken_missed(&mut self, group: &GroupId, own_seq: u64) -> Vec<u64> {
-        let missed = self.client.take_missed();
-        let mut printed = Vec::new();
-        for received in &missed {
-            if &received.group == group {
-                if received.seq == own_seq {
-                    continue;
-                }
-                printed.push(received.seq);
-            }
-            outln!("{}", event_line(received, self.account()));
+        let lines = self.take_missed_lines(group, own_seq);
+        for (_, line) in &lines {
+            outln!("{line}");
         }
-        printed
+        lines.into_iter().map(|(seq, _)| seq).collect()
+    }
+
+    /// Like [`Self::print_taken_missed`], but returns the lines of `group` with their
+    /// sequence numbers instead of printing them. The other groups' lines print at once.
+    fn take_missed_lines(&mut self, group: &GroupId, own_seq: u64) -> Vec<(u64, String)> {
+        let missed = self.client.take_missed();
+        let mut lines = Vec::new();
+        for received in &missed {
+            let line = event_line(received, self.account());
+            if &received.group != group {
+                outln!("{line}");
+            } else if received.seq != own_seq {
+                lines.push((received.seq, line));
+            }
+        }
+        lines
     }
 
     /// Prints the messages that an SDK call stored in the transcript after `after`, other than
@@ -1231,11 +1264,25 @@ impl Chat {
     /// NOTE: membership changes read that way are not in the transcript, so they are not
     /// printed. `atlas-chat groups` shows the resulting members.
     fn print_missed(&self, group: &GroupId, after: u64, own_seq: u64, printed: &[u64]) {
-        for (seq, account, text) in self.client.transcript(group) {
-            if seq > after && seq != own_seq && !printed.contains(&seq) {
-                outln!("{}", message_line(group, seq, &account, &text));
-            }
+        for (_, line) in self.missed_lines(group, after, own_seq, printed) {
+            outln!("{line}");
         }
+    }
+
+    /// Returns the lines that [`Self::print_missed`] prints, with their sequence numbers.
+    fn missed_lines(
+        &self,
+        group: &GroupId,
+        after: u64,
+        own_seq: u64,
+        printed: &[u64],
+    ) -> Vec<(u64, String)> {
+        self.client
+            .transcript(group)
+            .into_iter()
+            .filter(|(seq, _, _)| *seq > after && *seq != own_seq && !printed.contains(seq))
+            .map(|(seq, account, text)| (seq, message_line(group, seq, &account, &text)))
+            .collect()
     }
 
     fn members(&self, group: &GroupId) -> Result<Vec<String>, CliError> {
@@ -1353,30 +1400,46 @@ impl Chat {
         }
         self.catch_up(group).await?;
         let before = self.client.cursor(group).unwrap_or(0);
+        let node = self.client.current_node().map(|n| n.url.clone());
         let sent = if self.failover {
             self.client.send_reliably(group, text).await
         } else {
             self.client.send(group, text).await
         };
+        if let Some(now) = self.client.current_node()
+            && node.as_ref().is_some_and(|before| *before != now.url)
+        {
+            eprintln!("the send moved to {}", now.url);
+        }
+        // The group's lines print in the log's order, this device's own line among them.
         // What a failover read is shown even when the send failed in the end.
-        let printed = self.print_taken_missed(group, *sent.as_ref().unwrap_or(&0));
-        let seq = sent.map_err(|e| sdk_error(&format!("sending to group {group}"), e))?;
-        self.print_missed(group, before, seq, &printed);
+        let mut lines = self.take_missed_lines(group, *sent.as_ref().unwrap_or(&0));
+        let seq = match sent {
+            Ok(seq) => seq,
+            Err(e) => {
+                print_in_order(lines);
+                return Err(sdk_error(&format!("sending to group {group}"), e));
+            }
+        };
+        let printed: Vec<u64> = lines.iter().map(|(seq, _)| *seq).collect();
+        lines.extend(self.missed_lines(group, before, seq, &printed));
         if self.client.cursor(group).is_some_and(|cursor| cursor < seq) {
-            // Others' entries came between the catch-up and this one: they print first, so
-            // that the lines keep the log's order. Should the read fail, the next one reads them.
+            // Others' entries came between the catch-up and this one. Should the read fail,
+            // the next one reads them.
             match self.client.sync_group(group).await {
-                Ok(read) => {
-                    let earlier: Vec<_> = read.into_iter().filter(|r| r.seq != seq).collect();
-                    self.print_events(&earlier);
-                }
+                Ok(read) => lines.extend(
+                    read.iter()
+                        .filter(|r| r.seq != seq)
+                        .map(|r| (r.seq, event_line(r, self.account()))),
+                ),
                 Err(e) => eprintln!(
                     "cannot read the entries of group {group} before entry {seq} yet ({e}); \
                      they follow with the next read"
                 ),
             }
         }
-        outln!("{}", message_line(group, seq, self.account(), text));
+        lines.push((seq, message_line(group, seq, self.account(), text)));
+        print_in_order(lines);
         Ok(())
     }
 
@@ -1870,6 +1933,14 @@ impl Chat {
             }
         }
         Ok(Flow::Continue)
+    }
+}
+
+/// Prints `lines` by their sequence numbers, in one group.
+fn print_in_order(mut lines: Vec<(u64, String)>) {
+    lines.sort_by_key(|(seq, _)| *seq);
+    for (_, line) in lines {
+        outln!("{line}");
     }
 }
 
