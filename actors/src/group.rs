@@ -496,13 +496,20 @@ impl GroupState {
 
         let now_ms = now_ms();
         let seq = self.meta.last_seq + 1;
-        let (kind, sent_epoch, payload, state_bytes, welcomes) = match submission {
+        let (kind, sent_epoch, payload, state_bytes, welcomes, departed) = match submission {
             Submission::Application { message } => {
                 let epoch = self
                     .mls
                     .check_application(&message, &sender)
                     .map_err(self.mls_error())?;
-                (EntryKind::Application, epoch, message, None, Vec::new())
+                (
+                    EntryKind::Application,
+                    epoch,
+                    message,
+                    None,
+                    Vec::new(),
+                    Vec::new(),
+                )
             }
             Submission::Commit { commit, welcome } => {
                 let sent_epoch = self.mls.epoch();
@@ -550,6 +557,7 @@ impl GroupState {
                     commit,
                     Some((bytes, next)),
                     welcomes,
+                    outcome.removed,
                 )
             }
         };
@@ -576,6 +584,7 @@ impl GroupState {
             meta: meta_change,
             public_state: state_bytes,
             welcomes: welcomes.clone(),
+            departed,
         };
         // In a cluster, the committer writes the entry through the replicated log in one
         // batch with the entries validated next to it; this actor goes on validating with
@@ -591,6 +600,7 @@ impl GroupState {
                     meta: item.meta,
                     public_state: item.public_state,
                     welcomes: item.welcomes,
+                    departed: item.departed,
                 })
                 .await?;
             self.committed_seq = seq;
@@ -680,10 +690,20 @@ impl GroupState {
             tracing::debug!(group_id = %self.group, stored = page.newest_seq, seen = self.meta.last_seq, "the store is ahead of the group's actor; reloading");
             self.reload()?;
         }
-        if !self.mls.is_member(device) {
-            return Err(GroupError::NotMember(*device, self.mls.epoch()));
-        }
+        // A device removed from the group still reads what was sent while it was a member,
+        // up to the commit that removed it.
+        let until = if self.mls.is_member(device) {
+            None
+        } else {
+            match self.departed_window(device)? {
+                Some((from, until)) if after < until && after + 1 >= from => Some(until),
+                _ => return Err(GroupError::NotMember(*device, self.mls.epoch())),
+            }
+        };
         let mut entries = page.entries;
+        if let Some(until) = until {
+            entries.retain(|e| e.seq <= until);
+        }
         // Keep the response frame under the frame limit; one entry always fits, because MLS
         // messages are capped well below it.
         let mut budget = MAX_FRAME_BYTES - SYNC_FRAME_OVERHEAD;
@@ -702,9 +722,30 @@ impl GroupState {
         // read one of them would take the gap for lost messages.
         Ok(SyncPage {
             entries,
-            head: self.committed_seq,
+            head: until.unwrap_or(self.committed_seq),
             first_available: page.first_seq,
         })
+    }
+
+    /// Returns the first and last entries that `device`, no longer a member, may still read.
+    /// The window starts at its acknowledged cursor, or at the commit that added it if it
+    /// never acknowledged one, and ends at the commit that removed it. `None` when the store
+    /// records no such window.
+    fn departed_window(&self, device: &DeviceId) -> Result<Option<(u64, u64)>, GroupError> {
+        let Some(until) = self.store.departure(&self.group, device)? else {
+            return Ok(None);
+        };
+        let cursor = self.store.cursor(device, &self.group)?;
+        let from = if cursor > 0 {
+            Some(cursor)
+        } else {
+            self.store
+                .welcomes(device)?
+                .into_iter()
+                .find(|w| w.group == self.group)
+                .map(|w| w.seq)
+        };
+        Ok(from.map(|from| (from, until)))
     }
 
     /// Signs a receipt for entry `seq` with the current key. Entries removed by retention have
@@ -734,13 +775,19 @@ impl GroupState {
     }
 
     async fn ack(&self, device: &DeviceId, seq: u64) -> Result<u64, GroupError> {
-        if !self.mls.is_member(device) {
-            return Err(GroupError::NotMember(*device, self.mls.epoch()));
-        }
+        let head = if self.mls.is_member(device) {
+            self.committed_seq
+        } else {
+            // A removed device acknowledges what it read of its window (see `sync`).
+            match self.departed_window(device)? {
+                Some((_, until)) => until.min(self.committed_seq),
+                None => return Err(GroupError::NotMember(*device, self.mls.epoch())),
+            }
+        };
         let change = Change::Acknowledge {
             device: *device,
             group: self.group.clone(),
-            seq: seq.min(self.committed_seq),
+            seq: seq.min(head),
         };
         match self.store.write(change).await? {
             StoreOutcome::Cursor(stored) => Ok(stored),

@@ -310,6 +310,7 @@ async fn entries_stored_past_the_actor_show_in_sync() {
             meta: None,
             public_state: None,
             welcomes: Vec::new(),
+            departed: Vec::new(),
         }],
     };
     f.store.apply(&append).unwrap();

@@ -355,9 +355,16 @@ async fn member_removed_before_first_sync_is_told() {
     clients[0].send(&group, "while bob was in").await.unwrap();
     clients[0].remove_members(&group, &["bob"]).await.unwrap();
 
-    // bob's first sync joins, then learns that he was removed: the server lets no device
-    // that is not a member read the group, including what was sent while it was one.
-    assert_eq!(sync_events(&mut bob).await, [Event::Joined, Event::Removed]);
+    // bob's first sync joins, reads what was sent while he was a member, and reads the
+    // commit that removed him.
+    assert_eq!(
+        sync_events(&mut bob).await,
+        [
+            Event::Joined,
+            Event::Message("while bob was in".into()),
+            Event::Removed
+        ]
+    );
     assert!(!bob.groups().contains(&group));
 
     // The Welcome stays on the server, spent: a later sync reads nothing.
@@ -369,6 +376,47 @@ async fn member_removed_before_first_sync_is_told() {
     clients[0].send(&group, "back again").await.unwrap();
     let events = sync_events(&mut bob).await;
     assert_eq!(events, [Event::Joined, Event::Message("back again".into())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_member_reads_up_to_its_removal() {
+    let setup = Setup::new(&[]);
+    let (mut clients, group) = setup.group(&["alice", "bob"]).await;
+    clients[0].send(&group, "before").await.unwrap();
+    clients[1].sync().await.unwrap();
+    let read_up_to = clients[1].cursor(&group).unwrap();
+    clients[0].send(&group, "while bob was away").await.unwrap();
+    let removal = clients[0].remove_members(&group, &["bob"]).await.unwrap();
+    clients[0].send(&group, "after bob left").await.unwrap();
+
+    let read = clients[1].sync().await.unwrap();
+    let events: Vec<(u64, Event)> = read.into_iter().map(|r| (r.seq, r.event)).collect();
+    assert_eq!(
+        events,
+        [
+            (removal - 1, Event::Message("while bob was away".into())),
+            (removal, Event::Removed)
+        ]
+    );
+    assert_eq!(
+        texts(&clients[1], &group),
+        [pair("alice", "before"), pair("alice", "while bob was away")]
+    );
+
+    // Entries after the removal, and those before what he had read, stay closed to him.
+    for after in [removal, read_up_to.saturating_sub(2)] {
+        let answer = clients[1]
+            .request(ClientBody::Sync {
+                group: group.clone(),
+                after,
+                limit: 10,
+            })
+            .await;
+        match answer {
+            Err(e) => assert_eq!(e.code(), Some(ErrorCode::NotMember), "after {after}"),
+            Ok(other) => panic!("after {after}: a removed member read {other:?}"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

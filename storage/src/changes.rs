@@ -45,6 +45,9 @@ pub enum Change {
         #[serde(with = "serde_bytes")]
         public_state: Option<Vec<u8>>,
         welcomes: Vec<(DeviceId, WelcomeEntry)>,
+        /// Devices that the entry, a commit, removed from the group.
+        #[serde(default)]
+        departed: Vec<DeviceId>,
     },
     /// Appends consecutive entries of one group atomically, each like [`Change::Append`]; the
     /// whole batch is rejected when any of them conflicts.
@@ -175,6 +178,9 @@ pub struct AppendItem {
     #[serde(with = "serde_bytes")]
     pub public_state: Option<Vec<u8>>,
     pub welcomes: Vec<(DeviceId, WelcomeEntry)>,
+    /// Devices that the entry, a commit, removed from the group.
+    #[serde(default)]
+    pub departed: Vec<DeviceId>,
 }
 
 /// The result of a [`Change`].
@@ -404,6 +410,7 @@ impl Store {
                 meta,
                 public_state,
                 welcomes,
+                departed,
             } => {
                 self.check_free(group, entry, self.next_seq(group)?)?;
                 self.append(
@@ -412,6 +419,7 @@ impl Store {
                     meta.as_ref(),
                     public_state.as_deref(),
                     welcomes,
+                    departed,
                 )?;
                 Ok(Outcome::Done)
             }

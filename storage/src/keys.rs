@@ -53,6 +53,13 @@ pub(crate) fn dedupe(group: &GroupId, sender: &DeviceId, msg_id: &ClientMsgId) -
     key
 }
 
+/// Key of the record of the commit that removed `device` from `group`: its sequence number.
+pub(crate) fn departure(group: &GroupId, device: &DeviceId) -> Vec<u8> {
+    let mut key = group_key(b'r', group, 16);
+    key.extend_from_slice(device.as_bytes());
+    key
+}
+
 /// First byte of the key of a Welcome in the `groups` tree.
 pub(crate) const WELCOME_TAG: u8 = b'w';
 
@@ -104,7 +111,7 @@ pub(crate) fn shard_key_of<'k>(tree: &str, key: &'k [u8]) -> Option<&'k [u8]> {
     const DEVICE: usize = 16;
     match tree {
         "groups" => match key.first()? {
-            b'm' | b's' | b'l' | b'd' => {
+            b'm' | b's' | b'l' | b'd' | b'r' => {
                 let len = usize::from(*key.get(1)?);
                 key.get(2..2 + len)
             }

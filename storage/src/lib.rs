@@ -342,8 +342,9 @@ impl Store {
     }
 
     /// Appends one accepted entry atomically with its de-duplication id and, for commits, the
-    /// new group meta, public state and Welcomes for added devices. The change is not yet
-    /// durable: call [`Store::durable`] before acknowledging it.
+    /// new group meta, public state, Welcomes for added devices and the removal of the
+    /// `departed` devices (see [`Store::departure`]). The change is not yet durable: call
+    /// [`Store::durable`] before acknowledging it.
     ///
     /// `meta` may be `None` when only `last_seq` changed: [`Store::load_group`] derives it from
     /// the log, which saves a write per application message.
@@ -354,9 +355,18 @@ impl Store {
         meta: Option<&GroupMeta>,
         public_state: Option<&[u8]>,
         welcomes: &[(DeviceId, WelcomeEntry)],
+        departed: &[DeviceId],
     ) -> Result<(), StorageError> {
         let mut batch = WriteSet::new(&self.groups);
-        stage_append(&mut batch, group, entry, meta, public_state, welcomes);
+        stage_append(
+            &mut batch,
+            group,
+            entry,
+            meta,
+            public_state,
+            welcomes,
+            departed,
+        );
         self.atomic.apply(batch)?;
         Ok(())
     }
@@ -372,10 +382,28 @@ impl Store {
                 item.meta.as_ref(),
                 item.public_state.as_deref(),
                 &item.welcomes,
+                &item.departed,
             );
         }
         self.atomic.apply(batch)?;
         Ok(())
+    }
+
+    /// Returns the sequence number of the commit that removed `device` from `group`, if one
+    /// did and no later commit added it again.
+    pub fn departure(
+        &self,
+        group: &GroupId,
+        device: &DeviceId,
+    ) -> Result<Option<u64>, StorageError> {
+        let Some(raw) = self.groups.get(keys::departure(group, device))? else {
+            return Ok(None);
+        };
+        let seq = <[u8; 8]>::try_from(raw.as_ref()).map_err(|_| StorageError::Corrupt {
+            what: format!("departure of device {device} from group {group}"),
+            detail: format!("{} bytes instead of 8", raw.len()),
+        })?;
+        Ok(Some(u64::from_be_bytes(seq)))
     }
 
     /// Finds the sequence number stored earlier for a sender's client message id.
@@ -716,6 +744,7 @@ fn stage_append(
     meta: Option<&GroupMeta>,
     public_state: Option<&[u8]>,
     welcomes: &[(DeviceId, WelcomeEntry)],
+    departed: &[DeviceId],
 ) {
     batch.insert(keys::log(group, entry.seq), encode(entry));
     batch.insert(
@@ -730,6 +759,11 @@ fn stage_append(
     }
     for (device, welcome) in welcomes {
         batch.insert(keys::welcome(device, group), encode(welcome));
+        // Added again: the window of its earlier membership closes.
+        batch.remove(keys::departure(group, device));
+    }
+    for device in departed {
+        batch.insert(keys::departure(group, device), &entry.seq.to_be_bytes());
     }
 }
 

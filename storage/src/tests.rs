@@ -44,6 +44,7 @@ async fn appended_entries_read_back_in_order_after_reopen() {
                     Some(&meta(seq)),
                     None,
                     &[],
+                    &[],
                 )
                 .unwrap();
         }
@@ -148,7 +149,9 @@ async fn open_cut_databases() {
         for seq in 1..=3_000_000 / payload_len as u64 {
             let mut entry = entry(seq, seq as u8);
             entry.payload = vec![seq as u8; payload_len];
-            store.append(&group(), &entry, None, None, &[]).unwrap();
+            store
+                .append(&group(), &entry, None, None, &[], &[])
+                .unwrap();
         }
         store.close().await.unwrap();
         let panics = open_cut_copies(dir.path());
@@ -196,7 +199,7 @@ async fn lost_writes_behind_a_durability_mark_are_refused() {
         let mut previous = 0;
         for seq in 1..=3 {
             store
-                .append(&group(), &entry(seq, 1), None, None, &[])
+                .append(&group(), &entry(seq, 1), None, None, &[], &[])
                 .unwrap();
             store.durable().await.unwrap();
             let recorded = recorded_mark(&mark_file);
@@ -270,7 +273,7 @@ fn store_with_entries(dir: &Path, count: u64) -> Store {
     store.create_group(&group(), &meta(0), b"state").unwrap();
     for seq in 1..=count {
         store
-            .append(&group(), &entry(seq, seq as u8), None, None, &[])
+            .append(&group(), &entry(seq, seq as u8), None, None, &[], &[])
             .unwrap();
     }
     store
@@ -356,6 +359,7 @@ async fn prune_removes_entries_and_dedupe_ids() {
                 &entry(seq, seq as u8),
                 Some(&meta(seq)),
                 None,
+                &[],
                 &[],
             )
             .unwrap();
@@ -974,6 +978,7 @@ fn item(seq: u64, msg: u8) -> AppendItem {
         meta: None,
         public_state: None,
         welcomes: Vec::new(),
+        departed: Vec::new(),
     }
 }
 
