@@ -829,7 +829,7 @@ fn send_moves_to_another_cluster_node() {
     let output = run(&mut command, "");
     assert!(!output.status.success());
     assert!(
-        stderr(&output).contains("--server names 3 nodes but --fingerprint has 1 fingerprints"),
+        stderr(&output).contains("--server names 3 nodes but --fingerprint has 1 fingerprint"),
         "{}",
         stderr(&output)
     );
