@@ -184,8 +184,6 @@ struct MembershipState {
     /// Start of the time in which this node, which has seeds, heard from no member, and the
     /// time of the last warning about it.
     alone: Option<(Instant, Instant)>,
-    /// Time of the last tick, to notice that this node did not run for a while.
-    last_tick: Option<Instant>,
 }
 
 /// Failure timeouts that a node with seeds may hear from no member before it warns, and
@@ -221,7 +219,6 @@ impl Actor for Membership {
                 Err(e) => tracing::warn!(error = %e, "ignoring a malformed cluster heartbeat"),
             },
             MembershipMsg::Tick => {
-                state.notice_pause();
                 state.send_heartbeats(&myself);
                 state.detect_failures();
                 state.warn_if_alone();
@@ -363,28 +360,6 @@ impl MembershipState {
         }
     }
 
-    /// Gives every live member a whole failure timeout from now when the ticks stopped for
-    /// half a timeout or more (a pause or a starved process). Heartbeats that arrived
-    /// meanwhile still wait unread, so their silence proves nothing yet.
-    fn notice_pause(&mut self) {
-        let now = Instant::now();
-        let Some(last) = self.last_tick.replace(now) else {
-            return;
-        };
-        let gap = now.saturating_duration_since(last);
-        if gap < self.settings.failure_timeout / 2 {
-            return;
-        }
-        tracing::info!(
-            gap_ms = gap.as_millis() as u64,
-            "this node did not run for a while; live members get a failure timeout from now \
-             before any is marked dead"
-        );
-        for member in self.members.values_mut().filter(|m| m.alive) {
-            member.last_heard = Some(now);
-        }
-    }
-
     fn detect_failures(&mut self) {
         let timeout = self.settings.failure_timeout;
         for (name, member) in &mut self.members {
@@ -409,9 +384,9 @@ impl MembershipState {
         let Some(member) = self.members.remove(name) else {
             return;
         };
-        let shared_addr = self.members.values().any(|m| m.addr == member.addr);
+        let still_wanted = self.members.values().any(|m| m.addr == member.addr);
         if let Ok(addr) = member.addr.parse::<SocketAddr>()
-            && !shared_addr
+            && !still_wanted
             && !self.settings.seeds.contains(&addr)
         {
             self.dials
@@ -654,7 +629,6 @@ impl Cluster {
             observer,
             settings,
             foreign: HashSet::new(),
-            last_tick: None,
         };
         if state.settings.seeds.contains(&state.settings.advertise) {
             tracing::warn!(
