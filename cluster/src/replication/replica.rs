@@ -197,6 +197,7 @@ impl Replica {
         }
         .validate()?;
         let log = SledLogStore::open(disk, &settings.log)?;
+        let check = super::state_machine::snapshot_check(Arc::clone(&applier));
         let machine = SledStateMachine::open(disk, &settings.log, applier)?;
         let network = ClusterNetwork {
             log: settings.log.clone(),
@@ -213,6 +214,7 @@ impl Replica {
                 raft: raft.clone(),
                 departures: Arc::clone(&departures),
                 contact: contact.clone(),
+                check,
             },
         )
         .await?;

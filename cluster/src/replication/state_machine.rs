@@ -8,9 +8,10 @@ use openraft::{
     StorageIOError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 const APPLIED_KEY: &[u8] = b"applied";
 const SNAPSHOT_KEY: &[u8] = b"snapshot";
@@ -75,6 +76,19 @@ fn write_header(
     std::io::Write::write_all(out, &header).map_err(|e| format!("cannot write: {e}"))
 }
 
+/// Checks a received snapshot file in full against the metadata it was sent under.
+pub(super) type SnapshotCheck = Arc<
+    dyn Fn(&SnapshotMeta<RaftNodeId, BasicNode>, &mut std::fs::File) -> Result<(), String>
+        + Send
+        + Sync,
+>;
+
+/// Returns the check that an install makes (the header, then `applier`'s data), for the
+/// endpoint to make before it hands a received snapshot to openraft.
+pub(super) fn snapshot_check(applier: Arc<dyn Applier>) -> SnapshotCheck {
+    Arc::new(move |meta, file| read_header(file, meta).and_then(|()| applier.check(file)))
+}
+
 /// Reads the header of a snapshot file from its start, checks that it names the snapshot
 /// `expected`, and leaves the file at the applier's data.
 fn read_header(
@@ -122,6 +136,9 @@ pub struct SledStateMachine {
     built: u64,
     /// File that the snapshot being received goes to.
     receiving: Option<PathBuf>,
+    /// Files of snapshots that openraft builds in a task of its own and has not recorded yet.
+    /// An install that ends meanwhile keeps them.
+    building: Arc<Mutex<HashSet<String>>>,
 }
 
 impl SledStateMachine {
@@ -151,6 +168,7 @@ impl SledStateMachine {
             dir,
             built: 0,
             receiving: None,
+            building: Arc::default(),
         };
         machine
             .finish_install()
@@ -275,7 +293,13 @@ impl SledStateMachine {
     /// and of one being installed, and with `unfinished` also `.building` and `.part` files.
     /// Failures are logged only.
     fn remove_other_files(&self, unfinished: bool) {
-        let mut keep = Vec::new();
+        let mut keep: Vec<String> = self
+            .building
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
         for key in [SNAPSHOT_KEY, INSTALLING_KEY] {
             if let Ok(Some(raw)) = self.tree.get(key)
                 && let Ok(stored) = rmp_serde::from_slice::<StoredSnapshot>(&raw)
@@ -333,6 +357,17 @@ pub struct SnapshotBuilder {
     snapshot: StoredSnapshot,
     /// Reason the snapshot file could not be written, if it failed.
     failure: Option<String>,
+    /// The state machine's files of builds in progress, this one's included until it ends.
+    building: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Drop for SnapshotBuilder {
+    fn drop(&mut self) {
+        self.building
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.snapshot.file);
+    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -345,9 +380,20 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             )
             .into());
         }
-        self.tree
-            .insert(SNAPSHOT_KEY, encode(&self.snapshot))
-            .map_err(|e| StorageIOError::write_snapshot(signature.clone(), any(e)))?;
+        // A snapshot installed from the leader while this one was built may be newer: it
+        // stays the recorded one, and openraft ignores this older build.
+        let recorded = self
+            .tree
+            .get(SNAPSHOT_KEY)
+            .map_err(|e| StorageIOError::write_snapshot(signature.clone(), any(e)))?
+            .and_then(|raw| rmp_serde::from_slice::<StoredSnapshot>(&raw).ok());
+        let newer_recorded =
+            recorded.is_some_and(|stored| stored.meta.last_log_id > self.snapshot.meta.last_log_id);
+        if !newer_recorded {
+            self.tree
+                .insert(SNAPSHOT_KEY, encode(&self.snapshot))
+                .map_err(|e| StorageIOError::write_snapshot(signature.clone(), any(e)))?;
+        }
         self.disk
             .flush()
             .await
@@ -414,6 +460,10 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
         // file of the snapshot recorded last stays until the next one is recorded.
         self.remove_other_files(false);
         let file = snapshot_file_name("built", &snapshot_id);
+        self.building
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(file.clone());
         let meta = SnapshotMeta {
             last_log_id: last,
             last_membership: self.applied.membership.clone(),
@@ -432,6 +482,7 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
             dir: self.dir.clone(),
             failure,
             snapshot: StoredSnapshot { meta, file },
+            building: Arc::clone(&self.building),
         }
     }
 
@@ -679,6 +730,32 @@ mod tests {
         assert_eq!(applied, snapshot.meta.last_log_id);
         let current = target.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(current.meta, snapshot.meta);
+    }
+
+    #[tokio::test]
+    async fn install_during_a_build_keeps_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_source, mut newer) =
+            machine_with_snapshot(&dir.path().join("a"), &[b"one ", b"two"]).await;
+        let (mut target, _) = machine_with_snapshot(&dir.path().join("b"), &[b"one "]).await;
+
+        // openraft builds in a task of its own: the file is written, not yet recorded, when
+        // the leader's newer snapshot installs.
+        let mut builder = target.get_snapshot_builder().await;
+        let mut receiving = target.begin_receiving_snapshot().await.unwrap();
+        tokio::io::copy(&mut newer.snapshot, &mut *receiving)
+            .await
+            .unwrap();
+        target
+            .install_snapshot(&newer.meta, receiving)
+            .await
+            .unwrap();
+        let built = builder.build_snapshot().await.unwrap();
+        assert!(built.meta.last_log_id < newer.meta.last_log_id);
+
+        // The install stays the recorded snapshot.
+        let current = target.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta, newer.meta);
     }
 
     #[tokio::test]

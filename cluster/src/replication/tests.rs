@@ -305,6 +305,94 @@ async fn commands_survive_leader_loss() {
     }
 }
 
+/// Sends `data`, the file of a snapshot under `meta`, to `receiver` in chunks of 100 bytes.
+/// Fails with the reason of the first chunk refused.
+async fn send_snapshot(
+    receiver: &transport::SnapshotReceiver,
+    target: &Raft,
+    vote: openraft::Vote<RaftNodeId>,
+    meta: &openraft::SnapshotMeta<RaftNodeId, BasicNode>,
+    data: &[u8],
+) -> Result<(), String> {
+    let chunks: Vec<&[u8]> = data.chunks(100).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let request = InstallSnapshotRequest {
+            vote,
+            meta: meta.clone(),
+            offset: (i * 100) as u64,
+            data: chunk.to_vec(),
+            done: i + 1 == chunks.len(),
+        };
+        match receiver.receive(target, "shard-0", request).await? {
+            Ok(_) => {}
+            Err(e) => return Err(format!("openraft refused chunk {i}: {e}")),
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_snapshot_is_refused_and_log_keeps_running() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let network = Network::default();
+    let leader = start_replica(1, dir.path(), &network, Arc::default()).await;
+    let members = BTreeMap::from([(1, BasicNode::default())]);
+    leader.raft.initialize(members).await.unwrap();
+    wait_for_leader(&[&leader.raft], None).await;
+    for n in 0..5u8 {
+        leader.raft.client_write(Command(vec![n])).await.unwrap();
+    }
+    leader.raft.trigger().snapshot().await.unwrap();
+    let mut snapshot = None;
+    for _ in 0..200 {
+        snapshot = leader.raft.get_snapshot().await.unwrap();
+        if snapshot.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut snapshot = snapshot.expect("the leader built no snapshot");
+    let mut data = Vec::new();
+    snapshot.snapshot.read_to_end(&mut data).await.unwrap();
+    let vote = leader.raft.metrics().borrow().vote;
+
+    // A replica outside the leader's network receives the snapshot through the endpoint's
+    // receiver, first with one byte flipped on the way.
+    let applier = Arc::new(ListApplier::default());
+    let target = start_replica(2, dir.path(), &Network::default(), applier.clone()).await;
+    let receiver = transport::SnapshotReceiver::new(state_machine::snapshot_check(applier.clone()));
+    let mut damaged = data.clone();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0xff;
+    let refused = send_snapshot(&receiver, &target.raft, vote, &snapshot.meta, &damaged)
+        .await
+        .unwrap_err();
+    assert!(refused.contains("damaged"), "{refused}");
+    assert!(applier.commands().is_empty());
+    assert!(target.raft.metrics().borrow().running_state.is_ok());
+
+    // Sent again whole, it installs, and the log still runs.
+    send_snapshot(&receiver, &target.raft, vote, &snapshot.meta, &data)
+        .await
+        .unwrap();
+    let expected: Vec<Vec<u8>> = (0..5u8).map(|n| vec![n]).collect();
+    assert_eq!(applier.commands(), expected);
+    // The metrics follow the install a moment later.
+    let mut metrics = target.raft.metrics().borrow().clone();
+    for _ in 0..200 {
+        if metrics.snapshot == snapshot.meta.last_log_id {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        metrics = target.raft.metrics().borrow().clone();
+    }
+    assert!(metrics.running_state.is_ok(), "{:?}", metrics.running_state);
+    assert_eq!(metrics.snapshot, snapshot.meta.last_log_id);
+    target.raft.shutdown().await.unwrap();
+    leader.raft.shutdown().await.unwrap();
+}
+
 /// Starts replica `id` of `log` with its database in `dir` (new or kept from an earlier start)
 /// and its raft endpoint actor, with a 100 ms heartbeat and a 300 ms election timeout.
 async fn start_endpoint_replica(

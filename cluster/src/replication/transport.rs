@@ -4,6 +4,7 @@
 //! after the log and the node's raft id. A request to another replica is a remote call to
 //! the endpoint in that replica's group, carrying the openraft request as MessagePack.
 
+use super::state_machine::SnapshotCheck;
 use super::{Command, CommandResult, RaftNodeId, TypeConfig, encode};
 use crate::replication::Raft;
 use openraft::BasicNode;
@@ -81,6 +82,8 @@ enum Reply {
     ReadIndex(Result<u64, WriteRefused>),
     /// The request did not decode.
     Invalid(String),
+    /// The request was refused for the reason given, and may be sent again.
+    Refused(String),
 }
 
 /// Reason a leader did not write a forwarded command.
@@ -106,6 +109,7 @@ pub(super) struct EndpointArgs {
     pub raft: Raft,
     pub departures: Departures,
     pub contact: LeaderContact,
+    pub check: SnapshotCheck,
 }
 
 /// The time this node last accepted an append from a leader of the log (entries, or an empty
@@ -192,7 +196,13 @@ pub(super) async fn remove_voter(
 
 impl Actor for RaftEndpoint {
     type Msg = RaftEndpointMsg;
-    type State = (Raft, Departures, Arc<str>, LeaderContact);
+    type State = (
+        Raft,
+        Departures,
+        Arc<str>,
+        LeaderContact,
+        Arc<SnapshotReceiver>,
+    );
     type Arguments = EndpointArgs;
 
     async fn pre_start(
@@ -206,6 +216,7 @@ impl Actor for RaftEndpoint {
             args.departures,
             Arc::from(args.log.as_str()),
             args.contact,
+            Arc::new(SnapshotReceiver::new(args.check)),
         ))
     }
 
@@ -213,11 +224,12 @@ impl Actor for RaftEndpoint {
         &self,
         _myself: ActorRef<Self::Msg>,
         message: Self::Msg,
-        (raft, departures, log, contact): &mut Self::State,
+        (raft, departures, log, contact, snapshots): &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let RaftEndpointMsg::Call(bytes, reply) = message;
         let (raft, departures, log) = (raft.clone(), Arc::clone(departures), Arc::clone(log));
         let contact = contact.clone();
+        let snapshots = Arc::clone(snapshots);
         // Appends wait for an fsync; the actor keeps taking requests meanwhile.
         tokio::spawn(async move {
             let answer = match rmp_serde::from_slice::<Request>(&bytes) {
@@ -241,7 +253,10 @@ impl Actor for RaftEndpoint {
                     Reply::Vote(answer)
                 }
                 Ok(Request::Snapshot(request)) => {
-                    Reply::Snapshot(raft.install_snapshot(request).await)
+                    match snapshots.receive(&raft, &log, request).await {
+                        Ok(answer) => Reply::Snapshot(answer),
+                        Err(reason) => Reply::Refused(reason),
+                    }
                 }
                 Ok(Request::Write(command)) => Reply::Write(write_here(&raft, command).await),
                 Ok(Request::Leave {
@@ -266,6 +281,150 @@ impl Actor for RaftEndpoint {
             let _ = reply.send(encode(&answer));
         });
         Ok(())
+    }
+}
+
+/// The snapshot that a replica is receiving from its leader, chunk by chunk.
+struct Receiving {
+    id: String,
+    /// Offset of the next expected chunk.
+    offset: u64,
+    file: Box<tokio::fs::File>,
+}
+
+/// Receives snapshots for one replica. Unlike openraft's own receiver, it checks a whole
+/// snapshot before it hands it to openraft, which stops the log on any failed install: a
+/// damaged transfer is refused, and the leader sends the snapshot again.
+pub(super) struct SnapshotReceiver {
+    receiving: tokio::sync::Mutex<Option<Receiving>>,
+    check: SnapshotCheck,
+}
+
+impl SnapshotReceiver {
+    pub(super) fn new(check: SnapshotCheck) -> Self {
+        Self {
+            receiving: tokio::sync::Mutex::new(None),
+            check,
+        }
+    }
+
+    /// Takes one chunk of a snapshot and installs the snapshot after its last chunk. Fails
+    /// with the reason when the chunk cannot be stored or the received snapshot is damaged.
+    /// The leader then sends the chunk again, and after a few failures the whole snapshot.
+    pub(super) async fn receive(
+        &self,
+        raft: &Raft,
+        log: &str,
+        request: InstallSnapshotRequest<TypeConfig>,
+    ) -> Result<
+        Result<InstallSnapshotResponse<RaftNodeId>, RaftError<RaftNodeId, InstallSnapshotError>>,
+        String,
+    > {
+        use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+        let vote = match raft.with_raft_state(|state| *state.vote_ref()).await {
+            Ok(vote) => vote,
+            Err(fatal) => return Ok(Err(RaftError::Fatal(fatal))),
+        };
+        // A leader of an older term gets this node's vote back, as from openraft.
+        if request.vote < vote {
+            return Ok(Ok(InstallSnapshotResponse { vote }));
+        }
+        let id = request.meta.snapshot_id.clone();
+        let mut receiving = self.receiving.lock().await;
+        if receiving.as_ref().is_none_or(|r| r.id != id) {
+            if request.offset != 0 {
+                let expected = openraft::SnapshotSegmentId {
+                    id: id.clone(),
+                    offset: 0,
+                };
+                let got = openraft::SnapshotSegmentId {
+                    id,
+                    offset: request.offset,
+                };
+                let mismatch = openraft::error::SnapshotMismatch {
+                    expect: expected,
+                    got,
+                };
+                return Ok(Err(RaftError::APIError(
+                    InstallSnapshotError::SnapshotMismatch(mismatch),
+                )));
+            }
+            let file = match raft.begin_receiving_snapshot().await {
+                Ok(file) => file,
+                Err(e) => return Err(format!("cannot start receiving a snapshot: {e}")),
+            };
+            *receiving = Some(Receiving {
+                id,
+                offset: 0,
+                file,
+            });
+        }
+        let Some(current) = receiving.as_mut() else {
+            return Err("no snapshot is being received".into());
+        };
+        if request.offset != current.offset {
+            current
+                .file
+                .seek(std::io::SeekFrom::Start(request.offset))
+                .await
+                .map_err(|e| format!("cannot seek in the received snapshot: {e}"))?;
+        }
+        current
+            .file
+            .write_all(&request.data)
+            .await
+            .map_err(|e| format!("cannot write the received snapshot: {e}"))?;
+        current.offset = request.offset + request.data.len() as u64;
+        if !request.done {
+            return Ok(Ok(InstallSnapshotResponse { vote }));
+        }
+
+        current
+            .file
+            .flush()
+            .await
+            .map_err(|e| format!("cannot write the received snapshot: {e}"))?;
+        let mut file = current
+            .file
+            .try_clone()
+            .await
+            .map_err(|e| format!("cannot read the received snapshot: {e}"))?
+            .into_std()
+            .await;
+        let meta = request.meta;
+        let check = Arc::clone(&self.check);
+        let checked = tokio::task::spawn_blocking(move || {
+            let result = check(&meta, &mut file);
+            (result, meta)
+        })
+        .await;
+        let meta = match checked {
+            Ok((Ok(()), meta)) => meta,
+            Ok((Err(e), meta)) => {
+                // The transfer stays open: a chunk sent again rewrites its part of the file.
+                tracing::warn!(log, snapshot = %meta.snapshot_id, error = %e, "refused a damaged snapshot from the leader; it sends the snapshot again");
+                return Err(format!("the received snapshot is damaged: {e}"));
+            }
+            Err(e) => return Err(format!("checking the received snapshot failed: {e}")),
+        };
+        let Some(done) = receiving.take() else {
+            return Err("no snapshot is being received".into());
+        };
+        let mut file = done.file;
+        file.rewind()
+            .await
+            .map_err(|e| format!("cannot read the received snapshot: {e}"))?;
+        let snapshot = openraft::Snapshot {
+            meta,
+            snapshot: file,
+        };
+        Ok(raft
+            .install_full_snapshot(request.vote, snapshot)
+            .await
+            .map(|response| InstallSnapshotResponse {
+                vote: response.vote,
+            })
+            .map_err(RaftError::Fatal))
     }
 }
 
@@ -575,7 +734,7 @@ impl RaftNetwork<TypeConfig> for ClusterLink {
             Reply::Snapshot(result) => result.map_err(|e| {
                 RPCError::RemoteError(openraft::error::RemoteError::new(self.target, e))
             }),
-            Reply::Invalid(detail) => Err(invalid(detail)),
+            Reply::Invalid(detail) | Reply::Refused(detail) => Err(invalid(detail)),
             _ => Err(invalid("wrong reply to install_snapshot".into())),
         }
     }
