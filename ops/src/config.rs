@@ -478,12 +478,7 @@ impl NodeConfig {
             self.heartbeat_ms
         );
         anyhow::ensure!(
-            !self.node_name.is_empty()
-                && self.node_name.len() <= 64
-                && self
-                    .node_name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)),
+            valid_node_name(&self.node_name),
             "node_name {:?} is invalid: use 1 to 64 characters from a-z, A-Z, 0-9, '.', '_', '-'",
             self.node_name.chars().take(80).collect::<String>()
         );
@@ -578,6 +573,16 @@ fn parse_cluster_address(text: &str) -> Result<SocketAddr, String> {
              node's IP address, such as 127.0.0.1:7001"
         )
     })
+}
+
+/// Returns whether `name` can name a node: 1 to 64 characters from a-z, A-Z, 0-9, '.', '_'
+/// and '-'.
+pub fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 #[cfg(test)]

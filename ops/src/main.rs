@@ -214,6 +214,12 @@ fn run_node(flags: NodeFlags) -> anyhow::Result<()> {
     block_on(async move {
         let node = node::start(&config).await?;
         println!("atlas node listening on wss://{}/v1/ws", node.addr);
+        // DPoP proofs must name the node's server name, whatever address it listens on.
+        println!(
+            "clients connect to wss://{}:{}/v1/ws",
+            config.server_name,
+            node.addr.port()
+        );
         println!("metrics on http://{}/metrics", node.metrics_addr);
         println!(
             "certificate sha256 fingerprint: {}{}",
@@ -464,12 +470,7 @@ fn openraft_log_limit<S>(
 /// Checks a node name given on the command line: 1 to 64 characters from a-z, A-Z, 0-9,
 /// '.', '_' and '-', as `atlas node --node-name` requires.
 fn parse_node_name(text: &str) -> Result<String, String> {
-    let valid = !text.is_empty()
-        && text.len() <= 64
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if valid {
+    if config::valid_node_name(text) {
         Ok(text.to_owned())
     } else {
         Err("a node name has 1 to 64 characters from a-z, A-Z, 0-9, '.', '_' and '-'".into())

@@ -920,6 +920,13 @@ impl Admin {
         let (Some(cluster), Some(logs)) = (&self.cluster, &self.logs) else {
             return HttpResponse::Conflict().body("this node does not run in a cluster\n");
         };
+        // Checked before the name reaches a log line.
+        if !crate::config::valid_node_name(name) {
+            return HttpResponse::BadRequest().body(
+                "invalid node name: a node name has 1 to 64 characters from a-z, A-Z, 0-9, '.', \
+                 '_' and '-'\n",
+            );
+        }
         // Any member that sends heartbeats counts, whatever its layout.
         let alive: Vec<(String, u64)> = cluster
             .members()
@@ -941,6 +948,7 @@ impl Admin {
                 HttpResponse::Ok()
                     .json(serde_json::json!({ "node": name, "removed_from": removed }))
             }
+            Err(e @ RemoveError::NotInLogs(_)) => HttpResponse::NotFound().body(format!("{e}\n")),
             Err(e) => {
                 tracing::warn!(node = %name, error = %e, "could not remove a node from the replicated logs");
                 HttpResponse::Conflict().body(format!("{e}\n"))

@@ -2089,6 +2089,15 @@ async fn operator_removes_a_lost_node() {
         stderr.contains("no log has a member named node-x"),
         "{stderr}"
     );
+    // The endpoint itself refuses a name with characters that no node name has, such as a
+    // line break that would start a line of its own in the log.
+    let forged = nodes["node-a"]
+        .admin_post("/admin/cluster/remove/x%0Aforged")
+        .unwrap_err()
+        .to_string();
+    assert!(forged.contains("400"), "{forged}");
+    assert!(forged.contains("invalid node name"), "{forged}");
+    assert!(!fixture.log("node-a").contains("forged"));
     // An empty name never reaches the node.
     let empty = remove_node(&nodes["node-a"], "");
     assert!(!empty.status.success());

@@ -1166,10 +1166,13 @@ impl Chat {
                 .collect();
             let index = self.client.connect_any(&nodes).await.map_err(|e| {
                 let action = format!("connecting to any of {} nodes", nodes.len());
-                sdk_error(&action, e).hint(
+                let error = sdk_error(&action, e);
+                let hint = dpop_url_hint(&error.message).unwrap_or_else(|| {
                     "check that the nodes run, that --server lists their addresses and that \
-                     --ca is the CA of their certificates",
-                )
+                     --ca is the CA of their certificates"
+                        .to_owned()
+                });
+                error.hint(hint)
             })?;
             eprintln!("connected to {}", nodes[index].url);
             self.failover = true;
@@ -1398,18 +1401,19 @@ impl Chat {
                     .hint("pass the message text as the last argument"),
             );
         }
+        // The read before the send and the send itself may each move to another node.
+        let node = self.client.current_node().map(|n| n.url.clone());
         self.catch_up(group).await?;
         let before = self.client.cursor(group).unwrap_or(0);
-        let node = self.client.current_node().map(|n| n.url.clone());
         let sent = if self.failover {
             self.client.send_reliably(group, text).await
         } else {
             self.client.send(group, text).await
         };
-        if let Some(now) = self.client.current_node()
-            && node.as_ref().is_some_and(|before| *before != now.url)
+        if let (Some(from), Some(now)) = (node, self.client.current_node())
+            && from != now.url
         {
-            eprintln!("the send moved to {}", now.url);
+            eprintln!("moved from {from} to {} to send", now.url);
         }
         // The group's lines print in the log's order, this device's own line among them.
         // What a failover read is shown even when the send failed in the end.
