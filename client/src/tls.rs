@@ -61,7 +61,7 @@ pub(crate) fn client_config(trust: &ServerTrust) -> Result<rustls::ClientConfig,
             }
             if roots.is_empty() {
                 return Err(ClientError::Config(format!(
-                    "CA file {} holds no PEM certificate; pass the cluster CA's certificate \
+                    "CA file {} contains no PEM certificate; pass the cluster CA's certificate \
                      (ca.pem of `atlas cert ca`)",
                     path.display()
                 )));

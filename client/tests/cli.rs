@@ -193,7 +193,7 @@ fn has_message(output: &str, group: &str, account: &str, text: &str) -> bool {
 }
 
 #[test]
-fn node_named_by_ip_gets_its_server_name_as_hint() {
+fn ip_url_gets_server_url_hint() {
     let setup = Setup::new();
     let url = setup.node.url();
     let by_ip = url.replacen("localhost", "127.0.0.1", 1);

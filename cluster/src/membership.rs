@@ -384,9 +384,9 @@ impl MembershipState {
         let Some(member) = self.members.remove(name) else {
             return;
         };
-        let still_wanted = self.members.values().any(|m| m.addr == member.addr);
+        let shared_addr = self.members.values().any(|m| m.addr == member.addr);
         if let Ok(addr) = member.addr.parse::<SocketAddr>()
-            && !still_wanted
+            && !shared_addr
             && !self.settings.seeds.contains(&addr)
         {
             self.dials

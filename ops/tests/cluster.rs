@@ -1608,13 +1608,13 @@ async fn exit_without_data_dir(fixture: &ClusterFixture, case: &str, flags: &[St
 async fn taken_port_leaves_no_data_dir() {
     let fixture = fixture();
     let spec = fixture.spec("node-a", &[]).unwrap();
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let taken = taken.local_addr().unwrap().to_string();
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = holder.local_addr().unwrap().to_string();
     for listener in ["--listen", "--metrics-listen", "--cluster-listen"] {
         let mut flags = fixture.cluster_flags(&spec);
-        set_flag(&mut flags, listener, &taken);
+        set_flag(&mut flags, listener, &taken_addr);
         let stderr = exit_without_data_dir(&fixture, listener, &flags).await;
-        assert!(stderr.contains(&taken), "{listener}: {stderr}");
+        assert!(stderr.contains(&taken_addr), "{listener}: {stderr}");
         assert!(
             stderr.contains(&format!("pick another {listener}")),
             "{listener}: {stderr}"

@@ -921,7 +921,7 @@ async fn server_is_verified_by_ca_file_or_fingerprint() {
         .unwrap_err();
     assert!(matches!(err, atlas_client::ClientError::Config(_)), "{err}");
     assert!(
-        err.to_string().contains("holds no PEM certificate"),
+        err.to_string().contains("contains no PEM certificate"),
         "{err}"
     );
 }

@@ -396,14 +396,9 @@ impl Store {
         group: &GroupId,
         device: &DeviceId,
     ) -> Result<Option<u64>, StorageError> {
-        let Some(raw) = self.groups.get(keys::departure(group, device))? else {
-            return Ok(None);
-        };
-        let seq = <[u8; 8]>::try_from(raw.as_ref()).map_err(|_| StorageError::Corrupt {
-            what: format!("departure of device {device} from group {group}"),
-            detail: format!("{} bytes instead of 8", raw.len()),
-        })?;
-        Ok(Some(u64::from_be_bytes(seq)))
+        self.stored_seq(keys::departure(group, device), || {
+            format!("departure of device {device} from group {group}")
+        })
     }
 
     /// Finds the sequence number stored earlier for a sender's client message id.
@@ -413,11 +408,23 @@ impl Store {
         sender: &DeviceId,
         msg_id: &ClientMsgId,
     ) -> Result<Option<u64>, StorageError> {
-        let Some(raw) = self.groups.get(keys::dedupe(group, sender, msg_id))? else {
+        self.stored_seq(keys::dedupe(group, sender, msg_id), || {
+            format!("dedupe id in group {group}")
+        })
+    }
+
+    /// Reads the big-endian sequence number stored under `key` in the `groups` tree. `record`
+    /// names the record in the error for a value that is not 8 bytes.
+    fn stored_seq(
+        &self,
+        key: Vec<u8>,
+        record: impl FnOnce() -> String,
+    ) -> Result<Option<u64>, StorageError> {
+        let Some(raw) = self.groups.get(key)? else {
             return Ok(None);
         };
         let seq = <[u8; 8]>::try_from(raw.as_ref()).map_err(|_| StorageError::Corrupt {
-            what: format!("dedupe id in group {group}"),
+            what: record(),
             detail: format!("{} bytes instead of 8", raw.len()),
         })?;
         Ok(Some(u64::from_be_bytes(seq)))

@@ -817,7 +817,7 @@ async fn probe_devices(
 }
 
 /// Prints the cluster's figures against those of one node, measured before and after the
-/// cluster (`singles`); the ratio column divides by the mean of the one-node runs.
+/// cluster (`singles`). The ratio column divides by the mean of the one-node runs.
 fn print_cluster_report(
     args: &LoadArgs,
     nodes: usize,

@@ -306,7 +306,7 @@ async fn commands_survive_leader_loss() {
 }
 
 /// Sends `data`, the file of a snapshot under `meta`, to `receiver` in chunks of 100 bytes.
-/// Fails with the reason of the first chunk refused.
+/// Fails with the reason of the first rejected chunk.
 async fn send_snapshot(
     receiver: &transport::SnapshotReceiver,
     target: &Raft,
@@ -325,7 +325,7 @@ async fn send_snapshot(
         };
         match receiver.receive(target, "shard-0", request).await? {
             Ok(_) => {}
-            Err(e) => return Err(format!("openraft refused chunk {i}: {e}")),
+            Err(e) => return Err(format!("openraft rejected chunk {i}: {e}")),
         }
     }
     Ok(())
@@ -365,10 +365,10 @@ async fn damaged_snapshot_is_refused_and_log_keeps_running() {
     let mut damaged = data.clone();
     let middle = damaged.len() / 2;
     damaged[middle] ^= 0xff;
-    let refused = send_snapshot(&receiver, &target.raft, vote, &snapshot.meta, &damaged)
+    let error = send_snapshot(&receiver, &target.raft, vote, &snapshot.meta, &damaged)
         .await
         .unwrap_err();
-    assert!(refused.contains("damaged"), "{refused}");
+    assert!(error.contains("damaged"), "{error}");
     assert!(applier.commands().is_empty());
     assert!(target.raft.metrics().borrow().running_state.is_ok());
 

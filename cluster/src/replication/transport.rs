@@ -402,7 +402,7 @@ impl SnapshotReceiver {
             Ok((Ok(()), meta)) => meta,
             Ok((Err(e), meta)) => {
                 // The transfer stays open: a chunk sent again rewrites its part of the file.
-                tracing::warn!(log, snapshot = %meta.snapshot_id, error = %e, "refused a damaged snapshot from the leader; it sends the snapshot again");
+                tracing::warn!(log, snapshot = %meta.snapshot_id, error = %e, "rejected a damaged snapshot from the leader, which sends it again");
                 return Err(format!("the received snapshot is damaged: {e}"));
             }
             Err(e) => return Err(format!("checking the received snapshot failed: {e}")),
