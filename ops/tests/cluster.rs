@@ -2163,6 +2163,58 @@ async fn operator_removes_a_lost_node() {
     assert_eq!(messages(&bob, &group), ["before", "after"]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_node_back_with_its_data_deposes_no_leader() {
+    let fixture = fixture();
+    let (specs, mut nodes) = fixture.start_cluster(3, CONVERGE).await.unwrap();
+    nodes.remove("node-c").unwrap().kill9().unwrap();
+    let dead = wait_until(CONVERGE, || {
+        states(&nodes["node-b"]).get("node-c").map(String::as_str) == Some("dead")
+    })
+    .await;
+    assert!(dead, "{:?}", states(&nodes["node-b"]));
+    let removed = remove_node(&nodes["node-b"], "node-c");
+    assert!(
+        removed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&removed.stderr)
+    );
+    let pair = [&nodes["node-a"], &nodes["node-b"]];
+    let settled = wait_until(CONVERGE, || {
+        agreed_leaders(&pair, &["node-a", "node-b"]).is_some()
+    })
+    .await;
+    assert!(settled, "{:?}", log_views(pair[0]));
+    let before = log_views(pair[0]).unwrap();
+
+    // node-c returns with its data: every log it kept lists it as a voter. The others no
+    // longer do, and they add it back as a new member.
+    nodes.insert("node-c".into(), fixture.start(&specs[2]).unwrap());
+    let everyone: Vec<&NodeProcess> = nodes.values().collect();
+    let names = ["node-a", "node-b", "node-c"];
+    let back = wait_until(3 * CONVERGE, || agreed_leaders(&everyone, &names).is_some()).await;
+    assert!(back, "{:?}", log_views(everyone[0]));
+    let after = log_views(everyone[0]).unwrap();
+    // A log may hand its leadership to node-c, as placement prefers. A log that kept its
+    // leader kept its term: node-c raised none while it was not a member.
+    let kept: Vec<usize> = (0..before.len())
+        .filter(|i| before[*i].leader == after[*i].leader)
+        .collect();
+    assert!(!kept.is_empty(), "every log changed its leader: {after:?}");
+    for i in kept {
+        assert_eq!(
+            before[i].term, after[i].term,
+            "log {i} changed its term after node-c returned"
+        );
+    }
+    let log = fixture.log("node-c");
+    assert!(
+        log.contains("voters do not list this node as a member of the log"),
+        "{log}"
+    );
+    stop_all(&mut nodes).await;
+}
+
 /// Returns the key id that a receipt's signature names.
 fn receipt_kid(receipt: &atlas_protocol::receipts::SignedReceipt) -> String {
     let input = &receipt.receipt.signature_input;

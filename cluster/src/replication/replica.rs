@@ -3,7 +3,7 @@
 
 use super::transport::{
     ClusterNetwork, Departures, EndpointArgs, LEAVE_HOLD, LeaderContact, RaftEndpoint,
-    RaftEndpointMsg, Request, ask, hold_writes, release_writes, remove_voter, voters,
+    RaftEndpointMsg, Request, ask, hold_writes, peer_lists, release_writes, remove_voter, voters,
     writes_settled,
 };
 use super::{Applier, LogDisk, Raft, RaftNodeId, SledLogStore, SledStateMachine};
@@ -134,7 +134,25 @@ pub struct Replica {
     /// The last log index this node had when it left: a membership written after it that
     /// makes this node a voter again lifts the ban on elections.
     left_at: AtomicU64,
+    /// Whether the others counted this node as a member of the log since it started (see
+    /// [`Replica::gate_elections`]).
+    member: Arc<MemberCheck>,
 }
+
+/// A replica's record, since it started, of whether the others count it as a member.
+#[derive(Default)]
+struct MemberCheck {
+    /// A leader's append reached this node, or a majority of the voters listed it.
+    confirmed: AtomicBool,
+    /// A question to the voters is under way.
+    asking: AtomicBool,
+    /// This node warned that a voter does not list it.
+    warned: AtomicBool,
+}
+
+/// Pause after a round of questions to the voters that did not confirm this node as a
+/// member, before the next round.
+const MEMBER_CHECK_PAUSE: Duration = Duration::from_secs(1);
 
 /// Key of the record that this node left the log, in its identity tree.
 pub(super) const LEFT_KEY: &[u8] = b"left";
@@ -251,6 +269,7 @@ impl Replica {
             identity,
             left: AtomicBool::new(left),
             left_at: AtomicU64::new(left_at.unwrap_or(0)),
+            member: Arc::default(),
         })
     }
 
@@ -643,6 +662,10 @@ impl Replica {
     /// makes it a voter again. Restarted, it still has the membership from before it
     /// left, with itself as a voter, so each election it tried would raise its term. The
     /// leader that added it back would then meet that higher term and step down.
+    ///
+    /// Until a leader's append reaches it, a node that started starts no elections either
+    /// unless a majority of the voters list it as a member (see
+    /// [`Replica::counted_as_member`]): it may have been removed while it was down.
     pub fn gate_elections(&self, alive: &BTreeSet<RaftNodeId>, quiet: bool) {
         // Called every 200 ms for every log: it also starts the count of the leader's lease.
         self.leads_past_lease();
@@ -674,10 +697,73 @@ impl Replica {
                 .majority_since
                 .lock()
                 .is_ok_and(|since| since.elapsed() < timeout);
-        let allowed = majority && !leader_active && !settling && !quiet;
+        let member = alone || !voters.contains(&me) || self.counted_as_member(&voters);
+        let allowed = majority && !leader_active && !settling && !quiet && member;
         if self.elections.swap(allowed, Ordering::Relaxed) != allowed {
             self.raft.runtime_config().elect(allowed);
         }
+    }
+
+    /// Returns whether the others counted this node as a member of the log since it
+    /// started: a leader's append reached it, or a majority of `voters` (itself
+    /// included) listed it when asked. Until then it asks them, one round at a time.
+    ///
+    /// A node removed while it was down (`atlas remove-node`) still finds itself a voter in
+    /// the membership it stored. openraft 0.9 has no pre-vote, so each election it started
+    /// would raise its term, and the leader that adds it back would meet that higher term
+    /// and step down.
+    fn counted_as_member(&self, voters: &BTreeSet<RaftNodeId>) -> bool {
+        let check = &self.member;
+        if check.confirmed.load(Ordering::Relaxed) {
+            return true;
+        }
+        if self.contact.heard_since_start() {
+            check.confirmed.store(true, Ordering::Relaxed);
+            return true;
+        }
+        if check.asking.swap(true, Ordering::Relaxed) {
+            return false;
+        }
+        let me = self.settings.raft_id;
+        let log = self.settings.log.clone();
+        let peers: Vec<(RaftNodeId, String)> = {
+            let metrics = self.raft.metrics().borrow().clone();
+            let membership = metrics.membership_config.membership();
+            voters
+                .iter()
+                .filter(|v| **v != me)
+                .map(|v| {
+                    let name = membership.get_node(v).map(|n| n.addr.clone());
+                    (*v, name.unwrap_or_else(|| v.to_string()))
+                })
+                .collect()
+        };
+        let count = voters.len();
+        let check = Arc::clone(check);
+        tokio::spawn(async move {
+            let answers = futures_util::future::join_all(
+                peers.iter().map(|(id, _)| peer_lists(&log, *id, me)),
+            )
+            .await;
+            let listing = answers.iter().filter(|a| **a == Some(true)).count();
+            if 2 * (listing + 1) > count {
+                check.confirmed.store(true, Ordering::Relaxed);
+                tracing::info!(log = %log, listing, "the other voters list this node as a member; its elections may start");
+            } else {
+                let not_listing: Vec<&str> = peers
+                    .iter()
+                    .zip(&answers)
+                    .filter(|(_, a)| **a == Some(false))
+                    .map(|((_, name), _)| name.as_str())
+                    .collect();
+                if !not_listing.is_empty() && !check.warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(log = %log, voters = ?not_listing, "voters do not list this node as a member of the log (was it removed while it was down?); it starts no elections in the log until a leader adds it again");
+                }
+                tokio::time::sleep(MEMBER_CHECK_PAUSE).await;
+            }
+            check.asking.store(false, Ordering::Relaxed);
+        });
+        false
     }
 
     /// Returns whether the last [`Replica::gate_elections`] let this node start elections.
@@ -709,6 +795,12 @@ impl Replica {
         self.left.store(false, Ordering::Relaxed);
         tracing::info!(log = %self.settings.log, "this node votes in the log again; elections allowed");
         true
+    }
+
+    /// Returns whether the others counted this node as a member of the log since it started.
+    #[cfg(test)]
+    pub(crate) fn member_confirmed(&self) -> bool {
+        self.member.confirmed.load(Ordering::Relaxed)
     }
 
     /// Returns whether this node left the log and has not voted in it again since.

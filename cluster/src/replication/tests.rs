@@ -549,13 +549,18 @@ async fn restarted_voter_gives_leaders_an_election_timeout() {
     let rafts: Vec<&Raft> = replicas.values().map(|(r, _)| r.raft()).collect();
     let leader = wait_for_leader(&rafts, None).await;
     let follower = (1..=3u64).find(|id| *id != leader).unwrap();
+    let other = (1..=3u64)
+        .find(|id| *id != leader && *id != follower)
+        .unwrap();
 
     // The follower restarts while no leader runs, so no append can reach it: only the time
-    // since its start keeps its elections closed.
+    // since its start keeps its elections closed. The other follower, which starts none,
+    // lists it as a member when asked.
     let (gone, _) = replicas.remove(&follower).unwrap();
     gone.stop().await;
     drop(gone);
-    stop_replicas(&replicas).await;
+    replicas[&other].0.raft().runtime_config().elect(false);
+    replicas[&leader].0.stop().await;
     let applier = Arc::new(ListApplier::default());
     let back = start_endpoint_replica(dir.path(), "settle-test", follower, applier).await;
     let everyone = BTreeSet::from([1, 2, 3]);
@@ -577,6 +582,78 @@ async fn restarted_voter_gives_leaders_an_election_timeout() {
     }
     assert!(opened, "elections stayed closed with no leader to hear");
     back.stop().await;
+    replicas[&other].0.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_voter_restarted_starts_no_elections() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut replicas = start_endpoint_replicas(dir.path(), "removed-test").await;
+    let rafts: Vec<&Raft> = replicas.values().map(|(r, _)| r.raft()).collect();
+    let leader = wait_for_leader(&rafts, None).await;
+    let removed = (1..=3u64).find(|id| *id != leader).unwrap();
+    let (gone, _) = replicas.remove(&removed).unwrap();
+    gone.stop().await;
+    drop(gone);
+
+    // While it is down, the others drop it from the log, as `atlas remove-node` does.
+    let rest: BTreeSet<RaftNodeId> = replicas.keys().copied().collect();
+    let (leading, _) = &replicas[&leader];
+    leading
+        .raft()
+        .change_membership(rest.clone(), false)
+        .await
+        .unwrap();
+    leading.raft().client_write(Command(vec![0])).await.unwrap();
+    let term = leading.raft().metrics().borrow().current_term;
+
+    // Restarted from its database, it still finds itself a voter, and every member looks
+    // alive. Over ten of its election timeouts its term stays where it was.
+    let applier = Arc::new(ListApplier::default());
+    let back = start_endpoint_replica(dir.path(), "removed-test", removed, applier.clone()).await;
+    let everyone = BTreeSet::from([1, 2, 3]);
+    for _ in 0..20 {
+        back.gate_elections(&everyone, false);
+        assert!(!back.elections_open(), "node {removed} may start elections");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let own_term = back.raft().metrics().borrow().current_term;
+    assert!(
+        own_term <= term,
+        "term {own_term} after the restart, {term} before"
+    );
+
+    // Added back by the leader, it follows without deposing it, and may elect again.
+    let node = BasicNode::new(format!("node-{removed}"));
+    leading
+        .raft()
+        .add_learner(removed, node, true)
+        .await
+        .unwrap();
+    leading
+        .raft()
+        .change_membership(everyone.clone(), false)
+        .await
+        .unwrap();
+    wait_for_applied(&applier, 1).await;
+    assert_eq!(applier.commands(), [vec![0]]);
+    let metrics = leading.raft().metrics().borrow().clone();
+    assert_eq!(
+        (metrics.current_leader, metrics.current_term),
+        (Some(leader), term)
+    );
+    let mut open = false;
+    for _ in 0..40 {
+        back.gate_elections(&everyone, false);
+        if back.member_confirmed() {
+            open = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(open, "node {removed} never counted itself a member again");
+    back.stop().await;
+    stop_replicas(&replicas).await;
 }
 
 /// Stops every replica of `replicas` and its endpoint.

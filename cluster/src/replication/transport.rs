@@ -65,6 +65,9 @@ pub(super) enum Request {
     Departed(RaftNodeId),
     /// A request of a follower for the log index that a linearizable read must wait for.
     ReadIndex,
+    /// A question of a node that has heard no leader of the log since it started, before
+    /// its first election: does the membership of the log on this node list it?
+    Member(RaftNodeId),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -84,6 +87,8 @@ enum Reply {
     Invalid(String),
     /// The request was refused for the reason given, and may be sent again.
     Refused(String),
+    /// The reply to [`Request::Member`], `None` while the log has no members on this node.
+    Member(Option<bool>),
 }
 
 /// Reason a leader did not write a forwarded command.
@@ -122,6 +127,11 @@ impl LeaderContact {
         if let Ok(mut at) = self.0.lock() {
             *at = Some(Instant::now());
         }
+    }
+
+    /// Returns whether a leader's append arrived since the replica started.
+    pub(super) fn heard_since_start(&self) -> bool {
+        self.0.lock().ok().is_some_and(|at| at.is_some())
     }
 
     /// Returns whether a leader's append arrived within the last `period`.
@@ -252,6 +262,7 @@ impl Actor for RaftEndpoint {
                     }
                     Reply::Vote(answer)
                 }
+                Ok(Request::Member(node)) => Reply::Member(lists_node(&raft, node)),
                 Ok(Request::Snapshot(request)) => {
                     match snapshots.receive(&raft, &log, request).await {
                         Ok(answer) => Reply::Snapshot(answer),
@@ -281,6 +292,24 @@ impl Actor for RaftEndpoint {
             let _ = reply.send(encode(&answer));
         });
         Ok(())
+    }
+}
+
+/// Returns whether the membership of the log that `raft` runs lists `node`, as a voter or
+/// a learner, or `None` while the log has no members here.
+fn lists_node(raft: &Raft, node: RaftNodeId) -> Option<bool> {
+    let metrics = raft.metrics().borrow().clone();
+    let membership = metrics.membership_config.membership();
+    membership.nodes().next()?;
+    Some(membership.get_node(&node).is_some())
+}
+
+/// Asks the endpoint of `peer` whether the membership of the log named `log` lists `node`
+/// there. `None` when it cannot tell: no link, no answer, or no members there yet.
+pub(super) async fn peer_lists(log: &str, peer: RaftNodeId, node: RaftNodeId) -> Option<bool> {
+    match call_node(log, peer, &Request::Member(node), CALL_TIMEOUT).await {
+        Ok(Reply::Member(answer)) => answer,
+        _ => None,
     }
 }
 
