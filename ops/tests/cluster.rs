@@ -2062,6 +2062,25 @@ fn remove_node(node: &NodeProcess, name: &str) -> std::process::Output {
     atlas_admin(node, &["remove-node", name])
 }
 
+/// Kills node-c with SIGKILL, waits until node-b marks it dead, and removes it through
+/// node-b with `atlas remove-node`. Returns the command's JSON answer.
+async fn lose_and_remove_node_c(nodes: &mut BTreeMap<String, NodeProcess>) -> serde_json::Value {
+    nodes.remove("node-c").unwrap().kill9().unwrap();
+    let dead = wait_until(CONVERGE, || {
+        states(&nodes["node-b"]).get("node-c").map(String::as_str) == Some("dead")
+    })
+    .await;
+    assert!(dead, "{:?}", states(&nodes["node-b"]));
+    let removed = remove_node(&nodes["node-b"], "node-c");
+    let stdout = String::from_utf8_lossy(&removed.stdout);
+    assert!(
+        removed.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&removed.stderr)
+    );
+    serde_json::from_str(&stdout).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_removes_a_lost_node() {
     let fixture = fixture();
@@ -2109,20 +2128,7 @@ async fn operator_removes_a_lost_node() {
 
     // node-c is lost for good. The directory log would keep it as a voter; the operator
     // removes it through node-b, which may or may not lead the logs.
-    nodes.remove("node-c").unwrap().kill9().unwrap();
-    let dead = wait_until(CONVERGE, || {
-        states(&nodes["node-b"]).get("node-c").map(String::as_str) == Some("dead")
-    })
-    .await;
-    assert!(dead, "{:?}", states(&nodes["node-b"]));
-    let removed = remove_node(&nodes["node-b"], "node-c");
-    let stdout = String::from_utf8_lossy(&removed.stdout);
-    assert!(
-        removed.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&removed.stderr)
-    );
-    let answer: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let answer = lose_and_remove_node_c(&mut nodes).await;
     let logs = answer["removed_from"].as_array().unwrap();
     assert!(logs.iter().any(|l| l == "cluster"), "{answer}");
     let gone = wait_until(CONVERGE, || {
@@ -2167,18 +2173,7 @@ async fn operator_removes_a_lost_node() {
 async fn removed_node_back_with_its_data_deposes_no_leader() {
     let fixture = fixture();
     let (specs, mut nodes) = fixture.start_cluster(3, CONVERGE).await.unwrap();
-    nodes.remove("node-c").unwrap().kill9().unwrap();
-    let dead = wait_until(CONVERGE, || {
-        states(&nodes["node-b"]).get("node-c").map(String::as_str) == Some("dead")
-    })
-    .await;
-    assert!(dead, "{:?}", states(&nodes["node-b"]));
-    let removed = remove_node(&nodes["node-b"], "node-c");
-    assert!(
-        removed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&removed.stderr)
-    );
+    lose_and_remove_node_c(&mut nodes).await;
     let pair = [&nodes["node-a"], &nodes["node-b"]];
     let settled = wait_until(CONVERGE, || {
         agreed_leaders(&pair, &["node-a", "node-b"]).is_some()
