@@ -1805,7 +1805,14 @@ impl Client {
                     match self.join(welcome) {
                         Ok(joined) => {
                             out.extend(joined);
-                            out.extend(self.sync_group(&group).await?);
+                            // As after a gap: a read that fails for a lost node is made
+                            // again at the start of the next receive.
+                            let read = self.sync_group(&group).await.inspect_err(|e| {
+                                if failover::retriable(e) {
+                                    self.behind.insert(group.clone());
+                                }
+                            })?;
+                            out.extend(read);
                         }
                         Err(e) => {
                             tracing::warn!(%group, error = %e, "skipped a Welcome that could not be processed; a member can add this device again")

@@ -518,6 +518,24 @@ fn connecting_needs_one_trust_option() {
         message.contains("missing.pem does not exist"),
         "stderr: {message}"
     );
+
+    // A path that exists but is no file, such as a directory or /dev/null, is named so.
+    let mut command = bare_chat();
+    base(&mut command);
+    command
+        .env("ATLAS_CHAT_FINGERPRINT", "not-hex")
+        .arg("--ca")
+        .arg(dir.path());
+    let output = run(&mut command, "");
+    let message = stderr(&output);
+    assert!(
+        !output.status.success(),
+        "sync with a directory as CA file succeeded"
+    );
+    assert!(
+        message.contains("is not a regular file"),
+        "stderr: {message}"
+    );
 }
 
 #[test]

@@ -91,13 +91,14 @@ fn load(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<ClusterTls> {
         .with_context(|| format!("invalid PEM in the cluster key {}", key_path.display()))?
         .with_context(|| format!("no private key in {}", key_path.display()))?;
 
-    let not_a_pair = || {
-        format!(
-            "the cluster certificate {} and key {} do not form a valid TLS identity: give the \
-             key made with that certificate (`atlas cert node` writes NAME.pem and \
+    let not_a_pair = |e: rustls::Error| {
+        anyhow::anyhow!(
+            "the cluster certificate {} and key {} do not form a valid TLS identity ({}): give \
+             the key made with that certificate (`atlas cert node` writes NAME.pem and \
              NAME-key.pem)",
             cert.display(),
-            key_path.display()
+            key_path.display(),
+            identity_problem(&e)
         )
     };
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -110,13 +111,13 @@ fn load(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<ClusterTls> {
         .context("TLS 1.3 is not available in the crypto provider")?
         .with_client_cert_verifier(Arc::new(LoggingVerifier(verifier)))
         .with_single_cert(chain.clone(), key.clone_key())
-        .with_context(not_a_pair)?;
+        .map_err(not_a_pair)?;
     let client = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("TLS 1.3 is not available in the crypto provider")?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
-        .with_context(not_a_pair)?;
+        .map_err(not_a_pair)?;
     Ok(ClusterTls {
         server: Arc::new(server),
         client: Arc::new(client),
@@ -165,5 +166,20 @@ impl ClientCertVerifier for LoggingVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.supported_verify_schemes()
+    }
+}
+
+/// Says why rustls refused a certificate and a key as a TLS identity, in words rather than
+/// rustls's variant names.
+pub fn identity_problem(error: &rustls::Error) -> String {
+    match error {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+            "the key's public key is not the one in the certificate".to_owned()
+        }
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown) => {
+            "the public key of the key cannot be derived to compare it with the certificate"
+                .to_owned()
+        }
+        other => other.to_string(),
     }
 }

@@ -104,11 +104,12 @@ pub fn server_config(identity: TlsIdentity) -> anyhow::Result<rustls::ServerConf
         .context("TLS 1.3 is not available in the crypto provider")?
         .with_no_client_auth()
         .with_single_cert(identity.chain, identity.key)
-        .with_context(|| {
-            format!(
-                "the {} do not form a valid TLS identity: give the key made with that \
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "the {} do not form a valid TLS identity ({}): give the key made with that \
                  certificate",
-                identity.files
+                identity.files,
+                atlas_cluster::tls::identity_problem(&e)
             )
         })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];

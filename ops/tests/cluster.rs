@@ -1462,6 +1462,7 @@ async fn key_of_another_certificate_is_named() {
         "node-a.pem",
         "node-b-key.pem",
         "do not form a valid TLS identity",
+        "the key's public key is not the one in the certificate",
     ] {
         assert!(stderr.contains(part), "{part}: {stderr}");
     }

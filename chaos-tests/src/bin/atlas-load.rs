@@ -73,6 +73,10 @@ struct ClusterArgs {
     /// Keep the cluster's directory, with each node's data and log, and print its path.
     #[arg(long)]
     keep_cluster_dir: bool,
+    /// HTTP worker threads of each cluster node (`atlas node --workers`); 0 keeps the
+    /// default, one per CPU. The one-node phases always use the default.
+    #[arg(long, default_value_t = 0)]
+    node_workers: usize,
 }
 
 #[derive(clap::Args, Clone)]
@@ -552,6 +556,11 @@ async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
 
     eprintln!("== cluster: starting {} nodes", args.nodes);
     let mut fixture = ClusterFixture::new(&load.atlas_bin, Some(&load.data_parent))?;
+    if args.node_workers > 0 {
+        let workers = args.node_workers.to_string();
+        fixture = fixture.with_flags(&["--workers", &workers]);
+        eprintln!("   each node runs {workers} HTTP worker threads");
+    }
     if args.keep_cluster_dir {
         eprintln!(
             "   the cluster's directory stays after the run: {}",

@@ -635,14 +635,21 @@ impl Options {
                 trusts
             }
             TrustChoice::CaFile(path) => {
-                if !path.is_file() {
-                    return Err(CliError::new(format!(
-                        "CA file {} does not exist or is not a file",
-                        path.display()
-                    ))
-                    .hint(
-                        "pass --ca with the PEM file of the CA that issued the server certificate",
-                    ));
+                let problem = match std::fs::metadata(path) {
+                    Ok(meta) if meta.is_file() => None,
+                    Ok(_) => Some("is not a regular file".to_owned()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        Some("does not exist".to_owned())
+                    }
+                    Err(e) => Some(format!("cannot be read: {e}")),
+                };
+                if let Some(problem) = problem {
+                    return Err(
+                        CliError::new(format!("CA file {} {problem}", path.display())).hint(
+                            "pass --ca with the PEM file of the CA that issued the server \
+                             certificate",
+                        ),
+                    );
                 }
                 vec![ServerTrust::CaFile(path.clone()); count]
             }
