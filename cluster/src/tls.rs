@@ -89,7 +89,13 @@ fn load(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<ClusterTls> {
     let key_pem = read_pem(key_path, "cluster key")?;
     let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_slice())
         .with_context(|| format!("invalid PEM in the cluster key {}", key_path.display()))?
-        .with_context(|| format!("no private key in {}", key_path.display()))?;
+        .with_context(|| {
+            format!(
+                "no private key in the cluster key {}: pass the node's key file (`atlas cert \
+                 node` writes NAME-key.pem next to NAME.pem)",
+                key_path.display()
+            )
+        })?;
 
     let not_a_pair = |e: rustls::Error| {
         anyhow::anyhow!(

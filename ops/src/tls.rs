@@ -51,7 +51,12 @@ pub fn load_identity(
         .with_context(|| format!("cannot read private key {}", key_path.display()))?;
     let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
         .with_context(|| format!("invalid PEM key in {}", key_path.display()))?
-        .with_context(|| format!("no private key in {}", key_path.display()))?;
+        .with_context(|| {
+            format!(
+                "no private key in {}: pass the PEM file of the certificate's private key",
+                key_path.display()
+            )
+        })?;
     Ok(TlsIdentity {
         chain,
         key,

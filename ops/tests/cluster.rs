@@ -1466,6 +1466,19 @@ async fn key_of_another_certificate_is_named() {
     ] {
         assert!(stderr.contains(part), "{part}: {stderr}");
     }
+
+    // A certificate given as the key names the file to give instead.
+    flags[key] = flags[key].replace("node-b-key", "node-a");
+    let output = run_until_exit(&fixture.path("certificate-as-key"), &flags)
+        .await
+        .expect("a node with a certificate as its key kept running");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("no private key in the cluster key"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("NAME-key.pem"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -486,12 +486,7 @@ impl Replicator for ClusterReplicator {
             raft.wait(Some(APPLY_WAIT))
                 .applied_index_at_least(Some(index), "proposal applied on this node")
                 .await
-                .map_err(|e| {
-                    StorageError::Unavailable(format!(
-                        "entry {index} of log {log} is committed but not applied on this node \
-                         yet: {e}"
-                    ))
-                })?;
+                .map_err(|_| not_applied_yet(&raft, &log, index))?;
             decode_applied(index, &result)
         })
     }
@@ -532,13 +527,24 @@ async fn barrier_on(log: LogHandle) -> Result<(), StorageError> {
         .wait(Some(APPLY_WAIT))
         .applied_index_at_least(Some(index), "read barrier")
         .await
-        .map_err(|e| {
-            StorageError::Unavailable(format!(
-                "entry {index} of log {} is committed but not applied on this node yet: {e}",
-                log.name
-            ))
-        })?;
+        .map_err(|_| not_applied_yet(&log.raft, &log.name, index))?;
     Ok(())
+}
+
+/// Returns the error of a wait for entry `index` of `log` that this node did not apply within
+/// [`APPLY_WAIT`]. It names the last entry applied, and leaves out openraft's metrics, which
+/// the error of the wait prints whole.
+fn not_applied_yet(raft: &Raft, log: &str, index: u64) -> StorageError {
+    let applied = raft
+        .metrics()
+        .borrow()
+        .last_applied
+        .map_or(0, |id| id.index);
+    StorageError::Unavailable(format!(
+        "entry {index} of log {log} is committed, but this node applied only up to entry \
+         {applied} within {} s",
+        APPLY_WAIT.as_secs()
+    ))
 }
 
 /// Returns the log index that a linearizable read must wait for, from the current leader.
