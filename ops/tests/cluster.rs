@@ -2184,7 +2184,7 @@ async fn operator_removes_a_lost_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn removed_node_back_with_its_data_deposes_no_leader() {
+async fn returning_removed_node_keeps_terms() {
     let fixture = fixture();
     let (specs, mut nodes) = fixture.start_cluster(3, CONVERGE).await.unwrap();
     lose_and_remove_node_c(&mut nodes).await;
