@@ -482,7 +482,17 @@ async fn start_replicated_logs(
         logs: Arc::clone(&logs),
         lease: Duration::from_millis(config.failure_timeout_ms),
     };
-    let check: ReplicationCheck = Arc::new(move || gate.cut_off().then(|| CUT_OFF.to_owned()));
+    // A node removed while it was down gets no entries until a leader adds it back, so its
+    // reads would wait for them in vain.
+    let check: ReplicationCheck = Arc::new(move || {
+        if gate.cut_off() {
+            Some(CUT_OFF.to_owned())
+        } else {
+            gate.logs
+                .awaiting_readmission()
+                .then(|| NOT_READMITTED.to_owned())
+        }
+    });
     store.set_replicator(Arc::new(
         logs.replicator()
             .with_check(check)
@@ -707,6 +717,10 @@ struct MajorityGate {
 
 /// Reason given while [`MajorityGate::cut_off`] is true.
 const CUT_OFF: &str = "this node cannot reach a majority of the cluster";
+
+/// Reason given while [`ReplicatedLogs::awaiting_readmission`] is true.
+const NOT_READMITTED: &str = "this node was removed from the cluster while it was down and \
+                              waits for a leader to add it back, usually within 15 s";
 
 impl MajorityGate {
     /// Returns whether this node is cut off from a majority of the directory log's voters.

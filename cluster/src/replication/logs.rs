@@ -463,6 +463,13 @@ impl ReplicatedLogs {
         self.directory.replica.in_majority(lease)
     }
 
+    /// Returns whether voters of the directory log answered that they do not list this node,
+    /// and no leader has reached it since it started (see [`Replica::not_listed`]): it was
+    /// removed while it was down, and waits for a leader to add it back.
+    pub fn awaiting_readmission(&self) -> bool {
+        self.directory.replica.not_listed()
+    }
+
     /// Returns the name of the leader of `shard`'s log as this node last heard.
     pub fn shard_leader(&self, shard: ShardId) -> Option<String> {
         self.shards.get(shard.0 as usize)?.replica.leader_name()

@@ -797,6 +797,16 @@ impl Replica {
         true
     }
 
+    /// Returns whether a voter answered that it does not list this node as a member, and
+    /// since it started no leader has reached it and no majority of the voters has listed
+    /// it (see [`Replica::gate_elections`]).
+    pub fn not_listed(&self) -> bool {
+        let check = &self.member;
+        check.warned.load(Ordering::Relaxed)
+            && !check.confirmed.load(Ordering::Relaxed)
+            && !self.contact.heard_since_start()
+    }
+
     /// Returns whether the others counted this node as a member of the log since it started.
     #[cfg(test)]
     pub(crate) fn member_confirmed(&self) -> bool {

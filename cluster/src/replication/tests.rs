@@ -622,6 +622,10 @@ async fn removed_voter_restarted_starts_no_elections() {
         own_term <= term,
         "term {own_term} after the restart, {term} before"
     );
+    assert!(
+        back.not_listed(),
+        "node {removed} missed the voters' answer"
+    );
 
     // Added back by the leader, it follows without deposing it, and may elect again.
     let node = BasicNode::new(format!("node-{removed}"));
@@ -652,6 +656,7 @@ async fn removed_voter_restarted_starts_no_elections() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(open, "node {removed} never counted itself a member again");
+    assert!(!back.not_listed());
     back.stop().await;
     stop_replicas(&replicas).await;
 }
