@@ -519,7 +519,8 @@ fn connecting_needs_one_trust_option() {
         "stderr: {message}"
     );
 
-    // A path that exists but is no file, such as a directory or /dev/null, is named so.
+    // A path that exists but is not a regular file, such as a directory or /dev/null, gets
+    // its own message.
     let mut command = bare_chat();
     base(&mut command);
     command

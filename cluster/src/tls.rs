@@ -175,8 +175,8 @@ impl ClientCertVerifier for LoggingVerifier {
     }
 }
 
-/// Says why rustls refused a certificate and a key as a TLS identity, in words rather than
-/// rustls's variant names.
+/// Describes why rustls rejected a certificate and a key as a TLS identity, in words rather
+/// than rustls's variant names.
 pub fn identity_problem(error: &rustls::Error) -> String {
     match error {
         rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {

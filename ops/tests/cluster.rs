@@ -2077,7 +2077,7 @@ fn remove_node(node: &NodeProcess, name: &str) -> std::process::Output {
 }
 
 /// Kills node-c with SIGKILL, waits until node-b marks it dead, and removes it through
-/// node-b with `atlas remove-node`. Returns the command's JSON answer.
+/// node-b with `atlas remove-node`. Returns the command's JSON output.
 async fn lose_and_remove_node_c(nodes: &mut BTreeMap<String, NodeProcess>) -> serde_json::Value {
     nodes.remove("node-c").unwrap().kill9().unwrap();
     let dead = wait_until(CONVERGE, || {
@@ -2199,15 +2199,15 @@ async fn returning_removed_node_keeps_terms() {
     // node-c returns with its data: every log it kept lists it as a voter. The others no
     // longer do, and they add it back as a new member.
     nodes.insert("node-c".into(), fixture.start(&specs[2]).unwrap());
-    let told = wait_until(CONVERGE, || {
+    let logged = wait_until(CONVERGE, || {
         fixture
             .log("node-c")
             .contains("voters do not list this node as a member of the log")
     })
     .await;
-    assert!(told, "{}", fixture.log("node-c"));
-    // Until a leader adds it back, it refuses reads at once rather than wait for entries
-    // that do not come. A leader may have added it back already.
+    assert!(logged, "{}", fixture.log("node-c"));
+    // Until a leader adds it back, it rejects reads at once rather than wait for entries
+    // that do not come. A leader may have added it back already, and then the read passes.
     let trust = atlas_client::ServerTrust::fingerprint(&nodes["node-c"].fingerprint).unwrap();
     let (conn, _) = atlas_client::RawConnection::open(&nodes["node-c"].url(), &trust)
         .await
@@ -2228,11 +2228,14 @@ async fn returning_removed_node_keeps_terms() {
     let after = log_views(everyone[0]).unwrap();
     // A log may hand its leadership to node-c, as placement prefers. A log that kept its
     // leader kept its term: node-c raised none while it was not a member.
-    let kept: Vec<usize> = (0..before.len())
+    let same_leader: Vec<usize> = (0..before.len())
         .filter(|i| before[*i].leader == after[*i].leader)
         .collect();
-    assert!(!kept.is_empty(), "every log changed its leader: {after:?}");
-    for i in kept {
+    assert!(
+        !same_leader.is_empty(),
+        "every log changed its leader: {after:?}"
+    );
+    for i in same_leader {
         assert_eq!(
             before[i].term, after[i].term,
             "log {i} changed its term after node-c returned"

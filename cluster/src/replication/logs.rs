@@ -463,9 +463,9 @@ impl ReplicatedLogs {
         self.directory.replica.in_majority(lease)
     }
 
-    /// Returns whether voters of the directory log answered that they do not list this node,
-    /// and no leader has reached it since it started (see [`Replica::not_listed`]): it was
-    /// removed while it was down, and waits for a leader to add it back.
+    /// Returns whether a voter of the directory log replied that it does not list this node
+    /// (see [`Replica::not_listed`]). Such a node was removed while it was down, and waits
+    /// for a leader to add it back.
     pub fn awaiting_readmission(&self) -> bool {
         self.directory.replica.not_listed()
     }

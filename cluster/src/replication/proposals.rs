@@ -531,9 +531,8 @@ async fn barrier_on(log: LogHandle) -> Result<(), StorageError> {
     Ok(())
 }
 
-/// Returns the error of a wait for entry `index` of `log` that this node did not apply within
-/// [`APPLY_WAIT`]. It names the last entry applied, and leaves out openraft's metrics, which
-/// the error of the wait prints whole.
+/// Returns the error of a wait for entry `index` of `log` that timed out after
+/// [`APPLY_WAIT`]. It names the last entry applied, since openraft's error prints all metrics.
 fn not_applied_yet(raft: &Raft, log: &str, index: u64) -> StorageError {
     let applied = raft
         .metrics()

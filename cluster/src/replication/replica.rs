@@ -144,13 +144,13 @@ pub struct Replica {
 struct MemberCheck {
     /// A leader's append reached this node, or a majority of the voters listed it.
     confirmed: AtomicBool,
-    /// A question to the voters is under way.
+    /// A round of requests to the voters is under way.
     asking: AtomicBool,
     /// This node warned that a voter does not list it.
     warned: AtomicBool,
 }
 
-/// Pause after a round of questions to the voters that did not confirm this node as a
+/// Pause after a round of requests to the voters that did not confirm this node as a
 /// member, before the next round.
 const MEMBER_CHECK_PAUSE: Duration = Duration::from_secs(1);
 
@@ -663,9 +663,9 @@ impl Replica {
     /// left, with itself as a voter, so each election it tried would raise its term. The
     /// leader that added it back would then meet that higher term and step down.
     ///
-    /// Until a leader's append reaches it, a node that started starts no elections either
-    /// unless a majority of the voters list it as a member (see
-    /// [`Replica::counted_as_member`]): it may have been removed while it was down.
+    /// Until a leader's append reaches it, a restarted node also starts no elections unless
+    /// a majority of the voters list it as a member (see [`Replica::counted_as_member`]),
+    /// because it may have been removed while it was down.
     pub fn gate_elections(&self, alive: &BTreeSet<RaftNodeId>, quiet: bool) {
         // Called every 200 ms for every log: it also starts the count of the leader's lease.
         self.leads_past_lease();
@@ -705,22 +705,18 @@ impl Replica {
     }
 
     /// Returns whether the others counted this node as a member of the log since it
-    /// started: a leader's append reached it, or a majority of `voters` (itself
-    /// included) listed it when asked. Until then it asks them, one round at a time.
+    /// started (see [`Replica::member_confirmed`]). Until then it sends `voters` a request
+    /// whether they list it, one round at a time.
     ///
     /// A node removed while it was down (`atlas remove-node`) still finds itself a voter in
     /// the membership it stored. openraft 0.9 has no pre-vote, so each election it started
     /// would raise its term, and the leader that adds it back would meet that higher term
     /// and step down.
     fn counted_as_member(&self, voters: &BTreeSet<RaftNodeId>) -> bool {
+        if self.member_confirmed() {
+            return true;
+        }
         let check = &self.member;
-        if check.confirmed.load(Ordering::Relaxed) {
-            return true;
-        }
-        if self.contact.heard_since_start() {
-            check.confirmed.store(true, Ordering::Relaxed);
-            return true;
-        }
         if check.asking.swap(true, Ordering::Relaxed) {
             return false;
         }
@@ -741,19 +737,19 @@ impl Replica {
         let count = voters.len();
         let check = Arc::clone(check);
         tokio::spawn(async move {
-            let answers = futures_util::future::join_all(
+            let replies = futures_util::future::join_all(
                 peers.iter().map(|(id, _)| peer_lists(&log, *id, me)),
             )
             .await;
-            let listing = answers.iter().filter(|a| **a == Some(true)).count();
+            let listing = replies.iter().filter(|r| **r == Some(true)).count();
             if 2 * (listing + 1) > count {
                 check.confirmed.store(true, Ordering::Relaxed);
                 tracing::info!(log = %log, listing, "the other voters list this node as a member; its elections may start");
             } else {
                 let not_listing: Vec<&str> = peers
                     .iter()
-                    .zip(&answers)
-                    .filter(|(_, a)| **a == Some(false))
+                    .zip(&replies)
+                    .filter(|(_, r)| **r == Some(false))
                     .map(|((_, name), _)| name.as_str())
                     .collect();
                 if !not_listing.is_empty() && !check.warned.swap(true, Ordering::Relaxed) {
@@ -797,20 +793,21 @@ impl Replica {
         true
     }
 
-    /// Returns whether a voter answered that it does not list this node as a member, and
-    /// since it started no leader has reached it and no majority of the voters has listed
-    /// it (see [`Replica::gate_elections`]).
+    /// Returns whether a voter replied that it does not list this node as a member, and
+    /// the others have not counted it as one since it started.
     pub fn not_listed(&self) -> bool {
-        let check = &self.member;
-        check.warned.load(Ordering::Relaxed)
-            && !check.confirmed.load(Ordering::Relaxed)
-            && !self.contact.heard_since_start()
+        self.member.warned.load(Ordering::Relaxed) && !self.member_confirmed()
     }
 
-    /// Returns whether the others counted this node as a member of the log since it started.
-    #[cfg(test)]
+    /// Returns whether the others counted this node as a member of the log since it
+    /// started: a leader's append reached it, or a majority of the voters (itself included)
+    /// listed it.
     pub(crate) fn member_confirmed(&self) -> bool {
-        self.member.confirmed.load(Ordering::Relaxed)
+        let confirmed = &self.member.confirmed;
+        if !confirmed.load(Ordering::Relaxed) && self.contact.heard_since_start() {
+            confirmed.store(true, Ordering::Relaxed);
+        }
+        confirmed.load(Ordering::Relaxed)
     }
 
     /// Returns whether this node left the log and has not voted in it again since.

@@ -555,7 +555,7 @@ async fn restarted_voter_gives_leaders_an_election_timeout() {
 
     // The follower restarts while no leader runs, so no append can reach it: only the time
     // since its start keeps its elections closed. The other follower, which starts none,
-    // lists it as a member when asked.
+    // lists it as a member in its reply.
     let (gone, _) = replicas.remove(&follower).unwrap();
     gone.stop().await;
     drop(gone);
@@ -628,17 +628,7 @@ async fn removed_voter_restarted_starts_no_elections() {
     );
 
     // Added back by the leader, it follows without deposing it, and may elect again.
-    let node = BasicNode::new(format!("node-{removed}"));
-    leading
-        .raft()
-        .add_learner(removed, node, true)
-        .await
-        .unwrap();
-    leading
-        .raft()
-        .change_membership(everyone.clone(), false)
-        .await
-        .unwrap();
+    add_voter_again(leading, removed).await;
     wait_for_applied(&applier, 1).await;
     assert_eq!(applier.commands(), [vec![0]]);
     let metrics = leading.raft().metrics().borrow().clone();
@@ -659,6 +649,18 @@ async fn removed_voter_restarted_starts_no_elections() {
     assert!(!back.not_listed());
     back.stop().await;
     stop_replicas(&replicas).await;
+}
+
+/// Makes node `id` a voter of the log that `leading` leads, with nodes 1 to 3 as its voters:
+/// first a learner that catches up, then a voter.
+async fn add_voter_again(leading: &super::Replica, id: RaftNodeId) {
+    let node = BasicNode::new(format!("node-{id}"));
+    leading.raft().add_learner(id, node, true).await.unwrap();
+    leading
+        .raft()
+        .change_membership(BTreeSet::from([1, 2, 3]), false)
+        .await
+        .unwrap();
 }
 
 /// Stops every replica of `replicas` and its endpoint.
@@ -802,17 +804,7 @@ async fn restarted_leaver_starts_no_elections() {
     // The leader makes it a voter again, as add_live_members does 15 s after the leave. The
     // leader keeps leading, and the node may elect again.
     let (leading, _) = &replicas[&leader];
-    let node = BasicNode::new(format!("node-{leaver}"));
-    leading
-        .raft()
-        .add_learner(leaver, node, true)
-        .await
-        .unwrap();
-    leading
-        .raft()
-        .change_membership(BTreeSet::from([1, 2, 3]), false)
-        .await
-        .unwrap();
+    add_voter_again(leading, leaver).await;
     let metrics = leading.raft().metrics().borrow().clone();
     assert_eq!(metrics.current_leader, Some(leader));
     assert_eq!(metrics.current_term, term);

@@ -65,8 +65,8 @@ pub(super) enum Request {
     Departed(RaftNodeId),
     /// A request of a follower for the log index that a linearizable read must wait for.
     ReadIndex,
-    /// A question of a node that has heard no leader of the log since it started, before
-    /// its first election: does the membership of the log on this node list it?
+    /// A request of a node that has heard no leader of the log since it started, made
+    /// before its first election, for whether the membership of the log here lists it.
     Member(RaftNodeId),
 }
 
@@ -304,11 +304,12 @@ fn lists_node(raft: &Raft, node: RaftNodeId) -> Option<bool> {
     Some(membership.get_node(&node).is_some())
 }
 
-/// Asks the endpoint of `peer` whether the membership of the log named `log` lists `node`
-/// there. `None` when it cannot tell: no link, no answer, or no members there yet.
+/// Requests from the endpoint of `peer` whether the membership of the log named `log` lists
+/// `node` there. Returns `None` without a link, without a reply, or while the log has no
+/// members there.
 pub(super) async fn peer_lists(log: &str, peer: RaftNodeId, node: RaftNodeId) -> Option<bool> {
     match call_node(log, peer, &Request::Member(node), CALL_TIMEOUT).await {
-        Ok(Reply::Member(answer)) => answer,
+        Ok(Reply::Member(listed)) => listed,
         _ => None,
     }
 }
